@@ -1,0 +1,15 @@
+//! Every wire definition the mesh's components share, and the MCP engine.
+//!
+//! - [`pb`]: prost/tonic/pbjson code generated from this crate's `.proto`
+//!   files (MCP, the Istio config kinds, the Mixer API, the CA API).
+//! - [`kinds`]: the table of config collections, their body types and their
+//!   YAML/JSON forms.
+//! - [`object`]: config objects in their Kubernetes-style YAML form.
+//! - [`mcp`]: the Mesh Configuration Protocol engine, source and sink, in
+//!   both connection directions.
+
+mod go_duration;
+pub mod kinds;
+pub mod mcp;
+pub mod object;
+pub mod pb;

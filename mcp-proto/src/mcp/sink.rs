@@ -1,0 +1,328 @@
+//! The sink side of MCP: what a sink holds, how it applies `Resources`, and
+//! one stream's exchange, whichever side dialled.
+//!
+//! Every body is decoded to its collection's type before anything is
+//! applied; an update that cannot be applied whole is NACKed with a reason
+//! and the last good state is kept. Components read the held state as a
+//! stream of consistent [`SinkSnapshot`]s.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, Mutex},
+};
+
+use futures::{Stream, StreamExt};
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tonic::{Code, Status};
+
+use super::McpMetrics;
+use crate::{
+    kinds::{self, Body},
+    pb::{
+        google::rpc,
+        istio::mcp::v1alpha1::{Metadata, RequestResources, Resources, SinkNode},
+    },
+};
+
+/// What a sink asks for.
+#[derive(Debug, Clone)]
+pub struct SinkOptions {
+    /// Identifies this sink to sources (`SinkNode.id`).
+    pub id: String,
+    pub annotations: HashMap<String, String>,
+    pub collections: Vec<String>,
+    /// Ask for incremental updates (MCP rule 5).
+    pub incremental: bool,
+}
+
+impl SinkOptions {
+    pub fn new(
+        id: impl Into<String>,
+        collections: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            annotations: HashMap::new(),
+            collections: collections.into_iter().map(Into::into).collect(),
+            incremental: true,
+        }
+    }
+}
+
+/// A resource as the sink holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkResource {
+    pub metadata: Metadata,
+    pub payload: Payload,
+}
+
+/// A body decoded to its collection's type, or kept as it came for a
+/// collection this project has no type for.
+#[allow(clippy::large_enum_variant)] // held behind `Arc<SinkResource>`
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    Decoded(Body),
+    Opaque(pbjson_types::Any),
+}
+
+/// One collection as held by the sink.
+#[derive(Debug, Clone, Default)]
+pub struct HeldCollection {
+    /// `system_version_info` of the last applied response.
+    pub version: String,
+    /// Whether a first response has been applied.
+    pub synced: bool,
+    pub resources: imbl::OrdMap<String, Arc<SinkResource>>,
+}
+
+/// Everything the sink holds, as of one moment. Cloning is cheap: maps are
+/// persistent and share structure between snapshots.
+#[derive(Debug, Clone, Default)]
+pub struct SinkSnapshot {
+    pub collections: BTreeMap<String, HeldCollection>,
+}
+
+impl SinkSnapshot {
+    /// True once every requested collection has had a first response.
+    pub fn synced(&self) -> bool {
+        self.collections.values().all(|c| c.synced)
+    }
+}
+
+/// A sink's state, shared by all streams that feed it.
+pub struct Sink {
+    options: SinkOptions,
+    held: Mutex<SinkSnapshot>,
+    snapshots: watch::Sender<Arc<SinkSnapshot>>,
+    metrics: McpMetrics,
+}
+
+impl Sink {
+    pub fn new(options: SinkOptions, metrics: McpMetrics) -> Self {
+        let held = SinkSnapshot {
+            collections: options
+                .collections
+                .iter()
+                .map(|c| (c.clone(), HeldCollection::default()))
+                .collect(),
+        };
+        let (snapshots, _) = watch::channel(Arc::new(held.clone()));
+        Self {
+            options,
+            held: Mutex::new(held),
+            snapshots,
+            metrics,
+        }
+    }
+
+    pub fn options(&self) -> &SinkOptions {
+        &self.options
+    }
+
+    /// The latest snapshot, and every later one.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<SinkSnapshot>> {
+        self.snapshots.subscribe()
+    }
+
+    /// The requests that open a stream: one per collection, with the
+    /// versions already held so that the source can send only a diff.
+    pub fn initial_requests(&self) -> Vec<RequestResources> {
+        let held = self.lock();
+        self.options
+            .collections
+            .iter()
+            .map(|c| {
+                let initial_resource_versions = if self.options.incremental {
+                    held.collections
+                        .get(c)
+                        .map(|h| {
+                            h.resources
+                                .iter()
+                                .map(|(n, r)| (n.clone(), r.metadata.version.clone()))
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                } else {
+                    HashMap::new()
+                };
+                RequestResources {
+                    sink_node: Some(self.node()),
+                    collection: c.clone(),
+                    initial_resource_versions,
+                    incremental: self.options.incremental,
+                    ..RequestResources::default()
+                }
+            })
+            .collect()
+    }
+
+    /// Applies one `Resources` message whole or not at all, and returns the
+    /// ACK or NACK to send back.
+    pub fn apply(&self, resources: Resources) -> RequestResources {
+        let collection = resources.collection.clone();
+        let nonce = resources.nonce.clone();
+        let result = {
+            let mut held = self.lock();
+            let applied = apply_to(&mut held, resources);
+            if applied.is_ok() {
+                let snapshot = Arc::new(held.clone());
+                if let Some(c) = held.collections.get(&collection) {
+                    self.metrics.resources_held(&collection, c.resources.len());
+                }
+                self.snapshots.send_replace(snapshot);
+            }
+            applied
+        };
+        let error_detail = match result {
+            Ok(()) => {
+                self.metrics.ack(&collection);
+                None
+            }
+            Err(status) => {
+                tracing::warn!(%collection, %nonce, error = %status.message(), "NACKing MCP update");
+                self.metrics.nack(&collection);
+                Some(rpc::Status {
+                    code: status.code() as i32,
+                    message: status.message().to_string(),
+                    details: Vec::new(),
+                })
+            }
+        };
+        RequestResources {
+            sink_node: Some(self.node()),
+            collection,
+            response_nonce: nonce,
+            error_detail,
+            incremental: self.options.incremental,
+            ..RequestResources::default()
+        }
+    }
+
+    fn node(&self) -> SinkNode {
+        SinkNode {
+            id: self.options.id.clone(),
+            annotations: self.options.annotations.clone(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SinkSnapshot> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn apply_to(held: &mut SinkSnapshot, msg: Resources) -> Result<(), Status> {
+    let Some(current) = held.collections.get(&msg.collection) else {
+        return Err(Status::invalid_argument(format!(
+            "collection {:?} was not requested by this sink",
+            msg.collection
+        )));
+    };
+    let kind = kinds::by_collection(&msg.collection);
+    let mut seen = HashSet::new();
+    let mut decoded = Vec::with_capacity(msg.resources.len());
+    for (i, resource) in msg.resources.into_iter().enumerate() {
+        let metadata = resource.metadata.unwrap_or_default();
+        if metadata.name.is_empty() {
+            return Err(invalid(format!("resource #{i} has no metadata.name")));
+        }
+        if !seen.insert(metadata.name.clone()) {
+            return Err(invalid(format!(
+                "resource {:?} appears twice",
+                metadata.name
+            )));
+        }
+        let Some(body) = resource.body else {
+            return Err(invalid(format!("resource {:?} has no body", metadata.name)));
+        };
+        let payload = match kind {
+            Some(kind) => {
+                let want = kind.body.type_url();
+                if body.type_url != want {
+                    return Err(invalid(format!(
+                        "resource {:?}: body type {:?}, want {want:?}",
+                        metadata.name, body.type_url
+                    )));
+                }
+                let decoded = kind.body.decode(&body.value).map_err(|e| {
+                    invalid(format!(
+                        "resource {:?}: cannot decode {want}: {e}",
+                        metadata.name
+                    ))
+                })?;
+                Payload::Decoded(decoded)
+            }
+            None => Payload::Opaque(body),
+        };
+        decoded.push(Arc::new(SinkResource { metadata, payload }));
+    }
+
+    let mut next = if msg.incremental {
+        current.resources.clone()
+    } else {
+        imbl::OrdMap::new()
+    };
+    if msg.incremental {
+        for name in &msg.removed_resources {
+            next.remove(name);
+        }
+    }
+    for r in decoded {
+        next.insert(r.metadata.name.clone(), r);
+    }
+    held.collections.insert(
+        msg.collection,
+        HeldCollection {
+            version: msg.system_version_info,
+            synced: true,
+            resources: next,
+        },
+    );
+    Ok(())
+}
+
+fn invalid(message: String) -> Status {
+    Status::new(Code::InvalidArgument, message)
+}
+
+/// Runs one stream from the sink side: sends the opening requests, then
+/// answers every `Resources` with an ACK or NACK. Returns how the stream
+/// ended and whether any response arrived (for the caller's backoff).
+pub async fn run_stream<S>(
+    sink: &Sink,
+    mut responses: S,
+    requests: mpsc::Sender<RequestResources>,
+) -> (Result<(), Status>, bool)
+where
+    S: Stream<Item = Result<Resources, Status>> + Unpin,
+{
+    let mut received = false;
+    for c in &sink.options.collections {
+        sink.metrics.stream_opened(c);
+    }
+    let result = async {
+        for request in sink.initial_requests() {
+            requests
+                .send(request)
+                .await
+                .map_err(|_| Status::cancelled("stream closed"))?;
+        }
+        while let Some(message) = responses.next().await {
+            let message = message?;
+            received = true;
+            sink.metrics
+                .response(&message.collection, message.encoded_len());
+            let answer = sink.apply(message);
+            requests
+                .send(answer)
+                .await
+                .map_err(|_| Status::cancelled("stream closed"))?;
+        }
+        Ok(())
+    }
+    .await;
+    for c in &sink.options.collections {
+        sink.metrics.stream_closed(c);
+    }
+    (result, received)
+}

@@ -1,0 +1,241 @@
+//! The four ways an MCP stream is carried over gRPC: a source or a sink,
+//! each as server or client. They only move messages; the protocol lives in
+//! [`super::source`] and [`super::sink`].
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use component::{Backoff, CancellationToken};
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming, transport::Endpoint};
+
+use super::{
+    McpMetrics,
+    sink::{Sink, run_stream},
+    source::{IncrementalPolicy, serve_stream},
+    store::Store,
+};
+use crate::pb::istio::mcp::v1alpha1::{
+    RequestResources, Resources,
+    resource_sink_client::ResourceSinkClient,
+    resource_sink_server::{ResourceSink, ResourceSinkServer},
+    resource_source_client::ResourceSourceClient,
+    resource_source_server::{ResourceSource, ResourceSourceServer},
+};
+
+/// Largest message accepted, either direction: a full state of a large
+/// collection is one message.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// Buffered messages per stream and direction. The protocol allows one
+/// outstanding response per collection, so this only absorbs bursts.
+const STREAM_BUFFER: usize = 64;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// A source served as `ResourceSource`: sinks dial it.
+#[derive(Clone)]
+pub struct SourceServer {
+    store: Arc<Store>,
+    policy: IncrementalPolicy,
+    metrics: McpMetrics,
+    shutdown: CancellationToken,
+}
+
+impl SourceServer {
+    /// Streams end with `Unavailable` when `shutdown` fires, so that a
+    /// graceful server shutdown does not wait on sinks that never leave.
+    pub fn new(
+        store: Arc<Store>,
+        policy: IncrementalPolicy,
+        metrics: McpMetrics,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            store,
+            policy,
+            metrics,
+            shutdown,
+        }
+    }
+
+    pub fn into_service(self) -> ResourceSourceServer<Self> {
+        ResourceSourceServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+#[tonic::async_trait]
+impl ResourceSource for SourceServer {
+    type EstablishResourceStreamStream = BoxStream<Resources>;
+
+    async fn establish_resource_stream(
+        &self,
+        request: Request<Streaming<RequestResources>>,
+    ) -> Result<Response<Self::EstablishResourceStreamStream>, Status> {
+        let peer = request.remote_addr();
+        tracing::debug!(?peer, "MCP sink connected");
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(serve_stream(
+            self.store.clone(),
+            self.policy.clone(),
+            self.metrics.clone(),
+            request.into_inner(),
+            tx,
+            self.shutdown.clone(),
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// A sink served as `ResourceSink`: sources dial it.
+#[derive(Clone)]
+pub struct SinkServer {
+    sink: Arc<Sink>,
+    shutdown: CancellationToken,
+}
+
+impl SinkServer {
+    /// Streams end when `shutdown` fires (see [`SourceServer::new`]).
+    pub fn new(sink: Arc<Sink>, shutdown: CancellationToken) -> Self {
+        Self { sink, shutdown }
+    }
+
+    pub fn into_service(self) -> ResourceSinkServer<Self> {
+        ResourceSinkServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+#[tonic::async_trait]
+impl ResourceSink for SinkServer {
+    type EstablishResourceStreamStream = BoxStream<RequestResources>;
+
+    async fn establish_resource_stream(
+        &self,
+        request: Request<Streaming<Resources>>,
+    ) -> Result<Response<Self::EstablishResourceStreamStream>, Status> {
+        tracing::debug!(peer = ?request.remote_addr(), "MCP source connected");
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let sink = self.sink.clone();
+        let inbound = request.into_inner();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                (result, _) = run_stream(&sink, inbound, tx) => {
+                    if let Err(status) = result {
+                        tracing::debug!(%status, "MCP source stream ended");
+                    }
+                }
+                _ = shutdown.cancelled() => {}
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+    }
+}
+
+/// Keeps a sink connected to a `ResourceSource` at `endpoint`, reconnecting
+/// with backoff, until `shutdown`. Each new stream sends the versions held.
+pub async fn run_sink_client(sink: Arc<Sink>, endpoint: Endpoint, shutdown: CancellationToken) {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+    loop {
+        let attempt = async {
+            let channel = endpoint
+                .connect()
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            let mut client = ResourceSourceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+            let inbound = client
+                .establish_resource_stream(ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            Ok::<_, Status>(run_stream(&sink, inbound, tx).await)
+        };
+        let outcome = tokio::select! {
+            outcome = attempt => outcome,
+            _ = shutdown.cancelled() => return,
+        };
+        match outcome {
+            Ok((result, received)) => {
+                if received {
+                    backoff.reset();
+                }
+                match result {
+                    Ok(()) => tracing::info!(uri = %endpoint.uri(), "MCP source closed the stream"),
+                    Err(status) => {
+                        tracing::warn!(uri = %endpoint.uri(), %status, "MCP stream failed")
+                    }
+                }
+            }
+            Err(status) => {
+                tracing::debug!(uri = %endpoint.uri(), %status, "cannot reach MCP source")
+            }
+        }
+        tokio::select! {
+            _ = backoff.wait() => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Keeps a source connected to a `ResourceSink` at `endpoint` (the source
+/// dials), reconnecting with backoff, until `shutdown`.
+pub async fn run_source_client(
+    store: Arc<Store>,
+    policy: IncrementalPolicy,
+    metrics: McpMetrics,
+    endpoint: Endpoint,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+    loop {
+        let attempt = async {
+            let channel = endpoint
+                .connect()
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            let mut client = ResourceSinkClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+            // A client cannot send a status: on a protocol error the source
+            // ends its half of the stream.
+            let outbound = tokio_stream::StreamExt::map_while(ReceiverStream::new(rx), Result::ok);
+            let inbound = client
+                .establish_resource_stream(outbound)
+                .await?
+                .into_inner();
+            serve_stream(
+                store.clone(),
+                policy.clone(),
+                metrics.clone(),
+                inbound,
+                tx,
+                shutdown.clone(),
+            )
+            .await;
+            Ok::<_, Status>(())
+        };
+        let outcome = tokio::select! {
+            outcome = attempt => outcome,
+            _ = shutdown.cancelled() => return,
+        };
+        match outcome {
+            Ok(()) => {
+                backoff.reset();
+                tracing::info!(uri = %endpoint.uri(), "MCP sink stream ended");
+            }
+            Err(status) => tracing::debug!(uri = %endpoint.uri(), %status, "cannot reach MCP sink"),
+        }
+        tokio::select! {
+            _ = backoff.wait() => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}

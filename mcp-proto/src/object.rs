@@ -1,0 +1,175 @@
+//! Config objects in their Kubernetes-style YAML/JSON form (`apiVersion`,
+//! `kind`, `metadata`, `spec`), parsed into the same message types that MCP
+//! bodies carry. Errors name the document, the object and the field path.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::{
+    kinds::{self, Body, Kind},
+    pb::istio::mcp::v1alpha1::{Metadata, Resource},
+};
+
+/// Namespace of namespaced objects that do not name one, as with `kubectl`.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigObject {
+    pub kind: &'static Kind,
+    /// `None` for cluster-scoped kinds.
+    pub namespace: Option<String>,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub body: Body,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{location}: {message}")]
+pub struct ObjectError {
+    /// Where: document number and, once known, kind and name.
+    pub location: String,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope {
+    api_version: Option<String>,
+    kind: Option<String>,
+    #[serde(default)]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: Value,
+}
+
+#[derive(Deserialize, Default)]
+struct ObjectMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+impl ConfigObject {
+    /// Parses one object from its JSON value. `location` prefixes errors.
+    pub fn from_json(value: Value, location: &str) -> Result<Self, ObjectError> {
+        let err = |location: String, message: String| ObjectError { location, message };
+        let envelope: Envelope = serde_json::from_value(value)
+            .map_err(|e| err(location.to_string(), format!("not a config object: {e}")))?;
+        let api_version = envelope.api_version.unwrap_or_default();
+        let kind_name = envelope.kind.unwrap_or_default();
+        let kind = kinds::by_object_kind(&api_version, &kind_name).ok_or_else(|| {
+            err(
+                location.to_string(),
+                format!("unknown kind {kind_name:?} of apiVersion {api_version:?}"),
+            )
+        })?;
+        let name = envelope
+            .metadata
+            .name
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| {
+                err(
+                    format!("{location} ({kind_name})"),
+                    "metadata.name is missing".into(),
+                )
+            })?;
+        let namespace = kind.namespaced.then(|| {
+            envelope
+                .metadata
+                .namespace
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.into())
+        });
+        let location = format!(
+            "{location} ({kind_name} {})",
+            kinds::resource_name(namespace.as_deref(), &name)
+        );
+        let spec = if envelope.spec.is_null() {
+            Value::Object(Default::default())
+        } else {
+            envelope.spec
+        };
+        let body = kind
+            .body
+            .from_json(spec)
+            .map_err(|e| err(location, format!("spec.{}: {}", e.path(), e.inner())))?;
+        Ok(Self {
+            kind,
+            namespace,
+            name,
+            labels: envelope.metadata.labels,
+            annotations: envelope.metadata.annotations,
+            body,
+        })
+    }
+
+    /// Parses every object of a (multi-document) YAML text. Empty documents
+    /// are skipped. `source` (a file name) prefixes errors.
+    pub fn parse_yaml(text: &str, source: &str) -> Result<Vec<Self>, ObjectError> {
+        let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| ObjectError {
+            location: source.to_string(),
+            message: format!("invalid YAML: {e}"),
+        })?;
+        docs.into_iter()
+            .enumerate()
+            .filter(|(_, doc)| !doc.is_null())
+            .map(|(i, doc)| Self::from_json(doc, &format!("{source}: document {}", i + 1)))
+            .collect()
+    }
+
+    /// MCP's name for this object (rule 7).
+    pub fn mcp_name(&self) -> String {
+        kinds::resource_name(self.namespace.as_deref(), &self.name)
+    }
+
+    /// The object as an MCP resource. Its version is a hash of everything
+    /// the resource carries, so it changes exactly when the object does and
+    /// is the same in every process that reads the same object.
+    pub fn to_resource(&self) -> Resource {
+        let body = self.body.to_any();
+        let mut hash = Fnv1a::default();
+        hash.write(body.type_url.as_bytes());
+        hash.write(&body.value);
+        for (k, v) in self.labels.iter().chain(&self.annotations) {
+            hash.write(k.as_bytes());
+            hash.write(v.as_bytes());
+        }
+        Resource {
+            metadata: Some(Metadata {
+                name: self.mcp_name(),
+                version: format!("{:016x}", hash.0),
+                labels: self.labels.clone().into_iter().collect(),
+                annotations: self.annotations.clone().into_iter().collect(),
+                create_time: None,
+            }),
+            body: Some(body),
+        }
+    }
+}
+
+/// 64-bit FNV-1a: a small, stable content hash for resource versions.
+struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv1a {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+        // Separate fields so that ("ab", "c") and ("a", "bc") differ.
+        self.0 ^= 0xff;
+        self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+    }
+}

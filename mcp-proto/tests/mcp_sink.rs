@@ -1,0 +1,479 @@
+//! The sink's rules, and both connection directions end to end, each over a
+//! real gRPC connection on 127.0.0.1.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use component::CancellationToken;
+use mcp_proto::{
+    kinds::Body,
+    mcp::{
+        IncrementalPolicy, McpMetrics, Payload, Sink, SinkOptions, SinkServer, SinkSnapshot, Store,
+        run_sink_client, run_source_client,
+    },
+    pb::istio::mcp::v1alpha1::Resources,
+};
+use tokio::sync::watch;
+use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
+use tonic::{Code, transport::Server};
+
+fn sink(incremental: bool) -> Arc<Sink> {
+    let mut options = SinkOptions::new("test-sink", [GATEWAYS, SERVICE_ENTRIES]);
+    options.incremental = incremental;
+    Arc::new(Sink::new(options, McpMetrics::default()))
+}
+
+fn resources(
+    collection: &str,
+    nonce: &str,
+    incremental: bool,
+    items: Vec<mcp_proto::pb::istio::mcp::v1alpha1::Resource>,
+) -> Resources {
+    Resources {
+        collection: collection.into(),
+        nonce: nonce.into(),
+        incremental,
+        system_version_info: nonce.into(),
+        resources: items,
+        ..Default::default()
+    }
+}
+
+async fn wait_for(
+    rx: &mut watch::Receiver<Arc<SinkSnapshot>>,
+    what: &str,
+    f: impl Fn(&SinkSnapshot) -> bool,
+) -> Arc<SinkSnapshot> {
+    within(what, async {
+        loop {
+            let snapshot = rx.borrow_and_update().clone();
+            if f(&snapshot) {
+                return snapshot;
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+}
+
+fn held_names(s: &SinkSnapshot, collection: &str) -> Vec<String> {
+    s.collections[collection]
+        .resources
+        .keys()
+        .cloned()
+        .collect()
+}
+
+fn version(s: &SinkSnapshot, collection: &str, name: &str) -> String {
+    s.collections[collection].resources[name]
+        .metadata
+        .version
+        .clone()
+}
+
+#[tokio::test]
+async fn sink_client_requests_every_collection_acks_and_publishes_snapshots() {
+    let (addr, mut streams, _stop) = start_raw_source().await;
+    let sink = sink(false);
+    let mut snapshots = sink.subscribe();
+    tokio::spawn(run_sink_client(
+        sink.clone(),
+        endpoint(addr),
+        CancellationToken::new(),
+    ));
+
+    let mut stream = within("the sink to connect", streams.recv()).await.unwrap();
+    let mut asked = [stream.next().await, stream.next().await];
+    asked.sort_by(|a, b| a.collection.cmp(&b.collection));
+    assert_eq!(asked[0].collection, GATEWAYS);
+    assert_eq!(asked[1].collection, SERVICE_ENTRIES);
+    assert!(asked.iter().all(|r| r.response_nonce.is_empty() && r.sink_node.as_ref().unwrap().id == "test-sink"));
+
+    stream
+        .send(resources(
+            GATEWAYS,
+            "n1",
+            false,
+            vec![gateway("ns/a", 1), gateway("ns/b", 1)],
+        ))
+        .await;
+    let ack = stream.next().await;
+    assert_eq!(
+        (ack.collection.as_str(), ack.response_nonce.as_str()),
+        (GATEWAYS, "n1")
+    );
+    assert!(ack.error_detail.is_none());
+    let s = wait_for(&mut snapshots, "gateways", |s| {
+        s.collections[GATEWAYS].synced
+    })
+    .await;
+    assert_eq!(held_names(&s, GATEWAYS), ["ns/a", "ns/b"]);
+    assert!(!s.synced(), "service entries have not arrived yet");
+    let Payload::Decoded(Body::Gateway(g)) = &s.collections[GATEWAYS].resources["ns/a"].payload
+    else {
+        panic!("bodies are decoded to the collection's type");
+    };
+    assert_eq!(g.selector["rev"], "1");
+
+    stream
+        .send(resources(SERVICE_ENTRIES, "n2", false, vec![]))
+        .await;
+    assert!(stream.next().await.error_detail.is_none());
+    wait_for(&mut snapshots, "all synced", SinkSnapshot::synced).await;
+
+    // A full-state response replaces everything held.
+    stream
+        .send(resources(GATEWAYS, "n3", false, vec![gateway("ns/c", 1)]))
+        .await;
+    stream.next().await;
+    let s = wait_for(&mut snapshots, "replacement", |s| {
+        s.collections[GATEWAYS].version == "n3"
+    })
+    .await;
+    assert_eq!(held_names(&s, GATEWAYS), ["ns/c"]);
+}
+
+#[tokio::test]
+async fn bad_updates_are_nacked_and_the_last_good_state_kept() {
+    let (addr, mut streams, _stop) = start_raw_source().await;
+    let sink = sink(false);
+    let mut snapshots = sink.subscribe();
+    tokio::spawn(run_sink_client(
+        sink.clone(),
+        endpoint(addr),
+        CancellationToken::new(),
+    ));
+    let mut stream = within("connect", streams.recv()).await.unwrap();
+    stream.next().await;
+    stream.next().await;
+    stream
+        .send(resources(GATEWAYS, "good", false, vec![gateway("ns/a", 1)]))
+        .await;
+    assert!(stream.next().await.error_detail.is_none());
+
+    let mut malformed = gateway("ns/a", 2);
+    malformed.body.as_mut().unwrap().value = vec![0x0a, 0xff, 0x01].into();
+    let mut wrong_type = gateway("ns/a", 3);
+    wrong_type.body.as_mut().unwrap().type_url =
+        "type.googleapis.com/istio.networking.v1alpha3.VirtualService".into();
+    let mut truncated = gateway("ns/a", 4);
+    let bytes = truncated.body.as_ref().unwrap().value.clone();
+    truncated.body.as_mut().unwrap().value = bytes.slice(..bytes.len() - 1);
+    let mut unnamed = gateway("", 5);
+    unnamed.metadata.as_mut().unwrap().name.clear();
+
+    for (nonce, bad, expect) in [
+        ("malformed", vec![malformed], "cannot decode"),
+        (
+            "wrong-type",
+            vec![wrong_type],
+            "want \"type.googleapis.com/istio.networking.v1alpha3.Gateway\"",
+        ),
+        ("truncated", vec![truncated], "cannot decode"),
+        ("unnamed", vec![unnamed], "no metadata.name"),
+        (
+            "twice",
+            vec![gateway("ns/x", 1), gateway("ns/x", 1)],
+            "appears twice",
+        ),
+        // Half good, half bad: nothing of it is applied.
+        (
+            "partial",
+            vec![gateway("ns/new", 1), {
+                let mut m = gateway("ns/a", 9);
+                m.body = None;
+                m
+            }],
+            "no body",
+        ),
+    ] {
+        stream.send(resources(GATEWAYS, nonce, false, bad)).await;
+        let nack = stream.next().await;
+        assert_eq!(nack.response_nonce, nonce);
+        let detail = nack
+            .error_detail
+            .unwrap_or_else(|| panic!("{nonce} must be NACKed"));
+        assert_eq!(detail.code, Code::InvalidArgument as i32);
+        assert!(
+            detail.message.contains(expect),
+            "{nonce}: {}",
+            detail.message
+        );
+    }
+    let unknown = resources("istio/unrequested", "unrequested", false, vec![]);
+    stream.send(unknown).await;
+    assert!(
+        stream
+            .next()
+            .await
+            .error_detail
+            .unwrap()
+            .message
+            .contains("was not requested")
+    );
+
+    let s = snapshots.borrow_and_update().clone();
+    assert_eq!(s.collections[GATEWAYS].version, "good");
+    assert_eq!(held_names(&s, GATEWAYS), ["ns/a"]);
+    assert_eq!(version(&s, GATEWAYS, "ns/a"), "v1");
+}
+
+#[tokio::test]
+async fn incremental_updates_apply_on_top_of_what_is_held() {
+    let (addr, mut streams, _stop) = start_raw_source().await;
+    let sink = sink(true);
+    let mut snapshots = sink.subscribe();
+    tokio::spawn(run_sink_client(
+        sink.clone(),
+        endpoint(addr),
+        CancellationToken::new(),
+    ));
+    let mut stream = within("connect", streams.recv()).await.unwrap();
+    assert!(
+        stream.next().await.incremental,
+        "the sink asks for incremental updates"
+    );
+    stream.next().await;
+    stream
+        .send(resources(
+            GATEWAYS,
+            "1",
+            true,
+            vec![gateway("ns/a", 1), gateway("ns/b", 1), gateway("ns/c", 1)],
+        ))
+        .await;
+    stream.next().await;
+    let mut update = resources(
+        GATEWAYS,
+        "2",
+        true,
+        vec![gateway("ns/b", 2), gateway("ns/d", 1)],
+    );
+    update.removed_resources = vec!["ns/c".into()];
+    stream.send(update).await;
+    assert!(stream.next().await.error_detail.is_none());
+    let s = wait_for(&mut snapshots, "incremental update", |s| {
+        s.collections[GATEWAYS].version == "2"
+    })
+    .await;
+    assert_eq!(held_names(&s, GATEWAYS), ["ns/a", "ns/b", "ns/d"]);
+    assert_eq!(version(&s, GATEWAYS, "ns/b"), "v2");
+}
+
+#[tokio::test]
+async fn a_reconnecting_sink_sends_the_versions_it_holds() {
+    let (addr, mut streams, _stop) = start_raw_source().await;
+    let sink = sink(true);
+    let mut snapshots = sink.subscribe();
+    tokio::spawn(run_sink_client(
+        sink.clone(),
+        endpoint(addr),
+        CancellationToken::new(),
+    ));
+    let mut stream = within("connect", streams.recv()).await.unwrap();
+    stream.next().await;
+    stream.next().await;
+    stream
+        .send(resources(
+            GATEWAYS,
+            "1",
+            true,
+            vec![gateway("ns/a", 1), gateway("ns/b", 3)],
+        ))
+        .await;
+    stream.next().await;
+    wait_for(&mut snapshots, "first state", |s| {
+        s.collections[GATEWAYS].synced
+    })
+    .await;
+
+    // The source ends the stream; the sink comes back on a new one and
+    // declares what it holds, so that it can be sent only a diff.
+    stream
+        .responses
+        .send(Err(tonic::Status::unavailable("restarting")))
+        .await
+        .unwrap();
+    drop(stream);
+    let mut again = within("the sink to reconnect", streams.recv())
+        .await
+        .unwrap();
+    let mut asked = [again.next().await, again.next().await];
+    asked.sort_by(|a, b| a.collection.cmp(&b.collection));
+    assert_eq!(asked[0].collection, GATEWAYS);
+    assert_eq!(
+        asked[0].initial_resource_versions,
+        [
+            ("ns/a".to_string(), "v1".to_string()),
+            ("ns/b".to_string(), "v3".to_string())
+        ]
+        .into()
+    );
+    assert!(asked[1].initial_resource_versions.is_empty());
+
+    // While disconnected it kept serving its last good state.
+    assert_eq!(held_names(&snapshots.borrow(), GATEWAYS), ["ns/a", "ns/b"]);
+}
+
+#[tokio::test]
+async fn sink_server_answers_a_dialing_source() {
+    let (l, addr) = listener().await;
+    let sink = sink(false);
+    let mut snapshots = sink.subscribe();
+    tokio::spawn(
+        Server::builder()
+            .add_service(SinkServer::new(sink.clone(), CancellationToken::new()).into_service())
+            .serve_with_incoming(TcpListenerStream::new(l)),
+    );
+    let (tx, mut requests) = dial_sink(addr).await;
+    let mut opening = Vec::new();
+    for _ in 0..2 {
+        opening.push(
+            within("opening request", requests.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .collection,
+        );
+    }
+    opening.sort();
+    assert_eq!(opening, [GATEWAYS, SERVICE_ENTRIES]);
+    tx.send(resources(GATEWAYS, "n1", false, vec![gateway("ns/a", 1)]))
+        .await
+        .unwrap();
+    let ack = within("ack", requests.next()).await.unwrap().unwrap();
+    assert_eq!(ack.response_nonce, "n1");
+    assert!(ack.error_detail.is_none());
+    let s = wait_for(&mut snapshots, "state", |s| s.collections[GATEWAYS].synced).await;
+    assert_eq!(held_names(&s, GATEWAYS), ["ns/a"]);
+}
+
+/// The engine against itself in both directions: the sink converges on the
+/// source's state through adds, changes and removals.
+async fn converge(source: &Store, sink: &Sink) {
+    let mut snapshots = sink.subscribe();
+    for step in 0..3u32 {
+        match step {
+            0 => {}
+            1 => {
+                source.upsert(GATEWAYS, gateway("ns/g1", 2)).unwrap();
+                source
+                    .upsert(SERVICE_ENTRIES, service_entry("ns/se", 1))
+                    .unwrap();
+            }
+            _ => {
+                source.remove(GATEWAYS, "ns/g0").unwrap();
+            }
+        }
+        let want: Vec<(String, String)> = source
+            .full(GATEWAYS)
+            .unwrap()
+            .1
+            .iter()
+            .map(|r| {
+                let m = r.metadata.as_ref().unwrap();
+                (m.name.clone(), m.version.clone())
+            })
+            .collect();
+        wait_for(&mut snapshots, &format!("step {step}"), |s| {
+            s.synced()
+                && s.collections[GATEWAYS]
+                    .resources
+                    .iter()
+                    .map(|(n, r)| (n.clone(), r.metadata.version.clone()))
+                    .collect::<Vec<_>>()
+                    == want
+                && s.collections[SERVICE_ENTRIES].resources.len() == source.len(SERVICE_ENTRIES)
+        })
+        .await;
+    }
+}
+
+fn seeded_store() -> Arc<Store> {
+    let store = Arc::new(Store::new([GATEWAYS, SERVICE_ENTRIES]));
+    store.upsert(GATEWAYS, gateway("ns/g0", 1)).unwrap();
+    store.upsert(GATEWAYS, gateway("ns/g1", 1)).unwrap();
+    store
+}
+
+#[tokio::test]
+async fn sink_dials_source() {
+    let store = seeded_store();
+    let (addr, _stop) = start_source(store.clone(), IncrementalPolicy::All).await;
+    let sink = sink(true);
+    let stop = CancellationToken::new();
+    tokio::spawn(run_sink_client(sink.clone(), endpoint(addr), stop.clone()));
+    converge(&store, &sink).await;
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn source_dials_sink() {
+    let (l, addr) = listener().await;
+    let sink = sink(false);
+    tokio::spawn(
+        Server::builder()
+            .add_service(SinkServer::new(sink.clone(), CancellationToken::new()).into_service())
+            .serve_with_incoming(TcpListenerStream::new(l)),
+    );
+    let store = seeded_store();
+    let stop = CancellationToken::new();
+    tokio::spawn(run_source_client(
+        store.clone(),
+        IncrementalPolicy::All,
+        McpMetrics::default(),
+        endpoint(addr),
+        stop.clone(),
+    ));
+    converge(&store, &sink).await;
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn sink_keeps_state_and_resyncs_across_a_source_restart() {
+    let store = seeded_store();
+    let (l, addr) = listener().await;
+    let sink = sink(true);
+    let mut snapshots = sink.subscribe();
+    let first = CancellationToken::new();
+    let serve = |l, stop: CancellationToken| {
+        Server::builder()
+            .add_service(
+                mcp_proto::mcp::SourceServer::new(
+                    store.clone(),
+                    IncrementalPolicy::All,
+                    McpMetrics::default(),
+                    stop.clone(),
+                )
+                .into_service(),
+            )
+            .serve_with_incoming_shutdown(TcpListenerStream::new(l), stop.cancelled_owned())
+    };
+    let server = tokio::spawn(serve(l, first.clone()));
+    tokio::spawn(run_sink_client(
+        sink.clone(),
+        endpoint(addr),
+        CancellationToken::new(),
+    ));
+    wait_for(&mut snapshots, "first sync", SinkSnapshot::synced).await;
+
+    first.cancel();
+    server.await.unwrap().unwrap();
+    store.remove(GATEWAYS, "ns/g0").unwrap();
+    store.upsert(GATEWAYS, gateway("ns/g2", 1)).unwrap();
+    assert_eq!(
+        held_names(&snapshots.borrow(), GATEWAYS),
+        ["ns/g0", "ns/g1"],
+        "last good state while away"
+    );
+
+    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(serve(l, CancellationToken::new()));
+    let s = wait_for(&mut snapshots, "resync", |s| {
+        held_names(s, GATEWAYS) == ["ns/g1", "ns/g2"]
+    })
+    .await;
+    assert_eq!(version(&s, GATEWAYS, "ns/g1"), "v1");
+}
