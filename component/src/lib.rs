@@ -14,3 +14,33 @@ pub use admin::Admin;
 pub use backoff::Backoff;
 pub use readiness::Readiness;
 pub use tokio_util::sync::CancellationToken;
+
+use std::{future::Future, net::SocketAddr};
+
+/// Runs a component's work next to its admin server. A signal, the end of
+/// the work, or a failure of either side stops both: a component whose work
+/// failed must not linger with a healthy-looking admin port.
+pub async fn run_with_admin<F>(
+    admin: &Admin,
+    admin_addr: SocketAddr,
+    shutdown: CancellationToken,
+    work: F,
+) -> anyhow::Result<()>
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
+    let listener = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind the admin address {admin_addr}: {e}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "admin server listening");
+    let stop_on_exit = shutdown.clone().drop_guard();
+    let served = admin.serve(listener, Default::default(), shutdown.clone());
+    let work = async {
+        let _stop = stop_on_exit;
+        work.await
+    };
+    let (worked, served) = tokio::join!(work, served);
+    worked?;
+    served?;
+    Ok(())
+}

@@ -13,3 +13,6 @@ pub mod kinds;
 pub mod mcp;
 pub mod object;
 pub mod pb;
+
+/// The protobuf well-known types the generated code uses, with serde.
+pub use pbjson_types as wkt;

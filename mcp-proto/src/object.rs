@@ -123,6 +123,33 @@ impl ConfigObject {
             .collect()
     }
 
+    /// The Kubernetes-style form: `apiVersion`, `kind`, `metadata`, `spec`.
+    pub fn to_json(&self) -> Value {
+        let mut metadata = serde_json::Map::new();
+        metadata.insert("name".into(), self.name.clone().into());
+        if let Some(ns) = &self.namespace {
+            metadata.insert("namespace".into(), ns.clone().into());
+        }
+        if !self.labels.is_empty() {
+            metadata.insert(
+                "labels".into(),
+                serde_json::to_value(&self.labels).unwrap_or_default(),
+            );
+        }
+        if !self.annotations.is_empty() {
+            metadata.insert(
+                "annotations".into(),
+                serde_json::to_value(&self.annotations).unwrap_or_default(),
+            );
+        }
+        serde_json::json!({
+            "apiVersion": self.kind.api_version,
+            "kind": self.kind.kind,
+            "metadata": metadata,
+            "spec": self.body.to_json(),
+        })
+    }
+
     /// MCP's name for this object (rule 7).
     pub fn mcp_name(&self) -> String {
         kinds::resource_name(self.namespace.as_deref(), &self.name)

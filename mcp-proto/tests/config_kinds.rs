@@ -177,3 +177,14 @@ fn bad_documents_are_refused_with_where_and_why() {
     let e = parse_error("kind: [unterminated\n");
     assert!(e.contains("invalid YAML"), "{e}");
 }
+
+#[test]
+fn objects_print_back_to_the_same_object() {
+    for object in load("networking.yaml")
+        .into_iter()
+        .chain(load("security.yaml"))
+    {
+        let again = ConfigObject::from_json(object.to_json(), "printed").unwrap();
+        assert_eq!(again, object);
+    }
+}

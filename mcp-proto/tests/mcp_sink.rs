@@ -16,8 +16,8 @@ use mcp_proto::{
     pb::istio::mcp::v1alpha1::Resources,
 };
 use tokio::sync::watch;
-use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
-use tonic::{Code, transport::Server};
+use tokio_stream::StreamExt;
+use tonic::Code;
 
 fn sink(incremental: bool) -> Arc<Sink> {
     let mut options = SinkOptions::new("test-sink", [GATEWAYS, SERVICE_ENTRIES]);
@@ -323,9 +323,9 @@ async fn sink_server_answers_a_dialing_source() {
     let sink = sink(false);
     let mut snapshots = sink.subscribe();
     tokio::spawn(
-        Server::builder()
+        mcp_proto::mcp::grpc_server()
             .add_service(SinkServer::new(sink.clone(), CancellationToken::new()).into_service())
-            .serve_with_incoming(TcpListenerStream::new(l)),
+            .serve_with_incoming(mcp_proto::mcp::incoming(l)),
     );
     let (tx, mut requests) = dial_sink(addr).await;
     let mut opening = Vec::new();
@@ -414,9 +414,9 @@ async fn source_dials_sink() {
     let (l, addr) = listener().await;
     let sink = sink(false);
     tokio::spawn(
-        Server::builder()
+        mcp_proto::mcp::grpc_server()
             .add_service(SinkServer::new(sink.clone(), CancellationToken::new()).into_service())
-            .serve_with_incoming(TcpListenerStream::new(l)),
+            .serve_with_incoming(mcp_proto::mcp::incoming(l)),
     );
     let store = seeded_store();
     let stop = CancellationToken::new();
@@ -439,7 +439,7 @@ async fn sink_keeps_state_and_resyncs_across_a_source_restart() {
     let mut snapshots = sink.subscribe();
     let first = CancellationToken::new();
     let serve = |l, stop: CancellationToken| {
-        Server::builder()
+        mcp_proto::mcp::grpc_server()
             .add_service(
                 mcp_proto::mcp::SourceServer::new(
                     store.clone(),
@@ -449,7 +449,7 @@ async fn sink_keeps_state_and_resyncs_across_a_source_restart() {
                 )
                 .into_service(),
             )
-            .serve_with_incoming_shutdown(TcpListenerStream::new(l), stop.cancelled_owned())
+            .serve_with_incoming_shutdown(mcp_proto::mcp::incoming(l), stop.cancelled_owned())
     };
     let server = tokio::spawn(serve(l, first.clone()));
     tokio::spawn(run_sink_client(

@@ -62,6 +62,21 @@ impl McpMetrics {
         m
     }
 
+    /// ACKs counted so far for `collection`.
+    pub fn acks(&self, collection: &str) -> u64 {
+        self.acks.get_or_create(&label(collection)).get()
+    }
+
+    /// NACKs counted so far for `collection`.
+    pub fn nacks(&self, collection: &str) -> u64 {
+        self.nacks.get_or_create(&label(collection)).get()
+    }
+
+    /// Encoded bytes of `Resources` counted so far for `collection`.
+    pub fn bytes(&self, collection: &str) -> u64 {
+        self.bytes.get_or_create(&label(collection)).get()
+    }
+
     pub(crate) fn stream_opened(&self, c: &str) {
         self.streams_open.get_or_create(&label(c)).inc();
     }

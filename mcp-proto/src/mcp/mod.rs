@@ -6,14 +6,18 @@
 //! `ResourceSink`), sink as client, sink as server. A source serves what a
 //! [`Store`] holds; a sink hands its component [`SinkSnapshot`]s.
 
+pub mod follow;
 pub mod metrics;
 pub mod sink;
 pub mod source;
 pub mod store;
 pub mod transport;
 
+pub use follow::{follow, parse_endpoint};
 pub use metrics::McpMetrics;
 pub use sink::{HeldCollection, Payload, Sink, SinkOptions, SinkResource, SinkSnapshot};
 pub use source::IncrementalPolicy;
 pub use store::Store;
-pub use transport::{SinkServer, SourceServer, run_sink_client, run_source_client};
+pub use transport::{
+    SinkServer, SourceServer, grpc_server, incoming, run_sink_client, run_source_client,
+};

@@ -125,6 +125,18 @@ impl Sink {
         self.snapshots.subscribe()
     }
 
+    /// Keeps `ready` equal to "every collection has had a first response".
+    /// Returns when the sink is dropped.
+    pub async fn track_synced(&self, ready: component::readiness::Condition) {
+        let mut snapshots = self.subscribe();
+        loop {
+            ready.set(snapshots.borrow_and_update().synced());
+            if snapshots.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// The requests that open a stream: one per collection, with the
     /// versions already held so that the source can send only a diff.
     pub fn initial_requests(&self) -> Vec<RequestResources> {

@@ -95,8 +95,26 @@ impl Store {
     /// Adds or replaces one resource. Returns whether anything changed: a
     /// resource whose version is already held is not a change.
     pub fn upsert(&self, collection: &str, resource: Resource) -> Result<bool, StoreError> {
-        let name = named(collection, &resource)?;
-        let changed = self.write_collection(collection, |c| c.upsert(name, resource))?;
+        self.upsert_many(collection, vec![resource])
+    }
+
+    /// Adds or replaces several resources as one change: streams see all of
+    /// them or none. Returns whether anything changed.
+    pub fn upsert_many(
+        &self,
+        collection: &str,
+        resources: Vec<Resource>,
+    ) -> Result<bool, StoreError> {
+        let names = resources
+            .iter()
+            .map(|r| named(collection, r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let changed = self.write_collection(collection, |c| {
+            names
+                .into_iter()
+                .zip(resources)
+                .fold(false, |changed, (name, r)| c.upsert(name, r) | changed)
+        })?;
         self.notify(changed);
         Ok(changed)
     }
@@ -190,7 +208,7 @@ impl Store {
             ..Diff::default()
         };
         for (name, e) in &c.live {
-            if versions.get(name) != Some(&version_of(&e.resource)) {
+            if versions.get(name).map(String::as_str) != Some(version_of(&e.resource)) {
                 diff.changed.push(e.resource.clone());
             }
         }
@@ -307,9 +325,6 @@ fn name_of(r: &Resource) -> Option<&str> {
         .filter(|n| !n.is_empty())
 }
 
-fn version_of(r: &Resource) -> String {
-    r.metadata
-        .as_ref()
-        .map(|m| m.version.clone())
-        .unwrap_or_default()
+fn version_of(r: &Resource) -> &str {
+    r.metadata.as_ref().map_or("", |m| m.version.as_str())
 }

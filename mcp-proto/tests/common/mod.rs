@@ -24,11 +24,8 @@ use mcp_proto::{
     },
 };
 use tokio::{net::TcpListener, sync::mpsc};
-use tokio_stream::{
-    StreamExt,
-    wrappers::{ReceiverStream, TcpListenerStream},
-};
-use tonic::{Request, Response, Status, Streaming, transport::Server};
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
 
 pub const GATEWAYS: &str = kinds::GATEWAYS;
 pub const SERVICE_ENTRIES: &str = kinds::SERVICE_ENTRIES;
@@ -105,9 +102,9 @@ pub async fn start_source(
         SourceServer::new(store, policy, McpMetrics::default(), stop.clone()).into_service();
     let s = stop.clone();
     tokio::spawn(
-        Server::builder()
+        mcp_proto::mcp::grpc_server()
             .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(l), s.cancelled_owned()),
+            .serve_with_incoming_shutdown(mcp_proto::mcp::incoming(l), s.cancelled_owned()),
     );
     (addr, stop)
 }
@@ -235,9 +232,9 @@ pub async fn start_raw_source() -> (
     let stop = CancellationToken::new();
     let s = stop.clone();
     tokio::spawn(
-        Server::builder()
+        mcp_proto::mcp::grpc_server()
             .add_service(ResourceSourceServer::new(RawSource { streams: tx }))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(l), s.cancelled_owned()),
+            .serve_with_incoming_shutdown(mcp_proto::mcp::incoming(l), s.cancelled_owned()),
     );
     (addr, rx, stop)
 }

@@ -1,0 +1,43 @@
+//! A component's MCP input in one call: a sink whose metrics and sync state
+//! appear on the component's admin port, kept connected to a source.
+
+use std::sync::Arc;
+
+use component::{Admin, CancellationToken};
+use tonic::transport::Endpoint;
+
+use super::{McpMetrics, Sink, SinkOptions, run_sink_client};
+
+/// Parses a source or sink address: `host:port` or an `http://` URL.
+pub fn parse_endpoint(address: &str) -> Result<Endpoint, String> {
+    let url = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    Endpoint::from_shared(url).map_err(|e| format!("invalid MCP address {address:?}: {e}"))
+}
+
+/// Starts a sink named `id` for `collections`, following the source at
+/// `server` (with backoff) until `shutdown`. The admin's readiness gains an
+/// `mcp-synced` condition that holds once every collection has synced.
+pub fn follow(
+    id: &str,
+    collections: &[&str],
+    server: &str,
+    admin: &Admin,
+    shutdown: CancellationToken,
+) -> Result<Arc<Sink>, String> {
+    let endpoint = parse_endpoint(server)?;
+    let metrics = McpMetrics::sink(&mut admin.registry());
+    let sink = Arc::new(Sink::new(
+        SinkOptions::new(id, collections.iter().copied()),
+        metrics,
+    ));
+    let synced = admin.readiness().condition("mcp-synced");
+    let tracker = sink.clone();
+    tokio::spawn(async move { tracker.track_synced(synced).await });
+    tracing::info!(%server, sink = id, "following MCP source");
+    tokio::spawn(run_sink_client(sink.clone(), endpoint, shutdown));
+    Ok(sink)
+}

@@ -1,0 +1,66 @@
+//! `meshctl`: the mesh's command line.
+
+mod bench;
+mod mcp;
+mod up;
+
+use clap::{Parser, Subcommand};
+use component::logging::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(version, about = "Run, inspect and test the mesh")]
+struct Cli {
+    /// Log filter for meshctl's own logs (stderr), in `RUST_LOG` syntax.
+    #[arg(long, global = true, default_value = "warn")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the mesh's components on this machine and run until Ctrl-C.
+    Up(up::UpArgs),
+    /// Tools for MCP implementations.
+    #[command(subcommand)]
+    Mcp(McpCommand),
+    /// Benchmarks; figures are printed as JSON.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Print the version.
+    Version,
+}
+
+#[derive(Subcommand)]
+enum McpCommand {
+    /// Print what a sink receives from a source.
+    Watch(mcp::watch::WatchArgs),
+    /// Serve a directory of config YAML as an MCP source.
+    Serve(mcp::serve::ServeArgs),
+    /// Check a source or a sink against the MCP rules.
+    Conformance(mcp::conformance::ConformanceArgs),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// One source, many sinks: full sync, then incremental vs full-state updates.
+    Mcp(bench::McpBenchArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    logging::init(LogFormat::Text, &cli.log_level);
+    let shutdown = component::shutdown::on_signal();
+    match cli.command {
+        Command::Up(args) => up::run(args, shutdown).await,
+        Command::Mcp(McpCommand::Watch(args)) => mcp::watch::run(args, shutdown).await,
+        Command::Mcp(McpCommand::Serve(args)) => mcp::serve::run(args, shutdown).await,
+        Command::Mcp(McpCommand::Conformance(args)) => mcp::conformance::run(args).await,
+        Command::Bench(BenchCommand::Mcp(args)) => bench::mcp(args).await,
+        Command::Version => {
+            println!("meshctl {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    }
+}

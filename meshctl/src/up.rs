@@ -1,0 +1,345 @@
+//! `meshctl up`: the mesh on one machine. Each control-plane component runs
+//! as its own process (its own binary, found next to `meshctl`), on
+//! loopback, with the colliding admin ports moved apart. It waits until
+//! every component reports ready, prints where each one listens, and on
+//! Ctrl-C or SIGTERM stops them all.
+
+use std::{
+    fs::File,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use clap::Args;
+use component::{CancellationToken, ports};
+use nix::{sys::signal::Signal, unistd::Pid};
+use tokio::process::{Child, Command};
+
+/// The config served when no `--config-dir` is given.
+const DEFAULT_CONFIG: &[(&str, &str)] =
+    &[("mesh.yaml", include_str!("../default-config/mesh.yaml"))];
+
+/// How long a component gets to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Directory of config YAML for Galley to serve; the embedded default
+    /// config when absent.
+    #[arg(long)]
+    pub config_dir: Option<PathBuf>,
+    /// Where logs (and the default config) go; a temporary directory when
+    /// absent, removed on exit.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Let the OS pick every port instead of the defaults, so that several
+    /// meshes (or tests) can run side by side.
+    #[arg(long)]
+    pub ephemeral_ports: bool,
+    /// Directory holding the component binaries; next to `meshctl` when absent.
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Give up if the mesh is not ready within this many seconds.
+    #[arg(long, default_value_t = 60)]
+    pub ready_timeout_secs: u64,
+}
+
+/// One component process to start.
+struct Plan {
+    name: &'static str,
+    binary: &'static str,
+    args: Vec<String>,
+    admin: SocketAddr,
+    /// Other ports it listens on, by purpose.
+    ports: Vec<(&'static str, SocketAddr)>,
+}
+
+struct Running {
+    plan: Plan,
+    child: Child,
+    pid: u32,
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// A port picker: the default, or one the OS says is free.
+struct Ports {
+    ephemeral: bool,
+}
+
+impl Ports {
+    fn pick(&self, default: u16) -> anyhow::Result<SocketAddr> {
+        if !self.ephemeral {
+            return Ok(loopback(default));
+        }
+        let probe = std::net::TcpListener::bind(loopback(0))?;
+        Ok(probe.local_addr()?)
+    }
+}
+
+fn plans(config_dir: &Path, ports: &Ports) -> anyhow::Result<Vec<Plan>> {
+    let mcp = ports.pick(ports::GALLEY_MCP)?;
+    let mcp_arg = mcp.to_string();
+    // Every control-plane component defaults to admin port 15014; on one
+    // host they get 15014, 15015, ...
+    let admin = |i: u16| ports.pick(ports::CONTROL_PLANE_ADMIN + i);
+    Ok(vec![
+        Plan {
+            name: "galley",
+            binary: "galley",
+            args: vec![
+                "--config-dir".into(),
+                config_dir.display().to_string(),
+                "--mcp-addr".into(),
+                mcp_arg.clone(),
+            ],
+            admin: admin(0)?,
+            ports: vec![("mcp", mcp)],
+        },
+        Plan {
+            name: "pilot",
+            binary: "pilot",
+            args: vec!["--mcp-server".into(), mcp_arg.clone()],
+            admin: admin(1)?,
+            ports: vec![],
+        },
+        Plan {
+            name: "mixer-policy",
+            binary: "mixer",
+            args: vec![
+                "--role".into(),
+                "policy".into(),
+                "--mcp-server".into(),
+                mcp_arg.clone(),
+            ],
+            admin: admin(2)?,
+            ports: vec![],
+        },
+        Plan {
+            name: "mixer-telemetry",
+            binary: "mixer",
+            args: vec![
+                "--role".into(),
+                "telemetry".into(),
+                "--mcp-server".into(),
+                mcp_arg,
+            ],
+            admin: admin(3)?,
+            ports: vec![],
+        },
+        Plan {
+            name: "citadel",
+            binary: "citadel",
+            args: vec![],
+            admin: admin(4)?,
+            ports: vec![],
+        },
+        Plan {
+            name: "sidecar-injector",
+            binary: "sidecar-injector",
+            args: vec![],
+            admin: admin(5)?,
+            ports: vec![],
+        },
+    ])
+}
+
+fn bin_dir(args: &UpArgs) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = &args.bin_dir {
+        return Ok(dir.clone());
+    }
+    let exe = std::env::current_exe()?;
+    Ok(exe.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let temp;
+    let state_dir = match &args.state_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempfile::Builder::new().prefix("meshctl-up-").tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let logs = state_dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let config_dir = match &args.config_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            let dir = state_dir.join("config");
+            std::fs::create_dir_all(&dir)?;
+            for (name, text) in DEFAULT_CONFIG {
+                std::fs::write(dir.join(name), text)?;
+            }
+            dir
+        }
+    };
+    let bins = bin_dir(&args)?;
+    let plans = plans(
+        &config_dir,
+        &Ports {
+            ephemeral: args.ephemeral_ports,
+        },
+    )?;
+    for plan in &plans {
+        let path = bins.join(plan.binary);
+        anyhow::ensure!(
+            path.is_file(),
+            "{} not found; build every component first (`cargo build --workspace`) or pass --bin-dir",
+            path.display()
+        );
+    }
+    println!("config: {}", config_dir.display());
+    println!("logs:   {}", logs.display());
+
+    let mut running = Vec::new();
+    for plan in plans {
+        let log = File::create(logs.join(format!("{}.log", plan.name)))?;
+        let child = Command::new(bins.join(plan.binary))
+            .args(&plan.args)
+            .arg("--admin-addr")
+            .arg(plan.admin.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()?;
+        let pid = child.id().unwrap_or_default();
+        running.push(Running { plan, child, pid });
+    }
+
+    let outcome = tokio::select! {
+        ready = wait_ready(&mut running, Duration::from_secs(args.ready_timeout_secs)) => ready,
+        _ = shutdown.cancelled() => Err(anyhow::anyhow!("interrupted before the mesh was ready")),
+    };
+    let result = match outcome {
+        Ok(()) => {
+            print_table(&running);
+            println!(
+                "mesh ready: {} components; Ctrl-C stops them",
+                running.len()
+            );
+            tokio::select! {
+                _ = shutdown.cancelled() => Ok(()),
+                exited = first_exit(&mut running) => Err(exited),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    stop_all(&mut running).await;
+    if result.is_err() {
+        eprintln!("component logs are in {}", logs.display());
+        if args.state_dir.is_none() {
+            // Keep the logs of a failed run for the user to read.
+            if let Some(kept) = temp_keep(&state_dir) {
+                eprintln!("kept in {}", kept.display());
+            }
+        }
+    }
+    result
+}
+
+/// Moves a failed run's temporary state out of the way of its cleanup.
+fn temp_keep(state_dir: &Path) -> Option<PathBuf> {
+    let kept = std::env::temp_dir().join(format!("meshctl-failed-{}", std::process::id()));
+    std::fs::rename(state_dir, &kept).ok()?;
+    Some(kept)
+}
+
+/// Polls every component's `/ready` until all answer 200; fails if one
+/// exits or the deadline passes.
+async fn wait_ready(running: &mut [Running], timeout: Duration) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let deadline = Instant::now() + timeout;
+    let mut backoff =
+        component::Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
+    loop {
+        let mut waiting = Vec::new();
+        for r in running.iter_mut() {
+            if let Some(status) = r.child.try_wait()? {
+                anyhow::bail!("{} exited before it was ready ({status})", r.plan.name);
+            }
+            let url = format!("http://{}/ready", r.plan.admin);
+            let ready = client
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|resp| resp.status().is_success());
+            if !ready {
+                waiting.push(r.plan.name);
+            }
+        }
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("not ready after {timeout:?}: {}", waiting.join(", "));
+        }
+        backoff.wait().await;
+    }
+}
+
+fn print_table(running: &[Running]) {
+    println!("{:<18} {:>8}  {:<6} PORTS", "COMPONENT", "PID", "READY");
+    for r in running {
+        let mut ports = vec![format!("admin={}", r.plan.admin)];
+        ports.extend(
+            r.plan
+                .ports
+                .iter()
+                .map(|(what, addr)| format!("{what}={addr}")),
+        );
+        println!(
+            "{:<18} {:>8}  {:<6} {}",
+            r.plan.name,
+            r.pid,
+            "yes",
+            ports.join(" ")
+        );
+    }
+}
+
+/// Waits until some component exits, and says which and how.
+async fn first_exit(running: &mut [Running]) -> anyhow::Error {
+    let waits = running.iter_mut().map(|r| {
+        Box::pin(async move {
+            let status = r.child.wait().await;
+            (r.plan.name, status)
+        })
+    });
+    let ((name, status), _, _) = futures::future::select_all(waits).await;
+    match status {
+        Ok(status) => anyhow::anyhow!("{name} exited ({status})"),
+        Err(e) => anyhow::anyhow!("waiting for {name} failed: {e}"),
+    }
+}
+
+/// SIGTERM to every component, then SIGKILL to any still running after the
+/// grace period.
+async fn stop_all(running: &mut [Running]) {
+    for r in running.iter() {
+        if let Ok(pid) = i32::try_from(r.pid) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+    }
+    for r in running.iter_mut() {
+        match tokio::time::timeout(STOP_GRACE, r.child.wait()).await {
+            Ok(Ok(status)) if status.success() => {}
+            Ok(Ok(status)) => eprintln!("{} stopped with {status}", r.plan.name),
+            Ok(Err(e)) => eprintln!("waiting for {} failed: {e}", r.plan.name),
+            Err(_) => {
+                eprintln!(
+                    "{} did not stop within {STOP_GRACE:?}; killing it",
+                    r.plan.name
+                );
+                let _ = r.child.kill().await;
+            }
+        }
+    }
+}
