@@ -34,11 +34,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     tonic_prost_build::configure()
         .compile_well_known_types(true)
+        // Ordered maps encode deterministically, so equal config gets equal
+        // bytes and equal content-hash versions in every process.
+        .btree_map(".")
         .extern_path(".google.protobuf", "::pbjson_types")
         .compile_fds(fds)?;
 
     pbjson_build::Builder::new()
         .register_descriptors(&std::fs::read(&descriptor_path)?)?
+        .btree_map(["."])
         .build(&[".istio", ".google.rpc"])?;
     Ok(())
 }

@@ -16,7 +16,7 @@ use std::{
 
 use component::CancellationToken;
 use mcp_proto::{kinds, mcp::Store, object::ConfigObject, pb::istio::mcp::v1alpha1::Resource};
-use notify::{RecursiveMode, Watcher};
+use notify::{EventKind, RecursiveMode, Watcher, event::ModifyKind};
 use tokio::sync::mpsc;
 
 /// Quiet time after a file event before the directory is read again, so an
@@ -104,41 +104,49 @@ impl DirSource {
         }
     }
 
-    /// Loads the directory, then reloads whenever something below it
-    /// changes, until `shutdown`. Calls `on_load` after every load. The
-    /// watch starts before the first read, so no edit falls between them.
-    pub async fn watch(
+    /// Starts watching, loads the directory once, and returns that load's
+    /// report with the future that keeps `store` in step with the directory
+    /// until `shutdown`. The watch starts before the read, so no edit falls
+    /// between them; serve only after this returns, so that no sink is ever
+    /// sent the empty store that precedes the first load.
+    pub fn start(
         mut self,
         store: Arc<Store>,
         shutdown: CancellationToken,
-        mut on_load: impl FnMut(&LoadReport) + Send,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<(LoadReport, impl Future<Output = ()> + Send)> {
         let (tx, mut events) = mpsc::unbounded_channel();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 let _ = tx.send(event);
             })?;
-        watcher.watch(&self.dir, RecursiveMode::Recursive)?;
-        let report = self.reload(&store);
-        log_report(&self.dir, &report);
-        on_load(&report);
-        loop {
-            tokio::select! {
-                event = events.recv() => {
-                    let Some(event) = event else { break };
-                    if let Err(e) = event {
-                        tracing::warn!(error = %e, "file watch error; reloading");
+        watcher
+            .watch(&self.dir, RecursiveMode::Recursive)
+            .map_err(|e| {
+                anyhow::anyhow!("cannot watch config directory {}: {e}", self.dir.display())
+            })?;
+        let first = self.reload(&store);
+        log_report(&self.dir, &first);
+        let follow = async move {
+            let _watcher = watcher;
+            loop {
+                tokio::select! {
+                    event = events.recv() => {
+                        let Some(event) = event else { break };
+                        match event {
+                            Ok(event) if !changes_content(&event.kind) => continue,
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(error = %e, "file watch error; reloading"),
+                        }
+                        // Wait until the burst is over.
+                        while let Ok(Some(_)) = tokio::time::timeout(DEBOUNCE, events.recv()).await {}
+                        let report = self.reload(&store);
+                        log_report(&self.dir, &report);
                     }
-                    // Wait until the burst is over.
-                    while let Ok(Some(_)) = tokio::time::timeout(DEBOUNCE, events.recv()).await {}
-                    let report = self.reload(&store);
-                    log_report(&self.dir, &report);
-                    on_load(&report);
+                    _ = shutdown.cancelled() => break,
                 }
-                _ = shutdown.cancelled() => break,
             }
-        }
-        Ok(())
+        };
+        Ok((first, follow))
     }
 
     /// Every object held, file by file in path order.
@@ -149,6 +157,15 @@ impl DirSource {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// Whether an event can change what the directory holds. Reads (our own
+/// among them) show up as accesses and access-time updates; they do not.
+fn changes_content(kind: &EventKind) -> bool {
+    !matches!(
+        kind,
+        EventKind::Access(_) | EventKind::Modify(ModifyKind::Metadata(_))
+    )
 }
 
 pub fn log_report(dir: &Path, report: &LoadReport) {

@@ -44,8 +44,8 @@ pub async fn run(
     let store = new_store();
     let metrics = McpMetrics::source(&mut admin.registry());
     let loaded = admin.readiness().condition("config-loaded");
-    let source = DirSource::new(&args.config_dir);
-    let watch = source.watch(store.clone(), shutdown.clone(), move |_| loaded.set(true));
+    let (_, follow) = DirSource::new(&args.config_dir).start(store.clone(), shutdown.clone())?;
+    loaded.set(true);
 
     let service =
         SourceServer::new(store, IncrementalPolicy::All, metrics, shutdown.clone()).into_service();
@@ -56,8 +56,8 @@ pub async fn run(
             mcp_proto::mcp::incoming(mcp),
             shutdown.clone().cancelled_owned(),
         );
-    let (watched, served) = tokio::join!(watch, server);
-    watched?;
-    served?;
+    let follow = tokio::spawn(follow);
+    server.await?;
+    follow.await?;
     Ok(())
 }

@@ -157,12 +157,14 @@ impl ConfigObject {
 
     /// The object as an MCP resource. Its version is a hash of everything
     /// the resource carries, so it changes exactly when the object does and
-    /// is the same in every process that reads the same object.
+    /// is the same in every process that reads the same object. The body is
+    /// hashed in its JSON form, whose maps are ordered: protobuf encodings
+    /// of `google.protobuf.Struct` order map entries arbitrarily.
     pub fn to_resource(&self) -> Resource {
         let body = self.body.to_any();
         let mut hash = Fnv1a::default();
         hash.write(body.type_url.as_bytes());
-        hash.write(&body.value);
+        hash.write(self.body.to_json().to_string().as_bytes());
         for (k, v) in self.labels.iter().chain(&self.annotations) {
             hash.write(k.as_bytes());
             hash.write(v.as_bytes());

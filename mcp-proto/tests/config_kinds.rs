@@ -188,3 +188,18 @@ fn objects_print_back_to_the_same_object() {
         assert_eq!(again, object);
     }
 }
+
+#[test]
+fn the_same_document_always_gets_the_same_version() {
+    let versions = || -> Vec<String> {
+        ["networking.yaml", "security.yaml", "policy.yaml"]
+            .iter()
+            .flat_map(|f| load(f))
+            .map(|o| o.to_resource().metadata.unwrap().version)
+            .collect()
+    };
+    let first = versions();
+    for _ in 0..20 {
+        assert_eq!(versions(), first);
+    }
+}

@@ -212,7 +212,7 @@ async fn a_new_stream_with_initial_versions_gets_only_the_diff() {
     let store = store_with(4);
     let (addr, _stop) = start_source(store.clone(), IncrementalPolicy::All).await;
     let mut sink = RawSink::connect(addr).await;
-    let held: HashMap<String, String> = [
+    let held: std::collections::BTreeMap<String, String> = [
         ("ns/g0", "v1"),  // current
         ("ns/g1", "v0"),  // outdated
         ("ns/old", "v1"), // gone from the source

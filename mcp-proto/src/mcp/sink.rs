@@ -7,7 +7,7 @@
 //! stream of consistent [`SinkSnapshot`]s.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashSet},
     sync::{Arc, Mutex},
 };
 
@@ -30,7 +30,7 @@ use crate::{
 pub struct SinkOptions {
     /// Identifies this sink to sources (`SinkNode.id`).
     pub id: String,
-    pub annotations: HashMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
     pub collections: Vec<String>,
     /// Ask for incremental updates (MCP rule 5).
     pub incremental: bool,
@@ -43,7 +43,7 @@ impl SinkOptions {
     ) -> Self {
         Self {
             id: id.into(),
-            annotations: HashMap::new(),
+            annotations: BTreeMap::new(),
             collections: collections.into_iter().map(Into::into).collect(),
             incremental: true,
         }
@@ -156,7 +156,7 @@ impl Sink {
                         })
                         .unwrap_or_default()
                 } else {
-                    HashMap::new()
+                    BTreeMap::new()
                 };
                 RequestResources {
                     sink_node: Some(self.node()),

@@ -8,7 +8,7 @@
 //! sink gets the latest state once rather than every step (latest wins).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
 };
 
@@ -43,7 +43,7 @@ impl IncrementalPolicy {
 /// What the sink holds of a collection, as far as this stream knows.
 enum Holds {
     /// What it declared in `initial_resource_versions`.
-    Versions(HashMap<String, String>),
+    Versions(BTreeMap<String, String>),
     /// The store state at this sequence, which it ACKed.
     Seq(u64),
 }

@@ -199,7 +199,7 @@ impl Store {
     pub fn diff_against(
         &self,
         collection: &str,
-        versions: &HashMap<String, String>,
+        versions: &BTreeMap<String, String>,
     ) -> Option<Diff> {
         let guard = self.read();
         let c = guard.get(collection)?;

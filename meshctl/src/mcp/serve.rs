@@ -40,6 +40,8 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
     };
     let metrics = McpMetrics::default();
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
+    let (_, follow) = DirSource::new(&args.dir).start(store.clone(), shutdown.clone())?;
+    let follow = tokio::spawn(follow);
     eprintln!(
         "serving ResourceSource for {} on {}",
         args.dir.display(),
@@ -56,20 +58,13 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
             shutdown.clone(),
         ));
     }
-    let dir = args.dir.clone();
-    let watch = DirSource::new(&args.dir).watch(store.clone(), shutdown.clone(), move |report| {
-        if report.errors.is_empty() {
-            eprintln!("loaded {}", dir.display());
-        }
-    });
-    let server = mcp_proto::mcp::grpc_server()
+    mcp_proto::mcp::grpc_server()
         .add_service(SourceServer::new(store, policy, metrics, shutdown.clone()).into_service())
         .serve_with_incoming_shutdown(
             mcp_proto::mcp::incoming(listener),
-            shutdown.clone().cancelled_owned(),
-        );
-    let (watched, served) = tokio::join!(watch, server);
-    watched?;
-    served?;
+            shutdown.cancelled_owned(),
+        )
+        .await?;
+    follow.await?;
     Ok(())
 }

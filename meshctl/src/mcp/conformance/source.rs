@@ -1,6 +1,6 @@
 //! Checks of an MCP source, playing a sink over `ResourceSource`.
 
-use std::{collections::HashMap, path::Path};
+use std::{collections::BTreeMap, path::Path};
 
 use galley::DirSource;
 use mcp_proto::{
@@ -90,7 +90,7 @@ fn answer(r: &Resources, nonce: &str, error: Option<&str>, incremental: bool) ->
     }
 }
 
-fn versions(r: &Resources) -> HashMap<String, String> {
+fn versions(r: &Resources) -> BTreeMap<String, String> {
     r.resources
         .iter()
         .filter_map(|r| r.metadata.as_ref())

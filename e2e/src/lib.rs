@@ -1,0 +1,182 @@
+//! Helpers for end-to-end tests: find the workspace's binaries (built once
+//! by `cargo test --workspace` and shared by every test), start them as real
+//! processes on 127.0.0.1, wait on readiness, and stop them.
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal::Signal, unistd::Pid};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader, Lines},
+    process::{Child, ChildStderr, ChildStdout, Command},
+};
+
+/// Upper bound on any wait in these tests.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Path of a workspace binary. `cargo test --workspace` builds every
+/// binary into the directory above this test executable's `deps/`.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run the end-to-end tests through `cargo test --workspace`, which builds every binary",
+        path.display()
+    );
+    path
+}
+
+/// A free port on 127.0.0.1, chosen by the OS.
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A running process, killed if the test ends without stopping it.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub stdout: Lines<BufReader<ChildStdout>>,
+    pub stderr: Lines<BufReader<ChildStderr>>,
+}
+
+impl Proc {
+    pub fn start(name: &str, args: &[&str]) -> Self {
+        let mut child = Command::new(bin(name))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        Self {
+            name: name.to_string(),
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("process still running")
+    }
+
+    /// Reads stdout until a line contains `needle`; returns the lines read.
+    pub async fn stdout_until(&mut self, needle: &str) -> Vec<String> {
+        let mut seen = Vec::new();
+        let found = tokio::time::timeout(WAIT, async {
+            while let Some(line) = self.stdout.next_line().await.unwrap() {
+                let done = line.contains(needle);
+                seen.push(line);
+                if done {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert!(
+            found == Ok(true),
+            "{}: no stdout line with {needle:?}; got {seen:#?}",
+            self.name
+        );
+        seen
+    }
+
+    /// Reads stderr until a line contains `needle`; returns that line.
+    pub async fn stderr_until(&mut self, needle: &str) -> String {
+        let found = tokio::time::timeout(WAIT, async {
+            while let Some(line) = self.stderr.next_line().await.unwrap() {
+                if line.contains(needle) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        found
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("{}: no stderr line with {needle:?}", self.name))
+    }
+
+    /// Sends SIGTERM and returns the exit status, failing if the process
+    /// does not stop in time.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(Pid::from_raw(self.pid() as i32), Signal::SIGTERM).unwrap();
+        tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{} did not stop after SIGTERM", self.name))
+            .unwrap()
+    }
+
+    /// Waits for the process to exit by itself.
+    pub async fn exit(mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{} did not exit", self.name))
+            .unwrap()
+    }
+}
+
+/// GET `http://addr/path`: status and body, or `None` if nothing answers.
+pub async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let response = reqwest::get(format!("http://{addr}{path}")).await.ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.text().await.ok()?))
+}
+
+/// Polls `http://addr/path` until `accept` holds for its answer.
+pub async fn wait_for_http(
+    addr: SocketAddr,
+    path: &str,
+    accept: impl Fn(u16, &str) -> bool,
+) -> (u16, String) {
+    let deadline = Instant::now() + WAIT;
+    let mut delay = Duration::from_millis(10);
+    loop {
+        let answer = get(addr, path).await;
+        if let Some((status, body)) = &answer
+            && accept(*status, body)
+        {
+            return (*status, body.clone());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "http://{addr}{path}: last answer {answer:?}"
+        );
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// Whether a process with this pid still exists.
+pub fn alive(pid: u32) -> bool {
+    nix::sys::signal::kill(Pid::from_raw(pid as i32), None).is_ok()
+}
+
+/// A directory of config YAML for a test to serve and edit.
+pub fn config_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    dir
+}
+
+pub const SAMPLE_CONFIG: &str = include_str!("../tests/data/config.yaml");

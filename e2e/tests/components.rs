@@ -1,0 +1,133 @@
+//! Every component binary starts, serves its admin port (`/healthz`,
+//! `/ready`, `/metrics`) and stops cleanly on SIGTERM; sinks come up before
+//! their source and become ready once it appears.
+
+use e2e::*;
+
+/// The admin endpoints answer as documented, and SIGTERM stops the process
+/// with status 0.
+async fn check_admin_and_stop(proc: Proc, admin: std::net::SocketAddr) {
+    let (status, body) = wait_for_http(admin, "/healthz", |s, _| s == 200).await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (_, ready) = wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    assert_eq!(ready, "ready\n");
+    let (status, metrics) = get(admin, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        metrics.ends_with("# EOF\n"),
+        "OpenMetrics text ends with # EOF: {metrics}"
+    );
+    let status = proc.terminate().await;
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    assert!(
+        get(admin, "/healthz").await.is_none(),
+        "admin port closed after exit"
+    );
+}
+
+#[tokio::test]
+async fn components_without_inputs_serve_admin_and_stop_on_sigterm() {
+    for name in ["citadel", "sidecar-injector", "proxy"] {
+        let admin = free_addr();
+        let proc = Proc::start(name, &["--admin-addr", &admin.to_string()]);
+        check_admin_and_stop(proc, admin).await;
+    }
+}
+
+#[tokio::test]
+async fn sinks_started_before_galley_become_ready_when_it_arrives() {
+    let dir = config_dir(&[("config.yaml", SAMPLE_CONFIG)]);
+    let mcp = free_addr();
+    let (pilot_admin, policy_admin, telemetry_admin, galley_admin) =
+        (free_addr(), free_addr(), free_addr(), free_addr());
+    let mcp_arg = mcp.to_string();
+    let pilot = Proc::start(
+        "pilot",
+        &[
+            "--mcp-server",
+            &mcp_arg,
+            "--admin-addr",
+            &pilot_admin.to_string(),
+        ],
+    );
+    let policy = Proc::start(
+        "mixer",
+        &[
+            "--role",
+            "policy",
+            "--mcp-server",
+            &mcp_arg,
+            "--admin-addr",
+            &policy_admin.to_string(),
+        ],
+    );
+    let telemetry = Proc::start(
+        "mixer",
+        &[
+            "--role",
+            "telemetry",
+            "--mcp-server",
+            &mcp_arg,
+            "--admin-addr",
+            &telemetry_admin.to_string(),
+        ],
+    );
+
+    // No Galley yet: alive, not ready, and saying why.
+    for admin in [pilot_admin, policy_admin, telemetry_admin] {
+        let (status, body) = wait_for_http(admin, "/ready", |s, _| s == 503).await;
+        assert_eq!(status, 503);
+        assert!(body.contains("mcp-synced"), "{body}");
+        assert_eq!(get(admin, "/healthz").await.unwrap().0, 200);
+    }
+
+    let galley = Proc::start(
+        "galley",
+        &[
+            "--config-dir",
+            dir.path().to_str().unwrap(),
+            "--mcp-addr",
+            &mcp_arg,
+            "--admin-addr",
+            &galley_admin.to_string(),
+        ],
+    );
+    for admin in [pilot_admin, policy_admin, telemetry_admin] {
+        wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    }
+    let (_, metrics) = get(pilot_admin, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains(
+            r#"pilot_mcp_sink_resources{collection="istio/networking/v1alpha3/serviceentries"} 2"#
+        ),
+        "pilot holds both service entries: {metrics}"
+    );
+    let (_, metrics) = get(galley_admin, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("galley_mcp_source_acks_total"),
+        "{metrics}"
+    );
+
+    check_admin_and_stop(pilot, pilot_admin).await;
+    check_admin_and_stop(policy, policy_admin).await;
+    check_admin_and_stop(telemetry, telemetry_admin).await;
+    check_admin_and_stop(galley, galley_admin).await;
+}
+
+#[tokio::test]
+async fn a_component_that_cannot_start_exits_with_a_clear_error() {
+    let mut galley = Proc::start(
+        "galley",
+        &[
+            "--config-dir",
+            "/nonexistent/mesh-config",
+            "--mcp-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ],
+    );
+    let line = galley.stderr_until("nonexistent").await;
+    assert!(line.contains("/nonexistent/mesh-config"), "{line}");
+    assert!(!galley.exit().await.success());
+}

@@ -1,0 +1,66 @@
+//! `meshctl up` starts every component as its own process, waits until all
+//! are ready, prints where they listen, and stops them all on SIGTERM.
+
+use std::net::SocketAddr;
+
+use e2e::*;
+
+#[tokio::test]
+async fn up_starts_every_component_and_stops_them_on_sigterm() {
+    let bin_dir = bin("meshctl").parent().unwrap().to_path_buf();
+    let mut up = Proc::start(
+        "meshctl",
+        &[
+            "up",
+            "--ephemeral-ports",
+            "--bin-dir",
+            bin_dir.to_str().unwrap(),
+        ],
+    );
+    let lines = up.stdout_until("mesh ready").await;
+
+    let header = lines
+        .iter()
+        .position(|l| l.starts_with("COMPONENT"))
+        .expect("a table of components");
+    let rows: Vec<&String> = lines[header + 1..]
+        .iter()
+        .take_while(|l| !l.starts_with("mesh ready"))
+        .collect();
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "galley",
+            "pilot",
+            "mixer-policy",
+            "mixer-telemetry",
+            "citadel",
+            "sidecar-injector"
+        ]
+    );
+
+    let mut pids = Vec::new();
+    for row in &rows {
+        let fields: Vec<&str> = row.split_whitespace().collect();
+        pids.push(fields[1].parse::<u32>().unwrap());
+        assert_eq!(fields[2], "yes");
+        let admin: SocketAddr = fields[3].strip_prefix("admin=").unwrap().parse().unwrap();
+        assert_eq!(
+            get(admin, "/ready").await,
+            Some((200, "ready\n".to_string())),
+            "{row}"
+        );
+    }
+    assert!(pids.iter().all(|&p| alive(p)));
+
+    let status = up.terminate().await;
+    assert!(
+        status.success(),
+        "meshctl up exits 0 after SIGTERM: {status}"
+    );
+    assert!(pids.iter().all(|&p| !alive(p)), "every component stopped");
+}
