@@ -1,5 +1,5 @@
 //! Helpers for end-to-end tests: find the workspace's binaries (built once
-//! by `cargo test --workspace` and shared by every test), start them as real
+//! before the tests and shared by all of them), start them as real
 //! processes on 127.0.0.1, wait on readiness, and stop them.
 
 use std::{
@@ -18,8 +18,9 @@ use tokio::{
 /// Upper bound on any wait in these tests.
 pub const WAIT: Duration = Duration::from_secs(30);
 
-/// Path of a workspace binary. `cargo test --workspace` builds every
-/// binary into the directory above this test executable's `deps/`.
+/// Path of a workspace binary, built by `cargo build --workspace --bins`
+/// (the README's test command) into the directory above this test
+/// executable's `deps/`.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
@@ -29,7 +30,7 @@ pub fn bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.is_file(),
-        "{} is missing: run the end-to-end tests through `cargo test --workspace`, which builds every binary",
+        "{} is missing: build the binaries first (`cargo build --workspace --bins && cargo test --workspace`)",
         path.display()
     );
     path

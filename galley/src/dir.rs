@@ -153,10 +153,6 @@ impl DirSource {
     pub fn objects(&self) -> impl Iterator<Item = &ConfigObject> {
         self.files.values().flatten()
     }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
 }
 
 /// Whether an event can change what the directory holds. Reads (our own

@@ -477,3 +477,36 @@ async fn sink_keeps_state_and_resyncs_across_a_source_restart() {
     .await;
     assert_eq!(version(&s, GATEWAYS, "ns/g1"), "v1");
 }
+
+#[tokio::test]
+async fn a_response_that_does_not_decode_gets_a_grpc_status() {
+    use mcp_proto::pb::istio::mcp::v1alpha1::RequestResources;
+    use prost::Message;
+
+    let (l, addr) = listener().await;
+    let sink = sink(false);
+    let mut snapshots = sink.subscribe();
+    tokio::spawn(
+        mcp_proto::mcp::grpc_server()
+            .add_service(SinkServer::new(sink.clone(), CancellationToken::new()).into_service())
+            .serve_with_incoming(mcp_proto::mcp::incoming(l)),
+    );
+    let good = resources(GATEWAYS, "1", false, vec![gateway("ns/a", 1)]).encode_to_vec();
+    let truncated = good[..good.len() - 2].to_vec();
+    let (_tx, requests) = raw::stream::<RequestResources>(
+        addr,
+        "/istio.mcp.v1alpha1.ResourceSink/EstablishResourceStream",
+        vec![good, truncated],
+    )
+    .await;
+    let status = raw::final_status(requests)
+        .await
+        .expect("an error status, not a clean end");
+    assert!(status.message().contains("decode"), "{status:?}");
+    // What decoded before the bad message was applied; nothing after it.
+    let s = wait_for(&mut snapshots, "the good update", |s| {
+        s.collections[GATEWAYS].synced
+    })
+    .await;
+    assert_eq!(held_names(&s, GATEWAYS), ["ns/a"]);
+}

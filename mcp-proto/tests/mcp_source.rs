@@ -283,3 +283,33 @@ async fn a_sink_that_never_acks_does_not_block_other_sinks() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_request_that_does_not_decode_gets_a_grpc_status() {
+    use mcp_proto::pb::istio::mcp::v1alpha1::{RequestResources, Resources};
+    use prost::Message;
+
+    let (addr, _stop) = start_source(store_with(1), IncrementalPolicy::All).await;
+    let full = RequestResources {
+        collection: GATEWAYS.into(),
+        response_nonce: "1".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    for bad in [
+        full[..full.len() - 1].to_vec(),
+        vec![0x12, 0xff, 0xff, 0xff, 0xff, 0x0f],
+    ] {
+        let (_tx, responses) = raw::stream::<Resources>(
+            addr,
+            "/istio.mcp.v1alpha1.ResourceSource/EstablishResourceStream",
+            vec![bad],
+        )
+        .await;
+        let status = raw::final_status(responses)
+            .await
+            .expect("an error status, not a clean end");
+        assert_ne!(status.code(), Code::Ok);
+        assert!(status.message().contains("decode"), "{status:?}");
+    }
+}

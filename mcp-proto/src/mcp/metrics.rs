@@ -67,11 +67,6 @@ impl McpMetrics {
         self.acks.get_or_create(&label(collection)).get()
     }
 
-    /// NACKs counted so far for `collection`.
-    pub fn nacks(&self, collection: &str) -> u64 {
-        self.nacks.get_or_create(&label(collection)).get()
-    }
-
     /// Encoded bytes of `Resources` counted so far for `collection`.
     pub fn bytes(&self, collection: &str) -> u64 {
         self.bytes.get_or_create(&label(collection)).get()

@@ -116,10 +116,6 @@ impl Sink {
         }
     }
 
-    pub fn options(&self) -> &SinkOptions {
-        &self.options
-    }
-
     /// The latest snapshot, and every later one.
     pub fn subscribe(&self) -> watch::Receiver<Arc<SinkSnapshot>> {
         self.snapshots.subscribe()
@@ -298,12 +294,14 @@ fn invalid(message: String) -> Status {
 }
 
 /// Runs one stream from the sink side: sends the opening requests, then
-/// answers every `Resources` with an ACK or NACK. Returns how the stream
-/// ended and whether any response arrived (for the caller's backoff).
+/// answers every `Resources` with an ACK or NACK. A stream error (such as
+/// a message that does not decode) is sent to `requests` as the final
+/// status. Returns how the stream ended and whether any response arrived
+/// (for the caller's backoff).
 pub async fn run_stream<S>(
     sink: &Sink,
     mut responses: S,
-    requests: mpsc::Sender<RequestResources>,
+    requests: mpsc::Sender<Result<RequestResources, Status>>,
 ) -> (Result<(), Status>, bool)
 where
     S: Stream<Item = Result<Resources, Status>> + Unpin,
@@ -315,7 +313,7 @@ where
     let result = async {
         for request in sink.initial_requests() {
             requests
-                .send(request)
+                .send(Ok(request))
                 .await
                 .map_err(|_| Status::cancelled("stream closed"))?;
         }
@@ -326,13 +324,17 @@ where
                 .response(&message.collection, message.encoded_len());
             let answer = sink.apply(message);
             requests
-                .send(answer)
+                .send(Ok(answer))
                 .await
                 .map_err(|_| Status::cancelled("stream closed"))?;
         }
-        Ok(())
+        Ok::<_, Status>(())
     }
     .await;
+    if let Err(status) = &result {
+        // The source learns why (a server sends it as the stream's status).
+        let _ = requests.send(Err(status.clone())).await;
+    }
     for c in &sink.options.collections {
         sink.metrics.stream_closed(c);
     }

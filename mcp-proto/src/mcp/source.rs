@@ -89,7 +89,10 @@ pub async fn serve_stream<S>(
                     }
                 }
                 Some(Err(status)) => {
+                    // Say why to the sink: a message that does not decode
+                    // is its error, not a silent end of stream.
                     tracing::debug!(%status, "MCP sink stream failed");
+                    let _ = responses.send(Err(status)).await;
                     break;
                 }
                 None => break,

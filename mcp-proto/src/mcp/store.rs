@@ -81,12 +81,6 @@ impl Store {
         self.read().contains_key(collection)
     }
 
-    pub fn collections(&self) -> Vec<String> {
-        let mut names: Vec<_> = self.read().keys().cloned().collect();
-        names.sort();
-        names
-    }
-
     /// A receiver woken after every change of any collection.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()

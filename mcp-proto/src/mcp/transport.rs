@@ -5,7 +5,7 @@
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use component::{Backoff, CancellationToken};
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming, transport::Endpoint};
@@ -147,15 +147,17 @@ impl ResourceSink for SinkServer {
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             tokio::select! {
-                (result, _) = run_stream(&sink, inbound, tx) => {
+                (result, _) = run_stream(&sink, inbound, tx.clone()) => {
                     if let Err(status) = result {
                         tracing::debug!(%status, "MCP source stream ended");
                     }
                 }
-                _ = shutdown.cancelled() => {}
+                _ = shutdown.cancelled() => {
+                    let _ = tx.send(Err(Status::unavailable("MCP sink is shutting down"))).await;
+                }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
@@ -173,8 +175,11 @@ pub async fn run_sink_client(sink: Arc<Sink>, endpoint: Endpoint, shutdown: Canc
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
             let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+            // A client cannot send a status: on an error the sink ends its
+            // half of the stream.
+            let outbound = tokio_stream::StreamExt::map_while(ReceiverStream::new(rx), Result::ok);
             let inbound = client
-                .establish_resource_stream(ReceiverStream::new(rx))
+                .establish_resource_stream(outbound)
                 .await?
                 .into_inner();
             Ok::<_, Status>(run_stream(&sink, inbound, tx).await)

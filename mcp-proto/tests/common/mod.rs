@@ -252,3 +252,90 @@ pub async fn dial_sink(addr: SocketAddr) -> (mpsc::Sender<Resources>, Streaming<
         .into_inner();
     (tx, requests)
 }
+
+/// Sends raw bytes as gRPC messages, so tests can send what a well-behaved
+/// encoder never would (truncated or garbled protobuf).
+pub mod raw {
+    use std::marker::PhantomData;
+
+    use prost::bytes::BufMut;
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+    use super::*;
+
+    pub struct RawCodec<D>(PhantomData<D>);
+
+    pub struct RawEncoder;
+
+    pub struct ProstDecoder<D>(PhantomData<D>);
+
+    impl Encoder for RawEncoder {
+        type Item = Vec<u8>;
+        type Error = Status;
+        fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            buf.put_slice(&item);
+            Ok(())
+        }
+    }
+
+    impl<D: prost::Message + Default> Decoder for ProstDecoder<D> {
+        type Item = D;
+        type Error = Status;
+        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<D>, Status> {
+            D::decode(buf)
+                .map(Some)
+                .map_err(|e| Status::internal(e.to_string()))
+        }
+    }
+
+    impl<D: prost::Message + Default + Send + 'static> Codec for RawCodec<D> {
+        type Encode = Vec<u8>;
+        type Decode = D;
+        type Encoder = RawEncoder;
+        type Decoder = ProstDecoder<D>;
+        fn encoder(&mut self) -> RawEncoder {
+            RawEncoder
+        }
+        fn decoder(&mut self) -> ProstDecoder<D> {
+            ProstDecoder(PhantomData)
+        }
+    }
+
+    /// Opens a bidirectional stream on `path` and sends `frames` as they are.
+    pub async fn stream<D: prost::Message + Default + Send + 'static>(
+        addr: SocketAddr,
+        path: &'static str,
+        frames: Vec<Vec<u8>>,
+    ) -> (mpsc::Sender<Vec<u8>>, Streaming<D>) {
+        let channel = endpoint(addr).connect().await.unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        for frame in frames {
+            tx.send(frame).await.unwrap();
+        }
+        let response = grpc
+            .streaming(
+                Request::new(ReceiverStream::new(rx)),
+                tonic::codegen::http::uri::PathAndQuery::from_static(path),
+                RawCodec::<D>(PhantomData),
+            )
+            .await
+            .unwrap();
+        (tx, response.into_inner())
+    }
+
+    /// Reads the stream until it ends; returns its final status.
+    pub async fn final_status<D>(mut s: Streaming<D>) -> Option<Status> {
+        within("the stream to end", async {
+            loop {
+                match s.next().await {
+                    Some(Ok(_)) => continue,
+                    Some(Err(status)) => return Some(status),
+                    None => return None,
+                }
+            }
+        })
+        .await
+    }
+}
