@@ -1,31 +1,10 @@
-use clap::Parser;
-use component::{Admin, cli::CommonArgs, ports};
-
-/// Citadel: the CA that issues every workload its SPIFFE identity.
-#[derive(Parser)]
-#[command(version)]
-struct Cli {
-    #[command(flatten)]
-    common: CommonArgs,
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    cli.common.init_logging();
-    let shutdown = component::shutdown::on_signal();
-    let admin = Admin::new("citadel");
-    tracing::warn!("only the admin port runs so far; the rest comes with issue 5");
-    let idle = shutdown.clone().cancelled_owned();
-    let work = async {
-        idle.await;
-        Ok(())
-    };
-    component::run_with_admin(
-        &admin,
-        cli.common.admin_addr_or(ports::CONTROL_PLANE_ADMIN),
-        shutdown,
-        work,
+    component::main_of(
+        "citadel",
+        "Citadel: the CA that issues every workload its SPIFFE identity.",
+        component::ports::CONTROL_PLANE_ADMIN,
+        citadel::run,
     )
     .await
 }

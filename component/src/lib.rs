@@ -6,12 +6,14 @@ pub mod admin;
 pub mod backoff;
 pub mod cli;
 pub mod logging;
+mod main_of;
 pub mod ports;
 pub mod readiness;
 pub mod shutdown;
 
 pub use admin::Admin;
 pub use backoff::Backoff;
+pub use main_of::main_of;
 pub use readiness::Readiness;
 pub use tokio_util::sync::CancellationToken;
 

@@ -4,19 +4,63 @@
 
 use e2e::*;
 
-fn addr_from(line: &str) -> String {
-    line.rsplit(' ').next().unwrap().to_string()
+const COLLECTIONS: &str =
+    "istio/networking/v1alpha3/serviceentries,istio/networking/v1alpha3/virtualservices";
+
+/// Starts a `meshctl mcp` command that prints `serving ... on ADDR` to
+/// stderr, and returns it with that address.
+async fn start_announcing(args: &[&str], announcement: &str) -> (Proc, String) {
+    let mut proc = Proc::start("meshctl", &[&["mcp"], args].concat());
+    let line = proc.stderr_until(announcement).await;
+    let addr = line.rsplit(' ').next().unwrap().to_string();
+    (proc, addr)
 }
 
-async fn conformance(args: &[&str]) {
+/// `meshctl mcp watch --listen`: a sink that sources dial.
+async fn start_listening_sink(extra: &[&str]) -> (Proc, String) {
+    let args = [
+        &[
+            "watch",
+            "--listen",
+            "127.0.0.1:0",
+            "--collections",
+            COLLECTIONS,
+        ],
+        extra,
+    ]
+    .concat();
+    start_announcing(&args, "serving ResourceSink").await
+}
+
+/// `meshctl mcp serve` on an OS-chosen port.
+async fn start_serving_source(dir: &std::path::Path, extra: &[&str]) -> (Proc, String) {
+    let args = [
+        &[
+            "serve",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--addr",
+            "127.0.0.1:0",
+        ],
+        extra,
+    ]
+    .concat();
+    start_announcing(&args, "serving ResourceSource").await
+}
+
+/// Runs `meshctl mcp conformance` with `args`; returns its success and report.
+async fn conformance(args: &[&str]) -> (bool, String) {
     let mut check = Proc::start(
         "meshctl",
         &[&["mcp", "conformance", "--quiet-ms", "300"], args].concat(),
     );
     let lines = check.stdout_until(" passed, ").await;
-    let status = check.exit().await;
-    let report = lines.join("\n");
-    assert!(status.success(), "conformance failed:\n{report}");
+    (check.exit().await.success(), lines.join("\n"))
+}
+
+async fn assert_conforms(args: &[&str]) {
+    let (passed, report) = conformance(args).await;
+    assert!(passed, "conformance failed:\n{report}");
     assert!(!report.contains("FAIL"), "{report}");
     assert!(
         report.lines().filter(|l| l.starts_with("PASS")).count() >= 6,
@@ -27,19 +71,8 @@ async fn conformance(args: &[&str]) {
 #[tokio::test]
 async fn meshctl_mcp_serve_passes_source_conformance() {
     let dir = config_dir(&[("config.yaml", SAMPLE_CONFIG)]);
-    let mut serve = Proc::start(
-        "meshctl",
-        &[
-            "mcp",
-            "serve",
-            "--dir",
-            dir.path().to_str().unwrap(),
-            "--addr",
-            "127.0.0.1:0",
-        ],
-    );
-    let addr = addr_from(&serve.stderr_until("serving ResourceSource").await);
-    conformance(&["--source", &addr, "--dir", dir.path().to_str().unwrap()]).await;
+    let (serve, addr) = start_serving_source(dir.path(), &[]).await;
+    assert_conforms(&["--source", &addr, "--dir", dir.path().to_str().unwrap()]).await;
     let files: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -68,7 +101,7 @@ async fn galley_passes_source_conformance() {
         ],
     );
     wait_for_http(admin, "/ready", |s, _| s == 200).await;
-    conformance(&[
+    assert_conforms(&[
         "--source",
         &mcp.to_string(),
         "--dir",
@@ -80,90 +113,38 @@ async fn galley_passes_source_conformance() {
 
 #[tokio::test]
 async fn meshctl_mcp_watch_passes_sink_conformance() {
-    let mut watch = Proc::start(
-        "meshctl",
-        &[
-            "mcp",
-            "watch",
-            "--listen",
-            "127.0.0.1:0",
-            "--collections",
-            "istio/networking/v1alpha3/serviceentries,istio/networking/v1alpha3/virtualservices",
-        ],
-    );
-    let addr = addr_from(&watch.stderr_until("serving ResourceSink").await);
-    conformance(&["--sink", &addr]).await;
+    let (watch, addr) = start_listening_sink(&[]).await;
+    assert_conforms(&["--sink", &addr]).await;
     assert!(watch.terminate().await.success());
 }
 
 #[tokio::test]
 async fn conformance_fails_against_something_that_is_not_a_conforming_source() {
     // A sink is no source: the check must say so and exit non-zero.
-    let mut watch = Proc::start(
-        "meshctl",
-        &[
-            "mcp",
-            "watch",
-            "--listen",
-            "127.0.0.1:0",
-            "--collections",
-            "istio/networking/v1alpha3/serviceentries",
-        ],
-    );
-    let addr = addr_from(&watch.stderr_until("serving ResourceSink").await);
+    let (watch, addr) = start_listening_sink(&[]).await;
     let dir = config_dir(&[("config.yaml", SAMPLE_CONFIG)]);
-    let check = Proc::start(
-        "meshctl",
-        &[
-            "mcp",
-            "conformance",
-            "--source",
-            &addr,
-            "--dir",
-            dir.path().to_str().unwrap(),
-            "--timeout-ms",
-            "2000",
-        ],
-    );
-    assert!(!check.exit().await.success());
+    let (passed, report) = conformance(&[
+        "--source",
+        &addr,
+        "--dir",
+        dir.path().to_str().unwrap(),
+        "--timeout-ms",
+        "2000",
+    ])
+    .await;
+    assert!(!passed, "{report}");
+    assert!(report.contains("FAIL"), "{report}");
     assert!(watch.terminate().await.success());
 }
 
 #[tokio::test]
 async fn watch_prints_what_a_dialing_source_serves() {
-    let mut watch = Proc::start(
-        "meshctl",
-        &[
-            "mcp",
-            "watch",
-            "--listen",
-            "127.0.0.1:0",
-            "--once",
-            "--output",
-            "json",
-            "--collections",
-            "istio/networking/v1alpha3/serviceentries,istio/networking/v1alpha3/virtualservices",
-        ],
-    );
-    let sink = addr_from(&watch.stderr_until("serving ResourceSink").await);
+    let (mut watch, sink) = start_listening_sink(&["--once", "--output", "json"]).await;
     let dir = config_dir(&[("config.yaml", SAMPLE_CONFIG)]);
-    let serve = Proc::start(
-        "meshctl",
-        &[
-            "mcp",
-            "serve",
-            "--dir",
-            dir.path().to_str().unwrap(),
-            "--addr",
-            "127.0.0.1:0",
-            "--dial-sink",
-            &sink,
-        ],
-    );
+    let (serve, _) = start_serving_source(dir.path(), &["--dial-sink", &sink]).await;
     let mut updates = Vec::new();
     while updates.len() < 2 {
-        let line = watch.stdout_until("collection").await.pop().unwrap();
-        updates.push(line);
+        updates.push(watch.stdout_until("collection").await.pop().unwrap());
     }
     assert!(
         watch.exit().await.success(),

@@ -34,13 +34,15 @@ pub fn new_store() -> Arc<Store> {
     Arc::new(Store::new(kinds::KINDS.iter().map(|k| k.collection)))
 }
 
-/// Runs Galley on an already bound MCP listener until `shutdown`.
+/// Runs Galley until `shutdown`.
 pub async fn run(
     args: GalleyArgs,
-    mcp: TcpListener,
     admin: Admin,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let mcp = TcpListener::bind(args.mcp_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind --mcp-addr {}: {e}", args.mcp_addr))?;
     let store = new_store();
     let metrics = McpMetrics::source(&mut admin.registry());
     let loaded = admin.readiness().condition("config-loaded");

@@ -319,14 +319,9 @@ async fn a_reconnecting_sink_sends_the_versions_it_holds() {
 
 #[tokio::test]
 async fn sink_server_answers_a_dialing_source() {
-    let (l, addr) = listener().await;
     let sink = sink(false);
     let mut snapshots = sink.subscribe();
-    tokio::spawn(
-        mcp_proto::mcp::grpc_server()
-            .add_service(SinkServer::new(sink.clone(), CancellationToken::new()).into_service())
-            .serve_with_incoming(mcp_proto::mcp::incoming(l)),
-    );
+    let addr = serve_sink(sink.clone()).await;
     let (tx, mut requests) = dial_sink(addr).await;
     let mut opening = Vec::new();
     for _ in 0..2 {
@@ -391,6 +386,17 @@ async fn converge(source: &Store, sink: &Sink) {
     }
 }
 
+/// Serves `sink` as `ResourceSink` on 127.0.0.1; returns the address.
+async fn serve_sink(sink: Arc<Sink>) -> std::net::SocketAddr {
+    let (l, addr) = listener().await;
+    tokio::spawn(
+        mcp_proto::mcp::grpc_server()
+            .add_service(SinkServer::new(sink, CancellationToken::new()).into_service())
+            .serve_with_incoming(mcp_proto::mcp::incoming(l)),
+    );
+    addr
+}
+
 fn seeded_store() -> Arc<Store> {
     let store = Arc::new(Store::new([GATEWAYS, SERVICE_ENTRIES]));
     store.upsert(GATEWAYS, gateway("ns/g0", 1)).unwrap();
@@ -411,13 +417,8 @@ async fn sink_dials_source() {
 
 #[tokio::test]
 async fn source_dials_sink() {
-    let (l, addr) = listener().await;
     let sink = sink(false);
-    tokio::spawn(
-        mcp_proto::mcp::grpc_server()
-            .add_service(SinkServer::new(sink.clone(), CancellationToken::new()).into_service())
-            .serve_with_incoming(mcp_proto::mcp::incoming(l)),
-    );
+    let addr = serve_sink(sink.clone()).await;
     let store = seeded_store();
     let stop = CancellationToken::new();
     tokio::spawn(run_source_client(
@@ -483,14 +484,9 @@ async fn a_response_that_does_not_decode_gets_a_grpc_status() {
     use mcp_proto::pb::istio::mcp::v1alpha1::RequestResources;
     use prost::Message;
 
-    let (l, addr) = listener().await;
     let sink = sink(false);
     let mut snapshots = sink.subscribe();
-    tokio::spawn(
-        mcp_proto::mcp::grpc_server()
-            .add_service(SinkServer::new(sink.clone(), CancellationToken::new()).into_service())
-            .serve_with_incoming(mcp_proto::mcp::incoming(l)),
-    );
+    let addr = serve_sink(sink.clone()).await;
     let good = resources(GATEWAYS, "1", false, vec![gateway("ns/a", 1)]).encode_to_vec();
     let truncated = good[..good.len() - 2].to_vec();
     let (_tx, requests) = raw::stream::<RequestResources>(

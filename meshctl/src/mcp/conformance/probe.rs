@@ -1,11 +1,11 @@
 //! One hand-driven MCP stream, in either direction, with bounded waits.
 
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Status, Streaming};
+use tonic::{Status, Streaming, transport::Channel};
 
 use mcp_proto::{
     mcp::parse_endpoint,
@@ -31,21 +31,24 @@ pub struct Probe<Out, In> {
 pub type SinkProbe = Probe<RequestResources, Resources>;
 pub type SourceProbe = Probe<Resources, RequestResources>;
 
-async fn channel(address: &str, timing: Timing) -> Result<tonic::transport::Channel, String> {
+async fn channel(address: &str, timing: Timing) -> Result<Channel, String> {
     let endpoint = parse_endpoint(address)?.connect_timeout(timing.timeout);
     endpoint
         .connect()
         .await
-        .map_err(|e| format!("cannot connect to {address}: {e}"))
+        .map_err(|e| format!("cannot connect to {address}: {:#}", anyhow::Error::from(e)))
 }
 
-impl SinkProbe {
-    /// Opens a `ResourceSource` stream, playing the sink.
-    pub async fn to_source(address: &str, timing: Timing) -> Result<Self, String> {
-        let mut client = ResourceSourceClient::new(channel(address, timing).await?);
+impl<Out: Send + 'static, In> Probe<Out, In> {
+    /// Connects and opens a stream with `establish`, which calls one of the
+    /// two services' `EstablishResourceStream`.
+    async fn open<F, Fut>(address: &str, timing: Timing, establish: F) -> Result<Self, String>
+    where
+        F: FnOnce(Channel, ReceiverStream<Out>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Streaming<In>>, Status>>,
+    {
         let (outbound, rx) = mpsc::channel(16);
-        let inbound = client
-            .establish_resource_stream(ReceiverStream::new(rx))
+        let inbound = establish(channel(address, timing).await?, ReceiverStream::new(rx))
             .await
             .map_err(|s| format!("EstablishResourceStream failed: {s}"))?
             .into_inner();
@@ -57,21 +60,27 @@ impl SinkProbe {
     }
 }
 
+impl SinkProbe {
+    /// Opens a `ResourceSource` stream, playing the sink.
+    pub async fn to_source(address: &str, timing: Timing) -> Result<Self, String> {
+        Self::open(address, timing, |channel, requests| async move {
+            ResourceSourceClient::new(channel)
+                .establish_resource_stream(requests)
+                .await
+        })
+        .await
+    }
+}
+
 impl SourceProbe {
     /// Opens a `ResourceSink` stream, playing the source.
     pub async fn to_sink(address: &str, timing: Timing) -> Result<Self, String> {
-        let mut client = ResourceSinkClient::new(channel(address, timing).await?);
-        let (outbound, rx) = mpsc::channel(16);
-        let inbound = client
-            .establish_resource_stream(ReceiverStream::new(rx))
-            .await
-            .map_err(|s| format!("EstablishResourceStream failed: {s}"))?
-            .into_inner();
-        Ok(Self {
-            outbound,
-            inbound,
-            timing,
+        Self::open(address, timing, |channel, resources| async move {
+            ResourceSinkClient::new(channel)
+                .establish_resource_stream(resources)
+                .await
         })
+        .await
     }
 }
 

@@ -56,9 +56,17 @@ fn expect_nack(outcome: Result<Option<String>, String>) -> Result<String, String
 
 pub async fn check(address: &str, timing: Timing) -> anyhow::Result<Report> {
     let mut report = Report::default();
-    let mut p = SourceProbe::to_sink(address, timing)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let mut p = match SourceProbe::to_sink(address, timing).await {
+        Ok(p) => p,
+        Err(e) => {
+            report.record(
+                "1",
+                "the sink opens with a request per collection, no nonce",
+                Err(e),
+            );
+            return Ok(report);
+        }
+    };
 
     // Rule 1: one opening request per collection, nonce empty.
     let mut opening: Vec<RequestResources> = Vec::new();

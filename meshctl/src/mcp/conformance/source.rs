@@ -154,22 +154,25 @@ pub async fn check(address: &str, dir: &Path, timing: Timing) -> anyhow::Result<
     let probe_name = file.mcp_name();
 
     // Rules 1, 2 and 7: the first response is the full state.
-    let mut p = SinkProbe::to_source(address, timing)
-        .await
-        .map_err(anyhow::Error::msg)?;
-    p.send(request(collection, false))
-        .await
-        .map_err(anyhow::Error::msg)?;
-    let first = next_for(&mut p, collection).await;
+    let opened = SinkProbe::to_source(address, timing).await;
+    let first = match opened {
+        Ok(mut p) => match p.send(request(collection, false)).await {
+            Ok(()) => next_for(&mut p, collection).await.map(|r| (p, r)),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
     report.record(
         "1,2",
         "first request gets a response with a nonce",
         first
             .as_ref()
-            .map(|r| format!("nonce {:?}", r.nonce))
+            .map(|(_, r)| format!("nonce {:?}", r.nonce))
             .map_err(Clone::clone),
     );
-    let Ok(first) = first else { return Ok(report) };
+    let Ok((mut p, first)) = first else {
+        return Ok(report);
+    };
     report.record(
         "7",
         "resources are the directory's, named namespace/name",
