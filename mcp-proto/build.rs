@@ -21,6 +21,7 @@ const PROTOS: &[&str] = &[
     "istio/mesh/v1alpha1/config.proto",
     "istio/mixer/v1/attributes.proto",
     "istio/mixer/v1/mixer.proto",
+    "istio/mixer/v1/config/client/client.proto",
     "istio/v1/auth/ca.proto",
 ];
 

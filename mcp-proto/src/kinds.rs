@@ -6,7 +6,7 @@
 use prost::Message;
 use serde_json::Value;
 
-use crate::pb::istio::{authentication, mesh, networking, policy, rbac};
+use crate::pb::istio::{authentication, mesh, mixer::v1::config::client, networking, policy, rbac};
 
 /// A JSON parse error with the path of the field it is about.
 pub type JsonError = serde_path_to_error::Error<serde_json::Error>;
@@ -102,6 +102,13 @@ bodies! {
     Handler => policy::v1beta1::Handler, "istio.policy.v1beta1.Handler";
     Instance => policy::v1beta1::Instance, "istio.policy.v1beta1.Instance";
     MeshConfig => mesh::v1alpha1::MeshConfig, "istio.mesh.v1alpha1.MeshConfig";
+    HttpApiSpec => client::HttpapiSpec, "istio.mixer.v1.config.client.HTTPAPISpec";
+    HttpApiSpecBinding => client::HttpapiSpecBinding, "istio.mixer.v1.config.client.HTTPAPISpecBinding";
+    QuotaSpec => client::QuotaSpec, "istio.mixer.v1.config.client.QuotaSpec";
+    QuotaSpecBinding => client::QuotaSpecBinding, "istio.mixer.v1.config.client.QuotaSpecBinding";
+    // Istio 1.1 carries Mixer's adapter and template kinds as Structs under
+    // this doubled type URL; sinks match on it, so it is kept as it is.
+    LegacyStruct => pbjson_types::Struct, "type.googleapis.com/google.protobuf.Struct";
 }
 
 /// One collection: what MCP calls it, what its bodies are, and how users
@@ -150,13 +157,28 @@ pub const ATTRIBUTE_MANIFESTS: &str = "istio/policy/v1beta1/attributemanifests";
 pub const HANDLERS: &str = "istio/policy/v1beta1/handlers";
 pub const INSTANCES: &str = "istio/policy/v1beta1/instances";
 pub const MESH_CONFIG: &str = "istio/mesh/v1alpha1/MeshConfig";
+/// Services discovered from the platform, in ServiceEntry form, written by
+/// Galley (never by users).
+pub const SYNTHETIC_SERVICE_ENTRIES: &str = "istio/networking/v1alpha3/synthetic/serviceentries";
+pub const HTTP_API_SPECS: &str = "istio/config/v1alpha2/httpapispecs";
+pub const HTTP_API_SPEC_BINDINGS: &str = "istio/config/v1alpha2/httpapispecbindings";
+pub const QUOTA_SPECS: &str = "istio/mixer/v1/config/client/quotaspecs";
+pub const QUOTA_SPEC_BINDINGS: &str = "istio/mixer/v1/config/client/quotaspecbindings";
 
 const NETWORKING: &str = "networking.istio.io/v1alpha3";
 const AUTHENTICATION: &str = "authentication.istio.io/v1alpha1";
 const RBAC: &str = "rbac.istio.io/v1alpha1";
 const POLICY: &str = "config.istio.io/v1alpha2";
 
-/// Every collection this project knows, in the order Istio 1.1 lists them.
+/// One of Mixer's per-adapter or per-template kinds of Istio 1.1, whose
+/// spec is free-form.
+const fn legacy(collection: &'static str, kind_name: &'static str) -> Kind {
+    kind(collection, BodyType::LegacyStruct, POLICY, kind_name, true)
+}
+
+/// Every collection this project knows: those of Istio 1.1's Galley, plus
+/// the mesh config and the synthetic service entries. (The `k8s/core/v1/*`
+/// collections come with the Kubernetes source.)
 pub const KINDS: &[Kind] = &[
     kind(
         VIRTUAL_SERVICES,
@@ -229,6 +251,77 @@ pub const KINDS: &[Kind] = &[
     kind(HANDLERS, BodyType::Handler, POLICY, "handler", true),
     kind(INSTANCES, BodyType::Instance, POLICY, "instance", true),
     kind(MESH_CONFIG, BodyType::MeshConfig, "", "MeshConfig", false),
+    kind(
+        SYNTHETIC_SERVICE_ENTRIES,
+        BodyType::ServiceEntry,
+        "",
+        "ServiceEntry",
+        true,
+    ),
+    kind(
+        HTTP_API_SPECS,
+        BodyType::HttpApiSpec,
+        POLICY,
+        "HTTPAPISpec",
+        true,
+    ),
+    kind(
+        HTTP_API_SPEC_BINDINGS,
+        BodyType::HttpApiSpecBinding,
+        POLICY,
+        "HTTPAPISpecBinding",
+        true,
+    ),
+    kind(QUOTA_SPECS, BodyType::QuotaSpec, POLICY, "QuotaSpec", true),
+    kind(
+        QUOTA_SPEC_BINDINGS,
+        BodyType::QuotaSpecBinding,
+        POLICY,
+        "QuotaSpecBinding",
+        true,
+    ),
+    legacy("istio/config/v1alpha2/adapters", "adapter"),
+    legacy("istio/config/v1alpha2/templates", "template"),
+    legacy("istio/config/v1alpha2/legacy/apikeys", "apikey"),
+    legacy(
+        "istio/config/v1alpha2/legacy/authorizations",
+        "authorization",
+    ),
+    legacy("istio/config/v1alpha2/legacy/bypasses", "bypass"),
+    legacy("istio/config/v1alpha2/legacy/checknothings", "checknothing"),
+    legacy("istio/config/v1alpha2/legacy/circonuses", "circonus"),
+    legacy("istio/config/v1alpha2/legacy/cloudwatches", "cloudwatch"),
+    legacy("istio/config/v1alpha2/legacy/deniers", "denier"),
+    legacy("istio/config/v1alpha2/legacy/dogstatsds", "dogstatsd"),
+    legacy("istio/config/v1alpha2/legacy/edges", "edge"),
+    legacy("istio/config/v1alpha2/legacy/fluentds", "fluentd"),
+    legacy(
+        "istio/config/v1alpha2/legacy/kubernetesenvs",
+        "kubernetesenv",
+    ),
+    legacy("istio/config/v1alpha2/legacy/kuberneteses", "kubernetes"),
+    legacy("istio/config/v1alpha2/legacy/listcheckers", "listchecker"),
+    legacy("istio/config/v1alpha2/legacy/listentries", "listentry"),
+    legacy("istio/config/v1alpha2/legacy/logentries", "logentry"),
+    legacy("istio/config/v1alpha2/legacy/memquotas", "memquota"),
+    legacy("istio/config/v1alpha2/legacy/metrics", "metric"),
+    legacy("istio/config/v1alpha2/legacy/noops", "noop"),
+    legacy("istio/config/v1alpha2/legacy/opas", "opa"),
+    legacy("istio/config/v1alpha2/legacy/prometheuses", "prometheus"),
+    legacy("istio/config/v1alpha2/legacy/quotas", "quota"),
+    legacy("istio/config/v1alpha2/legacy/rbacs", "rbac"),
+    legacy("istio/config/v1alpha2/legacy/redisquotas", "redisquota"),
+    legacy(
+        "istio/config/v1alpha2/legacy/reportnothings",
+        "reportnothing",
+    ),
+    legacy("istio/config/v1alpha2/legacy/signalfxs", "signalfx"),
+    legacy("istio/config/v1alpha2/legacy/solarwindses", "solarwinds"),
+    legacy("istio/config/v1alpha2/legacy/stackdrivers", "stackdriver"),
+    legacy("istio/config/v1alpha2/legacy/statsds", "statsd"),
+    legacy("istio/config/v1alpha2/legacy/stdios", "stdio"),
+    legacy("istio/config/v1alpha2/legacy/tracespans", "tracespan"),
+    legacy("istio/config/v1alpha2/legacy/zipkins", "zipkin"),
 ];
 
 pub fn by_collection(collection: &str) -> Option<&'static Kind> {

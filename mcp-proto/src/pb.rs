@@ -48,6 +48,11 @@ pub mod istio {
     pub mod mixer {
         pub mod v1 {
             include_package!("istio.mixer.v1");
+            pub mod config {
+                pub mod client {
+                    include_package!("istio.mixer.v1.config.client");
+                }
+            }
         }
     }
     pub mod v1 {

@@ -28,10 +28,15 @@ fn assert_round_trips(body: &Body) {
 
 #[test]
 fn every_object_kind_round_trips() {
-    let objects: Vec<_> = ["networking.yaml", "security.yaml", "policy.yaml"]
-        .iter()
-        .flat_map(|f| load(f))
-        .collect();
+    let objects: Vec<_> = [
+        "networking.yaml",
+        "security.yaml",
+        "policy.yaml",
+        "mixer.yaml",
+    ]
+    .iter()
+    .flat_map(|f| load(f))
+    .collect();
     for object in &objects {
         assert_round_trips(&object.body);
         let resource = object.to_resource();
@@ -39,13 +44,21 @@ fn every_object_kind_round_trips() {
         assert_eq!(any.type_url, object.kind.body.type_url());
         assert_eq!(object.kind.body.decode(&any.value).unwrap(), object.body);
     }
-    let covered: BTreeSet<_> = objects.iter().map(|o| o.kind.collection).collect();
+    // Every message type an object can have (Mixer's free-form legacy kinds
+    // share one).
+    let covered: BTreeSet<_> = objects
+        .iter()
+        .map(|o| format!("{:?}", o.kind.body))
+        .collect();
     let all: BTreeSet<_> = kinds::KINDS
         .iter()
         .filter(|k| !k.api_version.is_empty())
-        .map(|k| k.collection)
+        .map(|k| format!("{:?}", k.body))
         .collect();
-    assert_eq!(covered, all, "test data must hold every object kind");
+    assert_eq!(
+        covered, all,
+        "test data must hold every object message type"
+    );
 }
 
 #[test]
@@ -115,6 +128,37 @@ fn parsed_values_land_in_the_right_fields() {
     assert_eq!(
         filter.body.to_json()["filters"][0]["filterConfig"]["nested"]["list"],
         json!(["a", 1.0, false, null])
+    );
+}
+
+#[test]
+fn mixer_kinds_keep_istio_1_1_type_urls() {
+    let objects = load("mixer.yaml");
+    let url = |kind: &str| {
+        objects
+            .iter()
+            .find(|o| o.kind.kind == kind)
+            .unwrap()
+            .kind
+            .body
+            .type_url()
+    };
+    assert_eq!(
+        url("HTTPAPISpec"),
+        "type.googleapis.com/istio.mixer.v1.config.client.HTTPAPISpec"
+    );
+    assert_eq!(
+        url("memquota"),
+        "type.googleapis.com/type.googleapis.com/google.protobuf.Struct"
+    );
+    let memquota = objects.iter().find(|o| o.kind.kind == "memquota").unwrap();
+    assert_eq!(
+        memquota.kind.collection,
+        "istio/config/v1alpha2/legacy/memquotas"
+    );
+    assert_eq!(
+        memquota.body.to_json()["quotas"][0]["overrides"][0]["validDuration"],
+        "5s"
     );
 }
 
@@ -192,11 +236,16 @@ fn objects_print_back_to_the_same_object() {
 #[test]
 fn the_same_document_always_gets_the_same_version() {
     let versions = || -> Vec<String> {
-        ["networking.yaml", "security.yaml", "policy.yaml"]
-            .iter()
-            .flat_map(|f| load(f))
-            .map(|o| o.to_resource().metadata.unwrap().version)
-            .collect()
+        [
+            "networking.yaml",
+            "security.yaml",
+            "policy.yaml",
+            "mixer.yaml",
+        ]
+        .iter()
+        .flat_map(|f| load(f))
+        .map(|o| o.to_resource().metadata.unwrap().version)
+        .collect()
     };
     let first = versions();
     for _ in 0..20 {
