@@ -131,3 +131,74 @@ async fn a_component_that_cannot_start_exits_with_a_clear_error() {
     assert!(line.contains("/nonexistent/mesh-config"), "{line}");
     assert!(!galley.exit().await.success());
 }
+
+#[tokio::test]
+async fn galley_serves_the_mesh_config_and_dials_sinks() {
+    let dir = config_dir(&[("config.yaml", SAMPLE_CONFIG)]);
+    let mesh_dir = config_dir(&[(
+        "mesh.yaml",
+        "disablePolicyChecks: false\ndefaultConfig:\n  discoveryAddress: pilot:15010\n",
+    )]);
+    let mesh = mesh_dir.path().join("mesh.yaml");
+    let mut watch = Proc::start(
+        "meshctl",
+        &[
+            "mcp",
+            "watch",
+            "--listen",
+            "127.0.0.1:0",
+            "--output",
+            "json",
+            "--collections",
+            "istio/mesh/v1alpha1/MeshConfig",
+        ],
+    );
+    let line = watch.stderr_until("serving ResourceSink").await;
+    let sink = line.rsplit(' ').next().unwrap().to_string();
+    let admin = free_addr();
+    let mut galley = Proc::start(
+        "galley",
+        &[
+            "--config-dir",
+            dir.path().to_str().unwrap(),
+            "--mesh-config",
+            mesh.to_str().unwrap(),
+            "--mcp-addr",
+            "127.0.0.1:0",
+            "--sink-address",
+            &sink,
+            "--admin-addr",
+            &admin.to_string(),
+        ],
+    );
+    let first = watch.stdout_until("meshconfig").await.pop().unwrap();
+    assert!(
+        first.contains(r#""name":"istio-system/meshconfig""#),
+        "{first}"
+    );
+    assert!(
+        first.contains(r#""discoveryAddress":"pilot:15010""#),
+        "{first}"
+    );
+    assert!(
+        first.contains(r#""proxyAdminPort":15000"#),
+        "defaults fill the rest: {first}"
+    );
+    assert!(
+        !first.contains("disablePolicyChecks"),
+        "false, as the file says: {first}"
+    );
+
+    // An edit reaches the sink; a broken edit is reported and changes nothing.
+    std::fs::write(&mesh, "disablePolicyChecks: true\n").unwrap();
+    let second = watch.stdout_until("meshconfig").await.pop().unwrap();
+    assert!(second.contains(r#""disablePolicyChecks":true"#), "{second}");
+    std::fs::write(&mesh, "disablePolicyChecks: [not a bool]\n").unwrap();
+    let error = galley.stderr_until("mesh config not updated").await;
+    assert!(error.contains("disablePolicyChecks"), "{error}");
+    std::fs::write(&mesh, "disablePolicyChecks: true\nproxyListenPort: 15002\n").unwrap();
+    let third = watch.stdout_until("meshconfig").await.pop().unwrap();
+    assert!(third.contains(r#""proxyListenPort":15002"#), "{third}");
+    assert!(galley.terminate().await.success());
+    assert!(watch.terminate().await.success());
+}

@@ -11,17 +11,12 @@ use std::{
     collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
 };
 
 use component::CancellationToken;
 use mcp_proto::{kinds, mcp::Store, object::ConfigObject, pb::istio::mcp::v1alpha1::Resource};
-use notify::{EventKind, RecursiveMode, Watcher, event::ModifyKind};
-use tokio::sync::mpsc;
 
-/// Quiet time after a file event before the directory is read again, so an
-/// editor's burst of writes and renames becomes one update.
-pub const DEBOUNCE: Duration = Duration::from_millis(100);
+use crate::watch::Changes;
 
 /// What the directory held at its last read, file by file.
 #[derive(Default)]
@@ -91,7 +86,7 @@ impl DirSource {
             }
         }
         for kind in kinds::KINDS {
-            if !store.serves(kind.collection) || kind.collection == kinds::MESH_CONFIG {
+            if !store.serves(kind.collection) || kind.api_version.is_empty() {
                 continue;
             }
             let resources = by_collection
@@ -114,31 +109,16 @@ impl DirSource {
         store: Arc<Store>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<(LoadReport, impl Future<Output = ()> + Send)> {
-        let (tx, mut events) = mpsc::unbounded_channel();
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                let _ = tx.send(event);
-            })?;
-        watcher
-            .watch(&self.dir, RecursiveMode::Recursive)
-            .map_err(|e| {
-                anyhow::anyhow!("cannot watch config directory {}: {e}", self.dir.display())
-            })?;
+        let mut changes = Changes::dir(&self.dir)?;
         let first = self.reload(&store);
         log_report(&self.dir, &first);
         let follow = async move {
-            let _watcher = watcher;
             loop {
                 tokio::select! {
-                    event = events.recv() => {
-                        let Some(event) = event else { break };
-                        match event {
-                            Ok(event) if !changes_content(&event.kind) => continue,
-                            Ok(_) => {}
-                            Err(e) => tracing::warn!(error = %e, "file watch error; reloading"),
+                    changed = changes.next() => {
+                        if changed.is_none() {
+                            break;
                         }
-                        // Wait until the burst is over.
-                        while let Ok(Some(_)) = tokio::time::timeout(DEBOUNCE, events.recv()).await {}
                         let report = self.reload(&store);
                         log_report(&self.dir, &report);
                     }
@@ -153,15 +133,6 @@ impl DirSource {
     pub fn objects(&self) -> impl Iterator<Item = &ConfigObject> {
         self.files.values().flatten()
     }
-}
-
-/// Whether an event can change what the directory holds. Reads (our own
-/// among them) show up as accesses and access-time updates; they do not.
-fn changes_content(kind: &EventKind) -> bool {
-    !matches!(
-        kind,
-        EventKind::Access(_) | EventKind::Modify(ModifyKind::Metadata(_))
-    )
 }
 
 pub fn log_report(dir: &Path, report: &LoadReport) {

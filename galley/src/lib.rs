@@ -1,11 +1,14 @@
 //! Galley: reads config, validates it, and serves it over MCP to Pilot,
 //! Mixer and any other sink.
 //!
-//! Today it serves a directory of Kubernetes-style YAML ([`dir`]) as an MCP
-//! `ResourceSource`; the Kubernetes source, service discovery, mesh config
-//! and the validating webhook are still to come (issue 3).
+//! It serves a directory of Kubernetes-style YAML ([`dir`]) and the mesh
+//! config ([`mesh_config`]) as an MCP `ResourceSource`, and can dial sinks
+//! as well. The Kubernetes source, semantic validation and the validating
+//! webhook are still to come (issue 3).
 
 pub mod dir;
+pub mod mesh_config;
+pub mod watch;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -13,7 +16,7 @@ use clap::Args;
 use component::{Admin, CancellationToken};
 use mcp_proto::{
     kinds,
-    mcp::{IncrementalPolicy, McpMetrics, SourceServer, Store},
+    mcp::{self, IncrementalPolicy, McpMetrics, SourceServer, Store},
 };
 use tokio::net::TcpListener;
 
@@ -27,6 +30,12 @@ pub struct GalleyArgs {
     /// Address of the MCP `ResourceSource` gRPC server.
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], component::ports::GALLEY_MCP)))]
     pub mcp_addr: SocketAddr,
+    /// Istio MeshConfig YAML (watched); Istio 1.1's defaults when absent.
+    #[arg(long, env = "GALLEY_MESH_CONFIG")]
+    pub mesh_config: Option<PathBuf>,
+    /// An MCP `ResourceSink` to dial and serve as well (repeatable).
+    #[arg(long = "sink-address")]
+    pub sink_addresses: Vec<String>,
 }
 
 /// A store for every collection this project knows.
@@ -43,12 +52,31 @@ pub async fn run(
     let mcp = TcpListener::bind(args.mcp_addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind --mcp-addr {}: {e}", args.mcp_addr))?;
+    let sinks = args
+        .sink_addresses
+        .iter()
+        .map(|a| mcp::parse_endpoint(a).map_err(|e| anyhow::anyhow!("--sink-address: {e}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let store = new_store();
     let metrics = McpMetrics::source(&mut admin.registry());
     let loaded = admin.readiness().condition("config-loaded");
-    let (_, follow) = DirSource::new(&args.config_dir).start(store.clone(), shutdown.clone())?;
+    let (_, follow_dir) =
+        DirSource::new(&args.config_dir).start(store.clone(), shutdown.clone())?;
+    let follow_mesh =
+        mesh_config::start(args.mesh_config.clone(), store.clone(), shutdown.clone())?;
     loaded.set(true);
 
+    for sink in sinks {
+        tracing::info!(sink = %sink.uri(), "galley dialing MCP sink");
+        let dial = mcp::run_source_client(
+            store.clone(),
+            IncrementalPolicy::All,
+            metrics.clone(),
+            sink,
+            shutdown.clone(),
+        );
+        tokio::spawn(dial);
+    }
     let service =
         SourceServer::new(store, IncrementalPolicy::All, metrics, shutdown.clone()).into_service();
     tracing::info!(addr = %mcp.local_addr()?, dir = %args.config_dir.display(), "galley serving MCP");
@@ -58,7 +86,7 @@ pub async fn run(
             mcp_proto::mcp::incoming(mcp),
             shutdown.clone().cancelled_owned(),
         );
-    let follow = tokio::spawn(follow);
+    let follow = tokio::spawn(async move { tokio::join!(follow_dir, follow_mesh) });
     server.await?;
     follow.await?;
     Ok(())

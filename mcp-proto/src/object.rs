@@ -155,30 +155,40 @@ impl ConfigObject {
         kinds::resource_name(self.namespace.as_deref(), &self.name)
     }
 
-    /// The object as an MCP resource. Its version is a hash of everything
-    /// the resource carries, so it changes exactly when the object does and
-    /// is the same in every process that reads the same object. The body is
-    /// hashed in its JSON form, whose maps are ordered: protobuf encodings
-    /// of `google.protobuf.Struct` order map entries arbitrarily.
+    /// The object as an MCP resource (see [`versioned_resource`]).
     pub fn to_resource(&self) -> Resource {
-        let body = self.body.to_any();
-        let mut hash = Fnv1a::default();
-        hash.write(body.type_url.as_bytes());
-        hash.write(self.body.to_json().to_string().as_bytes());
-        for (k, v) in self.labels.iter().chain(&self.annotations) {
-            hash.write(k.as_bytes());
-            hash.write(v.as_bytes());
-        }
-        Resource {
-            metadata: Some(Metadata {
-                name: self.mcp_name(),
-                version: format!("{:016x}", hash.0),
-                labels: self.labels.clone().into_iter().collect(),
-                annotations: self.annotations.clone().into_iter().collect(),
-                create_time: None,
-            }),
-            body: Some(body),
-        }
+        versioned_resource(self.mcp_name(), &self.body, &self.labels, &self.annotations)
+    }
+}
+
+/// An MCP resource whose version is a hash of everything it carries, so it
+/// changes exactly when the resource does and is the same in every process
+/// that reads the same content. The body is hashed in its JSON form, whose
+/// maps are ordered: protobuf encodings of `google.protobuf.Struct` order
+/// map entries arbitrarily.
+pub fn versioned_resource(
+    name: String,
+    body: &Body,
+    labels: &BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
+) -> Resource {
+    let any = body.to_any();
+    let mut hash = Fnv1a::default();
+    hash.write(any.type_url.as_bytes());
+    hash.write(body.to_json().to_string().as_bytes());
+    for (k, v) in labels.iter().chain(annotations) {
+        hash.write(k.as_bytes());
+        hash.write(v.as_bytes());
+    }
+    Resource {
+        metadata: Some(Metadata {
+            name,
+            version: format!("{:016x}", hash.0),
+            labels: labels.clone(),
+            annotations: annotations.clone(),
+            create_time: None,
+        }),
+        body: Some(any),
     }
 }
 
