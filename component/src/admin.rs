@@ -1,15 +1,18 @@
 //! The admin HTTP server every component runs: `/healthz` (the process is
 //! alive), `/ready` (every readiness condition holds), `/metrics`
-//! (Prometheus/OpenMetrics text) and whatever `/debug/*` routes the component
-//! adds.
+//! (Prometheus/OpenMetrics text) and the JSON pages under `/debug/` that the
+//! component registers (`/debug` lists them).
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, MutexGuard},
+};
 
 use axum::{
-    Router,
-    extract::State,
+    Json, Router,
+    extract::{Path, State},
     http::{StatusCode, header},
-    response::IntoResponse,
+    response::{IntoResponse, Response},
     routing::get,
 };
 use prometheus_client::{encoding::text::encode, registry::Registry};
@@ -18,13 +21,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Readiness;
 
-/// What a component exposes on its admin port: its metrics and readiness.
-/// Cloning shares them, so the monolith can hand one `Admin` to every
-/// component and serve them all on one port.
+/// A `/debug/{name}` page: a snapshot of some state, as JSON.
+type DebugPage = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// What a component exposes on its admin port: its metrics, readiness and
+/// debug pages. Cloning shares them, so the monolith can hand one `Admin` to
+/// every component and serve them all on one port.
 #[derive(Clone)]
 pub struct Admin {
     registry: Arc<Mutex<Registry>>,
     readiness: Readiness,
+    debug_pages: Arc<Mutex<BTreeMap<String, DebugPage>>>,
 }
 
 impl Admin {
@@ -33,7 +40,20 @@ impl Admin {
         Self {
             registry: Arc::new(Mutex::new(Registry::with_prefix(prefix))),
             readiness: Readiness::new(),
+            debug_pages: Arc::default(),
         }
+    }
+
+    /// Serves `page()` as JSON at `/debug/{name}`.
+    pub fn debug_page(
+        &self,
+        name: &str,
+        page: impl Fn() -> serde_json::Value + Send + Sync + 'static,
+    ) {
+        self.debug_pages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), Arc::new(page));
     }
 
     /// The metric registry, for registering a component's metrics at start-up.
@@ -51,17 +71,18 @@ impl Admin {
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/ready", get(ready))
             .route("/metrics", get(metrics))
+            .route("/debug", get(debug_index))
+            .route("/debug/{name}", get(debug_page))
             .with_state(self.clone())
     }
 
-    /// Serves [`Admin::router`] plus `extra` on `listener` until `shutdown`.
+    /// Serves [`Admin::router`] on `listener` until `shutdown`.
     pub async fn serve(
         &self,
         listener: TcpListener,
-        extra: Router,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
-        axum::serve(listener, self.router().merge(extra))
+        axum::serve(listener, self.router())
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
     }
@@ -76,6 +97,35 @@ async fn ready(State(admin): State<Admin>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {}\n", unmet.join(", ")),
         )
+    }
+}
+
+async fn debug_index(State(admin): State<Admin>) -> Json<Vec<String>> {
+    Json(
+        admin
+            .debug_pages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .map(|k| format!("/debug/{k}"))
+            .collect(),
+    )
+}
+
+async fn debug_page(State(admin): State<Admin>, Path(name): Path<String>) -> Response {
+    let page = admin
+        .debug_pages
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&name)
+        .cloned();
+    match page {
+        Some(page) => Json(page()).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            format!("no debug page {name:?}; see /debug\n"),
+        )
+            .into_response(),
     }
 }
 

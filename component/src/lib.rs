@@ -36,7 +36,7 @@ where
         .map_err(|e| anyhow::anyhow!("cannot bind the admin address {admin_addr}: {e}"))?;
     tracing::info!(addr = %listener.local_addr()?, "admin server listening");
     let stop_on_exit = shutdown.clone().drop_guard();
-    let served = admin.serve(listener, Default::default(), shutdown.clone());
+    let served = admin.serve(listener, shutdown.clone());
     let work = async {
         let _stop = stop_on_exit;
         work.await

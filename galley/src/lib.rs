@@ -8,6 +8,8 @@
 
 pub mod dir;
 pub mod mesh_config;
+mod status;
+pub mod validation;
 pub mod watch;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
@@ -60,8 +62,11 @@ pub async fn run(
     let store = new_store();
     let metrics = McpMetrics::source(&mut admin.registry());
     let loaded = admin.readiness().condition("config-loaded");
+    let status = status::ConfigStatus::register(&admin, store.clone());
     let (_, follow_dir) =
-        DirSource::new(&args.config_dir).start(store.clone(), shutdown.clone())?;
+        DirSource::new(&args.config_dir).start(store.clone(), shutdown.clone(), move |report| {
+            status.record(report)
+        })?;
     let follow_mesh =
         mesh_config::start(args.mesh_config.clone(), store.clone(), shutdown.clone())?;
     loaded.set(true);

@@ -17,6 +17,9 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfigObject {
+    /// Where it was read and what it is, for messages:
+    /// `file.yaml: document 2 (Gateway ns/edge)`.
+    pub location: String,
     pub kind: &'static Kind,
     /// `None` for cluster-scoped kinds.
     pub namespace: Option<String>,
@@ -95,11 +98,14 @@ impl ConfigObject {
         } else {
             envelope.spec
         };
-        let body = kind
-            .body
-            .from_json(spec)
-            .map_err(|e| err(location, format!("spec.{}: {}", e.path(), e.inner())))?;
+        let body = kind.body.from_json(spec).map_err(|e| {
+            err(
+                location.clone(),
+                format!("spec.{}: {}", e.path(), e.inner()),
+            )
+        })?;
         Ok(Self {
+            location,
             kind,
             namespace,
             name,

@@ -3,6 +3,7 @@
 mod bench;
 mod mcp;
 mod up;
+mod validate;
 
 use clap::{Parser, Subcommand};
 use component::logging::{self, LogFormat};
@@ -21,6 +22,8 @@ struct Cli {
 enum Command {
     /// Start the mesh's components on this machine and run until Ctrl-C.
     Up(up::UpArgs),
+    /// Check config files as Galley would, offline.
+    Validate(validate::ValidateArgs),
     /// Tools for MCP implementations.
     #[command(subcommand)]
     Mcp(McpCommand),
@@ -54,6 +57,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = component::shutdown::on_signal();
     match cli.command {
         Command::Up(args) => up::run(args, shutdown).await,
+        Command::Validate(args) => validate::run(args),
         Command::Mcp(McpCommand::Watch(args)) => mcp::watch::run(args, shutdown).await,
         Command::Mcp(McpCommand::Serve(args)) => mcp::serve::run(args, shutdown).await,
         Command::Mcp(McpCommand::Conformance(args)) => mcp::conformance::run(args).await,

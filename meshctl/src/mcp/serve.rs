@@ -40,7 +40,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
     };
     let metrics = McpMetrics::default();
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
-    let (_, follow) = DirSource::new(&args.dir).start(store.clone(), shutdown.clone())?;
+    let (_, follow) = DirSource::new(&args.dir).start(store.clone(), shutdown.clone(), |_| {})?;
     let follow = tokio::spawn(follow);
     eprintln!(
         "serving ResourceSource for {} on {}",

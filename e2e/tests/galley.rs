@@ -1,0 +1,224 @@
+//! Galley as users run it: a watched config directory served over real
+//! gRPC to sinks asking for full state and for incremental updates, with
+//! invalid config refused and the last valid config kept.
+
+use std::{path::Path, time::Instant};
+
+use e2e::*;
+use serde_json::Value;
+
+const SERVICE_ENTRIES: &str = "istio/networking/v1alpha3/serviceentries";
+const VIRTUAL_SERVICES: &str = "istio/networking/v1alpha3/virtualservices";
+
+/// A `meshctl mcp watch` printing JSON lines.
+async fn watcher(server: &str, full_state: bool) -> Proc {
+    let collections = format!("{SERVICE_ENTRIES},{VIRTUAL_SERVICES}");
+    let mut args = vec![
+        "mcp",
+        "watch",
+        "--server",
+        server,
+        "--output",
+        "json",
+        "--collections",
+        &collections,
+    ];
+    if full_state {
+        args.push("--full-state");
+    }
+    Proc::start("meshctl", &args)
+}
+
+/// The next update the watcher prints for `collection`.
+async fn next_update(watch: &mut Proc, collection: &str) -> Value {
+    loop {
+        let line = watch.stdout_until("\"collection\"").await.pop().unwrap();
+        let update: Value = serde_json::from_str(&line).unwrap();
+        if update["collection"] == collection {
+            return update;
+        }
+    }
+}
+
+fn names(update: &Value) -> Vec<String> {
+    update["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn body<'a>(update: &'a Value, name: &str) -> &'a Value {
+    &update["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == name)
+        .unwrap()["body"]
+}
+
+const EXTRA: &str = "apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: details, namespace: shop}
+spec:
+  hosts: [details.shop.svc.cluster.local]
+  resolution: STATIC
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+  endpoints: [{address: 127.0.0.1, ports: {http: 19082}}]
+";
+
+fn route(timeout: &str, weights: (u32, u32)) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {{name: reviews, namespace: shop}}
+spec:
+  hosts: [reviews.shop.svc.cluster.local]
+  http:
+  - timeout: {timeout}
+    route:
+    - {{destination: {{host: reviews.shop.svc.cluster.local}}, weight: {}}}
+    - {{destination: {{host: ratings.shop.svc.cluster.local}}, weight: {}}}
+",
+        weights.0, weights.1
+    )
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    // Write and rename, as editors do.
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+#[tokio::test]
+async fn directory_edits_reach_full_state_and_incremental_sinks() {
+    let services: String = SAMPLE_CONFIG
+        .split("---")
+        .take(2)
+        .collect::<Vec<_>>()
+        .join("---");
+    let dir = config_dir(&[
+        ("services.yaml", &services),
+        ("routes.yaml", &route("2s", (50, 50))),
+    ]);
+    let (mcp, admin) = (free_addr(), free_addr());
+    let galley = Proc::start(
+        "galley",
+        &[
+            "--config-dir",
+            dir.path().to_str().unwrap(),
+            "--mcp-addr",
+            &mcp.to_string(),
+            "--admin-addr",
+            &admin.to_string(),
+        ],
+    );
+    wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    let mut sinks = [
+        watcher(&mcp.to_string(), true).await,
+        watcher(&mcp.to_string(), false).await,
+    ];
+    for sink in &mut sinks {
+        assert_eq!(
+            names(&next_update(sink, SERVICE_ENTRIES).await),
+            ["shop/ratings", "shop/reviews"]
+        );
+        assert_eq!(
+            names(&next_update(sink, VIRTUAL_SERVICES).await),
+            ["shop/reviews"]
+        );
+    }
+
+    // Added file.
+    let start = Instant::now();
+    write(dir.path(), "extra.yaml", EXTRA);
+    for sink in &mut sinks {
+        assert_eq!(
+            names(&next_update(sink, SERVICE_ENTRIES).await),
+            ["shop/details", "shop/ratings", "shop/reviews"]
+        );
+    }
+    // Edited file.
+    write(dir.path(), "routes.yaml", &route("3s", (80, 20)));
+    for sink in &mut sinks {
+        let update = next_update(sink, VIRTUAL_SERVICES).await;
+        assert_eq!(body(&update, "shop/reviews")["http"][0]["timeout"], "3s");
+    }
+    // Deleted file.
+    std::fs::remove_file(dir.path().join("extra.yaml")).unwrap();
+    for sink in &mut sinks {
+        assert_eq!(
+            names(&next_update(sink, SERVICE_ENTRIES).await),
+            ["shop/ratings", "shop/reviews"]
+        );
+    }
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed.as_secs() < 10,
+        "three edits took {elapsed:?} to reach both sinks"
+    );
+
+    // An invalid edit is refused and reported; the last valid version stays.
+    write(dir.path(), "routes.yaml", &route("4s", (60, 60)));
+    let (_, page) = wait_for_http(admin, "/debug/config", |_, body| {
+        body.contains("add up to 120")
+    })
+    .await;
+    let page: Value = serde_json::from_str(&page).unwrap();
+    let problem = page["problems"][0].as_str().unwrap();
+    assert!(problem.contains("routes.yaml: document 1 (VirtualService shop/reviews): spec.http[0].route: destination weights add up to 120, not 100"), "{problem}");
+    let (_, metrics) = get(admin, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("galley_config_rejected_objects 1"),
+        "{metrics}"
+    );
+
+    // A broken YAML file beside them hides nothing, and the next valid edit
+    // is what the sinks see next: the invalid one never reached them.
+    write(dir.path(), "broken.yaml", "kind: [unterminated\n");
+    write(dir.path(), "routes.yaml", &route("5s", (90, 10)));
+    for sink in &mut sinks {
+        let update = next_update(sink, VIRTUAL_SERVICES).await;
+        assert_eq!(body(&update, "shop/reviews")["http"][0]["timeout"], "5s");
+        assert_eq!(
+            body(&update, "shop/reviews")["http"][0]["route"][0]["weight"],
+            90
+        );
+    }
+    let (_, page) = wait_for_http(admin, "/debug/config", |_, body| {
+        body.contains("broken.yaml")
+    })
+    .await;
+    assert!(page.contains("invalid YAML"), "{page}");
+    assert!(
+        page.contains(r#""istio/networking/v1alpha3/serviceentries":2"#),
+        "{page}"
+    );
+
+    for sink in sinks {
+        assert!(sink.terminate().await.success());
+    }
+    assert!(galley.terminate().await.success());
+}
+
+#[tokio::test]
+async fn meshctl_validate_checks_files_offline() {
+    let dir = config_dir(&[
+        ("good.yaml", SAMPLE_CONFIG),
+        ("bad.yaml", &route("1s", (70, 70))),
+    ]);
+    let good = dir.path().join("good.yaml");
+    let mut ok = Proc::start("meshctl", &["validate", "-f", good.to_str().unwrap()]);
+    ok.stdout_until("3 object(s) valid").await;
+    assert!(ok.exit().await.success());
+
+    let mut bad = Proc::start("meshctl", &["validate", "-f", dir.path().to_str().unwrap()]);
+    let line = bad.stdout_until("weights").await.pop().unwrap();
+    assert!(
+        line.contains("bad.yaml: document 1 (VirtualService shop/reviews): spec.http[0].route"),
+        "{line}"
+    );
+    assert!(!bad.exit().await.success());
+}

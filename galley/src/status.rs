@@ -1,0 +1,68 @@
+//! What Galley tells operators about the config it read: metrics, and the
+//! `/debug/config` page with every current problem and what is served.
+
+use std::sync::{Arc, Mutex};
+
+use component::Admin;
+use mcp_proto::{kinds, mcp::Store};
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use serde_json::json;
+
+use crate::dir::LoadReport;
+
+/// Records each load of the config directory.
+#[derive(Clone)]
+pub struct ConfigStatus {
+    last: Arc<Mutex<LoadReport>>,
+    loads: Counter,
+    problems: Gauge,
+    rejected: Gauge,
+}
+
+impl ConfigStatus {
+    /// Registers the metrics and the `/debug/config` page.
+    pub fn register(admin: &Admin, store: Arc<Store>) -> Self {
+        let status = Self {
+            last: Arc::default(),
+            loads: Counter::default(),
+            problems: Gauge::default(),
+            rejected: Gauge::default(),
+        };
+        {
+            let mut registry = admin.registry();
+            registry.register(
+                "config_loads",
+                "Reads of the config directory",
+                status.loads.clone(),
+            );
+            registry.register(
+                "config_problems",
+                "Problems found by the last read (parse, validation, duplicates)",
+                status.problems.clone(),
+            );
+            registry.register(
+                "config_rejected_objects",
+                "Objects not served as written after the last read",
+                status.rejected.clone(),
+            );
+        }
+        let last = status.last.clone();
+        admin.debug_page("config", move || {
+            let report = last.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let served: serde_json::Map<_, _> = kinds::KINDS
+                .iter()
+                .filter(|k| store.len(k.collection) > 0)
+                .map(|k| (k.collection.to_string(), json!(store.len(k.collection))))
+                .collect();
+            json!({"problems": report.errors, "rejected_objects": report.rejected, "served": served})
+        });
+        status
+    }
+
+    pub fn record(&self, report: &LoadReport) {
+        self.loads.inc();
+        self.problems.set(report.errors.len() as i64);
+        self.rejected.set(report.rejected as i64);
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = report.clone();
+    }
+}

@@ -1,0 +1,1183 @@
+//! Semantic validation of config objects: the rules of each kind that Istio
+//! 1.1 enforces beyond the schema (which parsing already checks). Every
+//! path into the mesh uses it: the directory source, `meshctl validate`,
+//! and later the Kubernetes source and the admission webhook.
+//!
+//! A problem names the field path (`spec.http[0].route[1].weight`) and the
+//! reason; the caller adds the file or `namespace/name`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    fmt,
+    net::IpAddr,
+};
+
+use mcp_proto::{
+    kinds::{self, Body},
+    object::ConfigObject,
+    pb::istio::{
+        authentication::v1alpha1 as authn,
+        networking::v1alpha3::{self as net, http_fault_injection, service_entry},
+        policy::v1beta1 as policy,
+        rbac::v1alpha1 as rbac,
+    },
+    wkt,
+};
+
+/// One thing wrong with an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where, from the object's top: `spec.hosts[0]`, `metadata.name`.
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+/// Problems found so far, each under its field path.
+#[derive(Default)]
+struct Check {
+    problems: Vec<Problem>,
+}
+
+impl Check {
+    fn fail(&mut self, field: impl fmt::Display, reason: impl Into<String>) {
+        self.problems.push(Problem {
+            field: field.to_string(),
+            reason: reason.into(),
+        });
+    }
+
+    fn require(&mut self, ok: bool, field: impl fmt::Display, reason: &str) {
+        if !ok {
+            self.fail(field, reason);
+        }
+    }
+}
+
+/// The object's own problems (rules that need no other object).
+pub fn validate(object: &ConfigObject) -> Vec<Problem> {
+    let mut c = Check::default();
+    let s = "spec";
+    match &object.body {
+        Body::VirtualService(vs) => virtual_service(&mut c, s, vs),
+        Body::DestinationRule(dr) => destination_rule(&mut c, s, dr),
+        Body::Gateway(gw) => gateway(&mut c, s, gw),
+        Body::ServiceEntry(se) => service_entry(&mut c, s, se),
+        Body::Sidecar(sc) => sidecar(&mut c, s, sc),
+        Body::EnvoyFilter(ef) => envoy_filter(&mut c, s, ef),
+        Body::Policy(p) => authentication_policy(&mut c, s, p),
+        Body::ServiceRole(r) => service_role(&mut c, s, r),
+        Body::ServiceRoleBinding(b) => service_role_binding(&mut c, s, b),
+        Body::RbacConfig(r) => rbac_config(&mut c, s, r),
+        Body::Rule(r) => rule(&mut c, s, r),
+        Body::Handler(h) => c.require(
+            !h.adapter.is_empty() || !h.compiled_adapter.is_empty(),
+            s,
+            "a handler names an adapter or a compiledAdapter",
+        ),
+        Body::Instance(i) => c.require(
+            !i.template.is_empty() || !i.compiled_template.is_empty(),
+            s,
+            "an instance names a template or a compiledTemplate",
+        ),
+        Body::AttributeManifest(m) => attribute_manifest(&mut c, s, m),
+        Body::MeshConfig(_)
+        | Body::HttpApiSpec(_)
+        | Body::HttpApiSpecBinding(_)
+        | Body::QuotaSpec(_)
+        | Body::QuotaSpecBinding(_)
+        | Body::LegacyStruct(_) => {}
+    }
+    if object.kind.namespaced
+        && !is_dns1123_label(&object.name)
+        && matches!(object.body, Body::Gateway(_))
+    {
+        c.fail(
+            "metadata.name",
+            format!("{:?} is not a DNS-1123 label", object.name),
+        );
+    }
+    c.problems
+}
+
+/// Every problem of a set of objects, their own and between them, by the
+/// index of the object they concern.
+pub fn validate_all(objects: &[&ConfigObject]) -> BTreeMap<usize, Vec<Problem>> {
+    let mut found: BTreeMap<usize, Vec<Problem>> = BTreeMap::new();
+    for (i, object) in objects.iter().enumerate() {
+        let own = validate(object);
+        if !own.is_empty() {
+            found.insert(i, own);
+        }
+    }
+    for (i, problem) in validate_references(objects) {
+        found.entry(i).or_default().push(problem);
+    }
+    found
+}
+
+/// Problems between objects: Mixer rules whose actions name handlers or
+/// instances that do not exist. Returns `(index into objects, problem)`.
+pub fn validate_references(objects: &[&ConfigObject]) -> Vec<(usize, Problem)> {
+    // (namespace, name) of handlers and instances, and (namespace, name,
+    // kind) of Istio 1.1's per-adapter and per-template kinds.
+    let mut handlers = HashSet::new();
+    let mut instances = HashSet::new();
+    let mut legacy = HashSet::new();
+    for o in objects {
+        let ns = o.namespace.clone().unwrap_or_default();
+        match o.kind.collection {
+            kinds::HANDLERS => {
+                handlers.insert((ns, o.name.clone()));
+            }
+            kinds::INSTANCES => {
+                instances.insert((ns, o.name.clone()));
+            }
+            c if c.starts_with("istio/config/v1alpha2/legacy/") => {
+                legacy.insert((ns, o.name.clone(), o.kind.kind.to_string()));
+            }
+            _ => {}
+        }
+    }
+    let resolves = |own: &HashSet<(String, String)>, reference: &str, ns: &str| {
+        // `name`, `name.namespace`, or the legacy `name.kind[.namespace]`.
+        let parts: Vec<&str> = reference.split('.').collect();
+        match parts.as_slice() {
+            [name] => own.contains(&(ns.to_string(), name.to_string())),
+            [name, second] => {
+                own.contains(&(second.to_string(), name.to_string()))
+                    || legacy.contains(&(ns.to_string(), name.to_string(), second.to_string()))
+            }
+            [name, kind, namespace, ..] => {
+                legacy.contains(&(namespace.to_string(), name.to_string(), kind.to_string()))
+                    || own.contains(&(parts[1..].join("."), name.to_string()))
+            }
+            [] => false,
+        }
+    };
+    let mut out = Vec::new();
+    for (i, o) in objects.iter().enumerate() {
+        let Body::Rule(r) = &o.body else { continue };
+        let ns = o.namespace.as_deref().unwrap_or_default();
+        for (a, action) in r.actions.iter().enumerate() {
+            if !action.handler.is_empty() && !resolves(&handlers, &action.handler, ns) {
+                out.push((
+                    i,
+                    Problem {
+                        field: format!("spec.actions[{a}].handler"),
+                        reason: format!("no handler {:?} exists", action.handler),
+                    },
+                ));
+            }
+            for (k, instance) in action.instances.iter().enumerate() {
+                if !resolves(&instances, instance, ns) {
+                    out.push((
+                        i,
+                        Problem {
+                            field: format!("spec.actions[{a}].instances[{k}]"),
+                            reason: format!("no instance {instance:?} exists"),
+                        },
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+// ---- shared rules ----
+
+pub fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// A host name, possibly with a leading wildcard label (`*.example.com`,
+/// `*`, `*-svc.ns`), or an IP address.
+fn host(c: &mut Check, field: impl fmt::Display, host: &str) {
+    if host.parse::<IpAddr>().is_ok() {
+        return;
+    }
+    if host.is_empty() || host.len() > 255 {
+        return c.fail(field, format!("host {host:?} must be 1 to 255 characters"));
+    }
+    let (first, rest) = host
+        .split_once('.')
+        .map_or((host, None), |(f, r)| (f, Some(r)));
+    let first_ok = first == "*" || is_dns1123_label(first.strip_prefix('*').unwrap_or(first));
+    let rest_ok = rest.is_none_or(|r| r.split('.').all(is_dns1123_label));
+    if !first_ok || !rest_ok {
+        c.fail(field, format!("host {host:?} is not a valid domain name (DNS-1123 labels, optionally a leading wildcard)"));
+    }
+}
+
+fn port(c: &mut Check, field: impl fmt::Display, port: u32) {
+    c.require(
+        (1..=65535).contains(&port),
+        field,
+        "port must be in 1..65535",
+    );
+}
+
+fn percent(c: &mut Check, field: impl fmt::Display, value: i32) {
+    c.require(
+        (0..=100).contains(&value),
+        field,
+        "percentage must be in 0..100",
+    );
+}
+
+/// Durations are at least 1ms and whole milliseconds, as Envoy takes them.
+fn duration(c: &mut Check, field: impl fmt::Display, d: &Option<wkt::Duration>) {
+    let Some(d) = d else { return };
+    let nanos = i128::from(d.seconds) * 1_000_000_000 + i128::from(d.nanos);
+    if nanos < 1_000_000 {
+        c.fail(field, "duration must be at least 1ms");
+    } else if nanos % 1_000_000 != 0 {
+        c.fail(field, "only whole milliseconds are supported");
+    }
+}
+
+fn header_name(c: &mut Check, field: impl fmt::Display, name: &str) {
+    c.require(!name.is_empty(), field, "header name cannot be empty");
+}
+
+fn string_match(c: &mut Check, field: impl fmt::Display, m: &Option<net::StringMatch>) {
+    use net::string_match::MatchType;
+    match m.as_ref().and_then(|m| m.match_type.as_ref()) {
+        Some(MatchType::Regex(re)) => {
+            if let Err(e) = regex::Regex::new(re) {
+                c.fail(format!("{field}.regex"), format!("invalid regex: {e}"));
+            }
+        }
+        Some(MatchType::Exact(_) | MatchType::Prefix(_)) => {}
+        None if m.is_some() => c.fail(field, "a string match needs exact, prefix or regex"),
+        None => {}
+    }
+}
+
+fn labels(
+    c: &mut Check,
+    field: impl fmt::Display,
+    labels: &std::collections::BTreeMap<String, String>,
+) {
+    for key in labels.keys() {
+        if key.is_empty() {
+            c.fail(&field, "label keys cannot be empty");
+        }
+    }
+}
+
+fn export_to(c: &mut Check, field: impl fmt::Display, export_to: &[String]) {
+    match export_to {
+        [] => {}
+        [one] if one == "." || one == "*" => {}
+        [_] => c.fail(field, "only \".\" or \"*\" is allowed in exportTo"),
+        _ => c.fail(field, "exportTo takes one entry (\".\" or \"*\")"),
+    }
+}
+
+/// `gateway` or `namespace/gateway`; `mesh` is the sidecars.
+fn gateway_names(c: &mut Check, field: &str, gateways: &[String]) {
+    for (i, g) in gateways.iter().enumerate() {
+        let ok = match g.split_once('/') {
+            Some((ns, name)) => is_dns1123_label(ns) && is_dns1123_label(name),
+            None => g.split('.').all(is_dns1123_label),
+        };
+        c.require(
+            ok,
+            format!("{field}[{i}]"),
+            "gateway names are `name` or `namespace/name` (DNS-1123)",
+        );
+    }
+}
+
+// ---- networking ----
+
+fn virtual_service(c: &mut Check, s: &str, vs: &net::VirtualService) {
+    if vs.hosts.is_empty() {
+        c.fail(
+            format!("{s}.hosts"),
+            "a virtual service needs at least one host",
+        );
+    }
+    let applies_to_mesh = vs.gateways.is_empty() || vs.gateways.iter().any(|g| g == "mesh");
+    for (i, h) in vs.hosts.iter().enumerate() {
+        if h == "*" && applies_to_mesh {
+            c.fail(
+                format!("{s}.hosts[{i}]"),
+                "wildcard host * is not allowed for virtual services bound to the mesh",
+            );
+        } else {
+            host(c, format!("{s}.hosts[{i}]"), h);
+        }
+    }
+    let mut seen = BTreeSet::new();
+    for (i, h) in vs.hosts.iter().enumerate() {
+        if !seen.insert(h) {
+            c.fail(format!("{s}.hosts[{i}]"), format!("duplicate host {h:?}"));
+        }
+    }
+    gateway_names(c, &format!("{s}.gateways"), &vs.gateways);
+    if vs.http.is_empty() && vs.tcp.is_empty() && vs.tls.is_empty() {
+        c.fail(s, "http, tcp or tls routes must be given");
+    }
+    for (i, r) in vs.http.iter().enumerate() {
+        http_route(c, &format!("{s}.http[{i}]"), r);
+    }
+    for (i, r) in vs.tcp.iter().enumerate() {
+        let f = format!("{s}.tcp[{i}]");
+        for (m, l4) in r.r#match.iter().enumerate() {
+            if l4.port != 0 {
+                port(c, format!("{f}.match[{m}].port"), l4.port);
+            }
+        }
+        route_destinations(
+            c,
+            &format!("{f}.route"),
+            r.route.iter().map(|d| (&d.destination, d.weight)),
+        );
+    }
+    for (i, r) in vs.tls.iter().enumerate() {
+        let f = format!("{s}.tls[{i}]");
+        c.require(
+            !r.r#match.is_empty(),
+            format!("{f}.match"),
+            "a TLS route needs at least one match",
+        );
+        for (m, tls) in r.r#match.iter().enumerate() {
+            c.require(
+                !tls.sni_hosts.is_empty(),
+                format!("{f}.match[{m}].sniHosts"),
+                "a TLS match needs SNI hosts",
+            );
+        }
+        route_destinations(
+            c,
+            &format!("{f}.route"),
+            r.route.iter().map(|d| (&d.destination, d.weight)),
+        );
+    }
+    export_to(c, format!("{s}.exportTo"), &vs.export_to);
+}
+
+fn http_route(c: &mut Check, f: &str, r: &net::HttpRoute) {
+    if r.redirect.is_some() {
+        c.require(
+            r.route.is_empty(),
+            f,
+            "a route cannot have both route and redirect",
+        );
+        c.require(
+            r.fault.is_none(),
+            f,
+            "a route cannot have both fault and redirect",
+        );
+        c.require(
+            r.rewrite.is_none(),
+            f,
+            "a route cannot have both rewrite and redirect",
+        );
+        c.require(
+            !r.websocket_upgrade,
+            f,
+            "websocket upgrade is not allowed on redirects",
+        );
+        if let Some(redirect) = &r.redirect {
+            c.require(
+                !redirect.uri.is_empty() || !redirect.authority.is_empty(),
+                format!("{f}.redirect"),
+                "a redirect needs uri, authority, or both",
+            );
+        }
+    } else if r.route.is_empty() {
+        c.fail(format!("{f}.route"), "a route or a redirect is required");
+    }
+    if let Some(rewrite) = &r.rewrite {
+        c.require(
+            !rewrite.uri.is_empty() || !rewrite.authority.is_empty(),
+            format!("{f}.rewrite"),
+            "a rewrite needs uri, authority, or both",
+        );
+    }
+    for (m, hm) in r.r#match.iter().enumerate() {
+        let mf = format!("{f}.match[{m}]");
+        for (name, sm) in &hm.headers {
+            header_name(c, format!("{mf}.headers"), name);
+            string_match(c, format!("{mf}.headers[{name:?}]"), &Some(sm.clone()));
+        }
+        for (name, sm) in &hm.query_params {
+            string_match(c, format!("{mf}.queryParams[{name:?}]"), &Some(sm.clone()));
+        }
+        string_match(c, format!("{mf}.uri"), &hm.uri);
+        string_match(c, format!("{mf}.scheme"), &hm.scheme);
+        string_match(c, format!("{mf}.method"), &hm.method);
+        string_match(c, format!("{mf}.authority"), &hm.authority);
+        if hm.port != 0 {
+            port(c, format!("{mf}.port"), hm.port);
+        }
+        labels(c, format!("{mf}.sourceLabels"), &hm.source_labels);
+        gateway_names(c, &format!("{mf}.gateways"), &hm.gateways);
+    }
+    headers(c, &format!("{f}.headers"), &r.headers);
+    route_destinations(
+        c,
+        &format!("{f}.route"),
+        r.route.iter().map(|d| (&d.destination, d.weight)),
+    );
+    for (d, rd) in r.route.iter().enumerate() {
+        headers(c, &format!("{f}.route[{d}].headers"), &rd.headers);
+    }
+    if let Some(mirror) = &r.mirror {
+        destination(c, &format!("{f}.mirror"), mirror);
+    }
+    duration(c, format!("{f}.timeout"), &r.timeout);
+    if let Some(retries) = &r.retries {
+        c.require(
+            retries.attempts > 0,
+            format!("{f}.retries.attempts"),
+            "attempts must be positive",
+        );
+        duration(
+            c,
+            format!("{f}.retries.perTryTimeout"),
+            &retries.per_try_timeout,
+        );
+        for policy in retries.retry_on.split(',').filter(|p| !p.is_empty()) {
+            let known = RETRY_ON.contains(&policy)
+                || policy.parse::<u16>().is_ok_and(|s| (100..600).contains(&s));
+            c.require(
+                known,
+                format!("{f}.retries.retryOn"),
+                &format!("{policy:?} is not a retry condition"),
+            );
+        }
+    }
+    if let Some(fault) = &r.fault {
+        fault_injection(c, &format!("{f}.fault"), fault);
+    }
+    if let Some(cors) = &r.cors_policy {
+        for (i, m) in cors.allow_methods.iter().enumerate() {
+            c.require(
+                HTTP_METHODS.contains(&m.as_str()),
+                format!("{f}.corsPolicy.allowMethods[{i}]"),
+                &format!("{m:?} is not an HTTP method"),
+            );
+        }
+        for (i, h) in cors
+            .allow_headers
+            .iter()
+            .chain(&cors.expose_headers)
+            .enumerate()
+        {
+            header_name(c, format!("{f}.corsPolicy.headers[{i}]"), h);
+        }
+        duration(c, format!("{f}.corsPolicy.maxAge"), &cors.max_age);
+    }
+}
+
+/// The retry conditions Envoy knows (HTTP status codes are allowed too).
+const RETRY_ON: &[&str] = &[
+    "5xx",
+    "gateway-error",
+    "connect-failure",
+    "retriable-4xx",
+    "refused-stream",
+    "retriable-status-codes",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+
+const HTTP_METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+fn headers(c: &mut Check, f: &str, h: &Option<net::Headers>) {
+    let Some(h) = h else { return };
+    for (which, ops) in [("request", &h.request), ("response", &h.response)] {
+        let Some(ops) = ops else { continue };
+        for name in ops.set.keys().chain(ops.add.keys()).chain(&ops.remove) {
+            header_name(c, format!("{f}.{which}"), name);
+        }
+    }
+}
+
+fn route_destinations<'a>(
+    c: &mut Check,
+    f: &str,
+    routes: impl Iterator<Item = (&'a Option<net::Destination>, i32)>,
+) {
+    let mut total = 0i64;
+    let mut count = 0;
+    for (i, (dest, weight)) in routes.enumerate() {
+        count += 1;
+        match dest {
+            Some(d) => destination(c, &format!("{f}[{i}].destination"), d),
+            None => c.fail(format!("{f}[{i}].destination"), "a destination is required"),
+        }
+        percent(c, format!("{f}[{i}].weight"), weight);
+        total += i64::from(weight);
+    }
+    if count > 1 && total != 100 {
+        c.fail(f, format!("destination weights add up to {total}, not 100"));
+    }
+}
+
+fn destination(c: &mut Check, f: &str, d: &net::Destination) {
+    if d.host == "*" {
+        c.fail(
+            format!("{f}.host"),
+            "a destination cannot be the wildcard host",
+        );
+    } else {
+        host(c, format!("{f}.host"), &d.host);
+    }
+    if !d.subset.is_empty() {
+        c.require(
+            is_dns1123_label(&d.subset),
+            format!("{f}.subset"),
+            "subset names are DNS-1123 labels",
+        );
+    }
+    if let Some(net::PortSelector {
+        port: Some(net::port_selector::Port::Number(n)),
+    }) = &d.port
+    {
+        port(c, format!("{f}.port.number"), *n);
+    }
+}
+
+fn fault_injection(c: &mut Check, f: &str, fault: &net::HttpFaultInjection) {
+    c.require(
+        fault.abort.is_some() || fault.delay.is_some(),
+        f,
+        "a fault needs an abort, a delay, or both",
+    );
+    let fraction = |c: &mut Check, field: String, p: &Option<net::Percent>, legacy: i32| match p {
+        Some(p) => {
+            let ok = (0.0..=100.0).contains(&p.value) && !(p.value > 0.0 && p.value < 0.0001);
+            c.require(ok, field, "percentage must be 0 or in 0.0001..100");
+        }
+        None => percent(c, field, legacy),
+    };
+    if let Some(abort) = &fault.abort {
+        #[allow(deprecated)]
+        fraction(
+            c,
+            format!("{f}.abort.percentage"),
+            &abort.percentage,
+            abort.percent,
+        );
+        match &abort.error_type {
+            Some(http_fault_injection::abort::ErrorType::HttpStatus(s)) => c.require(
+                (200..600).contains(s),
+                format!("{f}.abort.httpStatus"),
+                "HTTP status must be in 200..599",
+            ),
+            Some(_) => c.fail(format!("{f}.abort"), "only httpStatus aborts are supported"),
+            None => c.fail(format!("{f}.abort"), "an abort needs an httpStatus"),
+        }
+    }
+    if let Some(delay) = &fault.delay {
+        #[allow(deprecated)]
+        fraction(
+            c,
+            format!("{f}.delay.percentage"),
+            &delay.percentage,
+            delay.percent,
+        );
+        match &delay.http_delay_type {
+            Some(http_fault_injection::delay::HttpDelayType::FixedDelay(d)) => {
+                duration(c, format!("{f}.delay.fixedDelay"), &Some(*d))
+            }
+            Some(_) => c.fail(format!("{f}.delay"), "exponentialDelay is not supported"),
+            None => c.fail(format!("{f}.delay"), "a delay needs a fixedDelay"),
+        }
+    }
+}
+
+fn destination_rule(c: &mut Check, s: &str, dr: &net::DestinationRule) {
+    host(c, format!("{s}.host"), &dr.host);
+    if let Some(p) = &dr.traffic_policy {
+        traffic_policy(c, &format!("{s}.trafficPolicy"), p);
+    }
+    let mut names = HashSet::new();
+    for (i, subset) in dr.subsets.iter().enumerate() {
+        let f = format!("{s}.subsets[{i}]");
+        c.require(
+            is_dns1123_label(&subset.name),
+            format!("{f}.name"),
+            "subset names are DNS-1123 labels",
+        );
+        c.require(
+            names.insert(&subset.name),
+            format!("{f}.name"),
+            &format!("duplicate subset name {:?}", subset.name),
+        );
+        labels(c, format!("{f}.labels"), &subset.labels);
+        if let Some(p) = &subset.traffic_policy {
+            traffic_policy(c, &format!("{f}.trafficPolicy"), p);
+        }
+    }
+    export_to(c, format!("{s}.exportTo"), &dr.export_to);
+}
+
+fn traffic_policy(c: &mut Check, f: &str, p: &net::TrafficPolicy) {
+    let empty = p.load_balancer.is_none()
+        && p.connection_pool.is_none()
+        && p.outlier_detection.is_none()
+        && p.tls.is_none()
+        && p.port_level_settings.is_empty();
+    c.require(!empty, f, "a traffic policy needs at least one setting");
+    policy_parts(
+        c,
+        f,
+        &p.load_balancer,
+        &p.connection_pool,
+        &p.outlier_detection,
+        &p.tls,
+    );
+    for (i, pl) in p.port_level_settings.iter().enumerate() {
+        let pf = format!("{f}.portLevelSettings[{i}]");
+        match &pl.port {
+            Some(net::PortSelector {
+                port: Some(net::port_selector::Port::Number(n)),
+            }) => port(c, format!("{pf}.port.number"), *n),
+            Some(net::PortSelector {
+                port: Some(net::port_selector::Port::Name(_)),
+            }) => {}
+            _ => c.fail(format!("{pf}.port"), "a port-level policy needs a port"),
+        }
+        policy_parts(
+            c,
+            &pf,
+            &pl.load_balancer,
+            &pl.connection_pool,
+            &pl.outlier_detection,
+            &pl.tls,
+        );
+    }
+}
+
+fn policy_parts(
+    c: &mut Check,
+    f: &str,
+    lb: &Option<net::LoadBalancerSettings>,
+    pool: &Option<net::ConnectionPoolSettings>,
+    outlier: &Option<net::OutlierDetection>,
+    tls: &Option<net::TlsSettings>,
+) {
+    use net::load_balancer_settings::{LbPolicy, consistent_hash_lb::HashKey};
+    if let Some(LbPolicy::ConsistentHash(hash)) = lb.as_ref().and_then(|lb| lb.lb_policy.as_ref()) {
+        match &hash.hash_key {
+            Some(HashKey::HttpCookie(cookie)) => {
+                c.require(
+                    !cookie.name.is_empty(),
+                    format!("{f}.loadBalancer.consistentHash.httpCookie.name"),
+                    "a cookie hash needs the cookie's name",
+                );
+                c.require(
+                    cookie.ttl.is_some(),
+                    format!("{f}.loadBalancer.consistentHash.httpCookie.ttl"),
+                    "a cookie hash needs a ttl",
+                );
+            }
+            Some(HashKey::HttpHeaderName(h)) => header_name(
+                c,
+                format!("{f}.loadBalancer.consistentHash.httpHeaderName"),
+                h,
+            ),
+            Some(HashKey::UseSourceIp(_)) => {}
+            None => c.fail(
+                format!("{f}.loadBalancer.consistentHash"),
+                "a consistent hash needs a hash key",
+            ),
+        }
+    }
+    if let Some(pool) = pool {
+        c.require(
+            pool.tcp.is_some() || pool.http.is_some(),
+            format!("{f}.connectionPool"),
+            "a connection pool needs tcp or http settings",
+        );
+        if let Some(tcp) = &pool.tcp {
+            c.require(
+                tcp.max_connections >= 0,
+                format!("{f}.connectionPool.tcp.maxConnections"),
+                "must not be negative",
+            );
+            duration(
+                c,
+                format!("{f}.connectionPool.tcp.connectTimeout"),
+                &tcp.connect_timeout,
+            );
+        }
+        if let Some(http) = &pool.http {
+            for (name, value) in [
+                ("http1MaxPendingRequests", http.http1_max_pending_requests),
+                ("http2MaxRequests", http.http2_max_requests),
+                ("maxRequestsPerConnection", http.max_requests_per_connection),
+                ("maxRetries", http.max_retries),
+            ] {
+                c.require(
+                    value >= 0,
+                    format!("{f}.connectionPool.http.{name}"),
+                    "must not be negative",
+                );
+            }
+            duration(
+                c,
+                format!("{f}.connectionPool.http.idleTimeout"),
+                &http.idle_timeout,
+            );
+        }
+    }
+    if let Some(o) = outlier {
+        c.require(
+            o.consecutive_errors >= 0,
+            format!("{f}.outlierDetection.consecutiveErrors"),
+            "must not be negative",
+        );
+        duration(c, format!("{f}.outlierDetection.interval"), &o.interval);
+        duration(
+            c,
+            format!("{f}.outlierDetection.baseEjectionTime"),
+            &o.base_ejection_time,
+        );
+        percent(
+            c,
+            format!("{f}.outlierDetection.maxEjectionPercent"),
+            o.max_ejection_percent,
+        );
+        percent(
+            c,
+            format!("{f}.outlierDetection.minHealthPercent"),
+            o.min_health_percent,
+        );
+    }
+    if let Some(tls) = tls
+        && tls.mode == net::tls_settings::TlSmode::Mutual as i32
+    {
+        c.require(
+            !tls.client_certificate.is_empty(),
+            format!("{f}.tls.clientCertificate"),
+            "MUTUAL TLS needs a client certificate",
+        );
+        c.require(
+            !tls.private_key.is_empty(),
+            format!("{f}.tls.privateKey"),
+            "MUTUAL TLS needs a private key",
+        );
+    }
+}
+
+fn gateway(c: &mut Check, s: &str, gw: &net::Gateway) {
+    if gw.servers.is_empty() {
+        c.fail(
+            format!("{s}.servers"),
+            "a gateway needs at least one server",
+        );
+    }
+    let mut port_names = HashSet::new();
+    for (i, server) in gw.servers.iter().enumerate() {
+        let f = format!("{s}.servers[{i}]");
+        if server.hosts.is_empty() {
+            c.fail(format!("{f}.hosts"), "a server needs at least one host");
+        }
+        for (h, name) in server.hosts.iter().enumerate() {
+            let name = name.split_once('/').map_or(name.as_str(), |(_, host)| host);
+            host(c, format!("{f}.hosts[{h}]"), name);
+        }
+        let Some(p) = &server.port else {
+            c.fail(format!("{f}.port"), "a server needs a port");
+            continue;
+        };
+        port(c, format!("{f}.port.number"), p.number);
+        c.require(
+            !p.name.is_empty(),
+            format!("{f}.port.name"),
+            "a server port needs a name",
+        );
+        c.require(
+            port_names.insert(&p.name),
+            format!("{f}.port.name"),
+            &format!("port names must be unique; {:?} is used twice", p.name),
+        );
+        let protocol = p.protocol.to_ascii_uppercase();
+        if !PROTOCOLS.contains(&protocol.as_str()) {
+            c.fail(
+                format!("{f}.port.protocol"),
+                format!("unknown protocol {:?}", p.protocol),
+            );
+        }
+        let tls_protocol = protocol == "HTTPS" || protocol == "TLS";
+        match &server.tls {
+            None if tls_protocol => c.fail(
+                format!("{f}.tls"),
+                "HTTPS and TLS servers need TLS settings",
+            ),
+            Some(tls) if !(tls_protocol || protocol == "HTTP" && tls.https_redirect) => c.fail(
+                format!("{f}.tls"),
+                "only HTTPS and TLS servers take TLS settings (HTTP: httpsRedirect)",
+            ),
+            Some(tls) => server_tls(c, &format!("{f}.tls"), tls),
+            None => {}
+        }
+    }
+}
+
+const PROTOCOLS: &[&str] = &[
+    "HTTP", "HTTPS", "GRPC", "HTTP2", "MONGO", "MYSQL", "REDIS", "TCP", "TLS", "UDP",
+];
+
+fn server_tls(c: &mut Check, f: &str, tls: &net::server::TlsOptions) {
+    use net::server::tls_options::TlSmode;
+    let mode = TlSmode::try_from(tls.mode).unwrap_or(TlSmode::Passthrough);
+    if matches!(mode, TlSmode::Simple | TlSmode::Mutual) && tls.credential_name.is_empty() {
+        c.require(
+            !tls.server_certificate.is_empty(),
+            format!("{f}.serverCertificate"),
+            "SIMPLE and MUTUAL TLS need a server certificate",
+        );
+        c.require(
+            !tls.private_key.is_empty(),
+            format!("{f}.privateKey"),
+            "SIMPLE and MUTUAL TLS need a private key",
+        );
+        if mode == TlSmode::Mutual {
+            c.require(
+                !tls.ca_certificates.is_empty(),
+                format!("{f}.caCertificates"),
+                "MUTUAL TLS needs a client CA bundle",
+            );
+        }
+    }
+}
+
+fn service_entry(c: &mut Check, s: &str, se: &net::ServiceEntry) {
+    use service_entry::Resolution;
+    if se.hosts.is_empty() {
+        c.fail(
+            format!("{s}.hosts"),
+            "a service entry needs at least one host",
+        );
+    }
+    for (i, h) in se.hosts.iter().enumerate() {
+        if h == "*" {
+            c.fail(
+                format!("{s}.hosts[{i}]"),
+                "a service entry cannot be the wildcard host",
+            );
+        } else {
+            host(c, format!("{s}.hosts[{i}]"), h);
+        }
+    }
+    let resolution = Resolution::try_from(se.resolution).unwrap_or(Resolution::None);
+    for (i, a) in se.addresses.iter().enumerate() {
+        let (ip, prefix) = a
+            .split_once('/')
+            .map_or((a.as_str(), None), |(ip, p)| (ip, Some(p)));
+        let ok = ip.parse::<std::net::Ipv4Addr>().is_ok()
+            && prefix.is_none_or(|p| p.parse::<u8>().is_ok_and(|p| p <= 32));
+        c.require(
+            ok,
+            format!("{s}.addresses[{i}]"),
+            "addresses are IPv4 addresses or CIDR ranges",
+        );
+        if prefix.is_some() && resolution == Resolution::Dns {
+            c.fail(
+                format!("{s}.addresses[{i}]"),
+                "CIDR addresses are allowed only with resolution NONE or STATIC",
+            );
+        }
+    }
+    let mut names = HashSet::new();
+    let mut numbers = HashSet::new();
+    for (i, p) in se.ports.iter().enumerate() {
+        let f = format!("{s}.ports[{i}]");
+        port(c, format!("{f}.number"), p.number);
+        c.require(!p.name.is_empty(), format!("{f}.name"), "ports need a name");
+        c.require(
+            names.insert(p.name.as_str()),
+            format!("{f}.name"),
+            &format!("port name {:?} is used twice", p.name),
+        );
+        c.require(
+            numbers.insert(p.number),
+            format!("{f}.number"),
+            &format!("port {} is defined twice", p.number),
+        );
+        c.require(
+            PROTOCOLS.contains(&p.protocol.to_ascii_uppercase().as_str()),
+            format!("{f}.protocol"),
+            &format!("unknown protocol {:?}", p.protocol),
+        );
+    }
+    match resolution {
+        Resolution::None => c.require(
+            se.endpoints.is_empty(),
+            format!("{s}.endpoints"),
+            "resolution NONE takes no endpoints",
+        ),
+        Resolution::Static => c.require(
+            !se.endpoints.is_empty(),
+            format!("{s}.endpoints"),
+            "resolution STATIC needs endpoints",
+        ),
+        Resolution::Dns => {}
+    }
+    for (i, e) in se.endpoints.iter().enumerate() {
+        let f = format!("{s}.endpoints[{i}]");
+        let unix = e.address.starts_with("unix://");
+        match resolution {
+            Resolution::Static if !unix => c.require(
+                e.address.parse::<IpAddr>().is_ok(),
+                format!("{f}.address"),
+                "STATIC endpoints are IP addresses (or unix:// paths)",
+            ),
+            Resolution::Dns if e.address.parse::<IpAddr>().is_err() => {
+                host(c, format!("{f}.address"), &e.address)
+            }
+            _ => {}
+        }
+        for (name, number) in &e.ports {
+            c.require(
+                names.contains(name.as_str()),
+                format!("{f}.ports[{name:?}]"),
+                "the service entry defines no port of that name",
+            );
+            port(c, format!("{f}.ports[{name:?}]"), *number);
+        }
+        labels(c, format!("{f}.labels"), &e.labels);
+    }
+    export_to(c, format!("{s}.exportTo"), &se.export_to);
+}
+
+fn sidecar(c: &mut Check, s: &str, sc: &net::Sidecar) {
+    if sc.egress.is_empty() {
+        c.fail(
+            format!("{s}.egress"),
+            "a sidecar needs at least one egress listener",
+        );
+    }
+    for (i, e) in sc.egress.iter().enumerate() {
+        let f = format!("{s}.egress[{i}]");
+        if e.hosts.is_empty() {
+            c.fail(
+                format!("{f}.hosts"),
+                "an egress listener needs at least one host",
+            );
+        }
+        for (h, entry) in e.hosts.iter().enumerate() {
+            match entry.split_once('/') {
+                Some((ns, name)) if !ns.is_empty() && !name.is_empty() => {
+                    if name != "*" {
+                        host(c, format!("{f}.hosts[{h}]"), name);
+                    }
+                }
+                _ => c.fail(
+                    format!("{f}.hosts[{h}]"),
+                    "egress hosts are `namespace/host` (`*` and `.` allowed)",
+                ),
+            }
+        }
+        if let Some(p) = &e.port {
+            port(c, format!("{f}.port.number"), p.number);
+        }
+    }
+    for (i, l) in sc.ingress.iter().enumerate() {
+        let f = format!("{s}.ingress[{i}]");
+        match &l.port {
+            Some(p) => port(c, format!("{f}.port.number"), p.number),
+            None => c.fail(format!("{f}.port"), "an ingress listener needs a port"),
+        }
+        c.require(
+            !l.default_endpoint.is_empty(),
+            format!("{f}.defaultEndpoint"),
+            "an ingress listener needs a defaultEndpoint",
+        );
+    }
+}
+
+fn envoy_filter(c: &mut Check, s: &str, ef: &net::EnvoyFilter) {
+    if ef.filters.is_empty() {
+        c.fail(
+            format!("{s}.filters"),
+            "an envoy filter needs at least one filter",
+        );
+    }
+    for (i, filter) in ef.filters.iter().enumerate() {
+        let f = format!("{s}.filters[{i}]");
+        c.require(
+            !filter.filter_name.is_empty(),
+            format!("{f}.filterName"),
+            "a filter needs a name",
+        );
+        c.require(
+            filter.filter_type != net::envoy_filter::filter::FilterType::Invalid as i32,
+            format!("{f}.filterType"),
+            "filterType must be HTTP or NETWORK",
+        );
+        c.require(
+            filter.filter_config.is_some(),
+            format!("{f}.filterConfig"),
+            "a filter needs its config",
+        );
+    }
+}
+
+// ---- security ----
+
+fn authentication_policy(c: &mut Check, s: &str, p: &authn::Policy) {
+    for (i, target) in p.targets.iter().enumerate() {
+        c.require(
+            !target.name.is_empty(),
+            format!("{s}.targets[{i}].name"),
+            "a target needs a service name",
+        );
+    }
+    for (i, peer) in p.peers.iter().enumerate() {
+        if let Some(authn::peer_authentication_method::Params::Jwt(jwt)) = &peer.params {
+            jwt_rule(c, &format!("{s}.peers[{i}].jwt"), jwt);
+        }
+    }
+    for (i, origin) in p.origins.iter().enumerate() {
+        match &origin.jwt {
+            Some(jwt) => jwt_rule(c, &format!("{s}.origins[{i}].jwt"), jwt),
+            None => c.fail(format!("{s}.origins[{i}].jwt"), "an origin needs a jwt"),
+        }
+    }
+}
+
+fn jwt_rule(c: &mut Check, f: &str, jwt: &authn::Jwt) {
+    c.require(
+        !jwt.issuer.is_empty(),
+        format!("{f}.issuer"),
+        "a JWT rule needs an issuer",
+    );
+    if !jwt.jwks_uri.is_empty() {
+        let ok = jwt.jwks_uri.starts_with("http://") || jwt.jwks_uri.starts_with("https://");
+        c.require(ok, format!("{f}.jwksUri"), "jwksUri must be an http(s) URL");
+    }
+}
+
+fn service_role(c: &mut Check, s: &str, r: &rbac::ServiceRole) {
+    if r.rules.is_empty() {
+        c.fail(
+            format!("{s}.rules"),
+            "a service role needs at least one rule",
+        );
+    }
+    for (i, rule) in r.rules.iter().enumerate() {
+        c.require(
+            !rule.services.is_empty(),
+            format!("{s}.rules[{i}].services"),
+            "a rule needs at least one service",
+        );
+        for (k, constraint) in rule.constraints.iter().enumerate() {
+            c.require(
+                !constraint.key.is_empty(),
+                format!("{s}.rules[{i}].constraints[{k}].key"),
+                "a constraint needs a key",
+            );
+            c.require(
+                !constraint.values.is_empty(),
+                format!("{s}.rules[{i}].constraints[{k}].values"),
+                "a constraint needs values",
+            );
+        }
+    }
+}
+
+fn service_role_binding(c: &mut Check, s: &str, b: &rbac::ServiceRoleBinding) {
+    if b.subjects.is_empty() {
+        c.fail(
+            format!("{s}.subjects"),
+            "a binding needs at least one subject",
+        );
+    }
+    for (i, subject) in b.subjects.iter().enumerate() {
+        #[allow(deprecated)]
+        let empty = subject.user.is_empty()
+            && subject.group.is_empty()
+            && subject.properties.is_empty()
+            && subject.names.is_empty()
+            && subject.not_names.is_empty()
+            && subject.groups.is_empty()
+            && subject.not_groups.is_empty()
+            && subject.namespaces.is_empty()
+            && subject.not_namespaces.is_empty()
+            && subject.ips.is_empty()
+            && subject.not_ips.is_empty();
+        c.require(
+            !empty,
+            format!("{s}.subjects[{i}]"),
+            "a subject needs a user, group, property or name",
+        );
+    }
+    match &b.role_ref {
+        Some(r) => {
+            c.require(
+                r.kind == "ServiceRole",
+                format!("{s}.roleRef.kind"),
+                "roleRef.kind must be ServiceRole",
+            );
+            c.require(
+                !r.name.is_empty(),
+                format!("{s}.roleRef.name"),
+                "roleRef needs a name",
+            );
+        }
+        None => c.fail(format!("{s}.roleRef"), "a binding needs a roleRef"),
+    }
+}
+
+fn rbac_config(c: &mut Check, s: &str, r: &rbac::RbacConfig) {
+    use rbac::rbac_config::Mode;
+    let mode = Mode::try_from(r.mode).unwrap_or(Mode::Off);
+    c.require(
+        mode == Mode::OnWithInclusion || r.inclusion.is_none(),
+        format!("{s}.inclusion"),
+        "inclusion is only for mode ON_WITH_INCLUSION",
+    );
+    c.require(
+        mode == Mode::OnWithExclusion || r.exclusion.is_none(),
+        format!("{s}.exclusion"),
+        "exclusion is only for mode ON_WITH_EXCLUSION",
+    );
+}
+
+// ---- policy ----
+
+fn rule(c: &mut Check, s: &str, r: &policy::Rule) {
+    for (i, action) in r.actions.iter().enumerate() {
+        c.require(
+            !action.handler.is_empty(),
+            format!("{s}.actions[{i}].handler"),
+            "an action needs a handler",
+        );
+    }
+}
+
+fn attribute_manifest(c: &mut Check, s: &str, m: &policy::AttributeManifest) {
+    for (name, info) in &m.attributes {
+        c.require(
+            info.value_type != policy::ValueType::Unspecified as i32,
+            format!("{s}.attributes[{name:?}].valueType"),
+            "every attribute needs a value type",
+        );
+    }
+}

@@ -1,0 +1,43 @@
+//! `meshctl validate -f FILE...`: the checks Galley applies, offline. Each
+//! file (or every config file below a directory) is parsed and validated,
+//! references between the given objects included.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use galley::validation;
+use mcp_proto::object::ConfigObject;
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Files or directories of config YAML.
+    #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+    pub files: Vec<PathBuf>,
+}
+
+/// Prints every problem; an error (non-zero exit) if there was any.
+pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
+    let mut problems = Vec::new();
+    let mut objects = Vec::new();
+    for path in galley::dir::config_files_in(&args.files, &mut problems) {
+        match galley::dir::read_objects(&path) {
+            Ok(found) => objects.extend(found),
+            Err(e) => problems.push(e),
+        }
+    }
+    let refs: Vec<&ConfigObject> = objects.iter().collect();
+    for (i, found) in validation::validate_all(&refs) {
+        problems.extend(found.iter().map(|p| format!("{}: {p}", refs[i].location)));
+    }
+    for p in &problems {
+        println!("{p}");
+    }
+    anyhow::ensure!(
+        problems.is_empty(),
+        "{} problem(s) in {} object(s) checked",
+        problems.len(),
+        objects.len()
+    );
+    println!("{} object(s) valid", objects.len());
+    Ok(())
+}
