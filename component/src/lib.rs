@@ -10,6 +10,8 @@ mod main_of;
 pub mod ports;
 pub mod readiness;
 pub mod shutdown;
+pub mod tls;
+pub mod watch;
 
 pub use admin::Admin;
 pub use backoff::Backoff;

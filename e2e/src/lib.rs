@@ -135,8 +135,15 @@ impl Proc {
     }
 }
 
+/// Makes ring rustls's process-wide crypto provider, which reqwest needs
+/// even for plain HTTP.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// GET `http://addr/path`: status and body, or `None` if nothing answers.
 pub async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    install_crypto();
     let response = reqwest::get(format!("http://{addr}{path}")).await.ok()?;
     let status = response.status().as_u16();
     Some((status, response.text().await.ok()?))

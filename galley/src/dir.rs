@@ -16,7 +16,9 @@ use std::{
 use component::CancellationToken;
 use mcp_proto::{kinds, mcp::Store, object::ConfigObject, pb::istio::mcp::v1alpha1::Resource};
 
-use crate::{validation, watch::Changes};
+use component::watch::Changes;
+
+use crate::validation;
 
 /// An object's identity in the store: collection and MCP name.
 type Key = (&'static str, String);

@@ -10,7 +10,7 @@ pub mod dir;
 pub mod mesh_config;
 mod status;
 pub mod validation;
-pub mod watch;
+pub mod webhook;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -38,6 +38,16 @@ pub struct GalleyArgs {
     /// An MCP `ResourceSink` to dial and serve as well (repeatable).
     #[arg(long = "sink-address")]
     pub sink_addresses: Vec<String>,
+    /// Address of the validating admission webhook (HTTPS), served when a
+    /// certificate and key are given.
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], component::ports::GALLEY_WEBHOOK)))]
+    pub webhook_addr: SocketAddr,
+    /// PEM certificate chain of the webhook (watched; reloaded on change).
+    #[arg(long, requires = "webhook_key")]
+    pub webhook_cert: Option<PathBuf>,
+    /// PEM private key of the webhook (watched; reloaded on change).
+    #[arg(long, requires = "webhook_cert")]
+    pub webhook_key: Option<PathBuf>,
 }
 
 /// A store for every collection this project knows.
@@ -91,6 +101,16 @@ pub async fn run(
             mcp_proto::mcp::incoming(mcp),
             shutdown.clone().cancelled_owned(),
         );
+    if let (Some(cert), Some(key)) = (args.webhook_cert.clone(), args.webhook_key.clone()) {
+        let webhook = webhook::bind(args.webhook_addr, cert, key, shutdown.clone()).await?;
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = webhook.await {
+                tracing::error!("validating webhook stopped: {e}");
+                stop.cancel();
+            }
+        });
+    }
     let follow = tokio::spawn(async move { tokio::join!(follow_dir, follow_mesh) });
     server.await?;
     follow.await?;

@@ -23,7 +23,7 @@ use mcp_proto::{
 };
 use serde_json::Value;
 
-use crate::watch::Changes;
+use component::watch::Changes;
 
 pub const RESOURCE_NAME: &str = "istio-system/meshconfig";
 

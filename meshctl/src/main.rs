@@ -54,6 +54,8 @@ enum BenchCommand {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     logging::init(LogFormat::Text, &cli.log_level);
+    // One TLS implementation for the process (reqwest takes the default).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let shutdown = component::shutdown::on_signal();
     match cli.command {
         Command::Up(args) => up::run(args, shutdown).await,

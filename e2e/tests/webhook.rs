@@ -1,0 +1,131 @@
+//! Galley's validating admission webhook over real HTTPS, with
+//! AdmissionReview JSON in the shape the Kubernetes API server sends.
+
+use std::sync::Arc;
+
+use e2e::*;
+use serde_json::{Value, json};
+
+const REVIEW: &str = include_str!("data/admission-review.json");
+
+/// A certificate for 127.0.0.1, written as PEM files into `dir`.
+fn certificate(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, rcgen::Certificate) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (cert_path, key_path, cert)
+}
+
+/// An HTTPS client that trusts exactly `cert`.
+fn client(cert: &rcgen::Certificate) -> reqwest::Client {
+    install_crypto();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .build()
+        .unwrap()
+}
+
+fn review_of(spec: Value) -> Value {
+    let mut review: Value = serde_json::from_str(REVIEW).unwrap();
+    review["request"]["object"]["spec"] = spec;
+    review
+}
+
+#[tokio::test]
+async fn webhook_allows_valid_and_denies_invalid_virtual_services() {
+    let dir = config_dir(&[("config.yaml", SAMPLE_CONFIG)]);
+    let certs = tempfile::tempdir().unwrap();
+    let (cert_path, key_path, cert) = certificate(certs.path());
+    let (admin, webhook) = (free_addr(), free_addr());
+    let galley = Proc::start(
+        "galley",
+        &[
+            "--config-dir",
+            dir.path().to_str().unwrap(),
+            "--mcp-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            &admin.to_string(),
+            "--webhook-addr",
+            &webhook.to_string(),
+            "--webhook-cert",
+            cert_path.to_str().unwrap(),
+            "--webhook-key",
+            key_path.to_str().unwrap(),
+        ],
+    );
+    wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    let client = client(&cert);
+    let post = |review: Value| {
+        let client = client.clone();
+        async move {
+            let response = client
+                .post(format!("https://{webhook}/admitpilot"))
+                .header("content-type", "application/json")
+                .body(review.to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            serde_json::from_str::<Value>(&response.text().await.unwrap()).unwrap()
+        }
+    };
+
+    let valid = post(review_of(json!({
+        "hosts": ["reviews.shop.svc.cluster.local"],
+        "http": [{"route": [{"destination": {"host": "reviews.shop.svc.cluster.local", "subset": "v1"}}]}]
+    })))
+    .await;
+    assert_eq!(valid["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(valid["kind"], "AdmissionReview");
+    assert_eq!(
+        valid["response"]["uid"],
+        "705ab4f5-6393-11e8-b7cc-42010a800002"
+    );
+    assert_eq!(valid["response"]["allowed"], true);
+
+    let invalid = post(review_of(json!({
+        "hosts": ["reviews.shop.svc.cluster.local"],
+        "http": [{"route": [
+            {"destination": {"host": "reviews"}, "weight": 50},
+            {"destination": {"host": "ratings"}, "weight": 20}
+        ]}]
+    })))
+    .await;
+    assert_eq!(invalid["response"]["allowed"], false);
+    let message = invalid["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("spec.http[0].route: destination weights add up to 70, not 100"),
+        "{message}"
+    );
+
+    let schema = post(review_of(json!({"hosts": ["a"], "htp": []}))).await;
+    assert_eq!(schema["response"]["allowed"], false);
+    assert!(
+        schema["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("htp"),
+        "{schema}"
+    );
+
+    // Not an Istio kind: not Galley's to judge.
+    let mut other = review_of(json!({}));
+    other["request"]["kind"] = json!({"group": "", "version": "v1", "kind": "ConfigMap"});
+    assert_eq!(post(other).await["response"]["allowed"], true);
+
+    assert!(galley.terminate().await.success());
+}
