@@ -1,6 +1,7 @@
 //! `meshctl`: the mesh's command line.
 
 mod bench;
+mod binaries;
 mod mcp;
 mod up;
 mod validate;
@@ -47,7 +48,9 @@ enum McpCommand {
 #[derive(Subcommand)]
 enum BenchCommand {
     /// One source, many sinks: full sync, then incremental vs full-state updates.
-    Mcp(bench::McpBenchArgs),
+    Mcp(bench::mcp::McpBenchArgs),
+    /// Galley on a large config directory: start to ready, memory, edit to sinks.
+    Galley(bench::galley::GalleyBenchArgs),
 }
 
 #[tokio::main]
@@ -63,7 +66,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Mcp(McpCommand::Watch(args)) => mcp::watch::run(args, shutdown).await,
         Command::Mcp(McpCommand::Serve(args)) => mcp::serve::run(args, shutdown).await,
         Command::Mcp(McpCommand::Conformance(args)) => mcp::conformance::run(args).await,
-        Command::Bench(BenchCommand::Mcp(args)) => bench::mcp(args).await,
+        Command::Bench(BenchCommand::Mcp(args)) => bench::mcp::run(args).await,
+        Command::Bench(BenchCommand::Galley(args)) => bench::galley::run(args).await,
         Command::Version => {
             println!("meshctl {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -148,14 +148,6 @@ fn plans(config_dir: &Path, ports: &Ports) -> anyhow::Result<Vec<Plan>> {
     ])
 }
 
-fn bin_dir(args: &UpArgs) -> anyhow::Result<PathBuf> {
-    if let Some(dir) = &args.bin_dir {
-        return Ok(dir.clone());
-    }
-    let exe = std::env::current_exe()?;
-    Ok(exe.parent().map(Path::to_path_buf).unwrap_or_default())
-}
-
 pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let temp;
     let state_dir = match &args.state_dir {
@@ -178,20 +170,10 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
             dir
         }
     };
-    let bins = bin_dir(&args)?;
-    let plans = plans(
-        &config_dir,
-        &Ports {
-            ephemeral: args.ephemeral_ports,
-        },
-    )?;
+    let bins = crate::binaries::dir(args.bin_dir.as_deref())?;
+    let plans = plans(&config_dir, &Ports { ephemeral: args.ephemeral_ports })?;
     for plan in &plans {
-        let path = bins.join(plan.binary);
-        anyhow::ensure!(
-            path.is_file(),
-            "{} not found; build every component first (`cargo build --workspace`) or pass --bin-dir",
-            path.display()
-        );
+        crate::binaries::path(&bins, plan.binary)?;
     }
     println!("config: {}", config_dir.display());
     println!("logs:   {}", logs.display());

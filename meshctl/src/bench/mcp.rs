@@ -22,6 +22,8 @@ use mcp_proto::{
 };
 use serde_json::json;
 
+use super::ms;
+
 #[derive(Debug, Args)]
 pub struct McpBenchArgs {
     #[arg(long, default_value_t = 100)]
@@ -182,11 +184,7 @@ impl Drop for Sinks {
     }
 }
 
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e5).round() / 1e2
-}
-
-pub async fn mcp(args: McpBenchArgs) -> anyhow::Result<()> {
+pub async fn run(args: McpBenchArgs) -> anyhow::Result<()> {
     eprintln!(
         "bench mcp: {} sinks, {} resources",
         args.sinks, args.resources
@@ -235,10 +233,5 @@ pub async fn mcp(args: McpBenchArgs) -> anyhow::Result<()> {
         },
         "incremental_scaling": scaling,
     });
-    let text = serde_json::to_string_pretty(&figures)?;
-    println!("{text}");
-    if let Some(out) = &args.out {
-        std::fs::write(out, format!("{text}\n"))?;
-    }
-    Ok(())
+    super::report(&figures, args.out.as_deref())
 }

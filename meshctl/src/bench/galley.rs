@@ -1,0 +1,196 @@
+//! `meshctl bench galley`: the Galley binary on a directory of many
+//! resources across kinds. It measures start to ready, peak memory against
+//! the size of the YAML, and the time from one file edit until every sink
+//! has applied (and so ACKed) it, for sinks taking incremental updates and,
+//! as the baseline in the same run, sinks taking the full state.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use clap::Args;
+use component::CancellationToken;
+use mcp_proto::{
+    kinds,
+    mcp::{McpMetrics, Sink, SinkOptions, SinkSnapshot, parse_endpoint, run_sink_client},
+};
+use serde_json::json;
+
+use super::ms;
+
+#[derive(Debug, Args)]
+pub struct GalleyBenchArgs {
+    #[arg(long, default_value_t = 10_000)]
+    pub resources: usize,
+    /// Resources per file.
+    #[arg(long, default_value_t = 100)]
+    pub per_file: usize,
+    /// Sinks of each kind (incremental, and full state as the baseline).
+    #[arg(long, default_value_t = 10)]
+    pub sinks: usize,
+    /// Directory holding the galley binary; next to `meshctl` when absent.
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Also write the JSON figures to this file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+const COLLECTIONS: [&str; 4] =
+    [kinds::SERVICE_ENTRIES, kinds::VIRTUAL_SERVICES, kinds::DESTINATION_RULES, kinds::GATEWAYS];
+
+/// Resource `i` of the benchmark's config, one of four kinds in turn;
+/// `revision` changes its content.
+fn document(i: usize, revision: u32) -> String {
+    let ns = format!("bench-{}", i % 50);
+    let host = format!("svc-{i}.{ns}.svc.cluster.local");
+    match i % 4 {
+        0 => format!(
+            "apiVersion: networking.istio.io/v1alpha3\nkind: ServiceEntry\nmetadata: {{name: svc-{i}, namespace: {ns}}}\nspec:\n  hosts: [{host}]\n  location: MESH_INTERNAL\n  resolution: STATIC\n  ports: [{{number: 8080, name: http, protocol: HTTP}}]\n  endpoints:\n  - {{address: 10.{}.{}.1, ports: {{http: 8080}}, labels: {{app: svc-{i}, version: v{revision}}}}}\n",
+            i / 256 % 256,
+            i % 256
+        ),
+        1 => format!(
+            "apiVersion: networking.istio.io/v1alpha3\nkind: VirtualService\nmetadata: {{name: svc-{i}, namespace: {ns}}}\nspec:\n  hosts: [{host}]\n  http:\n  - match: [{{headers: {{end-user: {{exact: jason}}}}}}]\n    route: [{{destination: {{host: {host}, subset: v2}}}}]\n  - timeout: {revision}s\n    retries: {{attempts: 3, perTryTimeout: 500ms}}\n    route:\n    - {{destination: {{host: {host}, subset: v1}}, weight: 90}}\n    - {{destination: {{host: {host}, subset: v2}}, weight: 10}}\n"
+        ),
+        2 => format!(
+            "apiVersion: networking.istio.io/v1alpha3\nkind: DestinationRule\nmetadata: {{name: svc-{i}, namespace: {ns}}}\nspec:\n  host: {host}\n  trafficPolicy:\n    connectionPool: {{tcp: {{maxConnections: {}}}}}\n    tls: {{mode: ISTIO_MUTUAL}}\n  subsets:\n  - {{name: v1, labels: {{version: v1}}}}\n  - {{name: v2, labels: {{version: v2}}}}\n",
+            100 + revision
+        ),
+        _ => format!(
+            "apiVersion: networking.istio.io/v1alpha3\nkind: Gateway\nmetadata: {{name: gw-{i}, namespace: {ns}}}\nspec:\n  selector: {{istio: ingressgateway, rev: \"{revision}\"}}\n  servers:\n  - port: {{number: 80, name: http, protocol: HTTP}}\n    hosts: [\"{ns}/svc-{i}.example.com\"]\n"
+        ),
+    }
+}
+
+/// Writes the config; returns its size in bytes.
+fn write_config(dir: &Path, resources: usize, per_file: usize) -> anyhow::Result<u64> {
+    let mut bytes = 0;
+    for (file, chunk) in (0..resources).collect::<Vec<_>>().chunks(per_file).enumerate() {
+        let text = chunk.iter().map(|&i| document(i, 1)).collect::<Vec<_>>().join("---\n");
+        bytes += text.len() as u64;
+        std::fs::write(dir.join(format!("config-{file:04}.yaml")), text)?;
+    }
+    Ok(bytes)
+}
+
+fn peak_rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmHWM in /proc/{pid}/status"))?;
+    Ok(kb * 1024)
+}
+
+fn free_port() -> anyhow::Result<std::net::SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// Waits until every sink's snapshot satisfies `done`; returns the time.
+async fn all_sinks(sinks: &[Arc<Sink>], done: impl Fn(&SinkSnapshot) -> bool) -> anyhow::Result<Instant> {
+    for sink in sinks {
+        let mut snapshots = sink.subscribe();
+        tokio::time::timeout(Duration::from_secs(120), async {
+            while !done(&snapshots.borrow_and_update()) {
+                snapshots.changed().await?;
+            }
+            anyhow::Ok(())
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("sinks did not converge within 120s"))??;
+    }
+    Ok(Instant::now())
+}
+
+pub async fn run(args: GalleyBenchArgs) -> anyhow::Result<()> {
+    let galley = crate::binaries::path(&crate::binaries::dir(args.bin_dir.as_deref())?, "galley")?;
+    let config = tempfile::tempdir()?;
+    let yaml_bytes = write_config(config.path(), args.resources, args.per_file)?;
+    eprintln!("bench galley: {} resources, {} bytes of YAML", args.resources, yaml_bytes);
+    let (mcp, admin) = (free_port()?, free_port()?);
+
+    let start = Instant::now();
+    let mut child = tokio::process::Command::new(&galley)
+        .args(["--config-dir", &config.path().display().to_string()])
+        .args(["--mcp-addr", &mcp.to_string(), "--admin-addr", &admin.to_string(), "--log-level", "warn"])
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().unwrap_or_default();
+    let client = reqwest::Client::new();
+    loop {
+        if client.get(format!("http://{admin}/ready")).send().await.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        anyhow::ensure!(child.try_wait()?.is_none(), "galley exited before it was ready");
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(120), "galley not ready within 120s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let ready = start.elapsed();
+
+    let stop = CancellationToken::new();
+    let connect = |incremental: bool| -> anyhow::Result<Vec<Arc<Sink>>> {
+        (0..args.sinks)
+            .map(|i| {
+                let mut options = SinkOptions::new(format!("bench-{incremental}-{i}"), COLLECTIONS);
+                options.incremental = incremental;
+                let sink = Arc::new(Sink::new(options, McpMetrics::default()));
+                let endpoint = parse_endpoint(&mcp.to_string()).map_err(anyhow::Error::msg)?;
+                tokio::spawn(run_sink_client(sink.clone(), endpoint, stop.clone()));
+                Ok(sink)
+            })
+            .collect()
+    };
+    let sync_start = Instant::now();
+    let incremental = connect(true)?;
+    let full_state = connect(false)?;
+    let all: Vec<Arc<Sink>> = incremental.iter().chain(&full_state).cloned().collect();
+    let synced = all_sinks(&all, SinkSnapshot::synced).await? - sync_start;
+
+    // Edit one resource (a VirtualService) in the first file.
+    let edited = 1;
+    let old_version = incremental[0].subscribe().borrow().collections[kinds::VIRTUAL_SERVICES].resources
+        [&format!("bench-{}/svc-{edited}", edited % 50)]
+        .metadata
+        .version
+        .clone();
+    let file = config.path().join("config-0000.yaml");
+    let text = (0..args.per_file.min(args.resources))
+        .map(|i| document(i, if i == edited { 2 } else { 1 }))
+        .collect::<Vec<_>>()
+        .join("---\n");
+    let name = format!("bench-{}/svc-{edited}", edited % 50);
+    let changed = |s: &SinkSnapshot| {
+        s.collections[kinds::VIRTUAL_SERVICES].resources.get(&name).is_some_and(|r| r.metadata.version != old_version)
+    };
+    let edit = Instant::now();
+    std::fs::write(&file, text)?;
+    let (incremental_done, full_done) =
+        tokio::try_join!(all_sinks(&incremental, changed), all_sinks(&full_state, changed))?;
+    let peak_rss = peak_rss_bytes(pid)?;
+    stop.cancel();
+    let _ = child.start_kill();
+
+    let figures = json!({
+        "benchmark": "galley",
+        "resources": args.resources,
+        "files": args.resources.div_ceil(args.per_file),
+        "yaml_bytes": yaml_bytes,
+        "ms_start_to_ready": ms(ready),
+        "peak_rss_bytes": peak_rss,
+        "peak_rss_over_yaml_bytes": peak_rss as f64 / yaml_bytes as f64,
+        "ms_until_sinks_synced": {"sinks": args.sinks * 2, "ms": ms(synced)},
+        "one_file_edit_ms_until_all_sinks_acked": {
+            "sinks_each": args.sinks,
+            "incremental": ms(incremental_done - edit),
+            "full_state": ms(full_done - edit),
+            "includes_debounce_ms": component::watch::DEBOUNCE.as_millis(),
+        },
+    });
+    super::report(&figures, args.out.as_deref())
+}
