@@ -3,39 +3,83 @@
 //! then kept in step with the directory as files are added, changed,
 //! renamed and removed.
 //!
-//! A file that fails to parse keeps the objects it last parsed to, so one
-//! bad edit never removes good config from the mesh; the error is logged
-//! with the file, object and field.
+//! A file that fails to parse keeps the objects it last parsed to, and an
+//! object that fails validation keeps its last valid version served, so one
+//! bad edit never removes good config from the mesh; the error names the
+//! file, document, object and field. A reload reads only the files that
+//! changed and sends the store only the objects that changed.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
-use component::CancellationToken;
+use component::{CancellationToken, watch::Changes};
 use mcp_proto::{kinds, mcp::Store, object::ConfigObject, pb::istio::mcp::v1alpha1::Resource};
 
-use component::watch::Changes;
-
-use crate::validation;
+use crate::validation::{self, Problem};
 
 /// An object's identity in the store: collection and MCP name.
 type Key = (&'static str, String);
 
+/// An object as read, with its MCP resource and its own problems, computed
+/// once when its file is read.
+struct Parsed {
+    object: ConfigObject,
+    resource: Resource,
+    problems: Vec<Problem>,
+}
+
+impl Parsed {
+    fn new(object: ConfigObject) -> Arc<Self> {
+        let resource = object.to_resource();
+        let problems = validation::validate(&object);
+        Arc::new(Self {
+            object,
+            resource,
+            problems,
+        })
+    }
+
+    fn key(&self) -> Key {
+        (self.object.kind.collection, self.object.mcp_name())
+    }
+}
+
+/// A file's content, by hash: reading a file is cheap, parsing it is not.
+/// (Size and modification time would miss two same-size writes within the
+/// file system's timestamp granularity.)
+type Fingerprint = u64;
+
+fn fingerprint(text: &str) -> Fingerprint {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// One file as last read.
+struct FileState {
+    fingerprint: Fingerprint,
+    /// Its objects as last parsed successfully.
+    objects: Vec<Arc<Parsed>>,
+    /// Why its current content does not parse, if it does not.
+    error: Option<String>,
+}
+
 /// What the directory held at its last read, file by file, and what of it
-/// is served.
+/// is served. A reload parses only files whose content changed.
 #[derive(Default)]
 pub struct DirSource {
     dir: PathBuf,
-    /// The objects of every file as last parsed successfully.
-    files: BTreeMap<PathBuf, Vec<ConfigObject>>,
+    files: BTreeMap<PathBuf, FileState>,
     /// The objects served: each valid object, or the last valid version of
     /// one that is now invalid.
-    served: BTreeMap<Key, ConfigObject>,
+    served: BTreeMap<Key, Arc<Parsed>>,
 }
 
-/// What one read found wrong.
+/// What one read found wrong: every current problem, not only new ones.
 #[derive(Debug, Default, Clone)]
 pub struct LoadReport {
     /// One line per problem, naming the file, document, object and field.
@@ -53,91 +97,125 @@ impl DirSource {
         }
     }
 
-    /// Reads the directory again and writes every collection into `store`.
+    /// Reads what changed in the directory and brings `store` in step.
     pub fn reload(&mut self, store: &Store) -> LoadReport {
         let mut report = LoadReport::default();
         let mut files = BTreeMap::new();
         for path in config_files_in(std::slice::from_ref(&self.dir), &mut report.errors) {
-            match read_objects(&path) {
-                Ok(objects) => {
-                    files.insert(path, objects);
-                }
+            let text = match std::fs::read_to_string(&path) {
+                Ok(text) => text,
                 Err(e) => {
-                    report.errors.push(e);
-                    if let Some(last_good) = self.files.remove(&path) {
-                        files.insert(path, last_good);
-                    }
+                    // Unreadable, or gone between listing and reading.
+                    report.errors.push(format!("{}: {e}", path.display()));
+                    continue;
                 }
-            }
+            };
+            let fingerprint = fingerprint(&text);
+            let state = match self.files.remove(&path) {
+                Some(state) if state.fingerprint == fingerprint => state,
+                previous => match ConfigObject::parse_yaml(&text, &path.display().to_string()) {
+                    Ok(objects) => FileState {
+                        fingerprint,
+                        objects: objects.into_iter().map(Parsed::new).collect(),
+                        error: None,
+                    },
+                    Err(e) => FileState {
+                        fingerprint,
+                        objects: previous.map(|p| p.objects).unwrap_or_default(),
+                        error: Some(e.to_string()),
+                    },
+                },
+            };
+            report.errors.extend(state.error.clone());
+            files.insert(path, state);
         }
         self.files = files;
         self.publish(store, &mut report);
         report
     }
 
-    /// Validates what the files hold and writes what passes into `store`.
-    /// An invalid object is never served; its last valid version, if any,
+    /// Decides what is served and writes the differences into `store`. An
+    /// invalid object is never served; its last valid version, if any,
     /// stays served in its place.
     fn publish(&mut self, store: &Store, report: &mut LoadReport) {
-        let mut current: BTreeMap<Key, &ConfigObject> = BTreeMap::new();
-        for object in self.files.values().flatten() {
-            let key = (object.kind.collection, object.mcp_name());
-            if let Some(first) = current.get(&key) {
-                report.rejected += 1;
-                report.errors.push(format!(
-                    "{}: also defined at {}; keeping the first",
-                    object.location, first.location
-                ));
-                continue;
+        let mut current: BTreeMap<Key, &Arc<Parsed>> = BTreeMap::new();
+        for parsed in self.files.values().flat_map(|f| &f.objects) {
+            match current.get(&parsed.key()) {
+                Some(first) => {
+                    report.rejected += 1;
+                    report.errors.push(format!(
+                        "{}: also defined at {}; keeping the first",
+                        parsed.object.location, first.object.location
+                    ));
+                }
+                None => {
+                    current.insert(parsed.key(), parsed);
+                }
             }
-            current.insert(key, object);
         }
-        let objects: Vec<&ConfigObject> = current.values().copied().collect();
-        let problems = validation::validate_all(&objects);
+        let objects: Vec<&ConfigObject> = current.values().map(|p| &p.object).collect();
+        let mut references: BTreeMap<usize, Vec<Problem>> = BTreeMap::new();
+        for (i, problem) in validation::validate_references(&objects) {
+            references.entry(i).or_default().push(problem);
+        }
 
         let mut served = BTreeMap::new();
-        for (i, (key, object)) in current.into_iter().enumerate() {
-            match problems.get(&i) {
-                None => {
-                    served.insert(key, object.clone());
-                }
-                Some(found) => {
-                    report.rejected += 1;
-                    let kept = self.served.get(&key);
-                    let outcome = if kept.is_some() {
-                        "the last valid version stays served"
-                    } else {
-                        "not served"
-                    };
-                    for problem in found {
-                        report
-                            .errors
-                            .push(format!("{}: {problem} ({outcome})", object.location));
-                    }
-                    if let Some(last_good) = kept {
-                        served.insert(key, last_good.clone());
-                    }
-                }
-            }
-        }
-        self.served = served;
-
-        let mut by_collection: HashMap<&str, Vec<Resource>> = HashMap::new();
-        for ((collection, _), object) in &self.served {
-            by_collection
-                .entry(collection)
-                .or_default()
-                .push(object.to_resource());
-        }
-        for kind in kinds::KINDS {
-            if !store.serves(kind.collection) || kind.api_version.is_empty() {
+        for (i, (key, parsed)) in current.into_iter().enumerate() {
+            let problems: Vec<&Problem> = parsed
+                .problems
+                .iter()
+                .chain(references.get(&i).into_iter().flatten())
+                .collect();
+            if problems.is_empty() {
+                served.insert(key, parsed.clone());
                 continue;
             }
-            let resources = by_collection.remove(kind.collection).unwrap_or_default();
-            if let Err(e) = store.replace(kind.collection, resources) {
+            report.rejected += 1;
+            let kept = self.served.get(&key);
+            let outcome = if kept.is_some() {
+                "the last valid version stays served"
+            } else {
+                "not served"
+            };
+            for problem in problems {
+                report
+                    .errors
+                    .push(format!("{}: {problem} ({outcome})", parsed.object.location));
+            }
+            if let Some(last_good) = kept {
+                served.insert(key, last_good.clone());
+            }
+        }
+
+        // Only what changed goes to the store.
+        let mut upserts: BTreeMap<&str, Vec<Resource>> = BTreeMap::new();
+        let mut removals: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (key, parsed) in &served {
+            if !self
+                .served
+                .get(key)
+                .is_some_and(|old| Arc::ptr_eq(old, parsed))
+            {
+                upserts
+                    .entry(key.0)
+                    .or_default()
+                    .push(parsed.resource.clone());
+            }
+        }
+        for key in self.served.keys().filter(|k| !served.contains_key(*k)) {
+            removals.entry(key.0).or_default().push(key.1.clone());
+        }
+        for kind in kinds::KINDS.iter().filter(|k| !k.api_version.is_empty()) {
+            let up = upserts.remove(kind.collection).unwrap_or_default();
+            let gone = removals.remove(kind.collection).unwrap_or_default();
+            if up.is_empty() && gone.is_empty() {
+                continue;
+            }
+            if let Err(e) = store.apply(kind.collection, up, &gone) {
                 report.errors.push(e.to_string());
             }
         }
+        self.served = served;
     }
 
     /// Starts watching, loads the directory once, and returns that load's
@@ -163,7 +241,9 @@ impl DirSource {
                         if changed.is_none() {
                             break;
                         }
+                        let started = std::time::Instant::now();
                         let report = self.reload(&store);
+                        tracing::debug!(elapsed = ?started.elapsed(), problems = report.errors.len(), "config directory reloaded");
                         log_report(&self.dir, &report);
                         on_load(&report);
                     }
@@ -176,7 +256,10 @@ impl DirSource {
 
     /// Every object held, file by file in path order.
     pub fn objects(&self) -> impl Iterator<Item = &ConfigObject> {
-        self.files.values().flatten()
+        self.files
+            .values()
+            .flat_map(|f| &f.objects)
+            .map(|p| &p.object)
     }
 }
 
@@ -327,6 +410,45 @@ mod tests {
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         assert_ne!(store.full(kinds::GATEWAYS).unwrap().1, served);
         assert_eq!(store.len(kinds::VIRTUAL_SERVICES), 1);
+    }
+
+    #[test]
+    fn a_reload_changes_only_what_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), GW).unwrap();
+        std::fs::write(
+            dir.path().join("b.yaml"),
+            GW.replace("name: gw", "name: other"),
+        )
+        .unwrap();
+        let store = store();
+        let mut source = DirSource::new(dir.path());
+        source.reload(&store);
+        let seq = store.seq(kinds::GATEWAYS).unwrap();
+
+        assert!(source.reload(&store).errors.is_empty());
+        assert_eq!(
+            store.seq(kinds::GATEWAYS).unwrap(),
+            seq,
+            "nothing changed, nothing sent"
+        );
+
+        // Rewriting a file with the same objects is no change either.
+        std::fs::write(dir.path().join("a.yaml"), format!("# comment\n{GW}")).unwrap();
+        source.reload(&store);
+        assert_eq!(store.seq(kinds::GATEWAYS).unwrap(), seq);
+
+        // One changed object is one change.
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            GW.replace("app: a", "app: changed"),
+        )
+        .unwrap();
+        source.reload(&store);
+        assert_eq!(store.seq(kinds::GATEWAYS).unwrap(), seq + 1);
+        let diff = store.diff_since(kinds::GATEWAYS, seq).unwrap();
+        assert_eq!(diff.changed.len(), 1);
+        assert_eq!(diff.changed[0].metadata.as_ref().unwrap().name, "ns/gw");
     }
 
     #[test]

@@ -171,7 +171,12 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
         }
     };
     let bins = crate::binaries::dir(args.bin_dir.as_deref())?;
-    let plans = plans(&config_dir, &Ports { ephemeral: args.ephemeral_ports })?;
+    let plans = plans(
+        &config_dir,
+        &Ports {
+            ephemeral: args.ephemeral_ports,
+        },
+    )?;
     for plan in &plans {
         crate::binaries::path(&bins, plan.binary)?;
     }

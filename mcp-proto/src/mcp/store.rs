@@ -99,23 +99,35 @@ impl Store {
         collection: &str,
         resources: Vec<Resource>,
     ) -> Result<bool, StoreError> {
-        let names = resources
-            .iter()
-            .map(|r| named(collection, r))
-            .collect::<Result<Vec<_>, _>>()?;
-        let changed = self.write_collection(collection, |c| {
-            names
-                .into_iter()
-                .zip(resources)
-                .fold(false, |changed, (name, r)| c.upsert(name, r) | changed)
-        })?;
-        self.notify(changed);
-        Ok(changed)
+        self.apply(collection, resources, &[])
     }
 
     /// Removes one resource by name. Returns whether it was there.
     pub fn remove(&self, collection: &str, name: &str) -> Result<bool, StoreError> {
-        let changed = self.write_collection(collection, |c| c.remove(name))?;
+        self.apply(collection, Vec::new(), &[name.to_string()])
+    }
+
+    /// Adds or replaces `upserts` and removes `removals`, as one change.
+    /// Returns whether anything changed.
+    pub fn apply(
+        &self,
+        collection: &str,
+        upserts: Vec<Resource>,
+        removals: &[String],
+    ) -> Result<bool, StoreError> {
+        let names = upserts
+            .iter()
+            .map(|r| named(collection, r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let changed = self.write_collection(collection, |c| {
+            let removed = removals
+                .iter()
+                .fold(false, |changed, name| c.remove(name) | changed);
+            names
+                .into_iter()
+                .zip(upserts)
+                .fold(removed, |changed, (name, r)| c.upsert(name, r) | changed)
+        })?;
         self.notify(changed);
         Ok(changed)
     }
