@@ -23,27 +23,28 @@ use crate::validation::{self, Problem};
 /// An object's identity in the store: collection and MCP name.
 type Key = (&'static str, String);
 
-/// An object as read, with its MCP resource and its own problems, computed
-/// once when its file is read.
+/// An object as read: its MCP resource and its own problems, computed once
+/// when its file is read. The decoded object is kept only where validation
+/// between objects needs it (Mixer rules and what they name); elsewhere the
+/// encoded resource is all that is served, and memory stays near the size of
+/// the config.
 struct Parsed {
-    object: ConfigObject,
+    key: Key,
+    location: String,
     resource: Resource,
     problems: Vec<Problem>,
+    object: Option<ConfigObject>,
 }
 
 impl Parsed {
     fn new(object: ConfigObject) -> Arc<Self> {
-        let resource = object.to_resource();
-        let problems = validation::validate(&object);
         Arc::new(Self {
-            object,
-            resource,
-            problems,
+            key: (object.kind.collection, object.mcp_name()),
+            resource: object.to_resource(),
+            problems: validation::validate(&object),
+            location: object.location.clone(),
+            object: validation::has_references(object.kind).then_some(object),
         })
-    }
-
-    fn key(&self) -> Key {
-        (self.object.kind.collection, self.object.mcp_name())
     }
 }
 
@@ -140,34 +141,42 @@ impl DirSource {
     fn publish(&mut self, store: &Store, report: &mut LoadReport) {
         let mut current: BTreeMap<Key, &Arc<Parsed>> = BTreeMap::new();
         for parsed in self.files.values().flat_map(|f| &f.objects) {
-            match current.get(&parsed.key()) {
+            match current.get(&parsed.key) {
                 Some(first) => {
                     report.rejected += 1;
                     report.errors.push(format!(
                         "{}: also defined at {}; keeping the first",
-                        parsed.object.location, first.object.location
+                        parsed.location, first.location
                     ));
                 }
                 None => {
-                    current.insert(parsed.key(), parsed);
+                    current.insert(parsed.key.clone(), parsed);
                 }
             }
         }
-        let objects: Vec<&ConfigObject> = current.values().map(|p| &p.object).collect();
-        let mut references: BTreeMap<usize, Vec<Problem>> = BTreeMap::new();
+        let with_references: Vec<(&Key, &ConfigObject)> = current
+            .iter()
+            .filter_map(|(key, p)| p.object.as_ref().map(|o| (key, o)))
+            .collect();
+        let objects: Vec<&ConfigObject> = with_references.iter().map(|(_, o)| *o).collect();
+        let mut references: BTreeMap<&Key, Vec<Problem>> = BTreeMap::new();
         for (i, problem) in validation::validate_references(&objects) {
-            references.entry(i).or_default().push(problem);
+            references
+                .entry(with_references[i].0)
+                .or_default()
+                .push(problem);
         }
 
         let mut served = BTreeMap::new();
-        for (i, (key, parsed)) in current.into_iter().enumerate() {
+        for (key, parsed) in &current {
+            let key = (*key).clone();
             let problems: Vec<&Problem> = parsed
                 .problems
                 .iter()
-                .chain(references.get(&i).into_iter().flatten())
+                .chain(references.get(&key).into_iter().flatten())
                 .collect();
             if problems.is_empty() {
-                served.insert(key, parsed.clone());
+                served.insert(key, (*parsed).clone());
                 continue;
             }
             report.rejected += 1;
@@ -180,7 +189,7 @@ impl DirSource {
             for problem in problems {
                 report
                     .errors
-                    .push(format!("{}: {problem} ({outcome})", parsed.object.location));
+                    .push(format!("{}: {problem} ({outcome})", parsed.location));
             }
             if let Some(last_good) = kept {
                 served.insert(key, last_good.clone());
@@ -252,14 +261,6 @@ impl DirSource {
             }
         };
         Ok((first, follow))
-    }
-
-    /// Every object held, file by file in path order.
-    pub fn objects(&self) -> impl Iterator<Item = &ConfigObject> {
-        self.files
-            .values()
-            .flat_map(|f| &f.objects)
-            .map(|p| &p.object)
     }
 }
 
@@ -449,6 +450,31 @@ mod tests {
         let diff = store.diff_since(kinds::GATEWAYS, seq).unwrap();
         assert_eq!(diff.changed.len(), 1);
         assert_eq!(diff.changed[0].metadata.as_ref().unwrap().name, "ns/gw");
+    }
+
+    #[test]
+    fn a_rule_is_served_once_what_it_names_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let rule = "apiVersion: config.istio.io/v1alpha2\nkind: rule\nmetadata: {name: deny, namespace: ns}\nspec: {actions: [{handler: denier, instances: [nothing]}]}\n";
+        std::fs::write(dir.path().join("rule.yaml"), rule).unwrap();
+        let store = store();
+        let mut source = DirSource::new(dir.path());
+        let report = source.reload(&store);
+        assert!(
+            report
+                .errors
+                .iter()
+                .any(|e| e.contains("no handler \"denier\" exists")),
+            "{:?}",
+            report.errors
+        );
+        assert_eq!(store.len(kinds::RULES), 0);
+
+        let named = "apiVersion: config.istio.io/v1alpha2\nkind: handler\nmetadata: {name: denier, namespace: ns}\nspec: {compiledAdapter: denier}\n---\napiVersion: config.istio.io/v1alpha2\nkind: instance\nmetadata: {name: nothing, namespace: ns}\nspec: {compiledTemplate: checknothing}\n";
+        std::fs::write(dir.path().join("handler.yaml"), named).unwrap();
+        let report = source.reload(&store);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(store.len(kinds::RULES), 1);
     }
 
     #[test]

@@ -82,7 +82,7 @@ pub fn load(path: &Path) -> anyhow::Result<MeshConfig> {
             path.display()
         );
     };
-    let mut merged = Body::MeshConfig(defaults()).to_json();
+    let mut merged = Body::MeshConfig(Box::new(defaults())).to_json();
     for (key, value) in file {
         match (merged.get_mut(&key), value) {
             (Some(Value::Object(base)), Value::Object(overlay)) if key == "defaultConfig" => {
@@ -94,7 +94,7 @@ pub fn load(path: &Path) -> anyhow::Result<MeshConfig> {
         }
     }
     match BodyType::MeshConfig.from_json(merged) {
-        Ok(Body::MeshConfig(config)) => Ok(config),
+        Ok(Body::MeshConfig(config)) => Ok(*config),
         Ok(_) => unreachable!("MeshConfig parses to a MeshConfig"),
         Err(e) => anyhow::bail!("{}: {}: {}", path.display(), e.path(), e.inner()),
     }
@@ -103,7 +103,7 @@ pub fn load(path: &Path) -> anyhow::Result<MeshConfig> {
 fn publish(store: &Store, config: MeshConfig) {
     let resource = versioned_resource(
         RESOURCE_NAME.into(),
-        &Body::MeshConfig(config),
+        &Body::MeshConfig(Box::new(config)),
         &BTreeMap::new(),
         &BTreeMap::new(),
     );

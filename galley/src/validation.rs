@@ -121,6 +121,17 @@ pub fn validate_all(objects: &[&ConfigObject]) -> BTreeMap<usize, Vec<Problem>> 
     found
 }
 
+/// Whether objects of `kind` take part in [`validate_references`]: Mixer
+/// rules, and the handlers and instances they name.
+pub fn has_references(kind: &kinds::Kind) -> bool {
+    matches!(
+        kind.collection,
+        kinds::RULES | kinds::HANDLERS | kinds::INSTANCES
+    ) || kind.collection.starts_with(LEGACY_PREFIX)
+}
+
+const LEGACY_PREFIX: &str = "istio/config/v1alpha2/legacy/";
+
 /// Problems between objects: Mixer rules whose actions name handlers or
 /// instances that do not exist. Returns `(index into objects, problem)`.
 pub fn validate_references(objects: &[&ConfigObject]) -> Vec<(usize, Problem)> {
@@ -138,7 +149,7 @@ pub fn validate_references(objects: &[&ConfigObject]) -> Vec<(usize, Problem)> {
             kinds::INSTANCES => {
                 instances.insert((ns, o.name.clone()));
             }
-            c if c.starts_with("istio/config/v1alpha2/legacy/") => {
+            c if c.starts_with(LEGACY_PREFIX) => {
                 legacy.insert((ns, o.name.clone(), o.kind.kind.to_string()));
             }
             _ => {}

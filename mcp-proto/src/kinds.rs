@@ -13,12 +13,12 @@ pub type JsonError = serde_path_to_error::Error<serde_json::Error>;
 
 macro_rules! bodies {
     ($($variant:ident => $ty:ty, $url:literal;)*) => {
-        /// A decoded MCP body: one variant per message type. Variants differ
-        /// in size as the messages do; bodies are held behind `Arc`s.
-        #[allow(clippy::large_enum_variant)]
+        /// A decoded MCP body: one variant per message type. Messages are
+        /// boxed: they range from bytes to a kilobyte, and a store holds
+        /// thousands of bodies.
         #[derive(Debug, Clone, PartialEq)]
         pub enum Body {
-            $($variant($ty),)*
+            $($variant(Box<$ty>),)*
         }
 
         /// The message types that bodies can have.
@@ -37,7 +37,7 @@ macro_rules! bodies {
             /// Decodes protobuf bytes into this type.
             pub fn decode(self, bytes: &[u8]) -> Result<Body, prost::DecodeError> {
                 Ok(match self {
-                    $(BodyType::$variant => Body::$variant(<$ty>::decode(bytes)?),)*
+                    $(BodyType::$variant => Body::$variant(Box::new(<$ty>::decode(bytes)?)),)*
                 })
             }
 
@@ -47,7 +47,7 @@ macro_rules! bodies {
                 let message = self.type_url().trim_start_matches("type.googleapis.com/");
                 crate::go_duration::normalize(message, &mut json);
                 Ok(match self {
-                    $(BodyType::$variant => Body::$variant(serde_path_to_error::deserialize(json)?),)*
+                    $(BodyType::$variant => Body::$variant(Box::new(serde_path_to_error::deserialize(json)?)),)*
                 })
             }
         }

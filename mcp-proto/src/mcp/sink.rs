@@ -59,7 +59,6 @@ pub struct SinkResource {
 
 /// A body decoded to its collection's type, or kept as it came for a
 /// collection this project has no type for.
-#[allow(clippy::large_enum_variant)] // held behind `Arc<SinkResource>`
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
     Decoded(Body),

@@ -41,10 +41,10 @@ pub async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
 
 /// A Gateway resource whose content (and so version) depends on `rev`.
 pub fn gateway(name: &str, rev: u32) -> Resource {
-    let body = Body::Gateway(Gateway {
+    let body = Body::Gateway(Box::new(Gateway {
         selector: [("rev".to_string(), rev.to_string())].into(),
         ..Default::default()
-    });
+    }));
     Resource {
         metadata: Some(Metadata {
             name: name.into(),
@@ -57,10 +57,10 @@ pub fn gateway(name: &str, rev: u32) -> Resource {
 
 /// A ServiceEntry resource whose content depends on `rev`.
 pub fn service_entry(name: &str, rev: u32) -> Resource {
-    let body = Body::ServiceEntry(ServiceEntry {
+    let body = Body::ServiceEntry(Box::new(ServiceEntry {
         hosts: vec![format!("h{rev}.example.com")],
         ..Default::default()
-    });
+    }));
     Resource {
         metadata: Some(Metadata {
             name: name.into(),

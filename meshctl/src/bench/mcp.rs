@@ -40,7 +40,7 @@ pub struct McpBenchArgs {
 
 /// A realistic gateway body (~150 bytes encoded) at a given revision.
 fn resource(i: usize, revision: u64) -> Resource {
-    let body = Body::Gateway(Gateway {
+    let body = Body::Gateway(Box::new(Gateway {
         servers: vec![Server {
             port: Some(Port {
                 number: 443,
@@ -58,7 +58,7 @@ fn resource(i: usize, revision: u64) -> Resource {
             ("rev".to_string(), revision.to_string()),
         ]
         .into(),
-    });
+    }));
     Resource {
         metadata: Some(Metadata {
             name: format!("bench/gateway-{i}"),

@@ -2,7 +2,6 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use galley::DirSource;
 use mcp_proto::{
     object::ConfigObject,
     pb::{
@@ -121,30 +120,38 @@ async fn next_for(p: &mut SinkProbe, collection: &str) -> Result<Resources, Stri
 
 pub async fn check(address: &str, dir: &Path, timing: Timing) -> anyhow::Result<Report> {
     let mut report = Report::default();
-    let store = galley::new_store();
-    let mut expected = DirSource::new(dir);
-    let loaded = expected.reload(&store);
+    // What the source must be serving: DIR's objects, all valid.
+    let mut problems = Vec::new();
+    let mut objects = Vec::new();
+    for path in galley::dir::config_files_in(&[dir.to_path_buf()], &mut problems) {
+        match galley::dir::read_objects(&path) {
+            Ok(found) => objects.extend(found),
+            Err(e) => problems.push(e),
+        }
+    }
+    let refs: Vec<&ConfigObject> = objects.iter().collect();
+    for (i, found) in galley::validation::validate_all(&refs) {
+        problems.extend(found.iter().map(|p| format!("{}: {p}", refs[i].location)));
+    }
     anyhow::ensure!(
-        loaded.errors.is_empty(),
-        "--dir does not parse: {}",
-        loaded.errors.join("; ")
+        problems.is_empty(),
+        "--dir must hold valid config: {}",
+        problems.join("; ")
     );
-    let Some(template) = expected.objects().next().cloned() else {
+    let Some(template) = objects.first().cloned() else {
         anyhow::bail!(
             "--dir {} holds no config objects to check against",
             dir.display()
         );
     };
     let collection = template.kind.collection;
-    let mut want: Vec<String> = store
-        .full(collection)
-        .map(|(_, all)| {
-            all.iter()
-                .filter_map(|r| r.metadata.as_ref().map(|m| m.name.clone()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut want: Vec<String> = objects
+        .iter()
+        .filter(|o| o.kind.collection == collection)
+        .map(ConfigObject::mcp_name)
+        .collect();
     want.sort();
+    want.dedup();
     println!(
         "checking collection {collection} ({} resources in {})",
         want.len(),
