@@ -8,6 +8,7 @@
 
 pub mod dir;
 pub mod mesh_config;
+pub mod service_discovery;
 mod status;
 pub mod validation;
 pub mod webhook;
