@@ -173,6 +173,36 @@ pub async fn wait_for_http(
     }
 }
 
+/// A running Galley serving `dir`, ready, with its MCP and admin addresses.
+pub struct Galley {
+    pub proc: Proc,
+    pub mcp: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Galley {
+    /// Starts Galley on `dir` with `extra` flags and waits until it is ready.
+    pub async fn start(dir: &std::path::Path, extra: &[&str]) -> Self {
+        let (mcp, admin) = (free_addr(), free_addr());
+        let (mcp_arg, admin_arg) = (mcp.to_string(), admin.to_string());
+        let args = [
+            &[
+                "--config-dir",
+                dir.to_str().unwrap(),
+                "--mcp-addr",
+                &mcp_arg,
+                "--admin-addr",
+                &admin_arg,
+            ][..],
+            extra,
+        ]
+        .concat();
+        let proc = Proc::start("galley", &args);
+        wait_for_http(admin, "/ready", |s, _| s == 200).await;
+        Self { proc, mcp, admin }
+    }
+}
+
 /// Whether a process with this pid still exists.
 pub fn alive(pid: u32) -> bool {
     nix::sys::signal::kill(Pid::from_raw(pid as i32), None).is_ok()

@@ -103,19 +103,11 @@ async fn directory_edits_reach_full_state_and_incremental_sinks() {
         ("services.yaml", &services),
         ("routes.yaml", &route("2s", (50, 50))),
     ]);
-    let (mcp, admin) = (free_addr(), free_addr());
-    let galley = Proc::start(
-        "galley",
-        &[
-            "--config-dir",
-            dir.path().to_str().unwrap(),
-            "--mcp-addr",
-            &mcp.to_string(),
-            "--admin-addr",
-            &admin.to_string(),
-        ],
-    );
-    wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    let Galley {
+        proc: galley,
+        mcp,
+        admin,
+    } = Galley::start(dir.path(), &[]).await;
     let mut sinks = [
         watcher(&mcp.to_string(), true).await,
         watcher(&mcp.to_string(), false).await,

@@ -88,19 +88,9 @@ async fn meshctl_mcp_serve_passes_source_conformance() {
 #[tokio::test]
 async fn galley_passes_source_conformance() {
     let dir = config_dir(&[("config.yaml", SAMPLE_CONFIG)]);
-    let (mcp, admin) = (free_addr(), free_addr());
-    let galley = Proc::start(
-        "galley",
-        &[
-            "--config-dir",
-            dir.path().to_str().unwrap(),
-            "--mcp-addr",
-            &mcp.to_string(),
-            "--admin-addr",
-            &admin.to_string(),
-        ],
-    );
-    wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    let Galley {
+        proc: galley, mcp, ..
+    } = Galley::start(dir.path(), &[]).await;
     assert_conforms(&[
         "--source",
         &mcp.to_string(),

@@ -49,25 +49,17 @@ async fn webhook_allows_valid_and_denies_invalid_virtual_services() {
     let dir = config_dir(&[("config.yaml", SAMPLE_CONFIG)]);
     let certs = tempfile::tempdir().unwrap();
     let (cert_path, key_path, cert) = certificate(certs.path());
-    let (admin, webhook) = (free_addr(), free_addr());
-    let galley = Proc::start(
-        "galley",
-        &[
-            "--config-dir",
-            dir.path().to_str().unwrap(),
-            "--mcp-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            &admin.to_string(),
-            "--webhook-addr",
-            &webhook.to_string(),
-            "--webhook-cert",
-            cert_path.to_str().unwrap(),
-            "--webhook-key",
-            key_path.to_str().unwrap(),
-        ],
-    );
-    wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    let webhook = free_addr();
+    let webhook_arg = webhook.to_string();
+    let flags = [
+        "--webhook-addr",
+        &webhook_arg,
+        "--webhook-cert",
+        cert_path.to_str().unwrap(),
+        "--webhook-key",
+        key_path.to_str().unwrap(),
+    ];
+    let galley = Galley::start(dir.path(), &flags).await.proc;
     let client = client(&cert);
     let post = |review: Value| {
         let client = client.clone();

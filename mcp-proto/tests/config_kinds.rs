@@ -26,9 +26,9 @@ fn assert_round_trips(body: &Body) {
     assert_eq!(&from_json, body, "JSON round trip of {ty:?}: {json}");
 }
 
-#[test]
-fn every_object_kind_round_trips() {
-    let objects: Vec<_> = [
+/// Every object of every test file.
+fn load_all() -> Vec<ConfigObject> {
+    [
         "networking.yaml",
         "security.yaml",
         "policy.yaml",
@@ -36,7 +36,12 @@ fn every_object_kind_round_trips() {
     ]
     .iter()
     .flat_map(|f| load(f))
-    .collect();
+    .collect()
+}
+
+#[test]
+fn every_object_kind_round_trips() {
+    let objects = load_all();
     for object in &objects {
         assert_round_trips(&object.body);
         let resource = object.to_resource();
@@ -237,16 +242,10 @@ fn objects_print_back_to_the_same_object() {
 #[test]
 fn the_same_document_always_gets_the_same_version() {
     let versions = || -> Vec<String> {
-        [
-            "networking.yaml",
-            "security.yaml",
-            "policy.yaml",
-            "mixer.yaml",
-        ]
-        .iter()
-        .flat_map(|f| load(f))
-        .map(|o| o.to_resource().metadata.unwrap().version)
-        .collect()
+        load_all()
+            .iter()
+            .map(|o| o.to_resource().metadata.unwrap().version)
+            .collect()
     };
     let first = versions();
     for _ in 0..20 {
