@@ -16,37 +16,9 @@ use std::{
 };
 
 use component::{CancellationToken, watch::Changes};
-use mcp_proto::{kinds, mcp::Store, object::ConfigObject, pb::istio::mcp::v1alpha1::Resource};
+use mcp_proto::{mcp::Store, object::ConfigObject};
 
-use crate::validation::{self, Problem};
-
-/// An object's identity in the store: collection and MCP name.
-type Key = (&'static str, String);
-
-/// An object as read: its MCP resource and its own problems, computed once
-/// when its file is read. The decoded object is kept only where validation
-/// between objects needs it (Mixer rules and what they name); elsewhere the
-/// encoded resource is all that is served, and memory stays near the size of
-/// the config.
-struct Parsed {
-    key: Key,
-    location: String,
-    resource: Resource,
-    problems: Vec<Problem>,
-    object: Option<ConfigObject>,
-}
-
-impl Parsed {
-    fn new(object: ConfigObject) -> Arc<Self> {
-        Arc::new(Self {
-            key: (object.kind.collection, object.mcp_name()),
-            resource: object.to_resource(),
-            problems: validation::validate(&object),
-            location: object.location.clone(),
-            object: validation::has_references(object.kind).then_some(object),
-        })
-    }
-}
+use crate::config_set::{ConfigSet, LoadReport, Parsed};
 
 /// A file's content, by hash: reading a file is cheap, parsing it is not.
 /// (Size and modification time would miss two same-size writes within the
@@ -75,19 +47,7 @@ struct FileState {
 pub struct DirSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
-    /// The objects served: each valid object, or the last valid version of
-    /// one that is now invalid.
-    served: BTreeMap<Key, Arc<Parsed>>,
-}
-
-/// What one read found wrong: every current problem, not only new ones.
-#[derive(Debug, Default, Clone)]
-pub struct LoadReport {
-    /// One line per problem, naming the file, document, object and field.
-    pub errors: Vec<String>,
-    /// Objects not served as they now are (invalid, or shadowed by a
-    /// duplicate).
-    pub rejected: usize,
+    served: ConfigSet,
 }
 
 impl DirSource {
@@ -131,100 +91,9 @@ impl DirSource {
             files.insert(path, state);
         }
         self.files = files;
-        self.publish(store, &mut report);
+        let candidates = self.files.values().flat_map(|f| &f.objects);
+        self.served.publish(store, candidates, &mut report);
         report
-    }
-
-    /// Decides what is served and writes the differences into `store`. An
-    /// invalid object is never served; its last valid version, if any,
-    /// stays served in its place.
-    fn publish(&mut self, store: &Store, report: &mut LoadReport) {
-        let mut current: BTreeMap<Key, &Arc<Parsed>> = BTreeMap::new();
-        for parsed in self.files.values().flat_map(|f| &f.objects) {
-            match current.get(&parsed.key) {
-                Some(first) => {
-                    report.rejected += 1;
-                    report.errors.push(format!(
-                        "{}: also defined at {}; keeping the first",
-                        parsed.location, first.location
-                    ));
-                }
-                None => {
-                    current.insert(parsed.key.clone(), parsed);
-                }
-            }
-        }
-        let with_references: Vec<(&Key, &ConfigObject)> = current
-            .iter()
-            .filter_map(|(key, p)| p.object.as_ref().map(|o| (key, o)))
-            .collect();
-        let objects: Vec<&ConfigObject> = with_references.iter().map(|(_, o)| *o).collect();
-        let mut references: BTreeMap<&Key, Vec<Problem>> = BTreeMap::new();
-        for (i, problem) in validation::validate_references(&objects) {
-            references
-                .entry(with_references[i].0)
-                .or_default()
-                .push(problem);
-        }
-
-        let mut served = BTreeMap::new();
-        for (key, parsed) in &current {
-            let key = (*key).clone();
-            let problems: Vec<&Problem> = parsed
-                .problems
-                .iter()
-                .chain(references.get(&key).into_iter().flatten())
-                .collect();
-            if problems.is_empty() {
-                served.insert(key, (*parsed).clone());
-                continue;
-            }
-            report.rejected += 1;
-            let kept = self.served.get(&key);
-            let outcome = if kept.is_some() {
-                "the last valid version stays served"
-            } else {
-                "not served"
-            };
-            for problem in problems {
-                report
-                    .errors
-                    .push(format!("{}: {problem} ({outcome})", parsed.location));
-            }
-            if let Some(last_good) = kept {
-                served.insert(key, last_good.clone());
-            }
-        }
-
-        // Only what changed goes to the store.
-        let mut upserts: BTreeMap<&str, Vec<Resource>> = BTreeMap::new();
-        let mut removals: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-        for (key, parsed) in &served {
-            if !self
-                .served
-                .get(key)
-                .is_some_and(|old| Arc::ptr_eq(old, parsed))
-            {
-                upserts
-                    .entry(key.0)
-                    .or_default()
-                    .push(parsed.resource.clone());
-            }
-        }
-        for key in self.served.keys().filter(|k| !served.contains_key(*k)) {
-            removals.entry(key.0).or_default().push(key.1.clone());
-        }
-        for kind in kinds::KINDS.iter().filter(|k| !k.api_version.is_empty()) {
-            let up = upserts.remove(kind.collection).unwrap_or_default();
-            let gone = removals.remove(kind.collection).unwrap_or_default();
-            if up.is_empty() && gone.is_empty() {
-                continue;
-            }
-            if let Err(e) = store.apply(kind.collection, up, &gone) {
-                report.errors.push(e.to_string());
-            }
-        }
-        self.served = served;
     }
 
     /// Starts watching, loads the directory once, and returns that load's
@@ -322,6 +191,8 @@ pub fn read_objects(path: &Path) -> Result<Vec<ConfigObject>, String> {
 
 #[cfg(test)]
 mod tests {
+    use mcp_proto::kinds;
+
     use super::*;
 
     const GW: &str = "apiVersion: networking.istio.io/v1alpha3\nkind: Gateway\nmetadata: {name: gw, namespace: ns}\nspec:\n  selector: {app: a}\n  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ['*']}]\n";

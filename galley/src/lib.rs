@@ -6,6 +6,7 @@
 //! as well. The Kubernetes source, semantic validation and the validating
 //! webhook are still to come (issue 3).
 
+pub mod config_set;
 pub mod dir;
 pub mod mesh_config;
 pub mod service_discovery;

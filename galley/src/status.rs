@@ -8,7 +8,7 @@ use mcp_proto::{kinds, mcp::Store};
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use serde_json::json;
 
-use crate::dir::LoadReport;
+use crate::config_set::LoadReport;
 
 /// Records each load of the config directory.
 #[derive(Clone)]
