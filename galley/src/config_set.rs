@@ -11,7 +11,7 @@ use mcp_proto::{kinds, mcp::Store, object::ConfigObject, pb::istio::mcp::v1alpha
 use crate::validation::{self, Problem};
 
 /// An object's identity in the store: collection and MCP name.
-type Key = (&'static str, String);
+pub type Key = (&'static str, String);
 
 /// An object as read: its MCP resource and its own problems, computed once
 /// when its file is read. The decoded object is kept only where validation

@@ -8,6 +8,7 @@
 
 pub mod config_set;
 pub mod dir;
+pub mod kube_source;
 pub mod mesh_config;
 pub mod service_discovery;
 mod status;
@@ -29,8 +30,23 @@ pub use dir::DirSource;
 #[derive(Debug, Clone, Args)]
 pub struct GalleyArgs {
     /// Directory of config YAML to serve (watched).
-    #[arg(long, env = "GALLEY_CONFIG_DIR")]
-    pub config_dir: PathBuf,
+    #[arg(
+        long,
+        env = "GALLEY_CONFIG_DIR",
+        required_unless_present = "kube",
+        conflicts_with = "kube"
+    )]
+    pub config_dir: Option<PathBuf>,
+    /// Read config and services from Kubernetes instead (in-cluster
+    /// config, or `--kubeconfig`).
+    #[arg(long)]
+    pub kube: bool,
+    /// Kubeconfig file for `--kube` (default: in-cluster, then ~/.kube/config).
+    #[arg(long, requires = "kube")]
+    pub kubeconfig: Option<PathBuf>,
+    /// DNS domain of the cluster, for service hosts and SPIFFE identities.
+    #[arg(long, default_value = "cluster.local")]
+    pub domain: String,
     /// Address of the MCP `ResourceSource` gRPC server.
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], component::ports::GALLEY_MCP)))]
     pub mcp_addr: SocketAddr,
@@ -75,10 +91,37 @@ pub async fn run(
     let metrics = McpMetrics::source(&mut admin.registry());
     let loaded = admin.readiness().condition("config-loaded");
     let status = status::ConfigStatus::register(&admin, store.clone());
-    let (_, follow_dir) =
-        DirSource::new(&args.config_dir).start(store.clone(), shutdown.clone(), move |report| {
-            status.record(report)
-        })?;
+    let follow_config = match &args.config_dir {
+        Some(dir) => {
+            let (_, follow) =
+                DirSource::new(dir)
+                    .start(store.clone(), shutdown.clone(), move |r| status.record(r))?;
+            tokio::spawn(follow)
+        }
+        None => {
+            let client = kube_client(args.kubeconfig.as_deref()).await?;
+            let (synced_tx, synced) = tokio::sync::oneshot::channel();
+            let follow = kube_source::start(
+                client,
+                store.clone(),
+                args.domain.clone(),
+                shutdown.clone(),
+                move |r| status.record(r),
+                move || {
+                    let _ = synced_tx.send(());
+                },
+            );
+            let follow = tokio::spawn(follow);
+            // Serve only a synced store: an empty one would tell every sink
+            // that all config is gone.
+            tracing::info!("waiting for the Kubernetes watches to list");
+            tokio::select! {
+                _ = synced => {}
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+            follow
+        }
+    };
     let follow_mesh =
         mesh_config::start(args.mesh_config.clone(), store.clone(), shutdown.clone())?;
     loaded.set(true);
@@ -96,7 +139,7 @@ pub async fn run(
     }
     let service =
         SourceServer::new(store, IncrementalPolicy::All, metrics, shutdown.clone()).into_service();
-    tracing::info!(addr = %mcp.local_addr()?, dir = %args.config_dir.display(), "galley serving MCP");
+    tracing::info!(addr = %mcp.local_addr()?, source = ?args.config_dir.as_deref().unwrap_or("kubernetes".as_ref()), "galley serving MCP");
     let server = mcp_proto::mcp::grpc_server()
         .add_service(service)
         .serve_with_incoming_shutdown(
@@ -113,8 +156,27 @@ pub async fn run(
             }
         });
     }
-    let follow = tokio::spawn(async move { tokio::join!(follow_dir, follow_mesh) });
+    let follow_mesh = tokio::spawn(follow_mesh);
     server.await?;
-    follow.await?;
+    follow_config.await?;
+    follow_mesh.await?;
     Ok(())
+}
+
+/// A Kubernetes client from `kubeconfig`, or from the environment (in-cluster
+/// service account, then `~/.kube/config`).
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| anyhow::anyhow!("--kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .map_err(|e| anyhow::anyhow!("--kubeconfig {}: {e}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| anyhow::anyhow!("no Kubernetes config found: {e}"))?,
+    };
+    Ok(kube::Client::try_from(config)?)
 }
