@@ -23,6 +23,9 @@ const PROTOS: &[&str] = &[
     "istio/mixer/v1/mixer.proto",
     "istio/mixer/v1/config/client/client.proto",
     "istio/v1/auth/ca.proto",
+    "k8s/io/apimachinery/pkg/apis/meta/v1/meta.proto",
+    "k8s/io/apimachinery/pkg/util/intstr/intstr.proto",
+    "k8s/io/api/core/v1/core.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -44,6 +47,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     pbjson_build::Builder::new()
         .register_descriptors(&std::fs::read(&descriptor_path)?)?
         .btree_map(["."])
-        .build(&[".istio", ".google.rpc"])?;
+        .build(&[".istio", ".google.rpc", ".k8s"])?;
     Ok(())
 }

@@ -1,9 +1,10 @@
 //! The Kubernetes source (`galley --kube`): Istio's custom resources and
-//! the core Services, Endpoints, Pods and Nodes, followed with `kube`'s
+//! the core Services, Endpoints, Pods, Nodes and Namespaces, followed with `kube`'s
 //! watcher (which resumes after a disconnect and lists again when its
 //! resource version has expired). Custom resources go through the same
 //! [`ConfigSet`] as files do; the core kinds become the synthetic
-//! ServiceEntries of [`service_discovery`].
+//! ServiceEntries of [`service_discovery`], and are served raw in the
+//! `k8s/core/v1/*` collections too.
 //!
 //! A kind whose API the cluster does not serve (a CRD that is not
 //! installed) counts as synced and empty, so one missing CRD does not keep
@@ -13,7 +14,7 @@ use std::{collections::BTreeMap, future::Future, sync::Arc};
 
 use component::CancellationToken;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Node, Pod, Service};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{ApiResource, DynamicObject},
@@ -29,6 +30,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     config_set::{ConfigSet, Key, LoadReport, Parsed},
+    kube_core,
     service_discovery::{self, Platform},
 };
 
@@ -39,6 +41,7 @@ enum Update {
     Endpoints(Box<watcher::Event<Endpoints>>),
     Pod(Box<watcher::Event<Pod>>),
     Node(Box<watcher::Event<Node>>),
+    Namespace(Box<watcher::Event<Namespace>>),
     /// The cluster does not serve this kind's API.
     Missing(String),
 }
@@ -96,6 +99,7 @@ struct Cluster {
     endpoints: Watched<Endpoints>,
     pods: Watched<Pod>,
     nodes: Watched<Node>,
+    namespaces: Watched<Namespace>,
     /// Parsed custom resources with the resource version they were parsed at.
     parsed: BTreeMap<Key, (String, Arc<Parsed>)>,
     set: ConfigSet,
@@ -119,6 +123,7 @@ impl Cluster {
             && self.endpoints.synced
             && self.pods.synced
             && self.nodes.synced
+            && self.namespaces.synced
     }
 
     fn apply(&mut self, update: Update) {
@@ -132,6 +137,7 @@ impl Cluster {
             Update::Endpoints(event) => self.endpoints.apply(*event),
             Update::Pod(event) => self.pods.apply(*event),
             Update::Node(event) => self.nodes.apply(*event),
+            Update::Namespace(event) => self.namespaces.apply(*event),
             Update::Missing(collection) => {
                 if let Some(w) = self
                     .config
@@ -193,8 +199,53 @@ impl Cluster {
                 ))
             })
             .collect();
-        if let Err(e) = store.replace(kinds::SYNTHETIC_SERVICE_ENTRIES, entries) {
-            report.errors.push(e.to_string());
+        let raw = [
+            (kinds::SYNTHETIC_SERVICE_ENTRIES, entries),
+            (
+                kinds::K8S_SERVICES,
+                self.services
+                    .objects
+                    .values()
+                    .map(kube_core::service_resource)
+                    .collect(),
+            ),
+            (
+                kinds::K8S_ENDPOINTS,
+                self.endpoints
+                    .objects
+                    .values()
+                    .map(kube_core::endpoints_resource)
+                    .collect(),
+            ),
+            (
+                kinds::K8S_PODS,
+                self.pods
+                    .objects
+                    .values()
+                    .map(kube_core::pod_resource)
+                    .collect(),
+            ),
+            (
+                kinds::K8S_NODES,
+                self.nodes
+                    .objects
+                    .values()
+                    .map(kube_core::node_resource)
+                    .collect(),
+            ),
+            (
+                kinds::K8S_NAMESPACES,
+                self.namespaces
+                    .objects
+                    .values()
+                    .map(kube_core::namespace_resource)
+                    .collect(),
+            ),
+        ];
+        for (collection, resources) in raw {
+            if let Err(e) = store.replace(collection, resources) {
+                report.errors.push(e.to_string());
+            }
         }
         report
     }
@@ -301,9 +352,15 @@ pub fn start(
         None,
     );
     forward(
-        Api::<Node>::all(client),
-        tx,
+        Api::<Node>::all(client.clone()),
+        tx.clone(),
         |e| Update::Node(Box::new(e)),
+        None,
+    );
+    forward(
+        Api::<Namespace>::all(client),
+        tx,
+        |e| Update::Namespace(Box::new(e)),
         None,
     );
 

@@ -8,6 +8,7 @@
 
 pub mod config_set;
 pub mod dir;
+mod kube_core;
 pub mod kube_source;
 pub mod mesh_config;
 pub mod service_discovery;

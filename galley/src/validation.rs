@@ -91,7 +91,12 @@ pub fn validate(object: &ConfigObject) -> Vec<Problem> {
         | Body::HttpApiSpecBinding(_)
         | Body::QuotaSpec(_)
         | Body::QuotaSpecBinding(_)
-        | Body::LegacyStruct(_) => {}
+        | Body::LegacyStruct(_)
+        | Body::K8sServiceSpec(_)
+        | Body::K8sEndpoints(_)
+        | Body::K8sPod(_)
+        | Body::K8sNodeSpec(_)
+        | Body::K8sNamespaceSpec(_) => {}
     }
     if object.kind.namespaced
         && !is_dns1123_label(&object.name)

@@ -7,6 +7,7 @@ use prost::Message;
 use serde_json::Value;
 
 use crate::pb::istio::{authentication, mesh, mixer::v1::config::client, networking, policy, rbac};
+use crate::pb::k8s::io::api::core::v1 as k8s_core;
 
 /// A JSON parse error with the path of the field it is about.
 pub type JsonError = serde_path_to_error::Error<serde_json::Error>;
@@ -109,6 +110,13 @@ bodies! {
     // Istio 1.1 carries Mixer's adapter and template kinds as Structs under
     // this doubled type URL; sinks match on it, so it is kept as it is.
     LegacyStruct => pbjson_types::Struct, "type.googleapis.com/google.protobuf.Struct";
+    // Kubernetes objects, as Istio 1.1's Galley carries them (some as their
+    // spec alone).
+    K8sServiceSpec => k8s_core::ServiceSpec, "k8s.io.api.core.v1.ServiceSpec";
+    K8sEndpoints => k8s_core::Endpoints, "k8s.io.api.core.v1.Endpoints";
+    K8sPod => k8s_core::Pod, "k8s.io.api.core.v1.Pod";
+    K8sNodeSpec => k8s_core::NodeSpec, "k8s.io.api.core.v1.NodeSpec";
+    K8sNamespaceSpec => k8s_core::NamespaceSpec, "k8s.io.api.core.v1.NamespaceSpec";
 }
 
 /// One collection: what MCP calls it, what its bodies are, and how users
@@ -164,6 +172,11 @@ pub const HTTP_API_SPECS: &str = "istio/config/v1alpha2/httpapispecs";
 pub const HTTP_API_SPEC_BINDINGS: &str = "istio/config/v1alpha2/httpapispecbindings";
 pub const QUOTA_SPECS: &str = "istio/mixer/v1/config/client/quotaspecs";
 pub const QUOTA_SPEC_BINDINGS: &str = "istio/mixer/v1/config/client/quotaspecbindings";
+pub const K8S_SERVICES: &str = "k8s/core/v1/services";
+pub const K8S_ENDPOINTS: &str = "k8s/core/v1/endpoints";
+pub const K8S_PODS: &str = "k8s/core/v1/pods";
+pub const K8S_NODES: &str = "k8s/core/v1/nodes";
+pub const K8S_NAMESPACES: &str = "k8s/core/v1/namespaces";
 
 const NETWORKING: &str = "networking.istio.io/v1alpha3";
 const AUTHENTICATION: &str = "authentication.istio.io/v1alpha1";
@@ -177,8 +190,7 @@ const fn legacy(collection: &'static str, kind_name: &'static str) -> Kind {
 }
 
 /// Every collection this project knows: those of Istio 1.1's Galley, plus
-/// the mesh config and the synthetic service entries. (The `k8s/core/v1/*`
-/// collections come with the Kubernetes source.)
+/// the mesh config, the synthetic service entries and the namespaces.
 pub const KINDS: &[Kind] = &[
     kind(
         VIRTUAL_SERVICES,
@@ -279,6 +291,17 @@ pub const KINDS: &[Kind] = &[
         POLICY,
         "QuotaSpecBinding",
         true,
+    ),
+    kind(K8S_SERVICES, BodyType::K8sServiceSpec, "", "Service", true),
+    kind(K8S_ENDPOINTS, BodyType::K8sEndpoints, "", "Endpoints", true),
+    kind(K8S_PODS, BodyType::K8sPod, "", "Pod", true),
+    kind(K8S_NODES, BodyType::K8sNodeSpec, "", "Node", false),
+    kind(
+        K8S_NAMESPACES,
+        BodyType::K8sNamespaceSpec,
+        "",
+        "Namespace",
+        false,
     ),
     legacy("istio/config/v1alpha2/adapters", "adapter"),
     legacy("istio/config/v1alpha2/templates", "template"),

@@ -61,3 +61,31 @@ pub mod istio {
         }
     }
 }
+
+pub mod k8s {
+    pub mod io {
+        pub mod api {
+            pub mod core {
+                pub mod v1 {
+                    include_package!("k8s.io.api.core.v1");
+                }
+            }
+        }
+        pub mod apimachinery {
+            pub mod pkg {
+                pub mod apis {
+                    pub mod meta {
+                        pub mod v1 {
+                            include_package!("k8s.io.apimachinery.pkg.apis.meta.v1");
+                        }
+                    }
+                }
+                pub mod util {
+                    pub mod intstr {
+                        include_package!("k8s.io.apimachinery.pkg.util.intstr");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -147,3 +147,45 @@ fn truncated_messages_are_errors_not_panics() {
         assert!(Resources::decode(&full[..cut]).is_err(), "cut at {cut}");
     }
 }
+
+#[test]
+fn kubernetes_core_field_numbers() {
+    use mcp_proto::pb::k8s::io::{
+        api::core::v1::ServiceSpec, apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    };
+
+    // ServiceSpec: ports = 1 (ServicePort: name = 1, port = 3), clusterIP = 3, type = 4.
+    let port = cat(&[ld(0x0a, b"http"), vec![0x18, 0x50]]);
+    let bytes = cat(&[
+        ld(0x0a, &port),
+        ld(0x1a, b"10.0.0.1"),
+        ld(0x22, b"ClusterIP"),
+    ]);
+    let spec = ServiceSpec::decode(&bytes[..]).unwrap();
+    assert_eq!(
+        (spec.ports[0].name.as_str(), spec.ports[0].port),
+        ("http", 80)
+    );
+    assert_eq!(
+        (spec.cluster_ip.as_str(), spec.r#type.as_str()),
+        ("10.0.0.1", "ClusterIP")
+    );
+    assert_eq!(spec.encode_to_vec(), bytes);
+
+    // ObjectMeta: name = 1, namespace = 3, labels = 11.
+    let bytes = cat(&[
+        ld(0x0a, b"web"),
+        ld(0x1a, b"shop"),
+        ld(0x5a, &cat(&[ld(0x0a, b"app"), ld(0x12, b"web")])),
+    ]);
+    let meta = ObjectMeta::decode(&bytes[..]).unwrap();
+    assert_eq!(
+        (
+            meta.name.as_str(),
+            meta.namespace.as_str(),
+            meta.labels["app"].as_str()
+        ),
+        ("web", "shop", "web")
+    );
+    assert_eq!(meta.encode_to_vec(), bytes);
+}
