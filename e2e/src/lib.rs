@@ -2,6 +2,8 @@
 //! before the tests and shared by all of them), start them as real
 //! processes on 127.0.0.1, wait on readiness, and stop them.
 
+pub mod fake_kube;
+
 use std::{
     net::{SocketAddr, TcpListener},
     path::PathBuf,

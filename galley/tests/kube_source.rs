@@ -1,125 +1,20 @@
-//! The Kubernetes source against a fake API server. There is no Kubernetes
-//! API server on the machines this project is built on, so these tests
-//! serve, over real HTTP, list responses in the exact shape the API server
-//! returns (`data/kube-lists.json`, recorded-style fixtures written for this
-//! project) and watch streams of newline-delimited events that each test
-//! pushes. Paths without a recording answer 404, as an API server does for
-//! a custom resource whose CRD is not installed.
+//! The Kubernetes source against a fake API server (`e2e::fake_kube`: there
+//! is no Kubernetes API server on these machines), over real HTTP.
 
-use std::{
-    collections::HashMap,
-    convert::Infallible,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
-use axum::{
-    Router,
-    body::Body,
-    extract::{Request, State},
-    http::StatusCode,
-    response::{IntoResponse, Response},
-};
 use component::CancellationToken;
+use e2e::fake_kube::FakeApi;
 use galley::kube_source;
 use mcp_proto::{kinds, mcp::Store};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
-use tokio_stream::{StreamExt, wrappers::ReceiverStream};
-
-#[derive(Clone, Default)]
-struct FakeApi {
-    lists: Arc<HashMap<String, Value>>,
-    /// Open watch streams, by path.
-    watches: Arc<Mutex<HashMap<String, Vec<mpsc::Sender<Value>>>>>,
-}
-
-impl FakeApi {
-    /// Sends a watch event to every open watch of `path`.
-    fn push(&self, path: &str, event: Value) {
-        let watches = self.watches.lock().unwrap();
-        for tx in watches.get(path).into_iter().flatten() {
-            tx.try_send(event.clone()).unwrap();
-        }
-    }
-
-    fn open_watches(&self, path: &str) -> usize {
-        self.watches
-            .lock()
-            .unwrap()
-            .get(path)
-            .map_or(0, |w| w.iter().filter(|tx| !tx.is_closed()).count())
-    }
-
-    /// Ends every watch of `path`, as an API server does on a timeout.
-    fn close_watches(&self, path: &str) {
-        self.watches.lock().unwrap().remove(path);
-    }
-}
-
-async fn handle(State(api): State<FakeApi>, request: Request) -> Response {
-    let path = request.uri().path().to_string();
-    let watch = request
-        .uri()
-        .query()
-        .unwrap_or_default()
-        .split('&')
-        .any(|p| p == "watch=true" || p == "watch=1");
-    let not_found = || {
-        let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": format!("the server could not find the requested resource ({path})"), "reason": "NotFound", "code": 404});
-        (
-            StatusCode::NOT_FOUND,
-            [("content-type", "application/json")],
-            status.to_string(),
-        )
-            .into_response()
-    };
-    if !watch {
-        return match api.lists.get(&path) {
-            Some(list) => {
-                ([("content-type", "application/json")], list.to_string()).into_response()
-            }
-            None => not_found(),
-        };
-    }
-    if !api.lists.contains_key(&path) {
-        return not_found();
-    }
-    let (tx, rx) = mpsc::channel(16);
-    api.watches
-        .lock()
-        .unwrap()
-        .entry(path)
-        .or_default()
-        .push(tx);
-    let lines = ReceiverStream::new(rx).map(|event| Ok::<_, Infallible>(format!("{event}\n")));
-    (
-        [("content-type", "application/json")],
-        Body::from_stream(lines),
-    )
-        .into_response()
-}
 
 const VIRTUAL_SERVICES: &str = "/apis/networking.istio.io/v1alpha3/virtualservices";
 const SERVICES: &str = "/api/v1/services";
 
 async fn start() -> (FakeApi, Arc<Store>, CancellationToken) {
-    let lists: HashMap<String, Value> =
-        serde_json::from_str(include_str!("data/kube-lists.json")).unwrap();
-    let api = FakeApi {
-        lists: Arc::new(lists),
-        ..FakeApi::default()
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(
-        axum::serve(
-            listener,
-            Router::new().fallback(handle).with_state(api.clone()),
-        )
-        .into_future(),
-    );
+    let (api, addr) = FakeApi::start().await;
+    let url = format!("http://{addr}");
 
     let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
     let store = galley::new_store();
