@@ -4,6 +4,8 @@
 //! ready once all of them have synced; the service model and the xDS v3
 //! server are still to come (issue 4).
 
+pub mod xds;
+
 use clap::Args;
 use component::{Admin, CancellationToken};
 use mcp_proto::{kinds, mcp};

@@ -1,0 +1,311 @@
+//! The ADS state-of-the-world protocol over real gRPC on 127.0.0.1, with a
+//! tonic client playing the proxy and a generator whose resources the test
+//! sets.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use component::CancellationToken;
+use envoy_types::pb::{
+    envoy::{
+        config::{cluster::v3::Cluster, core::v3::Node},
+        service::discovery::v3::{
+            DiscoveryRequest, DiscoveryResponse,
+            aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+        },
+    },
+    google::{protobuf::Any, rpc::Status as RpcStatus},
+};
+use pilot::xds::{CLUSTER, ENDPOINT, ResourceGenerator, ads::AdsServer};
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
+use tonic::Streaming;
+
+/// Resources set by the test, by type and name.
+struct Fixed {
+    resources: Mutex<BTreeMap<&'static str, BTreeMap<String, Any>>>,
+    changes: watch::Sender<u64>,
+}
+
+impl Fixed {
+    fn set(&self, type_url: &'static str, name: &str, revision: u32) {
+        let body = Cluster {
+            name: format!("{name}-r{revision}"),
+            ..Default::default()
+        };
+        let any = Any {
+            type_url: type_url.into(),
+            value: body.encode_to_vec(),
+        };
+        self.resources
+            .lock()
+            .unwrap()
+            .entry(type_url)
+            .or_default()
+            .insert(name.into(), any);
+        self.changes.send_modify(|n| *n += 1);
+    }
+}
+
+impl ResourceGenerator for Fixed {
+    fn generate(&self, _node: &Node, type_url: &str, names: &[String]) -> Vec<(String, Any)> {
+        let all = self.resources.lock().unwrap();
+        all.get(type_url)
+            .into_iter()
+            .flatten()
+            .filter(|(name, _)| names.is_empty() || names.contains(name))
+            .map(|(n, a)| (n.clone(), a.clone()))
+            .collect()
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
+
+struct Proxy {
+    requests: mpsc::Sender<DiscoveryRequest>,
+    responses: Streaming<DiscoveryResponse>,
+}
+
+impl Proxy {
+    async fn send(
+        &self,
+        type_url: &str,
+        names: &[&str],
+        answering: Option<&DiscoveryResponse>,
+        nack: Option<&str>,
+    ) {
+        self.requests
+            .send(DiscoveryRequest {
+                node: Some(Node {
+                    id: "sidecar~10.0.0.1~app.ns~ns.svc.cluster.local".into(),
+                    ..Default::default()
+                }),
+                type_url: type_url.into(),
+                resource_names: names.iter().map(|n| n.to_string()).collect(),
+                version_info: answering
+                    .map(|r| r.version_info.clone())
+                    .unwrap_or_default(),
+                response_nonce: answering.map(|r| r.nonce.clone()).unwrap_or_default(),
+                error_detail: nack.map(|m| RpcStatus {
+                    code: 3,
+                    message: m.into(),
+                    details: vec![],
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn next(&mut self) -> DiscoveryResponse {
+        tokio::time::timeout(Duration::from_secs(10), self.responses.next())
+            .await
+            .expect("a response in time")
+            .expect("stream open")
+            .expect("no error")
+    }
+}
+
+fn names(r: &DiscoveryResponse) -> Vec<String> {
+    r.resources
+        .iter()
+        .map(|a| Cluster::decode(&a.value[..]).unwrap().name)
+        .collect()
+}
+
+async fn start() -> (Arc<Fixed>, Proxy) {
+    let (generator, proxy, _) = start_with_status().await;
+    (generator, proxy)
+}
+
+async fn start_with_status() -> (Arc<Fixed>, Proxy, pilot::xds::ads::SyncStatus) {
+    let generator = Arc::new(Fixed {
+        resources: Mutex::default(),
+        changes: watch::channel(0).0,
+    });
+    generator.set(CLUSTER, "a", 1);
+    generator.set(CLUSTER, "b", 1);
+    generator.set(ENDPOINT, "a", 1);
+    generator.set(ENDPOINT, "b", 1);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = AdsServer::new(generator.clone(), CancellationToken::new());
+    let status = server.status();
+    let service = server.into_service();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(mcp_proto::mcp::incoming(listener)),
+    );
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let (requests, rx) = mpsc::channel(16);
+    let responses = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (
+        generator,
+        Proxy {
+            requests,
+            responses,
+        },
+        status,
+    )
+}
+
+#[tokio::test]
+async fn subscribe_ack_and_push_on_change() {
+    let (generator, mut proxy) = start().await;
+    proxy.send(CLUSTER, &[], None, None).await;
+    let first = proxy.next().await;
+    assert_eq!(first.type_url, CLUSTER);
+    assert!(!first.nonce.is_empty() && !first.version_info.is_empty());
+    assert_eq!(names(&first), ["a-r1", "b-r1"]);
+    proxy.send(CLUSTER, &[], Some(&first), None).await;
+
+    generator.set(CLUSTER, "b", 2);
+    let pushed = proxy.next().await;
+    assert_eq!(names(&pushed), ["a-r1", "b-r2"]);
+    assert_ne!(pushed.version_info, first.version_info);
+    assert_ne!(pushed.nonce, first.nonce);
+}
+
+#[tokio::test]
+async fn a_nack_is_not_answered_with_a_resend() {
+    let (generator, mut proxy) = start().await;
+    proxy.send(CLUSTER, &[], None, None).await;
+    let first = proxy.next().await;
+    proxy
+        .send(CLUSTER, &[], Some(&first), Some("cannot apply cluster b"))
+        .await;
+    // A change of another type is the next thing to arrive: the NACKed
+    // clusters were not resent.
+    proxy.send(ENDPOINT, &["a"], None, None).await;
+    let endpoints = proxy.next().await;
+    assert_eq!(endpoints.type_url, ENDPOINT);
+    proxy.send(ENDPOINT, &["a"], Some(&endpoints), None).await;
+    generator.set(CLUSTER, "b", 3);
+    let fixed = proxy.next().await;
+    assert_eq!(fixed.type_url, CLUSTER);
+    assert_eq!(names(&fixed), ["a-r1", "b-r3"]);
+}
+
+#[tokio::test]
+async fn acks_and_nacks_are_recorded_per_proxy_and_type() {
+    let (_generator, mut proxy, status) = start_with_status().await;
+    proxy.send(CLUSTER, &[], None, None).await;
+    let clusters = proxy.next().await;
+    proxy.send(ENDPOINT, &[], None, None).await;
+    let endpoints = proxy.next().await;
+    proxy.send(CLUSTER, &[], Some(&clusters), None).await;
+    proxy
+        .send(ENDPOINT, &[], Some(&endpoints), Some("bad endpoint"))
+        .await;
+    // A third request whose answer shows the first two were handled.
+    proxy.send(pilot::xds::LISTENER, &[], None, None).await;
+    proxy.next().await;
+    let proxies = status.proxies();
+    assert_eq!(proxies.len(), 1);
+    assert_eq!(
+        proxies[0].node_id,
+        "sidecar~10.0.0.1~app.ns~ns.svc.cluster.local"
+    );
+    let cds = &proxies[0].types[CLUSTER];
+    assert_eq!(
+        cds.acked_version.as_deref(),
+        Some(clusters.version_info.as_str())
+    );
+    assert_eq!(cds.last_nack, None);
+    let eds = &proxies[0].types[ENDPOINT];
+    assert_eq!(eds.acked_version, None);
+    assert_eq!(eds.last_nack.as_deref(), Some("bad endpoint"));
+
+    drop(proxy);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !status.proxies().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a closed stream is forgotten"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn subscriptions_are_by_name() {
+    let (generator, mut proxy) = start().await;
+    proxy.send(ENDPOINT, &["a"], None, None).await;
+    let only_a = proxy.next().await;
+    assert_eq!(names(&only_a), ["a-r1"]);
+    // A change to a resource not subscribed sends nothing; subscribing to
+    // more names does.
+    generator.set(ENDPOINT, "b", 2);
+    proxy.send(ENDPOINT, &["a", "b"], Some(&only_a), None).await;
+    let both = proxy.next().await;
+    assert_eq!(names(&both), ["a-r1", "b-r2"]);
+}
+
+#[tokio::test]
+async fn clusters_are_pushed_before_endpoints() {
+    let (generator, mut proxy) = start().await;
+    proxy.send(ENDPOINT, &[], None, None).await;
+    let endpoints = proxy.next().await;
+    proxy.send(ENDPOINT, &[], Some(&endpoints), None).await;
+    proxy.send(CLUSTER, &[], None, None).await;
+    let clusters = proxy.next().await;
+    proxy.send(CLUSTER, &[], Some(&clusters), None).await;
+
+    // One change that touches both: CDS first, then EDS.
+    {
+        let mut all = generator.resources.lock().unwrap();
+        for t in [CLUSTER, ENDPOINT] {
+            let body = Cluster {
+                name: "c-r1".into(),
+                ..Default::default()
+            };
+            all.entry(t).or_default().insert(
+                "c".into(),
+                Any {
+                    type_url: t.into(),
+                    value: body.encode_to_vec(),
+                },
+            );
+        }
+    }
+    generator.changes.send_modify(|n| *n += 1);
+    assert_eq!(proxy.next().await.type_url, CLUSTER);
+    assert_eq!(proxy.next().await.type_url, ENDPOINT);
+}
+
+#[tokio::test]
+async fn stale_nonces_are_ignored() {
+    let (generator, mut proxy) = start().await;
+    proxy.send(CLUSTER, &[], None, None).await;
+    let first = proxy.next().await;
+    proxy.send(CLUSTER, &[], Some(&first), None).await;
+    generator.set(CLUSTER, "a", 2);
+    let second = proxy.next().await;
+    // Answering the old response again changes nothing and sends nothing;
+    // the next message is the push for the next change.
+    proxy
+        .send(
+            CLUSTER,
+            &[],
+            Some(&first),
+            Some("late NACK of an old response"),
+        )
+        .await;
+    generator.set(CLUSTER, "a", 3);
+    let third = proxy.next().await;
+    assert_eq!(names(&third), ["a-r3", "b-r1"]);
+    assert_ne!(third.nonce, second.nonce);
+}
