@@ -46,6 +46,8 @@ async fn sinks_started_before_galley_become_ready_when_it_arrives() {
         &[
             "--mcp-server",
             &mcp_arg,
+            "--xds-addr",
+            "127.0.0.1:0",
             "--admin-addr",
             &pilot_admin.to_string(),
         ],

@@ -83,6 +83,7 @@ impl Ports {
 
 fn plans(config_dir: &Path, ports: &Ports) -> anyhow::Result<Vec<Plan>> {
     let mcp = ports.pick(ports::GALLEY_MCP)?;
+    let xds = ports.pick(ports::PILOT_XDS)?;
     let mcp_arg = mcp.to_string();
     // Every control-plane component defaults to admin port 15014; on one
     // host they get 15014, 15015, ...
@@ -103,9 +104,14 @@ fn plans(config_dir: &Path, ports: &Ports) -> anyhow::Result<Vec<Plan>> {
         Plan {
             name: "pilot",
             binary: "pilot",
-            args: vec!["--mcp-server".into(), mcp_arg.clone()],
+            args: vec![
+                "--mcp-server".into(),
+                mcp_arg.clone(),
+                "--xds-addr".into(),
+                xds.to_string(),
+            ],
             admin: admin(1)?,
-            ports: vec![],
+            ports: vec![("xds", xds)],
         },
         Plan {
             name: "mixer-policy",

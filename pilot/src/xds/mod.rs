@@ -4,6 +4,7 @@
 //! and knows nothing of where config comes from.
 
 pub mod ads;
+pub mod generate;
 
 use envoy_types::pb::{envoy::config::core::v3::Node, google::protobuf::Any};
 use tokio::sync::watch;
