@@ -3,6 +3,7 @@
 mod bench;
 mod binaries;
 mod mcp;
+mod proxy_status;
 mod up;
 mod validate;
 
@@ -23,6 +24,8 @@ struct Cli {
 enum Command {
     /// Start the mesh's components on this machine and run until Ctrl-C.
     Up(up::UpArgs),
+    /// What Pilot sent each proxy, and whether the proxy took it.
+    ProxyStatus(proxy_status::ProxyStatusArgs),
     /// Check config files as Galley would, offline.
     Validate(validate::ValidateArgs),
     /// Tools for MCP implementations.
@@ -63,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Up(args) => up::run(args, shutdown).await,
         Command::Validate(args) => validate::run(args),
+        Command::ProxyStatus(args) => proxy_status::run(args).await,
         Command::Mcp(McpCommand::Watch(args)) => mcp::watch::run(args, shutdown).await,
         Command::Mcp(McpCommand::Serve(args)) => mcp::serve::run(args, shutdown).await,
         Command::Mcp(McpCommand::Conformance(args)) => mcp::conformance::run(args).await,

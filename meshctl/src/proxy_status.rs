@@ -1,0 +1,105 @@
+//! `meshctl proxy-status`: what Pilot sent each connected proxy and whether
+//! the proxy took it, per xDS type, like `istioctl proxy-status`. It reads
+//! Pilot's `/debug/syncz`.
+
+use clap::Args;
+use serde_json::Value;
+
+#[derive(Debug, Args)]
+pub struct ProxyStatusArgs {
+    /// Pilot's admin address (`meshctl up` prints it).
+    #[arg(long, default_value = "127.0.0.1:15015")]
+    pub pilot: String,
+}
+
+/// The xDS types shown, with the column titles istioctl uses.
+const TYPES: [(&str, &str); 4] = [
+    ("CDS", "type.googleapis.com/envoy.config.cluster.v3.Cluster"),
+    (
+        "LDS",
+        "type.googleapis.com/envoy.config.listener.v3.Listener",
+    ),
+    (
+        "EDS",
+        "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+    ),
+    (
+        "RDS",
+        "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+    ),
+];
+
+/// SYNCED when the proxy ACKed what was last sent, STALE when it has not
+/// (yet, or it NACKed), NOT SENT when nothing was sent.
+pub fn state(status: Option<&Value>) -> String {
+    let Some(status) = status else {
+        return "NOT SENT".into();
+    };
+    let sent = status["sent_version"].as_str();
+    let acked = status["acked_version"].as_str();
+    match (sent, acked, status["last_nack"].as_str()) {
+        (None, _, _) => "NOT SENT".into(),
+        (Some(s), Some(a), _) if s == a => "SYNCED".into(),
+        (Some(_), _, Some(nack)) => format!("STALE (NACK: {nack})"),
+        (Some(_), _, None) => "STALE".into(),
+    }
+}
+
+pub async fn run(args: ProxyStatusArgs) -> anyhow::Result<()> {
+    let url = format!("http://{}/debug/syncz", args.pilot);
+    let response = reqwest::get(&url)
+        .await
+        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "{url}: {}",
+        response.status()
+    );
+    let proxies: Vec<Value> = serde_json::from_str(&response.text().await?)?;
+    println!(
+        "{:<64} {:<10} {:<10} {:<10} {:<10}",
+        "NAME", TYPES[0].0, TYPES[1].0, TYPES[2].0, TYPES[3].0
+    );
+    for proxy in &proxies {
+        let states: Vec<String> = TYPES
+            .iter()
+            .map(|(_, t)| state(proxy["types"].get(*t)))
+            .collect();
+        println!(
+            "{:<64} {:<10} {:<10} {:<10} {:<10}",
+            proxy["node"].as_str().unwrap_or_default(),
+            states[0],
+            states[1],
+            states[2],
+            states[3]
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn states_follow_what_was_sent_and_answered() {
+        assert_eq!(state(None), "NOT SENT");
+        assert_eq!(state(Some(&json!({"sent_version": null}))), "NOT SENT");
+        assert_eq!(
+            state(Some(&json!({"sent_version": "3", "acked_version": "3"}))),
+            "SYNCED"
+        );
+        assert_eq!(
+            state(Some(&json!({"sent_version": "4", "acked_version": "3"}))),
+            "STALE"
+        );
+        assert_eq!(
+            state(Some(
+                &json!({"sent_version": "4", "acked_version": "3", "last_nack": "bad cluster"})
+            )),
+            "STALE (NACK: bad cluster)"
+        );
+    }
+}
