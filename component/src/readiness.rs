@@ -42,10 +42,6 @@ impl Readiness {
             .map(|(name, _)| name.clone())
             .collect()
     }
-
-    pub fn is_ready(&self) -> bool {
-        self.unmet().is_empty()
-    }
 }
 
 impl Condition {
@@ -66,15 +62,15 @@ mod tests {
     #[test]
     fn ready_only_when_every_condition_holds() {
         let readiness = Readiness::new();
-        assert!(readiness.is_ready());
+        assert!(readiness.unmet().is_empty());
         let synced = readiness.condition("mcp-synced");
         let certs = readiness.condition("certificates");
         assert_eq!(readiness.unmet(), ["certificates", "mcp-synced"]);
         synced.set(true);
         assert_eq!(readiness.unmet(), ["certificates"]);
         certs.set(true);
-        assert!(readiness.is_ready());
+        assert!(readiness.unmet().is_empty());
         synced.set(false);
-        assert!(!readiness.is_ready());
+        assert!(!readiness.unmet().is_empty());
     }
 }

@@ -121,8 +121,9 @@ struct AdsStream<G> {
     generator: Arc<G>,
     node: Option<Node>,
     watches: BTreeMap<String, Watch>,
-    nonces: u64,
-    versions: u64,
+    /// Responses sent on the stream; each one's number is both its nonce
+    /// and its version, unique on the stream and increasing.
+    responses: u64,
 }
 
 impl<G: ResourceGenerator> AdsStream<G> {
@@ -191,9 +192,8 @@ impl<G: ResourceGenerator> AdsStream<G> {
         if !force && watch.sent.as_ref().is_some_and(|(_, _, h)| *h == hash) {
             return None;
         }
-        self.nonces += 1;
-        self.versions += 1;
-        let (nonce, version) = (self.nonces.to_string(), self.versions.to_string());
+        self.responses += 1;
+        let (nonce, version) = (self.responses.to_string(), self.responses.to_string());
         watch.sent = Some((nonce.clone(), version.clone(), hash));
         Some(DiscoveryResponse {
             version_info: version,
@@ -250,8 +250,7 @@ impl<G: ResourceGenerator> AggregatedDiscoveryService for AdsServer<G> {
             generator: self.generator.clone(),
             node: None,
             watches: BTreeMap::new(),
-            nonces: 0,
-            versions: 0,
+            responses: 0,
         };
         let status = self.status.clone();
         let id = status
