@@ -5,12 +5,14 @@
 //! - [`kinds`]: the table of config collections, their body types and their
 //!   YAML/JSON forms.
 //! - [`object`]: config objects in their Kubernetes-style YAML form.
+//! - [`mesh`]: the mesh config's defaults.
 //! - [`mcp`]: the Mesh Configuration Protocol engine, source and sink, in
 //!   both connection directions.
 
 mod go_duration;
 pub mod kinds;
 pub mod mcp;
+pub mod mesh;
 pub mod object;
 pub mod pb;
 

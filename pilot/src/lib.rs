@@ -6,11 +6,12 @@
 //! delta ADS and the rest of the generators are still to come (issue 4).
 
 pub mod model;
+pub mod proxy;
 pub mod xds;
 
 use clap::Args;
 use component::{Admin, CancellationToken};
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use mcp_proto::{kinds, mcp};
 use model::Model;
@@ -46,6 +47,10 @@ pub struct PilotArgs {
     /// Address of the plaintext xDS (ADS) gRPC server.
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], component::ports::PILOT_XDS)))]
     pub xds_addr: SocketAddr,
+    /// Quiet time after a config change before proxies are pushed, so that
+    /// a burst of changes makes one push (waits at most ten times this).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "100ms")]
+    pub debounce: Duration,
 }
 
 /// Runs Pilot until `shutdown`: follows Galley, keeps the model, serves ADS.
@@ -62,10 +67,11 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
     )
     .map_err(|e| anyhow::anyhow!("--mcp-server: {e}"))?;
 
-    // Rebuild the model on every snapshot; the last good one stays while
+    // Rebuild the model once changes settle; the last good one stays while
     // Galley is away, since the sink keeps its state.
     let (model_tx, model_rx) = watch::channel(Arc::new(Model::default()));
     let mut snapshots = sink.subscribe();
+    let debounce = args.debounce;
     tokio::spawn(async move {
         loop {
             let model = Model::from_snapshot(&snapshots.borrow_and_update());
@@ -78,6 +84,14 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
             });
             if snapshots.changed().await.is_err() {
                 return;
+            }
+            let deadline = tokio::time::Instant::now() + debounce * 10;
+            loop {
+                tokio::select! {
+                    changed = snapshots.changed() => if changed.is_err() { return },
+                    _ = tokio::time::sleep(debounce) => break,
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
             }
         }
     });
@@ -116,7 +130,12 @@ fn syncz(status: &SyncStatus) -> serde_json::Value {
                 .connected_since
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map(|d| d.as_secs());
-            serde_json::json!({"node": p.node_id, "connected_since_unix": since, "types": types})
+            serde_json::json!({
+                "node": p.node_id,
+                "protocol": p.protocol,
+                "connected_since_unix": since,
+                "types": types,
+            })
         })
         .collect();
     serde_json::Value::Array(proxies)

@@ -1,6 +1,6 @@
-//! The ADS state-of-the-world protocol over real gRPC on 127.0.0.1, with a
-//! tonic client playing the proxy and a generator whose resources the test
-//! sets.
+//! The ADS protocol, state of the world and delta, over real gRPC on
+//! 127.0.0.1, with a tonic client playing the proxy and a generator whose
+//! resources the test sets.
 
 use std::{
     collections::BTreeMap,
@@ -13,13 +13,13 @@ use envoy_types::pb::{
     envoy::{
         config::{cluster::v3::Cluster, core::v3::Node},
         service::discovery::v3::{
-            DiscoveryRequest, DiscoveryResponse,
+            DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
             aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
         },
     },
     google::{protobuf::Any, rpc::Status as RpcStatus},
 };
-use pilot::xds::{CLUSTER, ENDPOINT, ResourceGenerator, ads::AdsServer};
+use pilot::xds::{CLUSTER, ENDPOINT, ResourceGenerator, TypeVersions, ads::AdsServer};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
@@ -28,10 +28,25 @@ use tonic::Streaming;
 /// Resources set by the test, by type and name.
 struct Fixed {
     resources: Mutex<BTreeMap<&'static str, BTreeMap<String, Any>>>,
-    changes: watch::Sender<u64>,
+    changes: watch::Sender<TypeVersions>,
 }
 
 impl Fixed {
+    fn moved(&self, type_url: &str) {
+        self.changes
+            .send_modify(|v| *v.entry(type_url.to_string()).or_default() += 1);
+    }
+
+    fn remove(&self, type_url: &'static str, name: &str) {
+        self.resources
+            .lock()
+            .unwrap()
+            .entry(type_url)
+            .or_default()
+            .remove(name);
+        self.moved(type_url);
+    }
+
     fn set(&self, type_url: &'static str, name: &str, revision: u32) {
         let body = Cluster {
             name: format!("{name}-r{revision}"),
@@ -47,12 +62,21 @@ impl Fixed {
             .entry(type_url)
             .or_default()
             .insert(name.into(), any);
-        self.changes.send_modify(|n| *n += 1);
+        self.moved(type_url);
     }
 }
 
 impl ResourceGenerator for Fixed {
-    fn generate(&self, _node: &Node, type_url: &str, names: &[String]) -> Vec<(String, Any)> {
+    type Client = ();
+
+    fn client(&self, node: &Node) -> Result<(), String> {
+        if node.id.is_empty() {
+            return Err("a node needs an id".into());
+        }
+        Ok(())
+    }
+
+    fn generate(&self, _client: &(), type_url: &str, names: &[String]) -> Vec<(String, Any)> {
         let all = self.resources.lock().unwrap();
         all.get(type_url)
             .into_iter()
@@ -62,7 +86,7 @@ impl ResourceGenerator for Fixed {
             .collect()
     }
 
-    fn changes(&self) -> watch::Receiver<u64> {
+    fn changes(&self) -> watch::Receiver<TypeVersions> {
         self.changes.subscribe()
     }
 }
@@ -124,10 +148,16 @@ async fn start() -> (Arc<Fixed>, Proxy) {
     (generator, proxy)
 }
 
-async fn start_with_status() -> (Arc<Fixed>, Proxy, pilot::xds::ads::SyncStatus) {
+/// A generator with clusters and endpoints `a` and `b`, served on
+/// 127.0.0.1; returns it, its address and the server's status.
+async fn serve() -> (
+    Arc<Fixed>,
+    std::net::SocketAddr,
+    pilot::xds::ads::SyncStatus,
+) {
     let generator = Arc::new(Fixed {
         resources: Mutex::default(),
-        changes: watch::channel(0).0,
+        changes: watch::channel(TypeVersions::default()).0,
     });
     generator.set(CLUSTER, "a", 1);
     generator.set(CLUSTER, "b", 1);
@@ -143,6 +173,11 @@ async fn start_with_status() -> (Arc<Fixed>, Proxy, pilot::xds::ads::SyncStatus)
             .add_service(service)
             .serve_with_incoming(mcp_proto::mcp::incoming(listener)),
     );
+    (generator, addr, status)
+}
+
+async fn start_with_status() -> (Arc<Fixed>, Proxy, pilot::xds::ads::SyncStatus) {
+    let (generator, addr, status) = serve().await;
     let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
@@ -281,7 +316,11 @@ async fn clusters_are_pushed_before_endpoints() {
             );
         }
     }
-    generator.changes.send_modify(|n| *n += 1);
+    generator.changes.send_modify(|v| {
+        for t in [ENDPOINT, CLUSTER] {
+            *v.entry(t.to_string()).or_default() += 1;
+        }
+    });
     assert_eq!(proxy.next().await.type_url, CLUSTER);
     assert_eq!(proxy.next().await.type_url, ENDPOINT);
 }
@@ -308,4 +347,282 @@ async fn stale_nonces_are_ignored() {
     let third = proxy.next().await;
     assert_eq!(names(&third), ["a-r3", "b-r1"]);
     assert_ne!(third.nonce, second.nonce);
+}
+
+#[tokio::test]
+async fn a_malformed_node_ends_the_stream_with_invalid_argument() {
+    let (_generator, addr, _) = serve().await;
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let request = DiscoveryRequest {
+        node: Some(Node::default()),
+        type_url: CLUSTER.into(),
+        ..Default::default()
+    };
+    let mut responses = client
+        .stream_aggregated_resources(tokio_stream::iter([request]).chain(tokio_stream::pending()))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = responses.next().await.unwrap().unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("needs an id"), "{status:?}");
+}
+
+#[tokio::test]
+async fn a_reconnecting_proxy_gets_the_full_state_again() {
+    let (generator, mut proxy) = start().await;
+    proxy.send(CLUSTER, &[], None, None).await;
+    let first = proxy.next().await;
+    proxy.send(CLUSTER, &[], Some(&first), None).await;
+    drop(proxy);
+    generator.set(CLUSTER, "a", 2);
+    let (_, mut again) = reconnect(&generator).await;
+    again.send(CLUSTER, &[], None, None).await;
+    assert_eq!(names(&again.next().await), ["a-r2", "b-r1"]);
+}
+
+/// A new server on the same generator, and a proxy connected to it.
+async fn reconnect(generator: &Arc<Fixed>) -> (std::net::SocketAddr, Proxy) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = AdsServer::new(generator.clone(), CancellationToken::new()).into_service();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(mcp_proto::mcp::incoming(listener)),
+    );
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let (requests, rx) = mpsc::channel(16);
+    let responses = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (
+        addr,
+        Proxy {
+            requests,
+            responses,
+        },
+    )
+}
+
+/// A proxy on a delta stream.
+struct DeltaProxy {
+    requests: mpsc::Sender<DeltaDiscoveryRequest>,
+    responses: Streaming<DeltaDiscoveryResponse>,
+}
+
+impl DeltaProxy {
+    async fn connect(addr: std::net::SocketAddr) -> Self {
+        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let (requests, rx) = mpsc::channel(16);
+        let responses = client
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Self {
+            requests,
+            responses,
+        }
+    }
+
+    async fn send(&self, request: DeltaDiscoveryRequest) {
+        let request = DeltaDiscoveryRequest {
+            node: Some(Node {
+                id: "sidecar~10.0.0.1~app.ns~ns.svc.cluster.local".into(),
+                ..Default::default()
+            }),
+            ..request
+        };
+        self.requests.send(request).await.unwrap();
+    }
+
+    async fn subscribe(&self, type_url: &str, names: &[&str]) {
+        self.send(DeltaDiscoveryRequest {
+            type_url: type_url.into(),
+            resource_names_subscribe: names.iter().map(|n| n.to_string()).collect(),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    async fn ack(&self, response: &DeltaDiscoveryResponse, nack: Option<&str>) {
+        self.send(DeltaDiscoveryRequest {
+            type_url: response.type_url.clone(),
+            response_nonce: response.nonce.clone(),
+            error_detail: nack.map(|m| RpcStatus {
+                code: 3,
+                message: m.into(),
+                details: vec![],
+            }),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    async fn next(&mut self) -> DeltaDiscoveryResponse {
+        tokio::time::timeout(Duration::from_secs(10), self.responses.next())
+            .await
+            .expect("a response in time")
+            .expect("stream open")
+            .expect("no error")
+    }
+}
+
+fn delta_names(r: &DeltaDiscoveryResponse) -> Vec<String> {
+    r.resources
+        .iter()
+        .map(|res| {
+            Cluster::decode(&res.resource.as_ref().unwrap().value[..])
+                .unwrap()
+                .name
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn delta_sends_only_what_changed_and_what_was_removed() {
+    let (generator, addr, status) = serve().await;
+    let mut proxy = DeltaProxy::connect(addr).await;
+    proxy.subscribe(CLUSTER, &[]).await;
+    let first = proxy.next().await;
+    assert_eq!(delta_names(&first), ["a-r1", "b-r1"]);
+    assert!(first.removed_resources.is_empty());
+    proxy.ack(&first, None).await;
+
+    generator.set(CLUSTER, "b", 2);
+    let changed = proxy.next().await;
+    assert_eq!(delta_names(&changed), ["b-r2"], "only the changed resource");
+    proxy.ack(&changed, None).await;
+    // Answers are to the latest response: let this one land before the
+    // next change.
+    let acked = || status.proxies()[0].types[CLUSTER].acked_version.clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while acked().as_deref() != Some(changed.system_version_info.as_str()) {
+        assert!(std::time::Instant::now() < deadline, "the ACK is recorded");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    generator.remove(CLUSTER, "a");
+    let removed = proxy.next().await;
+    assert!(removed.resources.is_empty());
+    assert_eq!(removed.removed_resources, ["a"]);
+    proxy.ack(&removed, Some("cannot remove a")).await;
+
+    // The status shows the ACK of the second response and the NACK.
+    generator.set(ENDPOINT, "a", 2);
+    proxy.subscribe(ENDPOINT, &["a"]).await;
+    proxy.next().await;
+    let proxies = status.proxies();
+    assert_eq!(proxies[0].protocol, "delta");
+    let cds = &proxies[0].types[CLUSTER];
+    assert_eq!(
+        cds.acked_version.as_deref(),
+        Some(changed.system_version_info.as_str())
+    );
+    assert_eq!(cds.last_nack.as_deref(), Some("cannot remove a"));
+}
+
+#[tokio::test]
+async fn delta_subscribes_and_unsubscribes_by_name() {
+    let (generator, addr, _) = serve().await;
+    let mut proxy = DeltaProxy::connect(addr).await;
+    proxy.subscribe(ENDPOINT, &["a"]).await;
+    let only_a = proxy.next().await;
+    assert_eq!(delta_names(&only_a), ["a-r1"]);
+    proxy.ack(&only_a, None).await;
+
+    // A change to an unsubscribed resource sends nothing; subscribing to
+    // it sends it alone.
+    generator.set(ENDPOINT, "b", 2);
+    proxy.subscribe(ENDPOINT, &["b"]).await;
+    let b = proxy.next().await;
+    assert_eq!(delta_names(&b), ["b-r2"]);
+    proxy.ack(&b, None).await;
+
+    // After unsubscribing `a`, its changes are not sent; `b`'s are.
+    proxy
+        .send(DeltaDiscoveryRequest {
+            type_url: ENDPOINT.into(),
+            resource_names_unsubscribe: vec!["a".into()],
+            ..Default::default()
+        })
+        .await;
+    // A request with an answer, so that the unsubscribe has been applied.
+    proxy.subscribe(CLUSTER, &[]).await;
+    proxy.next().await;
+    generator.set(ENDPOINT, "a", 3);
+    generator.set(ENDPOINT, "b", 3);
+    let next = proxy.next().await;
+    assert_eq!(delta_names(&next), ["b-r3"]);
+    assert!(next.removed_resources.is_empty());
+}
+
+#[tokio::test]
+async fn delta_reconnect_with_initial_versions_gets_only_differences() {
+    let (generator, addr, _) = serve().await;
+    let mut proxy = DeltaProxy::connect(addr).await;
+    proxy.subscribe(CLUSTER, &[]).await;
+    let first = proxy.next().await;
+    let held: std::collections::HashMap<String, String> = first
+        .resources
+        .iter()
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect();
+    drop(proxy);
+
+    generator.set(CLUSTER, "a", 2);
+    let mut again = DeltaProxy::connect(addr).await;
+    again
+        .send(DeltaDiscoveryRequest {
+            type_url: CLUSTER.into(),
+            initial_resource_versions: held,
+            ..Default::default()
+        })
+        .await;
+    let diff = again.next().await;
+    assert_eq!(delta_names(&diff), ["a-r2"], "b is held at its version");
+}
+
+#[tokio::test]
+async fn delta_pushes_clusters_before_endpoints() {
+    let (generator, addr, _) = serve().await;
+    let mut proxy = DeltaProxy::connect(addr).await;
+    proxy.subscribe(ENDPOINT, &[]).await;
+    let endpoints = proxy.next().await;
+    proxy.ack(&endpoints, None).await;
+    proxy.subscribe(CLUSTER, &[]).await;
+    let clusters = proxy.next().await;
+    proxy.ack(&clusters, None).await;
+    {
+        let mut all = generator.resources.lock().unwrap();
+        for t in [ENDPOINT, CLUSTER] {
+            let body = Cluster {
+                name: "c-r1".into(),
+                ..Default::default()
+            };
+            all.entry(t).or_default().insert(
+                "c".into(),
+                Any {
+                    type_url: t.into(),
+                    value: body.encode_to_vec(),
+                },
+            );
+        }
+    }
+    generator.changes.send_modify(|v| {
+        for t in [ENDPOINT, CLUSTER] {
+            *v.entry(t.to_string()).or_default() += 1;
+        }
+    });
+    assert_eq!(proxy.next().await.type_url, CLUSTER);
+    assert_eq!(proxy.next().await.type_url, ENDPOINT);
 }

@@ -6,6 +6,8 @@
 pub mod ads;
 pub mod generate;
 
+use std::collections::BTreeMap;
+
 use envoy_types::pb::{envoy::config::core::v3::Node, google::protobuf::Any};
 use tokio::sync::watch;
 
@@ -20,12 +22,28 @@ pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets
 /// listeners before their routes.
 pub const PUSH_ORDER: [&str; 5] = [CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET];
 
+/// Per type URL, a counter that moves whenever generation for that type
+/// may give other results. Counters, not flags: a stream that misses
+/// intermediate values still sees every type that moved.
+pub type TypeVersions = BTreeMap<String, u64>;
+
 /// What each proxy should have.
 pub trait ResourceGenerator: Send + Sync + 'static {
-    /// The resources of `type_url` for the proxy `node`, only those named in
-    /// `names` when it is not empty. Each resource is `(name, body)`.
-    fn generate(&self, node: &Node, type_url: &str, names: &[String]) -> Vec<(String, Any)>;
+    /// What the generator knows of a connected proxy.
+    type Client: Send + Sync + 'static;
 
-    /// A counter that moves whenever generation may give other results.
-    fn changes(&self) -> watch::Receiver<u64>;
+    /// The proxy of a node; an error (a malformed node id) ends the stream
+    /// with `InvalidArgument` and the reason.
+    fn client(&self, node: &Node) -> Result<Self::Client, String>;
+
+    /// The resources of `type_url` for `client`, only those named in
+    /// `names` when it is not empty. Each resource is `(name, body)`.
+    fn generate(
+        &self,
+        client: &Self::Client,
+        type_url: &str,
+        names: &[String],
+    ) -> Vec<(String, Any)>;
+
+    fn changes(&self) -> watch::Receiver<TypeVersions>;
 }

@@ -1,0 +1,519 @@
+//! Listeners of a sidecar.
+//!
+//! With iptables interception (`REDIRECT`), Istio's layout: `virtualOutbound`
+//! on 15001 hands each connection to the listener of its original
+//! destination: `0.0.0.0_<port>` for an HTTP service port (routes by RDS,
+//! named for the port) or `<vip>_<port>`/`0.0.0.0_<port>` for a TCP one
+//! (`tcp_proxy`); what matches nothing goes to the passthrough or black-hole
+//! cluster, as the mesh's outbound traffic policy says. `virtualInbound` on
+//! 15006 has a filter chain per workload port, with the port's mTLS mode
+//! and RBAC. Without interception (`NONE`), every listener binds its own
+//! address instead: Sidecar egress listeners (an HTTP one on a port no
+//! service has is an HTTP proxy for all of them) and one per inbound port.
+
+use std::collections::BTreeMap;
+
+use envoy_types::pb::{
+    envoy::{
+        config::{
+            core::v3::{Address, SocketAddress, TrafficDirection, address, socket_address},
+            listener::v3::{
+                Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter,
+                listener_filter,
+            },
+            route::v3::{
+                Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+                route as envoy_route, route_action, route_match,
+            },
+        },
+        extensions::filters::{
+            http::{
+                cors::v3::Cors, fault::v3::HttpFault, rbac::v3::Rbac as RbacFilter,
+                router::v3::Router,
+            },
+            listener::{original_dst::v3::OriginalDst, tls_inspector::v3::TlsInspector},
+            network::{
+                http_connection_manager::v3::{
+                    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
+                },
+                tcp_proxy::v3::{TcpProxy, tcp_proxy},
+            },
+        },
+    },
+    google::protobuf::{Any, BoolValue, Duration, UInt32Value},
+};
+use mcp_proto::pb::istio::mesh::v1alpha1::mesh_config::outbound_traffic_policy;
+
+use super::{Inbound, Scope, any, cluster, route, security, tls};
+use crate::{
+    model::{self, Service, host},
+    proxy::Interception,
+};
+
+pub const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
+pub const VIRTUAL_INBOUND: &str = "virtualInbound";
+
+pub(super) const HCM: &str = "envoy.filters.network.http_connection_manager";
+const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
+
+/// Every listener of a sidecar.
+pub fn sidecar(scope: &Scope) -> Vec<Listener> {
+    let none = scope.proxy.interception == Interception::None;
+    let mut out = outbound(scope, !none);
+    if none {
+        for inbound in scope.inbound() {
+            let bind = inbound
+                .bind
+                .clone()
+                .unwrap_or_else(|| scope.proxy.ip.to_string());
+            let mut l = listener(
+                &format!("{bind}_{}", inbound.port),
+                &bind,
+                inbound.port,
+                true,
+            );
+            l.filter_chains = inbound_chains(scope, &inbound, false);
+            l.traffic_direction = TrafficDirection::Inbound as i32;
+            add_tls_inspector(&mut l);
+            out.push(l);
+        }
+    } else {
+        out.push(virtual_outbound(scope));
+        out.push(virtual_inbound(scope));
+    }
+    out
+}
+
+pub(super) fn socket_address(ip: &str, port: u32) -> Option<Address> {
+    Some(Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: ip.to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+            ..Default::default()
+        })),
+    })
+}
+
+fn listener(name: &str, ip: &str, port: u32, bind: bool) -> Listener {
+    Listener {
+        name: name.to_string(),
+        address: socket_address(ip, port),
+        bind_to_port: (!bind).then_some(BoolValue { value: false }),
+        ..Default::default()
+    }
+}
+
+pub(super) fn network_filter(name: &str, config: Any) -> Filter {
+    Filter {
+        name: name.to_string(),
+        config_type: Some(filter::ConfigType::TypedConfig(config)),
+    }
+}
+
+fn http_filter(name: &str, config: Any, optional: bool) -> HttpFilter {
+    HttpFilter {
+        name: name.to_string(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(config)),
+        is_optional: optional,
+        ..Default::default()
+    }
+}
+
+/// Where a connection manager's routes come from.
+pub enum Routes {
+    Rds(String),
+    Inline(Box<RouteConfiguration>),
+}
+
+/// Which HTTP filters a connection manager runs before the router.
+pub enum Filters {
+    /// Fault injection and CORS, for outbound routes.
+    Outbound,
+    /// The workload's RBAC policy, if any.
+    Inbound(Option<Box<RbacFilter>>),
+    /// Fault injection, optional, for proxyless gRPC clients.
+    Proxyless,
+}
+
+pub fn http_connection_manager(stat_prefix: &str, routes: Routes, filters: Filters) -> Any {
+    let mut http_filters = match filters {
+        Filters::Outbound => vec![
+            http_filter(route::FAULT_FILTER, any(&HttpFault::default()), false),
+            http_filter(route::CORS_FILTER, any(&Cors::default()), false),
+        ],
+        Filters::Inbound(rbac) => rbac
+            .map(|r| http_filter(security::RBAC_HTTP_FILTER, any(&*r), false))
+            .into_iter()
+            .collect(),
+        Filters::Proxyless => vec![http_filter(
+            route::FAULT_FILTER,
+            any(&HttpFault::default()),
+            true,
+        )],
+    };
+    http_filters.push(http_filter(
+        "envoy.filters.http.router",
+        any(&Router::default()),
+        false,
+    ));
+    any(&HttpConnectionManager {
+        stat_prefix: stat_prefix.to_string(),
+        route_specifier: Some(match routes {
+            Routes::Rds(name) => http_connection_manager::RouteSpecifier::Rds(Rds {
+                route_config_name: name,
+                config_source: Some(super::ads_source()),
+            }),
+            Routes::Inline(config) => http_connection_manager::RouteSpecifier::RouteConfig(*config),
+        }),
+        http_filters,
+        ..Default::default()
+    })
+}
+
+pub(super) fn tcp_proxy_filter(stat_prefix: &str, destination: TcpDestination) -> Filter {
+    let cluster_specifier = match destination {
+        TcpDestination::Cluster(name) => tcp_proxy::ClusterSpecifier::Cluster(name),
+        TcpDestination::Weighted(clusters) => {
+            tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
+                clusters: clusters
+                    .into_iter()
+                    .map(
+                        |(name, weight)| tcp_proxy::weighted_cluster::ClusterWeight {
+                            name,
+                            weight,
+                            ..Default::default()
+                        },
+                    )
+                    .collect(),
+            })
+        }
+    };
+    network_filter(
+        TCP_PROXY,
+        any(&TcpProxy {
+            stat_prefix: stat_prefix.to_string(),
+            cluster_specifier: Some(cluster_specifier),
+            ..Default::default()
+        }),
+    )
+}
+
+/// Where a TCP listener sends its connections.
+pub enum TcpDestination {
+    Cluster(String),
+    Weighted(Vec<(String, u32)>),
+}
+
+/// Outbound listeners, one per address and port; an HTTP port wins over a
+/// TCP service without a virtual IP on the same port (as in Istio).
+fn outbound(scope: &Scope, redirect: bool) -> Vec<Listener> {
+    let wildcard = if redirect { "0.0.0.0" } else { "127.0.0.1" };
+    let mut by_name: BTreeMap<String, Listener> = BTreeMap::new();
+    for egress in scope.egress() {
+        let bind = egress.bind.unwrap_or(wildcard);
+        if let Some((port, protocol)) = egress.port {
+            let name = format!("{bind}_{port}");
+            let mut l = listener(&name, bind, port, !redirect || egress.bind.is_some());
+            let chain = if protocol.is_http() {
+                http_chain(&name, Routes::Rds(port.to_string()), Filters::Outbound)
+            } else {
+                let service = scope.egress_services(port).find(|s| s.port(port).is_some());
+                let destination = match service {
+                    Some(s) => tcp_destination(scope, s, port),
+                    None => TcpDestination::Cluster(cluster::BLACK_HOLE.into()),
+                };
+                FilterChain {
+                    filters: vec![tcp_proxy_filter(&name, destination)],
+                    ..Default::default()
+                }
+            };
+            l.filter_chains.push(chain);
+            l.traffic_direction = TrafficDirection::Outbound as i32;
+            by_name.insert(name, l);
+            continue;
+        }
+        for service in scope.egress_services(0) {
+            for port in &service.ports {
+                let address = match service.addresses.first() {
+                    Some(vip) if !port.protocol.is_http() && !vip.contains('/') => vip.as_str(),
+                    _ => bind,
+                };
+                let name = format!("{address}_{}", port.number);
+                if by_name.contains_key(&name) {
+                    continue;
+                }
+                let mut l = listener(&name, address, port.number, !redirect);
+                l.traffic_direction = TrafficDirection::Outbound as i32;
+                if port.protocol.is_http() {
+                    let routes = Routes::Rds(port.number.to_string());
+                    l.filter_chains
+                        .push(http_chain(&name, routes, Filters::Outbound));
+                } else {
+                    let destination = tcp_destination(scope, service, port.number);
+                    l.filter_chains.push(FilterChain {
+                        filters: vec![tcp_proxy_filter(&name, destination)],
+                        ..Default::default()
+                    });
+                }
+                by_name.insert(name, l);
+            }
+        }
+    }
+    by_name.into_values().collect()
+}
+
+fn http_chain(stat_prefix: &str, routes: Routes, filters: Filters) -> FilterChain {
+    FilterChain {
+        filters: vec![network_filter(
+            HCM,
+            http_connection_manager(stat_prefix, routes, filters),
+        )],
+        ..Default::default()
+    }
+}
+
+/// Where a TCP service port's connections go: the first TCP route of a
+/// VirtualService for its host that applies here, else the service itself.
+pub fn tcp_destination(scope: &Scope, service: &Service, port: u32) -> TcpDestination {
+    let ctx = route::RouteContext {
+        scope,
+        port,
+        gateways: &["mesh".to_string()],
+    };
+    for vs in scope.virtual_services("mesh") {
+        if !vs.spec.hosts.iter().any(|h| host::covers(h, &service.host)) {
+            continue;
+        }
+        let chosen = vs.spec.tcp.iter().find(|tcp| {
+            tcp.r#match.is_empty()
+                || tcp.r#match.iter().any(|m| {
+                    (m.port == 0 || m.port == port)
+                        && if m.gateways.is_empty() {
+                            scope.proxy.matches(&m.source_labels)
+                        } else {
+                            m.gateways.iter().any(|g| g == "mesh")
+                        }
+                })
+        });
+        if let Some(tcp) = chosen {
+            let mut weighted: Vec<(String, u32)> = tcp
+                .route
+                .iter()
+                .filter_map(|r| {
+                    let d = r.destination.as_ref()?;
+                    let weight = if r.weight == 0 && tcp.route.len() == 1 {
+                        100
+                    } else {
+                        r.weight.max(0) as u32
+                    };
+                    (weight > 0).then(|| (route::destination_cluster(&ctx, d), weight))
+                })
+                .collect();
+            return match weighted.len() {
+                0 => TcpDestination::Cluster(cluster::BLACK_HOLE.into()),
+                1 => TcpDestination::Cluster(weighted.remove(0).0),
+                _ => TcpDestination::Weighted(weighted),
+            };
+        }
+    }
+    TcpDestination::Cluster(model::cluster_name(port, "", &service.host))
+}
+
+fn virtual_outbound(scope: &Scope) -> Listener {
+    let mode = scope
+        .model
+        .mesh
+        .outbound_traffic_policy
+        .as_ref()
+        .map_or(outbound_traffic_policy::Mode::AllowAny as i32, |p| p.mode);
+    let target = if mode == outbound_traffic_policy::Mode::RegistryOnly as i32 {
+        cluster::BLACK_HOLE
+    } else {
+        cluster::PASSTHROUGH
+    };
+    let port = scope.model.mesh.proxy_listen_port.max(0) as u32;
+    let port = if port == 0 { 15001 } else { port };
+    let mut l = listener(VIRTUAL_OUTBOUND, "0.0.0.0", port, true);
+    l.use_original_dst = Some(BoolValue { value: true });
+    l.traffic_direction = TrafficDirection::Outbound as i32;
+    l.filter_chains.push(FilterChain {
+        filters: vec![tcp_proxy_filter(
+            target,
+            TcpDestination::Cluster(target.into()),
+        )],
+        ..Default::default()
+    });
+    l
+}
+
+/// Port of the inbound capture listener.
+pub const INBOUND_CAPTURE_PORT: u32 = 15006;
+
+fn virtual_inbound(scope: &Scope) -> Listener {
+    let mut l = listener(VIRTUAL_INBOUND, "0.0.0.0", INBOUND_CAPTURE_PORT, true);
+    l.traffic_direction = TrafficDirection::Inbound as i32;
+    for inbound in scope.inbound() {
+        l.filter_chains
+            .extend(inbound_chains(scope, &inbound, true));
+    }
+    l.filter_chains.push(FilterChain {
+        filters: vec![tcp_proxy_filter(
+            "InboundPassthrough",
+            TcpDestination::Cluster(cluster::PASSTHROUGH.into()),
+        )],
+        ..Default::default()
+    });
+    l.listener_filters.push(listener_filter(
+        "envoy.filters.listener.original_dst",
+        any(&OriginalDst::default()),
+    ));
+    add_tls_inspector(&mut l);
+    l
+}
+
+fn listener_filter(name: &str, config: Any) -> ListenerFilter {
+    ListenerFilter {
+        name: name.to_string(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(config)),
+        ..Default::default()
+    }
+}
+
+/// The TLS inspector, when a chain matches on what it reads.
+pub(super) fn add_tls_inspector(l: &mut Listener) {
+    let inspects = l.filter_chains.iter().any(|c| {
+        c.filter_chain_match.as_ref().is_some_and(|m| {
+            !m.transport_protocol.is_empty() || !m.application_protocols.is_empty()
+        })
+    });
+    if inspects {
+        l.listener_filters.push(listener_filter(
+            "envoy.filters.listener.tls_inspector",
+            any(&TlsInspector::default()),
+        ));
+    }
+}
+
+/// The chains of one inbound port: mTLS as its authentication policy says
+/// (STRICT: TLS only; PERMISSIVE: mesh TLS, told apart by its ALPN, or
+/// plaintext), then the application's port through RBAC.
+fn inbound_chains(scope: &Scope, inbound: &Inbound, match_port: bool) -> Vec<FilterChain> {
+    let mtls = security::inbound_mtls(scope.model, inbound.service, &inbound.service_port);
+    let filters = inbound_filters(scope, inbound);
+    let base = FilterChainMatch {
+        destination_port: match_port.then_some(UInt32Value {
+            value: inbound.port,
+        }),
+        ..Default::default()
+    };
+    let alpn: &[&str] = if inbound.protocol.is_http() {
+        &["h2", "http/1.1"]
+    } else {
+        &[]
+    };
+    let tls_chain = |require: bool, m: FilterChainMatch| FilterChain {
+        filter_chain_match: Some(m),
+        filters: filters.clone(),
+        transport_socket: Some(tls::downstream(tls::mesh_context(alpn, &[]), require)),
+        ..Default::default()
+    };
+    let plain = FilterChain {
+        filter_chain_match: Some(base.clone()),
+        filters: filters.clone(),
+        ..Default::default()
+    };
+    match mtls {
+        security::Mtls::Off => vec![plain],
+        security::Mtls::Strict => vec![tls_chain(true, base)],
+        security::Mtls::Permissive => vec![
+            tls_chain(
+                true,
+                FilterChainMatch {
+                    transport_protocol: "tls".into(),
+                    application_protocols: vec![tls::MESH_ALPN.into()],
+                    ..base
+                },
+            ),
+            plain,
+        ],
+    }
+}
+
+fn inbound_filters(scope: &Scope, inbound: &Inbound) -> Vec<Filter> {
+    let model = scope.model;
+    if inbound.protocol.is_http() {
+        let route_config = RouteConfiguration {
+            name: inbound.cluster.clone(),
+            virtual_hosts: vec![VirtualHost {
+                name: format!("inbound|http|{}", inbound.port),
+                domains: vec!["*".into()],
+                routes: vec![Route {
+                    name: "default".into(),
+                    r#match: Some(RouteMatch {
+                        path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                        ..Default::default()
+                    }),
+                    action: Some(envoy_route::Action::Route(RouteAction {
+                        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                            inbound.cluster.clone(),
+                        )),
+                        timeout: Some(Duration::default()),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let rbac = security::rbac_http(model, inbound.service).map(Box::new);
+        vec![network_filter(
+            HCM,
+            http_connection_manager(
+                &inbound.cluster,
+                Routes::Inline(Box::new(route_config)),
+                Filters::Inbound(rbac),
+            ),
+        )]
+    } else {
+        let mut filters: Vec<Filter> = security::rbac_tcp(model, inbound.service, &inbound.cluster)
+            .map(|rbac| network_filter(security::RBAC_NETWORK_FILTER, any(&rbac)))
+            .into_iter()
+            .collect();
+        filters.push(tcp_proxy_filter(
+            &inbound.cluster,
+            TcpDestination::Cluster(inbound.cluster.clone()),
+        ));
+        filters
+    }
+}
+
+/// A listener per requested `host:port` target, for proxyless gRPC clients
+/// (`xds:///host:port`): an API listener whose routes are the service's.
+pub fn api_listeners(scope: &Scope, names: &[String]) -> Vec<Listener> {
+    names
+        .iter()
+        .filter_map(|name| {
+            let (h, p) = name.rsplit_once(':')?;
+            let port: u32 = p.parse().ok()?;
+            let service = scope.services().find(|s| {
+                s.port(port).is_some()
+                    && host::domains(&s.host, port, &scope.proxy.namespace)
+                        .iter()
+                        .any(|d| d == h)
+            })?;
+            let config = route::proxyless(scope, service, port, name);
+            Some(Listener {
+                name: name.clone(),
+                api_listener: Some(envoy_types::pb::envoy::config::listener::v3::ApiListener {
+                    api_listener: Some(http_connection_manager(
+                        name,
+                        Routes::Inline(Box::new(config)),
+                        Filters::Proxyless,
+                    )),
+                }),
+                ..Default::default()
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,437 @@
+//! Generation: from the model and one proxy to the xDS resources it should
+//! have. [`Scope`] is what the proxy sees (services and VirtualServices
+//! exported to its namespace and selected by its Sidecar, its own inbound
+//! ports); each module turns a scope into one kind of resource.
+
+pub mod cluster;
+pub mod endpoint;
+pub mod gateway;
+pub mod listener;
+pub mod route;
+pub mod security;
+pub mod tls;
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use envoy_types::pb::{
+    envoy::config::core::v3::{
+        AggregatedConfigSource, ApiVersion, ConfigSource, Node, config_source,
+    },
+    google::protobuf::Any,
+};
+use mcp_proto::pb::istio::networking::v1alpha3::{CaptureMode, Sidecar, VirtualService};
+use prost::{Message, Name};
+use tokio::sync::watch;
+
+use super::{CLUSTER, ENDPOINT, LISTENER, ROUTE, ResourceGenerator, TypeVersions};
+use crate::{
+    model::{self, Model, Named, Port, Protocol, Service, host},
+    proxy::{Interception, Proxy, ProxyKind},
+};
+
+pub(crate) fn any<M: Message + Name>(message: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: message.encode_to_vec(),
+    }
+}
+
+pub(crate) fn duration(
+    d: &mcp_proto::wkt::Duration,
+) -> envoy_types::pb::google::protobuf::Duration {
+    envoy_types::pb::google::protobuf::Duration {
+        seconds: d.seconds,
+        nanos: d.nanos,
+    }
+}
+
+/// Resources come over the ADS stream itself.
+pub(crate) fn ads_source() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: ApiVersion::V3 as i32,
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
+        ..Default::default()
+    }
+}
+
+/// One port on which a sidecar receives its workload's traffic.
+pub struct Inbound<'a> {
+    /// Where the proxy accepts it.
+    pub port: u32,
+    /// The address to bind, when listeners bind (no interception).
+    pub bind: Option<String>,
+    pub protocol: Protocol,
+    pub service: &'a Service,
+    pub service_port: Port,
+    /// `inbound|port|name|host`.
+    pub cluster: String,
+    /// Where the application listens.
+    pub target_address: String,
+    pub target_port: u32,
+}
+
+/// One egress listener of a Sidecar (or the implicit catch-all).
+pub struct Egress<'a> {
+    /// Port and protocol, when the listener has one.
+    pub port: Option<(u32, Protocol)>,
+    pub bind: Option<&'a str>,
+    /// `namespace/host` patterns; `*/*` for the implicit listener.
+    pub hosts: Vec<String>,
+}
+
+/// What one proxy sees of the model.
+pub struct Scope<'a> {
+    pub model: &'a Model,
+    pub proxy: &'a Proxy,
+    pub sidecar: Option<&'a Named<Sidecar>>,
+}
+
+impl<'a> Scope<'a> {
+    pub fn new(model: &'a Model, proxy: &'a Proxy) -> Self {
+        let sidecar = match proxy.kind {
+            ProxyKind::Sidecar => model.sidecar(proxy),
+            ProxyKind::Router => None,
+        };
+        Self {
+            model,
+            proxy,
+            sidecar,
+        }
+    }
+
+    /// Whether `patterns` (`namespace/host`, `.` for the Sidecar's own
+    /// namespace, `*` for any) select config of `namespace` for `name`.
+    fn selects(&self, patterns: &[String], namespace: &str, name: &str) -> bool {
+        let own = self
+            .sidecar
+            .map_or(self.proxy.namespace.as_str(), |s| s.namespace.as_str());
+        patterns.iter().any(|p| {
+            let (ns, h) = p.split_once('/').unwrap_or(("*", p));
+            (ns == "*" || ns == namespace || (ns == "." && namespace == own))
+                && host::intersects(h, name)
+        })
+    }
+
+    pub fn egress(&self) -> Vec<Egress<'a>> {
+        let listeners = self.sidecar.map(|s| &s.spec.egress[..]).unwrap_or_default();
+        if listeners.is_empty() {
+            return vec![Egress {
+                port: None,
+                bind: None,
+                hosts: vec!["*/*".into()],
+            }];
+        }
+        listeners
+            .iter()
+            .map(|l| Egress {
+                port: l
+                    .port
+                    .as_ref()
+                    .filter(|p| p.number > 0)
+                    .map(|p| (p.number, Protocol::parse(&p.protocol))),
+                bind: (!l.bind.is_empty()).then_some(l.bind.as_str()),
+                hosts: l.hosts.clone(),
+            })
+            .collect()
+    }
+
+    /// Services exported to the proxy's namespace and selected by one of
+    /// its egress listeners.
+    pub fn services(&self) -> impl Iterator<Item = &'a Service> + '_ {
+        let egress = self.egress();
+        self.model
+            .services
+            .values()
+            .map(Arc::as_ref)
+            .filter(|s| s.visible_from(&self.proxy.namespace))
+            .filter(move |s| {
+                egress
+                    .iter()
+                    .any(|e| self.selects(&e.hosts, &s.namespace, &s.host))
+            })
+    }
+
+    /// Services reachable through the egress listener for `port` (the one
+    /// with that port, else the catch-all); `0` asks for the catch-all.
+    pub fn egress_services(&self, port: u32) -> impl Iterator<Item = &'a Service> + '_ {
+        let egress = self.egress();
+        let hosts = egress
+            .iter()
+            .find(|e| e.port.is_some_and(|(p, _)| p == port))
+            .or_else(|| egress.iter().find(|e| e.port.is_none()))
+            .map(|e| e.hosts.clone())
+            .unwrap_or_default();
+        self.model
+            .services
+            .values()
+            .map(Arc::as_ref)
+            .filter(|s| s.visible_from(&self.proxy.namespace))
+            .filter(move |s| self.selects(&hosts, &s.namespace, &s.host))
+    }
+
+    /// VirtualServices bound to `gateway` (`mesh` for sidecars) that the
+    /// proxy sees.
+    pub fn virtual_services(
+        &self,
+        gateway: &'a str,
+    ) -> impl Iterator<Item = &'a Named<VirtualService>> + '_ {
+        let egress = self.egress();
+        self.model.config.virtual_services.iter().filter(move |vs| {
+            let bound = if vs.spec.gateways.is_empty() {
+                gateway == "mesh"
+            } else {
+                vs.spec.gateways.iter().any(|g| g == gateway)
+            };
+            let exported = vs.spec.export_to.is_empty()
+                || vs
+                    .spec
+                    .export_to
+                    .iter()
+                    .any(|e| e == "*" || (e == "." && vs.namespace == self.proxy.namespace));
+            let selected = gateway != "mesh"
+                || vs.spec.hosts.iter().any(|h| {
+                    egress
+                        .iter()
+                        .any(|e| self.selects(&e.hosts, &vs.namespace, h))
+                });
+            bound && exported && selected
+        })
+    }
+
+    /// The service's subsets: `""` (all endpoints) and each of its
+    /// DestinationRule's.
+    pub fn subsets(&self, service: &Service) -> Vec<String> {
+        let mut out = vec![String::new()];
+        if let Some(dr) = self
+            .model
+            .destination_rule(&service.host, &self.proxy.namespace)
+        {
+            out.extend(dr.spec.subsets.iter().map(|s| s.name.clone()));
+        }
+        out
+    }
+
+    pub fn subset_labels(
+        &self,
+        service: &Service,
+        subset: &str,
+    ) -> Option<&'a BTreeMap<String, String>> {
+        if subset.is_empty() {
+            return None;
+        }
+        let dr = self
+            .model
+            .destination_rule(&service.host, &self.proxy.namespace)?;
+        dr.spec
+            .subsets
+            .iter()
+            .find(|s| s.name == subset)
+            .map(|s| &s.labels)
+    }
+
+    /// The proxy's inbound ports: one per port of each of its workload's
+    /// endpoints, or, under a Sidecar with ingress listeners, one per
+    /// listener, forwarding to its `defaultEndpoint`.
+    pub fn inbound(&self) -> Vec<Inbound<'a>> {
+        if self.proxy.kind != ProxyKind::Sidecar {
+            return Vec::new();
+        }
+        let instances: Vec<(&Service, &model::Endpoint)> =
+            self.model.instances(self.proxy).collect();
+        let none = self.proxy.interception == Interception::None;
+        let ingress = self
+            .sidecar
+            .map(|s| &s.spec.ingress[..])
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        if ingress.is_empty() {
+            for (service, endpoint) in &instances {
+                for port in &service.ports {
+                    let target = endpoint.port(port);
+                    if out.iter().any(|i: &Inbound| i.port == target) {
+                        continue;
+                    }
+                    out.push(Inbound {
+                        port: target,
+                        bind: none.then(|| self.proxy.ip.to_string()),
+                        protocol: port.protocol,
+                        service,
+                        service_port: port.clone(),
+                        cluster: model::inbound_cluster_name(
+                            port.number,
+                            &port.name,
+                            &service.host,
+                        ),
+                        target_address: "127.0.0.1".into(),
+                        target_port: target,
+                    });
+                }
+            }
+            return out;
+        }
+        for listener in ingress {
+            let Some(port) = &listener.port else { continue };
+            // The workload port this listener serves: the instance whose
+            // endpoint port is the listener's, else the first.
+            let found = instances
+                .iter()
+                .flat_map(|(s, e)| s.ports.iter().map(move |p| (*s, p, e.port(p))))
+                .find(|(_, _, target)| *target == port.number)
+                .or_else(|| {
+                    instances
+                        .first()
+                        .and_then(|(s, e)| s.ports.first().map(|p| (*s, p, e.port(p))))
+                });
+            let Some((service, service_port, _)) = found else {
+                continue;
+            };
+            let (address, target) = parse_endpoint(&listener.default_endpoint)
+                .unwrap_or(("127.0.0.1".into(), port.number));
+            let binds = none || listener.capture_mode == CaptureMode::None as i32;
+            out.push(Inbound {
+                port: port.number,
+                bind: binds.then(|| {
+                    if listener.bind.is_empty() {
+                        "0.0.0.0".to_string()
+                    } else {
+                        listener.bind.clone()
+                    }
+                }),
+                protocol: Protocol::parse(&port.protocol),
+                service,
+                service_port: service_port.clone(),
+                cluster: model::inbound_cluster_name(port.number, &port.name, &service.host),
+                target_address: address,
+                target_port: target,
+            });
+        }
+        out
+    }
+}
+
+/// `127.0.0.1:8080` (a Sidecar ingress `defaultEndpoint`).
+fn parse_endpoint(s: &str) -> Option<(String, u32)> {
+    let (address, port) = s.rsplit_once(':')?;
+    Some((address.to_string(), port.parse().ok()?))
+}
+
+/// Generates from the latest model.
+pub struct ModelGenerator {
+    model: watch::Receiver<Arc<Model>>,
+    changes: watch::Sender<TypeVersions>,
+}
+
+impl ModelGenerator {
+    /// Follows `model`; each new model moves the versions of the types it
+    /// changes (an endpoint-only change moves EDS alone).
+    pub fn new(mut model: watch::Receiver<Arc<Model>>) -> Arc<Self> {
+        let (changes, _) = watch::channel(TypeVersions::default());
+        let generator = Arc::new(Self {
+            model: model.clone(),
+            changes,
+        });
+        let notify = generator.changes.clone();
+        tokio::spawn(async move {
+            let mut current = model.borrow_and_update().clone();
+            while model.changed().await.is_ok() {
+                let next = model.borrow_and_update().clone();
+                let types = current.changed_types(&next);
+                current = next;
+                if !types.is_empty() {
+                    notify.send_modify(|v| {
+                        for t in types {
+                            *v.entry(t.to_string()).or_default() += 1;
+                        }
+                    });
+                }
+            }
+        });
+        generator
+    }
+
+    /// The model generation reads now.
+    pub fn model(&self) -> Arc<Model> {
+        self.model.borrow().clone()
+    }
+}
+
+fn named<M: Message + Name>(items: Vec<M>, name: impl Fn(&M) -> String) -> Vec<(String, Any)> {
+    items.into_iter().map(|m| (name(&m), any(&m))).collect()
+}
+
+impl ResourceGenerator for ModelGenerator {
+    type Client = Proxy;
+
+    fn client(&self, node: &Node) -> Result<Proxy, String> {
+        Proxy::from_node(node)
+    }
+
+    fn generate(&self, proxy: &Proxy, type_url: &str, names: &[String]) -> Vec<(String, Any)> {
+        let model = self.model();
+        let scope = Scope::new(&model, proxy);
+        let all = match type_url {
+            CLUSTER => named(cluster::clusters(&scope), |c| c.name.clone()),
+            ENDPOINT => named(endpoint::load_assignments(&scope), |c| {
+                c.cluster_name.clone()
+            }),
+            LISTENER => {
+                let mut listeners = match proxy.kind {
+                    ProxyKind::Sidecar => listener::sidecar(&scope),
+                    ProxyKind::Router => gateway::listeners(&scope),
+                };
+                // Proxyless gRPC clients ask for `host:port` by name; they
+                // are never part of a wildcard answer, which Envoy gets.
+                listeners.extend(listener::api_listeners(&scope, names));
+                named(listeners, |l| l.name.clone())
+            }
+            ROUTE => named(route_configs(&scope, names), |r| r.name.clone()),
+            _ => Vec::new(),
+        };
+        if names.is_empty() {
+            all
+        } else {
+            all.into_iter().filter(|(n, _)| names.contains(n)).collect()
+        }
+    }
+
+    fn changes(&self) -> watch::Receiver<TypeVersions> {
+        self.changes.subscribe()
+    }
+}
+
+/// Route configurations by name: a sidecar's are named for its HTTP
+/// listener ports, a gateway's for its servers.
+fn route_configs(
+    scope: &Scope,
+    names: &[String],
+) -> Vec<envoy_types::pb::envoy::config::route::v3::RouteConfiguration> {
+    match scope.proxy.kind {
+        ProxyKind::Router => gateway::route_configs(scope),
+        ProxyKind::Sidecar => {
+            let mut ports: Vec<u32> = names.iter().filter_map(|n| n.parse().ok()).collect();
+            if names.is_empty() {
+                for egress in scope.egress() {
+                    match egress.port {
+                        Some((p, protocol)) if protocol.is_http() => ports.push(p),
+                        Some(_) => {}
+                        None => ports.extend(
+                            scope
+                                .egress_services(0)
+                                .flat_map(|s| s.ports.iter())
+                                .filter(|p| p.protocol.is_http())
+                                .map(|p| p.number),
+                        ),
+                    }
+                }
+                ports.sort_unstable();
+                ports.dedup();
+            }
+            ports
+                .into_iter()
+                .map(|p| route::sidecar_outbound(scope, p))
+                .collect()
+        }
+    }
+}

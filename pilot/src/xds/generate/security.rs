@@ -1,0 +1,441 @@
+//! Inbound security of a workload port: its mTLS mode from the
+//! authentication policies (Policy, MeshPolicy), and its RBAC rules from
+//! ServiceRoles and ServiceRoleBindings when the RbacConfig enables RBAC for
+//! the service.
+//!
+//! Policy precedence is Istio 1.1's: a policy of the service's namespace
+//! naming the service and the port, then one naming the service, then the
+//! namespace's `default` policy without targets, then the MeshPolicy.
+
+use envoy_types::pb::envoy::{
+    config::{
+        core::v3::CidrRange,
+        rbac::v3::{
+            Permission, Policy as RbacPolicy, Principal, Rbac, permission, principal, rbac,
+        },
+        route::v3::{HeaderMatcher, header_matcher},
+    },
+    extensions::filters::{
+        http::rbac::v3::Rbac as RbacFilter, network::rbac::v3::Rbac as RbacNetworkFilter,
+    },
+    r#type::matcher::v3::{PathMatcher, RegexMatcher, StringMatcher, path_matcher, string_matcher},
+};
+use mcp_proto::pb::istio::{
+    authentication::v1alpha1::{Policy, mutual_tls, peer_authentication_method, port_selector},
+    rbac::v1alpha1::{AccessRule, EnforcementMode, RbacConfig, Subject, rbac_config},
+};
+
+use crate::model::{Model, Port, Service};
+
+pub const RBAC_HTTP_FILTER: &str = "envoy.filters.http.rbac";
+pub const RBAC_NETWORK_FILTER: &str = "envoy.filters.network.rbac";
+
+/// What an inbound port accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mtls {
+    /// Plaintext only (no peer authentication).
+    Off,
+    /// Mesh mTLS only.
+    Strict,
+    /// Mesh mTLS or plaintext.
+    Permissive,
+}
+
+/// The short name of a Kubernetes-style host (`reviews` of
+/// `reviews.shop.svc.cluster.local`), else the host.
+fn short_name(host: &str) -> &str {
+    if host.contains(".svc.") {
+        host.split('.').next().unwrap_or(host)
+    } else {
+        host
+    }
+}
+
+/// The policy that applies to `port` of `service`.
+fn policy_for<'a>(model: &'a Model, service: &Service, port: &Port) -> Option<&'a Policy> {
+    let name = short_name(&service.host);
+    let in_namespace = || {
+        model
+            .config
+            .policies
+            .iter()
+            .filter(|p| p.namespace == service.namespace)
+    };
+    let port_matches =
+        |selector: &mcp_proto::pb::istio::authentication::v1alpha1::PortSelector| match &selector
+            .port
+        {
+            Some(port_selector::Port::Number(n)) => *n == port.number,
+            Some(port_selector::Port::Name(n)) => *n == port.name,
+            None => false,
+        };
+    let targeted = |with_port: bool| {
+        in_namespace().find(|p| {
+            p.spec.targets.iter().any(|t| {
+                (t.name == name || t.name == service.host)
+                    && if with_port {
+                        t.ports.iter().any(port_matches)
+                    } else {
+                        t.ports.is_empty()
+                    }
+            })
+        })
+    };
+    targeted(true)
+        .or_else(|| targeted(false))
+        .or_else(|| in_namespace().find(|p| p.name == "default" && p.spec.targets.is_empty()))
+        .map(|p| &p.spec)
+        .or(model.config.mesh_policy.as_ref())
+}
+
+/// The mTLS mode of an inbound port.
+pub fn inbound_mtls(model: &Model, service: &Service, port: &Port) -> Mtls {
+    let Some(policy) = policy_for(model, service, port) else {
+        return Mtls::Off;
+    };
+    let mtls = policy.peers.iter().find_map(|p| match &p.params {
+        Some(peer_authentication_method::Params::Mtls(m)) => Some(m),
+        _ => None,
+    });
+    match mtls {
+        None => Mtls::Off,
+        Some(m) if m.mode == mutual_tls::Mode::Permissive as i32 || m.allow_tls => Mtls::Permissive,
+        Some(_) => Mtls::Strict,
+    }
+}
+
+/// Whether RBAC is enforced for `service`, and whether only in shadow.
+fn rbac_enabled(config: &RbacConfig, service: &Service) -> bool {
+    let listed = |target: Option<&rbac_config::Target>| {
+        target.is_some_and(|t| {
+            t.namespaces.contains(&service.namespace)
+                || t.services.iter().any(|s| s == &service.host)
+        })
+    };
+    match rbac_config::Mode::try_from(config.mode) {
+        Ok(rbac_config::Mode::On) => true,
+        Ok(rbac_config::Mode::OnWithInclusion) => listed(config.inclusion.as_ref()),
+        Ok(rbac_config::Mode::OnWithExclusion) => !listed(config.exclusion.as_ref()),
+        _ => false,
+    }
+}
+
+/// `*`, `prefix*` and `*suffix` globs, as RBAC values are written.
+fn glob(value: &str) -> StringMatcher {
+    let pattern = if value == "*" {
+        string_matcher::MatchPattern::SafeRegex(RegexMatcher {
+            regex: ".*".into(),
+            ..Default::default()
+        })
+    } else if let Some(suffix) = value.strip_prefix('*') {
+        string_matcher::MatchPattern::Suffix(suffix.into())
+    } else if let Some(prefix) = value.strip_suffix('*') {
+        string_matcher::MatchPattern::Prefix(prefix.into())
+    } else {
+        string_matcher::MatchPattern::Exact(value.into())
+    };
+    StringMatcher {
+        match_pattern: Some(pattern),
+        ..Default::default()
+    }
+}
+
+fn glob_matches(value: &str, patterns: &[String]) -> bool {
+    patterns.iter().any(|p| {
+        p == "*"
+            || p.strip_prefix('*').is_some_and(|s| value.ends_with(s))
+            || p.strip_suffix('*').is_some_and(|s| value.starts_with(s))
+            || p == value
+    })
+}
+
+fn header_rule(name: &str, value: &str) -> HeaderMatcher {
+    HeaderMatcher {
+        name: name.into(),
+        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(glob(
+            value,
+        ))),
+        ..Default::default()
+    }
+}
+
+fn any_of<T>(items: Vec<T>, or: impl Fn(Vec<T>) -> T) -> Option<T> {
+    match items.len() {
+        0 => None,
+        1 => items.into_iter().next(),
+        _ => Some(or(items)),
+    }
+}
+
+fn or_permissions(ps: Vec<Permission>) -> Permission {
+    Permission {
+        rule: Some(permission::Rule::OrRules(permission::Set { rules: ps })),
+    }
+}
+
+fn not(p: Permission) -> Permission {
+    Permission {
+        rule: Some(permission::Rule::NotRule(Box::new(p))),
+    }
+}
+
+/// A ServiceRole rule as an Envoy permission: every listed dimension must
+/// match (paths, methods, hosts, ports, their negations, and header
+/// constraints); `None` when the rule needs HTTP and the port is TCP.
+fn permission_of(rule: &AccessRule, http: bool) -> Option<Permission> {
+    let http_only = !rule.paths.is_empty()
+        || !rule.methods.is_empty()
+        || !rule.hosts.is_empty()
+        || !rule.not_paths.is_empty()
+        || !rule.not_methods.is_empty()
+        || !rule.not_hosts.is_empty()
+        || rule
+            .constraints
+            .iter()
+            .any(|c| c.key.starts_with("request."));
+    if http_only && !http {
+        return None;
+    }
+    let path = |p: &String| Permission {
+        rule: Some(permission::Rule::UrlPath(PathMatcher {
+            rule: Some(path_matcher::Rule::Path(glob(p))),
+        })),
+    };
+    let header = |name: &'static str| {
+        move |v: &String| Permission {
+            rule: Some(permission::Rule::Header(header_rule(name, v))),
+        }
+    };
+    let port = |p: &i32| Permission {
+        rule: Some(permission::Rule::DestinationPort(*p as u32)),
+    };
+    let mut all: Vec<Permission> = Vec::new();
+    all.extend(any_of(
+        rule.paths.iter().map(path).collect(),
+        or_permissions,
+    ));
+    all.extend(any_of(
+        rule.methods.iter().map(header(":method")).collect(),
+        or_permissions,
+    ));
+    all.extend(any_of(
+        rule.hosts.iter().map(header(":authority")).collect(),
+        or_permissions,
+    ));
+    all.extend(any_of(
+        rule.ports.iter().map(port).collect(),
+        or_permissions,
+    ));
+    all.extend(any_of(rule.not_paths.iter().map(path).collect(), or_permissions).map(not));
+    all.extend(
+        any_of(
+            rule.not_methods.iter().map(header(":method")).collect(),
+            or_permissions,
+        )
+        .map(not),
+    );
+    all.extend(
+        any_of(
+            rule.not_hosts.iter().map(header(":authority")).collect(),
+            or_permissions,
+        )
+        .map(not),
+    );
+    all.extend(any_of(rule.not_ports.iter().map(port).collect(), or_permissions).map(not));
+    for c in &rule.constraints {
+        if let Some(name) = c
+            .key
+            .strip_prefix("request.headers[")
+            .and_then(|k| k.strip_suffix(']'))
+        {
+            let values = c.values.iter().map(|v| Permission {
+                rule: Some(permission::Rule::Header(header_rule(name, v))),
+            });
+            all.extend(any_of(values.collect(), or_permissions));
+        } else if c.key == "destination.port" {
+            let ports = c
+                .values
+                .iter()
+                .filter_map(|v| v.parse::<u32>().ok())
+                .map(|p| Permission {
+                    rule: Some(permission::Rule::DestinationPort(p)),
+                });
+            all.extend(any_of(ports.collect(), or_permissions));
+        }
+    }
+    Some(match all.len() {
+        0 => Permission {
+            rule: Some(permission::Rule::Any(true)),
+        },
+        1 => all.remove(0),
+        _ => Permission {
+            rule: Some(permission::Rule::AndRules(permission::Set { rules: all })),
+        },
+    })
+}
+
+fn principal_name(value: &str) -> Principal {
+    Principal {
+        identifier: Some(principal::Identifier::Authenticated(
+            principal::Authenticated {
+                principal_name: Some(glob(value)),
+            },
+        )),
+    }
+}
+
+fn cidr(value: &str) -> Option<CidrRange> {
+    let (ip, len) = match value.split_once('/') {
+        Some((ip, len)) => (ip, len.parse().ok()?),
+        None => (value, if value.contains(':') { 128 } else { 32 }),
+    };
+    ip.parse::<std::net::IpAddr>().ok()?;
+    Some(CidrRange {
+        address_prefix: ip.into(),
+        prefix_len: Some(envoy_types::pb::google::protobuf::UInt32Value { value: len }),
+    })
+}
+
+/// A binding subject as an Envoy principal: a user is a peer identity
+/// (`cluster.local/ns/x/sa/y`, matched with its `spiffe://` scheme), `*`
+/// anyone; properties add source IP, namespace and request headers.
+fn principal_of(subject: &Subject, http: bool) -> Option<Principal> {
+    let mut all = Vec::new();
+    match subject.user.as_str() {
+        "" => {}
+        "*" => all.push(Principal {
+            identifier: Some(principal::Identifier::Any(true)),
+        }),
+        user => all.push(principal_name(&format!("spiffe://{user}"))),
+    }
+    for (key, value) in &subject.properties {
+        match key.as_str() {
+            "source.principal" | "source.user" => {
+                all.push(principal_name(&format!("spiffe://{value}")));
+            }
+            "source.namespace" => all.push(Principal {
+                identifier: Some(principal::Identifier::Authenticated(
+                    principal::Authenticated {
+                        principal_name: Some(StringMatcher {
+                            match_pattern: Some(string_matcher::MatchPattern::SafeRegex(
+                                RegexMatcher {
+                                    regex: format!(".*/ns/{}/.*", value.replace('*', ".*")),
+                                    ..Default::default()
+                                },
+                            )),
+                            ..Default::default()
+                        }),
+                    },
+                )),
+            }),
+            "source.ip" => all.push(Principal {
+                identifier: Some(principal::Identifier::DirectRemoteIp(cidr(value)?)),
+            }),
+            k if k.starts_with("request.headers[") => {
+                if !http {
+                    return None;
+                }
+                let name = k
+                    .trim_start_matches("request.headers[")
+                    .trim_end_matches(']');
+                all.push(Principal {
+                    identifier: Some(principal::Identifier::Header(header_rule(name, value))),
+                });
+            }
+            _ => {}
+        }
+    }
+    Some(match all.len() {
+        0 => return None,
+        1 => all.remove(0),
+        _ => Principal {
+            identifier: Some(principal::Identifier::AndIds(principal::Set { ids: all })),
+        },
+    })
+}
+
+/// The RBAC rules for `service`, `None` when RBAC is off for it: per
+/// ServiceRole of its namespace with rules naming it, the permissions of
+/// those rules, granted to the subjects of the role's bindings.
+fn rules_for(model: &Model, service: &Service, http: bool) -> Option<(Rbac, bool)> {
+    let config = model.config.rbac_config.as_ref()?;
+    if !rbac_enabled(config, service) {
+        return None;
+    }
+    let shadow = config.enforcement_mode == EnforcementMode::Permissive as i32;
+    let mut rbac = Rbac {
+        action: rbac::Action::Allow as i32,
+        ..Default::default()
+    };
+    for ((ns, role), spec) in &model.config.service_roles {
+        if *ns != service.namespace {
+            continue;
+        }
+        let permissions: Vec<Permission> = spec
+            .rules
+            .iter()
+            .filter(|r| {
+                glob_matches(&service.host, &r.services)
+                    || glob_matches(short_name(&service.host), &r.services)
+            })
+            .filter_map(|r| permission_of(r, http))
+            .collect();
+        if permissions.is_empty() {
+            continue;
+        }
+        let principals: Vec<Principal> = model
+            .config
+            .service_role_bindings
+            .iter()
+            .filter(|b| {
+                b.namespace == *ns && b.spec.role_ref.as_ref().is_some_and(|r| r.name == *role)
+            })
+            .flat_map(|b| b.spec.subjects.iter())
+            .filter_map(|s| principal_of(s, http))
+            .collect();
+        if principals.is_empty() {
+            continue;
+        }
+        rbac.policies.insert(
+            role.clone(),
+            RbacPolicy {
+                permissions,
+                principals,
+                ..Default::default()
+            },
+        );
+    }
+    Some((rbac, shadow))
+}
+
+/// The RBAC HTTP filter of an inbound HTTP port.
+pub fn rbac_http(model: &Model, service: &Service) -> Option<RbacFilter> {
+    let (rules, shadow) = rules_for(model, service, true)?;
+    Some(if shadow {
+        RbacFilter {
+            shadow_rules: Some(rules),
+            ..Default::default()
+        }
+    } else {
+        RbacFilter {
+            rules: Some(rules),
+            ..Default::default()
+        }
+    })
+}
+
+/// The RBAC network filter of an inbound TCP port (HTTP-only rules and
+/// subjects left out).
+pub fn rbac_tcp(model: &Model, service: &Service, stat_prefix: &str) -> Option<RbacNetworkFilter> {
+    let (rules, shadow) = rules_for(model, service, false)?;
+    let mut filter = RbacNetworkFilter {
+        stat_prefix: stat_prefix.to_string(),
+        ..Default::default()
+    };
+    if shadow {
+        filter.shadow_rules = Some(rules);
+    } else {
+        filter.rules = Some(rules);
+    }
+    Some(filter)
+}
