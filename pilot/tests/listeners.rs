@@ -141,9 +141,8 @@ async fn sidecar_outbound_listeners_follow_service_ports_and_the_traffic_policy(
 
     let http = by_name(&listeners, "0.0.0.0_9080");
     assert_eq!(port_of(http), ("0.0.0.0".into(), 9080));
-    assert_eq!(
-        http.bind_to_port.unwrap().value,
-        false,
+    assert!(
+        !http.bind_to_port.unwrap().value,
         "reached through virtualOutbound"
     );
     assert_eq!(rds_name(&http.filter_chains[0]), "9080");
