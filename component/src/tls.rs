@@ -1,7 +1,9 @@
 //! TLS from PEM files, for the HTTPS endpoints Kubernetes calls (admission
-//! webhooks): a server config loaded from a certificate chain and a key, kept
-//! up to date when the files change (cert-manager and Kubernetes secrets
-//! rotate them in place), and an axum listener that terminates TLS.
+//! webhooks) and the mTLS gRPC ports of the control plane: a server config
+//! loaded from a certificate chain, a key and optionally the root that
+//! client certificates must chain to, kept up to date when the files change
+//! (cert-manager, Kubernetes secrets and Citadel rotate them in place), and
+//! a listener that terminates TLS, for axum or as a stream for tonic.
 
 use std::{
     io,
@@ -23,32 +25,96 @@ use tokio_util::sync::CancellationToken;
 
 use crate::watch::Changes;
 
-/// Loads a server config from a PEM certificate chain and a PEM key.
-pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<ServerConfig>> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+/// The files of a TLS server, and the protocols it offers.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, clients must present a certificate that chains to it.
+    pub client_root: Option<PathBuf>,
+    /// ALPN protocols, most preferred first.
+    pub alpn: Vec<Vec<u8>>,
+}
+
+impl TlsFiles {
+    /// An HTTP/1.1 server without client authentication.
+    pub fn https(cert: PathBuf, key: PathBuf) -> Self {
+        Self {
+            cert,
+            key,
+            client_root: None,
+            alpn: vec![b"http/1.1".to_vec()],
+        }
+    }
+
+    /// A gRPC (HTTP/2) server that requires client certificates from `root`.
+    pub fn mutual_grpc(cert: PathBuf, key: PathBuf, root: PathBuf) -> Self {
+        Self {
+            cert,
+            key,
+            client_root: Some(root),
+            alpn: vec![b"h2".to_vec()],
+        }
+    }
+
+    fn paths(&self) -> Vec<&Path> {
+        let mut paths = vec![self.cert.as_path(), self.key.as_path()];
+        paths.extend(self.client_root.as_deref());
+        paths
+    }
+}
+
+fn certificates(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect())
-        .map_err(|e| anyhow::anyhow!("{}: not a PEM certificate chain: {e}", cert.display()))?;
+        .map_err(|e| anyhow::anyhow!("{}: not a PEM certificate chain: {e}", path.display()))?;
     anyhow::ensure!(
         !chain.is_empty(),
         "{}: no certificate in it",
-        cert.display()
+        path.display()
     );
+    Ok(chain)
+}
+
+/// Loads a server config from its files.
+pub fn server_config(files: &TlsFiles) -> anyhow::Result<Arc<ServerConfig>> {
+    let (cert, key) = (files.cert.as_path(), files.key.as_path());
+    let chain = certificates(cert)?;
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| anyhow::anyhow!("{}: not a PEM private key: {e}", key.display()))?;
-    let mut config =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "{}: certificate and key do not go together: {e}",
-                    cert.display()
-                )
-            })?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match &files.client_root {
+        None => builder.with_no_client_auth(),
+        Some(root) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in certificates(root)? {
+                roots.add(c).map_err(|e| {
+                    anyhow::anyhow!("{}: not a CA certificate: {e}", root.display())
+                })?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", root.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(chain, key).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: certificate and key do not go together: {e}",
+            cert.display()
+        )
+    })?;
+    config.alpn_protocols = files.alpn.clone();
     Ok(Arc::new(config))
 }
+
+/// Handshakes run one at a time: a peer that stalls one is cut off.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A TCP listener that completes a TLS handshake before handing a
 /// connection to axum, with the certificate reloaded whenever its files
@@ -59,26 +125,24 @@ pub struct TlsListener {
 }
 
 impl TlsListener {
-    /// Listens on `tcp` with the certificate and key at these paths, and
-    /// reloads them on change until `shutdown`. A reload that fails keeps
-    /// the last good certificate.
+    /// Listens on `tcp` with `files`, and reloads them on change until
+    /// `shutdown`. A reload that fails keeps the last good certificate.
     pub fn new(
         tcp: TcpListener,
-        cert: PathBuf,
-        key: PathBuf,
+        files: TlsFiles,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
-        let (tx, config) = watch::channel(server_config(&cert, &key)?);
-        let mut changes = Changes::files(&[cert.as_path(), key.as_path()])?;
+        let (tx, config) = watch::channel(server_config(&files)?);
+        let mut changes = Changes::files(&files.paths())?;
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     changed = changes.next() => if changed.is_none() { return },
                     _ = shutdown.cancelled() => return,
                 }
-                match server_config(&cert, &key) {
+                match server_config(&files) {
                     Ok(new) => {
-                        tracing::info!(cert = %cert.display(), "TLS certificate reloaded");
+                        tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
                         tx.send_replace(new);
                     }
                     Err(e) => tracing::error!(
@@ -91,11 +155,10 @@ impl TlsListener {
     }
 }
 
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+impl TlsListener {
+    /// The next connection whose handshake completes; failed handshakes
+    /// are logged and skipped.
+    async fn next_connection(&mut self) -> (TlsStream<TcpStream>, SocketAddr) {
         loop {
             let (stream, peer) = match self.tcp.accept().await {
                 Ok(accepted) => accepted,
@@ -107,11 +170,29 @@ impl axum::serve::Listener for TlsListener {
                 }
             };
             let acceptor = TlsAcceptor::from(self.config.borrow().clone());
-            match acceptor.accept(stream).await {
-                Ok(tls) => return (tls, peer),
-                Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => return (tls, peer),
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         }
+    }
+
+    /// The connections as a stream, for `tonic`'s `serve_with_incoming`.
+    pub fn into_incoming(self) -> impl futures::Stream<Item = io::Result<TlsStream<TcpStream>>> {
+        futures::stream::unfold(self, |mut listener| async move {
+            let (tls, _) = listener.next_connection().await;
+            Some((Ok(tls), listener))
+        })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        self.next_connection().await
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
@@ -180,13 +261,8 @@ mod tests {
         let first = write_certificate(dir.path(), "first");
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let shutdown = CancellationToken::new();
-        let mut listener = TlsListener::new(
-            tcp,
-            dir.path().join("cert.pem"),
-            dir.path().join("key.pem"),
-            shutdown.clone(),
-        )
-        .unwrap();
+        let files = TlsFiles::https(dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let mut listener = TlsListener::new(tcp, files, shutdown.clone()).unwrap();
         handshake(&mut listener, &first).await.unwrap();
 
         let second = write_certificate(dir.path(), "second");
@@ -210,9 +286,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("cert.pem"), "not pem").unwrap();
         std::fs::write(dir.path().join("key.pem"), "not pem").unwrap();
-        let e = server_config(&dir.path().join("cert.pem"), &dir.path().join("key.pem"))
-            .unwrap_err()
-            .to_string();
+        let files = TlsFiles::https(dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let e = server_config(&files).unwrap_err().to_string();
         assert!(e.contains("cert.pem"), "{e}");
+        // A bad client root is named too.
+        write_certificate(dir.path(), "good");
+        std::fs::write(dir.path().join("root.pem"), "not pem").unwrap();
+        let files = TlsFiles::mutual_grpc(
+            dir.path().join("cert.pem"),
+            dir.path().join("key.pem"),
+            dir.path().join("root.pem"),
+        );
+        let e = server_config(&files).unwrap_err().to_string();
+        assert!(e.contains("root.pem"), "{e}");
     }
 }

@@ -128,6 +128,12 @@ impl Proc {
             .unwrap()
     }
 
+    /// Sends SIGKILL and waits for the process to be gone.
+    pub async fn kill(mut self) {
+        nix::sys::signal::kill(Pid::from_raw(self.pid() as i32), Signal::SIGKILL).unwrap();
+        let _ = tokio::time::timeout(WAIT, self.child.wait()).await;
+    }
+
     /// Waits for the process to exit by itself.
     pub async fn exit(mut self) -> std::process::ExitStatus {
         tokio::time::timeout(WAIT, self.child.wait())
@@ -185,7 +191,12 @@ pub struct Galley {
 impl Galley {
     /// Starts Galley on `dir` with `extra` flags and waits until it is ready.
     pub async fn start(dir: &std::path::Path, extra: &[&str]) -> Self {
-        let (mcp, admin) = (free_addr(), free_addr());
+        Self::start_at(dir, free_addr(), extra).await
+    }
+
+    /// The same, serving MCP on `mcp` (a restarted Galley keeps its address).
+    pub async fn start_at(dir: &std::path::Path, mcp: SocketAddr, extra: &[&str]) -> Self {
+        let admin = free_addr();
         let (mcp_arg, admin_arg) = (mcp.to_string(), admin.to_string());
         let args = [
             &[

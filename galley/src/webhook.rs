@@ -7,7 +7,10 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use axum::{Json, Router, http::StatusCode, routing::post, serve::Listener};
-use component::{CancellationToken, tls::TlsListener};
+use component::{
+    CancellationToken,
+    tls::{TlsFiles, TlsListener},
+};
 use kube_core::{
     DynamicObject,
     admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation},
@@ -37,7 +40,7 @@ pub async fn bind(
     let tcp = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind --webhook-addr {addr}: {e}"))?;
-    let listener = TlsListener::new(tcp, cert, key, shutdown.clone())?;
+    let listener = TlsListener::new(tcp, TlsFiles::https(cert, key), shutdown.clone())?;
     tracing::info!(addr = %listener.local_addr()?, "galley validating webhook listening");
     Ok(axum::serve(listener, router())
         .with_graceful_shutdown(shutdown.cancelled_owned())

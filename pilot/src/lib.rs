@@ -5,21 +5,22 @@
 //! ([`xds`]): clusters and endpoints so far; listeners, routes, secrets,
 //! delta ADS and the rest of the generators are still to come (issue 4).
 
+mod debug;
 pub mod model;
 pub mod proxy;
 pub mod xds;
 
 use clap::Args;
-use component::{Admin, CancellationToken};
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use component::{
+    Admin, CancellationToken,
+    tls::{TlsFiles, TlsListener},
+};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use mcp_proto::{kinds, mcp};
 use model::Model;
 use tokio::sync::watch;
-use xds::{
-    ads::{AdsServer, SyncStatus},
-    generate::ModelGenerator,
-};
+use xds::{ads::AdsServer, generate::ModelGenerator};
 
 /// The collections Pilot builds its model from.
 pub const COLLECTIONS: &[&str] = &[
@@ -47,6 +48,20 @@ pub struct PilotArgs {
     /// Address of the plaintext xDS (ADS) gRPC server.
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], component::ports::PILOT_XDS)))]
     pub xds_addr: SocketAddr,
+    /// Address of the mTLS xDS (ADS) gRPC server, served when
+    /// `--tls-cert`, `--tls-key` and `--tls-root` are given.
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], component::ports::PILOT_XDS_MTLS)))]
+    pub xds_tls_addr: SocketAddr,
+    /// Pilot's certificate chain (PEM), as Citadel issued it.
+    #[arg(long, requires_all = ["tls_key", "tls_root"])]
+    pub tls_cert: Option<PathBuf>,
+    /// Pilot's private key (PEM).
+    #[arg(long, requires_all = ["tls_cert", "tls_root"])]
+    pub tls_key: Option<PathBuf>,
+    /// The mesh root (PEM): proxies on the mTLS port must present a
+    /// certificate that chains to it.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    pub tls_root: Option<PathBuf>,
     /// Quiet time after a config change before proxies are pushed, so that
     /// a burst of changes makes one push (waits at most ten times this).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "100ms")]
@@ -58,6 +73,18 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
     let xds = tokio::net::TcpListener::bind(args.xds_addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind --xds-addr {}: {e}", args.xds_addr))?;
+    let mtls = match (&args.tls_cert, &args.tls_key, &args.tls_root) {
+        (Some(cert), Some(key), Some(root)) => {
+            let files = TlsFiles::mutual_grpc(cert.clone(), key.clone(), root.clone());
+            let tcp = tokio::net::TcpListener::bind(args.xds_tls_addr)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot bind --xds-tls-addr {}: {e}", args.xds_tls_addr)
+                })?;
+            Some((tcp, files))
+        }
+        _ => None,
+    };
     let sink = mcp::follow(
         "pilot",
         COLLECTIONS,
@@ -96,47 +123,35 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
         }
     });
 
-    let ads = AdsServer::new(ModelGenerator::new(model_rx), shutdown.clone());
+    let generator = ModelGenerator::new(model_rx);
+    let ads = AdsServer::new(generator.clone(), shutdown.clone());
     let status = ads.status();
-    admin.debug_page("syncz", move || syncz(&status));
+    admin.debug_page("syncz", move || debug::syncz(&status));
+    let model = generator.clone();
+    admin.debug_page("configz", move || debug::configz(&model.model()));
+    admin.debug_page("endpointz", move || debug::endpointz(&generator.model()));
     tracing::info!(addr = %xds.local_addr()?, "pilot serving ADS");
-    mcp::grpc_server()
-        .add_service(ads.into_service())
-        .serve_with_incoming_shutdown(mcp::incoming(xds), shutdown.cancelled_owned())
-        .await?;
+    let plaintext = mcp::grpc_server()
+        .add_service(ads.clone().into_service())
+        .serve_with_incoming_shutdown(mcp::incoming(xds), shutdown.clone().cancelled_owned());
+    let mutual = async {
+        let Some((tcp, files)) = mtls else {
+            return Ok(());
+        };
+        tracing::info!(addr = %tcp.local_addr()?, "pilot serving ADS over mTLS");
+        let listener = TlsListener::new(tcp, files, shutdown.clone())?;
+        mcp::grpc_server()
+            .add_service(ads.into_service())
+            .serve_with_incoming_shutdown(
+                listener.into_incoming(),
+                shutdown.clone().cancelled_owned(),
+            )
+            .await?;
+        anyhow::Ok(())
+    };
+    tokio::try_join!(
+        async { plaintext.await.map_err(anyhow::Error::from) },
+        mutual
+    )?;
     Ok(())
-}
-
-/// `/debug/syncz`: per connected proxy, per type, what was sent and answered.
-fn syncz(status: &SyncStatus) -> serde_json::Value {
-    let proxies: Vec<serde_json::Value> = status
-        .proxies()
-        .iter()
-        .map(|p| {
-            let types: serde_json::Map<String, serde_json::Value> = p
-                .types
-                .iter()
-                .map(|(t, s)| {
-                    let status = serde_json::json!({
-                        "sent_version": s.sent_version,
-                        "sent_nonce": s.sent_nonce,
-                        "acked_version": s.acked_version,
-                        "last_nack": s.last_nack,
-                    });
-                    (t.clone(), status)
-                })
-                .collect();
-            let since = p
-                .connected_since
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_secs());
-            serde_json::json!({
-                "node": p.node_id,
-                "protocol": p.protocol,
-                "connected_since_unix": since,
-                "types": types,
-            })
-        })
-        .collect();
-    serde_json::Value::Array(proxies)
 }

@@ -42,6 +42,11 @@ impl Drop for ControlPlane {
 impl ControlPlane {
     /// Pilot following a source that serves `yaml`.
     pub async fn start(yaml: &str) -> Self {
+        Self::start_with(yaml, |_| {}).await
+    }
+
+    /// The same, with Pilot's flags adjusted by `configure`.
+    pub async fn start_with(yaml: &str, configure: impl FnOnce(&mut pilot::PilotArgs)) -> Self {
         let store = Arc::new(Store::new(kinds::KINDS.iter().map(|k| k.collection)));
         publish(&store, yaml);
         let stop = CancellationToken::new();
@@ -62,11 +67,16 @@ impl ControlPlane {
             .unwrap()
             .local_addr()
             .unwrap();
-        let args = pilot::PilotArgs {
+        let mut args = pilot::PilotArgs {
             mcp_server: mcp_addr.to_string(),
             xds_addr: xds,
+            xds_tls_addr: "127.0.0.1:0".parse().unwrap(),
+            tls_cert: None,
+            tls_key: None,
+            tls_root: None,
             debounce: Duration::from_millis(10),
         };
+        configure(&mut args);
         let admin = Admin::new("pilot");
         tokio::spawn(pilot::run(args, admin.clone(), stop.clone()));
         Self {

@@ -41,11 +41,22 @@ use super::{PUSH_ORDER, ResourceGenerator, TypeVersions};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// The ADS service.
+/// The ADS service. Clones serve the same proxies' status, so one server
+/// can listen on several ports (plaintext and mTLS).
 pub struct AdsServer<G> {
     generator: Arc<G>,
     shutdown: CancellationToken,
     status: SyncStatus,
+}
+
+impl<G> Clone for AdsServer<G> {
+    fn clone(&self) -> Self {
+        Self {
+            generator: self.generator.clone(),
+            shutdown: self.shutdown.clone(),
+            status: self.status.clone(),
+        }
+    }
 }
 
 /// Per connected proxy, what was sent, ACKed and NACKed, by stream.
