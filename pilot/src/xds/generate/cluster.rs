@@ -117,8 +117,9 @@ impl<'a> Settings<'a> {
     }
 }
 
-/// Every cluster a proxy gets.
-pub fn clusters(scope: &Scope) -> Vec<Cluster> {
+/// The clusters every proxy of a scope shares: one per visible service
+/// port and subset, the black hole and the passthrough.
+pub fn shared(scope: &Scope) -> Vec<Cluster> {
     let mut out = Vec::new();
     for service in scope.services() {
         for port in &service.ports {
@@ -126,14 +127,6 @@ pub fn clusters(scope: &Scope) -> Vec<Cluster> {
                 out.push(outbound(scope, service, port, &subset));
             }
         }
-    }
-    for inbound in scope.inbound() {
-        out.push(static_cluster(
-            &inbound.cluster,
-            &inbound.target_address,
-            inbound.target_port,
-            scope.model,
-        ));
     }
     out.push(Cluster {
         name: BLACK_HOLE.into(),
@@ -143,6 +136,15 @@ pub fn clusters(scope: &Scope) -> Vec<Cluster> {
     });
     out.push(original_destination(PASSTHROUGH, scope.model));
     out
+}
+
+/// The clusters of the proxy's own inbound ports.
+pub fn inbound(scope: &Scope) -> Vec<Cluster> {
+    scope
+        .inbound()
+        .iter()
+        .map(|i| static_cluster(&i.cluster, &i.target_address, i.target_port, scope.model))
+        .collect()
 }
 
 fn discovery(t: DiscoveryType) -> Option<ClusterDiscoveryType> {

@@ -56,12 +56,27 @@ pub const VIRTUAL_INBOUND: &str = "virtualInbound";
 pub(super) const HCM: &str = "envoy.filters.network.http_connection_manager";
 const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
 
-/// Every listener of a sidecar.
-pub fn sidecar(scope: &Scope) -> Vec<Listener> {
-    let none = scope.proxy.interception == Interception::None;
-    let mut out = outbound(scope, !none);
-    if none {
-        for inbound in scope.inbound() {
+/// The listeners every sidecar of a scope shares: outbound ones and, with
+/// interception, `virtualOutbound`.
+pub fn shared(scope: &Scope) -> Vec<Listener> {
+    let redirect = scope.proxy.interception == Interception::Redirect;
+    let mut out = outbound(scope, redirect);
+    if redirect {
+        out.push(virtual_outbound(scope));
+    }
+    out
+}
+
+/// The listeners of the sidecar's own inbound ports: `virtualInbound` with
+/// interception, else one bound listener per port.
+pub fn inbound(scope: &Scope) -> Vec<Listener> {
+    if scope.proxy.interception == Interception::Redirect {
+        return vec![virtual_inbound(scope)];
+    }
+    scope
+        .inbound()
+        .iter()
+        .map(|inbound| {
             let bind = inbound
                 .bind
                 .clone()
@@ -72,16 +87,12 @@ pub fn sidecar(scope: &Scope) -> Vec<Listener> {
                 inbound.port,
                 true,
             );
-            l.filter_chains = inbound_chains(scope, &inbound, false);
+            l.filter_chains = inbound_chains(scope, inbound, false);
             l.traffic_direction = TrafficDirection::Inbound as i32;
             add_tls_inspector(&mut l);
-            out.push(l);
-        }
-    } else {
-        out.push(virtual_outbound(scope));
-        out.push(virtual_inbound(scope));
-    }
-    out
+            l
+        })
+        .collect()
 }
 
 pub(super) fn socket_address(ip: &str, port: u32) -> Option<Address> {

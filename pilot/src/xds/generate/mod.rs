@@ -11,7 +11,10 @@ pub mod route;
 pub mod security;
 pub mod tls;
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex, OnceLock},
+};
 
 use envoy_types::pb::{
     envoy::config::core::v3::{
@@ -321,6 +324,31 @@ fn parse_endpoint(s: &str) -> Option<(String, u32)> {
 pub struct ModelGenerator {
     model: watch::Receiver<Arc<Model>>,
     changes: watch::Sender<TypeVersions>,
+    shared: Mutex<SharedCache>,
+}
+
+/// What every proxy of one kind, namespace, label set, interception mode
+/// and Sidecar gets alike (everything but its own inbound side), built once
+/// per model and handed to each of them.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct ScopeKey {
+    type_url: &'static str,
+    kind: ProxyKind,
+    namespace: String,
+    labels: BTreeMap<String, String>,
+    interception: Interception,
+    sidecar: Option<(String, String)>,
+}
+
+type Resources = Arc<Vec<(String, Any)>>;
+
+#[derive(Default)]
+struct SharedCache {
+    /// The model the entries were built from.
+    model: Option<Arc<Model>>,
+    /// One cell per key: the first stream to need it builds it, the others
+    /// wait for that instead of building it again.
+    entries: HashMap<ScopeKey, Arc<OnceLock<Resources>>>,
 }
 
 impl ModelGenerator {
@@ -331,6 +359,7 @@ impl ModelGenerator {
         let generator = Arc::new(Self {
             model: model.clone(),
             changes,
+            shared: Mutex::default(),
         });
         let notify = generator.changes.clone();
         tokio::spawn(async move {
@@ -355,6 +384,45 @@ impl ModelGenerator {
     pub fn model(&self) -> Arc<Model> {
         self.model.borrow().clone()
     }
+
+    /// The shared resources of `type_url` for the scope, built at most once
+    /// per model.
+    fn shared(
+        &self,
+        scope: &Scope,
+        type_url: &'static str,
+        build: impl FnOnce() -> Vec<(String, Any)>,
+    ) -> Resources {
+        let key = ScopeKey {
+            type_url,
+            kind: scope.proxy.kind,
+            namespace: scope.proxy.namespace.clone(),
+            labels: scope.proxy.labels.clone(),
+            interception: scope.proxy.interception,
+            sidecar: scope.sidecar.map(|s| (s.namespace.clone(), s.name.clone())),
+        };
+        let cell = {
+            let mut cache = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            if !cache
+                .model
+                .as_ref()
+                .is_some_and(|m| std::ptr::eq(m.as_ref(), scope.model))
+            {
+                cache.model = Some(self.model());
+                cache.entries.clear();
+            }
+            // A model newer than the scope's is cached: build without caching.
+            if !cache
+                .model
+                .as_ref()
+                .is_some_and(|m| std::ptr::eq(m.as_ref(), scope.model))
+            {
+                return Arc::new(build());
+            }
+            cache.entries.entry(key).or_default().clone()
+        };
+        cell.get_or_init(|| Arc::new(build())).clone()
+    }
 }
 
 fn named<M: Message + Name>(items: Vec<M>, name: impl Fn(&M) -> String) -> Vec<(String, Any)> {
@@ -371,29 +439,53 @@ impl ResourceGenerator for ModelGenerator {
     fn generate(&self, proxy: &Proxy, type_url: &str, names: &[String]) -> Vec<(String, Any)> {
         let model = self.model();
         let scope = Scope::new(&model, proxy);
-        let all = match type_url {
-            CLUSTER => named(cluster::clusters(&scope), |c| c.name.clone()),
-            ENDPOINT => named(endpoint::load_assignments(&scope), |c| {
-                c.cluster_name.clone()
-            }),
+        let (shared, own) = match type_url {
+            CLUSTER => (
+                self.shared(&scope, CLUSTER, || {
+                    named(cluster::shared(&scope), |c| c.name.clone())
+                }),
+                named(cluster::inbound(&scope), |c| c.name.clone()),
+            ),
+            ENDPOINT => (
+                self.shared(&scope, ENDPOINT, || {
+                    named(endpoint::load_assignments(&scope), |c| {
+                        c.cluster_name.clone()
+                    })
+                }),
+                Vec::new(),
+            ),
             LISTENER => {
-                let mut listeners = match proxy.kind {
-                    ProxyKind::Sidecar => listener::sidecar(&scope),
-                    ProxyKind::Router => gateway::listeners(&scope),
+                let shared = self.shared(&scope, LISTENER, || {
+                    let listeners = match proxy.kind {
+                        ProxyKind::Sidecar => listener::shared(&scope),
+                        ProxyKind::Router => gateway::listeners(&scope),
+                    };
+                    named(listeners, |l| l.name.clone())
+                });
+                let mut own = match proxy.kind {
+                    ProxyKind::Sidecar => listener::inbound(&scope),
+                    ProxyKind::Router => Vec::new(),
                 };
                 // Proxyless gRPC clients ask for `host:port` by name; they
                 // are never part of a wildcard answer, which Envoy gets.
-                listeners.extend(listener::api_listeners(&scope, names));
-                named(listeners, |l| l.name.clone())
+                own.extend(listener::api_listeners(&scope, names));
+                (shared, named(own, |l| l.name.clone()))
             }
-            ROUTE => named(route_configs(&scope, names), |r| r.name.clone()),
-            _ => Vec::new(),
+            ROUTE => (
+                self.shared(&scope, ROUTE, || {
+                    named(route_configs(&scope), |r| r.name.clone())
+                }),
+                Vec::new(),
+            ),
+            _ => return Vec::new(),
         };
-        if names.is_empty() {
-            all
-        } else {
-            all.into_iter().filter(|(n, _)| names.contains(n)).collect()
-        }
+        let wanted = |n: &String| names.is_empty() || names.contains(n);
+        shared
+            .iter()
+            .chain(own.iter())
+            .filter(|(n, _)| wanted(n))
+            .cloned()
+            .collect()
     }
 
     fn changes(&self) -> watch::Receiver<TypeVersions> {
@@ -401,33 +493,30 @@ impl ResourceGenerator for ModelGenerator {
     }
 }
 
-/// Route configurations by name: a sidecar's are named for its HTTP
-/// listener ports, a gateway's for its servers.
+/// Every route configuration of the scope: a sidecar's are named for its
+/// HTTP listener ports, a gateway's for its servers.
 fn route_configs(
     scope: &Scope,
-    names: &[String],
 ) -> Vec<envoy_types::pb::envoy::config::route::v3::RouteConfiguration> {
     match scope.proxy.kind {
         ProxyKind::Router => gateway::route_configs(scope),
         ProxyKind::Sidecar => {
-            let mut ports: Vec<u32> = names.iter().filter_map(|n| n.parse().ok()).collect();
-            if names.is_empty() {
-                for egress in scope.egress() {
-                    match egress.port {
-                        Some((p, protocol)) if protocol.is_http() => ports.push(p),
-                        Some(_) => {}
-                        None => ports.extend(
-                            scope
-                                .egress_services(0)
-                                .flat_map(|s| s.ports.iter())
-                                .filter(|p| p.protocol.is_http())
-                                .map(|p| p.number),
-                        ),
-                    }
+            let mut ports: Vec<u32> = Vec::new();
+            for egress in scope.egress() {
+                match egress.port {
+                    Some((p, protocol)) if protocol.is_http() => ports.push(p),
+                    Some(_) => {}
+                    None => ports.extend(
+                        scope
+                            .egress_services(0)
+                            .flat_map(|s| s.ports.iter())
+                            .filter(|p| p.protocol.is_http())
+                            .map(|p| p.number),
+                    ),
                 }
-                ports.sort_unstable();
-                ports.dedup();
             }
+            ports.sort_unstable();
+            ports.dedup();
             ports
                 .into_iter()
                 .map(|p| route::sidecar_outbound(scope, p))
