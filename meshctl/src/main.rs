@@ -54,6 +54,8 @@ enum BenchCommand {
     Mcp(bench::mcp::McpBenchArgs),
     /// Galley on a large config directory: start to ready, memory, edit to sinks.
     Galley(bench::galley::GalleyBenchArgs),
+    /// Pilot with many services and simulated ADS proxies.
+    Pilot(bench::pilot::PilotBenchArgs),
 }
 
 #[tokio::main]
@@ -72,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Mcp(McpCommand::Conformance(args)) => mcp::conformance::run(args).await,
         Command::Bench(BenchCommand::Mcp(args)) => bench::mcp::run(args).await,
         Command::Bench(BenchCommand::Galley(args)) => bench::galley::run(args).await,
+        Command::Bench(BenchCommand::Pilot(args)) => bench::pilot::run(args).await,
         Command::Version => {
             println!("meshctl {}", env!("CARGO_PKG_VERSION"));
             Ok(())

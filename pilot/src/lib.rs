@@ -99,9 +99,13 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
     let (model_tx, model_rx) = watch::channel(Arc::new(Model::default()));
     let mut snapshots = sink.subscribe();
     let debounce = args.debounce;
+    // Ready once the model reflects a synced snapshot, not merely once the
+    // snapshot is synced: proxies that connect then get the whole config.
+    let model_built = admin.readiness().condition("model-built");
     tokio::spawn(async move {
         loop {
-            let model = Model::from_snapshot(&snapshots.borrow_and_update());
+            let snapshot = snapshots.borrow_and_update().clone();
+            let model = Model::from_snapshot(&snapshot);
             model_tx.send_if_modified(|current| {
                 let changed = **current != model;
                 if changed {
@@ -109,6 +113,9 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
                 }
                 changed
             });
+            if snapshot.synced() {
+                model_built.set(true);
+            }
             if snapshots.changed().await.is_err() {
                 return;
             }

@@ -3,7 +3,7 @@
 //! resources the test sets.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -19,7 +19,7 @@ use envoy_types::pb::{
     },
     google::{protobuf::Any, rpc::Status as RpcStatus},
 };
-use pilot::xds::{CLUSTER, ENDPOINT, ResourceGenerator, TypeVersions, ads::AdsServer};
+use pilot::xds::{CLUSTER, ENDPOINT, Resource, ResourceGenerator, TypeVersions, ads::AdsServer};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
@@ -76,13 +76,18 @@ impl ResourceGenerator for Fixed {
         Ok(())
     }
 
-    fn generate(&self, _client: &(), type_url: &str, names: &[String]) -> Vec<(String, Any)> {
+    fn generate(
+        &self,
+        _client: &(),
+        type_url: &str,
+        names: &BTreeSet<String>,
+    ) -> Vec<Arc<Resource>> {
         let all = self.resources.lock().unwrap();
         all.get(type_url)
             .into_iter()
             .flatten()
-            .filter(|(name, _)| names.is_empty() || names.contains(name))
-            .map(|(n, a)| (n.clone(), a.clone()))
+            .filter(|(name, _)| names.is_empty() || names.contains(*name))
+            .map(|(n, a)| Resource::new(n.as_str(), a.clone()))
             .collect()
     }
 
@@ -327,14 +332,15 @@ async fn clusters_are_pushed_before_endpoints() {
 
 #[tokio::test]
 async fn stale_nonces_are_ignored() {
-    let (generator, mut proxy) = start().await;
+    let (generator, mut proxy, status) = start_with_status().await;
     proxy.send(CLUSTER, &[], None, None).await;
     let first = proxy.next().await;
     proxy.send(CLUSTER, &[], Some(&first), None).await;
     generator.set(CLUSTER, "a", 2);
     let second = proxy.next().await;
-    // Answering the old response again changes nothing and sends nothing;
-    // the next message is the push for the next change.
+    // Answering the old response again is not recorded and sends nothing;
+    // the next message is the push for the next change, once the current
+    // response is answered.
     proxy
         .send(
             CLUSTER,
@@ -343,10 +349,38 @@ async fn stale_nonces_are_ignored() {
             Some("late NACK of an old response"),
         )
         .await;
+    proxy.send(CLUSTER, &[], Some(&second), None).await;
     generator.set(CLUSTER, "a", 3);
     let third = proxy.next().await;
     assert_eq!(names(&third), ["a-r3", "b-r1"]);
     assert_ne!(third.nonce, second.nonce);
+    let cds = &status.proxies()[0].types[CLUSTER];
+    assert_eq!(cds.last_nack, None, "the stale NACK is ignored");
+    assert_eq!(
+        cds.acked_version.as_deref(),
+        Some(second.version_info.as_str())
+    );
+}
+
+#[tokio::test]
+async fn changes_while_a_response_is_unanswered_coalesce_into_one() {
+    let (generator, mut proxy) = start().await;
+    proxy.send(CLUSTER, &[], None, None).await;
+    let first = proxy.next().await;
+    // Not answered yet: these changes wait, and only the latest goes out.
+    generator.set(CLUSTER, "a", 2);
+    generator.set(CLUSTER, "a", 3);
+    generator.set(CLUSTER, "b", 3);
+    proxy.send(ENDPOINT, &["a"], None, None).await;
+    assert_eq!(
+        proxy.next().await.type_url,
+        ENDPOINT,
+        "no cluster push while one is pending"
+    );
+    proxy.send(CLUSTER, &[], Some(&first), None).await;
+    let latest = proxy.next().await;
+    assert_eq!(latest.type_url, CLUSTER);
+    assert_eq!(names(&latest), ["a-r3", "b-r3"]);
 }
 
 #[tokio::test]
@@ -625,4 +659,24 @@ async fn delta_pushes_clusters_before_endpoints() {
     });
     assert_eq!(proxy.next().await.type_url, CLUSTER);
     assert_eq!(proxy.next().await.type_url, ENDPOINT);
+}
+
+#[tokio::test]
+async fn large_delta_responses_go_in_pages_each_after_the_last_is_answered() {
+    let (generator, addr, _) = serve().await;
+    for i in 0..2_500 {
+        generator.set(CLUSTER, &format!("c{i:04}"), 1);
+    }
+    let mut proxy = DeltaProxy::connect(addr).await;
+    proxy.subscribe(CLUSTER, &[]).await;
+    let mut received = BTreeSet::new();
+    let mut pages = Vec::new();
+    while received.len() < 2_502 {
+        let page = proxy.next().await;
+        pages.push(page.resources.len());
+        received.extend(page.resources.iter().map(|r| r.name.clone()));
+        proxy.ack(&page, None).await;
+    }
+    assert_eq!(pages, [1_000, 1_000, 502], "pages of at most 1,000");
+    assert!(received.contains("c2499") && received.contains("a"));
 }

@@ -477,8 +477,9 @@ async fn gateways_listen_on_their_servers_and_route_bound_virtual_services() {
         .proxy(node(id, &[("istio", "ingressgateway")], &[]))
         .await;
     let listeners: Vec<Listener> = gw.fetch(LISTENER, &[]).await;
-    let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
-    assert_eq!(names, ["0.0.0.0_80", "0.0.0.0_443", "0.0.0.0_8443"]);
+    let mut names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["0.0.0.0_443", "0.0.0.0_80", "0.0.0.0_8443"]);
     let https = by_name(&listeners, "0.0.0.0_443");
     let chain = &https.filter_chains[0];
     assert_eq!(

@@ -103,7 +103,7 @@ fn edit_one(dir: &Path, per_file: usize, revision: u32) -> anyhow::Result<()> {
 }
 
 /// A memory figure of `/proc/PID/status` (`VmRSS:`, `VmHWM:`), in bytes.
-fn rss_bytes(pid: u32, field: &str) -> anyhow::Result<u64> {
+pub(super) fn rss_bytes(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb = status
         .lines()

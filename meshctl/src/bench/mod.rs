@@ -3,6 +3,7 @@
 
 pub mod galley;
 pub mod mcp;
+pub mod pilot;
 
 use std::{path::Path, time::Duration};
 

@@ -170,6 +170,9 @@ pub struct Config {
     /// The ClusterRbacConfig (or, as Istio 1.1 still reads it, the
     /// RbacConfig) named `default`.
     pub rbac_config: Option<RbacConfig>,
+    /// Whether some VirtualService route matches on source labels, so that
+    /// proxies' routes depend on their labels.
+    pub matches_source_labels: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -178,6 +181,8 @@ pub struct Model {
     pub services: BTreeMap<String, Arc<Service>>,
     /// Endpoints by service host.
     pub endpoints: BTreeMap<String, Arc<Vec<Endpoint>>>,
+    /// Service hosts with an endpoint at an address, by address.
+    pub hosts_by_address: BTreeMap<String, BTreeSet<String>>,
     pub config: Config,
     pub mesh: MeshConfig,
 }
@@ -187,6 +192,7 @@ impl Default for Model {
         Self {
             services: BTreeMap::new(),
             endpoints: BTreeMap::new(),
+            hosts_by_address: BTreeMap::new(),
             config: Config::default(),
             mesh: mesh::defaults(),
         }
@@ -247,6 +253,21 @@ impl Model {
         config.virtual_services = named!(snapshot, kinds::VIRTUAL_SERVICES, VirtualService)
             .map(resolve_virtual_service)
             .collect();
+        config.matches_source_labels = config.virtual_services.iter().any(|vs| {
+            let http = vs
+                .spec
+                .http
+                .iter()
+                .flat_map(|h| &h.r#match)
+                .any(|m| !m.source_labels.is_empty());
+            let tcp = vs
+                .spec
+                .tcp
+                .iter()
+                .flat_map(|t| &t.r#match)
+                .any(|m| !m.source_labels.is_empty());
+            http || tcp
+        });
         config.destination_rules = named!(snapshot, kinds::DESTINATION_RULES, DestinationRule)
             .map(|mut dr| {
                 dr.spec.host = host::resolve(&dr.spec.host, &dr.namespace);
@@ -322,6 +343,12 @@ impl Model {
                 export_to: spec.export_to.clone(),
             };
             self.services.insert(host.clone(), Arc::new(service));
+            for e in endpoints.iter() {
+                self.hosts_by_address
+                    .entry(e.address.clone())
+                    .or_default()
+                    .insert(host.clone());
+            }
             self.endpoints.insert(host, endpoints.clone());
         }
     }

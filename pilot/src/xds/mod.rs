@@ -6,7 +6,10 @@
 pub mod ads;
 pub mod generate;
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use envoy_types::pb::{envoy::config::core::v3::Node, google::protobuf::Any};
 use tokio::sync::watch;
@@ -21,6 +24,32 @@ pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets
 /// refers to before the resource: clusters before their endpoints,
 /// listeners before their routes.
 pub const PUSH_ORDER: [&str; 5] = [CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET];
+
+/// A generated resource, with a hash of its name and body computed once:
+/// streams compare and version resources by it without rehashing bytes,
+/// and proxies of one scope share the same `Arc`s.
+#[derive(Debug, PartialEq)]
+pub struct Resource {
+    pub name: Arc<str>,
+    pub body: Any,
+    pub hash: u64,
+}
+
+impl Resource {
+    pub fn new(name: impl Into<Arc<str>>, body: Any) -> Arc<Self> {
+        use std::hash::{Hash, Hasher};
+        let name = name.into();
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        name.hash(&mut hasher);
+        body.type_url.hash(&mut hasher);
+        body.value.hash(&mut hasher);
+        Arc::new(Self {
+            name,
+            body,
+            hash: hasher.finish(),
+        })
+    }
+}
 
 /// Per type URL, a counter that moves whenever generation for that type
 /// may give other results. Counters, not flags: a stream that misses
@@ -37,13 +66,13 @@ pub trait ResourceGenerator: Send + Sync + 'static {
     fn client(&self, node: &Node) -> Result<Self::Client, String>;
 
     /// The resources of `type_url` for `client`, only those named in
-    /// `names` when it is not empty. Each resource is `(name, body)`.
+    /// `names` when it is not empty, in name order.
     fn generate(
         &self,
         client: &Self::Client,
         type_url: &str,
-        names: &[String],
-    ) -> Vec<(String, Any)>;
+        names: &BTreeSet<String>,
+    ) -> Vec<Arc<Resource>>;
 
     fn changes(&self) -> watch::Receiver<TypeVersions>;
 }

@@ -3,16 +3,16 @@
 //! may declare what it already holds, and each response carries only the
 //! resources that changed and the names removed. A resource's version is a
 //! hash of its content, so equal content is never resent, across streams
-//! too.
+//! too. Large responses go in pages, each sent when the last is answered.
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
 use tonic::Status;
 
-use super::{Connection, Flavor, Sent, content_hash};
+use super::{Connection, DELTA_PAGE, Flavor, Held, Sent, content_hash};
 use crate::xds::ResourceGenerator;
 
 pub struct Delta;
@@ -37,17 +37,20 @@ impl<G: ResourceGenerator> Flavor<G> for Delta {
         let watch = conn.watches.entry(type_url.clone()).or_default();
         if first {
             watch.wildcard = request.resource_names_subscribe.is_empty();
-            watch.held = request.initial_resource_versions.into_iter().collect();
+            watch.held = Held::new(request.initial_resource_versions.into_iter().filter_map(
+                |(name, version)| Some((Arc::from(name), u64::from_str_radix(&version, 16).ok()?)),
+            ));
         }
         let mut changed = first;
+        let mut names = (*watch.names).clone();
         for name in request.resource_names_subscribe {
             if name == "*" {
                 changed |= !watch.wildcard;
                 watch.wildcard = true;
             } else {
                 // Resent even when held: a subscribe asks for the resource.
-                watch.held.remove(&name);
-                watch.names.insert(name);
+                watch.held.remove(name.as_str());
+                names.insert(name);
                 changed = true;
             }
         }
@@ -55,12 +58,16 @@ impl<G: ResourceGenerator> Flavor<G> for Delta {
             if name == "*" {
                 watch.wildcard = false;
             } else {
-                watch.names.remove(&name);
+                names.remove(&name);
             }
             // The proxy drops it; it is not reported as removed.
-            watch.held.remove(&name);
+            watch.held.remove(name.as_str());
             changed = true;
         }
+        if *watch.names != names {
+            watch.names = conn.names.intern(names);
+        }
+        let watch = conn.watches.get_mut(&type_url).expect("inserted above");
         if !request.response_nonce.is_empty() {
             let reason = request.error_detail.map(|e| e.message);
             if watch.answer(&request.response_nonce, reason.clone())
@@ -69,16 +76,18 @@ impl<G: ResourceGenerator> Flavor<G> for Delta {
                 conn.record_nack(&type_url, &reason);
             }
         }
-        Ok(if changed {
-            respond(conn, &type_url, first)
-        } else {
-            None
+        let mut out: Vec<DeltaDiscoveryResponse> = Vec::new();
+        if changed {
+            out.extend(respond(conn, &type_url, first));
         }
-        .into_iter()
-        .collect())
+        for t in conn.take_dirty() {
+            out.extend(respond(conn, &t, false));
+        }
+        Ok(out)
     }
 
     fn on_change(conn: &mut Connection<G>, types: &[String]) -> Vec<DeltaDiscoveryResponse> {
+        let types = conn.pushable(types);
         types
             .iter()
             .filter_map(|t| respond(conn, t, false))
@@ -86,11 +95,9 @@ impl<G: ResourceGenerator> Flavor<G> for Delta {
     }
 }
 
-fn version(bytes: &[u8]) -> String {
-    format!(
-        "{:016x}",
-        content_hash(std::iter::once((&String::new(), bytes)))
-    )
+/// A resource's version: its content hash.
+fn version(hash: u64) -> String {
+    format!("{hash:016x}")
 }
 
 /// The changes since what the proxy holds; `None` when there are none,
@@ -102,33 +109,50 @@ fn respond<G: ResourceGenerator>(
 ) -> Option<DeltaDiscoveryResponse> {
     let resources = conn.generate(type_url);
     let watch = conn.watches.get(type_url)?;
-    let current: BTreeMap<&String, String> = resources
+    // One walk over both lists, each in name order: what changed (up to a
+    // page), what was removed, and what the proxy will hold after this
+    // page (the page, and what it held of the rest).
+    let mut changed: Vec<&Arc<crate::xds::Resource>> = Vec::new();
+    let mut removed: Vec<String> = Vec::new();
+    let mut held: Vec<(Arc<str>, u64)> = Vec::with_capacity(resources.len());
+    let mut more = false;
+    let mut old = watch.held.entries().iter().peekable();
+    for r in &resources {
+        while let Some((name, _)) = old.next_if(|(n, _)| **n < *r.name) {
+            removed.push(name.to_string());
+        }
+        let before = old.next_if(|(n, _)| **n == *r.name).map(|(_, h)| *h);
+        if before == Some(r.hash) {
+            held.push((r.name.clone(), r.hash));
+        } else if changed.len() < DELTA_PAGE {
+            changed.push(r);
+            held.push((r.name.clone(), r.hash));
+        } else {
+            more = true;
+            held.extend(before.map(|h| (r.name.clone(), h)));
+        }
+    }
+    removed.extend(old.map(|(n, _)| n.to_string()));
+    if changed.is_empty() && removed.is_empty() && !always {
+        return None;
+    }
+    let held = Held::sorted(held);
+    let updated: Vec<Resource> = changed
         .iter()
-        .map(|(n, a)| (n, version(&a.value)))
-        .collect();
-    let updated: Vec<Resource> = resources
-        .iter()
-        .filter(|(n, _)| watch.held.get(n) != current.get(n))
-        .map(|(n, a)| Resource {
-            name: n.clone(),
-            version: current[n].clone(),
-            resource: Some(a.clone()),
+        .map(|r| Resource {
+            name: r.name.to_string(),
+            version: version(r.hash),
+            resource: Some(r.body.clone()),
             ..Default::default()
         })
         .collect();
-    let removed: Vec<String> = watch
-        .held
-        .keys()
-        .filter(|n| !current.contains_key(n))
-        .cloned()
-        .collect();
-    if updated.is_empty() && removed.is_empty() && !always {
-        return None;
-    }
-    let hash = content_hash(current.iter().map(|(n, v)| (*n, v.as_bytes())));
+    let hash = content_hash(&resources);
     let nonce = conn.next_nonce();
     let watch = conn.watches.get_mut(type_url)?;
-    watch.held = current.into_iter().map(|(n, v)| (n.clone(), v)).collect();
+    watch.held = held;
+    watch.pending = true;
+    // The next page goes when this one is answered.
+    watch.dirty |= more;
     watch.sent = Some(Sent {
         nonce: nonce.clone(),
         version: nonce.clone(),

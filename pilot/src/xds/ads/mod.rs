@@ -13,10 +13,10 @@ mod delta;
 mod sotw;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     pin::Pin,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, Weak,
         atomic::{AtomicU64, Ordering},
     },
     time::SystemTime,
@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{PUSH_ORDER, ResourceGenerator, TypeVersions};
+use super::{PUSH_ORDER, Resource, ResourceGenerator, TypeVersions};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -47,6 +47,7 @@ pub struct AdsServer<G> {
     generator: Arc<G>,
     shutdown: CancellationToken,
     status: SyncStatus,
+    names: NameSets,
 }
 
 impl<G> Clone for AdsServer<G> {
@@ -55,7 +56,43 @@ impl<G> Clone for AdsServer<G> {
             generator: self.generator.clone(),
             shutdown: self.shutdown.clone(),
             status: self.status.clone(),
+            names: self.names.clone(),
         }
+    }
+}
+
+/// An order-independent fingerprint of a list of names.
+fn fingerprint<'a>(names: impl IntoIterator<Item = &'a String>) -> (usize, u64) {
+    use std::hash::{Hash, Hasher};
+    names.into_iter().fold((0, 0), |(n, sum), name| {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        name.hash(&mut hasher);
+        (n + 1, sum.wrapping_add(hasher.finish()))
+    })
+}
+
+/// Subscribed name sets, shared between streams: proxies of one kind ask
+/// for the same thousands of names, and each stream holds a pointer to one
+/// copy instead of its own.
+#[derive(Clone, Default)]
+struct NameSets(Arc<Mutex<HashMap<u64, Weak<BTreeSet<String>>>>>);
+
+impl NameSets {
+    fn intern(&self, names: BTreeSet<String>) -> Arc<BTreeSet<String>> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        names.hash(&mut hasher);
+        let key = hasher.finish();
+        let mut sets = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(set) = sets.get(&key).and_then(Weak::upgrade)
+            && *set == names
+        {
+            return set;
+        }
+        sets.retain(|_, w| w.strong_count() > 0);
+        let set = Arc::new(names);
+        sets.insert(key, Arc::downgrade(&set));
+        set
     }
 }
 
@@ -102,6 +139,7 @@ impl<G: ResourceGenerator> AdsServer<G> {
             generator,
             shutdown,
             status: SyncStatus::default(),
+            names: NameSets::default(),
         }
     }
 
@@ -117,7 +155,9 @@ impl<G: ResourceGenerator> AdsServer<G> {
     /// Runs one stream of either flavour until the proxy leaves, the
     /// stream fails or Pilot shuts down.
     fn serve<F: Flavor<G>>(&self, mut requests: Streaming<F::Request>) -> BoxStream<F::Response> {
-        let (tx, rx) = mpsc::channel(16);
+        // At most one response per type is unanswered (see `Watch`), so a
+        // few slots hold a stream's whole backlog.
+        let (tx, rx) = mpsc::channel(PUSH_ORDER.len());
         let mut changes = self.generator.changes();
         let shutdown = self.shutdown.clone();
         let status = self.status.clone();
@@ -130,6 +170,7 @@ impl<G: ResourceGenerator> AdsServer<G> {
             responses: 0,
             seen: changes.borrow_and_update().clone(),
             connected_since: SystemTime::now(),
+            names: self.names.clone(),
         };
         tokio::spawn(async move {
             let _gone = RemoveOnDrop(status.clone(), id);
@@ -197,18 +238,68 @@ trait Flavor<G: ResourceGenerator>: Send + 'static {
     fn on_change(conn: &mut Connection<G>, types: &[String]) -> Vec<Self::Response>;
 }
 
-/// One type on one stream.
+/// One type on one stream. Like MCP, at most one response per type is
+/// unanswered: a change while one is pending marks the watch dirty, and
+/// the answer (ACK or NACK) lets the latest state go out, so changes
+/// coalesce for a slow proxy and Pilot buffers little for it.
 #[derive(Default)]
 struct Watch {
     /// Subscribed names; empty with `wildcard` for every resource.
-    names: BTreeSet<String>,
+    names: Arc<BTreeSet<String>>,
+    /// SotW: a fingerprint of `names`, so that the ACKs that repeat them
+    /// (Envoy's, with thousands of names) are recognised without building
+    /// a set.
+    names_fingerprint: (usize, u64),
     wildcard: bool,
     /// Nonce, version and content hash of the last response.
     sent: Option<Sent>,
+    /// Whether the last response awaits its answer.
+    pending: bool,
+    /// Whether resources may have changed while a response was pending.
+    dirty: bool,
     acked: Option<String>,
     last_nack: Option<String>,
-    /// Delta: the version of each resource the proxy holds.
-    held: BTreeMap<String, String>,
+    /// Delta: the content hash of each resource the proxy holds, by name
+    /// (sorted; names shared with the generated resources).
+    held: Held,
+}
+
+/// Delta responses carry at most this many resources; the rest follow,
+/// page by page, as each page is answered. A stream's gRPC encoder keeps a
+/// buffer the size of its largest message, so pages bound what every
+/// connected proxy costs.
+const DELTA_PAGE: usize = 1000;
+
+/// Delta: what a proxy holds, as `(name, content hash)` sorted by name;
+/// a sorted vector is a third of a hash map's size, and proxies hold
+/// thousands of resources each.
+#[derive(Default)]
+struct Held(Vec<(Arc<str>, u64)>);
+
+impl Held {
+    fn new(entries: impl IntoIterator<Item = (Arc<str>, u64)>) -> Self {
+        let mut entries: Vec<(Arc<str>, u64)> = entries.into_iter().collect();
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        entries.dedup_by(|a, b| a.0 == b.0);
+        entries.shrink_to_fit();
+        Self(entries)
+    }
+
+    /// From entries already in name order.
+    fn sorted(mut entries: Vec<(Arc<str>, u64)>) -> Self {
+        entries.shrink_to_fit();
+        Self(entries)
+    }
+
+    fn entries(&self) -> &[(Arc<str>, u64)] {
+        &self.0
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Ok(i) = self.0.binary_search_by(|(n, _)| (**n).cmp(name)) {
+            self.0.remove(i);
+        }
+    }
 }
 
 struct Sent {
@@ -218,15 +309,6 @@ struct Sent {
 }
 
 impl Watch {
-    /// The names to generate for: none means all.
-    fn names(&self) -> Vec<String> {
-        if self.wildcard {
-            Vec::new()
-        } else {
-            self.names.iter().cloned().collect()
-        }
-    }
-
     /// Applies the answer to a response: `true` when it answers the latest
     /// one (an older nonce is stale and ignored).
     fn answer(&mut self, nonce: &str, error: Option<String>) -> bool {
@@ -234,6 +316,7 @@ impl Watch {
         if sent.nonce != nonce {
             return false;
         }
+        self.pending = false;
         match error {
             None => self.acked = Some(sent.version.clone()),
             Some(reason) => self.last_nack = Some(reason),
@@ -254,6 +337,7 @@ struct Connection<G: ResourceGenerator> {
     /// The generator's versions as of the last push.
     seen: TypeVersions,
     connected_since: SystemTime,
+    names: NameSets,
 }
 
 impl<G: ResourceGenerator> Connection<G> {
@@ -279,12 +363,63 @@ impl<G: ResourceGenerator> Connection<G> {
         self.responses.to_string()
     }
 
-    /// The resources of a type for the watch's names, with their hashes.
-    fn generate(&self, type_url: &str) -> Vec<(String, envoy_types::pb::google::protobuf::Any)> {
+    /// The resources of a type for the watch's names.
+    fn generate(&self, type_url: &str) -> Vec<Arc<Resource>> {
+        static ALL: std::sync::LazyLock<BTreeSet<String>> = std::sync::LazyLock::new(BTreeSet::new);
         let (Some(client), Some(watch)) = (&self.client, self.watches.get(type_url)) else {
             return Vec::new();
         };
-        self.generator.generate(client, type_url, &watch.names())
+        let names = if watch.wildcard { &*ALL } else { &*watch.names };
+        self.generator.generate(client, type_url, names)
+    }
+
+    /// Of a change's `types` (in push order), those that may go out now.
+    /// A type with a response pending is marked dirty and sent on its
+    /// answer; so are the types after it, so that push order holds.
+    fn pushable(&mut self, types: &[String]) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut blocked = false;
+        for t in types {
+            let Some(watch) = self.watches.get_mut(t) else {
+                continue;
+            };
+            blocked |= watch.pending;
+            if blocked {
+                watch.dirty = true;
+            } else {
+                out.push(t.clone());
+            }
+        }
+        out
+    }
+
+    /// After an answer: the dirty types that may go out now, in push order,
+    /// up to the first one still pending.
+    fn take_dirty(&mut self) -> Vec<String> {
+        let mut types: Vec<String> = PUSH_ORDER
+            .iter()
+            .map(|t| t.to_string())
+            .filter(|t| self.watches.contains_key(t))
+            .collect();
+        types.extend(
+            self.watches
+                .keys()
+                .filter(|t| !PUSH_ORDER.contains(&t.as_str()))
+                .cloned(),
+        );
+        let mut out = Vec::new();
+        for t in types {
+            let watch = self.watches.get_mut(&t).expect("listed from the watches");
+            if !watch.dirty {
+                continue;
+            }
+            if watch.pending {
+                break;
+            }
+            watch.dirty = false;
+            out.push(t);
+        }
+        out
     }
 
     fn record_nack(&self, type_url: &str, reason: &str) {
@@ -337,15 +472,11 @@ impl<G: ResourceGenerator> Connection<G> {
     }
 }
 
-/// A content hash of a set of resources.
-fn content_hash<'a>(resources: impl Iterator<Item = (&'a String, &'a [u8])>) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    for (name, bytes) in resources {
-        name.hash(&mut hasher);
-        bytes.hash(&mut hasher);
-    }
-    hasher.finish()
+/// A content hash of a set of resources, from theirs.
+fn content_hash(resources: &[Arc<Resource>]) -> u64 {
+    resources.iter().fold(resources.len() as u64, |h, r| {
+        h.rotate_left(7).wrapping_mul(0x100_0000_01b3) ^ r.hash
+    })
 }
 
 /// Forgets a stream's status when its task ends, however it ends.

@@ -4,7 +4,7 @@
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use tonic::Status;
 
-use super::{Connection, Flavor, Sent, content_hash};
+use super::{Connection, Flavor, Sent, content_hash, fingerprint};
 use crate::xds::ResourceGenerator;
 
 pub struct Sotw;
@@ -23,35 +23,45 @@ impl<G: ResourceGenerator> Flavor<G> for Sotw {
         }
         conn.identify(request.node.as_ref())?;
         let type_url = request.type_url;
+        let fingerprint = fingerprint(&request.resource_names);
+        let known = conn
+            .watches
+            .get(&type_url)
+            .is_some_and(|w| w.names_fingerprint == fingerprint);
+        let names_changed = !known && {
+            let names = conn
+                .names
+                .intern(request.resource_names.into_iter().collect());
+            let watch = conn.watches.entry(type_url.clone()).or_default();
+            let changed = *watch.names != *names;
+            watch.wildcard = names.is_empty();
+            watch.names = names;
+            watch.names_fingerprint = fingerprint;
+            changed
+        };
         let watch = conn.watches.entry(type_url.clone()).or_default();
-        let names: std::collections::BTreeSet<String> =
-            request.resource_names.into_iter().collect();
-        let names_changed =
-            watch.names != names || watch.sent.is_none() && !watch.wildcard && names.is_empty();
-        watch.wildcard = names.is_empty();
-        watch.names = names;
-        let respond = if request.response_nonce.is_empty() {
-            // A (re)subscription: always answered.
-            true
-        } else {
+        // A (re)subscription or a change of names is always answered.
+        let respond = request.response_nonce.is_empty() || names_changed;
+        if !request.response_nonce.is_empty() {
             let reason = request.error_detail.map(|e| e.message);
             if watch.answer(&request.response_nonce, reason.clone())
                 && let Some(reason) = reason
             {
                 conn.record_nack(&type_url, &reason);
             }
-            names_changed
-        };
-        Ok(if respond {
-            generate(conn, &type_url, true)
-        } else {
-            None
         }
-        .into_iter()
-        .collect())
+        let mut out: Vec<DiscoveryResponse> = Vec::new();
+        if respond {
+            out.extend(generate(conn, &type_url, true));
+        }
+        for t in conn.take_dirty() {
+            out.extend(generate(conn, &t, false));
+        }
+        Ok(out)
     }
 
     fn on_change(conn: &mut Connection<G>, types: &[String]) -> Vec<DiscoveryResponse> {
+        let types = conn.pushable(types);
         types
             .iter()
             .filter_map(|t| generate(conn, t, false))
@@ -59,20 +69,22 @@ impl<G: ResourceGenerator> Flavor<G> for Sotw {
     }
 }
 
-/// The response for `type_url`, unless it would repeat what was sent.
+/// The response for `type_url`, unless (when not forced) it would repeat
+/// what was sent.
 fn generate<G: ResourceGenerator>(
     conn: &mut Connection<G>,
     type_url: &str,
     force: bool,
 ) -> Option<DiscoveryResponse> {
     let resources = conn.generate(type_url);
-    let hash = content_hash(resources.iter().map(|(n, a)| (n, &a.value[..])));
+    let hash = content_hash(&resources);
     let watch = conn.watches.get(type_url)?;
     if !force && watch.sent.as_ref().is_some_and(|s| s.hash == hash) {
         return None;
     }
     let nonce = conn.next_nonce();
     let watch = conn.watches.get_mut(type_url)?;
+    watch.pending = true;
     watch.sent = Some(Sent {
         nonce: nonce.clone(),
         version: nonce.clone(),
@@ -80,7 +92,7 @@ fn generate<G: ResourceGenerator>(
     });
     Some(DiscoveryResponse {
         version_info: nonce.clone(),
-        resources: resources.into_iter().map(|(_, any)| any).collect(),
+        resources: resources.iter().map(|r| r.body.clone()).collect(),
         type_url: type_url.to_string(),
         nonce,
         ..Default::default()

@@ -38,9 +38,11 @@ use mcp_proto::pb::istio::networking::v1alpha3::{
     tls_settings::TlSmode,
 };
 use prost::Name;
+use std::sync::Arc;
 
-use super::{Scope, any, duration, endpoint, tls};
+use super::{Scope, any, duration, endpoint, resource, tls};
 use crate::model::{self, Model, Port, Resolution, Service};
+use crate::xds::Resource;
 
 /// Drops traffic: the target of routes to nowhere.
 pub const BLACK_HOLE: &str = "BlackHoleCluster";
@@ -118,23 +120,25 @@ impl<'a> Settings<'a> {
 }
 
 /// The clusters every proxy of a scope shares: one per visible service
-/// port and subset, the black hole and the passthrough.
-pub fn shared(scope: &Scope) -> Vec<Cluster> {
+/// port and subset, the black hole and the passthrough. Each is encoded as
+/// it is built: thousands of decoded clusters would take far more memory.
+pub fn shared(scope: &Scope) -> Vec<Arc<Resource>> {
     let mut out = Vec::new();
+    let mut add = |c: Cluster| out.push(resource(c.name.clone(), &c));
     for service in scope.services() {
         for port in &service.ports {
             for subset in scope.subsets(service) {
-                out.push(outbound(scope, service, port, &subset));
+                add(outbound(scope, service, port, &subset));
             }
         }
     }
-    out.push(Cluster {
+    add(Cluster {
         name: BLACK_HOLE.into(),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
         connect_timeout: connect_timeout(scope.model, None),
         ..Default::default()
     });
-    out.push(original_destination(PASSTHROUGH, scope.model));
+    add(original_destination(PASSTHROUGH, scope.model));
     out
 }
 

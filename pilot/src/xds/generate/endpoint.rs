@@ -1,7 +1,7 @@
 //! Endpoints: the load assignment of every EDS cluster, its subset's label
 //! selector applied, grouped by locality (`region/zone/subzone`).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use envoy_types::pb::{
     envoy::config::{
@@ -13,11 +13,13 @@ use envoy_types::pb::{
     google::protobuf::UInt32Value,
 };
 
-use super::Scope;
+use super::{Scope, resource};
 use crate::model::{self, Port, Resolution, Service};
+use crate::xds::Resource;
 
-/// Load assignments of every EDS cluster the proxy sees.
-pub fn load_assignments(scope: &Scope) -> Vec<ClusterLoadAssignment> {
+/// Load assignments of every EDS cluster the proxy sees, each encoded as
+/// it is built.
+pub fn load_assignments(scope: &Scope) -> Vec<Arc<Resource>> {
     let mut out = Vec::new();
     for service in scope
         .services()
@@ -25,7 +27,8 @@ pub fn load_assignments(scope: &Scope) -> Vec<ClusterLoadAssignment> {
     {
         for port in &service.ports {
             for subset in scope.subsets(service) {
-                out.push(load_assignment(scope, service, port, &subset));
+                let cla = load_assignment(scope, service, port, &subset);
+                out.push(resource(cla.cluster_name.clone(), &cla));
             }
         }
     }

@@ -501,7 +501,7 @@ fn inbound_filters(scope: &Scope, inbound: &Inbound) -> Vec<Filter> {
 
 /// A listener per requested `host:port` target, for proxyless gRPC clients
 /// (`xds:///host:port`): an API listener whose routes are the service's.
-pub fn api_listeners(scope: &Scope, names: &[String]) -> Vec<Listener> {
+pub fn api_listeners(scope: &Scope, names: &std::collections::BTreeSet<String>) -> Vec<Listener> {
     names
         .iter()
         .filter_map(|name| {

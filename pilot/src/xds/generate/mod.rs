@@ -12,7 +12,7 @@ pub mod security;
 pub mod tls;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex, OnceLock},
 };
 
@@ -26,7 +26,7 @@ use mcp_proto::pb::istio::networking::v1alpha3::{CaptureMode, Sidecar, VirtualSe
 use prost::{Message, Name};
 use tokio::sync::watch;
 
-use super::{CLUSTER, ENDPOINT, LISTENER, ROUTE, ResourceGenerator, TypeVersions};
+use super::{CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource, ResourceGenerator, TypeVersions};
 use crate::{
     model::{self, Model, Named, Port, Protocol, Service, host},
     proxy::{Interception, Proxy, ProxyKind},
@@ -37,6 +37,11 @@ pub(crate) fn any<M: Message + Name>(message: &M) -> Any {
         type_url: M::type_url(),
         value: message.encode_to_vec(),
     }
+}
+
+/// An encoded resource.
+pub(crate) fn resource<M: Message + Name>(name: impl Into<Arc<str>>, message: &M) -> Arc<Resource> {
+    Resource::new(name, any(message))
 }
 
 pub(crate) fn duration(
@@ -340,7 +345,7 @@ struct ScopeKey {
     sidecar: Option<(String, String)>,
 }
 
-type Resources = Arc<Vec<(String, Any)>>;
+type Resources = Arc<Vec<Arc<Resource>>>;
 
 #[derive(Default)]
 struct SharedCache {
@@ -391,13 +396,22 @@ impl ModelGenerator {
         &self,
         scope: &Scope,
         type_url: &'static str,
-        build: impl FnOnce() -> Vec<(String, Any)>,
+        build: impl FnOnce() -> Vec<Arc<Resource>>,
     ) -> Resources {
+        // Labels matter to a gateway (which Gateways select it) and to
+        // routes when some match names source labels; otherwise only
+        // through the Sidecar, which is in the key.
+        let labels_matter = scope.proxy.kind == ProxyKind::Router
+            || (type_url == ROUTE && scope.model.config.matches_source_labels);
         let key = ScopeKey {
             type_url,
             kind: scope.proxy.kind,
             namespace: scope.proxy.namespace.clone(),
-            labels: scope.proxy.labels.clone(),
+            labels: if labels_matter {
+                scope.proxy.labels.clone()
+            } else {
+                BTreeMap::new()
+            },
             interception: scope.proxy.interception,
             sidecar: scope.sidecar.map(|s| (s.namespace.clone(), s.name.clone())),
         };
@@ -421,12 +435,18 @@ impl ModelGenerator {
             }
             cache.entries.entry(key).or_default().clone()
         };
-        cell.get_or_init(|| Arc::new(build())).clone()
+        cell.get_or_init(|| Arc::new(sorted(build()))).clone()
     }
 }
 
-fn named<M: Message + Name>(items: Vec<M>, name: impl Fn(&M) -> String) -> Vec<(String, Any)> {
-    items.into_iter().map(|m| (name(&m), any(&m))).collect()
+/// Resources in name order, the order `generate` promises.
+fn sorted(mut resources: Vec<Arc<Resource>>) -> Vec<Arc<Resource>> {
+    resources.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+    resources
+}
+
+fn named<M: Message + Name>(items: Vec<M>, name: impl Fn(&M) -> String) -> Vec<Arc<Resource>> {
+    items.iter().map(|m| resource(name(m), m)).collect()
 }
 
 impl ResourceGenerator for ModelGenerator {
@@ -436,22 +456,21 @@ impl ResourceGenerator for ModelGenerator {
         Proxy::from_node(node)
     }
 
-    fn generate(&self, proxy: &Proxy, type_url: &str, names: &[String]) -> Vec<(String, Any)> {
+    fn generate(
+        &self,
+        proxy: &Proxy,
+        type_url: &str,
+        names: &BTreeSet<String>,
+    ) -> Vec<Arc<Resource>> {
         let model = self.model();
         let scope = Scope::new(&model, proxy);
         let (shared, own) = match type_url {
             CLUSTER => (
-                self.shared(&scope, CLUSTER, || {
-                    named(cluster::shared(&scope), |c| c.name.clone())
-                }),
+                self.shared(&scope, CLUSTER, || cluster::shared(&scope)),
                 named(cluster::inbound(&scope), |c| c.name.clone()),
             ),
             ENDPOINT => (
-                self.shared(&scope, ENDPOINT, || {
-                    named(endpoint::load_assignments(&scope), |c| {
-                        c.cluster_name.clone()
-                    })
-                }),
+                self.shared(&scope, ENDPOINT, || endpoint::load_assignments(&scope)),
                 Vec::new(),
             ),
             LISTENER => {
@@ -479,13 +498,24 @@ impl ResourceGenerator for ModelGenerator {
             ),
             _ => return Vec::new(),
         };
-        let wanted = |n: &String| names.is_empty() || names.contains(n);
-        shared
-            .iter()
-            .chain(own.iter())
-            .filter(|(n, _)| wanted(n))
-            .cloned()
-            .collect()
+        // Both parts are in name order; merged, so is the answer.
+        let own = sorted(own);
+        let wanted = |r: &&Arc<Resource>| names.is_empty() || names.contains(&*r.name);
+        let (mut a, mut b) = (
+            shared.iter().filter(wanted).peekable(),
+            own.iter().filter(wanted).peekable(),
+        );
+        let mut out = Vec::new();
+        loop {
+            let next = match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) if x.name <= y.name => a.next(),
+                (Some(_), Some(_)) | (None, Some(_)) => b.next(),
+                (Some(_), None) => a.next(),
+                (None, None) => break,
+            };
+            out.extend(next.cloned());
+        }
+        out
     }
 
     fn changes(&self) -> watch::Receiver<TypeVersions> {

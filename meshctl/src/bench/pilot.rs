@@ -1,0 +1,708 @@
+//! `meshctl bench pilot`: the Pilot binary with many services and many
+//! simulated proxies, all connected over ADS from this process, each
+//! behaving as Envoy does (clusters, then their endpoints by name;
+//! listeners, then their routes by name; every response ACKed). Config
+//! comes from an MCP source in this process, so Pilot's figures are its
+//! own. It measures the time until every proxy has ACKed its initial
+//! config, from one VirtualService change until every proxy has ACKed the
+//! new routes, and from one endpoint change until every proxy has ACKed the
+//! new endpoints, with Pilot's CPU seconds and peak RSS; once with
+//! state-of-the-world streams and once, as the comparison in the same run,
+//! with delta streams, each against a fresh Pilot.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::SocketAddr,
+    path::PathBuf,
+    process::Stdio,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU8, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use clap::Args;
+use component::CancellationToken;
+use envoy_types::pb::{
+    envoy::{
+        config::{
+            cluster::v3::{
+                Cluster,
+                cluster::{ClusterDiscoveryType, DiscoveryType},
+            },
+            core::v3::Node,
+            listener::v3::{Listener, filter},
+        },
+        extensions::filters::network::http_connection_manager::v3::{
+            HttpConnectionManager, http_connection_manager::RouteSpecifier,
+        },
+        service::discovery::v3::{
+            DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest,
+            aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+        },
+    },
+    google::protobuf::Any,
+};
+use mcp_proto::{
+    kinds,
+    mcp::{IncrementalPolicy, McpMetrics, SourceServer, Store},
+    object::ConfigObject,
+};
+use prost::Message;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+use super::ms;
+
+#[derive(Debug, Args)]
+pub struct PilotBenchArgs {
+    #[arg(long, default_value_t = 1_000)]
+    pub services: usize,
+    /// Simulated proxies; proxy `i` is a replica of service `i % services`.
+    #[arg(long, default_value_t = 2_000)]
+    pub proxies: usize,
+    #[arg(long, default_value_t = 10)]
+    pub namespaces: usize,
+    /// ADS streams multiplexed on one HTTP/2 connection.
+    #[arg(long, default_value_t = 50)]
+    pub streams_per_connection: usize,
+    /// Directory holding the pilot binary; next to `meshctl` when absent.
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Also write the JSON figures to this file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+const TYPES: [&str; 4] = [CDS, EDS, LDS, RDS];
+
+/// What the VirtualService change adds, found in the routes that carry it.
+const ROUTE_MARKER: &str = "bench-route-revision-2";
+/// The endpoint the endpoint change adds.
+const ENDPOINT_MARKER: &str = "10.250.250.250";
+
+fn namespace(service: usize, args: &PilotBenchArgs) -> String {
+    format!("bench-{}", service % args.namespaces)
+}
+
+fn ip(service: usize, replica: usize) -> String {
+    format!(
+        "10.{}.{}.{}",
+        service / 256 % 250,
+        service % 256,
+        replica + 1
+    )
+}
+
+/// The config: per service a ServiceEntry (an HTTP and a TCP port, two
+/// replicas), a DestinationRule with two subsets; a VirtualService for
+/// every tenth. Revision 2 changes service 0's VirtualService; revision 3
+/// also adds an endpoint to service 1.
+fn config(args: &PilotBenchArgs, revision: u32) -> Vec<String> {
+    let mut docs = Vec::new();
+    for s in 0..args.services {
+        let ns = namespace(s, args);
+        let host = format!("svc-{s}.{ns}.svc.cluster.local");
+        let extra = if revision >= 3 && s == 1 {
+            format!("\n  - {{address: {ENDPOINT_MARKER}, labels: {{app: svc-{s}, version: v1}}}}")
+        } else {
+            String::new()
+        };
+        docs.push(format!(
+            "apiVersion: networking.istio.io/v1alpha3\nkind: ServiceEntry\nmetadata: {{name: svc-{s}, namespace: {ns}}}\nspec:\n  hosts: [{host}]\n  resolution: STATIC\n  ports: [{{number: 9080, name: http, protocol: HTTP}}, {{number: 9090, name: tcp, protocol: TCP}}]\n  endpoints:\n  - {{address: {}, labels: {{app: svc-{s}, version: v1}}}}\n  - {{address: {}, labels: {{app: svc-{s}, version: v2}}}}{extra}\n",
+            ip(s, 0),
+            ip(s, 1),
+        ));
+        docs.push(format!(
+            "apiVersion: networking.istio.io/v1alpha3\nkind: DestinationRule\nmetadata: {{name: svc-{s}, namespace: {ns}}}\nspec:\n  host: {host}\n  trafficPolicy: {{connectionPool: {{tcp: {{maxConnections: 100}}}}}}\n  subsets:\n  - {{name: v1, labels: {{version: v1}}}}\n  - {{name: v2, labels: {{version: v2}}}}\n"
+        ));
+        if s % 10 == 0 {
+            let marker = if revision >= 2 && s == 0 {
+                ROUTE_MARKER
+            } else {
+                "bench-route-revision-1"
+            };
+            docs.push(format!(
+                "apiVersion: networking.istio.io/v1alpha3\nkind: VirtualService\nmetadata: {{name: svc-{s}, namespace: {ns}}}\nspec:\n  hosts: [{host}]\n  http:\n  - match: [{{headers: {{end-user: {{exact: jason}}}}}}]\n    route: [{{destination: {{host: {host}, subset: v2}}}}]\n  - route:\n    - {{destination: {{host: {host}, subset: v1}}, weight: 90}}\n    - {{destination: {{host: {host}, subset: v2}}, weight: 10}}\n    headers: {{request: {{set: {{x-bench: {marker}}}}}}}\n"
+            ));
+        }
+    }
+    docs
+}
+
+fn publish(store: &Store, docs: &[String]) -> anyhow::Result<()> {
+    let mut objects = Vec::new();
+    for doc in docs {
+        objects.extend(
+            ConfigObject::parse_yaml(doc, "bench.yaml").map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
+    }
+    for collection in [
+        kinds::SERVICE_ENTRIES,
+        kinds::DESTINATION_RULES,
+        kinds::VIRTUAL_SERVICES,
+    ] {
+        let resources = objects
+            .iter()
+            .filter(|o| o.kind.collection == collection)
+            .map(|o| o.to_resource())
+            .collect();
+        store.replace(collection, resources)?;
+    }
+    Ok(())
+}
+
+/// What a proxy learns from a resource: the names it subscribes to next
+/// (its EDS cluster name from a cluster, route configuration names from a
+/// listener). Proxies receive equal bytes, so each body is decoded once.
+#[derive(Default)]
+struct Names {
+    by_body: Mutex<HashMap<u64, Arc<Vec<String>>>>,
+}
+
+impl Names {
+    fn of(&self, type_url: &str, body: &Any) -> Arc<Vec<String>> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        body.value.hash(&mut h);
+        let key = h.finish();
+        if let Some(names) = self.by_body.lock().unwrap().get(&key) {
+            return names.clone();
+        }
+        let names: Vec<String> = match type_url {
+            CDS => Cluster::decode(&body.value[..])
+                .ok()
+                .filter(|c| {
+                    c.cluster_discovery_type
+                        == Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32))
+                })
+                .map(|c| c.name)
+                .into_iter()
+                .collect(),
+            LDS => Listener::decode(&body.value[..])
+                .ok()
+                .into_iter()
+                .flat_map(|l| l.filter_chains)
+                .flat_map(|c| c.filters)
+                .filter_map(|f| match f.config_type {
+                    Some(filter::ConfigType::TypedConfig(any))
+                        if f.name.ends_with("http_connection_manager") =>
+                    {
+                        match HttpConnectionManager::decode(&any.value[..])
+                            .ok()?
+                            .route_specifier
+                        {
+                            Some(RouteSpecifier::Rds(rds)) => Some(rds.route_config_name),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let names = Arc::new(names);
+        self.by_body.lock().unwrap().insert(key, names.clone());
+        names
+    }
+
+    /// The names all of `resources` lead to.
+    fn all(&self, type_url: &str, resources: &[&Any]) -> BTreeSet<String> {
+        resources
+            .iter()
+            .flat_map(|a| self.of(type_url, a).to_vec())
+            .collect()
+    }
+}
+
+fn contains(resources: &[&Any], needle: &str) -> bool {
+    let needle = needle.as_bytes();
+    resources
+        .iter()
+        .any(|a| a.value.windows(needle.len()).any(|w| w == needle))
+}
+
+/// What proxies report to the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Event {
+    /// Every type ACKed once.
+    Initial,
+    RoutesChanged,
+    EndpointsChanged,
+}
+
+/// Shared by the simulated proxies.
+struct Shared {
+    names: Names,
+    /// Outbound EDS clusters every proxy sees: a complete config has them.
+    clusters: usize,
+    events: mpsc::UnboundedSender<Event>,
+    /// The benchmark's phase, and responses received per phase and type.
+    phase: AtomicU8,
+    responses: [[AtomicU64; 4]; 4],
+}
+
+impl Shared {
+    fn count(&self, type_url: &str) {
+        let phase = self.phase.load(Ordering::Relaxed) as usize;
+        if let Some(t) = TYPES.iter().position(|t| *t == type_url) {
+            self.responses[phase][t].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One proxy's progress, the same for both flavours.
+#[derive(Default)]
+struct Progress {
+    /// Resources held per type (all of a response's for state of the
+    /// world; what the proxy holds after a delta).
+    held: BTreeMap<String, usize>,
+    initial: bool,
+    routes: bool,
+    endpoints: bool,
+}
+
+impl Progress {
+    /// Records a response whose `resources` were ACKed, after which the
+    /// proxy holds `held` resources of its type.
+    fn on_ack(&mut self, type_url: &str, resources: &[&Any], held: usize, shared: &Shared) {
+        self.held.insert(type_url.to_string(), held);
+        // Delta responses come in pages: the initial config is complete once
+        // every outbound cluster and its endpoints are held.
+        let count = |t: &str| self.held.get(t).copied();
+        let complete = count(CDS) >= Some(shared.clusters)
+            && count(EDS) >= Some(shared.clusters)
+            && count(LDS).is_some()
+            && count(RDS).is_some();
+        if !self.initial && complete {
+            self.initial = true;
+            let _ = shared.events.send(Event::Initial);
+        }
+        if type_url == RDS && !self.routes && contains(resources, ROUTE_MARKER) {
+            self.routes = true;
+            let _ = shared.events.send(Event::RoutesChanged);
+        }
+        if type_url == EDS && !self.endpoints && contains(resources, ENDPOINT_MARKER) {
+            self.endpoints = true;
+            let _ = shared.events.send(Event::EndpointsChanged);
+        }
+    }
+}
+
+fn node(i: usize, args: &PilotBenchArgs) -> Node {
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    let (service, replica) = (i % args.services, i / args.services);
+    let ns = namespace(service, args);
+    let string = |s: String| Value {
+        kind: Some(Kind::StringValue(s)),
+    };
+    let labels = Struct {
+        fields: [
+            ("app".to_string(), string(format!("svc-{service}"))),
+            (
+                "version".to_string(),
+                string(format!("v{}", replica % 2 + 1)),
+            ),
+        ]
+        .into_iter()
+        .collect(),
+    };
+    Node {
+        id: format!(
+            "sidecar~{}~svc-{service}-{replica}.{ns}~{ns}.svc.cluster.local",
+            ip(service, replica % 2)
+        ),
+        metadata: Some(Struct {
+            fields: [(
+                "LABELS".to_string(),
+                Value {
+                    kind: Some(Kind::StructValue(labels)),
+                },
+            )]
+            .into_iter()
+            .collect(),
+        }),
+        ..Default::default()
+    }
+}
+
+async fn sotw_proxy(
+    channel: Channel,
+    node: Node,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let (tx, rx) = mpsc::unbounded_channel::<DiscoveryRequest>();
+    // `answering` is the (version, nonce) of the response answered.
+    let request = |type_url: &str,
+                   names: &BTreeSet<String>,
+                   answering: Option<&(String, String)>| DiscoveryRequest {
+        node: Some(node.clone()),
+        type_url: type_url.into(),
+        resource_names: names.iter().cloned().collect(),
+        version_info: answering.map(|a| a.0.clone()).unwrap_or_default(),
+        response_nonce: answering.map(|a| a.1.clone()).unwrap_or_default(),
+        ..Default::default()
+    };
+    let mut subscribed: BTreeMap<&str, BTreeSet<String>> =
+        [(CDS, BTreeSet::new()), (LDS, BTreeSet::new())].into();
+    let mut last: BTreeMap<&str, (String, String)> = BTreeMap::new();
+    tx.send(request(CDS, &subscribed[CDS], None))?;
+    tx.send(request(LDS, &subscribed[LDS], None))?;
+    let mut responses = AggregatedDiscoveryServiceClient::new(channel)
+        .stream_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let mut progress = Progress::default();
+    loop {
+        let response = tokio::select! {
+            r = responses.next() => match r {
+                Some(r) => r?,
+                None => return Ok(()),
+            },
+            _ = stop.cancelled() => return Ok(()),
+        };
+        shared.count(&response.type_url);
+        let resources: Vec<&Any> = response.resources.iter().collect();
+        let t = TYPES
+            .iter()
+            .copied()
+            .find(|t| *t == response.type_url)
+            .unwrap_or(CDS);
+        let follow = match t {
+            CDS => Some(EDS),
+            LDS => Some(RDS),
+            _ => None,
+        };
+        let answered = (response.version_info.clone(), response.nonce.clone());
+        tx.send(request(t, &subscribed[t], Some(&answered)))?;
+        progress.on_ack(t, &resources, resources.len(), &shared);
+        if let Some(next) = follow {
+            let names = shared.names.all(t, &resources);
+            if subscribed.get(next) != Some(&names) {
+                tx.send(request(next, &names, last.get(next)))?;
+                subscribed.insert(next, names);
+            }
+        }
+        last.insert(t, answered);
+    }
+}
+
+async fn delta_proxy(
+    channel: Channel,
+    node: Node,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let (tx, rx) = mpsc::unbounded_channel::<DeltaDiscoveryRequest>();
+    let subscribe = |type_url: &str, add: Vec<String>, remove: Vec<String>| DeltaDiscoveryRequest {
+        node: Some(node.clone()),
+        type_url: type_url.into(),
+        resource_names_subscribe: add,
+        resource_names_unsubscribe: remove,
+        ..Default::default()
+    };
+    tx.send(subscribe(CDS, vec![], vec![]))?;
+    tx.send(subscribe(LDS, vec![], vec![]))?;
+    let mut responses = AggregatedDiscoveryServiceClient::new(channel)
+        .delta_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    // Per type and resource held, the names it leads to; what the proxy
+    // subscribed to.
+    let mut held: BTreeMap<&str, BTreeMap<String, Arc<Vec<String>>>> = BTreeMap::new();
+    let mut subscribed: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+    let mut progress = Progress::default();
+    let mut held_counts: BTreeMap<&str, std::collections::HashSet<u64>> = BTreeMap::new();
+    loop {
+        let response: DeltaDiscoveryResponse = tokio::select! {
+            r = responses.next() => match r {
+                Some(r) => r?,
+                None => return Ok(()),
+            },
+            _ = stop.cancelled() => return Ok(()),
+        };
+        shared.count(&response.type_url);
+        let t = TYPES
+            .iter()
+            .copied()
+            .find(|t| *t == response.type_url)
+            .unwrap_or(CDS);
+        let changed: Vec<&Any> = response
+            .resources
+            .iter()
+            .filter_map(|r| r.resource.as_ref())
+            .collect();
+        tx.send(DeltaDiscoveryRequest {
+            type_url: response.type_url.clone(),
+            response_nonce: response.nonce.clone(),
+            ..Default::default()
+        })?;
+        // Names by hash: the count is all the benchmark needs of them.
+        let name_hash = |n: &str| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            n.hash(&mut h);
+            h.finish()
+        };
+        let count = held_counts.entry(t).or_default();
+        count.extend(response.resources.iter().map(|r| name_hash(&r.name)));
+        for name in &response.removed_resources {
+            count.remove(&name_hash(name));
+        }
+        progress.on_ack(t, &changed, count.len(), &shared);
+        let follow = match t {
+            CDS => Some(EDS),
+            LDS => Some(RDS),
+            _ => None,
+        };
+        if let Some(next) = follow {
+            let state = held.entry(t).or_default();
+            for r in &response.resources {
+                if let Some(any) = &r.resource {
+                    state.insert(r.name.clone(), shared.names.of(t, any));
+                }
+            }
+            for name in &response.removed_resources {
+                state.remove(name);
+            }
+            let names: BTreeSet<String> = state.values().flat_map(|n| n.iter().cloned()).collect();
+            let current = subscribed.entry(next).or_default();
+            let add: Vec<String> = names.difference(current).cloned().collect();
+            let remove: Vec<String> = current.difference(&names).cloned().collect();
+            if !add.is_empty() || !remove.is_empty() {
+                *current = names;
+                tx.send(subscribe(next, add, remove))?;
+            }
+        }
+    }
+}
+
+/// CPU seconds (user and system) of a process, from `/proc/PID/stat`.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
+    Ok((ticks(11) + ticks(12)) / hz)
+}
+
+/// Waits for `count` events of `kind`; returns when the last arrived.
+async fn wait_for(
+    events: &mut mpsc::UnboundedReceiver<Event>,
+    kind: Event,
+    count: usize,
+) -> anyhow::Result<Instant> {
+    let mut seen = 0;
+    while seen < count {
+        let event = tokio::time::timeout(Duration::from_secs(300), events.recv())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("{seen} of {count} proxies reported {kind:?} within 300s")
+            })?
+            .ok_or_else(|| anyhow::anyhow!("proxies stopped"))?;
+        if event == kind {
+            seen += 1;
+        }
+    }
+    Ok(Instant::now())
+}
+
+async fn phase(
+    args: &PilotBenchArgs,
+    pilot_bin: &std::path::Path,
+    delta: bool,
+) -> anyhow::Result<serde_json::Value> {
+    let store = Arc::new(Store::new(kinds::KINDS.iter().map(|k| k.collection)));
+    publish(&store, &config(args, 1))?;
+    let stop = CancellationToken::new();
+    let mcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let mcp_addr = mcp.local_addr()?;
+    let source = SourceServer::new(
+        store.clone(),
+        IncrementalPolicy::All,
+        McpMetrics::default(),
+        stop.clone(),
+    );
+    tokio::spawn(
+        mcp_proto::mcp::grpc_server()
+            .add_service(source.into_service())
+            .serve_with_incoming_shutdown(
+                mcp_proto::mcp::incoming(mcp),
+                stop.clone().cancelled_owned(),
+            ),
+    );
+    let free = || -> anyhow::Result<SocketAddr> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    };
+    let (xds, admin) = (free()?, free()?);
+    let mut child = tokio::process::Command::new(pilot_bin)
+        .args([
+            "--mcp-server",
+            &mcp_addr.to_string(),
+            "--xds-addr",
+            &xds.to_string(),
+        ])
+        .args(["--admin-addr", &admin.to_string(), "--log-level", "warn"])
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().unwrap_or_default();
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    while !client
+        .get(format!("http://{admin}/ready"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        anyhow::ensure!(
+            child.try_wait()?.is_none(),
+            "pilot exited before it was ready"
+        );
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "pilot not ready within 120s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let cpu_at_ready = cpu_seconds(pid)?;
+
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        names: Names::default(),
+        // Two ports, each with the whole service and two subsets.
+        clusters: args.services * 2 * 3,
+        events: events_tx,
+        phase: AtomicU8::new(0),
+        responses: Default::default(),
+    });
+    let connect = Instant::now();
+    for group in 0..args.proxies.div_ceil(args.streams_per_connection) {
+        let channel = Channel::from_shared(format!("http://{xds}"))?
+            .connect()
+            .await?;
+        let first = group * args.streams_per_connection;
+        for i in first..(first + args.streams_per_connection).min(args.proxies) {
+            let (channel, node, shared, stop) =
+                (channel.clone(), node(i, args), shared.clone(), stop.clone());
+            tokio::spawn(async move {
+                let result = if delta {
+                    delta_proxy(channel, node, shared, stop.clone()).await
+                } else {
+                    sotw_proxy(channel, node, shared, stop.clone()).await
+                };
+                if let Err(e) = result
+                    && !stop.is_cancelled()
+                {
+                    eprintln!("bench pilot: proxy {i}: {e:#}");
+                }
+            });
+        }
+    }
+    let initial = wait_for(&mut events, Event::Initial, args.proxies).await? - connect;
+    let cpu_initial = cpu_seconds(pid)?;
+    let rss_after_initial = super::galley::rss_bytes(pid, "VmRSS:")?;
+
+    shared.phase.store(1, Ordering::Relaxed);
+    let change = Instant::now();
+    publish(&store, &config(args, 2))?;
+    let routes = wait_for(&mut events, Event::RoutesChanged, args.proxies).await? - change;
+    let cpu_routes = cpu_seconds(pid)?;
+
+    shared.phase.store(2, Ordering::Relaxed);
+    let change = Instant::now();
+    publish(&store, &config(args, 3))?;
+    let endpoints = wait_for(&mut events, Event::EndpointsChanged, args.proxies).await? - change;
+    let cpu_endpoints = cpu_seconds(pid)?;
+    // Late responses of the last change land in its phase.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    shared.phase.store(3, Ordering::Relaxed);
+
+    let peak_rss = super::galley::rss_bytes(pid, "VmHWM:")?;
+    stop.cancel();
+    // SIGTERM, as a deployment stops it; SIGKILL if it does not stop.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    if tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.start_kill();
+    }
+    let responses = |phase: usize| -> serde_json::Value {
+        let counts: serde_json::Map<String, serde_json::Value> = ["CDS", "EDS", "LDS", "RDS"]
+            .iter()
+            .enumerate()
+            .map(|(t, name)| {
+                (
+                    name.to_string(),
+                    shared.responses[phase][t].load(Ordering::Relaxed).into(),
+                )
+            })
+            .collect();
+        counts.into()
+    };
+    Ok(json!({
+        "protocol": if delta { "delta" } else { "sotw" },
+        "ms_until_every_proxy_acked_initial_config": ms(initial),
+        "ms_from_virtual_service_change_until_every_proxy_acked": ms(routes),
+        "ms_from_endpoint_change_until_every_proxy_acked": ms(endpoints),
+        "cpu_seconds_initial_config": round(cpu_initial - cpu_at_ready),
+        "cpu_seconds_virtual_service_change": round(cpu_routes - cpu_initial),
+        "cpu_seconds_endpoint_change": round(cpu_endpoints - cpu_routes),
+        "cpu_seconds_total": round(cpu_endpoints),
+        "rss_after_initial_config_bytes": rss_after_initial,
+        "peak_rss_bytes": peak_rss,
+        "responses_initial": responses(0),
+        "responses_after_virtual_service_change": responses(1),
+        "responses_after_endpoint_change": responses(2),
+    }))
+}
+
+fn round(seconds: f64) -> f64 {
+    (seconds * 100.0).round() / 100.0
+}
+
+pub async fn run(args: PilotBenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.services > 1 && args.namespaces > 0 && args.streams_per_connection > 0,
+        "--services must be above 1, --namespaces and --streams-per-connection above 0"
+    );
+    let pilot = crate::binaries::path(&crate::binaries::dir(args.bin_dir.as_deref())?, "pilot")?;
+    eprintln!(
+        "bench pilot: {} services, {} proxies",
+        args.services, args.proxies
+    );
+    let mut runs = Vec::new();
+    for delta in [false, true] {
+        runs.push(phase(&args, &pilot, delta).await?);
+    }
+    let figures = json!({
+        "benchmark": "pilot",
+        "services": args.services,
+        "proxies": args.proxies,
+        "namespaces": args.namespaces,
+        "runs": runs,
+        "includes_debounce_ms": 100,
+        "istio_1_1_published_for_this_load": {"vcpu": 1, "memory_bytes": 1_500_000_000u64},
+    });
+    super::report(&figures, args.out.as_deref())
+}
