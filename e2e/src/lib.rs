@@ -38,12 +38,21 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A free port on 127.0.0.1, chosen by the OS.
+/// A free port on 127.0.0.1, chosen by the OS, and not one this process
+/// was handed before (the OS may hand out a just-released port again).
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if !handed_out.contains(&addr.port()) {
+            handed_out.push(addr.port());
+            return addr;
+        }
+    }
 }
 
 /// A running process, killed if the test ends without stopping it.

@@ -66,18 +66,32 @@ fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
-/// A port picker: the default, or one the OS says is free.
+/// A port picker: the default, or one the OS says is free. Probes stay
+/// bound until the picker is dropped, so that no two picks are the same port.
 struct Ports {
     ephemeral: bool,
+    probes: std::sync::Mutex<Vec<std::net::TcpListener>>,
 }
 
 impl Ports {
+    fn new(ephemeral: bool) -> Self {
+        Self {
+            ephemeral,
+            probes: Default::default(),
+        }
+    }
+
     fn pick(&self, default: u16) -> anyhow::Result<SocketAddr> {
         if !self.ephemeral {
             return Ok(loopback(default));
         }
         let probe = std::net::TcpListener::bind(loopback(0))?;
-        Ok(probe.local_addr()?)
+        let addr = probe.local_addr()?;
+        self.probes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(probe);
+        Ok(addr)
     }
 }
 
@@ -177,12 +191,8 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
         }
     };
     let bins = crate::binaries::dir(args.bin_dir.as_deref())?;
-    let plans = plans(
-        &config_dir,
-        &Ports {
-            ephemeral: args.ephemeral_ports,
-        },
-    )?;
+    // The probes are released here, before the components bind.
+    let plans = plans(&config_dir, &Ports::new(args.ephemeral_ports))?;
     for plan in &plans {
         crate::binaries::path(&bins, plan.binary)?;
     }
