@@ -44,6 +44,12 @@ fn endpoints(all: &[ClusterLoadAssignment], cluster: &str) -> Vec<(String, u32, 
     let mut out = Vec::new();
     for locality in &cla.endpoints {
         let l = locality.locality.clone().unwrap();
+        // gRPC's xDS client ignores localities without a weight.
+        let weight = locality
+            .load_balancing_weight
+            .expect("a locality weight")
+            .value;
+        assert_eq!(weight as usize, locality.lb_endpoints.len());
         for lb in &locality.lb_endpoints {
             let Some(lb_endpoint::HostIdentifier::Endpoint(e)) = &lb.host_identifier else {
                 panic!("an endpoint")

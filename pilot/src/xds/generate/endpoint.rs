@@ -66,6 +66,14 @@ fn load_assignment(
                         zone: parts.next().unwrap_or_default().into(),
                         sub_zone: parts.next().unwrap_or_default().into(),
                     }),
+                    // A locality's weight is its endpoints'; gRPC's xDS
+                    // client ignores localities without one.
+                    load_balancing_weight: Some(UInt32Value {
+                        value: lb_endpoints
+                            .iter()
+                            .map(|e| e.load_balancing_weight.map_or(1, |w| w.value))
+                            .sum(),
+                    }),
                     lb_endpoints,
                     ..Default::default()
                 }
