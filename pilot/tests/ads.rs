@@ -37,6 +37,27 @@ impl Fixed {
             .send_modify(|v| *v.entry(type_url.to_string()).or_default() += 1);
     }
 
+    /// One change that adds a cluster and its endpoints.
+    fn add_cluster_and_endpoints(&self, name: &str) {
+        let mut all = self.resources.lock().unwrap();
+        for t in [CLUSTER, ENDPOINT] {
+            let body = Cluster {
+                name: format!("{name}-r1"),
+                ..Default::default()
+            };
+            let any = Any {
+                type_url: t.into(),
+                value: body.encode_to_vec(),
+            };
+            all.entry(t).or_default().insert(name.into(), any);
+        }
+        self.changes.send_modify(|v| {
+            for t in [ENDPOINT, CLUSTER] {
+                *v.entry(t.to_string()).or_default() += 1;
+            }
+        });
+    }
+
     fn remove(&self, type_url: &'static str, name: &str) {
         self.resources
             .lock()
@@ -102,6 +123,22 @@ struct Proxy {
 }
 
 impl Proxy {
+    async fn connect(addr: std::net::SocketAddr) -> Self {
+        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let (requests, rx) = mpsc::channel(16);
+        let responses = client
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Self {
+            requests,
+            responses,
+        }
+    }
+
     async fn send(
         &self,
         type_url: &str,
@@ -168,38 +205,27 @@ async fn serve() -> (
     generator.set(CLUSTER, "b", 1);
     generator.set(ENDPOINT, "a", 1);
     generator.set(ENDPOINT, "b", 1);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = AdsServer::new(generator.clone(), CancellationToken::new());
-    let status = server.status();
-    let service = server.into_service();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(mcp_proto::mcp::incoming(listener)),
-    );
+    let (addr, status) = serve_with(&generator).await;
     (generator, addr, status)
 }
 
 async fn start_with_status() -> (Arc<Fixed>, Proxy, pilot::xds::ads::SyncStatus) {
     let (generator, addr, status) = serve().await;
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
-    let (requests, rx) = mpsc::channel(16);
-    let responses = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    (
-        generator,
-        Proxy {
-            requests,
-            responses,
-        },
-        status,
-    )
+    (generator, Proxy::connect(addr).await, status)
+}
+
+/// An ADS server on 127.0.0.1 for `generator`: its address and status.
+async fn serve_with(generator: &Arc<Fixed>) -> (std::net::SocketAddr, pilot::xds::ads::SyncStatus) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = AdsServer::new(generator.clone(), CancellationToken::new());
+    let status = server.status();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(server.into_service())
+            .serve_with_incoming(mcp_proto::mcp::incoming(listener)),
+    );
+    (addr, status)
 }
 
 #[tokio::test]
@@ -305,27 +331,7 @@ async fn clusters_are_pushed_before_endpoints() {
     proxy.send(CLUSTER, &[], Some(&clusters), None).await;
 
     // One change that touches both: CDS first, then EDS.
-    {
-        let mut all = generator.resources.lock().unwrap();
-        for t in [CLUSTER, ENDPOINT] {
-            let body = Cluster {
-                name: "c-r1".into(),
-                ..Default::default()
-            };
-            all.entry(t).or_default().insert(
-                "c".into(),
-                Any {
-                    type_url: t.into(),
-                    value: body.encode_to_vec(),
-                },
-            );
-        }
-    }
-    generator.changes.send_modify(|v| {
-        for t in [ENDPOINT, CLUSTER] {
-            *v.entry(t.to_string()).or_default() += 1;
-        }
-    });
+    generator.add_cluster_and_endpoints("c");
     assert_eq!(proxy.next().await.type_url, CLUSTER);
     assert_eq!(proxy.next().await.type_url, ENDPOINT);
 }
@@ -412,37 +418,15 @@ async fn a_reconnecting_proxy_gets_the_full_state_again() {
     proxy.send(CLUSTER, &[], Some(&first), None).await;
     drop(proxy);
     generator.set(CLUSTER, "a", 2);
-    let (_, mut again) = reconnect(&generator).await;
+    let mut again = reconnect(&generator).await;
     again.send(CLUSTER, &[], None, None).await;
     assert_eq!(names(&again.next().await), ["a-r2", "b-r1"]);
 }
 
 /// A new server on the same generator, and a proxy connected to it.
-async fn reconnect(generator: &Arc<Fixed>) -> (std::net::SocketAddr, Proxy) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let service = AdsServer::new(generator.clone(), CancellationToken::new()).into_service();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(mcp_proto::mcp::incoming(listener)),
-    );
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
-    let (requests, rx) = mpsc::channel(16);
-    let responses = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    (
-        addr,
-        Proxy {
-            requests,
-            responses,
-        },
-    )
+async fn reconnect(generator: &Arc<Fixed>) -> Proxy {
+    let (addr, _) = serve_with(generator).await;
+    Proxy::connect(addr).await
 }
 
 /// A proxy on a delta stream.
@@ -636,27 +620,7 @@ async fn delta_pushes_clusters_before_endpoints() {
     proxy.subscribe(CLUSTER, &[]).await;
     let clusters = proxy.next().await;
     proxy.ack(&clusters, None).await;
-    {
-        let mut all = generator.resources.lock().unwrap();
-        for t in [ENDPOINT, CLUSTER] {
-            let body = Cluster {
-                name: "c-r1".into(),
-                ..Default::default()
-            };
-            all.entry(t).or_default().insert(
-                "c".into(),
-                Any {
-                    type_url: t.into(),
-                    value: body.encode_to_vec(),
-                },
-            );
-        }
-    }
-    generator.changes.send_modify(|v| {
-        for t in [ENDPOINT, CLUSTER] {
-            *v.entry(t.to_string()).or_default() += 1;
-        }
-    });
+    generator.add_cluster_and_endpoints("c");
     assert_eq!(proxy.next().await.type_url, CLUSTER);
     assert_eq!(proxy.next().await.type_url, ENDPOINT);
 }

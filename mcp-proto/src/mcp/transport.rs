@@ -87,6 +87,20 @@ impl SourceServer {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
+
+    /// Serves on `listener` in a task of its own until the shutdown token
+    /// fires.
+    pub fn spawn(
+        self,
+        listener: tokio::net::TcpListener,
+    ) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(
+            grpc_server()
+                .add_service(self.into_service())
+                .serve_with_incoming_shutdown(incoming(listener), shutdown.cancelled_owned()),
+        )
+    }
 }
 
 #[tonic::async_trait]

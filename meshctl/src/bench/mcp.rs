@@ -85,20 +85,13 @@ impl Source {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
-        let service = SourceServer::new(
+        SourceServer::new(
             store.clone(),
             IncrementalPolicy::All,
             metrics.clone(),
             stop.clone(),
-        );
-        tokio::spawn(
-            mcp_proto::mcp::grpc_server()
-                .add_service(service.into_service())
-                .serve_with_incoming_shutdown(
-                    mcp_proto::mcp::incoming(listener),
-                    stop.clone().cancelled_owned(),
-                ),
-        );
+        )
+        .spawn(listener);
         Ok(Self {
             store,
             metrics,

@@ -533,20 +533,13 @@ async fn phase(
     let stop = CancellationToken::new();
     let mcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let mcp_addr = mcp.local_addr()?;
-    let source = SourceServer::new(
+    SourceServer::new(
         store.clone(),
         IncrementalPolicy::All,
         McpMetrics::default(),
         stop.clone(),
-    );
-    tokio::spawn(
-        mcp_proto::mcp::grpc_server()
-            .add_service(source.into_service())
-            .serve_with_incoming_shutdown(
-                mcp_proto::mcp::incoming(mcp),
-                stop.clone().cancelled_owned(),
-            ),
-    );
+    )
+    .spawn(mcp);
     let free = || -> anyhow::Result<SocketAddr> {
         Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
     };

@@ -52,17 +52,13 @@ impl ControlPlane {
         let stop = CancellationToken::new();
         let mcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mcp_addr = mcp.local_addr().unwrap();
-        let source = SourceServer::new(
+        SourceServer::new(
             store.clone(),
             IncrementalPolicy::All,
             McpMetrics::default(),
             stop.clone(),
-        );
-        tokio::spawn(
-            mcp_proto::mcp::grpc_server()
-                .add_service(source.into_service())
-                .serve_with_incoming(mcp_proto::mcp::incoming(mcp)),
-        );
+        )
+        .spawn(mcp);
         let xds = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()

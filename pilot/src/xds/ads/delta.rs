@@ -67,14 +67,12 @@ impl<G: ResourceGenerator> Flavor<G> for Delta {
         if *watch.names != names {
             watch.names = conn.names.intern(names);
         }
-        let watch = conn.watches.get_mut(&type_url).expect("inserted above");
         if !request.response_nonce.is_empty() {
-            let reason = request.error_detail.map(|e| e.message);
-            if watch.answer(&request.response_nonce, reason.clone())
-                && let Some(reason) = reason
-            {
-                conn.record_nack(&type_url, &reason);
-            }
+            conn.answer(
+                &type_url,
+                &request.response_nonce,
+                request.error_detail.map(|e| e.message),
+            );
         }
         let mut out: Vec<DeltaDiscoveryResponse> = Vec::new();
         if changed {

@@ -422,8 +422,18 @@ impl<G: ResourceGenerator> Connection<G> {
         out
     }
 
-    fn record_nack(&self, type_url: &str, reason: &str) {
-        tracing::warn!(%type_url, node = %self.node_id, %reason, "proxy NACKed");
+    /// Applies a proxy's answer to the response `nonce` of `type_url` (an
+    /// ACK, or a NACK with its reason, which is logged); stale ones change
+    /// nothing.
+    fn answer(&mut self, type_url: &str, nonce: &str, error: Option<String>) {
+        let Some(watch) = self.watches.get_mut(type_url) else {
+            return;
+        };
+        if watch.answer(nonce, error.clone())
+            && let Some(reason) = error
+        {
+            tracing::warn!(%type_url, node = %self.node_id, %reason, "proxy NACKed");
+        }
     }
 
     /// The watched types whose version moved since the last push, in push

@@ -39,16 +39,14 @@ impl<G: ResourceGenerator> Flavor<G> for Sotw {
             watch.names_fingerprint = fingerprint;
             changed
         };
-        let watch = conn.watches.entry(type_url.clone()).or_default();
         // A (re)subscription or a change of names is always answered.
         let respond = request.response_nonce.is_empty() || names_changed;
         if !request.response_nonce.is_empty() {
-            let reason = request.error_detail.map(|e| e.message);
-            if watch.answer(&request.response_nonce, reason.clone())
-                && let Some(reason) = reason
-            {
-                conn.record_nack(&type_url, &reason);
-            }
+            conn.answer(
+                &type_url,
+                &request.response_nonce,
+                request.error_detail.map(|e| e.message),
+            );
         }
         let mut out: Vec<DiscoveryResponse> = Vec::new();
         if respond {
