@@ -147,6 +147,9 @@ spec:
         endpoints(&eds, v2),
         [ep("10.0.0.3", 9080, "us-east/zone-b")]
     );
+    // Only the load assignments that changed: v1's did not.
+    let names: Vec<&str> = eds.iter().map(|c| c.cluster_name.as_str()).collect();
+    assert_eq!(names, [v2, all], "in name order");
 }
 
 const POLICIES: &str = "

@@ -262,6 +262,9 @@ struct Watch {
     /// Delta: the content hash of each resource the proxy holds, by name
     /// (sorted; names shared with the generated resources).
     held: Held,
+    /// State of the world, types other than clusters and listeners: what
+    /// the proxy holds, as last generated (in name order).
+    last: Vec<Arc<Resource>>,
 }
 
 /// Delta responses carry at most this many resources; the rest follow,

@@ -5,7 +5,9 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use tonic::Status;
 
 use super::{Connection, Flavor, Sent, content_hash, fingerprint};
-use crate::xds::ResourceGenerator;
+use std::sync::Arc;
+
+use crate::xds::{CLUSTER, LISTENER, Resource, ResourceGenerator};
 
 pub struct Sotw;
 
@@ -68,7 +70,10 @@ impl<G: ResourceGenerator> Flavor<G> for Sotw {
 }
 
 /// The response for `type_url`, unless (when not forced) it would repeat
-/// what was sent.
+/// what was sent. Clusters and listeners always go as the whole state; for
+/// the other types a client subscribes by name and keeps each resource until
+/// it unsubscribes, so a push carries only the resources that changed (an
+/// endpoint change is one load assignment, not all of them).
 fn generate<G: ResourceGenerator>(
     conn: &mut Connection<G>,
     type_url: &str,
@@ -78,6 +83,20 @@ fn generate<G: ResourceGenerator>(
     let hash = content_hash(&resources);
     let watch = conn.watches.get(type_url)?;
     if !force && watch.sent.as_ref().is_some_and(|s| s.hash == hash) {
+        return None;
+    }
+    let by_name = !watch.wildcard && type_url != CLUSTER && type_url != LISTENER;
+    let send: Vec<&Arc<Resource>> = if by_name && !force {
+        changed(&watch.last, &resources)
+    } else {
+        resources.iter().collect()
+    };
+    let body = send.iter().map(|r| r.body.clone()).collect();
+    let empty = send.is_empty();
+    let watch = conn.watches.get_mut(type_url)?;
+    watch.last = if by_name { resources } else { Vec::new() };
+    if empty && !force {
+        // Only removals: a client drops those when it unsubscribes.
         return None;
     }
     let nonce = conn.next_nonce();
@@ -90,9 +109,23 @@ fn generate<G: ResourceGenerator>(
     });
     Some(DiscoveryResponse {
         version_info: nonce.clone(),
-        resources: resources.iter().map(|r| r.body.clone()).collect(),
+        resources: body,
         type_url: type_url.to_string(),
         nonce,
         ..Default::default()
     })
+}
+
+/// The resources of `now` that are new or differ from `before` (both in
+/// name order).
+fn changed<'a>(before: &[Arc<Resource>], now: &'a [Arc<Resource>]) -> Vec<&'a Arc<Resource>> {
+    let mut before = before.iter().peekable();
+    now.iter()
+        .filter(|r| {
+            while before.next_if(|b| b.name < r.name).is_some() {}
+            before
+                .next_if(|b| b.name == r.name)
+                .is_none_or(|b| b.hash != r.hash)
+        })
+        .collect()
 }
