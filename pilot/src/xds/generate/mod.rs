@@ -439,6 +439,22 @@ impl ModelGenerator {
     }
 }
 
+/// The resources of `sorted` (in name order) named in `names`, all of them
+/// when `names` is empty: one walk over both, as both are in order.
+fn selected<'a>(
+    sorted: &'a [Arc<Resource>],
+    names: &'a BTreeSet<String>,
+) -> impl Iterator<Item = &'a Arc<Resource>> + 'a {
+    let mut wanted = names.iter().peekable();
+    sorted.iter().filter(move |r| {
+        if names.is_empty() {
+            return true;
+        }
+        while wanted.next_if(|n| n.as_str() < &*r.name).is_some() {}
+        wanted.peek().is_some_and(|n| n.as_str() == &*r.name)
+    })
+}
+
 /// Resources in name order, the order `generate` promises.
 fn sorted(mut resources: Vec<Arc<Resource>>) -> Vec<Arc<Resource>> {
     resources.sort_unstable_by(|a, b| a.name.cmp(&b.name));
@@ -500,10 +516,9 @@ impl ResourceGenerator for ModelGenerator {
         };
         // Both parts are in name order; merged, so is the answer.
         let own = sorted(own);
-        let wanted = |r: &&Arc<Resource>| names.is_empty() || names.contains(&*r.name);
         let (mut a, mut b) = (
-            shared.iter().filter(wanted).peekable(),
-            own.iter().filter(wanted).peekable(),
+            selected(&shared, names).peekable(),
+            selected(&own, names).peekable(),
         );
         let mut out = Vec::new();
         loop {
