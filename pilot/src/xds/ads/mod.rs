@@ -75,7 +75,15 @@ fn fingerprint<'a>(names: impl IntoIterator<Item = &'a String>) -> (usize, u64) 
 /// for the same thousands of names, and each stream holds a pointer to one
 /// copy instead of its own.
 #[derive(Clone, Default)]
-struct NameSets(Arc<Mutex<HashMap<u64, Weak<BTreeSet<String>>>>>);
+struct NameSets(Arc<Mutex<Interned>>);
+
+#[derive(Default)]
+struct Interned {
+    sets: HashMap<u64, Weak<BTreeSet<String>>>,
+    /// Entries after the last sweep of dropped sets; the next sweep comes
+    /// when the map has doubled, so sweeping costs O(1) per insertion.
+    swept_len: usize,
+}
 
 impl NameSets {
     fn intern(&self, names: BTreeSet<String>) -> Arc<BTreeSet<String>> {
@@ -83,15 +91,18 @@ impl NameSets {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         names.hash(&mut hasher);
         let key = hasher.finish();
-        let mut sets = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(set) = sets.get(&key).and_then(Weak::upgrade)
+        let mut interned = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(set) = interned.sets.get(&key).and_then(Weak::upgrade)
             && *set == names
         {
             return set;
         }
-        sets.retain(|_, w| w.strong_count() > 0);
+        if interned.sets.len() >= 2 * interned.swept_len.max(64) {
+            interned.sets.retain(|_, w| w.strong_count() > 0);
+            interned.swept_len = interned.sets.len();
+        }
         let set = Arc::new(names);
-        sets.insert(key, Arc::downgrade(&set));
+        interned.sets.insert(key, Arc::downgrade(&set));
         set
     }
 }
