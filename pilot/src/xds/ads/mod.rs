@@ -10,6 +10,7 @@
 //! config.
 
 mod delta;
+mod framing;
 mod sotw;
 
 use std::{
@@ -23,19 +24,11 @@ use std::{
 };
 
 use component::CancellationToken;
-use envoy_types::pb::envoy::{
-    config::core::v3::Node,
-    service::discovery::v3::{
-        DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-        aggregated_discovery_service_server::{
-            AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-        },
-    },
-};
+use envoy_types::pb::envoy::config::core::v3::Node;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Status, Streaming};
 
 use super::{PUSH_ORDER, Resource, ResourceGenerator, TypeVersions};
 
@@ -159,8 +152,8 @@ impl<G: ResourceGenerator> AdsServer<G> {
         self.status.clone()
     }
 
-    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
-        AggregatedDiscoveryServiceServer::new(self)
+    pub fn into_service(self) -> framing::AdsService<G> {
+        framing::AdsService(self)
     }
 
     /// Runs one stream of either flavour until the proxy leaves, the
@@ -509,29 +502,5 @@ struct RemoveOnDrop(SyncStatus, u64);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         self.0.lock().remove(&self.1);
-    }
-}
-
-#[tonic::async_trait]
-impl<G: ResourceGenerator> AggregatedDiscoveryService for AdsServer<G> {
-    type StreamAggregatedResourcesStream = BoxStream<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream = BoxStream<DeltaDiscoveryResponse>;
-
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Ok(Response::new(
-            self.serve::<sotw::Sotw>(request.into_inner()),
-        ))
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Ok(Response::new(
-            self.serve::<delta::Delta>(request.into_inner()),
-        ))
     }
 }
