@@ -57,6 +57,15 @@ spec:
   resolution: STATIC
   ports: [{number: 27017, name: mongo, protocol: MONGO}]
   endpoints: [{address: 10.0.5.1}]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: archive, namespace: data}
+spec:
+  hosts: [archive.data.svc.cluster.local]
+  resolution: STATIC
+  ports: [{number: 9080, name: tcp-archive, protocol: TCP}]
+  endpoints: [{address: 10.0.5.2}]
 ";
 
 fn by_name<'a>(listeners: &'a [Listener], name: &str) -> &'a Listener {
@@ -139,6 +148,8 @@ async fn sidecar_outbound_listeners_follow_service_ports_and_the_traffic_policy(
     let mut proxy = cp.sidecar("10.0.9.9", "web", &[]).await;
     let listeners: Vec<Listener> = proxy.fetch(LISTENER, &[]).await;
 
+    // A TCP service on the same port, listed first, does not take the
+    // HTTP listener.
     let http = by_name(&listeners, "0.0.0.0_9080");
     assert_eq!(port_of(http), ("0.0.0.0".into(), 9080));
     assert!(

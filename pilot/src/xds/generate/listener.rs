@@ -216,10 +216,12 @@ pub enum TcpDestination {
 }
 
 /// Outbound listeners, one per address and port; an HTTP port wins over a
-/// TCP service without a virtual IP on the same port (as in Istio).
+/// TCP service without a virtual IP on the same port (as in Istio), since
+/// the HTTP listener's routes reach every HTTP service on that port.
 fn outbound(scope: &Scope, redirect: bool) -> Vec<Listener> {
     let wildcard = if redirect { "0.0.0.0" } else { "127.0.0.1" };
-    let mut by_name: BTreeMap<String, Listener> = BTreeMap::new();
+    // Listeners by name, with whether they route HTTP.
+    let mut by_name: BTreeMap<String, (Listener, bool)> = BTreeMap::new();
     for egress in scope.egress() {
         let bind = egress.bind.unwrap_or(wildcard);
         if let Some((port, protocol)) = egress.port {
@@ -233,44 +235,50 @@ fn outbound(scope: &Scope, redirect: bool) -> Vec<Listener> {
                     Some(s) => tcp_destination(scope, s, port),
                     None => TcpDestination::Cluster(cluster::BLACK_HOLE.into()),
                 };
-                FilterChain {
-                    filters: vec![tcp_proxy_filter(&name, destination)],
-                    ..Default::default()
-                }
+                tcp_chain(&name, destination)
             };
             l.filter_chains.push(chain);
             l.traffic_direction = TrafficDirection::Outbound as i32;
-            by_name.insert(name, l);
+            by_name.insert(name, (l, protocol.is_http()));
             continue;
         }
         for service in scope.egress_services(0) {
             for port in &service.ports {
+                let http = port.protocol.is_http();
                 let address = match service.addresses.first() {
-                    Some(vip) if !port.protocol.is_http() && !vip.contains('/') => vip.as_str(),
+                    Some(vip) if !http && !vip.contains('/') => vip.as_str(),
                     _ => bind,
                 };
                 let name = format!("{address}_{}", port.number);
-                if by_name.contains_key(&name) {
+                if by_name
+                    .get(&name)
+                    .is_some_and(|(_, taken_by_http)| *taken_by_http || !http)
+                {
                     continue;
                 }
                 let mut l = listener(&name, address, port.number, !redirect);
                 l.traffic_direction = TrafficDirection::Outbound as i32;
-                if port.protocol.is_http() {
-                    let routes = Routes::Rds(port.number.to_string());
-                    l.filter_chains
-                        .push(http_chain(&name, routes, Filters::Outbound));
+                l.filter_chains.push(if http {
+                    http_chain(
+                        &name,
+                        Routes::Rds(port.number.to_string()),
+                        Filters::Outbound,
+                    )
                 } else {
-                    let destination = tcp_destination(scope, service, port.number);
-                    l.filter_chains.push(FilterChain {
-                        filters: vec![tcp_proxy_filter(&name, destination)],
-                        ..Default::default()
-                    });
-                }
-                by_name.insert(name, l);
+                    tcp_chain(&name, tcp_destination(scope, service, port.number))
+                });
+                by_name.insert(name, (l, http));
             }
         }
     }
-    by_name.into_values().collect()
+    by_name.into_values().map(|(l, _)| l).collect()
+}
+
+fn tcp_chain(stat_prefix: &str, destination: TcpDestination) -> FilterChain {
+    FilterChain {
+        filters: vec![tcp_proxy_filter(stat_prefix, destination)],
+        ..Default::default()
+    }
 }
 
 fn http_chain(stat_prefix: &str, routes: Routes, filters: Filters) -> FilterChain {

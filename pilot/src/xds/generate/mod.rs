@@ -417,21 +417,18 @@ impl ModelGenerator {
         };
         let cell = {
             let mut cache = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-            if !cache
-                .model
-                .as_ref()
-                .is_some_and(|m| std::ptr::eq(m.as_ref(), scope.model))
-            {
-                cache.model = Some(self.model());
+            let cached = |m: &Option<Arc<Model>>| {
+                m.as_ref()
+                    .is_some_and(|m| std::ptr::eq(m.as_ref(), scope.model))
+            };
+            if !cached(&cache.model) {
+                let current = self.model();
+                if !std::ptr::eq(current.as_ref(), scope.model) {
+                    // The scope's model is already stale: build uncached.
+                    return Arc::new(sorted(build()));
+                }
+                cache.model = Some(current);
                 cache.entries.clear();
-            }
-            // A model newer than the scope's is cached: build without caching.
-            if !cache
-                .model
-                .as_ref()
-                .is_some_and(|m| std::ptr::eq(m.as_ref(), scope.model))
-            {
-                return Arc::new(build());
             }
             cache.entries.entry(key).or_default().clone()
         };

@@ -104,7 +104,7 @@ pub fn inbound_mtls(model: &Model, service: &Service, port: &Port) -> Mtls {
     }
 }
 
-/// Whether RBAC is enforced for `service`, and whether only in shadow.
+/// Whether the RbacConfig turns RBAC on for `service`.
 fn rbac_enabled(config: &RbacConfig, service: &Service) -> bool {
     let listed = |target: Option<&rbac_config::Target>| {
         target.is_some_and(|t| {
