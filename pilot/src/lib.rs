@@ -138,27 +138,20 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
     admin.debug_page("configz", move || debug::configz(&model.model()));
     admin.debug_page("endpointz", move || debug::endpointz(&generator.model()));
     tracing::info!(addr = %xds.local_addr()?, "pilot serving ADS");
-    let plaintext = mcp::grpc_server()
-        .add_service(ads.clone().into_service())
-        .serve_with_incoming_shutdown(mcp::incoming(xds), shutdown.clone().cancelled_owned());
+    let plaintext = ads.clone().serve_connections(mcp::incoming(xds));
+    let plaintext = async {
+        plaintext.await;
+        anyhow::Ok(())
+    };
     let mutual = async {
         let Some((tcp, files)) = mtls else {
             return Ok(());
         };
         tracing::info!(addr = %tcp.local_addr()?, "pilot serving ADS over mTLS");
         let listener = TlsListener::new(tcp, files, shutdown.clone())?;
-        mcp::grpc_server()
-            .add_service(ads.into_service())
-            .serve_with_incoming_shutdown(
-                listener.into_incoming(),
-                shutdown.clone().cancelled_owned(),
-            )
-            .await?;
+        ads.serve_connections(listener.into_incoming()).await;
         anyhow::Ok(())
     };
-    tokio::try_join!(
-        async { plaintext.await.map_err(anyhow::Error::from) },
-        mutual
-    )?;
+    tokio::try_join!(plaintext, mutual)?;
     Ok(())
 }

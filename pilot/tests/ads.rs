@@ -73,6 +73,10 @@ impl Fixed {
             name: format!("{name}-r{revision}"),
             ..Default::default()
         };
+        self.put(type_url, name, &body);
+    }
+
+    fn put(&self, type_url: &'static str, name: &str, body: &Cluster) {
         let any = Any {
             type_url: type_url.into(),
             value: body.encode_to_vec(),
@@ -108,7 +112,7 @@ impl ResourceGenerator for Fixed {
             .into_iter()
             .flatten()
             .filter(|(name, _)| names.is_empty() || names.contains(*name))
-            .map(|(n, a)| Resource::new(n.as_str(), a.clone()))
+            .map(|(n, a)| Resource::from_any(n.as_str(), a.encode_to_vec().into()))
             .collect()
     }
 
@@ -220,11 +224,7 @@ async fn serve_with(generator: &Arc<Fixed>) -> (std::net::SocketAddr, pilot::xds
     let addr = listener.local_addr().unwrap();
     let server = AdsServer::new(generator.clone(), CancellationToken::new());
     let status = server.status();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(server.into_service())
-            .serve_with_incoming(mcp_proto::mcp::incoming(listener)),
-    );
+    tokio::spawn(server.serve_connections(mcp_proto::mcp::incoming(listener)));
     (addr, status)
 }
 
@@ -626,21 +626,44 @@ async fn delta_pushes_clusters_before_endpoints() {
 }
 
 #[tokio::test]
-async fn large_delta_responses_go_in_pages_each_after_the_last_is_answered() {
+async fn large_responses_arrive_whole_in_one_message() {
     let (generator, addr, _) = serve().await;
+    // Megabytes: many chunks of Pilot's encoding.
+    let padding = "x".repeat(1_000);
+    let large = |i: usize| Cluster {
+        name: format!("c{i:04}"),
+        alt_stat_name: padding.clone(),
+        ..Default::default()
+    };
     for i in 0..2_500 {
-        generator.set(CLUSTER, &format!("c{i:04}"), 1);
+        generator.put(CLUSTER, &format!("c{i:04}"), &large(i));
     }
-    let mut proxy = DeltaProxy::connect(addr).await;
-    proxy.subscribe(CLUSTER, &[]).await;
-    let mut received = BTreeSet::new();
-    let mut pages = Vec::new();
-    while received.len() < 2_502 {
-        let page = proxy.next().await;
-        pages.push(page.resources.len());
-        received.extend(page.resources.iter().map(|r| r.name.clone()));
-        proxy.ack(&page, None).await;
-    }
-    assert_eq!(pages, [1_000, 1_000, 502], "pages of at most 1,000");
-    assert!(received.contains("c2499") && received.contains("a"));
+    let expected: Vec<Cluster> = (0..2_500).map(large).collect();
+    let clusters = |bodies: Vec<&Any>| -> Vec<Cluster> {
+        bodies
+            .into_iter()
+            .map(|a| Cluster::decode(&a.value[..]).unwrap())
+            .filter(|c| c.name.starts_with('c'))
+            .collect()
+    };
+
+    let mut proxy = Proxy::connect(addr).await;
+    proxy.send(CLUSTER, &[], None, None).await;
+    let response = proxy.next().await;
+    assert_eq!(response.resources.len(), 2_502);
+    assert_eq!(clusters(response.resources.iter().collect()), expected);
+
+    let mut delta = DeltaProxy::connect(addr).await;
+    delta.subscribe(CLUSTER, &[]).await;
+    let response = delta.next().await;
+    assert_eq!(response.resources.len(), 2_502);
+    assert!(response.resources.iter().all(|r| r.version.len() == 16));
+    let bodies = response
+        .resources
+        .iter()
+        .filter(|r| r.name.starts_with('c'));
+    let names: Vec<&str> = bodies.clone().map(|r| r.name.as_str()).collect();
+    let received = clusters(bodies.map(|r| r.resource.as_ref().unwrap()).collect());
+    assert_eq!(received, expected);
+    assert!(names.iter().zip(&received).all(|(n, c)| *n == c.name));
 }

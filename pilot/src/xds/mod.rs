@@ -11,7 +11,9 @@ use std::{
     sync::Arc,
 };
 
-use envoy_types::pb::{envoy::config::core::v3::Node, google::protobuf::Any};
+use bytes::Bytes;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use prost::{Message, Name};
 use tokio::sync::watch;
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
@@ -25,27 +27,40 @@ pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets
 /// listeners before their routes.
 pub const PUSH_ORDER: [&str; 5] = [CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET];
 
-/// A generated resource, with a hash of its name and body computed once:
-/// streams compare and version resources by it without rehashing bytes,
-/// and proxies of one scope share the same `Arc`s.
+/// A generated resource, encoded once as a `google.protobuf.Any` and
+/// shared by every proxy it goes to: responses are framed from these
+/// bytes, never re-encoded. The hash of its name and bytes, computed once,
+/// lets streams compare and version resources without rehashing.
 #[derive(Debug, PartialEq)]
 pub struct Resource {
     pub name: Arc<str>,
-    pub body: Any,
+    pub any: Bytes,
     pub hash: u64,
 }
 
 impl Resource {
-    pub fn new(name: impl Into<Arc<str>>, body: Any) -> Arc<Self> {
+    pub fn new<M: Message + Name>(name: impl Into<Arc<str>>, message: &M) -> Arc<Self> {
+        let type_url = M::type_url();
+        let mut any = Vec::with_capacity(
+            prost::encoding::string::encoded_len(1, &type_url)
+                + prost::encoding::message::encoded_len(2, message),
+        );
+        prost::encoding::string::encode(1, &type_url, &mut any);
+        // `Any.value` is bytes, encoded as a message field is.
+        prost::encoding::message::encode(2, message, &mut any);
+        Self::from_any(name, Bytes::from(any))
+    }
+
+    /// From the bytes of an encoded `Any`.
+    pub fn from_any(name: impl Into<Arc<str>>, any: Bytes) -> Arc<Self> {
         use std::hash::{Hash, Hasher};
         let name = name.into();
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         name.hash(&mut hasher);
-        body.type_url.hash(&mut hasher);
-        body.value.hash(&mut hasher);
+        any.hash(&mut hasher);
         Arc::new(Self {
             name,
-            body,
+            any,
             hash: hasher.finish(),
         })
     }

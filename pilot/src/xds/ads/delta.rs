@@ -3,16 +3,16 @@
 //! may declare what it already holds, and each response carries only the
 //! resources that changed and the names removed. A resource's version is a
 //! hash of its content, so equal content is never resent, across streams
-//! too. Large responses go in pages, each sent when the last is answered.
+//! too.
 
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
 };
 use tonic::Status;
 
-use super::{Connection, DELTA_PAGE, Flavor, Held, Sent, content_hash};
+use super::{Connection, Flavor, Held, Response, Sent, content_hash};
 use crate::xds::ResourceGenerator;
 
 pub struct Delta;
@@ -20,12 +20,11 @@ pub struct Delta;
 impl<G: ResourceGenerator> Flavor<G> for Delta {
     const NAME: &'static str = "delta";
     type Request = DeltaDiscoveryRequest;
-    type Response = DeltaDiscoveryResponse;
 
     fn on_request(
         conn: &mut Connection<G>,
         request: DeltaDiscoveryRequest,
-    ) -> Result<Vec<DeltaDiscoveryResponse>, Status> {
+    ) -> Result<Vec<Response>, Status> {
         if request.type_url.is_empty() {
             return Err(Status::invalid_argument(
                 "a delta ADS request needs a type_url",
@@ -74,7 +73,7 @@ impl<G: ResourceGenerator> Flavor<G> for Delta {
                 request.error_detail.map(|e| e.message),
             );
         }
-        let mut out: Vec<DeltaDiscoveryResponse> = Vec::new();
+        let mut out = Vec::new();
         if changed {
             out.extend(respond(conn, &type_url, first));
         }
@@ -84,7 +83,7 @@ impl<G: ResourceGenerator> Flavor<G> for Delta {
         Ok(out)
     }
 
-    fn on_change(conn: &mut Connection<G>, types: &[String]) -> Vec<DeltaDiscoveryResponse> {
+    fn on_change(conn: &mut Connection<G>, types: &[String]) -> Vec<Response> {
         let types = conn.pushable(types);
         types
             .iter()
@@ -93,75 +92,51 @@ impl<G: ResourceGenerator> Flavor<G> for Delta {
     }
 }
 
-/// A resource's version: its content hash.
-fn version(hash: u64) -> String {
-    format!("{hash:016x}")
-}
-
 /// The changes since what the proxy holds; `None` when there are none,
 /// unless `always` (a first subscription is always answered).
 fn respond<G: ResourceGenerator>(
     conn: &mut Connection<G>,
     type_url: &str,
     always: bool,
-) -> Option<DeltaDiscoveryResponse> {
+) -> Option<Response> {
     let resources = conn.generate(type_url);
     let watch = conn.watches.get(type_url)?;
-    // One walk over both lists, each in name order: what changed (up to a
-    // page), what was removed, and what the proxy will hold after this
-    // page (the page, and what it held of the rest).
-    let mut changed: Vec<&Arc<crate::xds::Resource>> = Vec::new();
+    // One walk over both lists, each in name order: what changed and what
+    // was removed.
+    let mut changed: Vec<Arc<crate::xds::Resource>> = Vec::new();
     let mut removed: Vec<String> = Vec::new();
-    let mut held: Vec<(Arc<str>, u64)> = Vec::with_capacity(resources.len());
-    let mut more = false;
     let mut old = watch.held.entries().iter().peekable();
     for r in &resources {
         while let Some((name, _)) = old.next_if(|(n, _)| **n < *r.name) {
             removed.push(name.to_string());
         }
-        let before = old.next_if(|(n, _)| **n == *r.name).map(|(_, h)| *h);
-        if before == Some(r.hash) {
-            held.push((r.name.clone(), r.hash));
-        } else if changed.len() < DELTA_PAGE {
-            changed.push(r);
-            held.push((r.name.clone(), r.hash));
-        } else {
-            more = true;
-            held.extend(before.map(|h| (r.name.clone(), h)));
+        if old.next_if(|(n, _)| **n == *r.name).map(|(_, h)| *h) != Some(r.hash) {
+            changed.push(r.clone());
         }
     }
     removed.extend(old.map(|(n, _)| n.to_string()));
     if changed.is_empty() && removed.is_empty() && !always {
         return None;
     }
-    let held = Held::sorted(held);
-    let updated: Vec<Resource> = changed
-        .iter()
-        .map(|r| Resource {
-            name: r.name.to_string(),
-            version: version(r.hash),
-            resource: Some(r.body.clone()),
-            ..Default::default()
-        })
-        .collect();
+    let held = Held::sorted(resources.iter().map(|r| (r.name.clone(), r.hash)).collect());
     let hash = content_hash(&resources);
     let nonce = conn.next_nonce();
     let watch = conn.watches.get_mut(type_url)?;
     watch.held = held;
     watch.pending = true;
-    // The next page goes when this one is answered.
-    watch.dirty |= more;
     watch.sent = Some(Sent {
         nonce: nonce.clone(),
         version: nonce.clone(),
         hash,
     });
-    Some(DeltaDiscoveryResponse {
-        system_version_info: nonce.clone(),
-        resources: updated,
-        removed_resources: removed,
-        type_url: type_url.to_string(),
-        nonce,
-        ..Default::default()
-    })
+    Some(Response::delta(
+        DeltaDiscoveryResponse {
+            system_version_info: nonce.clone(),
+            removed_resources: removed,
+            type_url: type_url.to_string(),
+            nonce,
+            ..Default::default()
+        },
+        changed,
+    ))
 }

@@ -1,46 +1,48 @@
-//! ADS with Pilot's own framing of responses. tonic's encoder keeps, per
-//! stream, a buffer as large as the largest message the stream has sent,
-//! for as long as the stream lives: with a megabyte of clusters per proxy,
-//! thousands of idle proxies cost gigabytes. Here each response is encoded
-//! into a buffer of exactly its size, handed to HTTP/2 and freed once sent.
-//! Requests are decoded by tonic.
+//! ADS with Pilot's own gRPC framing. tonic's codec keeps, per stream, a
+//! buffer as large as the largest message the stream has carried, for as
+//! long as the stream lives: with Envoy's ACKs naming thousands of
+//! resources and megabytes of clusters per proxy, thousands of idle
+//! proxies cost gigabytes. Here a request's buffer is released once the
+//! request is decoded, and a response is encoded chunk by chunk as HTTP/2
+//! takes it (see [`Response`]).
 
 use std::{
     convert::Infallible,
     future::{Ready, ready},
+    marker::PhantomData,
     pin::Pin,
     task::{Context, Poll},
 };
 
+use bytes::{Buf, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
-use http_body::Frame;
+use http_body::{Body as _, Frame};
 use prost::Message;
 use tonic::{
     Status,
     body::Body,
-    codec::{Codec, Streaming},
-    codegen::{Bytes, Service, http},
-    server::NamedService,
+    codegen::{Service, http},
 };
 
-use super::{AdsServer, Flavor, delta::Delta, sotw::Sotw};
+use super::{
+    AdsServer, Flavor,
+    delta::Delta,
+    response::{GrpcChunks, Response},
+    sotw::Sotw,
+};
 use crate::xds::ResourceGenerator;
 
 const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
 /// The largest request accepted: Envoy's ACKs repeat every name subscribed.
 const MAX_REQUEST_BYTES: usize = 64 << 20;
 
-/// The ADS gRPC service, to add to a tonic server.
-pub struct AdsService<G>(pub(super) AdsServer<G>);
+/// The ADS gRPC service.
+pub(super) struct AdsService<G>(pub(super) AdsServer<G>);
 
 impl<G> Clone for AdsService<G> {
     fn clone(&self) -> Self {
         Self(self.0.clone())
     }
-}
-
-impl<G> NamedService for AdsService<G> {
-    const NAME: &'static str = SERVICE;
 }
 
 impl<G: ResourceGenerator> Service<http::Request<Body>> for AdsService<G> {
@@ -64,16 +66,11 @@ impl<G: ResourceGenerator> Service<http::Request<Body>> for AdsService<G> {
 }
 
 impl<G: ResourceGenerator> AdsService<G> {
-    fn respond<F>(&self, body: Body) -> http::Response<Body>
-    where
-        F: Flavor<G>,
-        F::Request: Message + Default,
-        F::Response: Message,
-    {
-        let mut codec = tonic_prost::ProstCodec::<F::Response, F::Request>::default();
-        let requests = Streaming::new_request(codec.decoder(), body, None, Some(MAX_REQUEST_BYTES));
+    fn respond<F: Flavor<G>>(&self, body: Body) -> http::Response<Body> {
+        let requests = Requests::<F::Request>::new(body);
         let framed = Framed {
             responses: self.0.serve::<F>(requests),
+            chunks: None,
             done: false,
         };
         let mut response = http::Response::new(Body::new(framed));
@@ -85,17 +82,100 @@ impl<G: ResourceGenerator> AdsService<G> {
     }
 }
 
-/// A stream of messages as gRPC's length-prefixed frames, ending with the
-/// status in trailers.
+/// The requests of one stream, deframed from the request body.
+pub(super) struct Requests<M> {
+    body: Body,
+    /// What has arrived of the next request; released whenever it holds no
+    /// partial request.
+    buf: BytesMut,
+    ended: bool,
+    message: PhantomData<fn() -> M>,
+}
+
+impl<M: Message + Default> Requests<M> {
+    fn new(body: Body) -> Self {
+        Self {
+            body,
+            buf: BytesMut::new(),
+            ended: false,
+            message: PhantomData,
+        }
+    }
+
+    /// The next whole request in the buffer, if one is there.
+    fn decode(&mut self) -> Result<Option<M>, Status> {
+        let Some(prefix) = self.buf.get(..5) else {
+            return Ok(None);
+        };
+        if prefix[0] != 0 {
+            return Err(Status::unimplemented(
+                "compressed requests are not supported: send uncompressed messages",
+            ));
+        }
+        let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+        if len > MAX_REQUEST_BYTES {
+            return Err(Status::resource_exhausted(format!(
+                "a request of {len} bytes is over the limit of {MAX_REQUEST_BYTES}"
+            )));
+        }
+        if self.buf.len() < 5 + len {
+            self.buf.reserve(5 + len - self.buf.len());
+            return Ok(None);
+        }
+        let mut frame = self.buf.split_to(5 + len);
+        frame.advance(5);
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+        M::decode(frame)
+            .map(Some)
+            .map_err(|e| Status::invalid_argument(format!("malformed request: {e}")))
+    }
+}
+
+impl<M: Message + Default> Stream for Requests<M> {
+    type Item = Result<M, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            match self.decode() {
+                Ok(Some(message)) => return Poll::Ready(Some(Ok(message))),
+                Ok(None) => {}
+                Err(status) => return Poll::Ready(Some(Err(status))),
+            }
+            if self.ended {
+                return Poll::Ready(if self.buf.is_empty() {
+                    None
+                } else {
+                    Some(Err(Status::invalid_argument(
+                        "the request stream ended inside a message",
+                    )))
+                });
+            }
+            match futures::ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(status)) => return Poll::Ready(Some(Err(status))),
+                None => self.ended = true,
+            }
+        }
+    }
+}
+
+/// Responses as gRPC messages, ending with the status in trailers.
 struct Framed<S> {
     responses: S,
+    /// What is left of the response being sent.
+    chunks: Option<GrpcChunks>,
     done: bool,
 }
 
-impl<S, M> http_body::Body for Framed<S>
+impl<S> http_body::Body for Framed<S>
 where
-    S: Stream<Item = Result<M, Status>> + Unpin,
-    M: Message,
+    S: Stream<Item = Result<Response, Status>> + Unpin,
 {
     type Data = Bytes;
     type Error = Status;
@@ -107,24 +187,26 @@ where
         if self.done {
             return Poll::Ready(None);
         }
-        let status = match futures::ready!(self.responses.poll_next_unpin(cx)) {
-            Some(Ok(message)) => {
-                let len = message.encoded_len();
-                let mut buf = Vec::with_capacity(5 + len);
-                buf.push(0); // not compressed
-                buf.extend_from_slice(&(len as u32).to_be_bytes());
-                message.encode_raw(&mut buf);
-                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(buf)))));
+        loop {
+            if let Some(chunk) = self.chunks.as_mut().and_then(Iterator::next) {
+                return Poll::Ready(Some(Ok(Frame::data(chunk))));
             }
-            Some(Err(status)) => status,
-            None => Status::ok(""),
-        };
-        self.done = true;
-        let mut trailers = http::HeaderMap::new();
-        // A status whose message cannot be a header still ends the stream.
-        if status.add_header(&mut trailers).is_err() {
-            trailers.insert("grpc-status", http::HeaderValue::from_static("13"));
+            self.chunks = None;
+            let status = match futures::ready!(self.responses.poll_next_unpin(cx)) {
+                Some(Ok(response)) => {
+                    self.chunks = Some(response.into_grpc_chunks());
+                    continue;
+                }
+                Some(Err(status)) => status,
+                None => Status::ok(""),
+            };
+            self.done = true;
+            let mut trailers = http::HeaderMap::new();
+            // A status whose message cannot be a header still ends the stream.
+            if status.add_header(&mut trailers).is_err() {
+                trailers.insert("grpc-status", http::HeaderValue::from_static("13"));
+            }
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
-        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
     }
 }

@@ -11,6 +11,8 @@
 
 mod delta;
 mod framing;
+mod http2;
+mod response;
 mod sotw;
 
 use std::{
@@ -26,10 +28,12 @@ use std::{
 use component::CancellationToken;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use futures::{Stream, StreamExt};
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
+use self::{framing::Requests, response::Response};
 use super::{PUSH_ORDER, Resource, ResourceGenerator, TypeVersions};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -152,13 +156,9 @@ impl<G: ResourceGenerator> AdsServer<G> {
         self.status.clone()
     }
 
-    pub fn into_service(self) -> framing::AdsService<G> {
-        framing::AdsService(self)
-    }
-
     /// Runs one stream of either flavour until the proxy leaves, the
     /// stream fails or Pilot shuts down.
-    fn serve<F: Flavor<G>>(&self, mut requests: Streaming<F::Request>) -> BoxStream<F::Response> {
+    fn serve<F: Flavor<G>>(&self, mut requests: Requests<F::Request>) -> BoxStream<Response> {
         // At most one response per type is unanswered (see `Watch`), so a
         // few slots hold a stream's whole backlog.
         let (tx, rx) = mpsc::channel(PUSH_ORDER.len());
@@ -230,16 +230,15 @@ impl<G: ResourceGenerator> AdsServer<G> {
 /// sends.
 trait Flavor<G: ResourceGenerator>: Send + 'static {
     const NAME: &'static str;
-    type Request: Send + 'static;
-    type Response: Send + 'static;
+    type Request: Message + Default + Send + 'static;
 
     fn on_request(
         conn: &mut Connection<G>,
         request: Self::Request,
-    ) -> Result<Vec<Self::Response>, Status>;
+    ) -> Result<Vec<Response>, Status>;
 
     /// Responses for the watched `types` whose resources may have changed.
-    fn on_change(conn: &mut Connection<G>, types: &[String]) -> Vec<Self::Response>;
+    fn on_change(conn: &mut Connection<G>, types: &[String]) -> Vec<Response>;
 }
 
 /// One type on one stream. Like MCP, at most one response per type is
@@ -270,12 +269,6 @@ struct Watch {
     /// the proxy holds, as last generated (in name order).
     last: Vec<Arc<Resource>>,
 }
-
-/// Delta responses carry at most this many resources; the rest follow,
-/// page by page, as each page is answered. A stream's gRPC encoder keeps a
-/// buffer the size of its largest message, so pages bound what every
-/// connected proxy costs.
-const DELTA_PAGE: usize = 1000;
 
 /// Delta: what a proxy holds, as `(name, content hash)` sorted by name;
 /// a sorted vector is a third of a hash map's size, and proxies hold

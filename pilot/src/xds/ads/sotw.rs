@@ -4,7 +4,7 @@
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use tonic::Status;
 
-use super::{Connection, Flavor, Sent, content_hash, fingerprint};
+use super::{Connection, Flavor, Response, Sent, content_hash, fingerprint};
 use std::sync::Arc;
 
 use crate::xds::{CLUSTER, LISTENER, Resource, ResourceGenerator};
@@ -14,12 +14,11 @@ pub struct Sotw;
 impl<G: ResourceGenerator> Flavor<G> for Sotw {
     const NAME: &'static str = "sotw";
     type Request = DiscoveryRequest;
-    type Response = DiscoveryResponse;
 
     fn on_request(
         conn: &mut Connection<G>,
         request: DiscoveryRequest,
-    ) -> Result<Vec<DiscoveryResponse>, Status> {
+    ) -> Result<Vec<Response>, Status> {
         if request.type_url.is_empty() {
             return Err(Status::invalid_argument("an ADS request needs a type_url"));
         }
@@ -50,7 +49,7 @@ impl<G: ResourceGenerator> Flavor<G> for Sotw {
                 request.error_detail.map(|e| e.message),
             );
         }
-        let mut out: Vec<DiscoveryResponse> = Vec::new();
+        let mut out = Vec::new();
         if respond {
             out.extend(generate(conn, &type_url, true));
         }
@@ -60,7 +59,7 @@ impl<G: ResourceGenerator> Flavor<G> for Sotw {
         Ok(out)
     }
 
-    fn on_change(conn: &mut Connection<G>, types: &[String]) -> Vec<DiscoveryResponse> {
+    fn on_change(conn: &mut Connection<G>, types: &[String]) -> Vec<Response> {
         let types = conn.pushable(types);
         types
             .iter()
@@ -78,7 +77,7 @@ fn generate<G: ResourceGenerator>(
     conn: &mut Connection<G>,
     type_url: &str,
     force: bool,
-) -> Option<DiscoveryResponse> {
+) -> Option<Response> {
     let resources = conn.generate(type_url);
     let hash = content_hash(&resources);
     let watch = conn.watches.get(type_url)?;
@@ -86,12 +85,11 @@ fn generate<G: ResourceGenerator>(
         return None;
     }
     let by_name = !watch.wildcard && type_url != CLUSTER && type_url != LISTENER;
-    let send: Vec<&Arc<Resource>> = if by_name && !force {
+    let send: Vec<Arc<Resource>> = if by_name && !force {
         changed(&watch.last, &resources)
     } else {
-        resources.iter().collect()
+        resources.clone()
     };
-    let body = send.iter().map(|r| r.body.clone()).collect();
     let empty = send.is_empty();
     let watch = conn.watches.get_mut(type_url)?;
     watch.last = if by_name { resources } else { Vec::new() };
@@ -107,18 +105,20 @@ fn generate<G: ResourceGenerator>(
         version: nonce.clone(),
         hash,
     });
-    Some(DiscoveryResponse {
-        version_info: nonce.clone(),
-        resources: body,
-        type_url: type_url.to_string(),
-        nonce,
-        ..Default::default()
-    })
+    Some(Response::sotw(
+        DiscoveryResponse {
+            version_info: nonce.clone(),
+            type_url: type_url.to_string(),
+            nonce,
+            ..Default::default()
+        },
+        send,
+    ))
 }
 
 /// The resources of `now` that are new or differ from `before` (both in
 /// name order).
-fn changed<'a>(before: &[Arc<Resource>], now: &'a [Arc<Resource>]) -> Vec<&'a Arc<Resource>> {
+fn changed(before: &[Arc<Resource>], now: &[Arc<Resource>]) -> Vec<Arc<Resource>> {
     let mut before = before.iter().peekable();
     now.iter()
         .filter(|r| {
@@ -127,5 +127,6 @@ fn changed<'a>(before: &[Arc<Resource>], now: &'a [Arc<Resource>]) -> Vec<&'a Ar
                 .next_if(|b| b.name == r.name)
                 .is_none_or(|b| b.hash != r.hash)
         })
+        .cloned()
         .collect()
 }

@@ -40,7 +40,7 @@ use mcp_proto::pb::istio::networking::v1alpha3::{
 use prost::Name;
 use std::sync::Arc;
 
-use super::{Scope, any, duration, endpoint, resource, tls};
+use super::{Scope, any, duration, endpoint, tls};
 use crate::model::{self, Model, Port, Resolution, Service};
 use crate::xds::Resource;
 
@@ -124,7 +124,7 @@ impl<'a> Settings<'a> {
 /// it is built: thousands of decoded clusters would take far more memory.
 pub fn shared(scope: &Scope) -> Vec<Arc<Resource>> {
     let mut out = Vec::new();
-    let mut add = |c: Cluster| out.push(resource(c.name.clone(), &c));
+    let mut add = |c: Cluster| out.push(Resource::new(c.name.clone(), &c));
     for service in scope.services() {
         for port in &service.ports {
             for subset in scope.subsets(service) {

@@ -13,7 +13,7 @@ use envoy_types::pb::{
     google::protobuf::UInt32Value,
 };
 
-use super::{Scope, resource};
+use super::Scope;
 use crate::model::{self, Port, Resolution, Service};
 use crate::xds::Resource;
 
@@ -28,7 +28,7 @@ pub fn load_assignments(scope: &Scope) -> Vec<Arc<Resource>> {
         for port in &service.ports {
             for subset in scope.subsets(service) {
                 let cla = load_assignment(scope, service, port, &subset);
-                out.push(resource(cla.cluster_name.clone(), &cla));
+                out.push(Resource::new(cla.cluster_name.clone(), &cla));
             }
         }
     }

@@ -39,11 +39,6 @@ pub(crate) fn any<M: Message + Name>(message: &M) -> Any {
     }
 }
 
-/// An encoded resource.
-pub(crate) fn resource<M: Message + Name>(name: impl Into<Arc<str>>, message: &M) -> Arc<Resource> {
-    Resource::new(name, any(message))
-}
-
 pub(crate) fn duration(
     d: &mcp_proto::wkt::Duration,
 ) -> envoy_types::pb::google::protobuf::Duration {
@@ -459,7 +454,7 @@ fn sorted(mut resources: Vec<Arc<Resource>>) -> Vec<Arc<Resource>> {
 }
 
 fn named<M: Message + Name>(items: Vec<M>, name: impl Fn(&M) -> String) -> Vec<Arc<Resource>> {
-    items.iter().map(|m| resource(name(m), m)).collect()
+    items.iter().map(|m| Resource::new(name(m), m)).collect()
 }
 
 impl ResourceGenerator for ModelGenerator {
