@@ -51,6 +51,16 @@ impl Resource {
         Self::from_any(name, Bytes::from(any))
     }
 
+    /// A resource a proxy declared holding, known by name and content hash
+    /// only.
+    pub(crate) fn declared(name: impl Into<Arc<str>>, hash: u64) -> Arc<Self> {
+        Arc::new(Self {
+            name: name.into(),
+            any: Bytes::new(),
+            hash,
+        })
+    }
+
     /// From the bytes of an encoded `Any`.
     pub fn from_any(name: impl Into<Arc<str>>, any: Bytes) -> Arc<Self> {
         use std::hash::{Hash, Hasher};

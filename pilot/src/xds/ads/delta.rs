@@ -5,14 +5,12 @@
 //! hash of its content, so equal content is never resent, across streams
 //! too.
 
-use std::sync::Arc;
-
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse,
 };
 use tonic::Status;
 
-use super::{Connection, Flavor, Held, Response, Sent, content_hash};
+use super::{Connection, Diff, Flavor, Held, Response, Sent, content_hash};
 use crate::xds::ResourceGenerator;
 
 pub struct Delta;
@@ -36,8 +34,8 @@ impl<G: ResourceGenerator> Flavor<G> for Delta {
         let watch = conn.watches.entry(type_url.clone()).or_default();
         if first {
             watch.wildcard = request.resource_names_subscribe.is_empty();
-            watch.held = Held::new(request.initial_resource_versions.into_iter().filter_map(
-                |(name, version)| Some((Arc::from(name), u64::from_str_radix(&version, 16).ok()?)),
+            watch.held = Held::declared(request.initial_resource_versions.into_iter().filter_map(
+                |(name, version)| Some((name, u64::from_str_radix(&version, 16).ok()?)),
             ));
         }
         let mut changed = first;
@@ -101,28 +99,14 @@ fn respond<G: ResourceGenerator>(
 ) -> Option<Response> {
     let resources = conn.generate(type_url);
     let watch = conn.watches.get(type_url)?;
-    // One walk over both lists, each in name order: what changed and what
-    // was removed.
-    let mut changed: Vec<Arc<crate::xds::Resource>> = Vec::new();
-    let mut removed: Vec<String> = Vec::new();
-    let mut old = watch.held.entries().iter().peekable();
-    for r in &resources {
-        while let Some((name, _)) = old.next_if(|(n, _)| **n < *r.name) {
-            removed.push(name.to_string());
-        }
-        if old.next_if(|(n, _)| **n == *r.name).map(|(_, h)| *h) != Some(r.hash) {
-            changed.push(r.clone());
-        }
-    }
-    removed.extend(old.map(|(n, _)| n.to_string()));
+    let Diff { changed, removed } = watch.held.diff(&resources);
     if changed.is_empty() && removed.is_empty() && !always {
         return None;
     }
-    let held = Held::sorted(resources.iter().map(|r| (r.name.clone(), r.hash)).collect());
     let hash = content_hash(&resources);
     let nonce = conn.next_nonce();
     let watch = conn.watches.get_mut(type_url)?;
-    watch.held = held;
+    watch.held = Held::sent(resources);
     watch.pending = true;
     watch.sent = Some(Sent {
         nonce: nonce.clone(),

@@ -24,7 +24,7 @@ use crate::xds::ResourceGenerator;
 
 /// Unsent response data buffered per stream, beyond which hyper stops
 /// pulling from the response body until the peer reads.
-const SEND_BUFFER: usize = 64 << 10;
+const SEND_BUFFER: usize = 16 << 10;
 
 /// The pause after a failed accept (out of file descriptors, say), so that
 /// the loop does not spin while the condition lasts.

@@ -262,41 +262,65 @@ struct Watch {
     dirty: bool,
     acked: Option<String>,
     last_nack: Option<String>,
-    /// Delta: the content hash of each resource the proxy holds, by name
-    /// (sorted; names shared with the generated resources).
+    /// What the proxy holds, for the types it keeps by name (delta: all;
+    /// state of the world: endpoints and routes).
     held: Held,
-    /// State of the world, types other than clusters and listeners: what
-    /// the proxy holds, as last generated (in name order).
-    last: Vec<Arc<Resource>>,
 }
 
-/// Delta: what a proxy holds, as `(name, content hash)` sorted by name;
-/// a sorted vector is a third of a hash map's size, and proxies hold
-/// thousands of resources each.
+/// What a proxy holds of one type, in name order: the resources last sent,
+/// shared with the generator so that a proxy's copy costs a pointer each,
+/// and for names a delta client declared holding when it connected, their
+/// versions only.
 #[derive(Default)]
-struct Held(Vec<(Arc<str>, u64)>);
+struct Held(Vec<Arc<Resource>>);
+
+/// What differs between what a proxy holds and what it should have.
+struct Diff {
+    /// New or changed resources, in name order.
+    changed: Vec<Arc<Resource>>,
+    /// Names held and no longer there.
+    removed: Vec<String>,
+}
 
 impl Held {
-    fn new(entries: impl IntoIterator<Item = (Arc<str>, u64)>) -> Self {
-        let mut entries: Vec<(Arc<str>, u64)> = entries.into_iter().collect();
-        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        entries.dedup_by(|a, b| a.0 == b.0);
-        entries.shrink_to_fit();
+    /// Resources declared by name and content hash.
+    fn declared(entries: impl IntoIterator<Item = (String, u64)>) -> Self {
+        let mut entries: Vec<Arc<Resource>> = entries
+            .into_iter()
+            .map(|(name, hash)| Resource::declared(name, hash))
+            .collect();
+        entries.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        entries.dedup_by(|a, b| a.name == b.name);
         Self(entries)
     }
 
-    /// From entries already in name order.
-    fn sorted(mut entries: Vec<(Arc<str>, u64)>) -> Self {
-        entries.shrink_to_fit();
-        Self(entries)
+    /// Resources already in name order.
+    fn sent(mut resources: Vec<Arc<Resource>>) -> Self {
+        resources.shrink_to_fit();
+        Self(resources)
     }
 
-    fn entries(&self) -> &[(Arc<str>, u64)] {
-        &self.0
+    /// One walk over both lists, each in name order.
+    fn diff(&self, now: &[Arc<Resource>]) -> Diff {
+        let mut diff = Diff {
+            changed: Vec::new(),
+            removed: Vec::new(),
+        };
+        let mut held = self.0.iter().peekable();
+        for r in now {
+            while let Some(gone) = held.next_if(|h| h.name < r.name) {
+                diff.removed.push(gone.name.to_string());
+            }
+            if held.next_if(|h| h.name == r.name).map(|h| h.hash) != Some(r.hash) {
+                diff.changed.push(r.clone());
+            }
+        }
+        diff.removed.extend(held.map(|h| h.name.to_string()));
+        diff
     }
 
     fn remove(&mut self, name: &str) {
-        if let Ok(i) = self.0.binary_search_by(|(n, _)| (**n).cmp(name)) {
+        if let Ok(i) = self.0.binary_search_by(|r| (*r.name).cmp(name)) {
             self.0.remove(i);
         }
     }

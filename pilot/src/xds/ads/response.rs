@@ -20,8 +20,11 @@ use prost::{
 
 use crate::xds::Resource;
 
-/// Chunks handed to HTTP/2 are about this large.
-const CHUNK: usize = 64 << 10;
+/// Chunks of copied resources handed to HTTP/2 are at most this large.
+const CHUNK: usize = 16 << 10;
+/// Resources this large are not copied: a route configuration naming every
+/// service is a megabyte, and goes to every proxy at once.
+const SHARED: usize = CHUNK / 2;
 
 /// `resources` is field 2 in both response messages, and in the delta
 /// `Resource` the encoded `Any` is field 2 as well.
@@ -115,7 +118,9 @@ impl Response {
             + self.tail.len()
     }
 
-    fn encode_resource(&self, r: &Resource, buf: &mut BytesMut) {
+    /// What goes before a resource's bytes: its key and length, and for a
+    /// delta resource the wrapper's start.
+    fn encode_before(&self, r: &Resource, buf: &mut BytesMut) {
         encode_key(RESOURCES, WireType::LengthDelimited, buf);
         if self.delta {
             encode_varint(Self::wrapped_len(r) as u64, buf);
@@ -126,7 +131,10 @@ impl Response {
             encode_key(RESOURCES, WireType::LengthDelimited, buf);
         }
         encode_varint(r.any.len() as u64, buf);
-        buf.put_slice(&r.any);
+    }
+
+    /// What follows a resource's bytes: a delta resource's name.
+    fn encode_after(&self, r: &Resource, buf: &mut BytesMut) {
         if self.delta {
             encode_key(NAME, WireType::LengthDelimited, buf);
             encode_varint(r.name.len() as u64, buf);
@@ -139,51 +147,72 @@ impl Response {
         GrpcChunks {
             len: self.encoded_len(),
             response: self,
-            next: None,
+            started: false,
+            next: 0,
+            shared: None,
+            after: None,
+            done: false,
         }
     }
 }
 
-/// A response's gRPC message, chunk by chunk.
+/// A response's gRPC message, chunk by chunk: small resources copied
+/// together into chunks, each large one handed over as its own chunk, the
+/// very bytes every proxy shares.
 pub struct GrpcChunks {
     response: Response,
     len: usize,
-    /// The next resource to encode; `None` before the first chunk.
-    next: Option<usize>,
+    started: bool,
+    /// The next resource to encode.
+    next: usize,
+    /// A large resource's bytes, the next chunk.
+    shared: Option<Bytes>,
+    /// The resource whose end opens the chunk after `shared`.
+    after: Option<usize>,
+    done: bool,
 }
 
 impl Iterator for GrpcChunks {
     type Item = Bytes;
 
     fn next(&mut self) -> Option<Bytes> {
-        let resources = &self.response.resources;
+        if let Some(shared) = self.shared.take() {
+            return Some(shared);
+        }
+        if self.done {
+            return None;
+        }
+        let response = &self.response;
         let mut buf = BytesMut::with_capacity(CHUNK);
-        let mut i = match self.next {
-            None => {
-                buf.put_u8(0); // not compressed
-                buf.put_u32(self.len as u32);
-                buf.put_slice(&self.response.head);
-                0
+        if !self.started {
+            self.started = true;
+            buf.put_u8(0); // not compressed
+            buf.put_u32(self.len as u32);
+            buf.put_slice(&response.head);
+        }
+        if let Some(i) = self.after.take() {
+            response.encode_after(&response.resources[i], &mut buf);
+        }
+        while let Some(r) = response.resources.get(self.next) {
+            if r.any.len() >= SHARED {
+                response.encode_before(r, &mut buf);
+                self.shared = Some(r.any.clone());
+                self.after = Some(self.next);
+                self.next += 1;
+                return Some(buf.freeze());
             }
-            Some(i) if i > resources.len() => return None,
-            Some(i) => i,
-        };
-        // Whole resources, up to the chunk's size unless the first alone
-        // is larger.
-        while let Some(r) = resources.get(i) {
-            let len = self.response.field_len(r);
+            let len = response.field_len(r);
             if buf.len() + len > CHUNK && !buf.is_empty() {
-                break;
+                return Some(buf.freeze());
             }
             buf.reserve(len);
-            self.response.encode_resource(r, &mut buf);
-            i += 1;
+            response.encode_before(r, &mut buf);
+            buf.put_slice(&r.any);
+            response.encode_after(r, &mut buf);
+            self.next += 1;
         }
-        if i == resources.len() {
-            buf.put_slice(&self.response.tail);
-            i += 1;
-        }
-        self.next = Some(i);
+        buf.put_slice(&response.tail);
+        self.done = true;
         Some(buf.freeze())
     }
 }
@@ -283,14 +312,27 @@ mod tests {
     }
 
     #[test]
-    fn chunks_stay_near_their_size() {
-        let chunks: Vec<Bytes> = Response::sotw(DiscoveryResponse::default(), resources())
-            .into_grpc_chunks()
-            .collect();
-        assert!(chunks.len() > 5, "{} chunks", chunks.len());
-        // Only a resource larger than a chunk makes a larger chunk.
-        let largest = resources().iter().map(|r| r.any.len()).max().unwrap();
-        assert!(largest < CHUNK);
-        assert!(chunks.iter().all(|c| c.len() <= CHUNK));
+    fn small_resources_are_copied_into_chunks_large_ones_shared() {
+        let resources = resources();
+        let chunks: Vec<Bytes> =
+            Response::delta(DeltaDiscoveryResponse::default(), resources.clone())
+                .into_grpc_chunks()
+                .collect();
+        let (large, small): (Vec<_>, Vec<_>) =
+            resources.iter().partition(|r| r.any.len() >= SHARED);
+        assert!(!large.is_empty() && !small.is_empty());
+        // Each large resource is a chunk of its own, the resource's memory.
+        for r in &large {
+            let shared = chunks.iter().filter(|c| c.as_ptr() == r.any.as_ptr());
+            assert_eq!(shared.count(), 1, "{}", r.name);
+        }
+        // Everything else is in chunks of at most the chunk size.
+        let copied = chunks
+            .iter()
+            .filter(|c| !large.iter().any(|r| c.as_ptr() == r.any.as_ptr()));
+        assert!(copied.clone().all(|c| c.len() <= CHUNK));
+        let copied_bytes: usize = copied.map(|c| c.len()).sum();
+        let small_bytes: usize = small.iter().map(|r| r.any.len()).sum();
+        assert!(copied_bytes >= small_bytes && copied_bytes < small_bytes + 40 * 64);
     }
 }

@@ -4,10 +4,8 @@
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use tonic::Status;
 
-use super::{Connection, Flavor, Response, Sent, content_hash, fingerprint};
-use std::sync::Arc;
-
-use crate::xds::{CLUSTER, LISTENER, Resource, ResourceGenerator};
+use super::{Connection, Flavor, Held, Response, Sent, content_hash, fingerprint};
+use crate::xds::{CLUSTER, LISTENER, ResourceGenerator};
 
 pub struct Sotw;
 
@@ -85,14 +83,14 @@ fn generate<G: ResourceGenerator>(
         return None;
     }
     let by_name = !watch.wildcard && type_url != CLUSTER && type_url != LISTENER;
-    let send: Vec<Arc<Resource>> = if by_name && !force {
-        changed(&watch.last, &resources)
+    let send = if by_name && !force {
+        watch.held.diff(&resources).changed
     } else {
         resources.clone()
     };
     let empty = send.is_empty();
     let watch = conn.watches.get_mut(type_url)?;
-    watch.last = if by_name { resources } else { Vec::new() };
+    watch.held = Held::sent(if by_name { resources } else { Vec::new() });
     if empty && !force {
         // Only removals: a client drops those when it unsubscribes.
         return None;
@@ -114,19 +112,4 @@ fn generate<G: ResourceGenerator>(
         },
         send,
     ))
-}
-
-/// The resources of `now` that are new or differ from `before` (both in
-/// name order).
-fn changed(before: &[Arc<Resource>], now: &[Arc<Resource>]) -> Vec<Arc<Resource>> {
-    let mut before = before.iter().peekable();
-    now.iter()
-        .filter(|r| {
-            while before.next_if(|b| b.name < r.name).is_some() {}
-            before
-                .next_if(|b| b.name == r.name)
-                .is_none_or(|b| b.hash != r.hash)
-        })
-        .cloned()
-        .collect()
 }
