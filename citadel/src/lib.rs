@@ -1,16 +1,134 @@
-//! Citadel, the mesh's CA: key and root handling, CSR signing over gRPC,
-//! the Kubernetes secret controller and rotation. Not built yet (issue 5):
-//! the binary serves only its admin port.
+//! Citadel, the mesh's CA: it issues every workload its SPIFFE identity
+//! over Istio 1.1's CA API. Local mode authenticates callers by bootstrap
+//! tokens; certificate renewal over mTLS, Kubernetes token review and the
+//! secret controller are not built yet.
+
+pub mod auth;
+pub mod ca;
+pub mod identity;
+pub mod service;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use clap::Args;
 use component::{Admin, CancellationToken};
+use mcp_proto::mcp;
+use serde_json::json;
+
+use crate::{
+    auth::BootstrapTokens,
+    ca::{Ca, CaOptions},
+    service::CaService,
+};
 
 #[derive(Debug, Clone, Args)]
-pub struct NoArgs {}
+pub struct CitadelArgs {
+    /// Address of the CA's gRPC API.
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], component::ports::CITADEL_CA)))]
+    pub grpc_addr: SocketAddr,
+    /// Directory of the CA's files (`ca-cert.pem`, `ca-key.pem`,
+    /// `cert-chain.pem`, `root-cert.pem`): plugged-in certificates, or
+    /// where a self-signed root is generated and kept.
+    #[arg(long, default_value = "citadel-ca")]
+    pub ca_dir: PathBuf,
+    /// Generate a self-signed root when `--ca-dir` holds no CA.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub self_signed_ca: bool,
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Lifetime of a generated self-signed root.
+    #[arg(long, default_value = "87600h", value_parser = humantime::parse_duration)]
+    pub self_signed_ca_cert_ttl: Duration,
+    /// Lifetime of a workload certificate when the request names none.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub workload_cert_ttl: Duration,
+    /// The longest lifetime a request may ask for.
+    #[arg(long, default_value = "2160h", value_parser = humantime::parse_duration)]
+    pub max_workload_cert_ttl: Duration,
+    /// Bootstrap tokens, lines of `<namespace>/<service-account> <token>`.
+    /// Without it no caller can authenticate.
+    #[arg(long)]
+    pub bootstrap_tokens: Option<PathBuf>,
+}
 
-/// Serves nothing but the admin port until `shutdown`.
-pub async fn run(_: NoArgs, _: Admin, shutdown: CancellationToken) -> anyhow::Result<()> {
-    tracing::warn!("this build signs no certificates yet (issue 5); only the admin port runs");
-    shutdown.cancelled().await;
-    Ok(())
+/// Loads (or creates) the CA and serves its API until `shutdown`.
+pub async fn run(
+    args: CitadelArgs,
+    admin: Admin,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.grpc_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding --grpc-addr {}: {e}", args.grpc_addr))?;
+    Citadel::load(&args, &admin)?
+        .serve(listener, &admin, shutdown)
+        .await
+}
+
+/// A loaded CA, ready to serve.
+pub struct Citadel {
+    service: CaService,
+    ca_dir: PathBuf,
+}
+
+impl Citadel {
+    /// Loads the CA from `--ca-dir`, generating a self-signed one there
+    /// first when allowed and absent, and the bootstrap tokens; registers
+    /// the metrics and the `/debug/root` page.
+    pub fn load(args: &CitadelArgs, admin: &Admin) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            args.workload_cert_ttl <= args.max_workload_cert_ttl,
+            "--workload-cert-ttl {:?} is over --max-workload-cert-ttl {:?}",
+            args.workload_cert_ttl,
+            args.max_workload_cert_ttl
+        );
+        let ca = Arc::new(Ca::load_or_create(&CaOptions {
+            dir: args.ca_dir.clone(),
+            self_signed: args.self_signed_ca,
+            trust_domain: args.trust_domain.clone(),
+            root_ttl: args.self_signed_ca_cert_ttl,
+            default_ttl: args.workload_cert_ttl,
+            max_ttl: args.max_workload_cert_ttl,
+        })?);
+        let tokens = match &args.bootstrap_tokens {
+            Some(path) => BootstrapTokens::load(path, &args.trust_domain)?,
+            None => {
+                tracing::warn!("no --bootstrap-tokens: every certificate request will be refused");
+                BootstrapTokens::default()
+            }
+        };
+        let root = ca.clone();
+        admin.debug_page("root", move || {
+            json!({
+                "root_cert": root.root_pem(),
+                "not_after": humantime::format_rfc3339(root.root_not_after()).to_string(),
+                "trust_domain": root.trust_domain(),
+            })
+        });
+        Ok(Self {
+            service: CaService::new(ca, tokens, admin),
+            ca_dir: args.ca_dir.clone(),
+        })
+    }
+
+    /// Serves the CA API on `listener` until `shutdown`.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        admin: &Admin,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            dir = %self.ca_dir.display(),
+            "citadel serving the CA API"
+        );
+        admin.readiness().condition("serving").set(true);
+        mcp::grpc_server()
+            .add_service(self.service.certificate_service())
+            .add_service(self.service.ca_service())
+            .serve_with_incoming_shutdown(mcp::incoming(listener), shutdown.cancelled_owned())
+            .await?;
+        Ok(())
+    }
 }

@@ -27,11 +27,37 @@ async fn check_admin_and_stop(proc: Proc, admin: std::net::SocketAddr) {
 
 #[tokio::test]
 async fn components_without_inputs_serve_admin_and_stop_on_sigterm() {
-    for name in ["citadel", "sidecar-injector", "proxy"] {
+    for name in ["sidecar-injector", "proxy"] {
         let admin = free_addr();
         let proc = Proc::start(name, &["--admin-addr", &admin.to_string()]);
         check_admin_and_stop(proc, admin).await;
     }
+}
+
+#[tokio::test]
+async fn citadel_serves_admin_and_its_root_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_addr();
+    let ca_dir = dir.path().join("ca");
+    let proc = Proc::start(
+        "citadel",
+        &[
+            "--admin-addr",
+            &admin.to_string(),
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--ca-dir",
+            &ca_dir.display().to_string(),
+        ],
+    );
+    wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    // The root is on the admin port as it is in the CA directory.
+    let (status, page) = get(admin, "/debug/root").await.unwrap();
+    assert_eq!(status, 200);
+    let page: serde_json::Value = serde_json::from_str(&page).unwrap();
+    let root = std::fs::read_to_string(ca_dir.join("root-cert.pem")).unwrap();
+    assert_eq!(page["root_cert"], root.as_str());
+    check_admin_and_stop(proc, admin).await;
 }
 
 #[tokio::test]

@@ -95,9 +95,10 @@ impl Ports {
     }
 }
 
-fn plans(config_dir: &Path, ports: &Ports) -> anyhow::Result<Vec<Plan>> {
+fn plans(config_dir: &Path, state_dir: &Path, ports: &Ports) -> anyhow::Result<Vec<Plan>> {
     let mcp = ports.pick(ports::GALLEY_MCP)?;
     let xds = ports.pick(ports::PILOT_XDS)?;
+    let ca = ports.pick(ports::CITADEL_CA)?;
     let mcp_arg = mcp.to_string();
     // Every control-plane component defaults to admin port 15014; on one
     // host they get 15014, 15015, ...
@@ -154,9 +155,14 @@ fn plans(config_dir: &Path, ports: &Ports) -> anyhow::Result<Vec<Plan>> {
         Plan {
             name: "citadel",
             binary: "citadel",
-            args: vec![],
+            args: vec![
+                "--grpc-addr".into(),
+                ca.to_string(),
+                "--ca-dir".into(),
+                state_dir.join("ca").display().to_string(),
+            ],
             admin: admin(4)?,
-            ports: vec![],
+            ports: vec![("ca", ca)],
         },
         Plan {
             name: "sidecar-injector",
@@ -192,7 +198,7 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
     };
     let bins = crate::binaries::dir(args.bin_dir.as_deref())?;
     // The probes are released here, before the components bind.
-    let plans = plans(&config_dir, &Ports::new(args.ephemeral_ports))?;
+    let plans = plans(&config_dir, &state_dir, &Ports::new(args.ephemeral_ports))?;
     for plan in &plans {
         crate::binaries::path(&bins, plan.binary)?;
     }

@@ -1,0 +1,127 @@
+//! Who is asking for a certificate. In local mode a workload first proves
+//! its identity with a bootstrap token: the operator gives each identity
+//! its own token, in a file of lines `<namespace>/<service-account> <token>`.
+
+use std::{collections::HashMap, path::Path};
+
+use tonic::{Status, metadata::MetadataMap};
+
+use crate::identity::Identity;
+
+/// Bootstrap tokens, kept as digests: the file's secrets are not held in
+/// memory, and a lookup by digest does not compare secrets byte by byte.
+#[derive(Default)]
+pub struct BootstrapTokens {
+    by_digest: HashMap<Vec<u8>, Identity>,
+}
+
+fn digest(token: &str) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+        .as_ref()
+        .to_vec()
+}
+
+impl BootstrapTokens {
+    /// Reads `path`; an error names the file and line.
+    pub fn load(path: &Path, trust_domain: &str) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Self::parse(&text, trust_domain).map_err(|e| anyhow::anyhow!("{}:{e}", path.display()))
+    }
+
+    fn parse(text: &str, trust_domain: &str) -> Result<Self, String> {
+        let mut tokens = Self::default();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (ns, sa, token) = match fields[..] {
+                [identity, token] => match identity.split_once('/') {
+                    Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {
+                        (ns, sa, token)
+                    }
+                    _ => {
+                        return Err(format!(
+                            "{}: {identity:?} is not <namespace>/<service-account>",
+                            n + 1
+                        ));
+                    }
+                },
+                _ => {
+                    return Err(format!(
+                        "{}: expected `<namespace>/<service-account> <token>`",
+                        n + 1
+                    ));
+                }
+            };
+            let identity = Identity::new(trust_domain, ns, sa);
+            if let Some(other) = tokens.by_digest.insert(digest(token), identity.clone()) {
+                return Err(format!(
+                    "{}: the token of {identity} is also {other}'s; each identity needs its own",
+                    n + 1
+                ));
+            }
+        }
+        Ok(tokens)
+    }
+
+    /// The identity of the bearer token in `metadata`.
+    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Identity, Status> {
+        let header = metadata.get("authorization").ok_or_else(|| {
+            Status::unauthenticated("no credential: send `authorization: Bearer <token>`")
+        })?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                Status::unauthenticated("the authorization header is not `Bearer <token>`")
+            })?;
+        self.by_digest
+            .get(&digest(token.trim()))
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("unknown bootstrap token"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bearer(token: &str) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        m.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        m
+    }
+
+    #[test]
+    fn tokens_map_to_their_identity() {
+        let tokens =
+            BootstrapTokens::parse("# comment\nshop/reviews t1\n\nshop/ratings t2\n", "td")
+                .unwrap();
+        let id = tokens.authenticate(&bearer("t2")).unwrap();
+        assert_eq!(id, Identity::new("td", "shop", "ratings"));
+        let refused = tokens.authenticate(&bearer("t3")).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        let missing = tokens.authenticate(&MetadataMap::new()).unwrap_err();
+        assert!(
+            missing.message().contains("Bearer"),
+            "{}",
+            missing.message()
+        );
+    }
+
+    #[test]
+    fn bad_lines_are_named() {
+        for (text, line) in [
+            ("shop/reviews t1\nreviews t2\n", "2:"),
+            ("shop/reviews\n", "1:"),
+            ("a/b t1\nc/d t1\n", "2:"),
+        ] {
+            let error = BootstrapTokens::parse(text, "td").err().unwrap();
+            assert!(error.starts_with(line), "{text:?}: {error}");
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! The signing CA. Its files follow Istio's plugged-in convention, whether
+//! an operator put them there or Citadel generated them: `ca-cert.pem` and
+//! `ca-key.pem` sign, `cert-chain.pem` is the chain from `ca-cert.pem` up
+//! towards the root, `root-cert.pem` is the root. A self-signed CA is a
+//! root that is also the signing certificate, generated on first start and
+//! reused on every start after.
+
+use std::{
+    fs,
+    io::Write,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
+    SanType, SerialNumber,
+};
+use time::OffsetDateTime;
+
+use crate::identity::Identity;
+
+pub const CA_CERT: &str = "ca-cert.pem";
+pub const CA_KEY: &str = "ca-key.pem";
+pub const CERT_CHAIN: &str = "cert-chain.pem";
+pub const ROOT_CERT: &str = "root-cert.pem";
+
+/// Leaves are valid from a little before they are signed, for peers whose
+/// clocks run behind.
+const BACKDATE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct CaOptions {
+    pub dir: PathBuf,
+    /// Generate a root in `dir` when it holds no CA files.
+    pub self_signed: bool,
+    pub trust_domain: String,
+    pub root_ttl: Duration,
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+}
+
+/// Why a certificate was not issued.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    #[error("malformed CSR: {0}")]
+    MalformedCsr(String),
+    #[error("the CSR asks for {asked}, but the caller is {caller}")]
+    OtherIdentity { asked: String, caller: Identity },
+    #[error("requested TTL {requested:?} is over the maximum {max:?}")]
+    TtlTooLong { requested: Duration, max: Duration },
+    #[error("signing failed: {0}")]
+    Signing(String),
+}
+
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    /// `ca-cert.pem` up to the root, PEM, root last.
+    chain: Vec<String>,
+    root: String,
+    root_not_after: SystemTime,
+    trust_domain: String,
+    default_ttl: Duration,
+    max_ttl: Duration,
+}
+
+impl Ca {
+    /// Loads the CA from `options.dir`, generating a self-signed one first
+    /// when the directory holds none and `options.self_signed` allows it.
+    pub fn load_or_create(options: &CaOptions) -> anyhow::Result<Self> {
+        let dir = &options.dir;
+        let present: Vec<&str> = [CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT]
+            .into_iter()
+            .filter(|f| dir.join(f).exists())
+            .collect();
+        if present.is_empty() {
+            anyhow::ensure!(
+                options.self_signed,
+                "{} holds no CA ({CA_CERT}, {CA_KEY}, {CERT_CHAIN}, {ROOT_CERT}) and self-signing is off",
+                dir.display()
+            );
+            create_self_signed(options)?;
+            tracing::info!(dir = %dir.display(), "generated a self-signed root CA");
+        } else if present.len() < 4 {
+            anyhow::bail!(
+                "{} holds only {} of {CA_CERT}, {CA_KEY}, {CERT_CHAIN} and {ROOT_CERT}",
+                dir.display(),
+                present.join(", ")
+            );
+        }
+        Self::load(options)
+    }
+
+    fn load(options: &CaOptions) -> anyhow::Result<Self> {
+        let read = |name: &str| {
+            let path = options.dir.join(name);
+            fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        };
+        let (ca_cert, ca_key, chain, root) = (
+            read(CA_CERT)?,
+            read(CA_KEY)?,
+            read(CERT_CHAIN)?,
+            read(ROOT_CERT)?,
+        );
+        let in_file = |name: &str| options.dir.join(name).display().to_string();
+        let key = KeyPair::from_pem(&ca_key)
+            .map_err(|e| anyhow::anyhow!("{}: not a usable private key: {e}", in_file(CA_KEY)))?;
+        let ca_der = pem_blocks(&ca_cert, &in_file(CA_CERT))?;
+        let ca_der = ca_der.first().expect("pem_blocks returns at least one");
+        let (_, parsed) = x509_parser::parse_x509_certificate(ca_der)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", in_file(CA_CERT)))?;
+        anyhow::ensure!(
+            parsed.public_key().raw == key.subject_public_key_info().as_slice(),
+            "{} does not hold the key of {}",
+            in_file(CA_KEY),
+            in_file(CA_CERT)
+        );
+        anyhow::ensure!(
+            parsed.is_ca(),
+            "{} is not a CA certificate",
+            in_file(CA_CERT)
+        );
+        let root_der = pem_blocks(&root, &in_file(ROOT_CERT))?;
+        let (_, root_parsed) = x509_parser::parse_x509_certificate(&root_der[0])
+            .map_err(|e| anyhow::anyhow!("{}: {e}", in_file(ROOT_CERT)))?;
+        let root_not_after = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(root_parsed.validity().not_after.timestamp().max(0) as u64);
+        // The chain up to the root, root last and only once.
+        let mut chain: Vec<String> = pem_blocks(&chain, &in_file(CERT_CHAIN))?
+            .iter()
+            .map(|der| to_pem(der))
+            .collect();
+        let root = to_pem(&root_der[0]);
+        if chain.last() != Some(&root) {
+            chain.push(root.clone());
+        }
+        let issuer = Issuer::from_ca_cert_der(&ca_der.clone().into(), key)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", in_file(CA_CERT)))?;
+        Ok(Self {
+            issuer,
+            chain,
+            root,
+            root_not_after,
+            trust_domain: options.trust_domain.clone(),
+            default_ttl: options.default_ttl,
+            max_ttl: options.max_ttl,
+        })
+    }
+
+    /// The root certificate, PEM.
+    pub fn root_pem(&self) -> &str {
+        &self.root
+    }
+
+    pub fn root_not_after(&self) -> SystemTime {
+        self.root_not_after
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn max_ttl(&self) -> Duration {
+        self.max_ttl
+    }
+
+    /// Signs `csr_pem` for `caller`, valid for `ttl` (the default when
+    /// `None`). The leaf carries `caller`'s SPIFFE identity and nothing
+    /// else, whatever else the CSR asks for; a CSR that asks for another
+    /// SPIFFE identity is refused. Returns the chain, leaf first, root last.
+    pub fn sign(
+        &self,
+        csr_pem: &str,
+        caller: &Identity,
+        ttl: Option<Duration>,
+    ) -> Result<Vec<String>, SignError> {
+        let ttl = ttl.unwrap_or(self.default_ttl);
+        if ttl > self.max_ttl {
+            return Err(SignError::TtlTooLong {
+                requested: ttl,
+                max: self.max_ttl,
+            });
+        }
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| SignError::MalformedCsr(e.to_string()))?;
+        for san in &csr.params.subject_alt_names {
+            if let SanType::URI(uri) = san {
+                let uri = uri.as_str();
+                if uri.starts_with("spiffe://") && uri != caller.to_string() {
+                    return Err(SignError::OtherIdentity {
+                        asked: uri.to_string(),
+                        caller: caller.clone(),
+                    });
+                }
+            }
+        }
+        let uri = caller
+            .to_string()
+            .try_into()
+            .map_err(|e| SignError::Signing(format!("identity {caller} as a URI: {e}")))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.serial_number = Some(serial());
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + ttl;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let leaf = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(|e| SignError::Signing(e.to_string()))?;
+        let mut chain = Vec::with_capacity(self.chain.len() + 1);
+        chain.push(leaf.pem());
+        chain.extend(self.chain.iter().cloned());
+        Ok(chain)
+    }
+}
+
+/// A random 128-bit serial number, positive.
+fn serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    // The system's CSPRNG; failing to read it is not recoverable.
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .expect("the system random number generator works");
+    bytes[0] &= 0x7f;
+    SerialNumber::from_slice(&bytes)
+}
+
+fn create_self_signed(options: &CaOptions) -> anyhow::Result<()> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, options.trust_domain.as_str());
+    params.serial_number = Some(serial());
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - BACKDATE;
+    params.not_after = now + options.root_ttl;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = params.self_signed(&key)?.pem();
+    fs::create_dir_all(&options.dir)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", options.dir.display()))?;
+    // The key first and private; the certificates after, so that a crash
+    // midway leaves an incomplete set, which is reported, never a
+    // certificate without its key.
+    write_file(&options.dir.join(CA_KEY), &key.serialize_pem(), 0o600)?;
+    for name in [CA_CERT, CERT_CHAIN, ROOT_CERT] {
+        write_file(&options.dir.join(name), &cert, 0o644)?;
+    }
+    Ok(())
+}
+
+/// Writes `contents` whole or not at all: to a temporary file, then renamed.
+fn write_file(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
+    file.write_all(contents.as_bytes())
+        .and_then(|_| file.sync_all())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
+    fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// The DER certificates of a PEM file; an error names the file.
+fn pem_blocks(pem: &str, file: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+    let blocks = pem::parse_many(pem).map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+    let certs: Vec<Vec<u8>> = blocks
+        .into_iter()
+        .filter(|b| b.tag() == "CERTIFICATE")
+        .map(|b| b.into_contents())
+        .collect();
+    anyhow::ensure!(!certs.is_empty(), "{file}: no certificate in it");
+    Ok(certs)
+}
+
+/// PEM with Unix line endings, as every other certificate here.
+fn to_pem(der: &[u8]) -> String {
+    pem::encode_config(
+        &pem::Pem::new("CERTIFICATE", der.to_vec()),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
+}

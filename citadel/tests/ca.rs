@@ -1,0 +1,552 @@
+//! Citadel over real gRPC: certificates issued, validated as a client and
+//! a server would, used for a mutual TLS handshake; refusals with their
+//! status; the root kept across restarts; plugged-in CA files.
+
+use std::{
+    path::Path,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use citadel::{Citadel as Loaded, CitadelArgs};
+use component::{Admin, CancellationToken};
+use mcp_proto::pb::istio::v1::auth::{
+    CsrRequest, IstioCertificateRequest, istio_ca_service_client::IstioCaServiceClient,
+    istio_certificate_service_client::IstioCertificateServiceClient,
+};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::{Code, Request, transport::Channel};
+
+const TOKENS: &str = "shop/reviews reviews-token\nshop/ratings ratings-token\n";
+
+struct Citadel {
+    addr: std::net::SocketAddr,
+    stop: CancellationToken,
+}
+
+impl Drop for Citadel {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn args(dir: &Path) -> CitadelArgs {
+    let tokens = dir.join("tokens");
+    std::fs::write(&tokens, TOKENS).unwrap();
+    CitadelArgs {
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        ca_dir: dir.join("ca"),
+        self_signed_ca: true,
+        trust_domain: "cluster.local".into(),
+        self_signed_ca_cert_ttl: Duration::from_secs(10 * 365 * 86400),
+        workload_cert_ttl: Duration::from_secs(86400),
+        max_workload_cert_ttl: Duration::from_secs(7 * 86400),
+        bootstrap_tokens: Some(tokens),
+    }
+}
+
+async fn start(args: CitadelArgs) -> Citadel {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let admin = Admin::new("citadel");
+    // Loaded: the CA files exist, and requests wait on the bound listener
+    // until the server takes them.
+    let loaded = Loaded::load(&args, &admin).unwrap();
+    let serving = stop.clone();
+    tokio::spawn(async move { loaded.serve(listener, &admin, serving).await });
+    Citadel { addr, stop }
+}
+
+async fn channel(addr: std::net::SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// A key and a CSR for it, asking for `uri` when given.
+fn csr(uri: Option<&str>) -> (KeyPair, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = uri
+        .map(|u| SanType::URI(u.try_into().unwrap()))
+        .into_iter()
+        .collect();
+    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+    (key, csr)
+}
+
+fn with_token<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+async fn create(
+    addr: std::net::SocketAddr,
+    token: &str,
+    csr: &str,
+    validity_seconds: i64,
+) -> Result<Vec<String>, tonic::Status> {
+    let mut client = IstioCertificateServiceClient::new(channel(addr).await);
+    let request = IstioCertificateRequest {
+        csr: csr.into(),
+        subject_id: String::new(),
+        validity_duration: validity_seconds,
+    };
+    Ok(client
+        .create_certificate(with_token(request, token))
+        .await?
+        .into_inner()
+        .cert_chain)
+}
+
+fn der(pem: &str) -> Vec<CertificateDer<'static>> {
+    pem::parse_many(pem)
+        .unwrap()
+        .into_iter()
+        .map(|p| CertificateDer::from(p.into_contents()))
+        .collect()
+}
+
+/// Validates `chain` (leaf first, root last) against its root as a client
+/// and as a server certificate would be.
+fn validate(chain: &[String], root: &str) {
+    let leaf = der(&chain[0]).remove(0);
+    let intermediates: Vec<CertificateDer> = chain[1..chain.len() - 1]
+        .iter()
+        .flat_map(|c| der(c))
+        .collect();
+    let root = der(root).remove(0);
+    let anchor = webpki::anchor_from_trusted_cert(&root).unwrap();
+    let leaf = webpki::EndEntityCert::try_from(&leaf).unwrap();
+    for usage in [
+        webpki::KeyUsage::server_auth(),
+        webpki::KeyUsage::client_auth(),
+    ] {
+        leaf.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            std::slice::from_ref(&anchor),
+            &intermediates,
+            UnixTime::now(),
+            usage,
+            None,
+            None,
+        )
+        .expect("the leaf chains to the root");
+    }
+}
+
+/// The URI SANs of a PEM certificate and its remaining lifetime.
+fn inspect(pem: &str) -> (Vec<String>, Duration) {
+    let der = der(pem).remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let uris = cert
+        .subject_alternative_name()
+        .unwrap()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .map(|n| n.to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    let not_after =
+        SystemTime::UNIX_EPOCH + Duration::from_secs(cert.validity().not_after.timestamp() as u64);
+    let left = not_after.duration_since(SystemTime::now()).unwrap();
+    (uris, left)
+}
+
+fn root_of(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("ca").join("root-cert.pem")).unwrap()
+}
+
+#[tokio::test]
+async fn issued_certificates_carry_the_caller_identity_and_complete_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let citadel = start(args(dir.path())).await;
+    let root = root_of(dir.path());
+
+    // The CSR asks for DNS names too; only the caller's identity is kept.
+    let reviews_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["evil.example.com".to_string()]).unwrap();
+    params.subject_alt_names.push(SanType::URI(
+        "spiffe://cluster.local/ns/shop/sa/reviews"
+            .try_into()
+            .unwrap(),
+    ));
+    let reviews_csr = params
+        .serialize_request(&reviews_key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let reviews = create(citadel.addr, "reviews-token", &reviews_csr, 3600)
+        .await
+        .unwrap();
+    assert_eq!(reviews.len(), 2, "leaf and root");
+    assert_eq!(der(reviews.last().unwrap()), der(&root), "root last");
+    validate(&reviews, &root);
+    let (sans, left) = inspect(&reviews[0]);
+    assert_eq!(sans, ["URI(spiffe://cluster.local/ns/shop/sa/reviews)"]);
+    assert!(
+        left <= Duration::from_secs(3600) && left > Duration::from_secs(3500),
+        "{left:?}"
+    );
+
+    // The default lifetime, and the older API.
+    let (ratings_key, ratings_csr) = csr(None);
+    let mut old = IstioCaServiceClient::new(channel(citadel.addr).await);
+    let response = old
+        .handle_csr(with_token(
+            CsrRequest {
+                csr_pem: ratings_csr.into_bytes(),
+                ..Default::default()
+            },
+            "ratings-token",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(response.is_approved);
+    let ratings = vec![
+        String::from_utf8(response.signed_cert).unwrap(),
+        String::from_utf8(response.cert_chain).unwrap(),
+    ];
+    validate(&ratings, &root);
+    let (sans, left) = inspect(&ratings[0]);
+    assert_eq!(sans, ["URI(spiffe://cluster.local/ns/shop/sa/ratings)"]);
+    assert!(left <= Duration::from_secs(86400) && left > Duration::from_secs(86000));
+
+    // reviews serves, ratings connects; each checks the other's identity.
+    let peer = mutual_tls(
+        (&reviews, &reviews_key),
+        (&ratings, &ratings_key),
+        &root,
+        "spiffe://cluster.local/ns/shop/sa/reviews",
+    )
+    .await;
+    assert_eq!(peer, "spiffe://cluster.local/ns/shop/sa/ratings");
+}
+
+#[tokio::test]
+async fn refusals_carry_their_status_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let citadel = start(args(dir.path())).await;
+    let (_, other) = csr(Some("spiffe://cluster.local/ns/shop/sa/ratings"));
+    let (_, plain) = csr(None);
+
+    let denied = create(citadel.addr, "reviews-token", &other, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    assert!(
+        denied.message().contains("sa/ratings") && denied.message().contains("sa/reviews"),
+        "{}",
+        denied.message()
+    );
+
+    let unknown = create(citadel.addr, "no-such-token", &plain, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::Unauthenticated);
+    assert!(unknown.message().contains("token"), "{}", unknown.message());
+
+    let malformed = create(
+        citadel.addr,
+        "reviews-token",
+        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+        0,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(malformed.code(), Code::InvalidArgument);
+    assert!(
+        malformed.message().contains("CSR"),
+        "{}",
+        malformed.message()
+    );
+
+    let too_long = create(citadel.addr, "reviews-token", &plain, 30 * 86400)
+        .await
+        .unwrap_err();
+    assert_eq!(too_long.code(), Code::InvalidArgument);
+    assert!(
+        too_long.message().contains("maximum"),
+        "{}",
+        too_long.message()
+    );
+
+    // A CSR altered after it was signed: its signature no longer holds.
+    let (_, signed) = csr(None);
+    let mut bytes = pem::parse(&signed).unwrap().into_contents();
+    *bytes.last_mut().unwrap() ^= 1;
+    let altered = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", bytes));
+    let altered = create(citadel.addr, "reviews-token", &altered, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(altered.code(), Code::InvalidArgument);
+    assert!(
+        altered.message().contains("signature"),
+        "{}",
+        altered.message()
+    );
+}
+
+#[tokio::test]
+async fn the_root_is_generated_once_and_kept_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = start(args(dir.path())).await;
+    let root = root_of(dir.path());
+    let (_, request) = csr(None);
+    let before = create(first.addr, "reviews-token", &request, 0)
+        .await
+        .unwrap();
+    drop(first);
+
+    let second = start(args(dir.path())).await;
+    assert_eq!(root_of(dir.path()), root, "same root after a restart");
+    let after = create(second.addr, "reviews-token", &request, 0)
+        .await
+        .unwrap();
+    validate(&before, &root);
+    validate(&after, &root);
+
+    use std::os::unix::fs::PermissionsExt;
+    let key = std::fs::metadata(dir.path().join("ca").join("ca-key.pem")).unwrap();
+    assert_eq!(key.permissions().mode() & 0o777, 0o600);
+}
+
+#[tokio::test]
+async fn plugged_in_certificates_chain_to_the_external_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = dir.path().join("ca");
+    std::fs::create_dir_all(&ca_dir).unwrap();
+    // An external root and, under it, the intermediate Citadel signs with.
+    let root_key = KeyPair::generate().unwrap();
+    let mut root_params = ca_params("external root");
+    root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let root = root_params.self_signed(&root_key).unwrap();
+    let root_issuer = Issuer::new(root_params, root_key);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params("citadel intermediate")
+        .signed_by(&ca_key, &root_issuer)
+        .unwrap();
+    std::fs::write(ca_dir.join("ca-cert.pem"), ca.pem()).unwrap();
+    std::fs::write(ca_dir.join("ca-key.pem"), ca_key.serialize_pem()).unwrap();
+    std::fs::write(ca_dir.join("cert-chain.pem"), ca.pem()).unwrap();
+    std::fs::write(ca_dir.join("root-cert.pem"), root.pem()).unwrap();
+
+    let mut args = args(dir.path());
+    args.self_signed_ca = false;
+    let citadel = start(args).await;
+    let (_, request) = csr(None);
+    let chain = create(citadel.addr, "reviews-token", &request, 0)
+        .await
+        .unwrap();
+    assert_eq!(chain.len(), 3, "leaf, intermediate, root");
+    assert_eq!(der(&chain[1]), der(&ca.pem()));
+    assert_eq!(der(&chain[2]), der(&root.pem()));
+    validate(&chain, &root.pem());
+}
+
+#[tokio::test]
+async fn missing_or_partial_ca_files_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut no_self_signing = args(dir.path());
+    no_self_signing.self_signed_ca = false;
+    let error = Loaded::load(&no_self_signing, &Admin::new("citadel"))
+        .err()
+        .unwrap();
+    assert!(error.to_string().contains("self-signing is off"), "{error}");
+
+    std::fs::create_dir_all(dir.path().join("ca")).unwrap();
+    std::fs::write(dir.path().join("ca").join("ca-cert.pem"), "x").unwrap();
+    let error = Loaded::load(&args(dir.path()), &Admin::new("citadel"))
+        .err()
+        .unwrap();
+    assert!(
+        error.to_string().contains("holds only ca-cert.pem"),
+        "{error}"
+    );
+}
+
+fn ca_params(name: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+}
+
+/// A TLS handshake between `server` and `client` (chains and keys), both
+/// requiring a certificate of the other chaining to `root`; the client also
+/// checks the server's SPIFFE identity. Returns the client identity the
+/// server saw.
+async fn mutual_tls(
+    server: (&[String], &KeyPair),
+    client: (&[String], &KeyPair),
+    root: &str,
+    server_identity: &str,
+) -> String {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der(root).remove(0)).unwrap();
+    let roots = Arc::new(roots);
+    let certs = |chain: &[String]| -> Vec<CertificateDer<'static>> {
+        chain[..chain.len() - 1]
+            .iter()
+            .flat_map(|c| der(c))
+            .collect()
+    };
+    let key = |k: &KeyPair| PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(k.serialize_der()));
+
+    let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots.clone(),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let server_config = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(client_verifier)
+        .with_single_cert(certs(server.0), key(server.1))
+        .unwrap();
+    let client_config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SpiffeVerifier {
+            roots: roots.clone(),
+            identity: server_identity.to_string(),
+            provider: provider.clone(),
+        }))
+        .with_client_auth_cert(certs(client.0), key(client.1))
+        .unwrap();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+    let served = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let peer = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+        tls.write_all(b"hello").await.unwrap();
+        tls.shutdown().await.unwrap();
+        peer
+    });
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+    let name = rustls::pki_types::ServerName::try_from("reviews.shop").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let mut greeting = Vec::new();
+    tls.read_to_end(&mut greeting).await.unwrap();
+    assert_eq!(greeting, b"hello");
+    let peer = served.await.unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&peer).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    match &san.value.general_names[..] {
+        [x509_parser::extensions::GeneralName::URI(uri)] => uri.to_string(),
+        other => panic!("one URI SAN expected, got {other:?}"),
+    }
+}
+
+/// Verifies a server by its chain to the mesh root and its SPIFFE identity
+/// (mesh certificates carry no DNS names).
+#[derive(Debug)]
+struct SpiffeVerifier {
+    roots: Arc<rustls::RootCertStore>,
+    identity: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for SpiffeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        cert.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &self.roots.roots,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(end_entity)
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let matches = parsed
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .is_some_and(|san| {
+                san.value.general_names.iter().any(|n| {
+                matches!(n, x509_parser::extensions::GeneralName::URI(u) if *u == self.identity)
+            })
+            });
+        if !matches {
+            return Err(rustls::Error::General(format!(
+                "peer is not {}",
+                self.identity
+            )));
+        }
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
