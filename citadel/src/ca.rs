@@ -17,6 +17,7 @@ use rcgen::{
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
     SanType, SerialNumber,
 };
+use rustls::pki_types::{CertificateDer, UnixTime};
 use time::OffsetDateTime;
 
 use crate::identity::Identity;
@@ -58,7 +59,10 @@ pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     /// `ca-cert.pem` up to the root, PEM, root last.
     chain: Vec<String>,
+    /// The certificates between a leaf and the root, for verifying clients.
+    intermediates: Vec<CertificateDer<'static>>,
     root: String,
+    root_der: CertificateDer<'static>,
     root_not_after: SystemTime,
     trust_domain: String,
     default_ttl: Duration,
@@ -127,20 +131,27 @@ impl Ca {
         let root_not_after = SystemTime::UNIX_EPOCH
             + Duration::from_secs(root_parsed.validity().not_after.timestamp().max(0) as u64);
         // The chain up to the root, root last and only once.
-        let mut chain: Vec<String> = pem_blocks(&chain, &in_file(CERT_CHAIN))?
+        let mut chain_der = pem_blocks(&chain, &in_file(CERT_CHAIN))?;
+        chain_der.retain(|der| *der != root_der[0]);
+        let intermediates = chain_der
             .iter()
-            .map(|der| to_pem(der))
+            .cloned()
+            .map(CertificateDer::from)
             .collect();
         let root = to_pem(&root_der[0]);
-        if chain.last() != Some(&root) {
-            chain.push(root.clone());
-        }
+        let chain = chain_der
+            .iter()
+            .map(|der| to_pem(der))
+            .chain([root.clone()])
+            .collect();
         let issuer = Issuer::from_ca_cert_der(&ca_der.clone().into(), key)
             .map_err(|e| anyhow::anyhow!("{}: {e}", in_file(CA_CERT)))?;
         Ok(Self {
             issuer,
             chain,
+            intermediates,
             root,
+            root_der: CertificateDer::from(root_der[0].clone()),
             root_not_after,
             trust_domain: options.trust_domain.clone(),
             default_ttl: options.default_ttl,
@@ -199,9 +210,20 @@ impl Ca {
             .to_string()
             .try_into()
             .map_err(|e| SignError::Signing(format!("identity {caller} as a URI: {e}")))?;
+        self.issue(&csr.public_key, vec![SanType::URI(uri)], ttl)
+    }
+
+    /// A leaf for `public_key` with exactly `sans`, valid for `ttl`, usable
+    /// as a client and as a server certificate; the chain, leaf first.
+    pub fn issue(
+        &self,
+        public_key: &impl PublicKeyData,
+        sans: Vec<SanType>,
+        ttl: Duration,
+    ) -> Result<Vec<String>, SignError> {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.subject_alt_names = sans;
         params.serial_number = Some(serial());
         let now = OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
@@ -217,12 +239,73 @@ impl Ca {
         ];
         params.use_authority_key_identifier_extension = true;
         let leaf = params
-            .signed_by(&csr.public_key, &self.issuer)
+            .signed_by(public_key, &self.issuer)
             .map_err(|e| SignError::Signing(e.to_string()))?;
         let mut chain = Vec::with_capacity(self.chain.len() + 1);
         chain.push(leaf.pem());
         chain.extend(self.chain.iter().cloned());
         Ok(chain)
+    }
+
+    /// The identity a client certificate proves: it must chain to this
+    /// CA's root, be valid now, and carry a SPIFFE identity of this trust
+    /// domain. The error says which of these failed.
+    pub fn verify_client(&self, chain: &[CertificateDer<'_>]) -> Result<Identity, String> {
+        let (leaf, presented) = chain
+            .split_first()
+            .ok_or("no client certificate was presented")?;
+        let anchor = webpki::anchor_from_trusted_cert(&self.root_der)
+            .map_err(|e| format!("the mesh root is unusable: {e}"))?;
+        let mut intermediates: Vec<CertificateDer<'_>> = presented.to_vec();
+        intermediates.extend(self.intermediates.iter().cloned());
+        let cert = webpki::EndEntityCert::try_from(leaf)
+            .map_err(|e| format!("the client certificate is malformed: {e}"))?;
+        cert.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &[anchor],
+            &intermediates,
+            UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| match e {
+            webpki::Error::CertExpired { not_after, .. } => {
+                let at = SystemTime::UNIX_EPOCH + Duration::from_secs(not_after.as_secs());
+                format!(
+                    "the client certificate expired at {}",
+                    humantime::format_rfc3339_seconds(at)
+                )
+            }
+            e => format!("the client certificate does not chain to the mesh root: {e}"),
+        })?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
+            .map_err(|e| format!("the client certificate is malformed: {e}"))?;
+        let uris: Vec<&str> = parsed
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .into_iter()
+            .flat_map(|san| san.value.general_names.iter())
+            .filter_map(|name| match name {
+                x509_parser::extensions::GeneralName::URI(uri) => Some(*uri),
+                _ => None,
+            })
+            .collect();
+        let [uri] = uris[..] else {
+            return Err(format!(
+                "the client certificate carries {} URI SANs, not one identity",
+                uris.len()
+            ));
+        };
+        let identity = Identity::parse(uri)?;
+        if identity.trust_domain != self.trust_domain {
+            return Err(format!(
+                "the client certificate's identity {identity} is not of trust domain {}",
+                self.trust_domain
+            ));
+        }
+        Ok(identity)
     }
 }
 

@@ -1,12 +1,13 @@
 //! Citadel, the mesh's CA: it issues every workload its SPIFFE identity
-//! over Istio 1.1's CA API. Local mode authenticates callers by bootstrap
-//! tokens; certificate renewal over mTLS, Kubernetes token review and the
-//! secret controller are not built yet.
+//! over Istio 1.1's CA API, served over TLS. Callers authenticate by a
+//! bootstrap token, or to renew by the certificate they hold. Kubernetes
+//! token review and the secret controller are not built yet.
 
 pub mod auth;
 pub mod ca;
 pub mod identity;
 pub mod service;
+mod tls;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -45,6 +46,12 @@ pub struct CitadelArgs {
     /// The longest lifetime a request may ask for.
     #[arg(long, default_value = "2160h", value_parser = humantime::parse_duration)]
     pub max_workload_cert_ttl: Duration,
+    /// Names clients reach the CA API by, in its serving certificate.
+    #[arg(
+        long = "grpc-hostname",
+        default_values_t = ["istio-citadel".to_string(), "istio-citadel.istio-system.svc".to_string(), "localhost".to_string(), "127.0.0.1".to_string()]
+    )]
+    pub grpc_hostnames: Vec<String>,
     /// Bootstrap tokens, lines of `<namespace>/<service-account> <token>`.
     /// Without it no caller can authenticate.
     #[arg(long)]
@@ -67,8 +74,11 @@ pub async fn run(
 
 /// A loaded CA, ready to serve.
 pub struct Citadel {
+    ca: Arc<Ca>,
     service: CaService,
     ca_dir: PathBuf,
+    hostnames: Vec<String>,
+    serving_lifetime: Duration,
 }
 
 impl Citadel {
@@ -106,12 +116,15 @@ impl Citadel {
             })
         });
         Ok(Self {
-            service: CaService::new(ca, tokens, admin),
+            service: CaService::new(ca.clone(), tokens, admin),
+            ca,
             ca_dir: args.ca_dir.clone(),
+            hostnames: args.grpc_hostnames.clone(),
+            serving_lifetime: args.workload_cert_ttl,
         })
     }
 
-    /// Serves the CA API on `listener` until `shutdown`.
+    /// Serves the CA API over TLS on `listener` until `shutdown`.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
@@ -123,11 +136,18 @@ impl Citadel {
             dir = %self.ca_dir.display(),
             "citadel serving the CA API"
         );
+        let tls = tls::listener(
+            listener,
+            self.ca,
+            self.hostnames,
+            self.serving_lifetime,
+            shutdown.clone(),
+        )?;
         admin.readiness().condition("serving").set(true);
         mcp::grpc_server()
             .add_service(self.service.certificate_service())
             .add_service(self.service.ca_service())
-            .serve_with_incoming_shutdown(mcp::incoming(listener), shutdown.cancelled_owned())
+            .serve_with_incoming_shutdown(tls.into_incoming(), shutdown.cancelled_owned())
             .await?;
         Ok(())
     }

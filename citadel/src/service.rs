@@ -107,10 +107,19 @@ impl CaService {
         IstioCaServiceServer::new(self.clone())
     }
 
+    /// The caller: by its client certificate when it presents one (a
+    /// renewal), else by its bootstrap token.
     fn authenticate<T>(&self, request: &Request<T>) -> Result<Identity, Status> {
-        self.tokens
-            .authenticate(request.metadata())
-            .map_err(|s| self.metrics.refused("unauthenticated", s))
+        match request.peer_certs() {
+            Some(chain) if !chain.is_empty() => self.ca.verify_client(&chain).map_err(|reason| {
+                self.metrics
+                    .refused("bad_client_certificate", Status::unauthenticated(reason))
+            }),
+            _ => self
+                .tokens
+                .authenticate(request.metadata())
+                .map_err(|s| self.metrics.refused("unauthenticated", s)),
+        }
     }
 
     /// Signs for `caller`; the chain, leaf first.

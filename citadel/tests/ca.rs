@@ -20,13 +20,17 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::{Code, Request, transport::Channel};
+use tonic::{
+    Code, Request,
+    transport::{Channel, ClientTlsConfig},
+};
 
 const TOKENS: &str = "shop/reviews reviews-token\nshop/ratings ratings-token\n";
 
 struct Citadel {
     addr: std::net::SocketAddr,
     stop: CancellationToken,
+    root: String,
 }
 
 impl Drop for Citadel {
@@ -46,6 +50,7 @@ fn args(dir: &Path) -> CitadelArgs {
         self_signed_ca_cert_ttl: Duration::from_secs(10 * 365 * 86400),
         workload_cert_ttl: Duration::from_secs(86400),
         max_workload_cert_ttl: Duration::from_secs(7 * 86400),
+        grpc_hostnames: vec!["localhost".into()],
         bootstrap_tokens: Some(tokens),
     }
 }
@@ -60,15 +65,31 @@ async fn start(args: CitadelArgs) -> Citadel {
     let loaded = Loaded::load(&args, &admin).unwrap();
     let serving = stop.clone();
     tokio::spawn(async move { loaded.serve(listener, &admin, serving).await });
-    Citadel { addr, stop }
+    let root = std::fs::read_to_string(args.ca_dir.join("root-cert.pem")).unwrap();
+    Citadel { addr, stop, root }
 }
 
-async fn channel(addr: std::net::SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
+impl Citadel {
+    /// A TLS channel trusting the mesh root, presenting `identity` (a
+    /// chain and its key) when given.
+    async fn channel(&self, identity: Option<(&[String], &KeyPair)>) -> Channel {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.root))
+            .domain_name("localhost");
+        if let Some((chain, key)) = identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                chain.concat(),
+                key.serialize_pem(),
+            ));
+        }
+        Channel::from_shared(format!("https://{}", self.addr))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
 }
 
 /// A key and a CSR for it, asking for `uri` when given.
@@ -93,12 +114,12 @@ fn with_token<T>(message: T, token: &str) -> Request<T> {
 }
 
 async fn create(
-    addr: std::net::SocketAddr,
+    citadel: &Citadel,
     token: &str,
     csr: &str,
     validity_seconds: i64,
 ) -> Result<Vec<String>, tonic::Status> {
-    let mut client = IstioCertificateServiceClient::new(channel(addr).await);
+    let mut client = IstioCertificateServiceClient::new(citadel.channel(None).await);
     let request = IstioCertificateRequest {
         csr: csr.into(),
         subject_id: String::new(),
@@ -191,7 +212,7 @@ async fn issued_certificates_carry_the_caller_identity_and_complete_mutual_tls()
         .unwrap()
         .pem()
         .unwrap();
-    let reviews = create(citadel.addr, "reviews-token", &reviews_csr, 3600)
+    let reviews = create(&citadel, "reviews-token", &reviews_csr, 3600)
         .await
         .unwrap();
     assert_eq!(reviews.len(), 2, "leaf and root");
@@ -206,7 +227,7 @@ async fn issued_certificates_carry_the_caller_identity_and_complete_mutual_tls()
 
     // The default lifetime, and the older API.
     let (ratings_key, ratings_csr) = csr(None);
-    let mut old = IstioCaServiceClient::new(channel(citadel.addr).await);
+    let mut old = IstioCaServiceClient::new(citadel.channel(None).await);
     let response = old
         .handle_csr(with_token(
             CsrRequest {
@@ -246,7 +267,7 @@ async fn refusals_carry_their_status_and_reason() {
     let (_, other) = csr(Some("spiffe://cluster.local/ns/shop/sa/ratings"));
     let (_, plain) = csr(None);
 
-    let denied = create(citadel.addr, "reviews-token", &other, 0)
+    let denied = create(&citadel, "reviews-token", &other, 0)
         .await
         .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
@@ -256,14 +277,14 @@ async fn refusals_carry_their_status_and_reason() {
         denied.message()
     );
 
-    let unknown = create(citadel.addr, "no-such-token", &plain, 0)
+    let unknown = create(&citadel, "no-such-token", &plain, 0)
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::Unauthenticated);
     assert!(unknown.message().contains("token"), "{}", unknown.message());
 
     let malformed = create(
-        citadel.addr,
+        &citadel,
         "reviews-token",
         "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
         0,
@@ -277,7 +298,7 @@ async fn refusals_carry_their_status_and_reason() {
         malformed.message()
     );
 
-    let too_long = create(citadel.addr, "reviews-token", &plain, 30 * 86400)
+    let too_long = create(&citadel, "reviews-token", &plain, 30 * 86400)
         .await
         .unwrap_err();
     assert_eq!(too_long.code(), Code::InvalidArgument);
@@ -292,7 +313,7 @@ async fn refusals_carry_their_status_and_reason() {
     let mut bytes = pem::parse(&signed).unwrap().into_contents();
     *bytes.last_mut().unwrap() ^= 1;
     let altered = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", bytes));
-    let altered = create(citadel.addr, "reviews-token", &altered, 0)
+    let altered = create(&citadel, "reviews-token", &altered, 0)
         .await
         .unwrap_err();
     assert_eq!(altered.code(), Code::InvalidArgument);
@@ -303,22 +324,117 @@ async fn refusals_carry_their_status_and_reason() {
     );
 }
 
+/// Renews over mTLS with the certificate held: no token needed, same
+/// identity only.
+async fn renew(
+    citadel: &Citadel,
+    held: (&[String], &KeyPair),
+    csr: &str,
+) -> Result<Vec<String>, tonic::Status> {
+    let mut client = IstioCertificateServiceClient::new(citadel.channel(Some(held)).await);
+    let request = IstioCertificateRequest {
+        csr: csr.into(),
+        ..Default::default()
+    };
+    Ok(client
+        .create_certificate(request)
+        .await?
+        .into_inner()
+        .cert_chain)
+}
+
+#[tokio::test]
+async fn a_valid_certificate_renews_its_own_identity_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let citadel = start(args(dir.path())).await;
+    let (key, request) = csr(None);
+    let first = create(&citadel, "reviews-token", &request, 0)
+        .await
+        .unwrap();
+
+    let (new_key, new_request) = csr(Some("spiffe://cluster.local/ns/shop/sa/reviews"));
+    let renewed = renew(&citadel, (&first, &key), &new_request).await.unwrap();
+    validate(&renewed, &citadel.root);
+    assert_eq!(
+        inspect(&renewed[0]).0,
+        ["URI(spiffe://cluster.local/ns/shop/sa/reviews)"]
+    );
+    // The renewed certificate renews in turn.
+    renew(&citadel, (&renewed, &new_key), &request)
+        .await
+        .unwrap();
+
+    let (_, other) = csr(Some("spiffe://cluster.local/ns/shop/sa/ratings"));
+    let denied = renew(&citadel, (&first, &key), &other).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn expired_or_foreign_certificates_do_not_renew() {
+    let dir = tempfile::tempdir().unwrap();
+    let citadel = start(args(dir.path())).await;
+    let (_, request) = csr(None);
+    let identity = SanType::URI(
+        "spiffe://cluster.local/ns/shop/sa/reviews"
+            .try_into()
+            .unwrap(),
+    );
+
+    // Signed by the mesh CA itself, but expired an hour ago.
+    let ca_dir = dir.path().join("ca");
+    let ca_key =
+        KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca-key.pem")).unwrap()).unwrap();
+    let ca = Issuer::from_ca_cert_pem(
+        &std::fs::read_to_string(ca_dir.join("ca-cert.pem")).unwrap(),
+        ca_key,
+    )
+    .unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![identity.clone()];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(25);
+    params.not_after = now - time::Duration::hours(1);
+    let expired = params.signed_by(&key, &ca).unwrap().pem();
+    let refused = renew(&citadel, (&[expired, citadel.root.clone()], &key), &request)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    assert!(
+        refused.message().contains("expired"),
+        "{}",
+        refused.message()
+    );
+
+    // Valid, with the right identity, from another root.
+    let other_root_key = KeyPair::generate().unwrap();
+    let other_root = Issuer::new(ca_params("another mesh"), other_root_key);
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![identity];
+    let foreign = params.signed_by(&key, &other_root).unwrap().pem();
+    let refused = renew(&citadel, (&[foreign], &key), &request)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    assert!(
+        refused.message().contains("does not chain"),
+        "{}",
+        refused.message()
+    );
+}
+
 #[tokio::test]
 async fn the_root_is_generated_once_and_kept_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let first = start(args(dir.path())).await;
     let root = root_of(dir.path());
     let (_, request) = csr(None);
-    let before = create(first.addr, "reviews-token", &request, 0)
-        .await
-        .unwrap();
+    let before = create(&first, "reviews-token", &request, 0).await.unwrap();
     drop(first);
 
     let second = start(args(dir.path())).await;
     assert_eq!(root_of(dir.path()), root, "same root after a restart");
-    let after = create(second.addr, "reviews-token", &request, 0)
-        .await
-        .unwrap();
+    let after = create(&second, "reviews-token", &request, 0).await.unwrap();
     validate(&before, &root);
     validate(&after, &root);
 
@@ -351,7 +467,7 @@ async fn plugged_in_certificates_chain_to_the_external_root() {
     args.self_signed_ca = false;
     let citadel = start(args).await;
     let (_, request) = csr(None);
-    let chain = create(citadel.addr, "reviews-token", &request, 0)
+    let chain = create(&citadel, "reviews-token", &request, 0)
         .await
         .unwrap();
     assert_eq!(chain.len(), 3, "leaf, intermediate, root");

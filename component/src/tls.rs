@@ -153,6 +153,13 @@ impl TlsListener {
         });
         Ok(Self { tcp, config })
     }
+
+    /// Listens on `tcp` with whatever server config `config` holds at each
+    /// handshake, for a server that makes its own (Citadel signs its own
+    /// serving certificate).
+    pub fn from_configs(tcp: TcpListener, config: watch::Receiver<Arc<ServerConfig>>) -> Self {
+        Self { tcp, config }
+    }
 }
 
 impl TlsListener {
