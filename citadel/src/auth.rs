@@ -1,12 +1,43 @@
-//! Who is asking for a certificate. In local mode a workload first proves
-//! its identity with a bootstrap token: the operator gives each identity
-//! its own token, in a file of lines `<namespace>/<service-account> <token>`.
+//! Who is asking for a certificate, by the bearer token it sends. In local
+//! mode the operator gives each identity its own bootstrap token, in a file
+//! of lines `<namespace>/<service-account> <token>`; in Kubernetes mode the
+//! token is the workload's service account token, checked by the API
+//! server.
 
 use std::{collections::HashMap, path::Path};
 
 use tonic::{Status, metadata::MetadataMap};
 
-use crate::identity::Identity;
+use crate::{identity::Identity, kube::TokenReviewer};
+
+/// How bearer tokens are checked.
+pub enum Tokens {
+    Bootstrap(BootstrapTokens),
+    Kube(Box<TokenReviewer>),
+}
+
+impl Tokens {
+    /// The identity of the bearer token in `metadata`.
+    pub async fn authenticate(&self, metadata: &MetadataMap) -> Result<Identity, Status> {
+        let token = bearer(metadata)?;
+        match self {
+            Self::Bootstrap(tokens) => tokens.authenticate(token),
+            Self::Kube(reviewer) => reviewer.authenticate(token).await,
+        }
+    }
+}
+
+fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
+    let header = metadata.get("authorization").ok_or_else(|| {
+        Status::unauthenticated("no credential: send `authorization: Bearer <token>`")
+    })?;
+    header
+        .to_str()
+        .ok()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| Status::unauthenticated("the authorization header is not `Bearer <token>`"))
+}
 
 /// Bootstrap tokens, kept as digests: the file's secrets are not held in
 /// memory, and a lookup by digest does not compare secrets byte by byte.
@@ -67,20 +98,10 @@ impl BootstrapTokens {
         Ok(tokens)
     }
 
-    /// The identity of the bearer token in `metadata`.
-    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Identity, Status> {
-        let header = metadata.get("authorization").ok_or_else(|| {
-            Status::unauthenticated("no credential: send `authorization: Bearer <token>`")
-        })?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated("the authorization header is not `Bearer <token>`")
-            })?;
+    /// The identity `token` was given to.
+    fn authenticate(&self, token: &str) -> Result<Identity, Status> {
         self.by_digest
-            .get(&digest(token.trim()))
+            .get(&digest(token))
             .cloned()
             .ok_or_else(|| Status::unauthenticated("unknown bootstrap token"))
     }
@@ -90,22 +111,21 @@ impl BootstrapTokens {
 mod tests {
     use super::*;
 
-    fn bearer(token: &str) -> MetadataMap {
+    fn header(token: &str) -> MetadataMap {
         let mut m = MetadataMap::new();
         m.insert("authorization", format!("Bearer {token}").parse().unwrap());
         m
     }
 
-    #[test]
-    fn tokens_map_to_their_identity() {
-        let tokens =
-            BootstrapTokens::parse("# comment\nshop/reviews t1\n\nshop/ratings t2\n", "td")
-                .unwrap();
-        let id = tokens.authenticate(&bearer("t2")).unwrap();
+    #[tokio::test]
+    async fn tokens_map_to_their_identity() {
+        let text = "# comment\nshop/reviews t1\n\nshop/ratings t2\n";
+        let tokens = Tokens::Bootstrap(BootstrapTokens::parse(text, "td").unwrap());
+        let id = tokens.authenticate(&header("t2")).await.unwrap();
         assert_eq!(id, Identity::new("td", "shop", "ratings"));
-        let refused = tokens.authenticate(&bearer("t3")).unwrap_err();
+        let refused = tokens.authenticate(&header("t3")).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unauthenticated);
-        let missing = tokens.authenticate(&MetadataMap::new()).unwrap_err();
+        let missing = tokens.authenticate(&MetadataMap::new()).await.unwrap_err();
         assert!(
             missing.message().contains("Bearer"),
             "{}",

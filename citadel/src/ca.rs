@@ -28,8 +28,12 @@ pub const CERT_CHAIN: &str = "cert-chain.pem";
 pub const ROOT_CERT: &str = "root-cert.pem";
 
 /// Leaves are valid from a little before they are signed, for peers whose
-/// clocks run behind.
+/// clocks run behind: a minute, or a tenth of a shorter lifetime.
 const BACKDATE: Duration = Duration::from_secs(60);
+
+fn backdate(ttl: Duration) -> Duration {
+    BACKDATE.min(ttl / 10)
+}
 
 #[derive(Debug, Clone)]
 pub struct CaOptions {
@@ -226,7 +230,7 @@ impl Ca {
         params.subject_alt_names = sans;
         params.serial_number = Some(serial());
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - BACKDATE;
+        params.not_before = now - backdate(ttl);
         params.not_after = now + ttl;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
@@ -328,7 +332,7 @@ fn create_self_signed(options: &CaOptions) -> anyhow::Result<()> {
         .push(DnType::OrganizationName, options.trust_domain.as_str());
     params.serial_number = Some(serial());
     let now = OffsetDateTime::now_utc();
-    params.not_before = now - BACKDATE;
+    params.not_before = now - backdate(options.root_ttl);
     params.not_after = now + options.root_ttl;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![

@@ -1,11 +1,14 @@
 //! Citadel, the mesh's CA: it issues every workload its SPIFFE identity
 //! over Istio 1.1's CA API, served over TLS. Callers authenticate by a
-//! bootstrap token, or to renew by the certificate they hold. Kubernetes
-//! token review and the secret controller are not built yet.
+//! bootstrap token (local mode) or their service account token (Kubernetes
+//! mode), or to renew by the certificate they hold. In Kubernetes mode it
+//! also keeps a key-and-cert Secret per ServiceAccount and publishes the
+//! root in a ConfigMap.
 
 pub mod auth;
 pub mod ca;
 pub mod identity;
+pub mod kube;
 pub mod service;
 mod tls;
 
@@ -17,8 +20,9 @@ use mcp_proto::mcp;
 use serde_json::json;
 
 use crate::{
-    auth::BootstrapTokens,
+    auth::{BootstrapTokens, Tokens},
     ca::{Ca, CaOptions},
+    kube::TokenReviewer,
     service::CaService,
 };
 
@@ -53,9 +57,26 @@ pub struct CitadelArgs {
     )]
     pub grpc_hostnames: Vec<String>,
     /// Bootstrap tokens, lines of `<namespace>/<service-account> <token>`.
-    /// Without it no caller can authenticate.
-    #[arg(long)]
+    /// Without it (and without `--kube`) no caller can authenticate.
+    #[arg(long, conflicts_with = "kube")]
     pub bootstrap_tokens: Option<PathBuf>,
+    /// Kubernetes mode: tokens checked by TokenReview, a secret per
+    /// ServiceAccount, the root in a ConfigMap.
+    #[arg(long)]
+    pub kube: bool,
+    /// Kubeconfig file for `--kube` (default: in-cluster, then ~/.kube/config).
+    #[arg(long, requires = "kube")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespace of the root ConfigMap.
+    #[arg(long, default_value = "istio-system")]
+    pub namespace: String,
+    /// Rotate a secret's certificate once less than this share of its
+    /// lifetime is left.
+    #[arg(long, default_value_t = 0.5)]
+    pub secret_grace_ratio: f64,
+    /// How often every secret is checked for rotation.
+    #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+    pub secret_check_interval: Duration,
 }
 
 /// Loads (or creates) the CA and serves its API until `shutdown`.
@@ -67,9 +88,39 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(args.grpc_addr)
         .await
         .map_err(|e| anyhow::anyhow!("binding --grpc-addr {}: {e}", args.grpc_addr))?;
-    Citadel::load(&args, &admin)?
-        .serve(listener, &admin, shutdown)
-        .await
+    run_on(listener, args, admin, shutdown).await
+}
+
+/// [`run`] on a listener already bound (`--grpc-addr` is not used).
+pub async fn run_on(
+    listener: tokio::net::TcpListener,
+    args: CitadelArgs,
+    admin: Admin,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let kube = match args.kube {
+        true => Some(component::kube::client(args.kubeconfig.as_deref()).await?),
+        false => None,
+    };
+    let citadel = Citadel::load(&args, &admin, kube.clone())?;
+    let Some(client) = kube else {
+        return citadel.serve(listener, &admin, shutdown).await;
+    };
+    let secrets = kube::SecretController::new(
+        client,
+        citadel.ca.clone(),
+        kube::SecretOptions {
+            ttl: args.workload_cert_ttl,
+            grace_ratio: args.secret_grace_ratio,
+            check_interval: args.secret_check_interval,
+        },
+        &mut admin.registry(),
+    );
+    tokio::try_join!(
+        citadel.serve(listener, &admin, shutdown.clone()),
+        secrets.run(&args.namespace, shutdown.clone()),
+    )?;
+    Ok(())
 }
 
 /// A loaded CA, ready to serve.
@@ -85,7 +136,16 @@ impl Citadel {
     /// Loads the CA from `--ca-dir`, generating a self-signed one there
     /// first when allowed and absent, and the bootstrap tokens; registers
     /// the metrics and the `/debug/root` page.
-    pub fn load(args: &CitadelArgs, admin: &Admin) -> anyhow::Result<Self> {
+    pub fn load(
+        args: &CitadelArgs,
+        admin: &Admin,
+        kube: Option<::kube::Client>,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            (0.0..1.0).contains(&args.secret_grace_ratio),
+            "--secret-grace-ratio {} is not in [0, 1)",
+            args.secret_grace_ratio
+        );
         anyhow::ensure!(
             args.workload_cert_ttl <= args.max_workload_cert_ttl,
             "--workload-cert-ttl {:?} is over --max-workload-cert-ttl {:?}",
@@ -100,11 +160,16 @@ impl Citadel {
             default_ttl: args.workload_cert_ttl,
             max_ttl: args.max_workload_cert_ttl,
         })?);
-        let tokens = match &args.bootstrap_tokens {
-            Some(path) => BootstrapTokens::load(path, &args.trust_domain)?,
-            None => {
+        let tokens = match (kube, &args.bootstrap_tokens) {
+            (Some(client), _) => {
+                Tokens::Kube(Box::new(TokenReviewer::new(client, &args.trust_domain)))
+            }
+            (None, Some(path)) => {
+                Tokens::Bootstrap(BootstrapTokens::load(path, &args.trust_domain)?)
+            }
+            (None, None) => {
                 tracing::warn!("no --bootstrap-tokens: every certificate request will be refused");
-                BootstrapTokens::default()
+                Tokens::Bootstrap(BootstrapTokens::default())
             }
         };
         let root = ca.clone();

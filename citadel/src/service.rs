@@ -19,7 +19,7 @@ use prometheus_client::{
 use tonic::{Request, Response, Status};
 
 use crate::{
-    auth::BootstrapTokens,
+    auth::Tokens,
     ca::{Ca, SignError},
     identity::Identity,
 };
@@ -85,12 +85,12 @@ impl Metrics {
 #[derive(Clone)]
 pub struct CaService {
     ca: Arc<Ca>,
-    tokens: Arc<BootstrapTokens>,
+    tokens: Arc<Tokens>,
     metrics: Metrics,
 }
 
 impl CaService {
-    pub fn new(ca: Arc<Ca>, tokens: BootstrapTokens, admin: &Admin) -> Self {
+    pub fn new(ca: Arc<Ca>, tokens: Tokens, admin: &Admin) -> Self {
         let metrics = Metrics::register(admin, &ca);
         Self {
             ca,
@@ -109,7 +109,7 @@ impl CaService {
 
     /// The caller: by its client certificate when it presents one (a
     /// renewal), else by its bootstrap token.
-    fn authenticate<T>(&self, request: &Request<T>) -> Result<Identity, Status> {
+    async fn authenticate<T>(&self, request: &Request<T>) -> Result<Identity, Status> {
         match request.peer_certs() {
             Some(chain) if !chain.is_empty() => self.ca.verify_client(&chain).map_err(|reason| {
                 self.metrics
@@ -118,6 +118,7 @@ impl CaService {
             _ => self
                 .tokens
                 .authenticate(request.metadata())
+                .await
                 .map_err(|s| self.metrics.refused("unauthenticated", s)),
         }
     }
@@ -184,7 +185,7 @@ impl IstioCertificateService for CaService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let caller = self.authenticate(&request)?;
+        let caller = self.authenticate(&request).await?;
         let request = request.into_inner();
         if !request.subject_id.is_empty() && request.subject_id != caller.to_string() {
             return Err(self.metrics.refused(
@@ -211,7 +212,7 @@ impl IstioCaService for CaService {
         &self,
         request: Request<CsrRequest>,
     ) -> Result<Response<CsrResponse>, Status> {
-        let caller = self.authenticate(&request)?;
+        let caller = self.authenticate(&request).await?;
         let request = request.into_inner();
         let csr = String::from_utf8(request.csr_pem).map_err(|_| {
             self.metrics.refused(

@@ -2,11 +2,7 @@
 //! a server would, used for a mutual TLS handshake; refusals with their
 //! status; the root kept across restarts; plugged-in CA files.
 
-use std::{
-    path::Path,
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use citadel::{Citadel as Loaded, CitadelArgs};
 use component::{Admin, CancellationToken};
@@ -20,10 +16,11 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::{
-    Code, Request,
-    transport::{Channel, ClientTlsConfig},
-};
+use tonic::{Code, Request, transport::Channel};
+
+mod common;
+
+use common::{csr, der, inspect, validate};
 
 const TOKENS: &str = "shop/reviews reviews-token\nshop/ratings ratings-token\n";
 
@@ -42,17 +39,18 @@ impl Drop for Citadel {
 fn args(dir: &Path) -> CitadelArgs {
     let tokens = dir.join("tokens");
     std::fs::write(&tokens, TOKENS).unwrap();
-    CitadelArgs {
-        grpc_addr: "127.0.0.1:0".parse().unwrap(),
-        ca_dir: dir.join("ca"),
-        self_signed_ca: true,
-        trust_domain: "cluster.local".into(),
-        self_signed_ca_cert_ttl: Duration::from_secs(10 * 365 * 86400),
-        workload_cert_ttl: Duration::from_secs(86400),
-        max_workload_cert_ttl: Duration::from_secs(7 * 86400),
-        grpc_hostnames: vec!["localhost".into()],
-        bootstrap_tokens: Some(tokens),
-    }
+    let ca_dir = dir.join("ca").display().to_string();
+    let tokens = tokens.display().to_string();
+    common::parse_args(&[
+        "--ca-dir",
+        &ca_dir,
+        "--max-workload-cert-ttl",
+        "7d",
+        "--grpc-hostname",
+        "localhost",
+        "--bootstrap-tokens",
+        &tokens,
+    ])
 }
 
 async fn start(args: CitadelArgs) -> Citadel {
@@ -62,7 +60,7 @@ async fn start(args: CitadelArgs) -> Citadel {
     let admin = Admin::new("citadel");
     // Loaded: the CA files exist, and requests wait on the bound listener
     // until the server takes them.
-    let loaded = Loaded::load(&args, &admin).unwrap();
+    let loaded = Loaded::load(&args, &admin, None).unwrap();
     let serving = stop.clone();
     tokio::spawn(async move { loaded.serve(listener, &admin, serving).await });
     let root = std::fs::read_to_string(args.ca_dir.join("root-cert.pem")).unwrap();
@@ -73,36 +71,8 @@ impl Citadel {
     /// A TLS channel trusting the mesh root, presenting `identity` (a
     /// chain and its key) when given.
     async fn channel(&self, identity: Option<(&[String], &KeyPair)>) -> Channel {
-        let mut tls = ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(&self.root))
-            .domain_name("localhost");
-        if let Some((chain, key)) = identity {
-            tls = tls.identity(tonic::transport::Identity::from_pem(
-                chain.concat(),
-                key.serialize_pem(),
-            ));
-        }
-        Channel::from_shared(format!("https://{}", self.addr))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
+        common::tls_channel(self.addr, &self.root, identity).await
     }
-}
-
-/// A key and a CSR for it, asking for `uri` when given.
-fn csr(uri: Option<&str>) -> (KeyPair, String) {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params.subject_alt_names = uri
-        .map(|u| SanType::URI(u.try_into().unwrap()))
-        .into_iter()
-        .collect();
-    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
-    (key, csr)
 }
 
 fn with_token<T>(message: T, token: &str) -> Request<T> {
@@ -130,63 +100,6 @@ async fn create(
         .await?
         .into_inner()
         .cert_chain)
-}
-
-fn der(pem: &str) -> Vec<CertificateDer<'static>> {
-    pem::parse_many(pem)
-        .unwrap()
-        .into_iter()
-        .map(|p| CertificateDer::from(p.into_contents()))
-        .collect()
-}
-
-/// Validates `chain` (leaf first, root last) against its root as a client
-/// and as a server certificate would be.
-fn validate(chain: &[String], root: &str) {
-    let leaf = der(&chain[0]).remove(0);
-    let intermediates: Vec<CertificateDer> = chain[1..chain.len() - 1]
-        .iter()
-        .flat_map(|c| der(c))
-        .collect();
-    let root = der(root).remove(0);
-    let anchor = webpki::anchor_from_trusted_cert(&root).unwrap();
-    let leaf = webpki::EndEntityCert::try_from(&leaf).unwrap();
-    for usage in [
-        webpki::KeyUsage::server_auth(),
-        webpki::KeyUsage::client_auth(),
-    ] {
-        leaf.verify_for_usage(
-            webpki::ALL_VERIFICATION_ALGS,
-            std::slice::from_ref(&anchor),
-            &intermediates,
-            UnixTime::now(),
-            usage,
-            None,
-            None,
-        )
-        .expect("the leaf chains to the root");
-    }
-}
-
-/// The URI SANs of a PEM certificate and its remaining lifetime.
-fn inspect(pem: &str) -> (Vec<String>, Duration) {
-    let der = der(pem).remove(0);
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
-    let uris = cert
-        .subject_alternative_name()
-        .unwrap()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .map(|n| n.to_string())
-                .collect()
-        })
-        .unwrap_or_default();
-    let not_after =
-        SystemTime::UNIX_EPOCH + Duration::from_secs(cert.validity().not_after.timestamp() as u64);
-    let left = not_after.duration_since(SystemTime::now()).unwrap();
-    (uris, left)
 }
 
 fn root_of(dir: &Path) -> String {
@@ -220,6 +133,7 @@ async fn issued_certificates_carry_the_caller_identity_and_complete_mutual_tls()
     validate(&reviews, &root);
     let (sans, left) = inspect(&reviews[0]);
     assert_eq!(sans, ["URI(spiffe://cluster.local/ns/shop/sa/reviews)"]);
+    assert!(common::holds_key(&reviews[0], &reviews_key));
     assert!(
         left <= Duration::from_secs(3600) && left > Duration::from_secs(3500),
         "{left:?}"
@@ -481,14 +395,14 @@ async fn missing_or_partial_ca_files_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     let mut no_self_signing = args(dir.path());
     no_self_signing.self_signed_ca = false;
-    let error = Loaded::load(&no_self_signing, &Admin::new("citadel"))
+    let error = Loaded::load(&no_self_signing, &Admin::new("citadel"), None)
         .err()
         .unwrap();
     assert!(error.to_string().contains("self-signing is off"), "{error}");
 
     std::fs::create_dir_all(dir.path().join("ca")).unwrap();
     std::fs::write(dir.path().join("ca").join("ca-cert.pem"), "x").unwrap();
-    let error = Loaded::load(&args(dir.path()), &Admin::new("citadel"))
+    let error = Loaded::load(&args(dir.path()), &Admin::new("citadel"), None)
         .err()
         .unwrap();
     assert!(

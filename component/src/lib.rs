@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod backoff;
 pub mod cli;
+pub mod kube;
 pub mod logging;
 mod main_of;
 pub mod ports;

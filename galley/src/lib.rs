@@ -100,7 +100,7 @@ pub async fn run(
             tokio::spawn(follow)
         }
         None => {
-            let client = kube_client(args.kubeconfig.as_deref()).await?;
+            let client = component::kube::client(args.kubeconfig.as_deref()).await?;
             let (synced_tx, synced) = tokio::sync::oneshot::channel();
             let follow = kube_source::start(
                 client,
@@ -162,22 +162,4 @@ pub async fn run(
     follow_config.await?;
     follow_mesh.await?;
     Ok(())
-}
-
-/// A Kubernetes client from `kubeconfig`, or from the environment (in-cluster
-/// service account, then `~/.kube/config`).
-async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| anyhow::anyhow!("--kubeconfig {}: {e}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(file, &Default::default())
-                .await
-                .map_err(|e| anyhow::anyhow!("--kubeconfig {}: {e}", path.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| anyhow::anyhow!("no Kubernetes config found: {e}"))?,
-    };
-    Ok(kube::Client::try_from(config)?)
 }
