@@ -176,6 +176,11 @@ impl TlsListener {
                     continue;
                 }
             };
+            // Requests and responses are small and latency-bound: Nagle's
+            // algorithm with delayed ACKs would add 40 ms to each.
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
+            }
             let acceptor = TlsAcceptor::from(self.config.borrow().clone());
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => return (tls, peer),

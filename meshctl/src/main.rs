@@ -56,6 +56,8 @@ enum BenchCommand {
     Galley(bench::galley::GalleyBenchArgs),
     /// Pilot with many services and simulated ADS proxies.
     Pilot(bench::pilot::PilotBenchArgs),
+    /// CSRs signed per second by Citadel over gRPC, against openssl.
+    Citadel(bench::citadel::CitadelBenchArgs),
 }
 
 #[tokio::main]
@@ -75,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Mcp(args)) => bench::mcp::run(args).await,
         Command::Bench(BenchCommand::Galley(args)) => bench::galley::run(args).await,
         Command::Bench(BenchCommand::Pilot(args)) => bench::pilot::run(args).await,
+        Command::Bench(BenchCommand::Citadel(args)) => bench::citadel::run(args).await,
         Command::Version => {
             println!("meshctl {}", env!("CARGO_PKG_VERSION"));
             Ok(())

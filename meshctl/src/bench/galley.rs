@@ -19,7 +19,7 @@ use mcp_proto::{
 };
 use serde_json::json;
 
-use super::ms;
+use super::{ms, rss_bytes};
 
 #[derive(Debug, Args)]
 pub struct GalleyBenchArgs {
@@ -100,17 +100,6 @@ fn edit_one(dir: &Path, per_file: usize, revision: u32) -> anyhow::Result<()> {
         .join("---\n");
     std::fs::write(dir.join("config-0000.yaml"), text)?;
     Ok(())
-}
-
-/// A memory figure of `/proc/PID/status` (`VmRSS:`, `VmHWM:`), in bytes.
-pub(super) fn rss_bytes(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .ok_or_else(|| anyhow::anyhow!("no {field} in /proc/{pid}/status"))?;
-    Ok(kb * 1024)
 }
 
 fn free_port() -> anyhow::Result<std::net::SocketAddr> {

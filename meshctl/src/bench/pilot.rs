@@ -55,7 +55,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-use super::ms;
+use super::{cpu_seconds, ms};
 
 #[derive(Debug, Args)]
 pub struct PilotBenchArgs {
@@ -485,23 +485,6 @@ async fn delta_proxy(
     }
 }
 
-/// CPU seconds (user and system) of a process, from `/proc/PID/stat`.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name, which is in parentheses.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
-    Ok((ticks(11) + ticks(12)) / hz)
-}
-
 /// Waits for `count` events of `kind`; returns when the last arrived.
 async fn wait_for(
     events: &mut mpsc::UnboundedReceiver<Event>,
@@ -610,7 +593,7 @@ async fn phase(
     }
     let initial = wait_for(&mut events, Event::Initial, args.proxies).await? - connect;
     let cpu_initial = cpu_seconds(pid)?;
-    let rss_after_initial = super::galley::rss_bytes(pid, "VmRSS:")?;
+    let rss_after_initial = super::rss_bytes(pid, "VmRSS:")?;
 
     shared.phase.store(1, Ordering::Relaxed);
     let change = Instant::now();
@@ -627,7 +610,7 @@ async fn phase(
     tokio::time::sleep(Duration::from_millis(300)).await;
     shared.phase.store(3, Ordering::Relaxed);
 
-    let peak_rss = super::galley::rss_bytes(pid, "VmHWM:")?;
+    let peak_rss = super::rss_bytes(pid, "VmHWM:")?;
     stop.cancel();
     // SIGTERM, as a deployment stops it; SIGKILL if it does not stop.
     let _ = nix::sys::signal::kill(
