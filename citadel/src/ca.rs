@@ -35,11 +35,38 @@ fn backdate(ttl: Duration) -> Duration {
     BACKDATE.min(ttl / 10)
 }
 
+/// The key of a generated root.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum KeyAlgorithm {
+    #[default]
+    EcdsaP256,
+    Rsa2048,
+}
+
+impl KeyAlgorithm {
+    fn generate(self) -> anyhow::Result<KeyPair> {
+        match self {
+            Self::EcdsaP256 => Ok(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?),
+            Self::Rsa2048 => {
+                // `rsa` only generates the key; ring signs with it.
+                use rsa::pkcs8::EncodePrivateKey;
+                let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048)?;
+                let der = key.to_pkcs8_der()?;
+                Ok(KeyPair::from_pkcs8_der_and_sign_algo(
+                    &der.as_bytes().into(),
+                    &rcgen::PKCS_RSA_SHA256,
+                )?)
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct CaOptions {
     pub dir: PathBuf,
     /// Generate a root in `dir` when it holds no CA files.
     pub self_signed: bool,
+    pub key_algorithm: KeyAlgorithm,
     pub trust_domain: String,
     pub root_ttl: Duration,
     pub default_ttl: Duration,
@@ -324,7 +351,7 @@ fn serial() -> SerialNumber {
 }
 
 fn create_self_signed(options: &CaOptions) -> anyhow::Result<()> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let key = options.key_algorithm.generate()?;
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     params

@@ -39,6 +39,9 @@ pub struct CitadelArgs {
     /// Generate a self-signed root when `--ca-dir` holds no CA.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub self_signed_ca: bool,
+    /// The key of a generated self-signed root.
+    #[arg(long, value_enum, default_value_t)]
+    pub ca_key_algorithm: ca::KeyAlgorithm,
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
     /// Lifetime of a generated self-signed root.
@@ -155,6 +158,7 @@ impl Citadel {
         let ca = Arc::new(Ca::load_or_create(&CaOptions {
             dir: args.ca_dir.clone(),
             self_signed: args.self_signed_ca,
+            key_algorithm: args.ca_key_algorithm,
             trust_domain: args.trust_domain.clone(),
             root_ttl: args.self_signed_ca_cert_ttl,
             default_ttl: args.workload_cert_ttl,

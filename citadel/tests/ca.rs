@@ -358,6 +358,25 @@ async fn the_root_is_generated_once_and_kept_across_restarts() {
 }
 
 #[tokio::test]
+async fn an_rsa_root_signs_as_well() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = args(dir.path());
+    args.ca_key_algorithm = citadel::ca::KeyAlgorithm::Rsa2048;
+    let citadel = start(args).await;
+    let root = der(&citadel.root).remove(0);
+    let (_, parsed) = x509_parser::parse_x509_certificate(&root).unwrap();
+    assert_eq!(
+        parsed.public_key().algorithm.algorithm,
+        x509_parser::oid_registry::OID_PKCS1_RSAENCRYPTION
+    );
+    let (_, request) = csr(None);
+    let chain = create(&citadel, "reviews-token", &request, 0)
+        .await
+        .unwrap();
+    validate(&chain, &citadel.root);
+}
+
+#[tokio::test]
 async fn plugged_in_certificates_chain_to_the_external_root() {
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = dir.path().join("ca");
