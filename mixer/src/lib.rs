@@ -5,6 +5,8 @@
 //! once they have synced; Check, Report, expressions and adapters are still
 //! to come (issue 6).
 
+pub mod attributes;
+
 use clap::{Args, ValueEnum};
 use component::{Admin, CancellationToken};
 use mcp_proto::{kinds, mcp};
