@@ -110,10 +110,10 @@ fn decode_into(
         bag.insert(name(n)?, Value::Bool(*v));
     }
     for (n, v) in &attributes.timestamps {
-        bag.insert(name(n)?, Value::Timestamp(v.clone()));
+        bag.insert(name(n)?, Value::Timestamp(*v));
     }
     for (n, v) in &attributes.durations {
-        bag.insert(name(n)?, Value::Duration(v.clone()));
+        bag.insert(name(n)?, Value::Duration(*v));
     }
     for (n, v) in &attributes.bytes {
         bag.insert(name(n)?, Value::Bytes(v.to_vec()));
@@ -203,10 +203,10 @@ impl Compressor {
                     out.bools.insert(n, *v);
                 }
                 Value::Timestamp(v) => {
-                    out.timestamps.insert(n, v.clone());
+                    out.timestamps.insert(n, *v);
                 }
                 Value::Duration(v) => {
-                    out.durations.insert(n, v.clone());
+                    out.durations.insert(n, *v);
                 }
                 Value::Bytes(v) => {
                     out.bytes.insert(n, v.clone().into());
