@@ -116,7 +116,7 @@ fn decode_into(
         bag.insert(name(n)?, Value::Duration(*v));
     }
     for (n, v) in &attributes.bytes {
-        bag.insert(name(n)?, Value::Bytes(v.to_vec()));
+        bag.insert(name(n)?, Value::Bytes(v.clone()));
     }
     for (n, map) in &attributes.string_maps {
         let entries = map
@@ -209,7 +209,7 @@ impl Compressor {
                     out.durations.insert(n, *v);
                 }
                 Value::Bytes(v) => {
-                    out.bytes.insert(n, v.clone().into());
+                    out.bytes.insert(n, v.clone());
                 }
                 Value::StringMap(map) => {
                     let entries = map
