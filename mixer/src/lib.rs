@@ -6,6 +6,7 @@
 //! to come (issue 6).
 
 pub mod attributes;
+pub mod expr;
 
 use clap::{Args, ValueEnum};
 use component::{Admin, CancellationToken};
