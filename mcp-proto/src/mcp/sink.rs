@@ -87,6 +87,28 @@ impl SinkSnapshot {
     pub fn synced(&self) -> bool {
         self.collections.values().all(|c| c.synced)
     }
+
+    /// The decoded bodies of one collection, with their namespaces (empty
+    /// for cluster-scoped kinds) and names.
+    pub fn bodies<'a>(
+        &'a self,
+        collection: &str,
+    ) -> impl Iterator<Item = (String, String, &'a Body)> + 'a {
+        self.collections
+            .get(collection)
+            .into_iter()
+            .flat_map(|held| held.resources.iter())
+            .filter_map(|(name, resource)| match &resource.payload {
+                Payload::Decoded(body) => {
+                    let (ns, name) = match name.split_once('/') {
+                        Some((ns, name)) => (ns.to_string(), name.to_string()),
+                        None => (String::new(), name.to_string()),
+                    };
+                    Some((ns, name, body))
+                }
+                Payload::Opaque(_) => None,
+            })
+    }
 }
 
 /// A sink's state, shared by all streams that feed it.

@@ -15,7 +15,7 @@ use std::{
 
 use mcp_proto::{
     kinds::{self, Body},
-    mcp::{Payload, SinkSnapshot},
+    mcp::SinkSnapshot,
     mesh,
     pb::istio::{
         authentication::v1alpha1::Policy,
@@ -199,43 +199,18 @@ impl Default for Model {
     }
 }
 
-/// `namespace/name` (or `name` for cluster-scoped kinds) split.
-fn split_name(resource: &str) -> (String, String) {
-    match resource.split_once('/') {
-        Some((ns, name)) => (ns.to_string(), name.to_string()),
-        None => (String::new(), resource.to_string()),
-    }
-}
-
-/// The decoded bodies of one collection, with their namespaces and names.
-fn bodies<'a>(
-    snapshot: &'a SinkSnapshot,
-    collection: &str,
-) -> impl Iterator<Item = (String, String, &'a Body)> + 'a {
-    snapshot
-        .collections
-        .get(collection)
-        .into_iter()
-        .flat_map(|held| held.resources.iter())
-        .filter_map(|(name, resource)| match &resource.payload {
-            Payload::Decoded(body) => {
-                let (ns, name) = split_name(name);
-                Some((ns, name, body))
-            }
-            Payload::Opaque(_) => None,
-        })
-}
-
 macro_rules! named {
     ($snapshot:expr, $collection:expr, $variant:ident) => {
-        bodies($snapshot, $collection).filter_map(|(namespace, name, body)| match body {
-            Body::$variant(spec) => Some(Named {
-                namespace,
-                name,
-                spec: (**spec).clone(),
-            }),
-            _ => None,
-        })
+        $snapshot
+            .bodies($collection)
+            .filter_map(|(namespace, name, body)| match body {
+                Body::$variant(spec) => Some(Named {
+                    namespace,
+                    name,
+                    spec: (**spec).clone(),
+                }),
+                _ => None,
+            })
     };
 }
 
@@ -291,10 +266,13 @@ impl Model {
             .chain(named!(snapshot, kinds::RBAC_CONFIGS, RbacConfig))
             .find(|c| c.name == "default")
             .map(|c| c.spec);
-        if let Some(mesh) = bodies(snapshot, kinds::MESH_CONFIG).find_map(|(_, _, b)| match b {
-            Body::MeshConfig(m) => Some((**m).clone()),
-            _ => None,
-        }) {
+        if let Some(mesh) = snapshot
+            .bodies(kinds::MESH_CONFIG)
+            .find_map(|(_, _, b)| match b {
+                Body::MeshConfig(m) => Some((**m).clone()),
+                _ => None,
+            })
+        {
             model.mesh = mesh;
         }
         model
