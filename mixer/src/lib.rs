@@ -6,6 +6,8 @@
 //! to come (issue 6).
 
 pub mod attributes;
+pub mod check;
+pub mod config;
 pub mod expr;
 
 use clap::{Args, ValueEnum};

@@ -1,0 +1,357 @@
+//! Mixer's config, compiled from what Galley serves: attribute types from
+//! the attribute manifests; rules, each match type-checked; the handlers
+//! and instances rules name, their expressions type-checked too. A rule
+//! with a problem is left out and the problem reported, naming the rule
+//! and the expression; the other rules apply.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use mcp_proto::{
+    kinds::{self, Body},
+    mcp::SinkSnapshot,
+    pb::istio::policy::v1beta1::{self as policy, ValueType},
+};
+use serde::Deserialize;
+
+use crate::expr::{self, Expr};
+
+/// A compiled config.
+#[derive(Default)]
+pub struct Config {
+    pub types: HashMap<String, ValueType>,
+    pub rules: Vec<Rule>,
+    /// What was left out, and why.
+    pub problems: Vec<String>,
+}
+
+pub struct Rule {
+    /// `namespace/name`.
+    pub name: String,
+    /// `None`: every request.
+    pub condition: Option<Expr>,
+    pub actions: Vec<Action>,
+}
+
+pub struct Action {
+    pub handler: Arc<Handler>,
+    pub instances: Vec<Arc<Instance>>,
+}
+
+pub struct Handler {
+    pub name: String,
+    pub adapter: Adapter,
+}
+
+/// The adapters Mixer runs in its own process.
+pub enum Adapter {
+    Denier(Denier),
+    ListChecker(ListChecker),
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Denier {
+    #[serde(default)]
+    pub status: DenierStatus,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub valid_duration: Option<Duration>,
+    #[serde(default, deserialize_with = "whole")]
+    pub valid_use_count: Option<i32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DenierStatus {
+    /// A google.rpc.Code; the denier's default is FAILED_PRECONDITION.
+    #[serde(default, deserialize_with = "whole")]
+    pub code: Option<i32>,
+    #[serde(default)]
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListChecker {
+    #[serde(default)]
+    pub overrides: Vec<String>,
+    /// Entries on the list are refused (else: only they are allowed).
+    #[serde(default)]
+    pub blacklist: bool,
+    #[serde(default)]
+    pub entry_type: EntryType,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub caching_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "whole")]
+    pub caching_use_count: Option<i32>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum EntryType {
+    #[default]
+    Strings,
+    CaseInsensitiveStrings,
+    IpAddresses,
+    Regex,
+}
+
+/// An integer from params, where every number is a protobuf `Struct`
+/// double.
+fn whole<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i32>, D::Error> {
+    match Option::<f64>::deserialize(d)? {
+        None => Ok(None),
+        Some(n) if n.fract() == 0.0 && n >= i32::MIN as f64 && n <= i32::MAX as f64 => {
+            Ok(Some(n as i32))
+        }
+        Some(n) => Err(serde::de::Error::custom(format!(
+            "{n} is not a whole number"
+        ))),
+    }
+}
+
+/// Durations as Istio writes them in params: `"5s"`, `"100ms"`.
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+pub struct Instance {
+    pub name: String,
+    pub template: Template,
+}
+
+/// The templates whose instances Mixer builds.
+pub enum Template {
+    /// No fields: the action alone decides (the denier's template).
+    CheckNothing,
+    /// `value`: what a list checker looks up.
+    ListEntry { value: Expr },
+}
+
+fn params_json(params: &Option<pbjson_types::Struct>) -> serde_json::Value {
+    params
+        .as_ref()
+        .and_then(|p| serde_json::to_value(p).ok())
+        .unwrap_or_else(|| serde_json::json!({}))
+}
+
+/// What a reference in a rule may name: `name` in the rule's namespace,
+/// `name.namespace`, or Istio's older `name.kind` in the rule's namespace.
+fn candidates(reference: &str, namespace: &str) -> Vec<String> {
+    let mut out = vec![format!("{namespace}/{reference}")];
+    if let Some((name, rest)) = reference.split_once('.') {
+        out.push(format!("{rest}/{name}"));
+        out.push(format!("{namespace}/{name}"));
+    }
+    out
+}
+
+impl Config {
+    pub fn from_snapshot(snapshot: &SinkSnapshot) -> Self {
+        let collect = |collection| {
+            snapshot
+                .bodies(collection)
+                .map(|(ns, name, body)| (ns, name, body.clone()))
+                .collect::<Vec<_>>()
+        };
+        Self::compile(
+            &collect(kinds::ATTRIBUTE_MANIFESTS),
+            &collect(kinds::RULES),
+            &collect(kinds::HANDLERS),
+            &collect(kinds::INSTANCES),
+        )
+    }
+
+    /// Compiles objects given as `(namespace, name, body)`.
+    pub fn compile(
+        manifests: &[(String, String, Body)],
+        rules: &[(String, String, Body)],
+        handlers: &[(String, String, Body)],
+        instances: &[(String, String, Body)],
+    ) -> Self {
+        let mut config = Config::default();
+        for (_, _, body) in manifests {
+            if let Body::AttributeManifest(m) = body {
+                for (name, info) in &m.attributes {
+                    let t = ValueType::try_from(info.value_type).unwrap_or(ValueType::Unspecified);
+                    config.types.insert(name.clone(), t);
+                }
+            }
+        }
+        let mut compiled_handlers: HashMap<String, Result<Arc<Handler>, String>> = HashMap::new();
+        for (ns, name, body) in handlers {
+            if let Body::Handler(h) = body {
+                let key = format!("{ns}/{name}");
+                compiled_handlers.insert(key.clone(), compile_handler(&key, h).map(Arc::new));
+            }
+        }
+        let mut compiled_instances: HashMap<String, Result<Arc<Instance>, String>> = HashMap::new();
+        for (ns, name, body) in instances {
+            if let Body::Instance(i) = body {
+                let key = format!("{ns}/{name}");
+                let compiled = compile_instance(&key, i, &config.types).map(Arc::new);
+                compiled_instances.insert(key, compiled);
+            }
+        }
+        for (ns, name, body) in rules {
+            let Body::Rule(rule) = body else { continue };
+            let key = format!("{ns}/{name}");
+            match compile_rule(
+                &key,
+                ns,
+                rule,
+                &config.types,
+                &compiled_handlers,
+                &compiled_instances,
+            ) {
+                Ok(rule) => config.rules.push(rule),
+                Err(problem) => {
+                    tracing::warn!(rule = %key, "rule left out: {problem}");
+                    config.problems.push(format!("rule {key}: {problem}"));
+                }
+            }
+        }
+        config
+    }
+}
+
+fn compile_handler(key: &str, h: &policy::Handler) -> Result<Handler, String> {
+    let adapter = if h.compiled_adapter.is_empty() {
+        &h.adapter
+    } else {
+        &h.compiled_adapter
+    };
+    let params = params_json(&h.params);
+    let parse_error = |e: serde_json::Error| format!("handler {key}: params of {adapter}: {e}");
+    let adapter = match adapter.as_str() {
+        "denier" => Adapter::Denier(serde_json::from_value(params).map_err(parse_error)?),
+        "listchecker" => {
+            let list: ListChecker = serde_json::from_value(params).map_err(parse_error)?;
+            if list.entry_type == EntryType::Regex {
+                for pattern in &list.overrides {
+                    regex::Regex::new(pattern)
+                        .map_err(|e| format!("handler {key}: override {pattern:?}: {e}"))?;
+                }
+            }
+            Adapter::ListChecker(list)
+        }
+        other => return Err(format!("handler {key}: adapter {other:?} is not supported")),
+    };
+    Ok(Handler {
+        name: key.to_string(),
+        adapter,
+    })
+}
+
+fn compile_instance(
+    key: &str,
+    i: &policy::Instance,
+    types: &HashMap<String, ValueType>,
+) -> Result<Instance, String> {
+    let template = if i.compiled_template.is_empty() {
+        &i.template
+    } else {
+        &i.compiled_template
+    };
+    let params = params_json(&i.params);
+    let field = |name: &str, want: ValueType| -> Result<Expr, String> {
+        let text = params[name]
+            .as_str()
+            .ok_or_else(|| format!("instance {key}: {template} needs {name:?}"))?;
+        let parsed =
+            expr::parse(text).map_err(|e| format!("instance {key}: {name}: {text:?}: {e}"))?;
+        let t = expr::check(&parsed, &|a| types.get(a).copied())
+            .map_err(|e| format!("instance {key}: {name}: {text:?}: {e}"))?;
+        if t != want && !(want == ValueType::String && is_stringish(t)) {
+            return Err(format!(
+                "instance {key}: {name}: {text:?} is {}, not {}",
+                t.as_str_name(),
+                want.as_str_name()
+            ));
+        }
+        Ok(parsed)
+    };
+    let template = match template.as_str() {
+        "checknothing" => Template::CheckNothing,
+        "listentry" => Template::ListEntry {
+            value: field("value", ValueType::String)?,
+        },
+        other => {
+            return Err(format!(
+                "instance {key}: template {other:?} is not supported"
+            ));
+        }
+    };
+    Ok(Instance {
+        name: key.to_string(),
+        template,
+    })
+}
+
+/// Types a list entry may be: every value that has a string form.
+fn is_stringish(t: ValueType) -> bool {
+    matches!(
+        t,
+        ValueType::IpAddress | ValueType::EmailAddress | ValueType::Uri | ValueType::DnsName
+    )
+}
+
+fn compile_rule(
+    key: &str,
+    namespace: &str,
+    rule: &policy::Rule,
+    types: &HashMap<String, ValueType>,
+    handlers: &HashMap<String, Result<Arc<Handler>, String>>,
+    instances: &HashMap<String, Result<Arc<Instance>, String>>,
+) -> Result<Rule, String> {
+    let condition = match rule.r#match.trim() {
+        "" => None,
+        text => {
+            let parsed = expr::parse(text).map_err(|e| format!("match {text:?}: {e}"))?;
+            let t = expr::check(&parsed, &|a| types.get(a).copied())
+                .map_err(|e| format!("match {text:?}: {e}"))?;
+            if t != ValueType::Bool {
+                return Err(format!("match {text:?} is {}, not BOOL", t.as_str_name()));
+            }
+            Some(parsed)
+        }
+    };
+    let mut actions = Vec::new();
+    for action in &rule.actions {
+        let handler = match candidates(&action.handler, namespace)
+            .iter()
+            .find_map(|c| handlers.get(c))
+        {
+            Some(Ok(h)) => h.clone(),
+            Some(Err(problem)) => return Err(problem.clone()),
+            None => return Err(format!("handler {:?} is not defined", action.handler)),
+        };
+        let mut resolved = Vec::new();
+        for reference in &action.instances {
+            match candidates(reference, namespace)
+                .iter()
+                .find_map(|c| instances.get(c))
+            {
+                Some(Ok(i)) => resolved.push(i.clone()),
+                Some(Err(problem)) => return Err(problem.clone()),
+                None => return Err(format!("instance {reference:?} is not defined")),
+            }
+        }
+        actions.push(Action {
+            handler,
+            instances: resolved,
+        });
+    }
+    Ok(Rule {
+        name: key.to_string(),
+        condition,
+        actions,
+    })
+}
