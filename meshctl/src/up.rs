@@ -99,6 +99,11 @@ fn plans(config_dir: &Path, state_dir: &Path, ports: &Ports) -> anyhow::Result<V
     let mcp = ports.pick(ports::GALLEY_MCP)?;
     let xds = ports.pick(ports::PILOT_XDS)?;
     let ca = ports.pick(ports::CITADEL_CA)?;
+    // Both Mixer roles default to 9091; on one host telemetry takes 9092.
+    let (policy, telemetry) = (
+        ports.pick(ports::MIXER_GRPC)?,
+        ports.pick(ports::MIXER_GRPC + 1)?,
+    );
     let mcp_arg = mcp.to_string();
     // Every control-plane component defaults to admin port 15014; on one
     // host they get 15014, 15015, ...
@@ -136,9 +141,11 @@ fn plans(config_dir: &Path, state_dir: &Path, ports: &Ports) -> anyhow::Result<V
                 "policy".into(),
                 "--mcp-server".into(),
                 mcp_arg.clone(),
+                "--grpc-addr".into(),
+                policy.to_string(),
             ],
             admin: admin(2)?,
-            ports: vec![],
+            ports: vec![("grpc", policy)],
         },
         Plan {
             name: "mixer-telemetry",
@@ -148,9 +155,11 @@ fn plans(config_dir: &Path, state_dir: &Path, ports: &Ports) -> anyhow::Result<V
                 "telemetry".into(),
                 "--mcp-server".into(),
                 mcp_arg,
+                "--grpc-addr".into(),
+                telemetry.to_string(),
             ],
             admin: admin(3)?,
-            ports: vec![],
+            ports: vec![("grpc", telemetry)],
         },
         Plan {
             name: "citadel",

@@ -1,18 +1,25 @@
 //! Mixer: policy checks (`--role policy`) and telemetry (`--role
-//! telemetry`), one binary for both deployments.
-//!
-//! Today Mixer is an MCP sink of its config collections and reports ready
-//! once they have synced; Check, Report, expressions and adapters are still
-//! to come (issue 6).
+//! telemetry`), one binary for both deployments. Config (rules, handlers,
+//! instances, attribute manifests) comes from Galley over MCP and is
+//! compiled on each change; `istio.mixer.v1.Mixer` is served on 9091. Check
+//! runs the denier and list checker adapters; Report decodes and counts
+//! what it receives (the telemetry adapters and quotas are not built yet).
 
 pub mod attributes;
 pub mod check;
 pub mod config;
 pub mod expr;
+pub mod service;
+
+use std::{net::SocketAddr, sync::Arc};
 
 use clap::{Args, ValueEnum};
 use component::{Admin, CancellationToken};
 use mcp_proto::{kinds, mcp};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::config::Config;
 
 /// The collections Mixer's config comes from.
 pub const COLLECTIONS: &[&str] = &[
@@ -37,16 +44,59 @@ pub struct MixerArgs {
     /// Galley's MCP address.
     #[arg(long, env = "MIXER_MCP_SERVER", default_value = "127.0.0.1:9901")]
     pub mcp_server: String,
+    /// Address of the Mixer gRPC API (Check and Report).
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], component::ports::MIXER_GRPC)))]
+    pub grpc_addr: SocketAddr,
 }
 
 /// Runs Mixer in its role until `shutdown`.
 pub async fn run(args: MixerArgs, admin: Admin, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.grpc_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding --grpc-addr {}: {e}", args.grpc_addr))?;
+    run_on(listener, args, admin, shutdown).await
+}
+
+/// [`run`] on a listener already bound (`--grpc-addr` is not used).
+pub async fn run_on(
+    listener: tokio::net::TcpListener,
+    args: MixerArgs,
+    admin: Admin,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let id = match args.role {
         Role::Policy => "mixer-policy",
         Role::Telemetry => "mixer-telemetry",
     };
-    let _config_input = mcp::follow(id, COLLECTIONS, &args.mcp_server, &admin, shutdown.clone())
+    let sink = mcp::follow(id, COLLECTIONS, &args.mcp_server, &admin, shutdown.clone())
         .map_err(|e| anyhow::anyhow!("--mcp-server: {e}"))?;
-    shutdown.cancelled().await;
+    // Recompiled on every snapshot; the sink keeps the last good state
+    // while Galley is away, and so does the config.
+    let (config_tx, config) = watch::channel(Arc::new(Config::default()));
+    let mut snapshots = sink.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let snapshot = snapshots.borrow_and_update().clone();
+            config_tx.send_replace(Arc::new(Config::from_snapshot(&snapshot)));
+            if snapshots.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    let page = config.clone();
+    admin.debug_page("config", move || {
+        let config = page.borrow().clone();
+        json!({
+            "rules": config.rules.iter().map(|r| &r.name).collect::<Vec<_>>(),
+            "attributes": config.types.len(),
+            "problems": config.problems,
+        })
+    });
+    let service = service::MixerService::new(config, &mut admin.registry());
+    tracing::info!(addr = %listener.local_addr()?, role = id, "mixer serving Check and Report");
+    mcp::grpc_server()
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(mcp::incoming(listener), shutdown.cancelled_owned())
+        .await?;
     Ok(())
 }

@@ -169,7 +169,9 @@ pub struct Compressor {
 }
 
 impl Compressor {
-    fn index(&mut self, word: &str) -> i32 {
+    /// The index of `word`: its global one, or its place among the
+    /// message's words (added when new).
+    pub fn index(&mut self, word: &str) -> i32 {
         if let Some(i) = global_index(word) {
             return i as i32;
         }

@@ -1,0 +1,170 @@
+//! The `istio.mixer.v1.Mixer` gRPC service: Check answers with the decision
+//! of the current config, Report takes batches of attribute bags. Both
+//! roles serve both methods, as Istio's do; what runs is in the config.
+
+use std::{sync::Arc, time::Duration};
+
+use mcp_proto::pb::{
+    google::rpc,
+    istio::mixer::v1::{
+        CheckRequest, CheckResponse, ReferencedAttributes, ReportRequest, ReportResponse,
+        check_response::{PreconditionResult, QuotaResult},
+        mixer_server::{Mixer, MixerServer},
+        referenced_attributes::{AttributeMatch, Condition},
+    },
+};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    attributes::{self, Compressor},
+    check,
+    config::Config,
+    expr::Referenced,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabels {
+    /// `ok`, or the google.rpc code's number a denial carries.
+    result: String,
+}
+
+#[derive(Clone)]
+pub struct MixerService {
+    config: watch::Receiver<Arc<Config>>,
+    checks: Family<CheckLabels, Counter>,
+    reports: Counter,
+}
+
+impl MixerService {
+    pub fn new(
+        config: watch::Receiver<Arc<Config>>,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> Self {
+        let service = Self {
+            config,
+            checks: Family::default(),
+            reports: Counter::default(),
+        };
+        registry.register(
+            "checks",
+            "Check requests answered, by result",
+            service.checks.clone(),
+        );
+        registry.register(
+            "report_entries",
+            "Attribute bags received in Report requests",
+            service.reports.clone(),
+        );
+        service
+    }
+
+    pub fn into_server(self) -> MixerServer<Self> {
+        MixerServer::new(self)
+    }
+}
+
+fn duration(d: Duration) -> pbjson_types::Duration {
+    pbjson_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// What a decision read, as the client's cache key: names by word index,
+/// map keys with their map.
+fn referenced(read: &Referenced) -> ReferencedAttributes {
+    let mut words = Compressor::default();
+    let mut matches = Vec::new();
+    let mut add = |name: &str, key: Option<&str>, condition: Condition| {
+        matches.push(AttributeMatch {
+            name: words.index(name),
+            condition: condition as i32,
+            regex: String::new(),
+            map_key: key.map_or(0, |k| words.index(k)),
+        });
+    };
+    for name in &read.present {
+        add(name, None, Condition::Exact);
+    }
+    for name in &read.absent {
+        add(name, None, Condition::Absence);
+    }
+    for (map, key) in &read.present_keys {
+        add(map, Some(key), Condition::Exact);
+    }
+    for (map, key) in &read.absent_keys {
+        add(map, Some(key), Condition::Absence);
+    }
+    ReferencedAttributes {
+        words: words.into_words(),
+        attribute_matches: matches,
+    }
+}
+
+#[tonic::async_trait]
+impl Mixer for MixerService {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let request = request.into_inner();
+        let compressed = request.attributes.unwrap_or_default();
+        let bag = attributes::decode(&compressed, &compressed.words, request.global_word_count)
+            .map_err(|e| Status::invalid_argument(format!("attributes: {e}")))?;
+        let config = self.config.borrow().clone();
+        let decision = check::check(&config, &bag);
+        let (code, message) = decision.denied.clone().unwrap_or((0, String::new()));
+        self.checks
+            .get_or_create(&CheckLabels {
+                result: if code == 0 {
+                    "ok".into()
+                } else {
+                    code.to_string()
+                },
+            })
+            .inc();
+        // No quota adapter is configured to limit anything yet: what is
+        // asked for is granted, for as long as the decision holds.
+        let quotas = request
+            .quotas
+            .into_iter()
+            .map(|(name, params)| {
+                let granted = QuotaResult {
+                    valid_duration: Some(duration(decision.valid_duration)),
+                    granted_amount: params.amount,
+                    referenced_attributes: None,
+                };
+                (name, granted)
+            })
+            .collect();
+        Ok(Response::new(CheckResponse {
+            precondition: Some(PreconditionResult {
+                status: Some(rpc::Status {
+                    code,
+                    message,
+                    details: Vec::new(),
+                }),
+                valid_duration: Some(duration(decision.valid_duration)),
+                valid_use_count: decision.valid_use_count,
+                referenced_attributes: Some(referenced(&decision.referenced)),
+                route_directive: None,
+            }),
+            quotas,
+        }))
+    }
+
+    async fn report(
+        &self,
+        request: Request<ReportRequest>,
+    ) -> Result<Response<ReportResponse>, Status> {
+        let bags = attributes::decode_report(&request.into_inner())
+            .map_err(|e| Status::invalid_argument(format!("attributes: {e}")))?;
+        self.reports.inc_by(bags.len() as u64);
+        Ok(Response::new(ReportResponse {}))
+    }
+}

@@ -1,0 +1,268 @@
+//! Mixer over real gRPC, config through the real MCP path (an in-process
+//! MCP source serving parsed YAML): Check decisions with their status,
+//! validity and referenced attributes, quotas granted, Reports decoded,
+//! malformed attributes refused, config changes applied.
+
+use std::{sync::Arc, time::Duration};
+
+use component::{Admin, CancellationToken};
+use mcp_proto::{
+    kinds,
+    mcp::{IncrementalPolicy, McpMetrics, SourceServer, Store},
+    object::ConfigObject,
+    pb::istio::mixer::v1::{
+        CheckRequest, CheckResponse, CompressedAttributes, ReportRequest,
+        check_request::QuotaParams, mixer_client::MixerClient, referenced_attributes::Condition,
+    },
+};
+use mixer::attributes::{Bag, Compressor, Value, dictionary::GLOBAL_WORDS};
+use tonic::{Code, transport::Channel};
+
+const CONFIG: &str = r#"
+apiVersion: config.istio.io/v1alpha2
+kind: attributemanifest
+metadata: {name: istioproxy, namespace: istio-system}
+spec:
+  attributes:
+    destination.service.host: {valueType: STRING}
+    request.headers: {valueType: STRING_MAP}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: handler
+metadata: {name: denyall, namespace: istio-system}
+spec:
+  compiledAdapter: denier
+  params: {status: {code: 7, message: "ratings is closed to jason"}, validDuration: 10s}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: instance
+metadata: {name: denyrequest, namespace: istio-system}
+spec: {compiledTemplate: checknothing}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: deny-jason, namespace: istio-system}
+spec:
+  match: destination.service.host == "ratings.shop.svc.cluster.local" && request.headers["end-user"] == "jason"
+  actions: [{handler: denyall, instances: [denyrequest]}]
+"#;
+
+fn publish(store: &Store, yaml: &str) {
+    let objects = ConfigObject::parse_yaml(yaml, "test.yaml").unwrap();
+    for collection in mixer::COLLECTIONS {
+        let resources = objects
+            .iter()
+            .filter(|o| o.kind.collection == *collection)
+            .map(|o| o.to_resource())
+            .collect();
+        store.replace(collection, resources).unwrap();
+    }
+}
+
+struct Mixer {
+    store: Arc<Store>,
+    client: MixerClient<Channel>,
+    stop: CancellationToken,
+}
+
+impl Drop for Mixer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn start(yaml: &str) -> Mixer {
+    let store = Arc::new(Store::new(kinds::KINDS.iter().map(|k| k.collection)));
+    publish(&store, yaml);
+    let stop = CancellationToken::new();
+    let mcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mcp_addr = mcp.local_addr().unwrap();
+    SourceServer::new(
+        store.clone(),
+        IncrementalPolicy::All,
+        McpMetrics::default(),
+        stop.clone(),
+    )
+    .spawn(mcp);
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = grpc.local_addr().unwrap();
+    let args = mixer::MixerArgs {
+        role: mixer::Role::Policy,
+        mcp_server: mcp_addr.to_string(),
+        grpc_addr: addr,
+    };
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    tokio::spawn(mixer::run_on(grpc, args, Admin::new("mixer"), stop.clone()));
+    Mixer {
+        store,
+        client: MixerClient::new(channel),
+        stop,
+    }
+}
+
+fn request_from(user: Option<&str>) -> Bag {
+    let mut headers =
+        std::collections::BTreeMap::from([(":path".to_string(), "/ratings/0".to_string())]);
+    if let Some(user) = user {
+        headers.insert("end-user".into(), user.into());
+    }
+    Bag::from([
+        (
+            "destination.service.host".into(),
+            Value::String("ratings.shop.svc.cluster.local".into()),
+        ),
+        ("request.headers".into(), Value::StringMap(headers)),
+    ])
+}
+
+fn compressed(bag: &Bag) -> CompressedAttributes {
+    let mut compressor = Compressor::default();
+    let mut attributes = compressor.compress(bag);
+    attributes.words = compressor.into_words();
+    attributes
+}
+
+async fn check(mixer: &mut Mixer, bag: &Bag) -> CheckResponse {
+    mixer
+        .client
+        .check(CheckRequest {
+            attributes: Some(compressed(bag)),
+            global_word_count: GLOBAL_WORDS.len() as u32,
+            deduplication_id: "1".into(),
+            quotas: [(
+                "requestcount".to_string(),
+                QuotaParams {
+                    amount: 3,
+                    best_effort: false,
+                },
+            )]
+            .into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Checks until the answer for `bag` has `code`: the config arrives over
+/// MCP after Mixer starts, and changes take a moment to apply.
+async fn until_code(mixer: &mut Mixer, bag: &Bag, code: i32) -> CheckResponse {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let response = check(mixer, bag).await;
+            let status = response.precondition.as_ref().unwrap().status.as_ref();
+            if status.unwrap().code == code {
+                return response;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the decision in time")
+}
+
+#[tokio::test]
+async fn check_decides_by_the_rules_and_says_what_it_read() {
+    let mut mixer = start(CONFIG).await;
+    let jason = request_from(Some("jason"));
+    let response = until_code(&mut mixer, &jason, 7).await;
+    let precondition = response.precondition.unwrap();
+    assert_eq!(
+        precondition.status.unwrap().message,
+        "ratings is closed to jason"
+    );
+    assert_eq!(precondition.valid_duration.unwrap().seconds, 10);
+    // What the decision read: the host exactly, and the one header.
+    let referenced = precondition.referenced_attributes.unwrap();
+    let word = |i: i32| -> String {
+        if i >= 0 {
+            GLOBAL_WORDS[i as usize].to_string()
+        } else {
+            referenced.words[(-i - 1) as usize].clone()
+        }
+    };
+    let mut read: Vec<(String, Option<String>, i32)> = referenced
+        .attribute_matches
+        .iter()
+        .map(|m| {
+            let key = (m.map_key != 0).then(|| word(m.map_key));
+            (word(m.name), key, m.condition)
+        })
+        .collect();
+    read.sort();
+    assert_eq!(
+        read,
+        [
+            (
+                "destination.service.host".into(),
+                None,
+                Condition::Exact as i32
+            ),
+            (
+                "request.headers".into(),
+                Some("end-user".into()),
+                Condition::Exact as i32
+            ),
+        ]
+    );
+    // Quotas no adapter limits are granted as asked.
+    assert_eq!(response.quotas["requestcount"].granted_amount, 3);
+
+    let response = check(&mut mixer, &request_from(Some("mary"))).await;
+    assert_eq!(response.precondition.unwrap().status.unwrap().code, 0);
+
+    // A config change applies: without the rule, jason passes too.
+    let without_rule = CONFIG.split("---").take(3).collect::<Vec<_>>().join("---");
+    publish(&mixer.store, &without_rule);
+    until_code(&mut mixer, &jason, 0).await;
+}
+
+#[tokio::test]
+async fn malformed_attributes_are_refused_and_reports_decoded() {
+    let mut mixer = start(CONFIG).await;
+    let mut bad = CompressedAttributes::default();
+    bad.strings.insert(-4, 0);
+    let refused = mixer
+        .client
+        .check(CheckRequest {
+            attributes: Some(bad.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("attribute name index -4"),
+        "{}",
+        refused.message()
+    );
+
+    let mut compressor = Compressor::default();
+    let first = compressor.compress(&request_from(Some("jason")));
+    let second = compressor.compress(&Bag::from([("response.code".into(), Value::Int64(503))]));
+    mixer
+        .client
+        .report(ReportRequest {
+            attributes: vec![first, second],
+            default_words: compressor.into_words(),
+            global_word_count: GLOBAL_WORDS.len() as u32,
+            repeated_attributes_semantics: 0,
+        })
+        .await
+        .unwrap();
+    let refused = mixer
+        .client
+        .report(ReportRequest {
+            attributes: vec![bad],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("report entry 0"),
+        "{}",
+        refused.message()
+    );
+}
