@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::{
     attributes::{Bag, Value},
-    config::{Adapter, Config, EntryType, ListChecker, Template},
+    config::{Adapter, Config, EntryType, ListChecker, Rule, Template},
     expr::{self, EvalError, Referenced},
 };
 
@@ -56,19 +56,7 @@ pub fn check(config: &Config, bag: &Bag) -> Decision {
         if decision.denied.is_some() {
             break;
         }
-        let applies = match &rule.condition {
-            None => true,
-            Some(condition) => match expr::eval(condition, bag, &mut decision.referenced) {
-                Ok(Value::Bool(b)) => b,
-                // A match over absent attributes does not hold.
-                Err(EvalError::Absent(_)) => false,
-                other => {
-                    tracing::warn!(rule = %rule.name, result = ?other, "match not evaluated");
-                    false
-                }
-            },
-        };
-        if !applies {
+        if !applies(rule, bag, &mut decision.referenced) {
             continue;
         }
         for action in &rule.actions {
@@ -81,6 +69,8 @@ pub fn check(config: &Config, bag: &Bag) -> Decision {
                     };
                     decision.deny(denier.status.code.unwrap_or(FAILED_PRECONDITION), message);
                 }
+                // Quotas are answered on their own (`quota`).
+                Adapter::MemQuota(_) => {}
                 Adapter::ListChecker(list) => {
                     decision.limit(list.caching_interval, list.caching_use_count);
                     for instance in &action.instances {
@@ -104,6 +94,22 @@ pub fn check(config: &Config, bag: &Bag) -> Decision {
         }
     }
     decision
+}
+
+/// Whether `rule`'s match holds for `bag`; a match over absent attributes
+/// does not.
+pub(crate) fn applies(rule: &Rule, bag: &Bag, referenced: &mut Referenced) -> bool {
+    match &rule.condition {
+        None => true,
+        Some(condition) => match expr::eval(condition, bag, referenced) {
+            Ok(Value::Bool(b)) => b,
+            Err(EvalError::Absent(_)) => false,
+            other => {
+                tracing::warn!(rule = %rule.name, result = ?other, "match not evaluated");
+                false
+            }
+        },
+    }
 }
 
 /// Why `list` refuses `value`, if it does.
@@ -165,45 +171,7 @@ fn in_range(entry: &str, ip: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mcp_proto::{kinds::Body, object::ConfigObject};
-
-    const MANIFEST: &str = r#"
-apiVersion: config.istio.io/v1alpha2
-kind: attributemanifest
-metadata: {name: kubernetes, namespace: istio-system}
-spec:
-  attributes:
-    source.labels: {valueType: STRING_MAP}
-    source.ip: {valueType: IP_ADDRESS}
-    request.headers: {valueType: STRING_MAP}
-    destination.service.host: {valueType: STRING}
-    source.user: {valueType: STRING}
-"#;
-
-    fn compile(yaml: &str) -> Config {
-        let objects =
-            ConfigObject::parse_yaml(&format!("{MANIFEST}---\n{yaml}"), "test.yaml").unwrap();
-        let of = |collection: &str| -> Vec<(String, String, Body)> {
-            objects
-                .iter()
-                .filter(|o| o.kind.collection == collection)
-                .map(|o| {
-                    (
-                        o.namespace.clone().unwrap_or_default(),
-                        o.name.clone(),
-                        o.body.clone(),
-                    )
-                })
-                .collect()
-        };
-        use mcp_proto::kinds;
-        Config::compile(
-            &of(kinds::ATTRIBUTE_MANIFESTS),
-            &of(kinds::RULES),
-            &of(kinds::HANDLERS),
-            &of(kinds::INSTANCES),
-        )
-    }
+    use crate::config::tests::compile;
 
     fn bag(pairs: &[(&str, Value)]) -> Bag {
         pairs

@@ -46,6 +46,41 @@ pub struct Handler {
 pub enum Adapter {
     Denier(Denier),
     ListChecker(ListChecker),
+    MemQuota(MemQuota),
+}
+
+/// Rate limits kept in Mixer's memory: per quota (by instance name), at
+/// most `maxAmount` in any `validDuration`, per distinct set of dimension
+/// values; an override sets other limits for the dimensions it names.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemQuota {
+    #[serde(default)]
+    pub quotas: Vec<QuotaLimit>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QuotaLimit {
+    pub name: String,
+    #[serde(default, deserialize_with = "whole")]
+    pub max_amount: Option<i64>,
+    /// `None`: allocations never expire.
+    #[serde(default, with = "humantime_serde_opt")]
+    pub valid_duration: Option<Duration>,
+    #[serde(default)]
+    pub overrides: Vec<QuotaOverride>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QuotaOverride {
+    #[serde(default)]
+    pub dimensions: std::collections::BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "whole")]
+    pub max_amount: Option<i64>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub valid_duration: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -97,12 +132,12 @@ pub enum EntryType {
 
 /// An integer from params, where every number is a protobuf `Struct`
 /// double.
-fn whole<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i32>, D::Error> {
+fn whole<'de, D: serde::Deserializer<'de>, T: TryFrom<i64>>(d: D) -> Result<Option<T>, D::Error> {
     match Option::<f64>::deserialize(d)? {
         None => Ok(None),
-        Some(n) if n.fract() == 0.0 && n >= i32::MIN as f64 && n <= i32::MAX as f64 => {
-            Ok(Some(n as i32))
-        }
+        Some(n) if n.fract() == 0.0 && n.abs() < 9.0e15 => T::try_from(n as i64)
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("{n} is out of range"))),
         Some(n) => Err(serde::de::Error::custom(format!(
             "{n} is not a whole number"
         ))),
@@ -133,6 +168,10 @@ pub enum Template {
     CheckNothing,
     /// `value`: what a list checker looks up.
     ListEntry { value: Expr },
+    /// What a quota is counted by.
+    Quota {
+        dimensions: std::collections::BTreeMap<String, Expr>,
+    },
 }
 
 fn params_json(params: &Option<pbjson_types::Struct>) -> serde_json::Value {
@@ -232,6 +271,7 @@ fn compile_handler(key: &str, h: &policy::Handler) -> Result<Handler, String> {
     let parse_error = |e: serde_json::Error| format!("handler {key}: params of {adapter}: {e}");
     let adapter = match adapter.as_str() {
         "denier" => Adapter::Denier(serde_json::from_value(params).map_err(parse_error)?),
+        "memquota" => Adapter::MemQuota(serde_json::from_value(params).map_err(parse_error)?),
         "listchecker" => {
             let list: ListChecker = serde_json::from_value(params).map_err(parse_error)?;
             if list.entry_type == EntryType::Regex {
@@ -283,6 +323,22 @@ fn compile_instance(
         "listentry" => Template::ListEntry {
             value: field("value", ValueType::String)?,
         },
+        "quota" => {
+            let mut dimensions = std::collections::BTreeMap::new();
+            if let Some(fields) = params["dimensions"].as_object() {
+                for (name, text) in fields {
+                    let text = text.as_str().ok_or_else(|| {
+                        format!("instance {key}: dimensions: {name} is not an expression")
+                    })?;
+                    let parsed = expr::parse(text)
+                        .map_err(|e| format!("instance {key}: dimensions.{name}: {text:?}: {e}"))?;
+                    expr::check(&parsed, &|a| types.get(a).copied())
+                        .map_err(|e| format!("instance {key}: dimensions.{name}: {text:?}: {e}"))?;
+                    dimensions.insert(name.clone(), parsed);
+                }
+            }
+            Template::Quota { dimensions }
+        }
         other => {
             return Err(format!(
                 "instance {key}: template {other:?} is not supported"
@@ -354,4 +410,50 @@ fn compile_rule(
         condition,
         actions,
     })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use mcp_proto::object::ConfigObject;
+
+    const MANIFEST: &str = r#"
+apiVersion: config.istio.io/v1alpha2
+kind: attributemanifest
+metadata: {name: kubernetes, namespace: istio-system}
+spec:
+  attributes:
+    source.labels: {valueType: STRING_MAP}
+    source.ip: {valueType: IP_ADDRESS}
+    request.headers: {valueType: STRING_MAP}
+    destination.service.host: {valueType: STRING}
+    source.user: {valueType: STRING}
+"#;
+
+    /// A config compiled from `yaml` and a manifest of the attributes the
+    /// tests use.
+    pub fn compile(yaml: &str) -> Config {
+        let objects =
+            ConfigObject::parse_yaml(&format!("{MANIFEST}---\n{yaml}"), "test.yaml").unwrap();
+        let of = |collection: &str| -> Vec<(String, String, Body)> {
+            objects
+                .iter()
+                .filter(|o| o.kind.collection == collection)
+                .map(|o| {
+                    (
+                        o.namespace.clone().unwrap_or_default(),
+                        o.name.clone(),
+                        o.body.clone(),
+                    )
+                })
+                .collect()
+        };
+        use mcp_proto::kinds;
+        Config::compile(
+            &of(kinds::ATTRIBUTE_MANIFESTS),
+            &of(kinds::RULES),
+            &of(kinds::HANDLERS),
+            &of(kinds::INSTANCES),
+        )
+    }
 }

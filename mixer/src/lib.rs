@@ -2,13 +2,14 @@
 //! telemetry`), one binary for both deployments. Config (rules, handlers,
 //! instances, attribute manifests) comes from Galley over MCP and is
 //! compiled on each change; `istio.mixer.v1.Mixer` is served on 9091. Check
-//! runs the denier and list checker adapters; Report decodes and counts
-//! what it receives (the telemetry adapters and quotas are not built yet).
+//! runs the denier, list checker and memquota adapters; Report decodes and
+//! counts what it receives (the telemetry adapters are not built yet).
 
 pub mod attributes;
 pub mod check;
 pub mod config;
 pub mod expr;
+pub mod quota;
 pub mod service;
 
 use std::{net::SocketAddr, sync::Arc};

@@ -2,7 +2,10 @@
 //! of the current config, Report takes batches of attribute bags. Both
 //! roles serve both methods, as Istio's do; what runs is in the config.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use mcp_proto::pb::{
     google::rpc,
@@ -25,6 +28,7 @@ use crate::{
     check,
     config::Config,
     expr::Referenced,
+    quota::{self, QuotaStore},
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -36,6 +40,7 @@ struct CheckLabels {
 #[derive(Clone)]
 pub struct MixerService {
     config: watch::Receiver<Arc<Config>>,
+    quotas: Arc<QuotaStore>,
     checks: Family<CheckLabels, Counter>,
     reports: Counter,
 }
@@ -47,6 +52,7 @@ impl MixerService {
     ) -> Self {
         let service = Self {
             config,
+            quotas: Arc::default(),
             checks: Family::default(),
             reports: Counter::default(),
         };
@@ -128,18 +134,26 @@ impl Mixer for MixerService {
                 },
             })
             .inc();
-        // No quota adapter is configured to limit anything yet: what is
-        // asked for is granted, for as long as the decision holds.
+        let now = Instant::now();
         let quotas = request
             .quotas
             .into_iter()
             .map(|(name, params)| {
-                let granted = QuotaResult {
-                    valid_duration: Some(duration(decision.valid_duration)),
-                    granted_amount: params.amount,
-                    referenced_attributes: None,
+                let grant = quota::allocate(
+                    &config,
+                    &bag,
+                    &name,
+                    params.amount,
+                    params.best_effort,
+                    &self.quotas,
+                    now,
+                );
+                let result = QuotaResult {
+                    valid_duration: Some(duration(grant.valid_duration)),
+                    granted_amount: grant.granted,
+                    referenced_attributes: Some(referenced(&grant.referenced)),
                 };
-                (name, granted)
+                (name, result)
             })
             .collect();
         Ok(Response::new(CheckResponse {

@@ -206,7 +206,7 @@ async fn check_decides_by_the_rules_and_says_what_it_read() {
             ),
         ]
     );
-    // Quotas no adapter limits are granted as asked.
+    // A quota no handler counts is granted as asked.
     assert_eq!(response.quotas["requestcount"].granted_amount, 3);
 
     let response = check(&mut mixer, &request_from(Some("mary"))).await;
@@ -265,4 +265,50 @@ async fn malformed_attributes_are_refused_and_reports_decoded() {
         "{}",
         refused.message()
     );
+}
+
+#[tokio::test]
+async fn memquota_grants_until_the_limit() {
+    let quota = r#"
+---
+apiVersion: config.istio.io/v1alpha2
+kind: handler
+metadata: {name: quotahandler, namespace: istio-system}
+spec:
+  compiledAdapter: memquota
+  params:
+    quotas: [{name: requestcount.quota.istio-system, maxAmount: 5, validDuration: 30s}]
+---
+apiVersion: config.istio.io/v1alpha2
+kind: instance
+metadata: {name: requestcount, namespace: istio-system}
+spec:
+  compiledTemplate: quota
+  params: {dimensions: {destination: destination.service.host}}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: quota, namespace: istio-system}
+spec:
+  actions: [{handler: quotahandler, instances: [requestcount]}]
+"#;
+    let mut mixer = start(&format!("{CONFIG}{quota}")).await;
+    let mary = request_from(Some("mary"));
+    // Once the config is in, 3 of 5 are taken at a time: 3, then 0 (all or
+    // nothing), with the window as the grant's validity.
+    let granted = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let response = check(&mut mixer, &mary).await;
+            let result = &response.quotas["requestcount"];
+            if result.valid_duration.unwrap().seconds == 30 {
+                return result.granted_amount;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(granted, 3);
+    let response = check(&mut mixer, &mary).await;
+    assert_eq!(response.quotas["requestcount"].granted_amount, 0);
 }

@@ -1,0 +1,286 @@
+//! Quotas. A Check may ask for amounts of named quotas; rules whose match
+//! holds and whose memquota handler counts that quota's instance decide
+//! how much is granted. Allocations are kept in memory per handler, quota
+//! and dimension values, over a sliding window, and outlive config
+//! changes. A quota no handler counts is granted in full.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    attributes::{Bag, Value},
+    check::{DEFAULT_VALID_DURATION, applies},
+    config::{Adapter, Config, QuotaLimit, Template},
+    expr::{self, Referenced},
+};
+
+/// What was granted, for how long, and what deciding it read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grant {
+    pub granted: i64,
+    pub valid_duration: Duration,
+    pub referenced: Referenced,
+}
+
+/// Allocations by handler, quota and dimension values.
+#[derive(Default)]
+pub struct QuotaStore {
+    allocations: Mutex<HashMap<String, VecDeque<(Instant, i64)>>>,
+}
+
+impl QuotaStore {
+    /// Takes up to `amount` (all of it or nothing unless `best_effort`)
+    /// of `max` in the window; returns what was taken.
+    fn take(
+        &self,
+        key: String,
+        amount: i64,
+        best_effort: bool,
+        max: i64,
+        window: Option<Duration>,
+        now: Instant,
+    ) -> i64 {
+        let mut allocations = self.allocations.lock().unwrap_or_else(|e| e.into_inner());
+        let log = allocations.entry(key).or_default();
+        if let Some(window) = window {
+            while log
+                .front()
+                .is_some_and(|(at, _)| now.duration_since(*at) >= window)
+            {
+                log.pop_front();
+            }
+        }
+        let available = (max - log.iter().map(|(_, n)| n).sum::<i64>()).max(0);
+        let taken = match (best_effort, available >= amount) {
+            (_, true) => amount,
+            (true, false) => available,
+            (false, false) => 0,
+        };
+        if taken > 0 {
+            log.push_back((now, taken));
+        }
+        taken
+    }
+}
+
+/// Whether `requested`, a quota name in a Check request, names the
+/// instance `ns/name`: as `name`, Istio's full `name.quota.ns`, or `ns/name`.
+fn names(requested: &str, instance: &str) -> bool {
+    let Some((ns, name)) = instance.split_once('/') else {
+        return requested == instance;
+    };
+    requested == instance || requested == name || requested == format!("{name}.quota.{ns}")
+}
+
+/// Allocates `amount` of quota `quota` for `bag`.
+pub fn allocate(
+    config: &Config,
+    bag: &Bag,
+    quota: &str,
+    amount: i64,
+    best_effort: bool,
+    store: &QuotaStore,
+    now: Instant,
+) -> Grant {
+    let mut grant = Grant {
+        granted: amount,
+        valid_duration: DEFAULT_VALID_DURATION,
+        referenced: Referenced::default(),
+    };
+    for rule in &config.rules {
+        let counting: Vec<_> = rule
+            .actions
+            .iter()
+            .filter_map(|action| match &action.handler.adapter {
+                Adapter::MemQuota(memquota) => Some((action, memquota)),
+                _ => None,
+            })
+            .flat_map(|(action, memquota)| {
+                action
+                    .instances
+                    .iter()
+                    .filter(|i| names(quota, &i.name))
+                    .map(move |i| (action, memquota, i))
+            })
+            .collect();
+        if counting.is_empty() || !applies(rule, bag, &mut grant.referenced) {
+            continue;
+        }
+        for (action, memquota, instance) in counting {
+            let Template::Quota { dimensions } = &instance.template else {
+                continue;
+            };
+            let Some(limit) = memquota
+                .quotas
+                .iter()
+                .find(|q| names(&q.name, &instance.name))
+            else {
+                continue;
+            };
+            let values = match dimension_values(dimensions, bag, &mut grant.referenced) {
+                Ok(values) => values,
+                Err(e) => {
+                    tracing::warn!(instance = %instance.name, "quota dimensions not evaluated: {e}");
+                    grant.granted = 0;
+                    continue;
+                }
+            };
+            let (max, window) = limits(limit, &values);
+            let key = format!("{}\u{0}{}\u{0}{values:?}", action.handler.name, limit.name);
+            let taken = store.take(key, amount, best_effort, max, window, now);
+            grant.granted = grant.granted.min(taken);
+            if let Some(window) = window {
+                grant.valid_duration = grant.valid_duration.min(window);
+            }
+        }
+    }
+    grant
+}
+
+/// The limit and window for these dimension values: the first override
+/// whose dimensions all match, else the quota's own.
+fn limits(limit: &QuotaLimit, values: &BTreeMap<String, String>) -> (i64, Option<Duration>) {
+    let own = (limit.max_amount.unwrap_or(0), limit.valid_duration);
+    limit
+        .overrides
+        .iter()
+        .find(|o| o.dimensions.iter().all(|(k, v)| values.get(k) == Some(v)))
+        .map_or(own, |o| {
+            (o.max_amount.unwrap_or(own.0), o.valid_duration.or(own.1))
+        })
+}
+
+fn dimension_values(
+    dimensions: &BTreeMap<String, expr::Expr>,
+    bag: &Bag,
+    referenced: &mut Referenced,
+) -> Result<BTreeMap<String, String>, expr::EvalError> {
+    dimensions
+        .iter()
+        .map(|(name, e)| {
+            let text = match expr::eval(e, bag, referenced)? {
+                Value::String(s) => s,
+                Value::Int64(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                other => format!("{other:?}"),
+            };
+            Ok((name.clone(), text))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::compile;
+
+    const RATINGS_QUOTA: &str = r#"
+apiVersion: config.istio.io/v1alpha2
+kind: handler
+metadata: {name: quotahandler, namespace: istio-system}
+spec:
+  compiledAdapter: memquota
+  params:
+    quotas:
+    - name: requestcount.quota.istio-system
+      maxAmount: 3
+      validDuration: 1s
+      overrides:
+      - {dimensions: {source: reviews}, maxAmount: 1}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: instance
+metadata: {name: requestcount, namespace: istio-system}
+spec:
+  compiledTemplate: quota
+  params:
+    dimensions: {source: 'source.labels["app"] | "unknown"', destination: destination.service.host}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: quota, namespace: istio-system}
+spec:
+  actions: [{handler: quotahandler, instances: [requestcount]}]
+"#;
+
+    fn from(app: &str) -> Bag {
+        Bag::from([
+            (
+                "source.labels".into(),
+                Value::StringMap([("app".to_string(), app.to_string())].into()),
+            ),
+            (
+                "destination.service.host".into(),
+                Value::String("ratings.shop.svc.cluster.local".into()),
+            ),
+        ])
+    }
+
+    #[test]
+    fn memquota_limits_per_dimensions_with_overrides_and_windows() {
+        let config = compile(RATINGS_QUOTA);
+        assert!(config.problems.is_empty(), "{:?}", config.problems);
+        let store = QuotaStore::default();
+        let start = Instant::now();
+        let ask = |bag: &Bag, amount: i64, best_effort: bool, at: Duration| {
+            allocate(
+                &config,
+                bag,
+                "requestcount.quota.istio-system",
+                amount,
+                best_effort,
+                &store,
+                start + at,
+            )
+        };
+        let t0 = Duration::ZERO;
+        // productpage: 3 a second.
+        assert_eq!(ask(&from("productpage"), 2, false, t0).granted, 2);
+        assert_eq!(
+            ask(&from("productpage"), 2, false, t0).granted,
+            0,
+            "all or nothing"
+        );
+        assert_eq!(
+            ask(&from("productpage"), 2, true, t0).granted,
+            1,
+            "best effort"
+        );
+        // reviews is overridden to 1, counted apart.
+        assert_eq!(ask(&from("reviews"), 1, false, t0).granted, 1);
+        assert_eq!(ask(&from("reviews"), 1, false, t0).granted, 0);
+        // A window later, there is quota again.
+        let later = ask(&from("reviews"), 1, false, Duration::from_millis(1_001));
+        assert_eq!(later.granted, 1);
+        assert_eq!(later.valid_duration, Duration::from_secs(1));
+        assert!(
+            later
+                .referenced
+                .present_keys
+                .contains(&("source.labels".to_string(), "app".to_string()))
+        );
+        // A quota nobody counts is granted in full.
+        let other = allocate(&config, &from("x"), "other", 7, false, &store, start);
+        assert_eq!(other.granted, 7);
+    }
+
+    #[test]
+    fn quota_names() {
+        assert!(names(
+            "requestcount.quota.istio-system",
+            "istio-system/requestcount"
+        ));
+        assert!(names("requestcount", "istio-system/requestcount"));
+        assert!(names(
+            "istio-system/requestcount",
+            "istio-system/requestcount"
+        ));
+        assert!(!names(
+            "requestcount.quota.default",
+            "istio-system/requestcount"
+        ));
+    }
+}
