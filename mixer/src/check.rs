@@ -69,8 +69,9 @@ pub fn check(config: &Config, bag: &Bag) -> Decision {
                     };
                     decision.deny(denier.status.code.unwrap_or(FAILED_PRECONDITION), message);
                 }
-                // Quotas are answered on their own (`quota`).
-                Adapter::MemQuota(_) => {}
+                // Quotas are answered on their own (`quota`), metrics
+                // on Report (`telemetry`).
+                Adapter::MemQuota(_) | Adapter::Prometheus(_) => {}
                 Adapter::ListChecker(list) => {
                     decision.limit(list.caching_interval, list.caching_use_count);
                     for instance in &action.instances {
@@ -114,11 +115,7 @@ pub(crate) fn applies(rule: &Rule, bag: &Bag, referenced: &mut Referenced) -> bo
 
 /// Why `list` refuses `value`, if it does.
 fn refuses(list: &ListChecker, value: &Value) -> Option<String> {
-    let text = match value {
-        Value::String(s) => s.clone(),
-        Value::Bytes(b) if b.len() == 4 || b.len() == 16 => ip_text(b),
-        other => format!("{other:?}"),
-    };
+    let text = value.to_string();
     let listed = list.overrides.iter().any(|entry| match list.entry_type {
         EntryType::Strings => *entry == text,
         EntryType::CaseInsensitiveStrings => entry.eq_ignore_ascii_case(&text),
@@ -129,15 +126,6 @@ fn refuses(list: &ListChecker, value: &Value) -> Option<String> {
         (true, true) => Some(format!("{text} is blacklisted")),
         (false, false) => Some(format!("{text} is not whitelisted")),
         _ => None,
-    }
-}
-
-fn ip_text(bytes: &[u8]) -> String {
-    match <[u8; 4]>::try_from(bytes) {
-        Ok(v4) => std::net::Ipv4Addr::from(v4).to_string(),
-        Err(_) => <[u8; 16]>::try_from(bytes)
-            .map(|v6| std::net::Ipv6Addr::from(v6).to_string())
-            .unwrap_or_default(),
     }
 }
 

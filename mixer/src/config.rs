@@ -47,8 +47,85 @@ pub enum Adapter {
     Denier(Denier),
     ListChecker(ListChecker),
     MemQuota(MemQuota),
+    Prometheus(Prometheus),
 }
 
+/// Metrics exported in the Prometheus format, each fed by one metric
+/// instance (`instanceName`, Istio's full name `name.metric.ns`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Prometheus {
+    #[serde(default)]
+    pub metrics: Vec<MetricInfo>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricInfo {
+    /// Exported as `istio_<name>`.
+    pub name: String,
+    pub instance_name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub kind: MetricKind,
+    #[serde(default)]
+    pub label_names: Vec<String>,
+    #[serde(default)]
+    pub buckets: Option<Buckets>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MetricKind {
+    #[default]
+    Counter,
+    Gauge,
+    Distribution,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Buckets {
+    ExplicitBuckets {
+        bounds: Vec<f64>,
+    },
+    #[serde(rename_all = "camelCase")]
+    LinearBuckets {
+        num_finite_buckets: f64,
+        width: f64,
+        offset: f64,
+    },
+    #[serde(rename_all = "camelCase")]
+    ExponentialBuckets {
+        num_finite_buckets: f64,
+        growth_factor: f64,
+        scale: f64,
+    },
+}
+
+impl Buckets {
+    /// The upper bounds of the finite buckets.
+    pub fn bounds(&self) -> Vec<f64> {
+        match self {
+            Self::ExplicitBuckets { bounds } => bounds.clone(),
+            Self::LinearBuckets {
+                num_finite_buckets,
+                width,
+                offset,
+            } => (0..*num_finite_buckets as u32)
+                .map(|i| offset + width * f64::from(i + 1))
+                .collect(),
+            Self::ExponentialBuckets {
+                num_finite_buckets,
+                growth_factor,
+                scale,
+            } => (0..*num_finite_buckets as i32)
+                .map(|i| scale * growth_factor.powi(i + 1))
+                .collect(),
+        }
+    }
+}
 /// Rate limits kept in Mixer's memory: per quota (by instance name), at
 /// most `maxAmount` in any `validDuration`, per distinct set of dimension
 /// values; an override sets other limits for the dimensions it names.
@@ -172,6 +249,11 @@ pub enum Template {
     Quota {
         dimensions: std::collections::BTreeMap<String, Expr>,
     },
+    /// A number to record, and its labels.
+    Metric {
+        value: Expr,
+        dimensions: std::collections::BTreeMap<String, Expr>,
+    },
 }
 
 fn params_json(params: &Option<pbjson_types::Struct>) -> serde_json::Value {
@@ -272,6 +354,7 @@ fn compile_handler(key: &str, h: &policy::Handler) -> Result<Handler, String> {
     let adapter = match adapter.as_str() {
         "denier" => Adapter::Denier(serde_json::from_value(params).map_err(parse_error)?),
         "memquota" => Adapter::MemQuota(serde_json::from_value(params).map_err(parse_error)?),
+        "prometheus" => Adapter::Prometheus(serde_json::from_value(params).map_err(parse_error)?),
         "listchecker" => {
             let list: ListChecker = serde_json::from_value(params).map_err(parse_error)?;
             if list.entry_type == EntryType::Regex {
@@ -323,21 +406,30 @@ fn compile_instance(
         "listentry" => Template::ListEntry {
             value: field("value", ValueType::String)?,
         },
-        "quota" => {
-            let mut dimensions = std::collections::BTreeMap::new();
-            if let Some(fields) = params["dimensions"].as_object() {
-                for (name, text) in fields {
-                    let text = text.as_str().ok_or_else(|| {
-                        format!("instance {key}: dimensions: {name} is not an expression")
-                    })?;
-                    let parsed = expr::parse(text)
-                        .map_err(|e| format!("instance {key}: dimensions.{name}: {text:?}: {e}"))?;
-                    expr::check(&parsed, &|a| types.get(a).copied())
-                        .map_err(|e| format!("instance {key}: dimensions.{name}: {text:?}: {e}"))?;
-                    dimensions.insert(name.clone(), parsed);
-                }
+        "quota" => Template::Quota {
+            dimensions: dimensions(key, &params, types)?,
+        },
+        "metric" => {
+            let text = params["value"]
+                .as_str()
+                .ok_or_else(|| format!("instance {key}: metric needs \"value\""))?;
+            let value =
+                expr::parse(text).map_err(|e| format!("instance {key}: value: {text:?}: {e}"))?;
+            let t = expr::check(&value, &|a| types.get(a).copied())
+                .map_err(|e| format!("instance {key}: value: {text:?}: {e}"))?;
+            if !matches!(
+                t,
+                ValueType::Int64 | ValueType::Double | ValueType::Duration
+            ) {
+                return Err(format!(
+                    "instance {key}: value: {text:?} is {}, not a number or a duration",
+                    t.as_str_name()
+                ));
             }
-            Template::Quota { dimensions }
+            Template::Metric {
+                value,
+                dimensions: dimensions(key, &params, types)?,
+            }
         }
         other => {
             return Err(format!(
@@ -349,6 +441,26 @@ fn compile_instance(
         name: key.to_string(),
         template,
     })
+}
+
+/// The `dimensions` of an instance's params: expressions by name.
+fn dimensions(
+    key: &str,
+    params: &serde_json::Value,
+    types: &HashMap<String, ValueType>,
+) -> Result<std::collections::BTreeMap<String, Expr>, String> {
+    let mut dimensions = std::collections::BTreeMap::new();
+    for (name, text) in params["dimensions"].as_object().into_iter().flatten() {
+        let text = text
+            .as_str()
+            .ok_or_else(|| format!("instance {key}: dimensions.{name} is not an expression"))?;
+        let parsed = expr::parse(text)
+            .map_err(|e| format!("instance {key}: dimensions.{name}: {text:?}: {e}"))?;
+        expr::check(&parsed, &|a| types.get(a).copied())
+            .map_err(|e| format!("instance {key}: dimensions.{name}: {text:?}: {e}"))?;
+        dimensions.insert(name.clone(), parsed);
+    }
+    Ok(dimensions)
 }
 
 /// Types a list entry may be: every value that has a string form.

@@ -11,7 +11,7 @@ use std::{
 };
 
 use crate::{
-    attributes::{Bag, Value},
+    attributes::Bag,
     check::{DEFAULT_VALID_DURATION, applies},
     config::{Adapter, Config, QuotaLimit, Template},
     expr::{self, Referenced},
@@ -120,7 +120,7 @@ pub fn allocate(
             else {
                 continue;
             };
-            let values = match dimension_values(dimensions, bag, &mut grant.referenced) {
+            let values = match expr::eval_labels(dimensions, bag, &mut grant.referenced) {
                 Ok(values) => values,
                 Err(e) => {
                     tracing::warn!(instance = %instance.name, "quota dimensions not evaluated: {e}");
@@ -153,29 +153,10 @@ fn limits(limit: &QuotaLimit, values: &BTreeMap<String, String>) -> (i64, Option
         })
 }
 
-fn dimension_values(
-    dimensions: &BTreeMap<String, expr::Expr>,
-    bag: &Bag,
-    referenced: &mut Referenced,
-) -> Result<BTreeMap<String, String>, expr::EvalError> {
-    dimensions
-        .iter()
-        .map(|(name, e)| {
-            let text = match expr::eval(e, bag, referenced)? {
-                Value::String(s) => s,
-                Value::Int64(n) => n.to_string(),
-                Value::Bool(b) => b.to_string(),
-                other => format!("{other:?}"),
-            };
-            Ok((name.clone(), text))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::tests::compile;
+    use crate::{attributes::Value, config::tests::compile};
 
     const RATINGS_QUOTA: &str = r#"
 apiVersion: config.istio.io/v1alpha2

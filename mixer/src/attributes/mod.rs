@@ -25,6 +25,49 @@ pub enum Value {
     StringMap(BTreeMap<String, String>),
 }
 
+/// The value as text: for list lookups and metric labels. Addresses (4 or
+/// 16 bytes) read as IP addresses.
+impl std::fmt::Display for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Value::String(s) => f.write_str(s),
+            Value::Int64(n) => write!(f, "{n}"),
+            Value::Double(n) => write!(f, "{n}"),
+            Value::Bool(b) => write!(f, "{b}"),
+            Value::Timestamp(t) => {
+                let time = std::time::UNIX_EPOCH
+                    + std::time::Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32);
+                write!(f, "{}", humantime::format_rfc3339_nanos(time))
+            }
+            Value::Duration(d) => write!(
+                f,
+                "{}",
+                humantime::format_duration(std::time::Duration::new(
+                    d.seconds.max(0) as u64,
+                    d.nanos.max(0) as u32
+                ))
+            ),
+            Value::Bytes(b) => match b.len() {
+                4 => write!(
+                    f,
+                    "{}",
+                    std::net::Ipv4Addr::from(<[u8; 4]>::try_from(&b[..]).unwrap_or_default())
+                ),
+                16 => write!(
+                    f,
+                    "{}",
+                    std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&b[..]).unwrap_or_default())
+                ),
+                _ => b.iter().try_for_each(|byte| write!(f, "{byte:02x}")),
+            },
+            Value::StringMap(m) => {
+                let pairs: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                f.write_str(&pairs.join(","))
+            }
+        }
+    }
+}
+
 /// Attributes by name.
 pub type Bag = BTreeMap<String, Value>;
 

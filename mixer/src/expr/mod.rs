@@ -340,6 +340,18 @@ fn call(
     }
 }
 
+/// Evaluates labels (an instance's dimensions) to their text.
+pub fn eval_labels(
+    dimensions: &std::collections::BTreeMap<String, Expr>,
+    bag: &Bag,
+    referenced: &mut Referenced,
+) -> Result<std::collections::BTreeMap<String, String>, EvalError> {
+    dimensions
+        .iter()
+        .map(|(name, e)| Ok((name.clone(), eval(e, bag, referenced)?.to_string())))
+        .collect()
+}
+
 /// Istio's `match`: `*` alone matches all, a leading or trailing `*`
 /// matches a suffix or prefix, anything else must be equal.
 fn glob(s: &str, pattern: &str) -> bool {
