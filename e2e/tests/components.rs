@@ -100,6 +100,8 @@ async fn sinks_started_before_galley_become_ready_when_it_arrives() {
             &mcp_arg,
             "--grpc-addr",
             "127.0.0.1:0",
+            "--prometheus-addr",
+            "127.0.0.1:0",
             "--admin-addr",
             &telemetry_admin.to_string(),
         ],

@@ -100,9 +100,10 @@ fn plans(config_dir: &Path, state_dir: &Path, ports: &Ports) -> anyhow::Result<V
     let xds = ports.pick(ports::PILOT_XDS)?;
     let ca = ports.pick(ports::CITADEL_CA)?;
     // Both Mixer roles default to 9091; on one host telemetry takes 9092.
-    let (policy, telemetry) = (
+    let (policy, telemetry, prometheus) = (
         ports.pick(ports::MIXER_GRPC)?,
         ports.pick(ports::MIXER_GRPC + 1)?,
+        ports.pick(ports::MIXER_PROMETHEUS)?,
     );
     let mcp_arg = mcp.to_string();
     // Every control-plane component defaults to admin port 15014; on one
@@ -157,9 +158,11 @@ fn plans(config_dir: &Path, state_dir: &Path, ports: &Ports) -> anyhow::Result<V
                 mcp_arg,
                 "--grpc-addr".into(),
                 telemetry.to_string(),
+                "--prometheus-addr".into(),
+                prometheus.to_string(),
             ],
             admin: admin(3)?,
-            ports: vec![("grpc", telemetry)],
+            ports: vec![("grpc", telemetry), ("metrics", prometheus)],
         },
         Plan {
             name: "citadel",

@@ -540,6 +540,9 @@ spec:
     request.headers: {valueType: STRING_MAP}
     destination.service.host: {valueType: STRING}
     source.user: {valueType: STRING}
+    context.protocol: {valueType: STRING}
+    response.code: {valueType: INT64}
+    response.duration: {valueType: DURATION}
 "#;
 
     /// A config compiled from `yaml` and a manifest of the attributes the

@@ -2,8 +2,8 @@
 //! telemetry`), one binary for both deployments. Config (rules, handlers,
 //! instances, attribute manifests) comes from Galley over MCP and is
 //! compiled on each change; `istio.mixer.v1.Mixer` is served on 9091. Check
-//! runs the denier, list checker and memquota adapters; Report decodes and
-//! counts what it receives (the telemetry adapters are not built yet).
+//! runs the denier, list checker and memquota adapters; Report runs the
+//! prometheus adapter, exported on 42422 by the telemetry role.
 
 pub mod attributes;
 pub mod check;
@@ -11,6 +11,7 @@ pub mod config;
 pub mod expr;
 pub mod quota;
 pub mod service;
+pub mod telemetry;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -48,6 +49,9 @@ pub struct MixerArgs {
     /// Address of the Mixer gRPC API (Check and Report).
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], component::ports::MIXER_GRPC)))]
     pub grpc_addr: SocketAddr,
+    /// Address of the Prometheus exporter (`/metrics`), telemetry role only.
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], component::ports::MIXER_PROMETHEUS)))]
+    pub prometheus_addr: SocketAddr,
 }
 
 /// Runs Mixer in its role until `shutdown`.
@@ -93,11 +97,39 @@ pub async fn run_on(
             "problems": config.problems,
         })
     });
-    let service = service::MixerService::new(config, &mut admin.registry());
+    let exporter = Arc::new(telemetry::Exporter::default());
+    let service = service::MixerService::new(config, exporter.clone(), &mut admin.registry());
     tracing::info!(addr = %listener.local_addr()?, role = id, "mixer serving Check and Report");
-    mcp::grpc_server()
+    let grpc = mcp::grpc_server()
         .add_service(service.into_server())
-        .serve_with_incoming_shutdown(mcp::incoming(listener), shutdown.cancelled_owned())
-        .await?;
+        .serve_with_incoming_shutdown(mcp::incoming(listener), shutdown.clone().cancelled_owned());
+    let metrics = async {
+        if args.role != Role::Telemetry {
+            return anyhow::Ok(());
+        }
+        let listener = tokio::net::TcpListener::bind(args.prometheus_addr)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("binding --prometheus-addr {}: {e}", args.prometheus_addr)
+            })?;
+        tracing::info!(addr = %listener.local_addr()?, "mixer exporting metrics");
+        let router = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    exporter.render(),
+                )
+            }),
+        );
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .await?;
+        Ok(())
+    };
+    tokio::try_join!(async { grpc.await.map_err(anyhow::Error::from) }, metrics)?;
     Ok(())
 }

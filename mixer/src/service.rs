@@ -1,6 +1,7 @@
 //! The `istio.mixer.v1.Mixer` gRPC service: Check answers with the decision
-//! of the current config, Report takes batches of attribute bags. Both
-//! roles serve both methods, as Istio's do; what runs is in the config.
+//! of the current config and the quotas granted, Report runs the config's
+//! telemetry over each bag. Both roles serve both methods, as Istio's do;
+//! what runs is in the config.
 
 use std::{
     sync::Arc,
@@ -29,6 +30,7 @@ use crate::{
     config::Config,
     expr::Referenced,
     quota::{self, QuotaStore},
+    telemetry::{self, Exporter},
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -41,6 +43,7 @@ struct CheckLabels {
 pub struct MixerService {
     config: watch::Receiver<Arc<Config>>,
     quotas: Arc<QuotaStore>,
+    exporter: Arc<Exporter>,
     checks: Family<CheckLabels, Counter>,
     reports: Counter,
 }
@@ -48,11 +51,13 @@ pub struct MixerService {
 impl MixerService {
     pub fn new(
         config: watch::Receiver<Arc<Config>>,
+        exporter: Arc<Exporter>,
         registry: &mut prometheus_client::registry::Registry,
     ) -> Self {
         let service = Self {
             config,
             quotas: Arc::default(),
+            exporter,
             checks: Family::default(),
             reports: Counter::default(),
         };
@@ -179,6 +184,10 @@ impl Mixer for MixerService {
         let bags = attributes::decode_report(&request.into_inner())
             .map_err(|e| Status::invalid_argument(format!("attributes: {e}")))?;
         self.reports.inc_by(bags.len() as u64);
+        let config = self.config.borrow().clone();
+        for bag in &bags {
+            telemetry::report(&config, bag, &self.exporter);
+        }
         Ok(Response::new(ReportResponse {}))
     }
 }

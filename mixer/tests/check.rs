@@ -72,6 +72,10 @@ impl Drop for Mixer {
 }
 
 async fn start(yaml: &str) -> Mixer {
+    start_as(yaml, mixer::Role::Policy, "127.0.0.1:0".parse().unwrap()).await
+}
+
+async fn start_as(yaml: &str, role: mixer::Role, prometheus_addr: std::net::SocketAddr) -> Mixer {
     let store = Arc::new(Store::new(kinds::KINDS.iter().map(|k| k.collection)));
     publish(&store, yaml);
     let stop = CancellationToken::new();
@@ -87,9 +91,10 @@ async fn start(yaml: &str) -> Mixer {
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = grpc.local_addr().unwrap();
     let args = mixer::MixerArgs {
-        role: mixer::Role::Policy,
+        role,
         mcp_server: mcp_addr.to_string(),
         grpc_addr: addr,
+        prometheus_addr,
     };
     let channel = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
@@ -311,4 +316,77 @@ spec:
     assert_eq!(granted, 3);
     let response = check(&mut mixer, &mary).await;
     assert_eq!(response.quotas["requestcount"].granted_amount, 0);
+}
+
+#[tokio::test]
+async fn reports_reach_the_prometheus_exporter() {
+    let telemetry = r#"
+---
+apiVersion: config.istio.io/v1alpha2
+kind: attributemanifest
+metadata: {name: telemetry, namespace: istio-system}
+spec:
+  attributes:
+    response.code: {valueType: INT64}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: instance
+metadata: {name: requestcount, namespace: istio-system}
+spec:
+  compiledTemplate: metric
+  params: {value: "1", dimensions: {destination_service: destination.service.host, response_code: response.code}}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: handler
+metadata: {name: prometheus, namespace: istio-system}
+spec:
+  compiledAdapter: prometheus
+  params:
+    metrics:
+    - {name: requests_total, instanceName: requestcount.metric.istio-system, kind: COUNTER,
+       labelNames: [destination_service, response_code]}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: promhttp, namespace: istio-system}
+spec:
+  actions: [{handler: prometheus, instances: [requestcount]}]
+"#;
+    let prometheus = e2e::free_addr();
+    let mut mixer = start_as(
+        &format!("{CONFIG}{telemetry}"),
+        mixer::Role::Telemetry,
+        prometheus,
+    )
+    .await;
+    let mut served = request_from(None);
+    served.insert("response.code".into(), Value::Int64(200));
+    let expected = r#"istio_requests_total{destination_service="ratings.shop.svc.cluster.local",response_code="200"}"#;
+    // Reports before the config arrives count nothing; report until the
+    // exporter shows the series.
+    let text = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let mut compressor = Compressor::default();
+            let attributes = compressor.compress(&served);
+            mixer
+                .client
+                .report(ReportRequest {
+                    attributes: vec![attributes],
+                    default_words: compressor.into_words(),
+                    global_word_count: GLOBAL_WORDS.len() as u32,
+                    repeated_attributes_semantics: 0,
+                })
+                .await
+                .unwrap();
+            if let Some((200, text)) = e2e::get(prometheus, "/metrics").await
+                && text.contains(expected)
+            {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the metric exported in time");
+    assert!(text.ends_with("# EOF\n"), "{text}");
 }
