@@ -71,7 +71,7 @@ pub fn check(config: &Config, bag: &Bag) -> Decision {
                 }
                 // Quotas are answered on their own (`quota`), metrics
                 // on Report (`telemetry`).
-                Adapter::MemQuota(_) | Adapter::Prometheus(_) => {}
+                Adapter::MemQuota(_) | Adapter::Prometheus(_) | Adapter::Stdio(_) => {}
                 Adapter::ListChecker(list) => {
                     decision.limit(list.caching_interval, list.caching_use_count);
                     for instance in &action.instances {

@@ -48,6 +48,16 @@ pub enum Adapter {
     ListChecker(ListChecker),
     MemQuota(MemQuota),
     Prometheus(Prometheus),
+    Stdio(Stdio),
+}
+
+/// Log entries written as lines, JSON with `outputAsJson`, else
+/// `key=value` pairs.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stdio {
+    #[serde(default)]
+    pub output_as_json: bool,
 }
 
 /// Metrics exported in the Prometheus format, each fed by one metric
@@ -249,6 +259,12 @@ pub enum Template {
     Quota {
         dimensions: std::collections::BTreeMap<String, Expr>,
     },
+    /// A log entry's variables, severity and time.
+    LogEntry {
+        variables: std::collections::BTreeMap<String, Expr>,
+        severity: Option<Expr>,
+        timestamp: Option<Expr>,
+    },
     /// A number to record, and its labels.
     Metric {
         value: Expr,
@@ -355,6 +371,7 @@ fn compile_handler(key: &str, h: &policy::Handler) -> Result<Handler, String> {
         "denier" => Adapter::Denier(serde_json::from_value(params).map_err(parse_error)?),
         "memquota" => Adapter::MemQuota(serde_json::from_value(params).map_err(parse_error)?),
         "prometheus" => Adapter::Prometheus(serde_json::from_value(params).map_err(parse_error)?),
+        "stdio" => Adapter::Stdio(serde_json::from_value(params).map_err(parse_error)?),
         "listchecker" => {
             let list: ListChecker = serde_json::from_value(params).map_err(parse_error)?;
             if list.entry_type == EntryType::Regex {
@@ -407,8 +424,22 @@ fn compile_instance(
             value: field("value", ValueType::String)?,
         },
         "quota" => Template::Quota {
-            dimensions: dimensions(key, &params, types)?,
+            dimensions: dimensions(key, &params, "dimensions", types)?,
         },
+        "logentry" => {
+            let optional = |name: &str, want: ValueType| {
+                params
+                    .get(name)
+                    .is_some()
+                    .then(|| field(name, want))
+                    .transpose()
+            };
+            Template::LogEntry {
+                variables: dimensions(key, &params, "variables", types)?,
+                severity: optional("severity", ValueType::String)?,
+                timestamp: optional("timestamp", ValueType::Timestamp)?,
+            }
+        }
         "metric" => {
             let text = params["value"]
                 .as_str()
@@ -428,7 +459,7 @@ fn compile_instance(
             }
             Template::Metric {
                 value,
-                dimensions: dimensions(key, &params, types)?,
+                dimensions: dimensions(key, &params, "dimensions", types)?,
             }
         }
         other => {
@@ -443,21 +474,23 @@ fn compile_instance(
     })
 }
 
-/// The `dimensions` of an instance's params: expressions by name.
+/// A map of expressions in an instance's params (`dimensions`,
+/// `variables`), each parsed and type-checked.
 fn dimensions(
     key: &str,
     params: &serde_json::Value,
+    field: &str,
     types: &HashMap<String, ValueType>,
 ) -> Result<std::collections::BTreeMap<String, Expr>, String> {
     let mut dimensions = std::collections::BTreeMap::new();
-    for (name, text) in params["dimensions"].as_object().into_iter().flatten() {
+    for (name, text) in params[field].as_object().into_iter().flatten() {
         let text = text
             .as_str()
-            .ok_or_else(|| format!("instance {key}: dimensions.{name} is not an expression"))?;
+            .ok_or_else(|| format!("instance {key}: {field}.{name} is not an expression"))?;
         let parsed = expr::parse(text)
-            .map_err(|e| format!("instance {key}: dimensions.{name}: {text:?}: {e}"))?;
+            .map_err(|e| format!("instance {key}: {field}.{name}: {text:?}: {e}"))?;
         expr::check(&parsed, &|a| types.get(a).copied())
-            .map_err(|e| format!("instance {key}: dimensions.{name}: {text:?}: {e}"))?;
+            .map_err(|e| format!("instance {key}: {field}.{name}: {text:?}: {e}"))?;
         dimensions.insert(name.clone(), parsed);
     }
     Ok(dimensions)

@@ -3,7 +3,8 @@
 //! instances, attribute manifests) comes from Galley over MCP and is
 //! compiled on each change; `istio.mixer.v1.Mixer` is served on 9091. Check
 //! runs the denier, list checker and memquota adapters; Report runs the
-//! prometheus adapter, exported on 42422 by the telemetry role.
+//! prometheus adapter (exported on 42422 by the telemetry role) and the
+//! stdio access log.
 
 pub mod attributes;
 pub mod check;
@@ -97,8 +98,8 @@ pub async fn run_on(
             "problems": config.problems,
         })
     });
-    let exporter = Arc::new(telemetry::Exporter::default());
-    let service = service::MixerService::new(config, exporter.clone(), &mut admin.registry());
+    let outputs = Arc::new(telemetry::Outputs::default());
+    let service = service::MixerService::new(config, outputs.clone(), &mut admin.registry());
     tracing::info!(addr = %listener.local_addr()?, role = id, "mixer serving Check and Report");
     let grpc = mcp::grpc_server()
         .add_service(service.into_server())
@@ -121,7 +122,7 @@ pub async fn run_on(
                         axum::http::header::CONTENT_TYPE,
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     )],
-                    exporter.render(),
+                    outputs.metrics.render(),
                 )
             }),
         );

@@ -30,7 +30,7 @@ use crate::{
     config::Config,
     expr::Referenced,
     quota::{self, QuotaStore},
-    telemetry::{self, Exporter},
+    telemetry::{self, Outputs},
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -43,7 +43,7 @@ struct CheckLabels {
 pub struct MixerService {
     config: watch::Receiver<Arc<Config>>,
     quotas: Arc<QuotaStore>,
-    exporter: Arc<Exporter>,
+    outputs: Arc<Outputs>,
     checks: Family<CheckLabels, Counter>,
     reports: Counter,
 }
@@ -51,13 +51,13 @@ pub struct MixerService {
 impl MixerService {
     pub fn new(
         config: watch::Receiver<Arc<Config>>,
-        exporter: Arc<Exporter>,
+        outputs: Arc<Outputs>,
         registry: &mut prometheus_client::registry::Registry,
     ) -> Self {
         let service = Self {
             config,
             quotas: Arc::default(),
-            exporter,
+            outputs,
             checks: Family::default(),
             reports: Counter::default(),
         };
@@ -186,7 +186,7 @@ impl Mixer for MixerService {
         self.reports.inc_by(bags.len() as u64);
         let config = self.config.borrow().clone();
         for bag in &bags {
-            telemetry::report(&config, bag, &self.exporter);
+            telemetry::report(&config, bag, &self.outputs);
         }
         Ok(Response::new(ReportResponse {}))
     }

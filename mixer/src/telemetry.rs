@@ -1,11 +1,12 @@
-//! Report dispatch and the Prometheus exporter. Each reported bag runs the
-//! rules whose match holds; a prometheus handler records, for each metric
-//! instance it exports, the instance's value under its labels. Metrics are
-//! exported as `istio_<name>` (Istio's names: `istio_requests_total`, ...)
-//! on the telemetry role's `/metrics`.
+//! Report dispatch: each reported bag runs the rules whose match holds. A
+//! prometheus handler records, for each metric instance it exports, the
+//! instance's value under its labels, exported as `istio_<name>` (Istio's
+//! names: `istio_requests_total`, ...) on the telemetry role's `/metrics`;
+//! a stdio handler writes each log entry instance as an access log line.
 
 use std::{
     collections::{BTreeMap, HashMap},
+    io::Write,
     sync::{Arc, Mutex, atomic::AtomicU64},
 };
 
@@ -22,7 +23,7 @@ use prometheus_client::{
 use crate::{
     attributes::{Bag, Value},
     check::applies,
-    config::{Adapter, Config, MetricInfo, MetricKind, Template},
+    config::{Action, Adapter, Config, MetricInfo, MetricKind, Stdio, Template},
     expr::{self, Referenced},
 };
 
@@ -131,52 +132,153 @@ impl Exporter {
     }
 }
 
+/// Where Report's telemetry goes: the exported metrics, and the access
+/// log (Mixer's stdout unless given another writer).
+pub struct Outputs {
+    pub metrics: Exporter,
+    log: Mutex<Box<dyn Write + Send>>,
+}
+
+impl Default for Outputs {
+    fn default() -> Self {
+        Self::new(Box::new(std::io::stdout()))
+    }
+}
+
+impl Outputs {
+    pub fn new(log: Box<dyn Write + Send>) -> Self {
+        Self {
+            metrics: Exporter::default(),
+            log: Mutex::new(log),
+        }
+    }
+
+    fn log(&self, line: &str) {
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = writeln!(log, "{line}").and_then(|()| log.flush()) {
+            tracing::warn!(error = %e, "access log not written");
+        }
+    }
+}
+
 /// Runs the rules over one reported bag.
-pub fn report(config: &Config, bag: &Bag, exporter: &Exporter) {
+pub fn report(config: &Config, bag: &Bag, outputs: &Outputs) {
     let mut referenced = Referenced::default();
     for rule in &config.rules {
-        let Some(exporting) = rule.actions.iter().find_map(|a| match &a.handler.adapter {
-            Adapter::Prometheus(p) => Some((a, p)),
-            _ => None,
-        }) else {
-            continue;
+        let telemetry = |a: &&Action| {
+            matches!(
+                a.handler.adapter,
+                Adapter::Prometheus(_) | Adapter::Stdio(_)
+            )
         };
-        if !applies(rule, bag, &mut referenced) {
+        if !rule.actions.iter().any(|a| telemetry(&a)) || !applies(rule, bag, &mut referenced) {
             continue;
         }
-        let (action, prometheus) = exporting;
-        for instance in &action.instances {
-            let Template::Metric { value, dimensions } = &instance.template else {
-                continue;
-            };
-            let Some(info) = prometheus
-                .metrics
-                .iter()
-                .find(|m| names(&m.instance_name, &instance.name))
-            else {
-                continue;
-            };
-            let number = match expr::eval(value, bag, &mut referenced) {
-                Ok(Value::Int64(n)) => n as f64,
-                Ok(Value::Double(n)) => n,
-                Ok(Value::Duration(d)) => d.seconds as f64 + f64::from(d.nanos) / 1e9,
-                Ok(other) => {
-                    tracing::debug!(instance = %instance.name, ?other, "not a number");
-                    continue;
-                }
-                Err(e) => {
-                    tracing::debug!(instance = %instance.name, "value not evaluated: {e}");
-                    continue;
-                }
-            };
-            match expr::eval_labels(dimensions, bag, &mut referenced) {
-                Ok(labels) => exporter.record(info, &labels, number),
-                Err(e) => {
-                    tracing::debug!(instance = %instance.name, "dimensions not evaluated: {e}")
+        for action in rule.actions.iter().filter(telemetry) {
+            for instance in &action.instances {
+                match (&action.handler.adapter, &instance.template) {
+                    (Adapter::Prometheus(p), Template::Metric { value, dimensions }) => {
+                        let Some(info) = p
+                            .metrics
+                            .iter()
+                            .find(|m| names(&m.instance_name, &instance.name))
+                        else {
+                            continue;
+                        };
+                        match metric(value, dimensions, bag, &mut referenced) {
+                            Ok((number, labels)) => outputs.metrics.record(info, &labels, number),
+                            Err(e) => {
+                                tracing::debug!(instance = %instance.name, "not recorded: {e}")
+                            }
+                        }
+                    }
+                    (
+                        Adapter::Stdio(stdio),
+                        Template::LogEntry {
+                            variables,
+                            severity,
+                            timestamp,
+                        },
+                    ) => {
+                        let mut eval_or = |e: &Option<expr::Expr>, default: &str| {
+                            e.as_ref()
+                                .and_then(|e| expr::eval(e, bag, &mut referenced).ok())
+                                .map_or(default.to_string(), |v| v.to_string())
+                        };
+                        let level = eval_or(severity, "info");
+                        let time = eval_or(timestamp, "");
+                        let fields: Vec<(String, Value)> = variables
+                            .iter()
+                            .filter_map(|(k, e)| {
+                                Some((k.clone(), expr::eval(e, bag, &mut referenced).ok()?))
+                            })
+                            .collect();
+                        outputs.log(&log_line(stdio, &instance.name, &level, &time, &fields));
+                    }
+                    _ => {}
                 }
             }
         }
     }
+}
+
+fn metric(
+    value: &expr::Expr,
+    dimensions: &BTreeMap<String, expr::Expr>,
+    bag: &Bag,
+    referenced: &mut Referenced,
+) -> Result<(f64, BTreeMap<String, String>), String> {
+    let number = match expr::eval(value, bag, referenced).map_err(|e| e.to_string())? {
+        Value::Int64(n) => n as f64,
+        Value::Double(n) => n,
+        Value::Duration(d) => d.seconds as f64 + f64::from(d.nanos) / 1e9,
+        other => return Err(format!("{other:?} is not a number")),
+    };
+    let labels = expr::eval_labels(dimensions, bag, referenced).map_err(|e| e.to_string())?;
+    Ok((number, labels))
+}
+
+/// One access log line: JSON with `outputAsJson`, else `key=value` pairs
+/// (values with spaces or quotes quoted).
+fn log_line(
+    stdio: &Stdio,
+    instance: &str,
+    level: &str,
+    time: &str,
+    fields: &[(String, Value)],
+) -> String {
+    if stdio.output_as_json {
+        let mut object = serde_json::Map::new();
+        object.insert("level".into(), level.into());
+        if !time.is_empty() {
+            object.insert("time".into(), time.into());
+        }
+        object.insert("instance".into(), instance.into());
+        for (k, v) in fields {
+            let json = match v {
+                Value::Int64(n) => (*n).into(),
+                Value::Double(n) => (*n).into(),
+                Value::Bool(b) => (*b).into(),
+                other => other.to_string().into(),
+            };
+            object.insert(k.clone(), json);
+        }
+        return serde_json::Value::Object(object).to_string();
+    }
+    let mut line = format!("level={level}");
+    if !time.is_empty() {
+        line.push_str(&format!(" time={time}"));
+    }
+    line.push_str(&format!(" instance={instance}"));
+    for (k, v) in fields {
+        let text = v.to_string();
+        if text.is_empty() || text.contains([' ', '"', '=']) {
+            line.push_str(&format!(" {k}={text:?}"));
+        } else {
+            line.push_str(&format!(" {k}={text}"));
+        }
+    }
+    line
 }
 
 /// Whether `reference` (a metric's `instanceName`) names the instance
@@ -253,21 +355,85 @@ spec:
     fn reports_become_istio_metrics() {
         let config = compile(REQUESTS);
         assert!(config.problems.is_empty(), "{:?}", config.problems);
-        let exporter = Exporter::default();
-        report(&config, &request(200, 5), &exporter);
-        report(&config, &request(200, 50), &exporter);
-        report(&config, &request(503, 500), &exporter);
+        let outputs = Outputs::default();
+        report(&config, &request(200, 5), &outputs);
+        report(&config, &request(200, 50), &outputs);
+        report(&config, &request(503, 500), &outputs);
         // Not HTTP: the rule does not hold.
         let mut tcp = request(200, 5);
         tcp.insert("context.protocol".into(), Value::String("tcp".into()));
-        report(&config, &tcp, &exporter);
+        report(&config, &tcp, &outputs);
 
-        let text = exporter.render();
+        let text = outputs.metrics.render();
         assert!(text.contains(r#"istio_requests_total{destination_service="ratings.shop.svc.cluster.local",response_code="200"} 2"#), "{text}");
         assert!(text.contains(r#"istio_requests_total{destination_service="ratings.shop.svc.cluster.local",response_code="503"} 1"#), "{text}");
         assert!(text.contains(r#"istio_request_duration_seconds_bucket{le="0.01",destination_service="ratings.shop.svc.cluster.local"} 1"#), "{text}");
         assert!(text.contains(r#"istio_request_duration_seconds_bucket{le="0.1",destination_service="ratings.shop.svc.cluster.local"} 2"#), "{text}");
         assert!(text.contains(r#"istio_request_duration_seconds_count{destination_service="ratings.shop.svc.cluster.local"} 3"#), "{text}");
+    }
+
+    /// A writer the test reads back.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn stdio_writes_access_log_lines() {
+        let config = compile(
+            r#"
+apiVersion: config.istio.io/v1alpha2
+kind: instance
+metadata: {name: accesslog, namespace: istio-system}
+spec:
+  compiledTemplate: logentry
+  params:
+    severity: '"warning"'
+    variables: {destination: destination.service.host, responseCode: response.code, user: source.user | "unknown"}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: handler
+metadata: {name: json, namespace: istio-system}
+spec: {compiledAdapter: stdio, params: {outputAsJson: true}}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: handler
+metadata: {name: text, namespace: istio-system}
+spec: {compiledAdapter: stdio}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: stdio, namespace: istio-system}
+spec:
+  actions: [{handler: json, instances: [accesslog]}, {handler: text, instances: [accesslog]}]
+"#,
+        );
+        assert!(config.problems.is_empty(), "{:?}", config.problems);
+        let captured = Captured::default();
+        let outputs = Outputs::new(Box::new(captured.clone()));
+        report(&config, &request(503, 5), &outputs);
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        let json: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(json["level"], "warning");
+        assert_eq!(json["instance"], "istio-system/accesslog");
+        assert_eq!(json["destination"], "ratings.shop.svc.cluster.local");
+        assert_eq!(json["responseCode"], 503);
+        assert_eq!(json["user"], "unknown");
+        assert_eq!(
+            lines[1],
+            "level=warning instance=istio-system/accesslog destination=ratings.shop.svc.cluster.local responseCode=503 user=unknown"
+        );
     }
 
     #[test]
