@@ -56,6 +56,7 @@ pub enum Adapter {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Stdio {
+    #[serde(alias = "output_as_json")]
     #[serde(default)]
     pub output_as_json: bool,
 }
@@ -74,11 +75,13 @@ pub struct Prometheus {
 pub struct MetricInfo {
     /// Exported as `istio_<name>`.
     pub name: String,
+    #[serde(alias = "instance_name")]
     pub instance_name: String,
     #[serde(default)]
     pub description: String,
     #[serde(default)]
     pub kind: MetricKind,
+    #[serde(alias = "label_names")]
     #[serde(default)]
     pub label_names: Vec<String>,
     #[serde(default)]
@@ -97,25 +100,30 @@ pub enum MetricKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Buckets {
-    ExplicitBuckets {
-        bounds: Vec<f64>,
-    },
-    #[serde(rename_all = "camelCase")]
+    #[serde(alias = "explicit_buckets")]
+    ExplicitBuckets { bounds: Vec<f64> },
+    #[serde(rename_all = "camelCase", alias = "linear_buckets")]
     LinearBuckets {
+        #[serde(alias = "num_finite_buckets")]
         num_finite_buckets: f64,
         width: f64,
+        #[serde(default)]
         offset: f64,
     },
-    #[serde(rename_all = "camelCase")]
+    #[serde(rename_all = "camelCase", alias = "exponential_buckets")]
     ExponentialBuckets {
+        #[serde(alias = "num_finite_buckets")]
         num_finite_buckets: f64,
+        #[serde(alias = "growth_factor")]
         growth_factor: f64,
         scale: f64,
     },
 }
 
 impl Buckets {
-    /// The upper bounds of the finite buckets.
+    /// The upper bounds of the buckets, as Istio's prometheus adapter
+    /// makes them: linear and exponential ones start at `offset` and
+    /// `scale`, with one bound more than `numFiniteBuckets`.
     pub fn bounds(&self) -> Vec<f64> {
         match self {
             Self::ExplicitBuckets { bounds } => bounds.clone(),
@@ -123,19 +131,20 @@ impl Buckets {
                 num_finite_buckets,
                 width,
                 offset,
-            } => (0..*num_finite_buckets as u32)
-                .map(|i| offset + width * f64::from(i + 1))
+            } => (0..=*num_finite_buckets as u32)
+                .map(|i| offset + width * f64::from(i))
                 .collect(),
             Self::ExponentialBuckets {
                 num_finite_buckets,
                 growth_factor,
                 scale,
-            } => (0..*num_finite_buckets as i32)
-                .map(|i| scale * growth_factor.powi(i + 1))
+            } => (0..=*num_finite_buckets as i32)
+                .map(|i| scale * growth_factor.powi(i))
                 .collect(),
         }
     }
 }
+
 /// Rate limits kept in Mixer's memory: per quota (by instance name), at
 /// most `maxAmount` in any `validDuration`, per distinct set of dimension
 /// values; an override sets other limits for the dimensions it names.
@@ -150,9 +159,11 @@ pub struct MemQuota {
 #[serde(rename_all = "camelCase")]
 pub struct QuotaLimit {
     pub name: String,
+    #[serde(alias = "max_amount")]
     #[serde(default, deserialize_with = "whole")]
     pub max_amount: Option<i64>,
     /// `None`: allocations never expire.
+    #[serde(alias = "valid_duration")]
     #[serde(default, with = "humantime_serde_opt")]
     pub valid_duration: Option<Duration>,
     #[serde(default)]
@@ -164,8 +175,10 @@ pub struct QuotaLimit {
 pub struct QuotaOverride {
     #[serde(default)]
     pub dimensions: std::collections::BTreeMap<String, String>,
+    #[serde(alias = "max_amount")]
     #[serde(default, deserialize_with = "whole")]
     pub max_amount: Option<i64>,
+    #[serde(alias = "valid_duration")]
     #[serde(default, with = "humantime_serde_opt")]
     pub valid_duration: Option<Duration>,
 }
@@ -175,8 +188,10 @@ pub struct QuotaOverride {
 pub struct Denier {
     #[serde(default)]
     pub status: DenierStatus,
+    #[serde(alias = "valid_duration")]
     #[serde(default, with = "humantime_serde_opt")]
     pub valid_duration: Option<Duration>,
+    #[serde(alias = "valid_use_count")]
     #[serde(default, deserialize_with = "whole")]
     pub valid_use_count: Option<i32>,
 }
@@ -199,10 +214,13 @@ pub struct ListChecker {
     /// Entries on the list are refused (else: only they are allowed).
     #[serde(default)]
     pub blacklist: bool,
+    #[serde(alias = "entry_type")]
     #[serde(default)]
     pub entry_type: EntryType,
+    #[serde(alias = "caching_interval")]
     #[serde(default, with = "humantime_serde_opt")]
     pub caching_interval: Option<Duration>,
+    #[serde(alias = "caching_use_count")]
     #[serde(default, deserialize_with = "whole")]
     pub caching_use_count: Option<i32>,
 }
@@ -405,9 +423,9 @@ fn compile_instance(
         let text = params[name]
             .as_str()
             .ok_or_else(|| format!("instance {key}: {template} needs {name:?}"))?;
-        let parsed =
+        let mut parsed =
             expr::parse(text).map_err(|e| format!("instance {key}: {name}: {text:?}: {e}"))?;
-        let t = expr::check(&parsed, &|a| types.get(a).copied())
+        let t = expr::check(&mut parsed, &|a| types.get(a).copied())
             .map_err(|e| format!("instance {key}: {name}: {text:?}: {e}"))?;
         if t != want && !(want == ValueType::String && is_stringish(t)) {
             return Err(format!(
@@ -444,9 +462,9 @@ fn compile_instance(
             let text = params["value"]
                 .as_str()
                 .ok_or_else(|| format!("instance {key}: metric needs \"value\""))?;
-            let value =
+            let mut value =
                 expr::parse(text).map_err(|e| format!("instance {key}: value: {text:?}: {e}"))?;
-            let t = expr::check(&value, &|a| types.get(a).copied())
+            let t = expr::check(&mut value, &|a| types.get(a).copied())
                 .map_err(|e| format!("instance {key}: value: {text:?}: {e}"))?;
             if !matches!(
                 t,
@@ -487,9 +505,9 @@ fn dimensions(
         let text = text
             .as_str()
             .ok_or_else(|| format!("instance {key}: {field}.{name} is not an expression"))?;
-        let parsed = expr::parse(text)
+        let mut parsed = expr::parse(text)
             .map_err(|e| format!("instance {key}: {field}.{name}: {text:?}: {e}"))?;
-        expr::check(&parsed, &|a| types.get(a).copied())
+        expr::check(&mut parsed, &|a| types.get(a).copied())
             .map_err(|e| format!("instance {key}: {field}.{name}: {text:?}: {e}"))?;
         dimensions.insert(name.clone(), parsed);
     }
@@ -515,8 +533,8 @@ fn compile_rule(
     let condition = match rule.r#match.trim() {
         "" => None,
         text => {
-            let parsed = expr::parse(text).map_err(|e| format!("match {text:?}: {e}"))?;
-            let t = expr::check(&parsed, &|a| types.get(a).copied())
+            let mut parsed = expr::parse(text).map_err(|e| format!("match {text:?}: {e}"))?;
+            let t = expr::check(&mut parsed, &|a| types.get(a).copied())
                 .map_err(|e| format!("match {text:?}: {e}"))?;
             if t != ValueType::Bool {
                 return Err(format!("match {text:?} is {}, not BOOL", t.as_str_name()));

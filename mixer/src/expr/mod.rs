@@ -64,9 +64,32 @@ fn name(t: ValueType) -> &'static str {
     t.as_str_name()
 }
 
+/// A string literal where a DURATION is expected (`response.duration |
+/// "0ms"`, as Istio's own config writes) becomes a duration constant;
+/// `Ok(true)` when `other` was such a literal and is now one.
+fn duration_literal(t: ValueType, other: &mut Expr) -> Result<bool, String> {
+    let Expr::Const(Value::String(text)) = other else {
+        return Ok(false);
+    };
+    if t != ValueType::Duration {
+        return Ok(false);
+    }
+    let d =
+        humantime::parse_duration(text).map_err(|e| format!("{text:?} is not a duration: {e}"))?;
+    *other = Expr::Const(Value::Duration(pbjson_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }));
+    Ok(true)
+}
+
 /// The type of `expr`, with `types` giving each attribute's; the error
-/// names what does not fit.
-pub fn check(expr: &Expr, types: &dyn Fn(&str) -> Option<ValueType>) -> Result<ValueType, String> {
+/// names what does not fit. Duration literals written as strings are
+/// resolved here.
+pub fn check(
+    expr: &mut Expr,
+    types: &dyn Fn(&str) -> Option<ValueType>,
+) -> Result<ValueType, String> {
     let same = |a: ValueType, b: ValueType, what: &str| {
         if a == b {
             Ok(a)
@@ -95,8 +118,15 @@ pub fn check(expr: &Expr, types: &dyn Fn(&str) -> Option<ValueType>) -> Result<V
             Ok(ValueType::String)
         }
         Expr::Not(e) => same(check(e, types)?, ValueType::Bool, "\"!\""),
-        Expr::Binary(op, a, b) => {
-            let (a, b) = (check(a, types)?, check(b, types)?);
+        Expr::Binary(op, left, right) => {
+            let (mut a, mut b) = (check(left, types)?, check(right, types)?);
+            if matches!(op, Op::Eq | Op::Ne | Op::Default) {
+                if duration_literal(a, right)? {
+                    b = a;
+                } else if duration_literal(b, left)? {
+                    a = b;
+                }
+            }
             match op {
                 Op::Eq | Op::Ne => same(a, b, "\"==\"/\"!=\"").map(|_| ValueType::Bool),
                 Op::And | Op::Or => {
@@ -107,11 +137,15 @@ pub fn check(expr: &Expr, types: &dyn Fn(&str) -> Option<ValueType>) -> Result<V
             }
         }
         Expr::Call(f, args) if f == "conditional" => {
-            let [c, a, b] = &args[..] else {
+            let [c, a, b] = &mut args[..] else {
                 return Err("conditional takes 3 arguments".into());
             };
             same(check(c, types)?, ValueType::Bool, "conditional's condition")?;
-            same(check(a, types)?, check(b, types)?, "conditional")
+            let (ta, tb) = (check(a, types)?, check(b, types)?);
+            if duration_literal(ta, b)? || duration_literal(tb, a)? {
+                return Ok(ValueType::Duration);
+            }
+            same(ta, tb, "conditional")
         }
         Expr::Call(f, args) => {
             let (_, params, result) = FUNCTIONS
@@ -125,7 +159,7 @@ pub fn check(expr: &Expr, types: &dyn Fn(&str) -> Option<ValueType>) -> Result<V
                     args.len()
                 ));
             }
-            for (param, arg) in params.iter().zip(args) {
+            for (param, arg) in params.iter().zip(args.iter_mut()) {
                 let t = check(arg, types)?;
                 if t != *param {
                     return Err(format!("{f} takes {}, not {}", name(*param), name(t)));
@@ -381,12 +415,13 @@ mod tests {
             ("response.code", ValueType::Int64),
             ("source.user", ValueType::String),
             ("connection.mtls", ValueType::Bool),
+            ("response.duration", ValueType::Duration),
         ])
     }
 
     fn checked(text: &str) -> Result<ValueType, String> {
         let types = types();
-        check(&parse(text)?, &|a| types.get(a).copied())
+        check(&mut parse(text)?, &|a| types.get(a).copied())
     }
 
     fn bag() -> Bag {
