@@ -8,6 +8,7 @@
 
 pub mod attributes;
 pub mod check;
+pub mod client;
 pub mod config;
 pub mod expr;
 pub mod quota;

@@ -1,0 +1,270 @@
+//! The client side of Mixer, for proxies. Check answers are cached by
+//! exactly the attributes (and map keys) Mixer said the decision read, for
+//! as long and as many uses as it allowed, so most requests never leave the
+//! proxy. Reports are batched and sent delta-encoded. When Mixer cannot be
+//! reached, checks fail open or closed as configured.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use mcp_proto::pb::istio::mixer::v1::{
+    CheckRequest, ReferencedAttributes, ReportRequest, mixer_client::MixerClient,
+    referenced_attributes::Condition, report_request::RepeatedAttributesSemantics,
+};
+use tonic::transport::Channel;
+
+use crate::attributes::{Bag, Compressor, Value, dictionary::GLOBAL_WORDS};
+
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Let requests through when Mixer cannot answer.
+    pub fail_open: bool,
+    /// Reports are sent once this many are waiting.
+    pub batch_size: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            fail_open: true,
+            batch_size: 100,
+        }
+    }
+}
+
+/// A check's outcome for the proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    /// A google.rpc code and message.
+    Deny {
+        code: i32,
+        message: String,
+    },
+}
+
+/// google.rpc.Code UNAVAILABLE, for a fail-closed check Mixer did not answer.
+const UNAVAILABLE: i32 = 14;
+
+/// What a cached decision depended on: attribute, map key, and whether it
+/// was present.
+type Shape = Vec<(String, Option<String>, bool)>;
+
+struct Entry {
+    verdict: Verdict,
+    expires: Instant,
+    uses_left: i32,
+}
+
+/// Decisions by the values of what they read.
+#[derive(Default)]
+struct CheckCache {
+    shapes: HashMap<Shape, HashMap<Vec<String>, Entry>>,
+}
+
+impl CheckCache {
+    /// The values `bag` has for `shape`, if it agrees on presence.
+    fn key(shape: &Shape, bag: &Bag) -> Option<Vec<String>> {
+        let mut key = Vec::with_capacity(shape.len());
+        for (name, map_key, present) in shape {
+            let value = match (bag.get(name), map_key) {
+                (Some(Value::StringMap(m)), Some(k)) => m.get(k).cloned(),
+                (Some(_), Some(_)) | (None, _) => None,
+                (Some(v), None) => Some(v.to_string()),
+            };
+            match (value, present) {
+                (Some(v), true) => key.push(v),
+                (None, false) => {}
+                _ => return None,
+            }
+        }
+        Some(key)
+    }
+
+    fn lookup(&mut self, bag: &Bag, now: Instant) -> Option<Verdict> {
+        for (shape, entries) in &mut self.shapes {
+            let Some(key) = Self::key(shape, bag) else {
+                continue;
+            };
+            let Some(entry) = entries.get_mut(&key) else {
+                continue;
+            };
+            if entry.expires <= now || entry.uses_left <= 0 {
+                entries.remove(&key);
+                continue;
+            }
+            entry.uses_left -= 1;
+            return Some(entry.verdict.clone());
+        }
+        None
+    }
+
+    fn insert(&mut self, shape: Shape, bag: &Bag, entry: Entry) {
+        if let Some(key) = Self::key(&shape, bag) {
+            self.shapes.entry(shape).or_default().insert(key, entry);
+        }
+    }
+}
+
+/// The shape of a response's referenced attributes; `None` when it names a
+/// word it does not carry (such an answer is not cached).
+fn shape(referenced: &ReferencedAttributes) -> Option<Shape> {
+    let word = |i: i32| -> Option<String> {
+        if i >= 0 {
+            GLOBAL_WORDS.get(i as usize).map(|w| w.to_string())
+        } else {
+            referenced.words.get((-(i as i64) - 1) as usize).cloned()
+        }
+    };
+    let mut shape: Shape = referenced
+        .attribute_matches
+        .iter()
+        .map(|m| {
+            let key = if m.map_key != 0 {
+                Some(word(m.map_key)?)
+            } else {
+                None
+            };
+            let present = m.condition == Condition::Exact as i32;
+            Some((word(m.name)?, key, present))
+        })
+        .collect::<Option<_>>()?;
+    shape.sort();
+    Some(shape)
+}
+
+pub struct Client {
+    grpc: MixerClient<Channel>,
+    options: ClientOptions,
+    cache: Mutex<CheckCache>,
+    batch: Mutex<Vec<Bag>>,
+}
+
+impl Client {
+    pub fn new(channel: Channel, options: ClientOptions) -> Self {
+        Self {
+            grpc: MixerClient::new(channel),
+            options,
+            cache: Mutex::default(),
+            batch: Mutex::default(),
+        }
+    }
+
+    /// Whether the request described by `bag` may proceed.
+    pub async fn check(&self, bag: &Bag) -> Verdict {
+        let now = Instant::now();
+        if let Some(verdict) = self.lock_cache().lookup(bag, now) {
+            return verdict;
+        }
+        let mut compressor = Compressor::default();
+        let mut attributes = compressor.compress(bag);
+        attributes.words = compressor.into_words();
+        let request = CheckRequest {
+            attributes: Some(attributes),
+            global_word_count: GLOBAL_WORDS.len() as u32,
+            ..Default::default()
+        };
+        let response = match self.grpc.clone().check(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) if self.options.fail_open => {
+                tracing::debug!(%status, "mixer check failed; failing open");
+                return Verdict::Allow;
+            }
+            Err(status) => {
+                return Verdict::Deny {
+                    code: UNAVAILABLE,
+                    message: format!("mixer check failed: {}", status.message()),
+                };
+            }
+        };
+        let precondition = response.precondition.unwrap_or_default();
+        let status = precondition.status.unwrap_or_default();
+        let verdict = match status.code {
+            0 => Verdict::Allow,
+            code => Verdict::Deny {
+                code,
+                message: status.message,
+            },
+        };
+        let valid_for = precondition
+            .valid_duration
+            .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+            .unwrap_or_default();
+        let shape = precondition.referenced_attributes.as_ref().and_then(shape);
+        if let Some(shape) = shape
+            && !valid_for.is_zero()
+            && precondition.valid_use_count > 0
+        {
+            let entry = Entry {
+                verdict: verdict.clone(),
+                expires: now + valid_for,
+                // This check was the first use.
+                uses_left: precondition.valid_use_count - 1,
+            };
+            self.lock_cache().insert(shape, bag, entry);
+        }
+        verdict
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, CheckCache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a report; the batch goes out once it is full.
+    pub async fn report(&self, bag: Bag) -> Result<(), tonic::Status> {
+        let full = {
+            let mut batch = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+            batch.push(bag);
+            batch.len() >= self.options.batch_size
+        };
+        if full { self.flush().await } else { Ok(()) }
+    }
+
+    /// Sends every queued report, delta-encoded: each bag carries only what
+    /// changed from the one before (independently encoded when a bag lacks
+    /// an attribute the one before had, which a delta cannot say).
+    pub async fn flush(&self) -> Result<(), tonic::Status> {
+        let bags = std::mem::take(&mut *self.batch.lock().unwrap_or_else(|e| e.into_inner()));
+        if bags.is_empty() {
+            return Ok(());
+        }
+        let delta = bags
+            .windows(2)
+            .all(|pair| pair[0].keys().all(|k| pair[1].contains_key(k)));
+        let mut compressor = Compressor::default();
+        let mut previous: Option<&Bag> = None;
+        let attributes = bags
+            .iter()
+            .map(|bag| {
+                let changed: Bag = match previous {
+                    Some(before) if delta => bag
+                        .iter()
+                        .filter(|(k, v)| before.get(*k) != Some(*v))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                    _ => bag.clone(),
+                };
+                previous = Some(bag);
+                compressor.compress(&changed)
+            })
+            .collect();
+        let semantics = if delta {
+            RepeatedAttributesSemantics::DeltaEncoding
+        } else {
+            RepeatedAttributesSemantics::IndependentEncoding
+        };
+        self.grpc
+            .clone()
+            .report(ReportRequest {
+                attributes,
+                default_words: compressor.into_words(),
+                global_word_count: GLOBAL_WORDS.len() as u32,
+                repeated_attributes_semantics: semantics as i32,
+            })
+            .await?;
+        Ok(())
+    }
+}

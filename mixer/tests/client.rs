@@ -1,0 +1,271 @@
+//! The client library against the real Mixer over gRPC: decisions cached by
+//! what they read, fail open and closed, reports batched and delta-encoded.
+
+use std::{sync::Arc, time::Duration};
+
+use component::{Admin, CancellationToken};
+use mcp_proto::{
+    kinds,
+    mcp::{IncrementalPolicy, McpMetrics, SourceServer, Store},
+    object::ConfigObject,
+};
+use mixer::{
+    attributes::{Bag, Value},
+    client::{Client, ClientOptions, Verdict},
+};
+use tonic::transport::Channel;
+
+const CONFIG: &str = r#"
+apiVersion: config.istio.io/v1alpha2
+kind: attributemanifest
+metadata: {name: istioproxy, namespace: istio-system}
+spec:
+  attributes:
+    destination.service.host: {valueType: STRING}
+    request.headers: {valueType: STRING_MAP}
+    response.code: {valueType: INT64}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: handler
+metadata: {name: denyall, namespace: istio-system}
+spec:
+  compiledAdapter: denier
+  params: {status: {code: 7, message: "no"}, valid_duration: 60s, valid_use_count: 100}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: instance
+metadata: {name: denyrequest, namespace: istio-system}
+spec: {compiledTemplate: checknothing}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: deny-jason, namespace: istio-system}
+spec:
+  match: request.headers["end-user"] == "jason"
+  actions: [{handler: denyall, instances: [denyrequest]}]
+---
+apiVersion: config.istio.io/v1alpha2
+kind: instance
+metadata: {name: requestcount, namespace: istio-system}
+spec:
+  compiledTemplate: metric
+  params:
+    value: "1"
+    dimensions:
+      response_code: response.code | 0
+      user: request.headers["end-user"] | "none"
+---
+apiVersion: config.istio.io/v1alpha2
+kind: handler
+metadata: {name: prometheus, namespace: istio-system}
+spec:
+  compiledAdapter: prometheus
+  params:
+    metrics: [{name: requests_total, instance_name: requestcount.metric.istio-system, kind: COUNTER, label_names: [response_code, user]}]
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: prom, namespace: istio-system}
+spec:
+  actions: [{handler: prometheus, instances: [requestcount]}]
+"#;
+
+struct Mixer {
+    admin: Admin,
+    grpc: std::net::SocketAddr,
+    prometheus: std::net::SocketAddr,
+    stop: CancellationToken,
+}
+
+impl Drop for Mixer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A telemetry Mixer with `CONFIG`; returns once a check sees the config.
+async fn start() -> Mixer {
+    let store = Arc::new(Store::new(kinds::KINDS.iter().map(|k| k.collection)));
+    let objects = ConfigObject::parse_yaml(CONFIG, "test.yaml").unwrap();
+    for collection in mixer::COLLECTIONS {
+        let resources = objects
+            .iter()
+            .filter(|o| o.kind.collection == *collection)
+            .map(|o| o.to_resource())
+            .collect();
+        store.replace(collection, resources).unwrap();
+    }
+    let stop = CancellationToken::new();
+    let mcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mcp_addr = mcp.local_addr().unwrap();
+    SourceServer::new(
+        store,
+        IncrementalPolicy::All,
+        McpMetrics::default(),
+        stop.clone(),
+    )
+    .spawn(mcp);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc = listener.local_addr().unwrap();
+    let prometheus = e2e::free_addr();
+    let args = mixer::MixerArgs {
+        role: mixer::Role::Telemetry,
+        mcp_server: mcp_addr.to_string(),
+        grpc_addr: grpc,
+        prometheus_addr: prometheus,
+    };
+    let admin = Admin::new("mixer");
+    tokio::spawn(mixer::run_on(listener, args, admin.clone(), stop.clone()));
+    let mixer = Mixer {
+        admin,
+        grpc,
+        prometheus,
+        stop,
+    };
+    // The config is in once jason is denied. A fresh client each try: the
+    // allow Mixer answers before its config arrives holds for a minute.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while mixer
+            .client(false, 1)
+            .check(&request("jason", "curl"))
+            .await
+            == Verdict::Allow
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    mixer
+}
+
+impl Mixer {
+    fn client(&self, fail_open: bool, batch_size: usize) -> Client {
+        let channel = Channel::from_shared(format!("http://{}", self.grpc))
+            .unwrap()
+            .connect_lazy();
+        Client::new(
+            channel,
+            ClientOptions {
+                fail_open,
+                batch_size,
+            },
+        )
+    }
+
+    /// Check RPCs Mixer has answered.
+    fn checks(&self) -> f64 {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.admin.registry()).unwrap();
+        text.lines()
+            .filter(|l| l.contains("checks_total{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+fn request(user: &str, agent: &str) -> Bag {
+    Bag::from([
+        (
+            "destination.service.host".into(),
+            Value::String("ratings.shop.svc.cluster.local".into()),
+        ),
+        (
+            "request.headers".into(),
+            Value::StringMap(
+                [
+                    ("end-user".to_string(), user.to_string()),
+                    ("user-agent".to_string(), agent.to_string()),
+                ]
+                .into(),
+            ),
+        ),
+    ])
+}
+
+#[tokio::test]
+async fn decisions_are_cached_by_what_they_read() {
+    let mixer = start().await;
+    let client = mixer.client(false, 10);
+    let before = mixer.checks();
+    let denied = Verdict::Deny {
+        code: 7,
+        message: "no".into(),
+    };
+    assert_eq!(client.check(&request("jason", "curl")).await, denied);
+    // Same user, another agent: the decision only read the user.
+    assert_eq!(client.check(&request("jason", "firefox")).await, denied);
+    assert_eq!(mixer.checks() - before, 1.0, "one RPC for both");
+    // Another user is another decision.
+    assert_eq!(client.check(&request("mary", "curl")).await, Verdict::Allow);
+    assert_eq!(client.check(&request("mary", "wget")).await, Verdict::Allow);
+    assert_eq!(mixer.checks() - before, 2.0);
+}
+
+#[tokio::test]
+async fn without_mixer_checks_fail_open_or_closed() {
+    let nowhere = e2e::free_addr();
+    let channel = || {
+        Channel::from_shared(format!("http://{nowhere}"))
+            .unwrap()
+            .connect_lazy()
+    };
+    let open = Client::new(
+        channel(),
+        ClientOptions {
+            fail_open: true,
+            batch_size: 1,
+        },
+    );
+    assert_eq!(open.check(&request("jason", "curl")).await, Verdict::Allow);
+    let closed = Client::new(
+        channel(),
+        ClientOptions {
+            fail_open: false,
+            batch_size: 1,
+        },
+    );
+    let Verdict::Deny { code, message } = closed.check(&request("jason", "curl")).await else {
+        panic!("allowed without mixer");
+    };
+    assert_eq!(code, 14);
+    assert!(message.contains("mixer check failed"), "{message}");
+}
+
+#[tokio::test]
+async fn reports_are_batched_and_delta_encoded() {
+    let mixer = start().await;
+    let client = mixer.client(true, 3);
+    let served = |user: &str, code: i64| {
+        let mut bag = request(user, "curl");
+        bag.insert("response.code".into(), Value::Int64(code));
+        bag
+    };
+    // Two queued: nothing sent yet.
+    client.report(served("mary", 200)).await.unwrap();
+    client.report(served("mary", 503)).await.unwrap();
+    let metrics = || async { e2e::get(mixer.prometheus, "/metrics").await.unwrap().1 };
+    assert!(
+        !metrics().await.contains("istio_requests_total{"),
+        "sent before the batch filled"
+    );
+    // The third fills the batch; each bag counts with its own values.
+    client.report(served("jason", 200)).await.unwrap();
+    let text = metrics().await;
+    for series in [
+        r#"istio_requests_total{response_code="200",user="mary"} 1"#,
+        r#"istio_requests_total{response_code="503",user="mary"} 1"#,
+        r#"istio_requests_total{response_code="200",user="jason"} 1"#,
+    ] {
+        assert!(text.contains(series), "{series}\n{text}");
+    }
+    // A bag without an attribute the one before had: sent independently,
+    // so the missing code is not carried over.
+    client.report(request("ann", "curl")).await.unwrap();
+    client.flush().await.unwrap();
+    let text = metrics().await;
+    assert!(
+        text.contains(r#"istio_requests_total{response_code="0",user="ann"} 1"#),
+        "{text}"
+    );
+}
