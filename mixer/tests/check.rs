@@ -3,17 +3,13 @@
 //! validity and referenced attributes, quotas granted, Reports decoded,
 //! malformed attributes refused, config changes applied.
 
-use std::{sync::Arc, time::Duration};
+mod common;
 
-use component::{Admin, CancellationToken};
-use mcp_proto::{
-    kinds,
-    mcp::{IncrementalPolicy, McpMetrics, SourceServer, Store},
-    object::ConfigObject,
-    pb::istio::mixer::v1::{
-        CheckRequest, CheckResponse, CompressedAttributes, ReportRequest,
-        check_request::QuotaParams, mixer_client::MixerClient, referenced_attributes::Condition,
-    },
+use std::time::Duration;
+
+use mcp_proto::pb::istio::mixer::v1::{
+    CheckRequest, CheckResponse, CompressedAttributes, ReportRequest, check_request::QuotaParams,
+    mixer_client::MixerClient, referenced_attributes::Condition,
 };
 use mixer::attributes::{Bag, Compressor, Value, dictionary::GLOBAL_WORDS};
 use tonic::{Code, transport::Channel};
@@ -47,63 +43,23 @@ spec:
   actions: [{handler: denyall, instances: [denyrequest]}]
 "#;
 
-fn publish(store: &Store, yaml: &str) {
-    let objects = ConfigObject::parse_yaml(yaml, "test.yaml").unwrap();
-    for collection in mixer::COLLECTIONS {
-        let resources = objects
-            .iter()
-            .filter(|o| o.kind.collection == *collection)
-            .map(|o| o.to_resource())
-            .collect();
-        store.replace(collection, resources).unwrap();
-    }
-}
-
 struct Mixer {
-    store: Arc<Store>,
+    running: common::Running,
     client: MixerClient<Channel>,
-    stop: CancellationToken,
-}
-
-impl Drop for Mixer {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
 }
 
 async fn start(yaml: &str) -> Mixer {
-    start_as(yaml, mixer::Role::Policy, "127.0.0.1:0".parse().unwrap()).await
+    start_as(yaml, mixer::Role::Policy).await
 }
 
-async fn start_as(yaml: &str, role: mixer::Role, prometheus_addr: std::net::SocketAddr) -> Mixer {
-    let store = Arc::new(Store::new(kinds::KINDS.iter().map(|k| k.collection)));
-    publish(&store, yaml);
-    let stop = CancellationToken::new();
-    let mcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mcp_addr = mcp.local_addr().unwrap();
-    SourceServer::new(
-        store.clone(),
-        IncrementalPolicy::All,
-        McpMetrics::default(),
-        stop.clone(),
-    )
-    .spawn(mcp);
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = grpc.local_addr().unwrap();
-    let args = mixer::MixerArgs {
-        role,
-        mcp_server: mcp_addr.to_string(),
-        grpc_addr: addr,
-        prometheus_addr,
-    };
-    let channel = Channel::from_shared(format!("http://{addr}"))
+async fn start_as(yaml: &str, role: mixer::Role) -> Mixer {
+    let running = common::start(yaml, role).await;
+    let channel = Channel::from_shared(format!("http://{}", running.grpc))
         .unwrap()
         .connect_lazy();
-    tokio::spawn(mixer::run_on(grpc, args, Admin::new("mixer"), stop.clone()));
     Mixer {
-        store,
+        running,
         client: MixerClient::new(channel),
-        stop,
     }
 }
 
@@ -219,7 +175,7 @@ async fn check_decides_by_the_rules_and_says_what_it_read() {
 
     // A config change applies: without the rule, jason passes too.
     let without_rule = CONFIG.split("---").take(3).collect::<Vec<_>>().join("---");
-    publish(&mixer.store, &without_rule);
+    common::publish(&mixer.running.store, &without_rule);
     until_code(&mut mixer, &jason, 0).await;
 }
 
@@ -352,13 +308,8 @@ metadata: {name: promhttp, namespace: istio-system}
 spec:
   actions: [{handler: prometheus, instances: [requestcount]}]
 "#;
-    let prometheus = e2e::free_addr();
-    let mut mixer = start_as(
-        &format!("{CONFIG}{telemetry}"),
-        mixer::Role::Telemetry,
-        prometheus,
-    )
-    .await;
+    let mut mixer = start_as(&format!("{CONFIG}{telemetry}"), mixer::Role::Telemetry).await;
+    let prometheus = mixer.running.prometheus;
     let mut served = request_from(None);
     served.insert("response.code".into(), Value::Int64(200));
     let expected = r#"istio_requests_total{destination_service="ratings.shop.svc.cluster.local",response_code="200"}"#;

@@ -1,14 +1,10 @@
 //! The client library against the real Mixer over gRPC: decisions cached by
 //! what they read, fail open and closed, reports batched and delta-encoded.
 
-use std::{sync::Arc, time::Duration};
+mod common;
 
-use component::{Admin, CancellationToken};
-use mcp_proto::{
-    kinds,
-    mcp::{IncrementalPolicy, McpMetrics, SourceServer, Store},
-    object::ConfigObject,
-};
+use std::time::Duration;
+
 use mixer::{
     attributes::{Bag, Value},
     client::{Client, ClientOptions, Verdict},
@@ -71,56 +67,13 @@ spec:
 "#;
 
 struct Mixer {
-    admin: Admin,
-    grpc: std::net::SocketAddr,
-    prometheus: std::net::SocketAddr,
-    stop: CancellationToken,
-}
-
-impl Drop for Mixer {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
+    running: common::Running,
 }
 
 /// A telemetry Mixer with `CONFIG`; returns once a check sees the config.
 async fn start() -> Mixer {
-    let store = Arc::new(Store::new(kinds::KINDS.iter().map(|k| k.collection)));
-    let objects = ConfigObject::parse_yaml(CONFIG, "test.yaml").unwrap();
-    for collection in mixer::COLLECTIONS {
-        let resources = objects
-            .iter()
-            .filter(|o| o.kind.collection == *collection)
-            .map(|o| o.to_resource())
-            .collect();
-        store.replace(collection, resources).unwrap();
-    }
-    let stop = CancellationToken::new();
-    let mcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mcp_addr = mcp.local_addr().unwrap();
-    SourceServer::new(
-        store,
-        IncrementalPolicy::All,
-        McpMetrics::default(),
-        stop.clone(),
-    )
-    .spawn(mcp);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc = listener.local_addr().unwrap();
-    let prometheus = e2e::free_addr();
-    let args = mixer::MixerArgs {
-        role: mixer::Role::Telemetry,
-        mcp_server: mcp_addr.to_string(),
-        grpc_addr: grpc,
-        prometheus_addr: prometheus,
-    };
-    let admin = Admin::new("mixer");
-    tokio::spawn(mixer::run_on(listener, args, admin.clone(), stop.clone()));
     let mixer = Mixer {
-        admin,
-        grpc,
-        prometheus,
-        stop,
+        running: common::start(CONFIG, mixer::Role::Telemetry).await,
     };
     // The config is in once jason is denied. A fresh client each try: the
     // allow Mixer answers before its config arrives holds for a minute.
@@ -141,7 +94,7 @@ async fn start() -> Mixer {
 
 impl Mixer {
     fn client(&self, fail_open: bool, batch_size: usize) -> Client {
-        let channel = Channel::from_shared(format!("http://{}", self.grpc))
+        let channel = Channel::from_shared(format!("http://{}", self.running.grpc))
             .unwrap()
             .connect_lazy();
         Client::new(
@@ -156,7 +109,8 @@ impl Mixer {
     /// Check RPCs Mixer has answered.
     fn checks(&self) -> f64 {
         let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.admin.registry()).unwrap();
+        prometheus_client::encoding::text::encode(&mut text, &self.running.admin.registry())
+            .unwrap();
         text.lines()
             .filter(|l| l.contains("checks_total{"))
             .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
@@ -244,7 +198,12 @@ async fn reports_are_batched_and_delta_encoded() {
     // Two queued: nothing sent yet.
     client.report(served("mary", 200)).await.unwrap();
     client.report(served("mary", 503)).await.unwrap();
-    let metrics = || async { e2e::get(mixer.prometheus, "/metrics").await.unwrap().1 };
+    let metrics = || async {
+        e2e::get(mixer.running.prometheus, "/metrics")
+            .await
+            .unwrap()
+            .1
+    };
     assert!(
         !metrics().await.contains("istio_requests_total{"),
         "sent before the batch filled"

@@ -109,24 +109,7 @@ pub async fn run(args: CitadelBenchArgs) -> anyhow::Result<()> {
         .kill_on_drop(true)
         .spawn()?;
     let pid = child.id().unwrap_or_default();
-    let client = reqwest::Client::new();
-    let started = Instant::now();
-    while !client
-        .get(format!("http://{admin}/ready"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status().is_success())
-    {
-        anyhow::ensure!(
-            child.try_wait()?.is_none(),
-            "citadel exited before it was ready"
-        );
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(30),
-            "citadel not ready within 30s"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    super::wait_ready("citadel", &mut child, admin, Duration::from_secs(30)).await?;
 
     // The same CSRs for both, made before either is timed.
     let csrs: Arc<Vec<String>> = Arc::new(

@@ -150,26 +150,7 @@ pub async fn run(args: GalleyBenchArgs) -> anyhow::Result<()> {
         .kill_on_drop(true)
         .spawn()?;
     let pid = child.id().unwrap_or_default();
-    let client = reqwest::Client::new();
-    loop {
-        if client
-            .get(format!("http://{admin}/ready"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            break;
-        }
-        anyhow::ensure!(
-            child.try_wait()?.is_none(),
-            "galley exited before it was ready"
-        );
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(120),
-            "galley not ready within 120s"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    super::wait_ready("galley", &mut child, admin, Duration::from_secs(120)).await?;
     let ready = start.elapsed();
 
     let rss_at_ready = rss_bytes(pid, "VmRSS:")?;

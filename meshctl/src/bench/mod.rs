@@ -50,3 +50,32 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
     Ok((ticks(11) + ticks(12)) / hz)
 }
+
+/// Waits until the component `child` answers `/ready` on `admin`; an error
+/// if it exits first or takes longer than `limit`.
+async fn wait_ready(
+    name: &str,
+    child: &mut tokio::process::Child,
+    admin: std::net::SocketAddr,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    while !client
+        .get(format!("http://{admin}/ready"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        anyhow::ensure!(
+            child.try_wait()?.is_none(),
+            "{name} exited before it was ready"
+        );
+        anyhow::ensure!(
+            started.elapsed() < limit,
+            "{name} not ready within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}

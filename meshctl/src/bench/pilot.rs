@@ -539,24 +539,7 @@ async fn phase(
         .kill_on_drop(true)
         .spawn()?;
     let pid = child.id().unwrap_or_default();
-    let client = reqwest::Client::new();
-    let started = Instant::now();
-    while !client
-        .get(format!("http://{admin}/ready"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status().is_success())
-    {
-        anyhow::ensure!(
-            child.try_wait()?.is_none(),
-            "pilot exited before it was ready"
-        );
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(120),
-            "pilot not ready within 120s"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    super::wait_ready("pilot", &mut child, admin, Duration::from_secs(120)).await?;
     let cpu_at_ready = cpu_seconds(pid)?;
 
     let (events_tx, mut events) = mpsc::unbounded_channel();

@@ -1,0 +1,77 @@
+//! What the Mixer tests share: a Mixer following an in-process MCP source
+//! that serves parsed YAML, on 127.0.0.1.
+
+// Each test binary uses a part of this.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use component::{Admin, CancellationToken};
+use mcp_proto::{
+    kinds,
+    mcp::{IncrementalPolicy, McpMetrics, SourceServer, Store},
+    object::ConfigObject,
+};
+
+/// Replaces every collection Mixer reads with the objects of `yaml`.
+pub fn publish(store: &Store, yaml: &str) {
+    let objects = ConfigObject::parse_yaml(yaml, "test.yaml").unwrap();
+    for collection in mixer::COLLECTIONS {
+        let resources = objects
+            .iter()
+            .filter(|o| o.kind.collection == *collection)
+            .map(|o| o.to_resource())
+            .collect();
+        store.replace(collection, resources).unwrap();
+    }
+}
+
+pub struct Running {
+    pub store: Arc<Store>,
+    pub grpc: std::net::SocketAddr,
+    /// The exporter's address (the telemetry role serves it).
+    pub prometheus: std::net::SocketAddr,
+    pub admin: Admin,
+    stop: CancellationToken,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Mixer in `role`, its config `yaml` served over MCP. Requests wait on
+/// the bound listener until Mixer serves; the config arrives after.
+pub async fn start(yaml: &str, role: mixer::Role) -> Running {
+    let store = Arc::new(Store::new(kinds::KINDS.iter().map(|k| k.collection)));
+    publish(&store, yaml);
+    let stop = CancellationToken::new();
+    let mcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mcp_addr = mcp.local_addr().unwrap();
+    SourceServer::new(
+        store.clone(),
+        IncrementalPolicy::All,
+        McpMetrics::default(),
+        stop.clone(),
+    )
+    .spawn(mcp);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc = listener.local_addr().unwrap();
+    let prometheus = e2e::free_addr();
+    let args = mixer::MixerArgs {
+        role,
+        mcp_server: mcp_addr.to_string(),
+        grpc_addr: grpc,
+        prometheus_addr: prometheus,
+    };
+    let admin = Admin::new("mixer");
+    tokio::spawn(mixer::run_on(listener, args, admin.clone(), stop.clone()));
+    Running {
+        store,
+        grpc,
+        prometheus,
+        admin,
+        stop,
+    }
+}
