@@ -116,12 +116,21 @@ pub(crate) fn applies(rule: &Rule, bag: &Bag, referenced: &mut Referenced) -> bo
 /// Why `list` refuses `value`, if it does.
 fn refuses(list: &ListChecker, value: &Value) -> Option<String> {
     let text = value.to_string();
-    let listed = list.overrides.iter().any(|entry| match list.entry_type {
-        EntryType::Strings => *entry == text,
-        EntryType::CaseInsensitiveStrings => entry.eq_ignore_ascii_case(&text),
-        EntryType::Regex => regex::Regex::new(entry).is_ok_and(|r| r.is_match(&text)),
-        EntryType::IpAddresses => in_range(entry, &text),
-    });
+    let provided = list
+        .provided
+        .as_ref()
+        .map(|f| f.entries())
+        .unwrap_or_default();
+    let listed = list
+        .overrides
+        .iter()
+        .chain(provided.iter())
+        .any(|entry| match list.entry_type {
+            EntryType::Strings => *entry == text,
+            EntryType::CaseInsensitiveStrings => entry.eq_ignore_ascii_case(&text),
+            EntryType::Regex => regex::Regex::new(entry).is_ok_and(|r| r.is_match(&text)),
+            EntryType::IpAddresses => in_range(entry, &text),
+        });
     match (list.blacklist, listed) {
         (true, true) => Some(format!("{text} is blacklisted")),
         (false, false) => Some(format!("{text} is not whitelisted")),
@@ -302,6 +311,58 @@ spec:
         assert!(
             problems.contains("rule istio-system/dangling: handler \"nosuch\" is not defined"),
             "{problems}"
+        );
+    }
+
+    #[test]
+    fn list_entries_come_from_a_file_too_and_are_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("users.txt");
+        std::fs::write(&file, "# blocked users\nmallory\n").unwrap();
+        let config = compile(&format!(
+            r#"
+apiVersion: config.istio.io/v1alpha2
+kind: handler
+metadata: {{name: blocked, namespace: istio-system}}
+spec:
+  compiledAdapter: listchecker
+  params: {{blacklist: true, providerUrl: "file://{}", refreshInterval: 0s}}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: instance
+metadata: {{name: user, namespace: istio-system}}
+spec: {{compiledTemplate: listentry, params: {{value: 'source.user | "nobody"'}}}}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {{name: blocked-users, namespace: istio-system}}
+spec: {{actions: [{{handler: blocked, instances: [user]}}]}}
+"#,
+            file.display()
+        ));
+        assert!(config.problems.is_empty(), "{:?}", config.problems);
+        let user = |name: &str| {
+            check(
+                &config,
+                &bag(&[("source.user", Value::String(name.into()))]),
+            )
+        };
+        assert_eq!(
+            user("mallory").denied,
+            Some((PERMISSION_DENIED, "mallory is blacklisted".into()))
+        );
+        assert_eq!(user("eve").denied, None);
+        std::fs::write(&file, "mallory\neve\n").unwrap();
+        assert!(user("eve").denied.is_some(), "the file is read again");
+
+        let missing = compile(&format!(
+            "apiVersion: config.istio.io/v1alpha2\nkind: handler\nmetadata: {{name: gone, namespace: istio-system}}\nspec: {{compiledAdapter: listchecker, params: {{providerUrl: \"file://{}/none\"}}}}\n---\napiVersion: config.istio.io/v1alpha2\nkind: rule\nmetadata: {{name: r, namespace: istio-system}}\nspec: {{actions: [{{handler: gone, instances: []}}]}}\n",
+            dir.path().display()
+        ));
+        assert!(
+            missing.problems[0].contains("providerUrl"),
+            "{:?}",
+            missing.problems
         );
     }
 

@@ -223,6 +223,73 @@ pub struct ListChecker {
     #[serde(alias = "caching_use_count")]
     #[serde(default, deserialize_with = "whole")]
     pub caching_use_count: Option<i32>,
+    /// More entries, one a line, from a file (`file:///path` or a path).
+    #[serde(alias = "provider_url")]
+    #[serde(default)]
+    pub provider_url: Option<String>,
+    /// How often the file is read again.
+    #[serde(alias = "refresh_interval")]
+    #[serde(default, with = "humantime_serde_opt")]
+    pub refresh_interval: Option<Duration>,
+    #[serde(skip)]
+    pub provided: Option<Arc<ListFile>>,
+}
+
+/// A list checker's entries from a file, read again when `refresh` has
+/// passed; a read that fails keeps the last entries.
+#[derive(Debug)]
+pub struct ListFile {
+    path: std::path::PathBuf,
+    refresh: Duration,
+    read: std::sync::Mutex<(std::time::Instant, Arc<Vec<String>>)>,
+}
+
+impl ListFile {
+    fn open(url: &str, refresh: Duration) -> Result<Self, String> {
+        let path = match url.strip_prefix("file://") {
+            Some(path) => path,
+            None if url.starts_with('/') => url,
+            None => {
+                return Err(format!(
+                    "providerUrl {url:?}: only file:// lists are supported"
+                ));
+            }
+        };
+        let path = std::path::PathBuf::from(path);
+        let entries = Self::load(&path)?;
+        Ok(Self {
+            path,
+            refresh,
+            read: std::sync::Mutex::new((std::time::Instant::now(), Arc::new(entries))),
+        })
+    }
+
+    fn load(path: &std::path::Path) -> Result<Vec<String>, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("providerUrl {}: {e}", path.display()))?;
+        Ok(text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// The entries, read again when they are older than the refresh
+    /// interval.
+    pub fn entries(&self) -> Arc<Vec<String>> {
+        let mut read = self.read.lock().unwrap_or_else(|e| e.into_inner());
+        if read.0.elapsed() >= self.refresh {
+            match Self::load(&self.path) {
+                Ok(entries) => *read = (std::time::Instant::now(), Arc::new(entries)),
+                Err(e) => {
+                    tracing::warn!("list not refreshed, the last entries stay: {e}");
+                    read.0 = std::time::Instant::now();
+                }
+            }
+        }
+        read.1.clone()
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -391,9 +458,20 @@ fn compile_handler(key: &str, h: &policy::Handler) -> Result<Handler, String> {
         "prometheus" => Adapter::Prometheus(serde_json::from_value(params).map_err(parse_error)?),
         "stdio" => Adapter::Stdio(serde_json::from_value(params).map_err(parse_error)?),
         "listchecker" => {
-            let list: ListChecker = serde_json::from_value(params).map_err(parse_error)?;
+            let mut list: ListChecker = serde_json::from_value(params).map_err(parse_error)?;
+            if let Some(url) = &list.provider_url {
+                let refresh = list.refresh_interval.unwrap_or(Duration::from_secs(60));
+                let file =
+                    ListFile::open(url, refresh).map_err(|e| format!("handler {key}: {e}"))?;
+                list.provided = Some(Arc::new(file));
+            }
             if list.entry_type == EntryType::Regex {
-                for pattern in &list.overrides {
+                let provided = list
+                    .provided
+                    .as_ref()
+                    .map(|f| f.entries())
+                    .unwrap_or_default();
+                for pattern in list.overrides.iter().chain(provided.iter()) {
                     regex::Regex::new(pattern)
                         .map_err(|e| format!("handler {key}: override {pattern:?}: {e}"))?;
                 }
