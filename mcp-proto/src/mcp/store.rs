@@ -132,6 +132,24 @@ impl Store {
         Ok(changed)
     }
 
+    /// Makes each of `collections` hold exactly the `objects` of its kind
+    /// (tools and tests serving parsed YAML).
+    pub fn replace_with_objects(
+        &self,
+        collections: &[&str],
+        objects: &[crate::object::ConfigObject],
+    ) -> Result<(), StoreError> {
+        for collection in collections {
+            let resources = objects
+                .iter()
+                .filter(|o| o.kind.collection == *collection)
+                .map(|o| o.to_resource())
+                .collect();
+            self.replace(collection, resources)?;
+        }
+        Ok(())
+    }
+
     /// Makes `resources` the whole content of `collection`, touching only
     /// what differs (by name and version). Returns whether anything changed.
     pub fn replace(&self, collection: &str, resources: Vec<Resource>) -> Result<bool, StoreError> {

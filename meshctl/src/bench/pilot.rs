@@ -144,18 +144,14 @@ fn publish(store: &Store, docs: &[String]) -> anyhow::Result<()> {
             ConfigObject::parse_yaml(doc, "bench.yaml").map_err(|e| anyhow::anyhow!("{e}"))?,
         );
     }
-    for collection in [
-        kinds::SERVICE_ENTRIES,
-        kinds::DESTINATION_RULES,
-        kinds::VIRTUAL_SERVICES,
-    ] {
-        let resources = objects
-            .iter()
-            .filter(|o| o.kind.collection == collection)
-            .map(|o| o.to_resource())
-            .collect();
-        store.replace(collection, resources)?;
-    }
+    store.replace_with_objects(
+        &[
+            kinds::SERVICE_ENTRIES,
+            kinds::DESTINATION_RULES,
+            kinds::VIRTUAL_SERVICES,
+        ],
+        &objects,
+    )?;
     Ok(())
 }
 

@@ -16,14 +16,9 @@ use mcp_proto::{
 /// Replaces every collection Mixer reads with the objects of `yaml`.
 pub fn publish(store: &Store, yaml: &str) {
     let objects = ConfigObject::parse_yaml(yaml, "test.yaml").unwrap();
-    for collection in mixer::COLLECTIONS {
-        let resources = objects
-            .iter()
-            .filter(|o| o.kind.collection == *collection)
-            .map(|o| o.to_resource())
-            .collect();
-        store.replace(collection, resources).unwrap();
-    }
+    store
+        .replace_with_objects(mixer::COLLECTIONS, &objects)
+        .unwrap();
 }
 
 pub struct Running {

@@ -127,14 +127,9 @@ pub fn node(id: &str, labels: &[(&str, &str)], metadata: &[(&str, &str)]) -> Nod
 
 fn publish(store: &Store, yaml: &str) {
     let objects = ConfigObject::parse_yaml(yaml, "test.yaml").unwrap();
-    for collection in pilot::COLLECTIONS {
-        let resources = objects
-            .iter()
-            .filter(|o| o.kind.collection == *collection)
-            .map(|o| o.to_resource())
-            .collect();
-        store.replace(collection, resources).unwrap();
-    }
+    store
+        .replace_with_objects(pilot::COLLECTIONS, &objects)
+        .unwrap();
 }
 
 /// A proxy on a state-of-the-world stream; it ACKs everything it reads.
