@@ -1,8 +1,9 @@
 //! Mixer's config, compiled from what Galley serves: attribute types from
 //! the attribute manifests; rules, each match type-checked; the handlers
 //! and instances rules name, their expressions type-checked too. A rule
-//! with a problem is left out and the problem reported, naming the rule
-//! and the expression; the other rules apply.
+//! with a problem is reported, naming the rule and the expression, and its
+//! last good version stays in force (or none, for a new rule); the other
+//! rules apply.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -19,7 +20,7 @@ use crate::expr::{self, Expr};
 #[derive(Default)]
 pub struct Config {
     pub types: HashMap<String, ValueType>,
-    pub rules: Vec<Rule>,
+    pub rules: Vec<Arc<Rule>>,
     /// What was left out, and why.
     pub problems: Vec<String>,
 }
@@ -376,7 +377,9 @@ fn candidates(reference: &str, namespace: &str) -> Vec<String> {
 }
 
 impl Config {
-    pub fn from_snapshot(snapshot: &SinkSnapshot) -> Self {
+    /// The config of `snapshot`; where a rule has a problem, its version
+    /// in `previous` is kept.
+    pub fn from_snapshot(snapshot: &SinkSnapshot, previous: &Config) -> Self {
         let collect = |collection| {
             snapshot
                 .bodies(collection)
@@ -388,15 +391,18 @@ impl Config {
             &collect(kinds::RULES),
             &collect(kinds::HANDLERS),
             &collect(kinds::INSTANCES),
+            previous,
         )
     }
 
-    /// Compiles objects given as `(namespace, name, body)`.
+    /// Compiles objects given as `(namespace, name, body)`; a rule with a
+    /// problem keeps its version in `previous`.
     pub fn compile(
         manifests: &[(String, String, Body)],
         rules: &[(String, String, Body)],
         handlers: &[(String, String, Body)],
         instances: &[(String, String, Body)],
+        previous: &Config,
     ) -> Self {
         let mut config = Config::default();
         for (_, _, body) in manifests {
@@ -433,10 +439,20 @@ impl Config {
                 &compiled_handlers,
                 &compiled_instances,
             ) {
-                Ok(rule) => config.rules.push(rule),
+                Ok(rule) => config.rules.push(Arc::new(rule)),
                 Err(problem) => {
-                    tracing::warn!(rule = %key, "rule left out: {problem}");
-                    config.problems.push(format!("rule {key}: {problem}"));
+                    let kept = previous.rules.iter().find(|r| r.name == key);
+                    let outcome = match kept {
+                        Some(rule) => {
+                            config.rules.push(rule.clone());
+                            "its last good version stays in force"
+                        }
+                        None => "left out",
+                    };
+                    tracing::warn!(rule = %key, "{problem}; {outcome}");
+                    config
+                        .problems
+                        .push(format!("rule {key}: {problem}; {outcome}"));
                 }
             }
         }
@@ -698,6 +714,7 @@ spec:
             &of(kinds::RULES),
             &of(kinds::HANDLERS),
             &of(kinds::INSTANCES),
+            &Config::default(),
         )
     }
 }

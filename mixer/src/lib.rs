@@ -84,7 +84,8 @@ pub async fn run_on(
     tokio::spawn(async move {
         loop {
             let snapshot = snapshots.borrow_and_update().clone();
-            config_tx.send_replace(Arc::new(Config::from_snapshot(&snapshot)));
+            let previous = config_tx.borrow().clone();
+            config_tx.send_replace(Arc::new(Config::from_snapshot(&snapshot, &previous)));
             if snapshots.changed().await.is_err() {
                 return;
             }

@@ -180,6 +180,57 @@ async fn check_decides_by_the_rules_and_says_what_it_read() {
 }
 
 #[tokio::test]
+async fn a_broken_rule_keeps_its_last_good_version_in_force() {
+    let mut mixer = start(CONFIG).await;
+    let jason = request_from(Some("jason"));
+    until_code(&mut mixer, &jason, 7).await;
+    // The rule's new version compares a string with a number, and a new
+    // rule names a handler that does not exist.
+    let broken = CONFIG.replace(
+        r#"request.headers["end-user"] == "jason""#,
+        r#"request.headers["end-user"] == 3"#,
+    ) + r#"
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: dangling, namespace: istio-system}
+spec:
+  actions: [{handler: nosuch, instances: [denyrequest]}]
+"#;
+    common::publish(&mixer.running.store, &broken);
+    let problems = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let (_, page) = e2e::get(mixer.running.admin_addr, "/debug/config")
+                .await
+                .unwrap();
+            let page: serde_json::Value = serde_json::from_str(&page).unwrap();
+            if page["problems"].as_array().unwrap().len() == 2 {
+                return page["problems"].to_string();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("both problems reported");
+    assert!(
+        problems.contains("rule istio-system/deny-jason: match")
+            && problems.contains("STRING with INT64")
+            && problems.contains("its last good version stays in force"),
+        "{problems}"
+    );
+    assert!(
+        problems
+            .contains(r#"rule istio-system/dangling: handler \"nosuch\" is not defined; left out"#),
+        "{problems}"
+    );
+    // The last good deny-jason still decides.
+    let response = check(&mut mixer, &jason).await;
+    assert_eq!(response.precondition.unwrap().status.unwrap().code, 7);
+    let response = check(&mut mixer, &request_from(Some("mary"))).await;
+    assert_eq!(response.precondition.unwrap().status.unwrap().code, 0);
+}
+
+#[tokio::test]
 async fn malformed_attributes_are_refused_and_reports_decoded() {
     let mut mixer = start(CONFIG).await;
     let mut bad = CompressedAttributes::default();

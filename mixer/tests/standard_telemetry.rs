@@ -36,6 +36,7 @@ fn config() -> Config {
         &of(kinds::RULES),
         &of(kinds::HANDLERS),
         &of(kinds::INSTANCES),
+        &Config::default(),
     )
 }
 

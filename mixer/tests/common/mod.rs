@@ -27,6 +27,8 @@ pub struct Running {
     /// The exporter's address (the telemetry role serves it).
     pub prometheus: std::net::SocketAddr,
     pub admin: Admin,
+    /// Where `admin` serves (`/debug/config` lists config problems).
+    pub admin_addr: std::net::SocketAddr,
     stop: CancellationToken,
 }
 
@@ -61,12 +63,20 @@ pub async fn start(yaml: &str, role: mixer::Role) -> Running {
         prometheus_addr: prometheus,
     };
     let admin = Admin::new("mixer");
+    let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin_listener.local_addr().unwrap();
+    tokio::spawn({
+        let admin = admin.clone();
+        let stop = stop.clone();
+        async move { admin.serve(admin_listener, stop).await }
+    });
     tokio::spawn(mixer::run_on(listener, args, admin.clone(), stop.clone()));
     Running {
         store,
         grpc,
         prometheus,
         admin,
+        admin_addr,
         stop,
     }
 }
