@@ -13,6 +13,7 @@ pub mod config;
 pub mod expr;
 pub mod quota;
 pub mod service;
+pub mod shed;
 pub mod telemetry;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -54,6 +55,8 @@ pub struct MixerArgs {
     /// Address of the Prometheus exporter (`/metrics`), telemetry role only.
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], component::ports::MIXER_PROMETHEUS)))]
     pub prometheus_addr: SocketAddr,
+    #[command(flatten)]
+    pub limits: shed::Limits,
 }
 
 /// Runs Mixer in its role until `shutdown`.
@@ -102,9 +105,10 @@ pub async fn run_on(
     });
     let outputs = Arc::new(telemetry::Outputs::default());
     let service = service::MixerService::new(config, outputs.clone(), &mut admin.registry());
+    let shedder = shed::Shedder::new(args.limits, &mut admin.registry());
     tracing::info!(addr = %listener.local_addr()?, role = id, "mixer serving Check and Report");
     let grpc = mcp::grpc_server()
-        .add_service(service.into_server())
+        .add_service(shedder.wrap(service.into_server()))
         .serve_with_incoming_shutdown(mcp::incoming(listener), shutdown.clone().cancelled_owned());
     let metrics = async {
         if args.role != Role::Telemetry {

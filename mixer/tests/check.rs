@@ -392,3 +392,44 @@ spec:
     .expect("the metric exported in time");
     assert!(text.ends_with("# EOF\n"), "{text}");
 }
+
+#[tokio::test]
+async fn over_the_rate_limit_requests_are_refused_at_once() {
+    let running = common::start_limited(
+        CONFIG,
+        mixer::Role::Policy,
+        mixer::shed::Limits {
+            max_requests_per_second: 20.0,
+            ..Default::default()
+        },
+    )
+    .await;
+    let channel = Channel::from_shared(format!("http://{}", running.grpc))
+        .unwrap()
+        .connect_lazy();
+    let attributes = compressed(&request_from(Some("mary")));
+    let calls = (0..200).map(|_| {
+        let mut client = MixerClient::new(channel.clone());
+        let request = CheckRequest {
+            attributes: Some(attributes.clone()),
+            global_word_count: GLOBAL_WORDS.len() as u32,
+            ..Default::default()
+        };
+        async move { client.check(request).await }
+    });
+    let results = futures::future::join_all(calls).await;
+    let refused: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    let admitted = results.len() - refused.len();
+    // A second's burst, and what refilled while the calls went out.
+    assert!((20..60).contains(&admitted), "{admitted} admitted");
+    for status in &refused {
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.message().contains("overloaded"), "{status:?}");
+    }
+    let (_, metrics) = e2e::get(running.admin_addr, "/metrics").await.unwrap();
+    let line = format!(
+        "mixer_shed_requests_total{{reason=\"rate\"}} {}",
+        refused.len()
+    );
+    assert!(metrics.contains(&line), "no {line:?} in\n{metrics}");
+}

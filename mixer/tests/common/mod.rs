@@ -41,6 +41,11 @@ impl Drop for Running {
 /// Mixer in `role`, its config `yaml` served over MCP. Requests wait on
 /// the bound listener until Mixer serves; the config arrives after.
 pub async fn start(yaml: &str, role: mixer::Role) -> Running {
+    start_limited(yaml, role, Default::default()).await
+}
+
+/// [`start`] with load shedding limits.
+pub async fn start_limited(yaml: &str, role: mixer::Role, limits: mixer::shed::Limits) -> Running {
     let store = Arc::new(Store::new(kinds::KINDS.iter().map(|k| k.collection)));
     publish(&store, yaml);
     let stop = CancellationToken::new();
@@ -61,6 +66,7 @@ pub async fn start(yaml: &str, role: mixer::Role) -> Running {
         mcp_server: mcp_addr.to_string(),
         grpc_addr: grpc,
         prometheus_addr: prometheus,
+        limits,
     };
     let admin = Admin::new("mixer");
     let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
