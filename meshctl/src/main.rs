@@ -58,6 +58,8 @@ enum BenchCommand {
     Pilot(bench::pilot::PilotBenchArgs),
     /// CSRs signed per second by Citadel over gRPC, against openssl.
     Citadel(bench::citadel::CitadelBenchArgs),
+    /// Mixer Checks (fixed rate and flat out) and Reports, against no rules.
+    Mixer(bench::mixer::MixerBenchArgs),
 }
 
 #[tokio::main]
@@ -78,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Galley(args)) => bench::galley::run(args).await,
         Command::Bench(BenchCommand::Pilot(args)) => bench::pilot::run(args).await,
         Command::Bench(BenchCommand::Citadel(args)) => bench::citadel::run(args).await,
+        Command::Bench(BenchCommand::Mixer(args)) => bench::mixer::run(args).await,
         Command::Version => {
             println!("meshctl {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -223,48 +223,50 @@ impl Client {
         if full { self.flush().await } else { Ok(()) }
     }
 
-    /// Sends every queued report, delta-encoded: each bag carries only what
-    /// changed from the one before (independently encoded when a bag lacks
-    /// an attribute the one before had, which a delta cannot say).
+    /// Sends every queued report, encoded by [`report_request`].
     pub async fn flush(&self) -> Result<(), tonic::Status> {
         let bags = std::mem::take(&mut *self.batch.lock().unwrap_or_else(|e| e.into_inner()));
         if bags.is_empty() {
             return Ok(());
         }
-        let delta = bags
-            .windows(2)
-            .all(|pair| pair[0].keys().all(|k| pair[1].contains_key(k)));
-        let mut compressor = Compressor::default();
-        let mut previous: Option<&Bag> = None;
-        let attributes = bags
-            .iter()
-            .map(|bag| {
-                let changed: Bag = match previous {
-                    Some(before) if delta => bag
-                        .iter()
-                        .filter(|(k, v)| before.get(*k) != Some(*v))
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
-                    _ => bag.clone(),
-                };
-                previous = Some(bag);
-                compressor.compress(&changed)
-            })
-            .collect();
-        let semantics = if delta {
-            RepeatedAttributesSemantics::DeltaEncoding
-        } else {
-            RepeatedAttributesSemantics::IndependentEncoding
-        };
-        self.grpc
-            .clone()
-            .report(ReportRequest {
-                attributes,
-                default_words: compressor.into_words(),
-                global_word_count: GLOBAL_WORDS.len() as u32,
-                repeated_attributes_semantics: semantics as i32,
-            })
-            .await?;
+        self.grpc.clone().report(report_request(&bags)).await?;
         Ok(())
+    }
+}
+
+/// A Report of `bags`, delta-encoded: each bag carries only what changed
+/// from the one before (independently encoded when a bag lacks an
+/// attribute the one before had, which a delta cannot say).
+pub fn report_request(bags: &[Bag]) -> ReportRequest {
+    let delta = bags
+        .windows(2)
+        .all(|pair| pair[0].keys().all(|k| pair[1].contains_key(k)));
+    let mut compressor = Compressor::default();
+    let mut previous: Option<&Bag> = None;
+    let attributes = bags
+        .iter()
+        .map(|bag| {
+            let changed: Bag = match previous {
+                Some(before) if delta => bag
+                    .iter()
+                    .filter(|(k, v)| before.get(*k) != Some(*v))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                _ => bag.clone(),
+            };
+            previous = Some(bag);
+            compressor.compress(&changed)
+        })
+        .collect();
+    let semantics = if delta {
+        RepeatedAttributesSemantics::DeltaEncoding
+    } else {
+        RepeatedAttributesSemantics::IndependentEncoding
+    };
+    ReportRequest {
+        attributes,
+        default_words: compressor.into_words(),
+        global_word_count: GLOBAL_WORDS.len() as u32,
+        repeated_attributes_semantics: semantics as i32,
     }
 }

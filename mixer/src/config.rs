@@ -154,6 +154,19 @@ impl Buckets {
 pub struct MemQuota {
     #[serde(default)]
     pub quotas: Vec<QuotaLimit>,
+    /// How long a Check's answer is kept for retries with its
+    /// `deduplication_id`; [`MemQuota::deduplication_window`].
+    #[serde(alias = "min_deduplication_duration")]
+    #[serde(default, with = "humantime_serde_opt")]
+    pub min_deduplication_duration: Option<Duration>,
+}
+
+impl MemQuota {
+    /// `minDeduplicationDuration`, 1 s when not set.
+    pub fn deduplication_window(&self) -> Duration {
+        self.min_deduplication_duration
+            .unwrap_or(Duration::from_secs(1))
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

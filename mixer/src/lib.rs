@@ -84,11 +84,18 @@ pub async fn run_on(
     // while Galley is away, and so does the config.
     let (config_tx, config) = watch::channel(Arc::new(Config::default()));
     let mut snapshots = sink.subscribe();
+    // Ready once the config compiled from a synced snapshot is in force.
+    let compiled = admin.readiness().condition("config-compiled");
     tokio::spawn(async move {
         loop {
             let snapshot = snapshots.borrow_and_update().clone();
-            let previous = config_tx.borrow().clone();
-            config_tx.send_replace(Arc::new(Config::from_snapshot(&snapshot, &previous)));
+            // Rules compiled before the attribute manifests arrive would
+            // be refused for attributes of no known type.
+            if snapshot.synced() {
+                let previous = config_tx.borrow().clone();
+                config_tx.send_replace(Arc::new(Config::from_snapshot(&snapshot, &previous)));
+                compiled.set(true);
+            }
             if snapshots.changed().await.is_err() {
                 return;
             }

@@ -2,7 +2,10 @@
 //! holds and whose memquota handler counts that quota's instance decide
 //! how much is granted. Allocations are kept in memory per handler, quota
 //! and dimension values, over a sliding window, and outlive config
-//! changes. A quota no handler counts is granted in full.
+//! changes. A quota no handler counts is granted in full. A Check sent
+//! again with the same `deduplication_id` (a client's retry) gets the
+//! first answer again, not a second allocation, for the handlers'
+//! `minDeduplicationDuration`.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -25,13 +28,47 @@ pub struct Grant {
     pub referenced: Referenced,
 }
 
+/// What a Check asks of one quota.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    /// The quota's name as the request gives it.
+    pub quota: &'a str,
+    pub amount: i64,
+    pub best_effort: bool,
+    /// The request's id; empty for none.
+    pub deduplication_id: &'a str,
+}
+
 /// Allocations by handler, quota and dimension values.
 #[derive(Default)]
 pub struct QuotaStore {
     allocations: Mutex<HashMap<String, VecDeque<(Instant, i64)>>>,
+    /// Grants by quota and deduplication id, with when they are forgotten.
+    answered: Mutex<HashMap<(String, String), (Instant, Grant)>>,
 }
 
+/// Stale answers are swept once this many are held.
+const ANSWERS_SWEPT_AT: usize = 4096;
+
 impl QuotaStore {
+    fn answered(&self, ask: &Ask, now: Instant) -> Option<Grant> {
+        let answered = self.answered.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (ask.quota.to_string(), ask.deduplication_id.to_string());
+        answered
+            .get(&key)
+            .filter(|(until, _)| now < *until)
+            .map(|(_, grant)| grant.clone())
+    }
+
+    fn remember(&self, ask: &Ask, grant: &Grant, until: Instant, now: Instant) {
+        let mut answered = self.answered.lock().unwrap_or_else(|e| e.into_inner());
+        if answered.len() >= ANSWERS_SWEPT_AT {
+            answered.retain(|_, (until, _)| now < *until);
+        }
+        let key = (ask.quota.to_string(), ask.deduplication_id.to_string());
+        answered.insert(key, (until, grant.clone()));
+    }
+
     /// Takes up to `amount` (all of it or nothing unless `best_effort`)
     /// of `max` in the window; returns what was taken.
     fn take(
@@ -75,21 +112,18 @@ fn names(requested: &str, instance: &str) -> bool {
     requested == instance || requested == name || requested == format!("{name}.quota.{ns}")
 }
 
-/// Allocates `amount` of quota `quota` for `bag`.
-pub fn allocate(
-    config: &Config,
-    bag: &Bag,
-    quota: &str,
-    amount: i64,
-    best_effort: bool,
-    store: &QuotaStore,
-    now: Instant,
-) -> Grant {
+/// Allocates what `ask` asks for `bag`.
+pub fn allocate(config: &Config, bag: &Bag, ask: &Ask, store: &QuotaStore, now: Instant) -> Grant {
+    let deduplicated = !ask.deduplication_id.is_empty();
+    if deduplicated && let Some(grant) = store.answered(ask, now) {
+        return grant;
+    }
     let mut grant = Grant {
-        granted: amount,
+        granted: ask.amount,
         valid_duration: DEFAULT_VALID_DURATION,
         referenced: Referenced::default(),
     };
+    let mut remembered_for = Duration::ZERO;
     for rule in &config.rules {
         let counting: Vec<_> = rule
             .actions
@@ -102,7 +136,7 @@ pub fn allocate(
                 action
                     .instances
                     .iter()
-                    .filter(|i| names(quota, &i.name))
+                    .filter(|i| names(ask.quota, &i.name))
                     .map(move |i| (action, memquota, i))
             })
             .collect();
@@ -130,12 +164,16 @@ pub fn allocate(
             };
             let (max, window) = limits(limit, &values);
             let key = format!("{}\u{0}{}\u{0}{values:?}", action.handler.name, limit.name);
-            let taken = store.take(key, amount, best_effort, max, window, now);
+            let taken = store.take(key, ask.amount, ask.best_effort, max, window, now);
+            remembered_for = remembered_for.max(memquota.deduplication_window());
             grant.granted = grant.granted.min(taken);
             if let Some(window) = window {
                 grant.valid_duration = grant.valid_duration.min(window);
             }
         }
+    }
+    if deduplicated && !remembered_for.is_zero() {
+        store.remember(ask, &grant, now + remembered_for, now);
     }
     grant
 }
@@ -207,15 +245,13 @@ spec:
         let store = QuotaStore::default();
         let start = Instant::now();
         let ask = |bag: &Bag, amount: i64, best_effort: bool, at: Duration| {
-            allocate(
-                &config,
-                bag,
-                "requestcount.quota.istio-system",
+            let ask = Ask {
+                quota: "requestcount.quota.istio-system",
                 amount,
                 best_effort,
-                &store,
-                start + at,
-            )
+                deduplication_id: "",
+            };
+            allocate(&config, bag, &ask, &store, start + at)
         };
         let t0 = Duration::ZERO;
         // productpage: 3 a second.
@@ -244,8 +280,44 @@ spec:
                 .contains(&("source.labels".to_string(), "app".to_string()))
         );
         // A quota nobody counts is granted in full.
-        let other = allocate(&config, &from("x"), "other", 7, false, &store, start);
+        let ask = Ask {
+            quota: "other",
+            amount: 7,
+            best_effort: false,
+            deduplication_id: "",
+        };
+        let other = allocate(&config, &from("x"), &ask, &store, start);
         assert_eq!(other.granted, 7);
+    }
+
+    #[test]
+    fn a_retried_check_gets_its_first_answer_for_the_deduplication_window() {
+        let config = compile(
+            &RATINGS_QUOTA
+                .replace("validDuration: 1s", "validDuration: 10s")
+                .replace(
+                    "    quotas:",
+                    "    minDeduplicationDuration: 100ms\n    quotas:",
+                ),
+        );
+        assert!(config.problems.is_empty(), "{:?}", config.problems);
+        let (store, start) = (QuotaStore::default(), Instant::now());
+        let ask = |id: &str, at: u64| {
+            let ask = Ask {
+                quota: "requestcount",
+                amount: 2,
+                best_effort: false,
+                deduplication_id: id,
+            };
+            let now = start + Duration::from_millis(at);
+            allocate(&config, &from("productpage"), &ask, &store, now).granted
+        };
+        assert_eq!(ask("a", 0), 2);
+        assert_eq!(ask("a", 50), 2);
+        // Another request: 2 more of 3 is too many.
+        assert_eq!(ask("b", 50), 0);
+        // Past the window, "a" is a new request too.
+        assert_eq!(ask("a", 200), 0);
     }
 
     #[test]

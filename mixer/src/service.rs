@@ -144,15 +144,13 @@ impl Mixer for MixerService {
             .quotas
             .into_iter()
             .map(|(name, params)| {
-                let grant = quota::allocate(
-                    &config,
-                    &bag,
-                    &name,
-                    params.amount,
-                    params.best_effort,
-                    &self.quotas,
-                    now,
-                );
+                let ask = quota::Ask {
+                    quota: &name,
+                    amount: params.amount,
+                    best_effort: params.best_effort,
+                    deduplication_id: &request.deduplication_id,
+                };
+                let grant = quota::allocate(&config, &bag, &ask, &self.quotas, now);
                 let result = QuotaResult {
                     valid_duration: Some(duration(grant.valid_duration)),
                     granted_amount: grant.granted,

@@ -5,7 +5,10 @@
 
 mod common;
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use mcp_proto::pb::istio::mixer::v1::{
     CheckRequest, CheckResponse, CompressedAttributes, ReportRequest, check_request::QuotaParams,
@@ -85,13 +88,21 @@ fn compressed(bag: &Bag) -> CompressedAttributes {
     attributes
 }
 
+/// A Check of `bag` asking for 3 of `requestcount`, with a new
+/// deduplication id.
 async fn check(mixer: &mut Mixer, bag: &Bag) -> CheckResponse {
+    static SENT: AtomicU64 = AtomicU64::new(0);
+    let id = SENT.fetch_add(1, Ordering::Relaxed);
+    check_with_id(mixer, bag, &id.to_string()).await
+}
+
+async fn check_with_id(mixer: &mut Mixer, bag: &Bag, deduplication_id: &str) -> CheckResponse {
     mixer
         .client
         .check(CheckRequest {
             attributes: Some(compressed(bag)),
             global_word_count: GLOBAL_WORDS.len() as u32,
-            deduplication_id: "1".into(),
+            deduplication_id: deduplication_id.into(),
             quotas: [(
                 "requestcount".to_string(),
                 QuotaParams {
@@ -231,6 +242,22 @@ spec:
 }
 
 #[tokio::test]
+async fn with_galley_away_the_last_config_keeps_deciding() {
+    let mut mixer = start(CONFIG).await;
+    let jason = request_from(Some("jason"));
+    until_code(&mut mixer, &jason, 7).await;
+    mixer.running.source_stop.cancel();
+    let admin = mixer.running.admin_addr;
+    e2e::wait_for_http(admin, "/metrics", |_, metrics| {
+        metrics
+            .contains(r#"mixer_mcp_sink_streams_open{collection="istio/policy/v1beta1/rules"} 0"#)
+    })
+    .await;
+    let response = check(&mut mixer, &jason).await;
+    assert_eq!(response.precondition.unwrap().status.unwrap().code, 7);
+}
+
+#[tokio::test]
 async fn malformed_attributes_are_refused_and_reports_decoded() {
     let mut mixer = start(CONFIG).await;
     let mut bad = CompressedAttributes::default();
@@ -289,7 +316,7 @@ metadata: {name: quotahandler, namespace: istio-system}
 spec:
   compiledAdapter: memquota
   params:
-    quotas: [{name: requestcount.quota.istio-system, maxAmount: 5, validDuration: 30s}]
+    quotas: [{name: requestcount.quota.istio-system, maxAmount: 5, validDuration: 2s}]
 ---
 apiVersion: config.istio.io/v1alpha2
 kind: instance
@@ -308,21 +335,77 @@ spec:
     let mary = request_from(Some("mary"));
     // Once the config is in, 3 of 5 are taken at a time: 3, then 0 (all or
     // nothing), with the window as the grant's validity.
-    let granted = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let response = check(&mut mixer, &mary).await;
+    let (granted, id) = tokio::time::timeout(Duration::from_secs(10), async {
+        for id in 0.. {
+            let id = format!("first-{id}");
+            let response = check_with_id(&mut mixer, &mary, &id).await;
             let result = &response.quotas["requestcount"];
-            if result.valid_duration.unwrap().seconds == 30 {
-                return result.granted_amount;
+            if result.valid_duration.unwrap().seconds == 2 {
+                return (result.granted_amount, id);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        unreachable!()
     })
     .await
     .unwrap();
     assert_eq!(granted, 3);
+    // The same Check again (a client's retry) is the same grant, not a
+    // second allocation.
+    let retried = check_with_id(&mut mixer, &mary, &id).await;
+    assert_eq!(retried.quotas["requestcount"].granted_amount, 3);
+    let exhausted = std::time::Instant::now();
     let response = check(&mut mixer, &mary).await;
     assert_eq!(response.quotas["requestcount"].granted_amount, 0);
+    // The window slides: once the first grant is 2s old, 3 are free again.
+    let refilled = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let response = check(&mut mixer, &mary).await;
+            if response.quotas["requestcount"].granted_amount == 3 {
+                return exhausted.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the quota refilled");
+    assert!(refilled > Duration::from_millis(1500), "{refilled:?}");
+}
+
+#[tokio::test]
+async fn list_checker_allows_listed_users_and_denies_the_rest() {
+    let whitelist = r#"
+---
+apiVersion: config.istio.io/v1alpha2
+kind: handler
+metadata: {name: staff, namespace: istio-system}
+spec:
+  compiledAdapter: listchecker
+  params: {overrides: [mary, jason], blacklist: false}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: instance
+metadata: {name: user, namespace: istio-system}
+spec: {compiledTemplate: listentry, params: {value: 'request.headers["end-user"] | "nobody"'}}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: staff-only, namespace: istio-system}
+spec: {actions: [{handler: staff, instances: [user]}]}
+"#;
+    let mut mixer = start(&format!("{CONFIG}{whitelist}")).await;
+    let bob = until_code(&mut mixer, &request_from(Some("bob")), 7).await;
+    let status = bob.precondition.unwrap().status.unwrap();
+    assert_eq!(status.message, "bob is not whitelisted");
+    let mary = check(&mut mixer, &request_from(Some("mary"))).await;
+    assert_eq!(mary.precondition.unwrap().status.unwrap().code, 0);
+    // No header: the instance's default, which is not listed either.
+    let nobody = check(&mut mixer, &request_from(None)).await;
+    let status = nobody.precondition.unwrap().status.unwrap();
+    assert_eq!(
+        (status.code, status.message.as_str()),
+        (7, "nobody is not whitelisted")
+    );
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 pub mod citadel;
 pub mod galley;
 pub mod mcp;
+pub mod mixer;
 pub mod pilot;
 
 use std::{path::Path, time::Duration};

@@ -29,6 +29,8 @@ pub struct Running {
     pub admin: Admin,
     /// Where `admin` serves (`/debug/config` lists config problems).
     pub admin_addr: std::net::SocketAddr,
+    /// Stops the MCP source alone, as if Galley went away.
+    pub source_stop: CancellationToken,
     stop: CancellationToken,
 }
 
@@ -51,11 +53,12 @@ pub async fn start_limited(yaml: &str, role: mixer::Role, limits: mixer::shed::L
     let stop = CancellationToken::new();
     let mcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mcp_addr = mcp.local_addr().unwrap();
+    let source_stop = stop.child_token();
     SourceServer::new(
         store.clone(),
         IncrementalPolicy::All,
         McpMetrics::default(),
-        stop.clone(),
+        source_stop.clone(),
     )
     .spawn(mcp);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -83,6 +86,7 @@ pub async fn start_limited(yaml: &str, role: mixer::Role, limits: mixer::shed::L
         prometheus,
         admin,
         admin_addr,
+        source_stop,
         stop,
     }
 }

@@ -1,0 +1,55 @@
+//! The benchmarks run end to end, briefly, on the real binaries, and their
+//! figures hold together: what a benchmark quotes must be what happened.
+
+use e2e::*;
+
+#[tokio::test]
+async fn mixer_bench_figures_account_for_every_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("mixer.json");
+    let bench = Proc::start(
+        "meshctl",
+        &[
+            "bench",
+            "mixer",
+            "--duration",
+            "300ms",
+            "--rate",
+            "500",
+            "--concurrency",
+            "4",
+            "--batch",
+            "10",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(bench.exit().await.success());
+    let figures: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    for variant in ["mixer", "no_rules"] {
+        let v = &figures["variants"][variant];
+        assert_eq!(v["check_at_rate"]["requests"], 150, "{v}");
+        assert_eq!(v["check_at_rate"]["failed"], 0, "{v}");
+        assert!(v["check_max"]["per_second"].as_f64().unwrap() > 0.0, "{v}");
+        // Mixer received every bag sent.
+        assert_eq!(v["report"]["bags_received"], v["report"]["bags"], "{v}");
+    }
+    let with_rules = &figures["variants"]["mixer"];
+    // Requests 0, 50 and 100 are jason's, and the denier matches only his
+    // requests to ratings: request 100.
+    assert_eq!(with_rules["check_at_rate"]["denied"], 1, "{with_rules}");
+    assert_eq!(
+        figures["variants"]["no_rules"]["check_at_rate"]["denied"],
+        0
+    );
+    // The standard telemetry counted every bag once in istio_requests_total.
+    assert_eq!(
+        with_rules["report"]["istio_requests_total"],
+        with_rules["report"]["bags"]
+    );
+    assert_eq!(
+        figures["variants"]["no_rules"]["report"]["istio_requests_total"],
+        0.0
+    );
+}
