@@ -14,8 +14,7 @@ use envoy_types::pb::envoy::{
 use tokio::sync::mpsc;
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 
-const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
-const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+use mcp_proto::xds::{CLUSTER as CDS, ENDPOINT as EDS};
 const NODE: &str = "sidecar~10.0.0.7~ratings-v1.shop~shop.svc.cluster.local";
 
 fn request(type_url: &str, answering: Option<(&str, &str)>) -> DiscoveryRequest {

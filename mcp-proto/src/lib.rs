@@ -8,6 +8,8 @@
 //! - [`mesh`]: the mesh config's defaults.
 //! - [`mcp`]: the Mesh Configuration Protocol engine, source and sink, in
 //!   both connection directions.
+//! - [`xds`]: the xDS type URLs and node metadata keys Pilot and the proxy
+//!   share.
 
 mod go_duration;
 pub mod kinds;
@@ -15,6 +17,7 @@ pub mod mcp;
 pub mod mesh;
 pub mod object;
 pub mod pb;
+pub mod xds;
 
 /// The protobuf well-known types the generated code uses, with serde.
 pub use pbjson_types as wkt;

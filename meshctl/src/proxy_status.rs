@@ -3,6 +3,7 @@
 //! Pilot's `/debug/syncz`.
 
 use clap::Args;
+use mcp_proto::xds;
 use serde_json::Value;
 
 #[derive(Debug, Args)]
@@ -14,19 +15,10 @@ pub struct ProxyStatusArgs {
 
 /// The xDS types shown, with the column titles istioctl uses.
 const TYPES: [(&str, &str); 4] = [
-    ("CDS", "type.googleapis.com/envoy.config.cluster.v3.Cluster"),
-    (
-        "LDS",
-        "type.googleapis.com/envoy.config.listener.v3.Listener",
-    ),
-    (
-        "EDS",
-        "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
-    ),
-    (
-        "RDS",
-        "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
-    ),
+    ("CDS", xds::CLUSTER),
+    ("LDS", xds::LISTENER),
+    ("EDS", xds::ENDPOINT),
+    ("RDS", xds::ROUTE),
 ];
 
 /// SYNCED when the proxy ACKed what was last sent, STALE when it has not

@@ -42,13 +42,7 @@ pub struct Proxy {
     pub interception: Interception,
 }
 
-/// Metadata keys, as Istio's agent sends them.
-pub mod metadata {
-    pub const NAMESPACE: &str = "CONFIG_NAMESPACE";
-    pub const LABELS: &str = "LABELS";
-    pub const INTERCEPTION_MODE: &str = "INTERCEPTION_MODE";
-    pub const SERVICE_ACCOUNT: &str = "SERVICE_ACCOUNT";
-}
+pub use mcp_proto::xds::metadata;
 
 impl Proxy {
     /// Parses a node; the error says which part of the id or metadata is wrong.

@@ -77,10 +77,7 @@ pub struct PilotBenchArgs {
     pub out: Option<PathBuf>,
 }
 
-const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
-const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
-const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
-const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+use mcp_proto::xds::{CLUSTER as CDS, ENDPOINT as EDS, LISTENER as LDS, ROUTE as RDS};
 const TYPES: [&str; 4] = [CDS, EDS, LDS, RDS];
 
 /// What the VirtualService change adds, found in the routes that carry it.

@@ -16,11 +16,7 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use prost::{Message, Name};
 use tokio::sync::watch;
 
-pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
-pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
-pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
-pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
-pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+pub use mcp_proto::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
 
 /// The order in which pushes go out, so that a proxy has what a resource
 /// refers to before the resource: clusters before their endpoints,
