@@ -27,11 +27,24 @@ async fn check_admin_and_stop(proc: Proc, admin: std::net::SocketAddr) {
 
 #[tokio::test]
 async fn components_without_inputs_serve_admin_and_stop_on_sigterm() {
-    for name in ["sidecar-injector", "proxy"] {
-        let admin = free_addr();
-        let proc = Proc::start(name, &["--admin-addr", &admin.to_string()]);
-        check_admin_and_stop(proc, admin).await;
-    }
+    let admin = free_addr();
+    let proc = Proc::start("sidecar-injector", &["--admin-addr", &admin.to_string()]);
+    check_admin_and_stop(proc, admin).await;
+}
+
+#[tokio::test]
+async fn a_proxy_without_pilot_is_alive_not_ready_and_stops_on_sigterm() {
+    let admin = free_addr();
+    let pilot = free_addr().to_string();
+    let proc = Proc::start(
+        "proxy",
+        &["--admin-addr", &admin.to_string(), "--pilot", &pilot],
+    );
+    let (_, body) = wait_for_http(admin, "/ready", |s, _| s == 503).await;
+    assert!(body.contains("xds-synced"), "{body}");
+    assert_eq!(get(admin, "/healthz").await.unwrap().0, 200);
+    let status = proc.terminate().await;
+    assert!(status.success(), "exit after SIGTERM: {status}");
 }
 
 #[tokio::test]

@@ -1,0 +1,333 @@
+//! The `proxy` binary carrying traffic, configured by the real `pilot`
+//! following the real `galley` on a config directory: a client's proxy
+//! used as its HTTP proxy, routing by header and by weight to two versions
+//! of a service, one of them behind its own sidecar; retries, timeouts and
+//! faults as routes say; traffic keeps flowing on the last config while
+//! Pilot is down.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use e2e::*;
+
+/// A backend that answers every request with its name and the path.
+async fn backend(name: &'static str) -> SocketAddr {
+    let app = axum::Router::new()
+        .fallback(move |uri: axum::http::Uri| async move { format!("{name} {}", uri.path()) });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// Ratings: `/flaky` fails every other call with 503, `/slow` answers
+/// after two seconds, anything else at once.
+async fn ratings() -> SocketAddr {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let calls = calls.clone();
+        async move {
+            let path = uri.path().to_string();
+            if path.starts_with("/flaky") && calls.fetch_add(1, Ordering::Relaxed).is_multiple_of(2)
+            {
+                return (
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "flaked".to_string(),
+                );
+            }
+            if path.starts_with("/slow") {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            (axum::http::StatusCode::OK, format!("ratings {path}"))
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+struct Mesh {
+    _dir: tempfile::TempDir,
+    _galley: Galley,
+    pilot: Option<Proc>,
+    pilot_xds: SocketAddr,
+    _proxies: Vec<Proc>,
+    /// The client proxy's HTTP proxy port.
+    egress: SocketAddr,
+}
+
+/// Where the test's backends and proxies listen.
+struct Ports {
+    v1: SocketAddr,
+    v2_sidecar: SocketAddr,
+    v2_app: SocketAddr,
+    ratings: SocketAddr,
+    egress: SocketAddr,
+    egress_b: SocketAddr,
+}
+
+fn config(p: &Ports) -> String {
+    format!(
+        "
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: ratings, namespace: shop}}
+spec:
+  hosts: [ratings.shop.svc.cluster.local]
+  resolution: STATIC
+  ports: [{{number: 9080, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {ratings_port}}}}}]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {{name: ratings, namespace: shop}}
+spec:
+  hosts: [ratings.shop.svc.cluster.local]
+  http:
+  - match: [{{uri: {{prefix: /slow}}}}]
+    timeout: 300ms
+    route: [{{destination: {{host: ratings.shop.svc.cluster.local}}}}]
+  - match: [{{uri: {{prefix: /abort}}}}]
+    fault: {{abort: {{httpStatus: 418, percentage: {{value: 50}}}}}}
+    route: [{{destination: {{host: ratings.shop.svc.cluster.local}}}}]
+  - match: [{{uri: {{prefix: /delay}}}}]
+    fault: {{delay: {{fixedDelay: 200ms, percentage: {{value: 100}}}}}}
+    route: [{{destination: {{host: ratings.shop.svc.cluster.local}}}}]
+  - route: [{{destination: {{host: ratings.shop.svc.cluster.local}}}}]
+    retries: {{attempts: 3, retryOn: 5xx}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: reviews, namespace: shop}}
+spec:
+  hosts: [reviews.shop.svc.cluster.local]
+  resolution: STATIC
+  ports: [{{number: 9080, name: http, protocol: HTTP}}]
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {v1p}}}, labels: {{app: reviews, version: v1}}}}
+  - {{address: 127.0.0.1, ports: {{http: {v2p}}}, labels: {{app: reviews, version: v2}}}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {{name: reviews, namespace: shop}}
+spec:
+  host: reviews.shop.svc.cluster.local
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {{name: reviews, namespace: shop}}
+spec:
+  hosts: [reviews.shop.svc.cluster.local]
+  http:
+  - match: [{{headers: {{end-user: {{exact: jason}}}}}}]
+    route: [{{destination: {{host: reviews.shop.svc.cluster.local, subset: v2}}}}]
+  - route:
+    - {{destination: {{host: reviews.shop.svc.cluster.local, subset: v1}}, weight: 70}}
+    - {{destination: {{host: reviews.shop.svc.cluster.local, subset: v2}}, weight: 30}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: Sidecar
+metadata: {{name: productpage, namespace: shop}}
+spec:
+  workloadSelector: {{labels: {{app: productpage}}}}
+  egress:
+  - port: {{number: {egress_port}, protocol: HTTP, name: http-proxy}}
+    bind: 127.0.0.1
+    hosts: [./*]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: Sidecar
+metadata: {{name: reviews-v2, namespace: shop}}
+spec:
+  workloadSelector: {{labels: {{app: reviews, version: v2}}}}
+  ingress:
+  - port: {{number: {v2p}, protocol: HTTP, name: http}}
+    bind: 127.0.0.1
+    defaultEndpoint: 127.0.0.1:{v2_app_port}
+  egress:
+  - port: {{number: {egress_b_port}, protocol: HTTP, name: http-proxy}}
+    bind: 127.0.0.1
+    hosts: [./*]
+",
+        v1p = p.v1.port(),
+        v2p = p.v2_sidecar.port(),
+        v2_app_port = p.v2_app.port(),
+        ratings_port = p.ratings.port(),
+        egress_port = p.egress.port(),
+        egress_b_port = p.egress_b.port(),
+    )
+}
+
+fn start_proxy(xds: SocketAddr, pod: &str, labels: &str) -> (Proc, SocketAddr) {
+    let admin = free_addr();
+    let proc = Proc::start(
+        "proxy",
+        &[
+            "--pilot",
+            &xds.to_string(),
+            "--admin-addr",
+            &admin.to_string(),
+            "--pod",
+            pod,
+            "--namespace",
+            "shop",
+            "--labels",
+            labels,
+        ],
+    );
+    (proc, admin)
+}
+
+async fn start() -> Mesh {
+    let ports = Ports {
+        v1: backend("reviews-v1").await,
+        v2_app: backend("reviews-v2").await,
+        ratings: ratings().await,
+        v2_sidecar: free_addr(),
+        egress: free_addr(),
+        egress_b: free_addr(),
+    };
+    let egress = ports.egress;
+    let dir = config_dir(&[("mesh.yaml", &config(&ports))]);
+    let galley = Galley::start(dir.path(), &[]).await;
+    let (pilot_xds, pilot_admin) = (free_addr(), free_addr());
+    let pilot = Proc::start(
+        "pilot",
+        &[
+            "--mcp-server",
+            &galley.mcp.to_string(),
+            "--xds-addr",
+            &pilot_xds.to_string(),
+            "--admin-addr",
+            &pilot_admin.to_string(),
+        ],
+    );
+    let (client, client_admin) =
+        start_proxy(pilot_xds, "productpage-1", "app=productpage,version=v1");
+    let (sidecar, sidecar_admin) = start_proxy(pilot_xds, "reviews-v2-1", "app=reviews,version=v2");
+    for admin in [client_admin, sidecar_admin] {
+        wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    }
+    Mesh {
+        _dir: dir,
+        _galley: galley,
+        pilot: Some(pilot),
+        pilot_xds,
+        _proxies: vec![client, sidecar],
+        egress,
+    }
+}
+
+impl Mesh {
+    fn client(&self) -> reqwest::Client {
+        install_crypto();
+        reqwest::Client::builder()
+            .proxy(reqwest::Proxy::http(format!("http://{}", self.egress)).unwrap())
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap()
+    }
+}
+
+/// Which backend answered, by name, for `count` requests.
+async fn spread(
+    client: &reqwest::Client,
+    user: Option<&str>,
+    count: usize,
+) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for i in 0..count {
+        let mut request = client.get(format!(
+            "http://reviews.shop.svc.cluster.local:9080/reviews/{i}"
+        ));
+        if let Some(user) = user {
+            request = request.header("end-user", user);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body = response.text().await.unwrap();
+        assert!(body.ends_with(&format!("/reviews/{i}")), "{body}");
+        let name = body.split(' ').next().unwrap().to_string();
+        *seen.entry(name).or_default() += 1;
+    }
+    seen
+}
+
+#[tokio::test]
+async fn routes_by_header_and_weight_and_survive_pilot_going_away() {
+    let mut mesh = start().await;
+    let client = mesh.client();
+
+    // Jason's requests go to v2, through v2's own sidecar.
+    let jason = spread(&client, Some("jason"), 20).await;
+    assert_eq!(jason, BTreeMap::from([("reviews-v2".to_string(), 20)]));
+
+    // Everyone else's are split 70/30.
+    let others = spread(&client, None, 400).await;
+    let v1 = others.get("reviews-v1").copied().unwrap_or(0);
+    assert!(
+        (240..=320).contains(&v1),
+        "70% of 400 to v1 within 10 points: {others:?}"
+    );
+
+    // Without Pilot, the last config keeps routing.
+    mesh.pilot.take().unwrap().kill().await;
+    let jason = spread(&client, Some("jason"), 10).await;
+    assert_eq!(jason, BTreeMap::from([("reviews-v2".to_string(), 10)]));
+    let _ = mesh.pilot_xds;
+}
+
+async fn ratings_get(client: &reqwest::Client, path: &str) -> (u16, String, Duration) {
+    let started = Instant::now();
+    let response = client
+        .get(format!("http://ratings.shop.svc.cluster.local:9080{path}"))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap(), started.elapsed())
+}
+
+#[tokio::test]
+async fn retries_timeouts_and_faults_apply_as_routes_say() {
+    let mesh = start().await;
+    let client = mesh.client();
+    // Every other call fails upstream; the retry hides each failure.
+    for i in 0..10 {
+        let (status, body, _) = ratings_get(&client, &format!("/flaky/{i}")).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, format!("ratings /flaky/{i}").as_str())
+        );
+    }
+    // The route's 300 ms timeout cuts a two-second answer short.
+    let (status, body, took) = ratings_get(&client, "/slow").await;
+    assert_eq!(status, 504, "{body}");
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    // Half the requests are aborted with 418, the rest pass.
+    let mut aborted = 0;
+    for i in 0..200 {
+        let (status, _, _) = ratings_get(&client, &format!("/abort/{i}")).await;
+        assert!(status == 418 || status == 200, "{status}");
+        aborted += usize::from(status == 418);
+    }
+    assert!(
+        (70..=130).contains(&aborted),
+        "50% of 200 aborted within 15 points: {aborted}"
+    );
+    // Every request is delayed 200 ms.
+    let (status, _, took) = ratings_get(&client, "/delay").await;
+    assert_eq!(status, 200);
+    assert!(took >= Duration::from_millis(200), "{took:?}");
+}

@@ -1,0 +1,289 @@
+//! Listeners as the proxy runs them: an address, and filter chains chosen
+//! per connection by destination port, transport (TLS or not) and ALPN,
+//! each ending in an HTTP connection manager or a TCP proxy.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use envoy_types::pb::envoy::{
+    config::{
+        core::v3::{TrafficDirection, address, socket_address, transport_socket},
+        listener::v3::{self as xds, filter, listener_filter},
+    },
+    extensions::{
+        filters::network::{
+            http_connection_manager::v3::{
+                HttpConnectionManager, http_connection_manager::RouteSpecifier, http_filter,
+            },
+            tcp_proxy::v3::{TcpProxy, tcp_proxy},
+        },
+        transport_sockets::tls::v3::DownstreamTlsContext,
+    },
+};
+use prost::{Message, Name};
+
+use super::{
+    Problem,
+    route::{CORS_FILTER, FAULT_FILTER, RouteTable},
+    tls::Tls,
+};
+
+#[derive(Debug)]
+pub struct Listener {
+    pub name: String,
+    pub address: SocketAddr,
+    /// Bound by this proxy (else only reached through `virtualOutbound`).
+    pub bind: bool,
+    /// Hands connections to the listener of their original destination.
+    pub use_original_dst: bool,
+    pub inbound: bool,
+    pub chains: Vec<Chain>,
+}
+
+#[derive(Debug)]
+pub struct Chain {
+    pub destination_port: Option<u16>,
+    /// `Some("tls")` or `Some("raw_buffer")`; `None` matches either.
+    pub transport: Option<String>,
+    pub alpn: Vec<String>,
+    pub tls: Option<Tls>,
+    pub app: App,
+}
+
+#[derive(Debug)]
+pub enum App {
+    Http(Arc<HttpApp>),
+    Tcp(TcpApp),
+}
+
+#[derive(Debug)]
+pub struct HttpApp {
+    pub stat_prefix: String,
+    pub routes: Routes,
+    /// Whether the fault and CORS filters run (routes carry their settings).
+    pub fault: bool,
+    pub cors: bool,
+}
+
+#[derive(Debug)]
+pub enum Routes {
+    /// By RDS, under this name.
+    Rds(String),
+    Inline(Arc<RouteTable>),
+}
+
+#[derive(Debug)]
+pub struct TcpApp {
+    pub stat_prefix: String,
+    /// Clusters and weights.
+    pub clusters: Vec<(String, u32)>,
+}
+
+/// How a connection looks to chain matching.
+pub struct Arrival<'a> {
+    pub destination_port: u16,
+    pub tls: bool,
+    pub alpn: &'a [String],
+}
+
+impl Listener {
+    pub fn compile(l: &xds::Listener) -> Result<Self, Problem> {
+        let at = |p: String| Problem(format!("listener {:?}: {p}", l.name));
+        let Some(address::Address::SocketAddress(sa)) =
+            l.address.as_ref().and_then(|a| a.address.as_ref())
+        else {
+            return Err(at("no socket address".into()));
+        };
+        let port = match sa.port_specifier {
+            Some(socket_address::PortSpecifier::PortValue(p)) => {
+                u16::try_from(p).map_err(|_| at(format!("port {p} is out of range")))?
+            }
+            _ => return Err(at("no port number".into())),
+        };
+        let ip: std::net::IpAddr = sa
+            .address
+            .parse()
+            .map_err(|_| at(format!("{:?} is not an IP address", sa.address)))?;
+        for f in &l.listener_filters {
+            let known = matches!(
+                f.name.as_str(),
+                "envoy.filters.listener.original_dst" | "envoy.filters.listener.tls_inspector"
+            ) || matches!(&f.config_type, Some(listener_filter::ConfigType::TypedConfig(a))
+                    if a.type_url.ends_with("OriginalDst") || a.type_url.ends_with("TlsInspector"));
+            if !known {
+                return Err(at(format!("listener filter {:?} is not supported", f.name)));
+            }
+        }
+        let mut chains = Vec::new();
+        for (i, c) in l.filter_chains.iter().enumerate() {
+            chains.push(
+                Chain::compile(c).map_err(|Problem(p)| at(format!("filter chain {i}: {p}")))?,
+            );
+        }
+        if let Some(c) = &l.default_filter_chain {
+            chains.push(
+                Chain::compile(c).map_err(|Problem(p)| at(format!("default filter chain: {p}")))?,
+            );
+        }
+        Ok(Listener {
+            name: l.name.clone(),
+            address: SocketAddr::new(ip, port),
+            bind: l.bind_to_port.as_ref().is_none_or(|b| b.value),
+            use_original_dst: l.use_original_dst.as_ref().is_some_and(|b| b.value),
+            inbound: l.traffic_direction == TrafficDirection::Inbound as i32,
+            chains,
+        })
+    }
+
+    /// The chain for a connection: the most specific match, as Envoy picks
+    /// (destination port, then transport, then ALPN).
+    pub fn chain(&self, arrival: &Arrival) -> Option<&Chain> {
+        self.chains
+            .iter()
+            .filter(|c| {
+                c.destination_port
+                    .is_none_or(|p| p == arrival.destination_port)
+            })
+            .filter(|c| match c.transport.as_deref() {
+                None => true,
+                Some("tls") => arrival.tls,
+                Some(_) => !arrival.tls,
+            })
+            .filter(|c| c.alpn.is_empty() || c.alpn.iter().any(|p| arrival.alpn.contains(p)))
+            .max_by_key(|c| {
+                (
+                    c.destination_port.is_some(),
+                    c.transport.is_some(),
+                    !c.alpn.is_empty(),
+                )
+            })
+    }
+
+    /// Route configuration names this listener's chains take by RDS.
+    pub fn rds_names(&self) -> impl Iterator<Item = &str> {
+        self.chains.iter().filter_map(|c| match &c.app {
+            App::Http(h) => match &h.routes {
+                Routes::Rds(name) => Some(name.as_str()),
+                Routes::Inline(_) => None,
+            },
+            App::Tcp(_) => None,
+        })
+    }
+
+    /// Whether any chain needs to know if the connection is TLS.
+    pub fn inspects_tls(&self) -> bool {
+        self.chains
+            .iter()
+            .any(|c| c.transport.is_some() || !c.alpn.is_empty())
+    }
+}
+
+impl Chain {
+    fn compile(c: &xds::FilterChain) -> Result<Self, Problem> {
+        let m = c.filter_chain_match.clone().unwrap_or_default();
+        let destination_port = m
+            .destination_port
+            .map(|p| u16::try_from(p.value))
+            .transpose()
+            .map_err(|_| Problem("destination port is out of range".into()))?;
+        let tls = match &c.transport_socket {
+            None => None,
+            Some(socket) => {
+                let Some(transport_socket::ConfigType::TypedConfig(any)) = &socket.config_type
+                else {
+                    return Err(Problem("transport socket without a typed config".into()));
+                };
+                if any.type_url != DownstreamTlsContext::type_url() {
+                    return Err(Problem(format!(
+                        "transport socket {:?} is not supported",
+                        any.type_url
+                    )));
+                }
+                let context = DownstreamTlsContext::decode(any.value.as_slice())
+                    .map_err(|e| Problem(format!("downstream TLS context: {e}")))?;
+                Some(Tls::downstream(&context)?)
+            }
+        };
+        let mut app = None;
+        for f in &c.filters {
+            let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                return Err(Problem(format!("filter {:?} has no typed config", f.name)));
+            };
+            if app.is_some() {
+                return Err(Problem(format!(
+                    "filter {:?} follows a terminal filter",
+                    f.name
+                )));
+            }
+            if any.type_url == HttpConnectionManager::type_url() {
+                let hcm = HttpConnectionManager::decode(any.value.as_slice())
+                    .map_err(|e| Problem(format!("{}: {e}", f.name)))?;
+                app = Some(App::Http(Arc::new(http_app(&hcm)?)));
+            } else if any.type_url == TcpProxy::type_url() {
+                let tcp = TcpProxy::decode(any.value.as_slice())
+                    .map_err(|e| Problem(format!("{}: {e}", f.name)))?;
+                let clusters = match tcp.cluster_specifier {
+                    Some(tcp_proxy::ClusterSpecifier::Cluster(name)) => vec![(name, 1)],
+                    Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
+                        w.clusters.into_iter().map(|c| (c.name, c.weight)).collect()
+                    }
+                    None => return Err(Problem("tcp proxy without a cluster".into())),
+                };
+                app = Some(App::Tcp(TcpApp {
+                    stat_prefix: tcp.stat_prefix,
+                    clusters,
+                }));
+            } else {
+                // Any other network filter (RBAC among them) is enforced
+                // by nothing here, so the config is refused, not run open.
+                return Err(Problem(format!(
+                    "network filter {:?} ({}) is not supported",
+                    f.name, any.type_url
+                )));
+            }
+        }
+        Ok(Chain {
+            destination_port,
+            transport: (!m.transport_protocol.is_empty()).then_some(m.transport_protocol),
+            alpn: m.application_protocols,
+            tls,
+            app: app.ok_or_else(|| Problem("no HTTP connection manager or TCP proxy".into()))?,
+        })
+    }
+}
+
+fn http_app(hcm: &HttpConnectionManager) -> Result<HttpApp, Problem> {
+    let routes = match &hcm.route_specifier {
+        Some(RouteSpecifier::Rds(rds)) => Routes::Rds(rds.route_config_name.clone()),
+        Some(RouteSpecifier::RouteConfig(rc)) => Routes::Inline(Arc::new(RouteTable::compile(rc)?)),
+        _ => return Err(Problem("HTTP connection manager without routes".into())),
+    };
+    let (mut fault, mut cors, mut router) = (false, false, false);
+    for f in &hcm.http_filters {
+        match f.name.as_str() {
+            FAULT_FILTER => fault = true,
+            CORS_FILTER => cors = true,
+            "envoy.filters.http.router" => router = true,
+            _ if f.is_optional => {}
+            name => {
+                let url = match &f.config_type {
+                    Some(http_filter::ConfigType::TypedConfig(a)) => a.type_url.as_str(),
+                    _ => "",
+                };
+                return Err(Problem(format!(
+                    "HTTP filter {name:?} ({url}) is not supported"
+                )));
+            }
+        }
+    }
+    if !router {
+        return Err(Problem(
+            "HTTP connection manager without a router filter".into(),
+        ));
+    }
+    Ok(HttpApp {
+        stat_prefix: hcm.stat_prefix.clone(),
+        routes,
+        fault,
+        cors,
+    })
+}

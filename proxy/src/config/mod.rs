@@ -1,0 +1,109 @@
+//! What the proxy runs, compiled from the xDS resources it holds. A
+//! [`Snapshot`] is immutable: a change builds a new one and swaps it in, so
+//! a request sees one config from start to end, and a config that does not
+//! compile is refused whole (NACKed) while the last good one serves.
+
+pub mod cluster;
+pub mod listener;
+pub mod route;
+pub mod tls;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use envoy_types::pb::envoy::config::{
+    cluster::v3::Cluster as XdsCluster, endpoint::v3::ClusterLoadAssignment,
+    listener::v3::Listener as XdsListener, route::v3::RouteConfiguration,
+};
+
+pub use cluster::{Cluster, Endpoints};
+pub use listener::Listener;
+pub use route::{RouteTable, RouteTables};
+
+/// Why a resource cannot be applied; becomes a NACK's message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem(pub String);
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub(crate) fn duration(d: &envoy_types::pb::google::protobuf::Duration) -> Duration {
+    Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
+}
+
+/// The compiled config.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub listeners: BTreeMap<String, Arc<Listener>>,
+    pub routes: RouteTables,
+    pub clusters: HashMap<String, Arc<Cluster>>,
+    /// EDS endpoints by service name.
+    pub endpoints: HashMap<String, Arc<Endpoints>>,
+}
+
+impl Snapshot {
+    pub fn listeners(
+        resources: &[XdsListener],
+    ) -> Result<BTreeMap<String, Arc<Listener>>, Problem> {
+        resources
+            .iter()
+            .map(|l| Ok((l.name.clone(), Arc::new(Listener::compile(l)?))))
+            .collect()
+    }
+
+    pub fn routes(resources: &[RouteConfiguration]) -> Result<RouteTables, Problem> {
+        resources
+            .iter()
+            .map(|r| Ok((r.name.clone(), Arc::new(RouteTable::compile(r)?))))
+            .collect()
+    }
+
+    pub fn clusters(resources: &[XdsCluster]) -> Result<HashMap<String, Arc<Cluster>>, Problem> {
+        resources
+            .iter()
+            .map(|c| Ok((c.name.clone(), Arc::new(Cluster::compile(c)?))))
+            .collect()
+    }
+
+    pub fn endpoints(
+        resources: &[ClusterLoadAssignment],
+    ) -> Result<HashMap<String, Arc<Endpoints>>, Problem> {
+        resources
+            .iter()
+            .map(|a| Ok((a.cluster_name.clone(), Arc::new(cluster::eds_endpoints(a)?))))
+            .collect()
+    }
+
+    /// EDS names the clusters ask for.
+    pub fn eds_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .clusters
+            .values()
+            .filter_map(|c| match &c.discovery {
+                cluster::Discovery::Eds(name) => Some(name.clone()),
+                _ => None,
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// RDS names the listeners ask for.
+    pub fn rds_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .listeners
+            .values()
+            .flat_map(|l| l.rds_names().map(str::to_string).collect::<Vec<_>>())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+}

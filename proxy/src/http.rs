@@ -1,0 +1,552 @@
+//! The HTTP path: a connection served by hyper (HTTP/1.1 or HTTP/2, which
+//! also carries gRPC), each request routed by the route configuration the
+//! connection's chain names (looked up per request, so a route change
+//! applies to open connections), through the fault and CORS filters, then
+//! forwarded with the route's timeout and retries to an endpoint of the
+//! chosen cluster. What the proxy answers itself (no route, no endpoint,
+//! timeouts, faults) says why in the body, as Envoy's local replies do.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::watch,
+};
+
+use crate::{
+    config::{
+        Snapshot,
+        listener::{HttpApp, Routes},
+        route::{Abort, Action, Forward, HeaderOps, RequestParts, RetryPolicy, Route},
+    },
+    upstream::{Body, BoxError, UpstreamCluster, Upstreams},
+};
+
+/// Request bodies up to this size are kept for retries and mirrors;
+/// larger ones stream through once.
+const RETRY_BUFFER: u64 = 64 * 1024;
+
+/// What serving one connection needs.
+pub struct HttpContext {
+    pub app: Arc<HttpApp>,
+    pub config: watch::Receiver<Arc<Snapshot>>,
+    pub upstreams: Arc<Upstreams>,
+    pub peer: SocketAddr,
+}
+
+/// Serves one connection until it closes.
+pub async fn serve<IO>(io: IO, context: Arc<HttpContext>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request| {
+        let context = context.clone();
+        async move { Ok::<_, Infallible>(handle(request, &context).await) }
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .await
+    {
+        tracing::debug!("connection ended: {e}");
+    }
+}
+
+pub fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into()).map_err(|e| match e {}).boxed()
+}
+
+/// A reply of the proxy's own.
+pub fn local_reply(status: StatusCode, why: &str) -> Response<Body> {
+    let mut response = Response::new(full(format!("{why}\n")));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+async fn handle(request: Request<Incoming>, context: &HttpContext) -> Response<Body> {
+    let snapshot = context.config.borrow().clone();
+    let table = match &context.app.routes {
+        Routes::Rds(name) => snapshot.routes.get(name).cloned(),
+        Routes::Inline(table) => Some(table.clone()),
+    };
+    let Some(table) = table else {
+        return local_reply(StatusCode::NOT_FOUND, "no route configuration");
+    };
+    let authority = request
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            request
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/".to_string(), |p| p.to_string());
+    let parts = RequestParts {
+        authority: &authority,
+        path: &path,
+        method: request.method().as_str(),
+        scheme: request.uri().scheme_str().unwrap_or("http"),
+        headers: request.headers(),
+    };
+    let Some(route) = table
+        .virtual_host(&authority)
+        .and_then(|vh| vh.route(&parts))
+    else {
+        return local_reply(
+            StatusCode::NOT_FOUND,
+            &format!("no route for {authority}{path}"),
+        );
+    };
+    let origin = request
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .map(str::to_string);
+    if context.app.cors
+        && let (Some(cors), Some(origin)) = (&route.cors, &origin)
+        && request.method() == http::Method::OPTIONS
+        && request
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+    {
+        return cors_preflight(cors, origin);
+    }
+    if context.app.fault
+        && let Some(fault) = &route.fault
+    {
+        if let Some((delay, share)) = fault.delay
+            && share.roll()
+        {
+            tokio::time::sleep(delay).await;
+        }
+        if let Some((abort, share)) = fault.abort
+            && share.roll()
+        {
+            return aborted(abort);
+        }
+    }
+    let mut response = match &route.action {
+        Action::Redirect {
+            host,
+            path: to,
+            code,
+        } => {
+            let target_host = if host.is_empty() {
+                authority.as_str()
+            } else {
+                host
+            };
+            let target_path = if to.is_empty() { path.as_str() } else { to };
+            let mut r = local_reply(
+                StatusCode::from_u16(*code).unwrap_or(StatusCode::MOVED_PERMANENTLY),
+                "redirected",
+            );
+            if let Ok(location) =
+                HeaderValue::from_str(&format!("http://{target_host}{target_path}"))
+            {
+                r.headers_mut().insert(header::LOCATION, location);
+            }
+            r
+        }
+        Action::Direct { status, body } => {
+            let mut r = Response::new(full(body.clone()));
+            *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+            r
+        }
+        Action::Forward(forward) => self::forward(request, route, forward, context).await,
+    };
+    apply_response_ops(&route.headers, response.headers_mut());
+    if context.app.cors
+        && let (Some(cors), Some(origin)) = (&route.cors, &origin)
+        && cors.allows(origin)
+        && let Ok(value) = HeaderValue::from_str(origin)
+    {
+        response
+            .headers_mut()
+            .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
+    }
+    response
+}
+
+fn cors_preflight(cors: &crate::config::route::Cors, origin: &str) -> Response<Body> {
+    let mut response = local_reply(StatusCode::OK, "");
+    if !cors.allows(origin) {
+        return response;
+    }
+    let headers = response.headers_mut();
+    let mut set = |name: HeaderName, value: &str| {
+        if !value.is_empty()
+            && let Ok(v) = HeaderValue::from_str(value)
+        {
+            headers.insert(name, v);
+        }
+    };
+    set(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    set(header::ACCESS_CONTROL_ALLOW_METHODS, &cors.methods);
+    set(header::ACCESS_CONTROL_ALLOW_HEADERS, &cors.headers);
+    set(header::ACCESS_CONTROL_EXPOSE_HEADERS, &cors.expose);
+    set(header::ACCESS_CONTROL_MAX_AGE, &cors.max_age);
+    if cors.credentials {
+        set(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true");
+    }
+    response
+}
+
+fn aborted(abort: Abort) -> Response<Body> {
+    match abort {
+        Abort::Http(code) => local_reply(
+            StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            "fault filter abort",
+        ),
+        Abort::Grpc(code) => {
+            let mut r = local_reply(StatusCode::OK, "");
+            let headers = r.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert("grpc-status", HeaderValue::from(code));
+            headers.insert(
+                "grpc-message",
+                HeaderValue::from_static("fault filter abort"),
+            );
+            r
+        }
+    }
+}
+
+fn apply_request_ops(ops: &HeaderOps, headers: &mut http::HeaderMap) {
+    apply(&ops.request_remove, &ops.request_add, headers);
+}
+
+fn apply_response_ops(ops: &HeaderOps, headers: &mut http::HeaderMap) {
+    apply(&ops.response_remove, &ops.response_add, headers);
+}
+
+fn apply(remove: &[String], add: &[(String, String, bool)], headers: &mut http::HeaderMap) {
+    for name in remove {
+        headers.remove(name.as_str());
+    }
+    for (name, value, append) in add {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::from_str(value),
+        ) else {
+            continue;
+        };
+        if *append {
+            headers.append(name, value);
+        } else {
+            headers.insert(name, value);
+        }
+    }
+}
+
+/// A request body, kept whole when small enough to send again.
+enum Outgoing {
+    Buffered(Bytes),
+    Streaming(Incoming),
+}
+
+async fn forward(
+    request: Request<Incoming>,
+    route: &Route,
+    forward: &Forward,
+    context: &HttpContext,
+) -> Response<Body> {
+    let weighted = forward.pick();
+    let Some(cluster) = context.upstreams.get(&weighted.name) else {
+        return local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("cluster {} not found", weighted.name),
+        );
+    };
+    let (mut parts, body) = request.into_parts();
+    apply_request_ops(&route.headers, &mut parts.headers);
+    apply_request_ops(&weighted.headers, &mut parts.headers);
+    let original_path = parts
+        .uri
+        .path_and_query()
+        .map_or("/".to_string(), |p| p.to_string());
+    let path = route.rewrite(&original_path, forward.prefix_rewrite.as_deref());
+    if let Some(host) = &forward.host_rewrite
+        && let Ok(value) = HeaderValue::from_str(host)
+    {
+        parts.headers.insert(header::HOST, value);
+    } else if !parts.headers.contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(value) = HeaderValue::from_str(authority.as_str())
+    {
+        // An absolute-form request (the proxy used as HTTP_PROXY) names
+        // its host in the URI; the upstream reads it from Host.
+        parts.headers.insert(header::HOST, value);
+    }
+    parts
+        .headers
+        .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if !parts.headers.contains_key("x-request-id")
+        && let Ok(id) = HeaderValue::from_str(&request_id())
+    {
+        parts.headers.insert("x-request-id", id);
+    }
+    let retry = forward.retry.clone().filter(|r| r.attempts > 0);
+    let small = http_body::Body::size_hint(&body)
+        .upper()
+        .is_some_and(|n| n <= RETRY_BUFFER);
+    let outgoing = if (retry.is_some() || !forward.mirrors.is_empty()) && small {
+        match body.collect().await {
+            Ok(collected) => Outgoing::Buffered(collected.to_bytes()),
+            Err(e) => return local_reply(StatusCode::BAD_REQUEST, &format!("request body: {e}")),
+        }
+    } else {
+        Outgoing::Streaming(body)
+    };
+    if let Outgoing::Buffered(bytes) = &outgoing {
+        for mirror in &forward.mirrors {
+            mirror_to(context, mirror, &parts, &path, bytes.clone());
+        }
+    }
+    let hash = hash_key(forward, &parts.headers, context.peer);
+    let attempts =
+        async { send_with_retries(&cluster, parts, &path, outgoing, retry.as_ref(), hash).await };
+    let mut response = match forward.timeout {
+        Some(limit) => match tokio::time::timeout(limit, attempts).await {
+            Ok(r) => r,
+            Err(_) => local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+        },
+        None => attempts.await,
+    };
+    apply_response_ops(&weighted.headers, response.headers_mut());
+    response
+}
+
+fn request_id() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+fn hash_key(forward: &Forward, headers: &http::HeaderMap, peer: SocketAddr) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut any = false;
+    for name in &forward.hash_headers {
+        if let Some(v) = headers.get(name.as_str()) {
+            v.as_bytes().hash(&mut h);
+            any = true;
+        }
+    }
+    if forward.hash_source_ip {
+        peer.ip().hash(&mut h);
+        any = true;
+    }
+    any.then(|| h.finish())
+}
+
+/// Sends a copy to `cluster` and forgets it: a mirror's answer is not the
+/// caller's.
+fn mirror_to(
+    context: &HttpContext,
+    cluster: &str,
+    parts: &http::request::Parts,
+    path: &str,
+    body: Bytes,
+) {
+    let Some(cluster) = context.upstreams.get(cluster) else {
+        return;
+    };
+    let mut headers = parts.headers.clone();
+    if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
+        // Envoy marks a mirrored request's host with `-shadow`.
+        if let Ok(v) = HeaderValue::from_str(&format!("{host}-shadow")) {
+            headers.insert(header::HOST, v);
+        }
+    }
+    let method = parts.method.clone();
+    let path = path.to_string();
+    tokio::spawn(async move {
+        let Some(endpoint) = cluster.pick(&[], None) else {
+            return;
+        };
+        let Ok(request) = upstream_request(&method, &headers, endpoint.addr, &path, full(body))
+        else {
+            return;
+        };
+        let _ = cluster.client.request(request).await;
+    });
+}
+
+fn upstream_request(
+    method: &http::Method,
+    headers: &http::HeaderMap,
+    addr: SocketAddr,
+    path: &str,
+    body: Body,
+) -> Result<Request<Body>, http::Error> {
+    let uri: Uri = format!("http://{addr}{path}").parse()?;
+    let mut request = Request::builder()
+        .method(method.clone())
+        .uri(uri)
+        .body(body)?;
+    *request.headers_mut() = headers.clone();
+    // Hop-by-hop headers belong to the downstream connection.
+    for name in [
+        header::CONNECTION,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRANSFER_ENCODING,
+    ] {
+        request.headers_mut().remove(name);
+    }
+    request.headers_mut().remove("proxy-connection");
+    request.headers_mut().remove("keep-alive");
+    Ok(request)
+}
+
+/// What one attempt came to.
+enum Attempt {
+    Answered(Response<Incoming>),
+    /// No connection could be made.
+    ConnectFailed(String),
+    /// The connection broke before a response.
+    Reset(String),
+    TimedOut,
+}
+
+async fn send_with_retries(
+    cluster: &UpstreamCluster,
+    parts: http::request::Parts,
+    path: &str,
+    outgoing: Outgoing,
+    retry: Option<&RetryPolicy>,
+    hash: Option<u64>,
+) -> Response<Body> {
+    let (mut streaming, buffered) = match outgoing {
+        Outgoing::Buffered(b) => (None, Some(b)),
+        Outgoing::Streaming(body) => (Some(body), None),
+    };
+    // A streamed body can be sent once only.
+    let retries = match (&buffered, retry) {
+        (Some(_), Some(r)) => r.attempts,
+        _ => 0,
+    };
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut attempt_no = 0;
+    loop {
+        let avoid = if retry.is_some_and(|r| r.other_hosts) {
+            &tried[..]
+        } else {
+            &[]
+        };
+        let Some(endpoint) = cluster.pick(avoid, hash) else {
+            return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+        };
+        tried.push(endpoint.addr);
+        let body = match (&buffered, streaming.take()) {
+            (Some(bytes), _) => full(bytes.clone()),
+            (None, Some(body)) => body.map_err(|e| Box::new(e) as BoxError).boxed(),
+            (None, None) => full(Bytes::new()),
+        };
+        let request =
+            match upstream_request(&parts.method, &parts.headers, endpoint.addr, path, body) {
+                Ok(r) => r,
+                Err(e) => return local_reply(StatusCode::BAD_REQUEST, &format!("request: {e}")),
+            };
+        endpoint.active.fetch_add(1, Ordering::Relaxed);
+        let sent = cluster.client.request(request);
+        let per_try = retry.and_then(|r| r.per_try_timeout);
+        let outcome = match per_try {
+            Some(limit) => tokio::time::timeout(limit, sent).await.ok(),
+            None => Some(sent.await),
+        };
+        endpoint.active.fetch_sub(1, Ordering::Relaxed);
+        let attempt = match outcome {
+            None => Attempt::TimedOut,
+            Some(Ok(response)) => Attempt::Answered(response),
+            Some(Err(e)) if e.is_connect() => Attempt::ConnectFailed(error_chain(&e)),
+            Some(Err(e)) => Attempt::Reset(error_chain(&e)),
+        };
+        let failed = match &attempt {
+            Attempt::Answered(r) => r.status().is_server_error(),
+            _ => true,
+        };
+        cluster.record(&endpoint, failed);
+        attempt_no += 1;
+        let again = attempt_no <= retries && retry.is_some_and(|r| retriable(r, &attempt));
+        if !again {
+            return match attempt {
+                Attempt::Answered(r) => r.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()),
+                Attempt::ConnectFailed(why) => local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("upstream connect error: {why}"),
+                ),
+                Attempt::Reset(why) => local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("upstream reset: {why}"),
+                ),
+                Attempt::TimedOut => {
+                    local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+                }
+            };
+        }
+        // Envoy's retry back-off: 25 ms base, jittered.
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(
+            0..25 * attempt_no as u64,
+        )))
+        .await;
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn retriable(policy: &RetryPolicy, attempt: &Attempt) -> bool {
+    match attempt {
+        Attempt::ConnectFailed(_) => {
+            policy.on_connect_failure || policy.on_5xx || policy.on_gateway_error
+        }
+        Attempt::Reset(_) => policy.on_reset || policy.on_5xx || policy.on_refused_stream,
+        Attempt::TimedOut => policy.on_5xx || policy.on_gateway_error,
+        Attempt::Answered(r) => {
+            let code = r.status().as_u16();
+            let grpc = r
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u32>().ok());
+            (policy.on_5xx && code >= 500)
+                || (policy.on_gateway_error && matches!(code, 502..=504))
+                || policy.status_codes.contains(&code)
+                || grpc.is_some_and(|g| policy.grpc_statuses.contains(&g))
+        }
+    }
+}

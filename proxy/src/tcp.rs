@@ -1,0 +1,51 @@
+//! The TCP proxy: a connection spliced to an endpoint of a cluster picked
+//! by weight, bytes copied both ways until either side closes.
+
+use std::sync::{Arc, atomic::Ordering};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::{config::listener::TcpApp, upstream::Upstreams};
+
+pub async fn proxy<IO>(mut downstream: IO, app: &TcpApp, upstreams: &Arc<Upstreams>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let total: u32 = app.clusters.iter().map(|(_, w)| *w).sum();
+    let mut roll = fastrand::u32(0..total.max(1));
+    let name = app
+        .clusters
+        .iter()
+        .find(|(_, w)| {
+            let hit = roll < *w;
+            roll = roll.saturating_sub(*w);
+            hit
+        })
+        .or(app.clusters.first())
+        .map(|(n, _)| n.as_str());
+    let Some(cluster) = name.and_then(|n| upstreams.get(n)) else {
+        tracing::debug!(listener = %app.stat_prefix, "no cluster for the connection");
+        return;
+    };
+    let Some(endpoint) = cluster.pick(&[], None) else {
+        tracing::debug!(cluster = %cluster.config.name, "no healthy upstream");
+        return;
+    };
+    let connect = tokio::net::TcpStream::connect(endpoint.addr);
+    let mut upstream = match tokio::time::timeout(cluster.config.connect_timeout, connect).await {
+        Ok(Ok(s)) => s,
+        failed => {
+            cluster.record(&endpoint, true);
+            tracing::debug!(endpoint = %endpoint.addr, "upstream connect failed: {failed:?}");
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    endpoint.active.fetch_add(1, Ordering::Relaxed);
+    let copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+    endpoint.active.fetch_sub(1, Ordering::Relaxed);
+    cluster.record(&endpoint, false);
+    if let Err(e) = copied {
+        tracing::debug!(endpoint = %endpoint.addr, "connection ended: {e}");
+    }
+}

@@ -1,0 +1,306 @@
+//! Clusters at run time: their endpoints (from EDS, or fixed addresses and
+//! names resolved by DNS), the per-endpoint state that outlives config
+//! changes (requests in flight, consecutive failures, ejection), endpoint
+//! selection by the cluster's load balancer, and a pooled HTTP client per
+//! cluster. A cluster whose settings change gets a new pool; one whose
+//! endpoints change keeps it.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU32, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use tokio::sync::watch;
+
+use crate::config::{
+    Snapshot,
+    cluster::{Cluster, Discovery, Lb},
+};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type requests and responses carry through the proxy.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// One endpoint and what the proxy has seen of it.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    /// Requests in flight, for least-request balancing.
+    pub active: AtomicUsize,
+    consecutive_5xx: AtomicU32,
+    /// How many times it was ejected; each ejection lasts longer.
+    ejections: AtomicU32,
+    ejected_until: Mutex<Option<Instant>>,
+}
+
+impl Endpoint {
+    fn new(addr: SocketAddr, weight: u32) -> Self {
+        Self {
+            addr,
+            weight,
+            active: AtomicUsize::new(0),
+            consecutive_5xx: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            ejected_until: Mutex::new(None),
+        }
+    }
+
+    pub fn ejected(&self, now: Instant) -> bool {
+        let until = self.ejected_until.lock().unwrap_or_else(|e| e.into_inner());
+        until.is_some_and(|t| now < t)
+    }
+}
+
+pub struct UpstreamCluster {
+    pub config: Arc<Cluster>,
+    endpoints: RwLock<Arc<Vec<Arc<Endpoint>>>>,
+    next: AtomicUsize,
+    pub client: Client<HttpConnector, Body>,
+    /// Endpoints ejected now, by outlier detection.
+    pub ejections_total: AtomicU32,
+}
+
+impl UpstreamCluster {
+    fn new(config: Arc<Cluster>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(config.http2)
+            .set_host(false)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        Self {
+            config,
+            endpoints: RwLock::new(Arc::default()),
+            next: AtomicUsize::new(0),
+            client,
+            ejections_total: AtomicU32::new(0),
+        }
+    }
+
+    pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the endpoints, keeping the state of those that remain.
+    fn set_endpoints(&self, next: &[(SocketAddr, u32)]) {
+        let current = self.endpoints();
+        let kept: Vec<Arc<Endpoint>> = next
+            .iter()
+            .map(|(addr, weight)| {
+                current
+                    .iter()
+                    .find(|e| e.addr == *addr && e.weight == *weight)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Endpoint::new(*addr, *weight)))
+            })
+            .collect();
+        *self.endpoints.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(kept);
+    }
+
+    /// An endpoint by the cluster's load balancer, avoiding `tried` when
+    /// another is available. Ejected endpoints are skipped unless fewer
+    /// than the panic threshold remain.
+    pub fn pick(&self, tried: &[SocketAddr], hash: Option<u64>) -> Option<Arc<Endpoint>> {
+        let all = self.endpoints();
+        if all.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        let healthy: Vec<&Arc<Endpoint>> = all.iter().filter(|e| !e.ejected(now)).collect();
+        let panic =
+            (healthy.len() as f64) < (all.len() as f64) * self.config.panic_threshold / 100.0;
+        let pool: Vec<&Arc<Endpoint>> = if panic || healthy.is_empty() {
+            all.iter().collect()
+        } else {
+            healthy
+        };
+        let fresh: Vec<&Arc<Endpoint>> = pool
+            .iter()
+            .copied()
+            .filter(|e| !tried.contains(&e.addr))
+            .collect();
+        let candidates = if fresh.is_empty() { pool } else { fresh };
+        let chosen = match (self.config.lb, hash) {
+            (Lb::RingHash, Some(h)) => ring_pick(&candidates, h),
+            (Lb::Random, _) | (Lb::RingHash, None) => {
+                candidates[fastrand::usize(..candidates.len())]
+            }
+            (Lb::LeastRequest, _) => {
+                // Power of two choices, as Envoy's least request does.
+                let a = candidates[fastrand::usize(..candidates.len())];
+                let b = candidates[fastrand::usize(..candidates.len())];
+                if b.active.load(Ordering::Relaxed) < a.active.load(Ordering::Relaxed) {
+                    b
+                } else {
+                    a
+                }
+            }
+            (Lb::RoundRobin, _) => weighted_round_robin(&candidates, &self.next),
+        };
+        Some(chosen.clone())
+    }
+
+    /// Records an answer from `endpoint` for outlier detection: enough
+    /// consecutive 5xx (or failures to connect) eject it for the base
+    /// ejection time times the ejections so far, unless that would eject
+    /// more than the allowed share of the cluster.
+    pub fn record(&self, endpoint: &Endpoint, failed: bool) {
+        let Some(outlier) = self.config.outlier else {
+            return;
+        };
+        if !failed {
+            endpoint.consecutive_5xx.store(0, Ordering::Relaxed);
+            return;
+        }
+        let failures = endpoint.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < outlier.consecutive_5xx {
+            return;
+        }
+        let now = Instant::now();
+        let all = self.endpoints();
+        let ejected = all.iter().filter(|e| e.ejected(now)).count();
+        let allowed = (all.len() * outlier.max_ejection_percent as usize / 100).max(1);
+        if ejected >= allowed || endpoint.ejected(now) {
+            return;
+        }
+        let times = endpoint.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        *endpoint
+            .ejected_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(now + outlier.base_ejection_time * times);
+        endpoint.consecutive_5xx.store(0, Ordering::Relaxed);
+        self.ejections_total.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(cluster = %self.config.name, endpoint = %endpoint.addr, "ejected for {failures} consecutive errors");
+    }
+}
+
+fn weighted_round_robin<'a>(
+    candidates: &[&'a Arc<Endpoint>],
+    next: &AtomicUsize,
+) -> &'a Arc<Endpoint> {
+    let total: usize = candidates.iter().map(|e| e.weight as usize).sum();
+    let mut slot = next.fetch_add(1, Ordering::Relaxed) % total.max(1);
+    for e in candidates {
+        if slot < e.weight as usize {
+            return e;
+        }
+        slot -= e.weight as usize;
+    }
+    candidates[0]
+}
+
+/// Consistent hashing: the endpoint whose point on the ring (a hash of its
+/// address) follows the request's hash, so a key keeps its endpoint while
+/// the set stays the same, and most keys keep theirs when it changes.
+fn ring_pick<'a>(candidates: &[&'a Arc<Endpoint>], hash: u64) -> &'a Arc<Endpoint> {
+    use std::hash::{Hash, Hasher};
+    // A few points per endpoint spread the keys evenly.
+    const POINTS: u64 = 64;
+    let mut best: Option<(u64, &Arc<Endpoint>)> = None;
+    let mut lowest: Option<(u64, &Arc<Endpoint>)> = None;
+    for e in candidates {
+        for point in 0..POINTS {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (e.addr, point).hash(&mut h);
+            let p = h.finish();
+            if p >= hash && best.is_none_or(|(b, _)| p < b) {
+                best = Some((p, e));
+            }
+            if lowest.is_none_or(|(l, _)| p < l) {
+                lowest = Some((p, e));
+            }
+        }
+    }
+    best.or(lowest).map(|(_, e)| e).unwrap_or(candidates[0])
+}
+
+/// Every cluster of the current config.
+#[derive(Default)]
+pub struct Upstreams {
+    clusters: RwLock<HashMap<String, Arc<UpstreamCluster>>>,
+}
+
+impl Upstreams {
+    pub fn get(&self, name: &str) -> Option<Arc<UpstreamCluster>> {
+        self.clusters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<UpstreamCluster>> {
+        let clusters = self.clusters.read().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<_> = clusters.values().cloned().collect();
+        all.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+        all
+    }
+
+    /// Brings the clusters in line with `snapshot`.
+    async fn update(&self, snapshot: &Snapshot) {
+        let mut next = HashMap::new();
+        for (name, config) in &snapshot.clusters {
+            let cluster = match self.get(name) {
+                Some(c) if c.config == *config => c,
+                _ => Arc::new(UpstreamCluster::new(config.clone())),
+            };
+            let endpoints = match &config.discovery {
+                Discovery::Eds(service) => snapshot
+                    .endpoints
+                    .get(service)
+                    .map(|e| e.as_ref().clone())
+                    .unwrap_or_default(),
+                Discovery::Fixed(targets) => resolve(targets).await,
+                Discovery::OriginalDst | Discovery::BlackHole => Vec::new(),
+            };
+            cluster.set_endpoints(&endpoints);
+            next.insert(name.clone(), cluster);
+        }
+        *self.clusters.write().unwrap_or_else(|e| e.into_inner()) = next;
+    }
+}
+
+/// Fixed endpoints: IP addresses as they are, names by DNS (a name that
+/// does not resolve contributes nothing until the next config).
+async fn resolve(targets: &[(String, u16)]) -> Vec<(SocketAddr, u32)> {
+    let mut out = Vec::new();
+    for (host, port) in targets {
+        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+            out.push((SocketAddr::new(ip, *port), 1));
+            continue;
+        }
+        match tokio::net::lookup_host((host.as_str(), *port)).await {
+            Ok(addrs) => out.extend(addrs.map(|a| (a, 1))),
+            Err(e) => tracing::warn!(%host, "not resolved: {e}"),
+        }
+    }
+    out
+}
+
+/// Keeps `upstreams` in line with the config until the config ends.
+pub async fn follow(mut config: watch::Receiver<Arc<Snapshot>>, upstreams: Arc<Upstreams>) {
+    loop {
+        let snapshot = config.borrow_and_update().clone();
+        upstreams.update(&snapshot).await;
+        if config.changed().await.is_err() {
+            return;
+        }
+    }
+}
