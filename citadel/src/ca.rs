@@ -17,10 +17,10 @@ use rcgen::{
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
     SanType, SerialNumber,
 };
-use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::pki_types::CertificateDer;
 use time::OffsetDateTime;
 
-use crate::identity::Identity;
+use component::spiffe::{self, Identity, Usage};
 
 pub const CA_CERT: &str = "ca-cert.pem";
 pub const CA_KEY: &str = "ca-key.pem";
@@ -282,54 +282,7 @@ impl Ca {
     /// CA's root, be valid now, and carry a SPIFFE identity of this trust
     /// domain. The error says which of these failed.
     pub fn verify_client(&self, chain: &[CertificateDer<'_>]) -> Result<Identity, String> {
-        let (leaf, presented) = chain
-            .split_first()
-            .ok_or("no client certificate was presented")?;
-        let anchor = webpki::anchor_from_trusted_cert(&self.root_der)
-            .map_err(|e| format!("the mesh root is unusable: {e}"))?;
-        let mut intermediates: Vec<CertificateDer<'_>> = presented.to_vec();
-        intermediates.extend(self.intermediates.iter().cloned());
-        let cert = webpki::EndEntityCert::try_from(leaf)
-            .map_err(|e| format!("the client certificate is malformed: {e}"))?;
-        cert.verify_for_usage(
-            webpki::ALL_VERIFICATION_ALGS,
-            &[anchor],
-            &intermediates,
-            UnixTime::now(),
-            webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        )
-        .map_err(|e| match e {
-            webpki::Error::CertExpired { not_after, .. } => {
-                let at = SystemTime::UNIX_EPOCH + Duration::from_secs(not_after.as_secs());
-                format!(
-                    "the client certificate expired at {}",
-                    humantime::format_rfc3339_seconds(at)
-                )
-            }
-            e => format!("the client certificate does not chain to the mesh root: {e}"),
-        })?;
-        let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
-            .map_err(|e| format!("the client certificate is malformed: {e}"))?;
-        let uris: Vec<&str> = parsed
-            .subject_alternative_name()
-            .ok()
-            .flatten()
-            .into_iter()
-            .flat_map(|san| san.value.general_names.iter())
-            .filter_map(|name| match name {
-                x509_parser::extensions::GeneralName::URI(uri) => Some(*uri),
-                _ => None,
-            })
-            .collect();
-        let [uri] = uris[..] else {
-            return Err(format!(
-                "the client certificate carries {} URI SANs, not one identity",
-                uris.len()
-            ));
-        };
-        let identity = Identity::parse(uri)?;
+        let identity = spiffe::verify(chain, &self.root_der, &self.intermediates, Usage::Client)?;
         if identity.trust_domain != self.trust_domain {
             return Err(format!(
                 "the client certificate's identity {identity} is not of trust domain {}",

@@ -7,7 +7,7 @@
 
 pub mod auth;
 pub mod ca;
-pub mod identity;
+pub use component::spiffe as identity;
 pub mod kube;
 pub mod service;
 mod tls;

@@ -1,6 +1,7 @@
 //! Plumbing every mesh component shares, so that each component crate holds
 //! only its own logic: default ports, command-line flags, logging, the admin
-//! HTTP server with readiness and metrics, signal handling and backoff.
+//! HTTP server with readiness and metrics, signal handling and backoff,
+//! TLS from files, and SPIFFE identities.
 
 pub mod admin;
 pub mod backoff;
@@ -11,6 +12,7 @@ mod main_of;
 pub mod ports;
 pub mod readiness;
 pub mod shutdown;
+pub mod spiffe;
 pub mod tls;
 pub mod watch;
 

@@ -162,3 +162,46 @@ async fn pilot_serves_while_galley_is_down_and_catches_up() {
     assert!(pilot.terminate().await.success());
     assert!(galley.proc.terminate().await.success());
 }
+
+#[tokio::test]
+async fn proxies_that_connect_before_pilot_has_a_model_wait_for_a_whole_one() {
+    let dir = config_dir(&[("reviews.yaml", REVIEWS)]);
+    let mcp = free_addr();
+    let (xds, admin) = (free_addr(), free_addr());
+    let _pilot = Proc::start(
+        "pilot",
+        &[
+            "--mcp-server",
+            &mcp.to_string(),
+            "--xds-addr",
+            &xds.to_string(),
+            "--admin-addr",
+            &admin.to_string(),
+        ],
+    );
+    // Pilot is up, without Galley: a proxy connecting now is not answered
+    // until Galley has been heard from.
+    wait_for_http(admin, "/ready", |s, _| s == 503).await;
+    let early = tokio::spawn(async move {
+        let mut proxy = Proxy::connect(xds).await;
+        let first = tokio::time::timeout(Duration::from_secs(20), proxy.responses.next())
+            .await
+            .expect("a response once Galley is up")
+            .unwrap()
+            .unwrap();
+        first
+            .resources
+            .iter()
+            .map(|a| Cluster::decode(&a.value[..]).unwrap().name)
+            .collect::<Vec<_>>()
+    });
+    let _galley = Galley::start_at(dir.path(), mcp, &[]).await;
+    // Its first answer is the whole config, not an empty one.
+    let names = early.await.unwrap();
+    assert!(
+        names
+            .iter()
+            .any(|n| n == "outbound|9080||reviews.shop.svc.cluster.local"),
+        "{names:?}"
+    );
+}

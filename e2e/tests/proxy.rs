@@ -17,10 +17,18 @@ use std::{
 
 use e2e::*;
 
-/// A backend that answers every request with its name and the path.
+/// A backend that answers every request with its name and the path, and
+/// `/whoami` with the caller identity its sidecar forwarded.
 async fn backend(name: &'static str) -> SocketAddr {
-    let app = axum::Router::new()
-        .fallback(move |uri: axum::http::Uri| async move { format!("{name} {}", uri.path()) });
+    let app = axum::Router::new().fallback(
+        move |uri: axum::http::Uri, headers: axum::http::HeaderMap| async move {
+            if uri.path() == "/whoami" {
+                let xfcc = headers.get("x-forwarded-client-cert");
+                return format!("{xfcc:?}");
+            }
+            format!("{name} {}", uri.path())
+        },
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -57,6 +65,9 @@ async fn ratings() -> SocketAddr {
 struct Mesh {
     _dir: tempfile::TempDir,
     _galley: Galley,
+    _citadel: Proc,
+    /// Where reviews v2's sidecar accepts mesh traffic.
+    v2_sidecar: SocketAddr,
     pilot: Option<Proc>,
     pilot_xds: SocketAddr,
     _proxies: Vec<Proc>,
@@ -84,7 +95,8 @@ spec:
   hosts: [ratings.shop.svc.cluster.local]
   resolution: STATIC
   ports: [{{number: 9080, name: http, protocol: HTTP}}]
-  endpoints: [{{address: 127.0.0.1, ports: {{http: {ratings_port}}}}}]
+  # Labelled, so that no proxy at 127.0.0.1 takes it for its own workload.
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {ratings_port}}}, labels: {{app: ratings}}}}]
 ---
 apiVersion: networking.istio.io/v1alpha3
 kind: VirtualService
@@ -122,7 +134,15 @@ spec:
   host: reviews.shop.svc.cluster.local
   subsets:
   - {{name: v1, labels: {{version: v1}}}}
-  - {{name: v2, labels: {{version: v2}}}}
+  - name: v2
+    labels: {{version: v2}}
+    trafficPolicy: {{tls: {{mode: ISTIO_MUTUAL}}}}
+---
+apiVersion: authentication.istio.io/v1alpha1
+kind: MeshPolicy
+metadata: {{name: default}}
+spec:
+  peers: [{{mtls: {{}}}}]
 ---
 apiVersion: networking.istio.io/v1alpha3
 kind: VirtualService
@@ -169,8 +189,59 @@ spec:
     )
 }
 
-fn start_proxy(xds: SocketAddr, pod: &str, labels: &str) -> (Proc, SocketAddr) {
+/// Citadel on a fresh CA, and what proxies need to ask it for
+/// certificates: its address and root.
+struct Ca {
+    proc: Proc,
+    addr: SocketAddr,
+    dir: std::path::PathBuf,
+}
+
+async fn start_citadel(dir: &std::path::Path) -> Ca {
+    let (addr, admin) = (free_addr(), free_addr());
+    let tokens = dir.join("tokens");
+    std::fs::write(
+        &tokens,
+        "shop/productpage productpage-token\nshop/reviews reviews-token\n",
+    )
+    .unwrap();
+    for (sa, token) in [
+        ("productpage", "productpage-token"),
+        ("reviews", "reviews-token"),
+    ] {
+        std::fs::write(dir.join(format!("{sa}.token")), token).unwrap();
+    }
+    let proc = Proc::start(
+        "citadel",
+        &[
+            "--grpc-addr",
+            &addr.to_string(),
+            "--admin-addr",
+            &admin.to_string(),
+            "--ca-dir",
+            dir.join("ca").to_str().unwrap(),
+            "--bootstrap-tokens",
+            tokens.to_str().unwrap(),
+        ],
+    );
+    wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    Ca {
+        proc,
+        addr,
+        dir: dir.to_path_buf(),
+    }
+}
+
+fn start_proxy(
+    xds: SocketAddr,
+    ca: &Ca,
+    pod: &str,
+    account: &str,
+    labels: &str,
+) -> (Proc, SocketAddr) {
     let admin = free_addr();
+    let token = ca.dir.join(format!("{account}.token"));
+    let root = ca.dir.join("ca").join("root-cert.pem");
     let proc = Proc::start(
         "proxy",
         &[
@@ -182,8 +253,18 @@ fn start_proxy(xds: SocketAddr, pod: &str, labels: &str) -> (Proc, SocketAddr) {
             pod,
             "--namespace",
             "shop",
+            "--service-account",
+            account,
             "--labels",
             labels,
+            "--citadel",
+            &ca.addr.to_string(),
+            "--citadel-root",
+            root.to_str().unwrap(),
+            "--citadel-token-file",
+            token.to_str().unwrap(),
+            "--citadel-hostname",
+            "localhost",
         ],
     );
     (proc, admin)
@@ -199,7 +280,9 @@ async fn start() -> Mesh {
         egress_b: free_addr(),
     };
     let egress = ports.egress;
+    let v2_sidecar = ports.v2_sidecar;
     let dir = config_dir(&[("mesh.yaml", &config(&ports))]);
+    let ca = start_citadel(dir.path()).await;
     let galley = Galley::start(dir.path(), &[]).await;
     let (pilot_xds, pilot_admin) = (free_addr(), free_addr());
     let pilot = Proc::start(
@@ -213,15 +296,28 @@ async fn start() -> Mesh {
             &pilot_admin.to_string(),
         ],
     );
-    let (client, client_admin) =
-        start_proxy(pilot_xds, "productpage-1", "app=productpage,version=v1");
-    let (sidecar, sidecar_admin) = start_proxy(pilot_xds, "reviews-v2-1", "app=reviews,version=v2");
+    let (client, client_admin) = start_proxy(
+        pilot_xds,
+        &ca,
+        "productpage-1",
+        "productpage",
+        "app=productpage,version=v1",
+    );
+    let (sidecar, sidecar_admin) = start_proxy(
+        pilot_xds,
+        &ca,
+        "reviews-v2-1",
+        "reviews",
+        "app=reviews,version=v2",
+    );
     for admin in [client_admin, sidecar_admin] {
         wait_for_http(admin, "/ready", |s, _| s == 200).await;
     }
     Mesh {
         _dir: dir,
         _galley: galley,
+        _citadel: ca.proc,
+        v2_sidecar,
         pilot: Some(pilot),
         pilot_xds,
         _proxies: vec![client, sidecar],
@@ -330,4 +426,32 @@ async fn retries_timeouts_and_faults_apply_as_routes_say() {
     let (status, _, took) = ratings_get(&client, "/delay").await;
     assert_eq!(status, 200);
     assert!(took >= Duration::from_millis(200), "{took:?}");
+}
+
+#[tokio::test]
+async fn strict_mtls_carries_the_callers_identity_and_refuses_plaintext() {
+    let mesh = start().await;
+    let client = mesh.client();
+    // Through the client's sidecar: mesh TLS with Citadel's certificates,
+    // and the caller's identity reaches the application.
+    let response = client
+        .get("http://reviews.shop.svc.cluster.local:9080/whoami")
+        .header("end-user", "jason")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.text().await.unwrap();
+    assert!(
+        body.contains("URI=spiffe://cluster.local/ns/shop/sa/productpage"),
+        "{body}"
+    );
+    // Plaintext straight to the STRICT sidecar is refused.
+    install_crypto();
+    let direct = reqwest::Client::new()
+        .get(format!("http://{}/whoami", mesh.v2_sidecar))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(direct.is_err(), "plaintext got through: {direct:?}");
 }

@@ -102,6 +102,7 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
     // Ready once the model reflects a synced snapshot, not merely once the
     // snapshot is synced: proxies that connect then get the whole config.
     let model_built = admin.readiness().condition("model-built");
+    let (built_tx, mut built) = watch::channel(false);
     tokio::spawn(async move {
         loop {
             let snapshot = snapshots.borrow_and_update().clone();
@@ -115,6 +116,7 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
             });
             if snapshot.synced() {
                 model_built.set(true);
+                built_tx.send_replace(true);
             }
             if snapshots.changed().await.is_err() {
                 return;
@@ -137,6 +139,13 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
     let model = generator.clone();
     admin.debug_page("configz", move || debug::configz(&model.model()));
     admin.debug_page("endpointz", move || debug::endpointz(&generator.model()));
+    // No proxy is answered before the first whole model: an empty config
+    // pushed by a Pilot that has not heard from Galley yet would take every
+    // route away. Connections wait in the listen queue meanwhile.
+    tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        _ = built.wait_for(|b| *b) => {}
+    }
     tracing::info!(addr = %xds.local_addr()?, "pilot serving ADS");
     let plaintext = ads.clone().serve_connections(mcp::incoming(xds));
     let plaintext = async {

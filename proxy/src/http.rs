@@ -45,6 +45,8 @@ pub struct HttpContext {
     pub config: watch::Receiver<Arc<Snapshot>>,
     pub upstreams: Arc<Upstreams>,
     pub peer: SocketAddr,
+    /// The SPIFFE identity the client proved over mesh TLS.
+    pub peer_identity: Option<String>,
 }
 
 /// Serves one connection until it closes.
@@ -307,6 +309,13 @@ async fn forward(
     parts
         .headers
         .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    // The caller's identity, for the application, as Envoy forwards it.
+    parts.headers.remove("x-forwarded-client-cert");
+    if let Some(identity) = &context.peer_identity
+        && let Ok(value) = HeaderValue::from_str(&format!("URI={identity}"))
+    {
+        parts.headers.insert("x-forwarded-client-cert", value);
+    }
     if !parts.headers.contains_key("x-request-id")
         && let Ok(id) = HeaderValue::from_str(&request_id())
     {

@@ -3,17 +3,19 @@
 //! [`listeners`] binds what the config lists and serves each connection by
 //! its filter chain: HTTP ([`http`]: routes, faults, CORS, retries,
 //! timeouts, mirrors) or TCP ([`tcp`]), to endpoints picked by
-//! [`upstream`]'s balancers. Not built yet (issue 7 continues): the agent's
-//! certificates from Citadel and mesh mTLS (TLS filter chains are refused,
-//! TLS clusters fail), RBAC (config with it is NACKed), the Mixer
-//! check and report, original-destination routing, delta xDS, and the
-//! Envoy-style admin endpoints and stats.
+//! [`upstream`]'s balancers. The [`agent`] keeps the workload certificate
+//! from Citadel, which [`tls`] uses for mutual TLS between proxies. Not
+//! built yet (issue 7 continues): RBAC (config with it is NACKed), the
+//! Mixer check and report, original-destination routing, delta xDS, and
+//! the Envoy-style admin endpoints and stats.
 
+pub mod agent;
 pub mod config;
 pub mod http;
 pub mod listeners;
 pub mod node;
 pub mod tcp;
+pub mod tls;
 pub mod upstream;
 pub mod xds;
 
@@ -31,6 +33,8 @@ pub struct ProxyArgs {
     pub pilot: String,
     #[command(flatten)]
     pub node: node::NodeArgs,
+    #[command(flatten)]
+    pub agent: agent::AgentArgs,
 }
 
 /// Runs the proxy until `shutdown`.
@@ -39,12 +43,24 @@ pub async fn run(args: ProxyArgs, admin: Admin, shutdown: CancellationToken) -> 
     tracing::info!(node = %node.id, pilot = %args.pilot, "proxy starting");
     let (config_tx, config) = watch::channel(Arc::new(config::Snapshot::default()));
     let state = Arc::new(xds::XdsState::default());
-    let synced = admin.readiness().condition("xds-synced");
-    let client = xds::XdsClient::new(node, args.pilot.clone(), state.clone(), config_tx, synced);
-    let upstreams = Arc::new(upstream::Upstreams::default());
+    let client = xds::XdsClient::new(node, args.pilot.clone(), state.clone(), config_tx);
+    let (agent, credentials) = agent::Agent::new(
+        args.agent,
+        &args.node.namespace,
+        &args.node.service_account,
+        admin.readiness().condition("certificate"),
+    );
+    tokio::spawn(agent.run(shutdown.clone()));
+    let tls = Arc::new(tls::TlsContext::new(credentials));
+    let upstreams = Arc::new(upstream::Upstreams::new(tls.clone()));
     debug_pages(&admin, &state, &upstreams);
-    tokio::spawn(upstream::follow(config.clone(), upstreams.clone()));
-    tokio::spawn(listeners::follow(config, upstreams, shutdown.clone()));
+    let shared = listeners::Shared {
+        config,
+        upstreams,
+        tls,
+    };
+    let serving = admin.readiness().condition("xds-synced");
+    tokio::spawn(listeners::follow(shared, serving, shutdown.clone()));
     client.run(shutdown).await;
     Ok(())
 }

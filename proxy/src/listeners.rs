@@ -6,28 +6,38 @@
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
-use component::CancellationToken;
+use component::{CancellationToken, readiness::Condition};
 use tokio::{net::TcpStream, sync::watch};
 
 use crate::{
     config::{
         Snapshot,
-        listener::{App, Arrival},
+        listener::{App, Arrival, Chain},
     },
     http::{self, HttpContext},
     tcp,
+    tls::{self, TlsContext},
     upstream::Upstreams,
 };
 
-/// Binds and unbinds listeners as the config changes, until `shutdown`.
-pub async fn follow(
-    mut config: watch::Receiver<Arc<Snapshot>>,
-    upstreams: Arc<Upstreams>,
-    shutdown: CancellationToken,
-) {
+/// What every connection of the proxy shares.
+#[derive(Clone)]
+pub struct Shared {
+    pub config: watch::Receiver<Arc<Snapshot>>,
+    pub upstreams: Arc<Upstreams>,
+    pub tls: Arc<TlsContext>,
+}
+
+/// Applies each config as it comes, until `shutdown`: clusters and
+/// endpoints first, then listeners bound and unbound. `serving` holds once
+/// a whole config is applied with every listener bound, so a proxy that
+/// says it is ready routes.
+pub async fn follow(shared: Shared, serving: Condition, shutdown: CancellationToken) {
+    let mut config = shared.config.clone();
     let mut bound: HashMap<String, (SocketAddr, CancellationToken)> = HashMap::new();
     loop {
         let snapshot = config.borrow_and_update().clone();
+        shared.upstreams.update(&snapshot).await;
         bound.retain(|name, (addr, stop)| {
             let keep = snapshot
                 .listeners
@@ -48,13 +58,7 @@ pub async fn follow(
                     tracing::info!(listener = %name, addr = %listener.address, "listening");
                     let stop = shutdown.child_token();
                     bound.insert(name.clone(), (listener.address, stop.clone()));
-                    tokio::spawn(accept(
-                        socket,
-                        name.clone(),
-                        config.clone(),
-                        upstreams.clone(),
-                        stop,
-                    ));
+                    tokio::spawn(accept(socket, name.clone(), shared.clone(), stop));
                 }
                 // Tried again on the next config change.
                 Err(e) => {
@@ -62,6 +66,11 @@ pub async fn follow(
                 }
             }
         }
+        let all_bound = snapshot
+            .listeners
+            .iter()
+            .all(|(name, l)| !l.bind || bound.contains_key(name));
+        serving.set(snapshot.synced && all_bound);
         tokio::select! {
             _ = shutdown.cancelled() => return,
             changed = config.changed() => if changed.is_err() { return },
@@ -72,8 +81,7 @@ pub async fn follow(
 async fn accept(
     socket: tokio::net::TcpListener,
     name: String,
-    config: watch::Receiver<Arc<Snapshot>>,
-    upstreams: Arc<Upstreams>,
+    shared: Shared,
     stop: CancellationToken,
 ) {
     loop {
@@ -88,54 +96,78 @@ async fn accept(
             },
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(
-            stream,
-            peer,
-            name.clone(),
-            config.clone(),
-            upstreams.clone(),
-        ));
+        tokio::spawn(connection(stream, peer, name.clone(), shared.clone()));
     }
 }
 
-async fn connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    name: String,
-    config: watch::Receiver<Arc<Snapshot>>,
-    upstreams: Arc<Upstreams>,
-) {
-    let Some(listener) = config.borrow().listeners.get(&name).cloned() else {
+async fn connection(stream: TcpStream, peer: SocketAddr, name: String, shared: Shared) {
+    let Some(listener) = shared.config.borrow().listeners.get(&name).cloned() else {
         return;
     };
     let destination_port = stream.local_addr().map_or(0, |a| a.port());
-    let tls = listener.inspects_tls() && starts_tls(&stream).await;
+    // The ClientHello is read without being taken, so that a chain may
+    // still pass the connection through as it came.
+    let alpn = if listener.inspects_tls() && starts_tls(&stream).await {
+        tls::peek_alpn(&stream).await
+    } else {
+        None
+    };
     let arrival = Arrival {
         destination_port,
-        tls,
-        alpn: &[],
+        tls: alpn.is_some(),
+        alpn: alpn.as_deref().unwrap_or_default(),
     };
     let Some(chain) = listener.chain(&arrival) else {
         tracing::debug!(listener = %name, %peer, "no filter chain matches; closed");
         return;
     };
-    if chain.tls.is_some() {
-        // Mesh TLS is not served by this build yet: refuse rather than
-        // serve in the clear what config says must be encrypted.
-        tracing::warn!(listener = %name, %peer, "TLS filter chains are not served yet; closed");
-        return;
+    let Some(settings) = &chain.tls else {
+        return serve(stream, peer, None, chain, &shared).await;
+    };
+    let config = match shared.tls.server(settings) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(listener = %name, %peer, "TLS not served: {e}");
+            return;
+        }
+    };
+    match tokio_rustls::TlsAcceptor::from(config).accept(stream).await {
+        Ok(stream) => {
+            let identity = tls::peer_identity(stream.get_ref().1.peer_certificates());
+            serve(
+                stream,
+                peer,
+                identity.map(|i| i.to_string()),
+                chain,
+                &shared,
+            )
+            .await;
+        }
+        Err(e) => tracing::info!(listener = %name, %peer, "TLS handshake failed: {e}"),
     }
+}
+
+async fn serve<IO>(
+    io: IO,
+    peer: SocketAddr,
+    peer_identity: Option<String>,
+    chain: &Chain,
+    shared: &Shared,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     match &chain.app {
         App::Http(app) => {
             let context = Arc::new(HttpContext {
                 app: app.clone(),
-                config,
-                upstreams,
+                config: shared.config.clone(),
+                upstreams: shared.upstreams.clone(),
                 peer,
+                peer_identity,
             });
-            http::serve(stream, context).await;
+            http::serve(io, context).await;
         }
-        App::Tcp(app) => tcp::proxy(stream, app, &upstreams).await,
+        App::Tcp(app) => tcp::proxy(io, app, &shared.upstreams).await,
     }
 }
 

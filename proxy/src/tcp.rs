@@ -31,16 +31,14 @@ where
         tracing::debug!(cluster = %cluster.config.name, "no healthy upstream");
         return;
     };
-    let connect = tokio::net::TcpStream::connect(endpoint.addr);
-    let mut upstream = match tokio::time::timeout(cluster.config.connect_timeout, connect).await {
-        Ok(Ok(s)) => s,
-        failed => {
+    let mut upstream = match cluster.connector.connect(endpoint.addr).await {
+        Ok(s) => s,
+        Err(e) => {
             cluster.record(&endpoint, true);
-            tracing::debug!(endpoint = %endpoint.addr, "upstream connect failed: {failed:?}");
+            tracing::debug!(endpoint = %endpoint.addr, "upstream connect failed: {e}");
             return;
         }
     };
-    let _ = upstream.set_nodelay(true);
     endpoint.active.fetch_add(1, Ordering::Relaxed);
     let copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
     endpoint.active.fetch_sub(1, Ordering::Relaxed);

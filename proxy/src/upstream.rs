@@ -18,14 +18,16 @@ use std::{
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
+    client::legacy::Client,
+    rt::{TokioExecutor, TokioIo},
 };
-use tokio::sync::watch;
 
-use crate::config::{
-    Snapshot,
-    cluster::{Cluster, Discovery, Lb},
+use crate::{
+    config::{
+        Snapshot,
+        cluster::{Cluster, Discovery, Lb},
+    },
+    tls::{Stream, TlsContext},
 };
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -63,29 +65,75 @@ impl Endpoint {
     }
 }
 
+/// Opens connections for a cluster's pool: TCP, then TLS when the
+/// cluster asks for it.
+#[derive(Clone)]
+pub struct Connector {
+    cluster: Arc<Cluster>,
+    tls: Arc<TlsContext>,
+}
+
+impl Connector {
+    /// A connection to `addr` as the cluster speaks.
+    pub async fn connect(&self, addr: SocketAddr) -> Result<Stream, BoxError> {
+        let tls = self.cluster.tls.as_ref().map(|t| (t, self.tls.as_ref()));
+        Stream::connect(addr, self.cluster.connect_timeout, tls).await
+    }
+}
+
+impl tower_service::Service<http::Uri> for Connector {
+    type Response = TokioIo<Stream>;
+    type Error = BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let addr: SocketAddr = uri
+                .authority()
+                .ok_or("an upstream URI without an address")?
+                .as_str()
+                .parse()?;
+            Ok(TokioIo::new(this.connect(addr).await?))
+        })
+    }
+}
+
 pub struct UpstreamCluster {
     pub config: Arc<Cluster>,
     endpoints: RwLock<Arc<Vec<Arc<Endpoint>>>>,
     next: AtomicUsize,
-    pub client: Client<HttpConnector, Body>,
+    pub connector: Connector,
+    pub client: Client<Connector, Body>,
     /// Endpoints ejected now, by outlier detection.
     pub ejections_total: AtomicU32,
 }
 
 impl UpstreamCluster {
-    fn new(config: Arc<Cluster>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
+    fn new(config: Arc<Cluster>, tls: Arc<TlsContext>) -> Self {
+        let connector = Connector {
+            cluster: config.clone(),
+            tls,
+        };
         let client = Client::builder(TokioExecutor::new())
             .http2_only(config.http2)
             .set_host(false)
             .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
+            .build(connector.clone());
         Self {
             config,
             endpoints: RwLock::new(Arc::default()),
             next: AtomicUsize::new(0),
+            connector,
             client,
             ejections_total: AtomicU32::new(0),
         }
@@ -232,12 +280,19 @@ fn ring_pick<'a>(candidates: &[&'a Arc<Endpoint>], hash: u64) -> &'a Arc<Endpoin
 }
 
 /// Every cluster of the current config.
-#[derive(Default)]
 pub struct Upstreams {
     clusters: RwLock<HashMap<String, Arc<UpstreamCluster>>>,
+    tls: Arc<TlsContext>,
 }
 
 impl Upstreams {
+    pub fn new(tls: Arc<TlsContext>) -> Self {
+        Self {
+            clusters: RwLock::default(),
+            tls,
+        }
+    }
+
     pub fn get(&self, name: &str) -> Option<Arc<UpstreamCluster>> {
         self.clusters
             .read()
@@ -254,12 +309,12 @@ impl Upstreams {
     }
 
     /// Brings the clusters in line with `snapshot`.
-    async fn update(&self, snapshot: &Snapshot) {
+    pub async fn update(&self, snapshot: &Snapshot) {
         let mut next = HashMap::new();
         for (name, config) in &snapshot.clusters {
             let cluster = match self.get(name) {
                 Some(c) if c.config == *config => c,
-                _ => Arc::new(UpstreamCluster::new(config.clone())),
+                _ => Arc::new(UpstreamCluster::new(config.clone(), self.tls.clone())),
             };
             let endpoints = match &config.discovery {
                 Discovery::Eds(service) => snapshot
@@ -292,15 +347,4 @@ async fn resolve(targets: &[(String, u16)]) -> Vec<(SocketAddr, u32)> {
         }
     }
     out
-}
-
-/// Keeps `upstreams` in line with the config until the config ends.
-pub async fn follow(mut config: watch::Receiver<Arc<Snapshot>>, upstreams: Arc<Upstreams>) {
-    loop {
-        let snapshot = config.borrow_and_update().clone();
-        upstreams.update(&snapshot).await;
-        if config.changed().await.is_err() {
-            return;
-        }
-    }
 }

@@ -12,7 +12,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use component::{Backoff, CancellationToken, readiness::Condition};
+use component::{Backoff, CancellationToken};
 use envoy_types::pb::{
     envoy::{
         config::{
@@ -71,7 +71,6 @@ pub struct XdsClient {
     held: Held,
     state: Arc<XdsState>,
     config: watch::Sender<Arc<Snapshot>>,
-    synced: Condition,
 }
 
 const TYPES: [&str; 4] = [CLUSTER, ENDPOINT, LISTENER, ROUTE];
@@ -82,7 +81,6 @@ impl XdsClient {
         pilot: String,
         state: Arc<XdsState>,
         config: watch::Sender<Arc<Snapshot>>,
-        synced: Condition,
     ) -> Self {
         Self {
             node,
@@ -90,7 +88,6 @@ impl XdsClient {
             held: Held::default(),
             state,
             config,
-            synced,
         }
     }
 
@@ -200,25 +197,21 @@ impl XdsClient {
                 tx.send(self.request(type_url, Some(problem)))?;
             }
         }
-        self.synced.set(self.is_synced());
         Ok(())
     }
 
-    /// Whether every type has arrived, and every name asked for.
-    fn is_synced(&self) -> bool {
+    /// Whether `next`, taken from a response of `type_url`, has every type
+    /// and every name asked for.
+    fn synced_with(&self, type_url: &str, next: &Snapshot) -> bool {
         let status = self.state.status.lock().unwrap_or_else(|e| e.into_inner());
-        let received = |t: &str| status.get(t).is_some_and(|s| s.received);
-        let snapshot = self.config.borrow();
+        let received = |t: &str| t == type_url || status.get(t).is_some_and(|s| s.received);
         received(CLUSTER)
             && received(LISTENER)
-            && snapshot
+            && next
                 .eds_names()
                 .iter()
-                .all(|n| self.held.endpoints.contains_key(n))
-            && snapshot
-                .rds_names()
-                .iter()
-                .all(|n| self.held.routes.contains_key(n))
+                .all(|n| next.endpoints.contains_key(n))
+            && next.rds_names().iter().all(|n| next.routes.contains_key(n))
     }
 
     /// Subscribes to the endpoints and routes the new config names.
@@ -241,7 +234,7 @@ impl XdsClient {
     fn take(&mut self, type_url: &'static str, resources: &[Any]) -> Result<(), Problem> {
         let current = self.config.borrow().clone();
         let names = self.status(type_url).names;
-        let snapshot = match type_url {
+        let mut snapshot = match type_url {
             CLUSTER => {
                 let held = decode_all::<Cluster>(resources, |c| c.name.clone())?;
                 let clusters = Snapshot::clusters(&held.values().cloned().collect::<Vec<_>>())?;
@@ -250,6 +243,7 @@ impl XdsClient {
                     listeners: current.listeners.clone(),
                     routes: current.routes.clone(),
                     endpoints: current.endpoints.clone(),
+                    synced: false,
                 };
                 self.held.clusters = held;
                 next
@@ -262,6 +256,7 @@ impl XdsClient {
                     clusters: current.clusters.clone(),
                     routes: current.routes.clone(),
                     endpoints: current.endpoints.clone(),
+                    synced: false,
                 };
                 self.held.listeners = held;
                 next
@@ -277,6 +272,7 @@ impl XdsClient {
                     clusters: current.clusters.clone(),
                     listeners: current.listeners.clone(),
                     routes: current.routes.clone(),
+                    synced: false,
                 };
                 self.held.endpoints = held;
                 next
@@ -290,11 +286,14 @@ impl XdsClient {
                     clusters: current.clusters.clone(),
                     listeners: current.listeners.clone(),
                     endpoints: current.endpoints.clone(),
+                    synced: false,
                 };
                 self.held.routes = held;
                 next
             }
         };
+        // Once whole, a config stays whole: later responses only replace.
+        snapshot.synced = current.synced || self.synced_with(type_url, &snapshot);
         self.record_raw(type_url);
         self.config.send_replace(Arc::new(snapshot));
         Ok(())
@@ -353,7 +352,6 @@ fn merged<T: Clone>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use component::readiness::Readiness;
     use envoy_types::pb::envoy::config::{
         core::v3::{Address, SocketAddress, address, socket_address},
         listener::v3::{Filter, FilterChain, filter},
@@ -390,14 +388,7 @@ mod tests {
     #[test]
     fn a_listener_that_does_not_compile_is_refused_and_the_last_good_stays() {
         let (tx, config) = watch::channel(Arc::new(Snapshot::default()));
-        let readiness = Readiness::default();
-        let mut client = XdsClient::new(
-            Node::default(),
-            "pilot".into(),
-            Arc::default(),
-            tx,
-            readiness.condition("xds-synced"),
-        );
+        let mut client = XdsClient::new(Node::default(), "pilot".into(), Arc::default(), tx);
         use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
             TcpProxy, tcp_proxy::ClusterSpecifier,
         };

@@ -45,6 +45,8 @@ pub struct Snapshot {
     pub clusters: HashMap<String, Arc<Cluster>>,
     /// EDS endpoints by service name.
     pub endpoints: HashMap<String, Arc<Endpoints>>,
+    /// Every type has arrived, and every name the config asks for.
+    pub synced: bool,
 }
 
 impl Snapshot {

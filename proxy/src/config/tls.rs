@@ -17,7 +17,7 @@ pub const WORKLOAD_SECRET: &str = "default";
 /// SDS name of the mesh root.
 pub const ROOT_SECRET: &str = "ROOTCA";
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Source {
     /// What Citadel issued to this workload (or its root).
     Mesh,
@@ -25,7 +25,7 @@ pub enum Source {
     File(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Tls {
     /// Certificate and key presented; `None` presents none.
     pub certificate: Option<(Source, Source)>,

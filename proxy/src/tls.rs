@@ -1,0 +1,471 @@
+//! Mutual TLS between proxies with `rustls`: the workload certificate the
+//! agent holds (or files a DestinationRule names), peers checked against
+//! the mesh root and by SPIFFE identity rather than host name, and the
+//! ALPN `istio` that tells mesh TLS from an application's own. Configs are
+//! built from the latest certificate and cached until it changes, so a
+//! renewal takes effect on the next handshake and open connections carry
+//! on.
+
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use component::spiffe::{self, Identity, Usage};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
+    server::danger::{ClientCertVerified, ClientCertVerifier},
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+
+use crate::{
+    agent::{Credentials, CredentialsWatch},
+    config::tls::{Source, Tls},
+};
+
+/// The ALPN a sidecar offers on mesh TLS.
+pub const MESH_ALPN: &str = "istio";
+
+/// Builds (and caches) TLS configs from the current credentials.
+pub struct TlsContext {
+    credentials: CredentialsWatch,
+    provider: Arc<CryptoProvider>,
+    servers: Mutex<Cache<ServerConfig>>,
+    clients: Mutex<Cache<ClientConfig>>,
+}
+
+/// Configs by settings, for one version of the credentials.
+struct Cache<T> {
+    credentials: Option<usize>,
+    configs: HashMap<Tls, Arc<T>>,
+}
+
+impl<T> Default for Cache<T> {
+    fn default() -> Self {
+        Self {
+            credentials: None,
+            configs: HashMap::new(),
+        }
+    }
+}
+
+impl<T> Cache<T> {
+    fn get_or_build(
+        &mut self,
+        credentials: &Option<Arc<Credentials>>,
+        tls: &Tls,
+        build: impl FnOnce() -> Result<T, String>,
+    ) -> Result<Arc<T>, String> {
+        let version = credentials.as_ref().map(|c| Arc::as_ptr(c) as usize);
+        if self.credentials != version {
+            self.configs.clear();
+            self.credentials = version;
+        }
+        if let Some(c) = self.configs.get(tls) {
+            return Ok(c.clone());
+        }
+        let built = Arc::new(build()?);
+        self.configs.insert(tls.clone(), built.clone());
+        Ok(built)
+    }
+}
+
+impl TlsContext {
+    pub fn new(credentials: CredentialsWatch) -> Self {
+        Self {
+            credentials,
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+            servers: Mutex::default(),
+            clients: Mutex::default(),
+        }
+    }
+
+    /// The current credentials, or why there are none.
+    fn mesh(&self, credentials: &Option<Arc<Credentials>>) -> Result<Arc<Credentials>, String> {
+        credentials
+            .clone()
+            .ok_or_else(|| "no workload certificate from Citadel (yet)".to_string())
+    }
+
+    fn certificate(
+        &self,
+        credentials: &Option<Arc<Credentials>>,
+        source: &(Source, Source),
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+        match source {
+            (Source::Mesh, _) => {
+                let c = self.mesh(credentials)?;
+                Ok((c.chain.clone(), c.key.clone_key()))
+            }
+            (Source::File(cert), Source::File(key)) => {
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| format!("certificate {cert}: {e}"))?;
+                let key =
+                    PrivateKeyDer::from_pem_file(key).map_err(|e| format!("key {key}: {e}"))?;
+                Ok((chain, key))
+            }
+            (Source::File(_), Source::Mesh) => Err("a certificate file with the mesh key".into()),
+        }
+    }
+
+    fn root(
+        &self,
+        credentials: &Option<Arc<Credentials>>,
+        source: &Source,
+    ) -> Result<CertificateDer<'static>, String> {
+        match source {
+            Source::Mesh => Ok(self.mesh(credentials)?.root.clone()),
+            Source::File(path) => {
+                CertificateDer::from_pem_file(path).map_err(|e| format!("root {path}: {e}"))
+            }
+        }
+    }
+
+    /// The server side of a filter chain's TLS.
+    pub fn server(&self, tls: &Tls) -> Result<Arc<ServerConfig>, String> {
+        let credentials = self.credentials.borrow().clone();
+        let mut cache = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get_or_build(&credentials, tls, || {
+            let source = tls
+                .certificate
+                .as_ref()
+                .ok_or("a TLS filter chain without a certificate")?;
+            let (chain, key) = self.certificate(&credentials, source)?;
+            let builder = ServerConfig::builder_with_provider(self.provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?;
+            let mut config = match &tls.roots {
+                Some(roots) => builder.with_client_cert_verifier(Arc::new(PeerVerifier {
+                    root: self.root(&credentials, roots)?,
+                    identities: tls.peer_identities.clone(),
+                    required: tls.require_client_certificate,
+                    provider: self.provider.clone(),
+                })),
+                None => builder.with_no_client_auth(),
+            }
+            .with_single_cert(chain, key)
+            .map_err(|e| e.to_string())?;
+            config.alpn_protocols = tls.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+            // Sidecars offer `istio` alone for plain TCP and HTTP/1.1.
+            if !tls.alpn.iter().any(|p| p == MESH_ALPN) {
+                config.alpn_protocols.push(MESH_ALPN.as_bytes().to_vec());
+            }
+            Ok(config)
+        })
+    }
+
+    /// The client side of a cluster's TLS.
+    pub fn client(&self, tls: &Tls) -> Result<Arc<ClientConfig>, String> {
+        let credentials = self.credentials.borrow().clone();
+        let mut cache = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get_or_build(&credentials, tls, || {
+            let root = tls
+                .roots
+                .as_ref()
+                .map(|r| self.root(&credentials, r))
+                .transpose()?;
+            let verifier = Arc::new(PeerVerifier {
+                root: root.ok_or("upstream TLS without roots to check the server by")?,
+                identities: tls.peer_identities.clone(),
+                required: true,
+                provider: self.provider.clone(),
+            });
+            let builder = ClientConfig::builder_with_provider(self.provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .dangerous()
+                .with_custom_certificate_verifier(verifier);
+            let mut config = match &tls.certificate {
+                Some(source) => {
+                    let (chain, key) = self.certificate(&credentials, source)?;
+                    builder
+                        .with_client_auth_cert(chain, key)
+                        .map_err(|e| e.to_string())?
+                }
+                None => builder.with_no_client_auth(),
+            };
+            config.alpn_protocols = tls.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+            config.enable_sni = !tls.sni.is_empty();
+            Ok(config)
+        })
+    }
+}
+
+/// Checks a peer's chain against the mesh root and its SPIFFE identity
+/// against those accepted, for either side of a connection.
+#[derive(Debug)]
+struct PeerVerifier {
+    root: CertificateDer<'static>,
+    identities: Vec<String>,
+    required: bool,
+    provider: Arc<CryptoProvider>,
+}
+
+impl PeerVerifier {
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        usage: Usage,
+    ) -> Result<(), rustls::Error> {
+        let mut chain = vec![end_entity.clone()];
+        chain.extend(intermediates.iter().cloned());
+        let identity =
+            spiffe::verify(&chain, &self.root, &[], usage).map_err(rustls::Error::General)?;
+        let uri = identity.to_string();
+        if !self.identities.is_empty() && !self.identities.contains(&uri) {
+            return Err(rustls::Error::General(format!(
+                "peer {uri} is not one of {:?}",
+                self.identities
+            )));
+        }
+        Ok(())
+    }
+
+    fn tls12(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+}
+
+impl ClientCertVerifier for PeerVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        self.required
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.check(end_entity, intermediates, Usage::Client)
+            .map(|()| ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.tls12(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+impl ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.check(end_entity, intermediates, Usage::Server)
+            .map(|()| ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.tls12(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The ALPN protocols a TLS client offers, read from its ClientHello
+/// without consuming it (so a connection that is not the mesh's can still
+/// be passed through untouched). `None` when no ClientHello arrives.
+pub async fn peek_alpn(stream: &TcpStream) -> Option<Vec<String>> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = stream.peek(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        let mut acceptor = rustls::server::Acceptor::default();
+        let mut input = &buf[..n];
+        acceptor.read_tls(&mut input).ok()?;
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                let alpn = accepted
+                    .client_hello()
+                    .alpn()
+                    .map(|protocols| {
+                        protocols
+                            .map(|p| String::from_utf8_lossy(p).into_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                return Some(alpn);
+            }
+            // More of the hello is on its way.
+            Ok(None) if n < buf.len() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// The identity a TLS peer proved, if it presented a certificate.
+pub fn peer_identity(certificates: Option<&[CertificateDer<'static>]>) -> Option<Identity> {
+    spiffe::identity_of(certificates?.first()?).ok()
+}
+
+/// A connection to an upstream, in the clear or in TLS.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// Opens a connection to `addr`, with TLS when `tls` says so.
+    pub async fn connect(
+        addr: std::net::SocketAddr,
+        timeout: Duration,
+        tls: Option<(&Tls, &TlsContext)>,
+    ) -> Result<Self, crate::upstream::BoxError> {
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| format!("connecting to {addr} timed out"))??;
+        let _ = tcp.set_nodelay(true);
+        let Some((settings, context)) = tls else {
+            return Ok(Stream::Plain(tcp));
+        };
+        let config = context.client(settings)?;
+        let name = if settings.sni.is_empty() {
+            ServerName::IpAddress(addr.ip().into())
+        } else {
+            ServerName::try_from(settings.sni.clone())?
+        };
+        let connecting = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
+        let stream = tokio::time::timeout(timeout, connecting)
+            .await
+            .map_err(|_| format!("TLS handshake with {addr} timed out"))??;
+        Ok(Stream::Tls(Box::new(stream)))
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl hyper_util::client::legacy::connect::Connection for Stream {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        let connected = hyper_util::client::legacy::connect::Connected::new();
+        match self {
+            Stream::Tls(s) if s.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                connected.negotiated_h2()
+            }
+            _ => connected,
+        }
+    }
+}
