@@ -1,7 +1,8 @@
 //! The admin HTTP server every component runs: `/healthz` (the process is
 //! alive), `/ready` (every readiness condition holds), `/metrics`
 //! (Prometheus/OpenMetrics text) and the JSON pages under `/debug/` that the
-//! component registers (`/debug` lists them).
+//! component registers (`/debug` lists them), and any routes of the
+//! component's own (the proxy's Envoy-style endpoints).
 
 use std::{
     collections::BTreeMap,
@@ -32,6 +33,7 @@ pub struct Admin {
     registry: Arc<Mutex<Registry>>,
     readiness: Readiness,
     debug_pages: Arc<Mutex<BTreeMap<String, DebugPage>>>,
+    routes: Arc<Mutex<Router>>,
 }
 
 impl Admin {
@@ -41,7 +43,15 @@ impl Admin {
             registry: Arc::new(Mutex::new(Registry::with_prefix(prefix))),
             readiness: Readiness::new(),
             debug_pages: Arc::default(),
+            routes: Arc::default(),
         }
+    }
+
+    /// Adds a component's own routes; registered before the admin server
+    /// starts serving (at the start of the component's run).
+    pub fn add_routes(&self, routes: Router) {
+        let mut current = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        *current = std::mem::take(&mut *current).merge(routes);
     }
 
     /// Serves `page()` as JSON at `/debug/{name}`.
@@ -74,6 +84,12 @@ impl Admin {
             .route("/debug", get(debug_index))
             .route("/debug/{name}", get(debug_page))
             .with_state(self.clone())
+            .merge(
+                self.routes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
+            )
     }
 
     /// Serves [`Admin::router`] on `listener` until `shutdown`.

@@ -33,18 +33,35 @@ async fn components_without_inputs_serve_admin_and_stop_on_sigterm() {
 }
 
 #[tokio::test]
-async fn a_proxy_without_pilot_is_alive_not_ready_and_stops_on_sigterm() {
+async fn a_proxy_without_pilot_is_alive_not_ready_and_stops_when_asked() {
     let admin = free_addr();
     let pilot = free_addr().to_string();
     let proc = Proc::start(
         "proxy",
-        &["--admin-addr", &admin.to_string(), "--pilot", &pilot],
+        &[
+            "--admin-addr",
+            &admin.to_string(),
+            "--pilot",
+            &pilot,
+            "--stats-addr",
+            "127.0.0.1:0",
+            "--health-addr",
+            "127.0.0.1:0",
+        ],
     );
     let (_, body) = wait_for_http(admin, "/ready", |s, _| s == 503).await;
     assert!(body.contains("xds-synced"), "{body}");
     assert_eq!(get(admin, "/healthz").await.unwrap().0, 200);
-    let status = proc.terminate().await;
-    assert!(status.success(), "exit after SIGTERM: {status}");
+    // Envoy's way to stop a proxy.
+    install_crypto();
+    let quit = reqwest::Client::new()
+        .post(format!("http://{admin}/quitquitquit"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(quit.status(), 200);
+    let status = proc.exit().await;
+    assert!(status.success(), "exit after /quitquitquit: {status}");
 }
 
 #[tokio::test]

@@ -65,12 +65,14 @@ async fn ratings() -> SocketAddr {
 struct Mesh {
     _dir: tempfile::TempDir,
     _galley: Galley,
+    mixers: Mixers,
     _citadel: Proc,
     /// Where reviews v2's sidecar accepts mesh traffic.
     v2_sidecar: SocketAddr,
     pilot: Option<Proc>,
     pilot_xds: SocketAddr,
     _proxies: Vec<Proc>,
+    client_ports: ProxyPorts,
     /// The client proxy's HTTP proxy port.
     egress: SocketAddr,
 }
@@ -150,7 +152,7 @@ metadata: {{name: reviews, namespace: shop}}
 spec:
   hosts: [reviews.shop.svc.cluster.local]
   http:
-  - match: [{{headers: {{end-user: {{exact: jason}}}}}}]
+  - match: [{{headers: {{end-user: {{regex: 'jason|mallory'}}}}}}]
     route: [{{destination: {{host: reviews.shop.svc.cluster.local, subset: v2}}}}]
   - route:
     - {{destination: {{host: reviews.shop.svc.cluster.local, subset: v1}}, weight: 70}}
@@ -232,14 +234,91 @@ async fn start_citadel(dir: &std::path::Path) -> Ca {
     }
 }
 
+/// Where a proxy serves its admin endpoints, stats and health.
+#[derive(Clone, Copy)]
+struct ProxyPorts {
+    admin: SocketAddr,
+    stats: SocketAddr,
+    health: SocketAddr,
+}
+
+/// The policy and telemetry Mixers, following Galley.
+struct Mixers {
+    _policy: Proc,
+    _telemetry: Proc,
+    policy: SocketAddr,
+    telemetry: SocketAddr,
+    /// The telemetry Mixer's Prometheus exporter.
+    prometheus: SocketAddr,
+}
+
+async fn start_mixers(mcp: SocketAddr) -> Mixers {
+    let (policy, telemetry, prometheus) = (free_addr(), free_addr(), free_addr());
+    let (policy_admin, telemetry_admin) = (free_addr(), free_addr());
+    let start = |role: &str, grpc: SocketAddr, admin: SocketAddr| {
+        Proc::start(
+            "mixer",
+            &[
+                "--role",
+                role,
+                "--mcp-server",
+                &mcp.to_string(),
+                "--grpc-addr",
+                &grpc.to_string(),
+                "--admin-addr",
+                &admin.to_string(),
+                "--prometheus-addr",
+                &prometheus.to_string(),
+            ],
+        )
+    };
+    let mixers = Mixers {
+        _policy: start("policy", policy, policy_admin),
+        _telemetry: start("telemetry", telemetry, telemetry_admin),
+        policy,
+        telemetry,
+        prometheus,
+    };
+    for admin in [policy_admin, telemetry_admin] {
+        wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    }
+    mixers
+}
+
+/// Mallory may not read reviews.
+const DENY_MALLORY: &str = r#"
+apiVersion: config.istio.io/v1alpha2
+kind: handler
+metadata: {name: denyall, namespace: istio-system}
+spec: {compiledAdapter: denier, params: {status: {code: 7, message: "not for mallory"}}}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: instance
+metadata: {name: denyrequest, namespace: istio-system}
+spec: {compiledTemplate: checknothing}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: deny-mallory, namespace: istio-system}
+spec:
+  match: destination.service.host == "reviews.shop.svc.cluster.local" && request.headers["end-user"] == "mallory"
+  actions: [{handler: denyall, instances: [denyrequest]}]
+"#;
+
 fn start_proxy(
     xds: SocketAddr,
     ca: &Ca,
+    mixers: &Mixers,
     pod: &str,
     account: &str,
     labels: &str,
-) -> (Proc, SocketAddr) {
-    let admin = free_addr();
+) -> (Proc, ProxyPorts) {
+    let ports = ProxyPorts {
+        admin: free_addr(),
+        stats: free_addr(),
+        health: free_addr(),
+    };
+    let admin = ports.admin;
     let token = ca.dir.join(format!("{account}.token"));
     let root = ca.dir.join("ca").join("root-cert.pem");
     let proc = Proc::start(
@@ -265,9 +344,17 @@ fn start_proxy(
             token.to_str().unwrap(),
             "--citadel-hostname",
             "localhost",
+            "--mixer-policy",
+            &mixers.policy.to_string(),
+            "--mixer-telemetry",
+            &mixers.telemetry.to_string(),
+            "--stats-addr",
+            &ports.stats.to_string(),
+            "--health-addr",
+            &ports.health.to_string(),
         ],
     );
-    (proc, admin)
+    (proc, ports)
 }
 
 async fn start() -> Mesh {
@@ -281,9 +368,21 @@ async fn start() -> Mesh {
     };
     let egress = ports.egress;
     let v2_sidecar = ports.v2_sidecar;
-    let dir = config_dir(&[("mesh.yaml", &config(&ports))]);
+    let dir = config_dir(&[
+        ("mesh.yaml", &config(&ports)),
+        (
+            "attributes.yaml",
+            include_str!("../../examples/mixer/attributes.yaml"),
+        ),
+        (
+            "telemetry.yaml",
+            include_str!("../../examples/mixer/telemetry.yaml"),
+        ),
+        ("policy.yaml", DENY_MALLORY),
+    ]);
     let ca = start_citadel(dir.path()).await;
     let galley = Galley::start(dir.path(), &[]).await;
+    let mixers = start_mixers(galley.mcp).await;
     let (pilot_xds, pilot_admin) = (free_addr(), free_addr());
     let pilot = Proc::start(
         "pilot",
@@ -299,6 +398,7 @@ async fn start() -> Mesh {
     let (client, client_admin) = start_proxy(
         pilot_xds,
         &ca,
+        &mixers,
         "productpage-1",
         "productpage",
         "app=productpage,version=v1",
@@ -306,21 +406,24 @@ async fn start() -> Mesh {
     let (sidecar, sidecar_admin) = start_proxy(
         pilot_xds,
         &ca,
+        &mixers,
         "reviews-v2-1",
         "reviews",
         "app=reviews,version=v2",
     );
-    for admin in [client_admin, sidecar_admin] {
-        wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    for ports in [client_admin, sidecar_admin] {
+        wait_for_http(ports.admin, "/ready", |s, _| s == 200).await;
     }
     Mesh {
         _dir: dir,
         _galley: galley,
+        mixers,
         _citadel: ca.proc,
         v2_sidecar,
         pilot: Some(pilot),
         pilot_xds,
         _proxies: vec![client, sidecar],
+        client_ports: client_admin,
         egress,
     }
 }
@@ -376,6 +479,31 @@ async fn routes_by_header_and_weight_and_survive_pilot_going_away() {
         (240..=320).contains(&v1),
         "70% of 400 to v1 within 10 points: {others:?}"
     );
+
+    // The admin endpoints show what the client proxy holds and did.
+    let ports = mesh.client_ports;
+    let (_, dump) = get(ports.admin, "/config_dump").await.unwrap();
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(dump["synced"], true);
+    assert!(
+        dump["listeners"][0]["name"]
+            .as_str()
+            .is_some_and(|n| n.ends_with(&format!("_{}", mesh.egress.port()))),
+        "{dump}"
+    );
+    let (_, clusters) = get(ports.admin, "/clusters").await.unwrap();
+    assert!(
+        clusters.contains("outbound|9080|v1|reviews.shop.svc.cluster.local::127.0.0.1:"),
+        "{clusters}"
+    );
+    let v2 = "outbound|9080|v2|reviews.shop.svc.cluster.local";
+    let (_, stats) = get(ports.stats, "/stats/prometheus").await.unwrap();
+    let line = format!(
+        r#"proxy_requests_total{{direction="outbound",cluster="{v2}",response_code="200"}} "#
+    );
+    assert!(stats.contains(&line), "no {line:?} in {stats}");
+    let (status, _) = get(ports.health, "/healthz/ready").await.unwrap();
+    assert_eq!(status, 200);
 
     // Without Pilot, the last config keeps routing.
     mesh.pilot.take().unwrap().kill().await;
@@ -454,4 +582,45 @@ async fn strict_mtls_carries_the_callers_identity_and_refuses_plaintext() {
         .send()
         .await;
     assert!(direct.is_err(), "plaintext got through: {direct:?}");
+}
+
+#[tokio::test]
+async fn mixer_denies_what_its_rules_say_and_reports_the_rest() {
+    let mesh = start().await;
+    let client = mesh.client();
+    let get = |user: &'static str| {
+        client
+            .get("http://reviews.shop.svc.cluster.local:9080/reviews/1")
+            .header("end-user", user)
+            .send()
+    };
+    // The denier rule refuses mallory at reviews' sidecar.
+    let denied = get("mallory").await.unwrap();
+    assert_eq!(denied.status(), 403);
+    let body = denied.text().await.unwrap();
+    assert!(body.contains("PERMISSION_DENIED:not for mallory"), "{body}");
+    // Jason passes, and the request is reported with Istio's labels.
+    let allowed = get("jason").await.unwrap();
+    assert_eq!(allowed.status(), 200);
+    let expected = [
+        r#"reporter="destination""#,
+        r#"destination_service="reviews.shop.svc.cluster.local""#,
+        r#"source_principal="cluster.local/ns/shop/sa/productpage""#,
+        r#"destination_version="v2""#,
+        r#"connection_security_policy="mutual_tls""#,
+        r#"response_code="200""#,
+    ];
+    let (_, metrics) = wait_for_http(mesh.mixers.prometheus, "/metrics", |_, text| {
+        text.lines().any(|l| {
+            l.starts_with("istio_requests_total{") && expected.iter().all(|e| l.contains(e))
+        })
+    })
+    .await;
+    // The denial was reported too, with its status.
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total{") && l.contains(r#"response_code="403""#)),
+        "{metrics}"
+    );
 }

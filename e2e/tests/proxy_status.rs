@@ -32,20 +32,22 @@ fn request(type_url: &str, answering: Option<(&str, &str)>) -> DiscoveryRequest 
 
 #[tokio::test]
 async fn proxy_status_shows_what_each_proxy_took() {
-    // No Galley: Pilot serves ADS (an empty model) regardless.
+    // Galley with no config: Pilot serves an empty model.
+    let dir = config_dir(&[]);
+    let galley = Galley::start(dir.path(), &[]).await;
     let (xds, admin) = (free_addr(), free_addr());
     let pilot = Proc::start(
         "pilot",
         &[
             "--mcp-server",
-            &free_addr().to_string(),
+            &galley.mcp.to_string(),
             "--xds-addr",
             &xds.to_string(),
             "--admin-addr",
             &admin.to_string(),
         ],
     );
-    wait_for_http(admin, "/healthz", |s, _| s == 200).await;
+    wait_for_http(admin, "/ready", |s, _| s == 200).await;
     let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{xds}"))
         .await
         .unwrap();

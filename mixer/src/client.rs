@@ -11,8 +11,9 @@ use std::{
 };
 
 use mcp_proto::pb::istio::mixer::v1::{
-    CheckRequest, ReferencedAttributes, ReportRequest, mixer_client::MixerClient,
-    referenced_attributes::Condition, report_request::RepeatedAttributesSemantics,
+    CheckRequest, ReferencedAttributes, ReportRequest, check_request::QuotaParams,
+    mixer_client::MixerClient, referenced_attributes::Condition,
+    report_request::RepeatedAttributesSemantics,
 };
 use tonic::transport::Channel;
 
@@ -24,6 +25,9 @@ pub struct ClientOptions {
     pub fail_open: bool,
     /// Reports are sent once this many are waiting.
     pub batch_size: usize,
+    /// Quotas each check asks one of. A check that asks for quota is
+    /// always sent: a cached answer cannot count.
+    pub quotas: Vec<String>,
 }
 
 impl Default for ClientOptions {
@@ -31,6 +35,7 @@ impl Default for ClientOptions {
         Self {
             fail_open: true,
             batch_size: 100,
+            quotas: Vec::new(),
         }
     }
 }
@@ -48,6 +53,8 @@ pub enum Verdict {
 
 /// google.rpc.Code UNAVAILABLE, for a fail-closed check Mixer did not answer.
 const UNAVAILABLE: i32 = 14;
+/// google.rpc.Code RESOURCE_EXHAUSTED, for a quota not granted.
+const RESOURCE_EXHAUSTED: i32 = 8;
 
 /// What a cached decision depended on: attribute, map key, and whether it
 /// was present.
@@ -156,7 +163,8 @@ impl Client {
     /// Whether the request described by `bag` may proceed.
     pub async fn check(&self, bag: &Bag) -> Verdict {
         let now = Instant::now();
-        if let Some(verdict) = self.lock_cache().lookup(bag, now) {
+        let counts_quota = !self.options.quotas.is_empty();
+        if !counts_quota && let Some(verdict) = self.lock_cache().lookup(bag, now) {
             return verdict;
         }
         let mut compressor = Compressor::default();
@@ -165,7 +173,19 @@ impl Client {
         let request = CheckRequest {
             attributes: Some(attributes),
             global_word_count: GLOBAL_WORDS.len() as u32,
-            ..Default::default()
+            deduplication_id: format!("{:016x}", fastrand::u64(..)),
+            quotas: self
+                .options
+                .quotas
+                .iter()
+                .map(|name| {
+                    let params = QuotaParams {
+                        amount: 1,
+                        best_effort: false,
+                    };
+                    (name.clone(), params)
+                })
+                .collect(),
         };
         let response = match self.grpc.clone().check(request).await {
             Ok(response) => response.into_inner(),
@@ -182,9 +202,21 @@ impl Client {
         };
         let precondition = response.precondition.unwrap_or_default();
         let status = precondition.status.unwrap_or_default();
-        let verdict = match status.code {
-            0 => Verdict::Allow,
-            code => Verdict::Deny {
+        let exhausted = self.options.quotas.iter().find(|name| {
+            response
+                .quotas
+                .get(*name)
+                .is_none_or(|q| q.granted_amount < 1)
+        });
+        let verdict = match (status.code, exhausted) {
+            (0, None) => Verdict::Allow,
+            (0, Some(name)) => {
+                return Verdict::Deny {
+                    code: RESOURCE_EXHAUSTED,
+                    message: format!("Quota is exhausted for: {name}"),
+                };
+            }
+            (code, _) => Verdict::Deny {
                 code,
                 message: status.message,
             },

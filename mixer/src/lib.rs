@@ -84,8 +84,11 @@ pub async fn run_on(
     // while Galley is away, and so does the config.
     let (config_tx, config) = watch::channel(Arc::new(Config::default()));
     let mut snapshots = sink.subscribe();
-    // Ready once the config compiled from a synced snapshot is in force.
+    // Ready once the config compiled from a synced snapshot is in force;
+    // until then no request is answered (an allow from an empty config
+    // would be cached by clients as if policy said so).
     let compiled = admin.readiness().condition("config-compiled");
+    let (compiled_tx, mut first_config) = watch::channel(false);
     tokio::spawn(async move {
         loop {
             let snapshot = snapshots.borrow_and_update().clone();
@@ -95,6 +98,7 @@ pub async fn run_on(
                 let previous = config_tx.borrow().clone();
                 config_tx.send_replace(Arc::new(Config::from_snapshot(&snapshot, &previous)));
                 compiled.set(true);
+                compiled_tx.send_replace(true);
             }
             if snapshots.changed().await.is_err() {
                 return;
@@ -113,6 +117,10 @@ pub async fn run_on(
     let outputs = Arc::new(telemetry::Outputs::default());
     let service = service::MixerService::new(config, outputs.clone(), &mut admin.registry());
     let shedder = shed::Shedder::new(args.limits, &mut admin.registry());
+    tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        _ = first_config.wait_for(|c| *c) => {}
+    }
     tracing::info!(addr = %listener.local_addr()?, role = id, "mixer serving Check and Report");
     let grpc = mcp::grpc_server()
         .add_service(shedder.wrap(service.into_server()))

@@ -70,25 +70,19 @@ struct Mixer {
     running: common::Running,
 }
 
-/// A telemetry Mixer with `CONFIG`; returns once a check sees the config.
+/// A telemetry Mixer with `CONFIG`. Mixer answers nothing before its
+/// config is in, so the first check already sees it.
 async fn start() -> Mixer {
     let mixer = Mixer {
         running: common::start(CONFIG, mixer::Role::Telemetry).await,
     };
-    // The config is in once jason is denied. A fresh client each try: the
-    // allow Mixer answers before its config arrives holds for a minute.
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while mixer
-            .client(false, 1)
-            .check(&request("jason", "curl"))
-            .await
-            == Verdict::Allow
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
+    let first = tokio::time::timeout(
+        Duration::from_secs(10),
+        mixer.client(false, 1).check(&request("jason", "curl")),
+    )
     .await
     .unwrap();
+    assert_ne!(first, Verdict::Allow, "answered before the config was in");
     mixer
 }
 
@@ -102,6 +96,7 @@ impl Mixer {
             ClientOptions {
                 fail_open,
                 batch_size,
+                ..Default::default()
             },
         )
     }
@@ -169,6 +164,7 @@ async fn without_mixer_checks_fail_open_or_closed() {
         ClientOptions {
             fail_open: true,
             batch_size: 1,
+            ..Default::default()
         },
     );
     assert_eq!(open.check(&request("jason", "curl")).await, Verdict::Allow);
@@ -177,6 +173,7 @@ async fn without_mixer_checks_fail_open_or_closed() {
         ClientOptions {
             fail_open: false,
             batch_size: 1,
+            ..Default::default()
         },
     );
     let Verdict::Deny { code, message } = closed.check(&request("jason", "curl")).await else {
@@ -227,4 +224,54 @@ async fn reports_are_batched_and_delta_encoded() {
         text.contains(r#"istio_requests_total{response_code="0",user="ann"} 1"#),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn quotas_are_asked_on_every_check_and_exhaustion_denies() {
+    let quota = r#"
+---
+apiVersion: config.istio.io/v1alpha2
+kind: handler
+metadata: {name: quotahandler, namespace: istio-system}
+spec:
+  compiledAdapter: memquota
+  params:
+    quotas: [{name: rq.quota.istio-system, maxAmount: 2, validDuration: 60s}]
+---
+apiVersion: config.istio.io/v1alpha2
+kind: instance
+metadata: {name: rq, namespace: istio-system}
+spec: {compiledTemplate: quota, params: {dimensions: {user: 'request.headers["end-user"] | "none"'}}}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: quota, namespace: istio-system}
+spec: {actions: [{handler: quotahandler, instances: [rq]}]}
+"#;
+    let running = common::start(&format!("{CONFIG}{quota}"), mixer::Role::Policy).await;
+    let channel = Channel::from_shared(format!("http://{}", running.grpc))
+        .unwrap()
+        .connect_lazy();
+    let client = Client::new(
+        channel,
+        ClientOptions {
+            fail_open: false,
+            quotas: vec!["rq".into()],
+            ..Default::default()
+        },
+    );
+    let mary = request("mary", "curl");
+    assert_eq!(client.check(&mary).await, Verdict::Allow);
+    assert_eq!(client.check(&mary).await, Verdict::Allow);
+    // The third in the window finds the quota spent, though the check
+    // itself (not jason) would be allowed and cached.
+    assert_eq!(
+        client.check(&mary).await,
+        Verdict::Deny {
+            code: 8,
+            message: "Quota is exhausted for: rq".into()
+        }
+    );
+    // Another user has a quota of their own.
+    assert_eq!(client.check(&request("ann", "curl")).await, Verdict::Allow);
 }

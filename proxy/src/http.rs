@@ -9,7 +9,10 @@
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -32,6 +35,8 @@ use crate::{
         listener::{HttpApp, Routes},
         route::{Abort, Action, Forward, HeaderOps, RequestParts, RetryPolicy, Route},
     },
+    mixer::MixerFilter,
+    stats::{RequestLabels, Stats},
     upstream::{Body, BoxError, UpstreamCluster, Upstreams},
 };
 
@@ -47,6 +52,7 @@ pub struct HttpContext {
     pub peer: SocketAddr,
     /// The SPIFFE identity the client proved over mesh TLS.
     pub peer_identity: Option<String>,
+    pub mixer: Arc<MixerFilter>,
 }
 
 /// Serves one connection until it closes.
@@ -82,6 +88,40 @@ pub fn local_reply(status: StatusCode, why: &str) -> Response<Body> {
 }
 
 async fn handle(request: Request<Incoming>, context: &HttpContext) -> Response<Body> {
+    // Inbound requests are checked with Mixer first, and reported after.
+    let Some((service, port)) = context.app.inbound_service() else {
+        return route(request, context).await;
+    };
+    let inbound = context.mixer.inbound(
+        &request,
+        context.peer,
+        context.peer_identity.as_deref(),
+        service,
+        port,
+    );
+    let request_size = content_length(request.headers());
+    let response = match context.mixer.check(&inbound).await {
+        Some((status, why)) => local_reply(status, &why),
+        None => route(request, context).await,
+    };
+    let response_size = http_body::Body::size_hint(response.body())
+        .exact()
+        .unwrap_or_else(|| content_length(response.headers()));
+    context
+        .mixer
+        .report(inbound, response.status(), request_size, response_size);
+    response
+}
+
+fn content_length(headers: &http::HeaderMap) -> u64 {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn route(request: Request<Incoming>, context: &HttpContext) -> Response<Body> {
     let snapshot = context.config.borrow().clone();
     let table = match &context.app.routes {
         Routes::Rds(name) => snapshot.routes.get(name).cloned(),
@@ -339,8 +379,17 @@ async fn forward(
         }
     }
     let hash = hash_key(forward, &parts.headers, context.peer);
-    let attempts =
-        async { send_with_retries(&cluster, parts, &path, outgoing, retry.as_ref(), hash).await };
+    let started = std::time::Instant::now();
+    let retried = AtomicU64::new(0);
+    let attempts = send_with_retries(
+        &cluster,
+        parts,
+        &path,
+        outgoing,
+        retry.as_ref(),
+        hash,
+        &retried,
+    );
     let mut response = match forward.timeout {
         Some(limit) => match tokio::time::timeout(limit, attempts).await {
             Ok(r) => r,
@@ -349,6 +398,29 @@ async fn forward(
         None => attempts.await,
     };
     apply_response_ops(&weighted.headers, response.headers_mut());
+    let stats = &context.upstreams.stats;
+    let labels = Stats::cluster(&weighted.name);
+    let direction = if context.app.inbound_service().is_some() {
+        "inbound"
+    } else {
+        "outbound"
+    };
+    stats
+        .requests
+        .get_or_create(&RequestLabels {
+            direction,
+            cluster: weighted.name.clone(),
+            response_code: response.status().as_u16(),
+        })
+        .inc();
+    stats
+        .request_duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    let retried = retried.load(Ordering::Relaxed);
+    if retried > 0 {
+        stats.retries.get_or_create(&labels).inc_by(retried);
+    }
     response
 }
 
@@ -450,6 +522,7 @@ async fn send_with_retries(
     outgoing: Outgoing,
     retry: Option<&RetryPolicy>,
     hash: Option<u64>,
+    retried: &AtomicU64,
 ) -> Response<Body> {
     let (mut streaming, buffered) = match outgoing {
         Outgoing::Buffered(b) => (None, Some(b)),
@@ -519,6 +592,7 @@ async fn send_with_retries(
                 }
             };
         }
+        retried.fetch_add(1, Ordering::Relaxed);
         // Envoy's retry back-off: 25 ms base, jittered.
         tokio::time::sleep(Duration::from_millis(fastrand::u64(
             0..25 * attempt_no as u64,

@@ -4,26 +4,28 @@
 //! its filter chain: HTTP ([`http`]: routes, faults, CORS, retries,
 //! timeouts, mirrors) or TCP ([`tcp`]), to endpoints picked by
 //! [`upstream`]'s balancers. The [`agent`] keeps the workload certificate
-//! from Citadel, which [`tls`] uses for mutual TLS between proxies. Not
-//! built yet (issue 7 continues): RBAC (config with it is NACKed), the
-//! Mixer check and report, original-destination routing, delta xDS, and
-//! the Envoy-style admin endpoints and stats.
+//! from Citadel, which [`tls`] uses for mutual TLS between proxies;
+//! inbound HTTP is checked and reported by [`mixer`]. Not built yet (issue
+//! 7 continues): RBAC (config with it is NACKed), original-destination
+//! routing, delta xDS, and the Envoy-style admin endpoints and stats.
 
+pub mod admin;
 pub mod agent;
 pub mod config;
 pub mod http;
 pub mod listeners;
+pub mod mixer;
 pub mod node;
+pub mod stats;
 pub mod tcp;
 pub mod tls;
 pub mod upstream;
 pub mod xds;
 
-use std::sync::Arc;
+use std::{net::SocketAddr, sync::Arc};
 
 use clap::Args;
 use component::{Admin, CancellationToken};
-use serde_json::json;
 use tokio::sync::watch;
 
 #[derive(Debug, Clone, Args)]
@@ -35,6 +37,14 @@ pub struct ProxyArgs {
     pub node: node::NodeArgs,
     #[command(flatten)]
     pub agent: agent::AgentArgs,
+    #[command(flatten)]
+    pub mixer: mixer::MixerArgs,
+    /// Where Prometheus scrapes the proxy (`/stats/prometheus`).
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], component::ports::PROXY_STATS)))]
+    pub stats_addr: SocketAddr,
+    /// Where Kubernetes probes readiness (`/healthz/ready`).
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], component::ports::PROXY_HEALTH)))]
+    pub health_addr: SocketAddr,
 }
 
 /// Runs the proxy until `shutdown`.
@@ -45,59 +55,44 @@ pub async fn run(args: ProxyArgs, admin: Admin, shutdown: CancellationToken) -> 
     let state = Arc::new(xds::XdsState::default());
     let client = xds::XdsClient::new(node, args.pilot.clone(), state.clone(), config_tx);
     let (agent, credentials) = agent::Agent::new(
-        args.agent,
+        args.agent.clone(),
         &args.node.namespace,
         &args.node.service_account,
         admin.readiness().condition("certificate"),
     );
+    // Registered before the first await, so `/ready` never answers
+    // before it knows every condition.
+    let serving = admin.readiness().condition("xds-synced");
     tokio::spawn(agent.run(shutdown.clone()));
     let tls = Arc::new(tls::TlsContext::new(credentials));
-    let upstreams = Arc::new(upstream::Upstreams::new(tls.clone()));
-    debug_pages(&admin, &state, &upstreams);
+    let stats = stats::Stats::new(&mut admin.registry());
+    let upstreams = Arc::new(upstream::Upstreams::new(tls.clone(), stats));
+    admin.add_routes(admin::routes(
+        &admin,
+        state.clone(),
+        config.clone(),
+        upstreams.clone(),
+        shutdown.clone(),
+    ));
+    admin::serve_ports(&admin, args.stats_addr, args.health_addr, &shutdown).await?;
+    let workload = mixer::Workload {
+        name: args.node.pod.clone(),
+        namespace: args.node.namespace.clone(),
+        labels: args.node.labels.0.clone(),
+        principal: format!(
+            "{}/ns/{}/sa/{}",
+            args.agent.trust_domain, args.node.namespace, args.node.service_account
+        ),
+    };
+    let mixer = Arc::new(mixer::MixerFilter::new(&args.mixer, workload)?);
+    tokio::spawn(mixer.clone().flush_reports(shutdown.clone()));
     let shared = listeners::Shared {
         config,
         upstreams,
         tls,
+        mixer,
     };
-    let serving = admin.readiness().condition("xds-synced");
     tokio::spawn(listeners::follow(shared, serving, shutdown.clone()));
     client.run(shutdown).await;
     Ok(())
-}
-
-fn debug_pages(admin: &Admin, state: &Arc<xds::XdsState>, upstreams: &Arc<upstream::Upstreams>) {
-    let state = state.clone();
-    admin.debug_page("config_dump", move || {
-        let status = state
-            .status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let raw = state.raw.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        json!({"xds": status, "resources": raw})
-    });
-    let upstreams = upstreams.clone();
-    admin.debug_page("clusters", move || {
-        let now = std::time::Instant::now();
-        let clusters: Vec<_> = upstreams
-            .all()
-            .iter()
-            .map(|c| {
-                let endpoints: Vec<_> = c
-                    .endpoints()
-                    .iter()
-                    .map(|e| {
-                        json!({
-                            "address": e.addr.to_string(),
-                            "weight": e.weight,
-                            "active": e.active.load(std::sync::atomic::Ordering::Relaxed),
-                            "ejected": e.ejected(now),
-                        })
-                    })
-                    .collect();
-                json!({"name": c.config.name, "endpoints": endpoints})
-            })
-            .collect();
-        json!(clusters)
-    });
 }

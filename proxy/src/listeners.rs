@@ -15,6 +15,7 @@ use crate::{
         listener::{App, Arrival, Chain},
     },
     http::{self, HttpContext},
+    stats::ListenerLabels,
     tcp,
     tls::{self, TlsContext},
     upstream::Upstreams,
@@ -26,6 +27,7 @@ pub struct Shared {
     pub config: watch::Receiver<Arc<Snapshot>>,
     pub upstreams: Arc<Upstreams>,
     pub tls: Arc<TlsContext>,
+    pub mixer: Arc<crate::mixer::MixerFilter>,
 }
 
 /// Applies each config as it comes, until `shutdown`: clusters and
@@ -96,7 +98,19 @@ async fn accept(
             },
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(stream, peer, name.clone(), shared.clone()));
+        let labels = ListenerLabels {
+            listener: name.clone(),
+        };
+        let stats = shared.upstreams.stats.clone();
+        stats.connections.get_or_create(&labels).inc();
+        let active = stats.connections_active.get_or_create(&labels).clone();
+        active.inc();
+        let shared = shared.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            connection(stream, peer, name, shared).await;
+            active.dec();
+        });
     }
 }
 
@@ -164,6 +178,7 @@ async fn serve<IO>(
                 upstreams: shared.upstreams.clone(),
                 peer,
                 peer_identity,
+                mixer: shared.mixer.clone(),
             });
             http::serve(io, context).await;
         }

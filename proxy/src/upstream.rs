@@ -22,11 +22,14 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
 };
 
+use prometheus_client::metrics::counter::Counter;
+
 use crate::{
     config::{
         Snapshot,
         cluster::{Cluster, Discovery, Lb},
     },
+    stats::Stats,
     tls::{Stream, TlsContext},
 };
 
@@ -114,12 +117,12 @@ pub struct UpstreamCluster {
     next: AtomicUsize,
     pub connector: Connector,
     pub client: Client<Connector, Body>,
-    /// Endpoints ejected now, by outlier detection.
-    pub ejections_total: AtomicU32,
+    /// Ejections by outlier detection, ever.
+    ejections: Counter,
 }
 
 impl UpstreamCluster {
-    fn new(config: Arc<Cluster>, tls: Arc<TlsContext>) -> Self {
+    fn new(config: Arc<Cluster>, tls: Arc<TlsContext>, ejections: Counter) -> Self {
         let connector = Connector {
             cluster: config.clone(),
             tls,
@@ -135,7 +138,7 @@ impl UpstreamCluster {
             next: AtomicUsize::new(0),
             connector,
             client,
-            ejections_total: AtomicU32::new(0),
+            ejections,
         }
     }
 
@@ -234,7 +237,7 @@ impl UpstreamCluster {
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(now + outlier.base_ejection_time * times);
         endpoint.consecutive_5xx.store(0, Ordering::Relaxed);
-        self.ejections_total.fetch_add(1, Ordering::Relaxed);
+        self.ejections.inc();
         tracing::info!(cluster = %self.config.name, endpoint = %endpoint.addr, "ejected for {failures} consecutive errors");
     }
 }
@@ -283,13 +286,15 @@ fn ring_pick<'a>(candidates: &[&'a Arc<Endpoint>], hash: u64) -> &'a Arc<Endpoin
 pub struct Upstreams {
     clusters: RwLock<HashMap<String, Arc<UpstreamCluster>>>,
     tls: Arc<TlsContext>,
+    pub stats: Stats,
 }
 
 impl Upstreams {
-    pub fn new(tls: Arc<TlsContext>) -> Self {
+    pub fn new(tls: Arc<TlsContext>, stats: Stats) -> Self {
         Self {
             clusters: RwLock::default(),
             tls,
+            stats,
         }
     }
 
@@ -314,7 +319,18 @@ impl Upstreams {
         for (name, config) in &snapshot.clusters {
             let cluster = match self.get(name) {
                 Some(c) if c.config == *config => c,
-                _ => Arc::new(UpstreamCluster::new(config.clone(), self.tls.clone())),
+                _ => {
+                    let ejections = self
+                        .stats
+                        .ejections
+                        .get_or_create(&Stats::cluster(name))
+                        .clone();
+                    Arc::new(UpstreamCluster::new(
+                        config.clone(),
+                        self.tls.clone(),
+                        ejections,
+                    ))
+                }
             };
             let endpoints = match &config.discovery {
                 Discovery::Eds(service) => snapshot

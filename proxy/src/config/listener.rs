@@ -64,6 +64,20 @@ pub struct HttpApp {
     pub cors: bool,
 }
 
+impl HttpApp {
+    /// The service and port of an inbound connection manager, which Pilot
+    /// names for its cluster, `inbound|<port>|<port name>|<host>`.
+    pub fn inbound_service(&self) -> Option<(&str, u16)> {
+        let mut parts = self.stat_prefix.split('|');
+        if parts.next()? != "inbound" {
+            return None;
+        }
+        let port = parts.next()?.parse().ok()?;
+        let host = parts.nth(1)?;
+        Some((host, port))
+    }
+}
+
 #[derive(Debug)]
 pub enum Routes {
     /// By RDS, under this name.

@@ -1,0 +1,258 @@
+//! The proxy's Envoy-style admin endpoints, on the admin port (15000):
+//! `/config_dump` (what it holds, as JSON: xDS versions and NACKs, and the
+//! compiled listeners, routes and clusters), `/clusters` (endpoints and
+//! their state, one per line as Envoy prints them), `/stats/prometheus`,
+//! `/quitquitquit` (POST: stop); besides the stats port (15090,
+//! `/stats/prometheus`) and the health port (15020, `/healthz/ready`) that
+//! Istio's probes and scrapers use.
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::{get, post},
+};
+use component::{Admin, CancellationToken};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::{
+    config::{
+        Snapshot,
+        cluster::Discovery,
+        listener::{App, Routes},
+        route::Action,
+    },
+    upstream::Upstreams,
+    xds::XdsState,
+};
+
+#[derive(Clone)]
+struct Views {
+    admin: Admin,
+    xds: Arc<XdsState>,
+    config: watch::Receiver<Arc<Snapshot>>,
+    upstreams: Arc<Upstreams>,
+    shutdown: CancellationToken,
+}
+
+/// The admin port's own routes.
+pub fn routes(
+    admin: &Admin,
+    xds: Arc<XdsState>,
+    config: watch::Receiver<Arc<Snapshot>>,
+    upstreams: Arc<Upstreams>,
+    shutdown: CancellationToken,
+) -> Router {
+    let views = Views {
+        admin: admin.clone(),
+        xds,
+        config,
+        upstreams,
+        shutdown,
+    };
+    Router::new()
+        .route("/config_dump", get(config_dump))
+        .route("/clusters", get(clusters))
+        .route("/stats/prometheus", get(prometheus))
+        .route("/quitquitquit", post(quit))
+        .with_state(views)
+}
+
+async fn config_dump(State(v): State<Views>) -> impl IntoResponse {
+    let snapshot = v.config.borrow().clone();
+    let xds = v
+        .xds
+        .status
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let listeners: Vec<Value> = snapshot
+        .listeners
+        .values()
+        .map(|l| {
+            let chains: Vec<Value> = l
+                .chains
+                .iter()
+                .map(|c| {
+                    let app = match &c.app {
+                        App::Http(h) => match &h.routes {
+                            Routes::Rds(name) => json!({"http": {"rds": name}}),
+                            Routes::Inline(t) => json!({"http": {"routes": t.name}}),
+                        },
+                        App::Tcp(t) => json!({"tcp": {"clusters": t.clusters}}),
+                    };
+                    json!({
+                        "destination_port": c.destination_port,
+                        "transport": c.transport,
+                        "alpn": c.alpn,
+                        "tls": c.tls.as_ref().map(|t| json!({
+                            "require_client_certificate": t.require_client_certificate,
+                            "peer_identities": t.peer_identities,
+                        })),
+                        "app": app,
+                    })
+                })
+                .collect();
+            json!({"name": l.name, "address": l.address.to_string(), "bind": l.bind, "chains": chains})
+        })
+        .collect();
+    let mut routes: Vec<Value> = snapshot
+        .routes
+        .values()
+        .map(|t| {
+            let hosts: Vec<Value> = t
+                .virtual_hosts
+                .iter()
+                .map(|vh| {
+                    let routes: Vec<Value> = vh
+                        .routes
+                        .iter()
+                        .map(|r| {
+                            let action = match &r.action {
+                                Action::Forward(f) => json!({"clusters": f.clusters.iter().map(|c| json!([c.name, c.weight])).collect::<Vec<_>>(), "timeout_ms": f.timeout.map(|t| t.as_millis() as u64), "retries": f.retry.as_ref().map(|r| r.attempts)}),
+                                Action::Redirect { host, path, code } => json!({"redirect": {"host": host, "path": path, "code": code}}),
+                                Action::Direct { status, .. } => json!({"direct": status}),
+                            };
+                            json!({"name": r.name, "action": action, "fault": r.fault.is_some()})
+                        })
+                        .collect();
+                    json!({"name": vh.name, "routes": routes})
+                })
+                .collect();
+            json!({"name": t.name, "virtual_hosts": hosts})
+        })
+        .collect();
+    routes.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    let clusters: Vec<Value> = v
+        .upstreams
+        .all()
+        .iter()
+        .map(|c| {
+            let discovery = match &c.config.discovery {
+                Discovery::Eds(name) => json!({"eds": name}),
+                Discovery::Fixed(targets) => json!({"fixed": targets}),
+                Discovery::OriginalDst => json!("original_dst"),
+                Discovery::BlackHole => json!("black_hole"),
+            };
+            json!({
+                "name": c.config.name,
+                "discovery": discovery,
+                "lb": format!("{:?}", c.config.lb),
+                "http2": c.config.http2,
+                "tls": c.config.tls.as_ref().map(|t| json!({"peer_identities": t.peer_identities, "alpn": t.alpn})),
+                "endpoints": c.endpoints().iter().map(|e| e.addr.to_string()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    axum::Json(json!({
+        "xds": xds,
+        "synced": snapshot.synced,
+        "listeners": listeners,
+        "routes": routes,
+        "clusters": clusters,
+    }))
+}
+
+async fn clusters(State(v): State<Views>) -> String {
+    let now = Instant::now();
+    let mut out = String::new();
+    for c in v.upstreams.all() {
+        for e in c.endpoints().iter() {
+            let name = &c.config.name;
+            let health = if e.ejected(now) {
+                "/failed_outlier_check"
+            } else {
+                "healthy"
+            };
+            let active = e.active.load(std::sync::atomic::Ordering::Relaxed);
+            out.push_str(&format!(
+                "{name}::{addr}::health_flags::{health}\n{name}::{addr}::weight::{w}\n{name}::{addr}::rq_active::{active}\n",
+                addr = e.addr,
+                w = e.weight,
+            ));
+        }
+    }
+    out
+}
+
+async fn prometheus(State(v): State<Views>) -> impl IntoResponse {
+    stats_text(&v.admin)
+}
+
+fn stats_text(admin: &Admin) -> impl IntoResponse + use<> {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &admin.registry()) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            body,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain")],
+            format!("encoding stats failed: {e}\n"),
+        ),
+    }
+}
+
+async fn quit(State(v): State<Views>) -> &'static str {
+    tracing::info!("stopping, as /quitquitquit asked");
+    v.shutdown.cancel();
+    "OK\n"
+}
+
+/// Serves the stats port (`/stats/prometheus`) and the health port
+/// (`/healthz/ready`) until `shutdown`.
+pub async fn serve_ports(
+    admin: &Admin,
+    stats: SocketAddr,
+    health: SocketAddr,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding {what} {addr}: {e}"))
+    };
+    let stats_port = bind(stats, "--stats-addr").await?;
+    let health_port = bind(health, "--health-addr").await?;
+    let scraped = admin.clone();
+    let stats_router = Router::new().route(
+        "/stats/prometheus",
+        get(move || {
+            let admin = scraped.clone();
+            async move { stats_text(&admin) }
+        }),
+    );
+    let readiness = admin.readiness().clone();
+    let health_router = Router::new().route(
+        "/healthz/ready",
+        get(move || {
+            let unmet = readiness.unmet();
+            async move {
+                if unmet.is_empty() {
+                    (StatusCode::OK, "ready\n".to_string())
+                } else {
+                    let why = format!("not ready: {}\n", unmet.join(", "));
+                    (StatusCode::SERVICE_UNAVAILABLE, why)
+                }
+            }
+        }),
+    );
+    for (listener, router) in [(stats_port, stats_router), (health_port, health_router)] {
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!("stats or health port stopped: {e}");
+            }
+        });
+    }
+    Ok(())
+}

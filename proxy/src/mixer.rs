@@ -1,0 +1,296 @@
+//! The Mixer filter of inbound HTTP: before a request reaches the
+//! application, a Check through the Mixer client library (cached by what
+//! Mixer's decision read; quotas counted), and a denial answered with the
+//! HTTP status its google.rpc code maps to, as Istio's filter does; after
+//! the response, a Report with Istio's standard attributes, batched and
+//! flushed every second. Without a policy address no check is made;
+//! without a telemetry address nothing is reported.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use clap::Args;
+use component::CancellationToken;
+use http::{HeaderMap, StatusCode};
+use mixer::{
+    attributes::{Bag, Value},
+    client::{Client, ClientOptions, Verdict},
+};
+
+#[derive(Debug, Clone, Args)]
+pub struct MixerArgs {
+    /// The policy Mixer (istio-policy) that checks inbound requests.
+    #[arg(long)]
+    pub mixer_policy: Option<String>,
+    /// The telemetry Mixer (istio-telemetry) that takes reports.
+    #[arg(long)]
+    pub mixer_telemetry: Option<String>,
+    /// Let requests through when the policy Mixer cannot answer (Istio's
+    /// default is to refuse them).
+    #[arg(long)]
+    pub mixer_fail_open: bool,
+    /// Quotas every inbound check asks one of (Istio's `requestcount`).
+    #[arg(long, value_delimiter = ',')]
+    pub mixer_quota: Vec<String>,
+}
+
+/// What the proxy knows of its own workload, for attributes.
+#[derive(Debug, Clone, Default)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    /// `cluster.local/ns/<ns>/sa/<sa>`, as Istio 1.1 writes principals.
+    pub principal: String,
+}
+
+pub struct MixerFilter {
+    policy: Option<Client>,
+    telemetry: Option<Arc<Client>>,
+    workload: Workload,
+}
+
+/// The request side of one inbound request, kept for its report.
+pub struct Inbound {
+    bag: Bag,
+    started: SystemTime,
+}
+
+impl MixerFilter {
+    pub fn new(args: &MixerArgs, workload: Workload) -> anyhow::Result<Self> {
+        let channel = |addr: &str| -> anyhow::Result<tonic::transport::Channel> {
+            Ok(
+                tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                    .tcp_nodelay(true)
+                    .connect_timeout(Duration::from_secs(1))
+                    .connect_lazy(),
+            )
+        };
+        let policy = args
+            .mixer_policy
+            .as_deref()
+            .map(|addr| -> anyhow::Result<Client> {
+                let options = ClientOptions {
+                    fail_open: args.mixer_fail_open,
+                    quotas: args.mixer_quota.clone(),
+                    ..Default::default()
+                };
+                Ok(Client::new(channel(addr)?, options))
+            })
+            .transpose()?;
+        let telemetry = args
+            .mixer_telemetry
+            .as_deref()
+            .map(|addr| -> anyhow::Result<Arc<Client>> {
+                Ok(Arc::new(Client::new(
+                    channel(addr)?,
+                    ClientOptions::default(),
+                )))
+            })
+            .transpose()?;
+        Ok(Self {
+            policy,
+            telemetry,
+            workload,
+        })
+    }
+
+    /// Sends queued reports every second until `shutdown`, and once more then.
+    pub async fn flush_reports(self: Arc<Self>, shutdown: CancellationToken) {
+        let Some(telemetry) = self.telemetry.clone() else {
+            return;
+        };
+        loop {
+            let stop = tokio::select! {
+                _ = shutdown.cancelled() => true,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+            };
+            if let Err(e) = telemetry.flush().await {
+                tracing::debug!("reports not sent: {e}");
+            }
+            if stop {
+                return;
+            }
+        }
+    }
+
+    /// The attributes of a request arriving for `service_host`.
+    pub fn inbound<B>(
+        &self,
+        parts: &http::Request<B>,
+        peer: SocketAddr,
+        peer_identity: Option<&str>,
+        service_host: &str,
+        port: u16,
+    ) -> Inbound {
+        let s = |v: &str| Value::String(v.to_string());
+        let now = SystemTime::now();
+        let path = parts.uri().path_and_query().map_or("/", |p| p.as_str());
+        let host = parts
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or(parts.uri().authority().map(|a| a.as_str()))
+            .unwrap_or_default();
+        let grpc = parts
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+        let ip = match peer.ip() {
+            std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+            std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+        };
+        let w = &self.workload;
+        let mut bag = Bag::from([
+            ("context.reporter.kind".into(), s("inbound")),
+            (
+                "context.protocol".into(),
+                s(if grpc { "grpc" } else { "http" }),
+            ),
+            ("source.ip".into(), Value::Bytes(ip)),
+            ("destination.service.host".into(), s(service_host)),
+            ("destination.port".into(), Value::Int64(i64::from(port))),
+            ("destination.workload.name".into(), s(&w.name)),
+            ("destination.workload.namespace".into(), s(&w.namespace)),
+            ("destination.namespace".into(), s(&w.namespace)),
+            (
+                "destination.labels".into(),
+                Value::StringMap(w.labels.clone()),
+            ),
+            ("destination.principal".into(), s(&w.principal)),
+            ("request.path".into(), s(path)),
+            ("request.host".into(), s(host)),
+            ("request.method".into(), s(parts.method().as_str())),
+            ("request.scheme".into(), s("http")),
+            (
+                "request.headers".into(),
+                Value::StringMap(headers(parts.headers())),
+            ),
+            ("request.time".into(), Value::Timestamp(timestamp(now))),
+            (
+                "connection.mtls".into(),
+                Value::Bool(peer_identity.is_some()),
+            ),
+        ]);
+        if let Some(name) = service_host.split('.').next() {
+            bag.insert("destination.service.name".into(), s(name));
+        }
+        if let Some(ns) = service_host.split('.').nth(1) {
+            bag.insert("destination.service.namespace".into(), s(ns));
+        }
+        if let Some(agent) = parts
+            .headers()
+            .get(http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+        {
+            bag.insert("request.useragent".into(), s(agent));
+        }
+        if let Some(principal) = peer_identity {
+            let principal = principal.strip_prefix("spiffe://").unwrap_or(principal);
+            bag.insert("source.principal".into(), s(principal));
+            bag.insert("source.user".into(), s(principal));
+            // The caller's namespace is in its identity.
+            if let Some(ns) = principal
+                .split("/ns/")
+                .nth(1)
+                .and_then(|r| r.split('/').next())
+            {
+                bag.insert("source.namespace".into(), s(ns));
+            }
+        }
+        Inbound { bag, started: now }
+    }
+
+    /// `Some(response)` when Mixer refuses the request.
+    pub async fn check(&self, inbound: &Inbound) -> Option<(StatusCode, String)> {
+        let policy = self.policy.as_ref()?;
+        match policy.check(&inbound.bag).await {
+            Verdict::Allow => None,
+            Verdict::Deny { code, message } => {
+                let (status, name) = http_status(code);
+                Some((status, format!("{name}:{message}")))
+            }
+        }
+    }
+
+    /// Queues the report of a finished request.
+    pub fn report(
+        &self,
+        inbound: Inbound,
+        status: StatusCode,
+        request_size: u64,
+        response_size: u64,
+    ) {
+        let Some(telemetry) = self.telemetry.clone() else {
+            return;
+        };
+        let now = SystemTime::now();
+        let mut bag = inbound.bag;
+        let took = now.duration_since(inbound.started).unwrap_or_default();
+        bag.extend([
+            (
+                "response.code".into(),
+                Value::Int64(i64::from(status.as_u16())),
+            ),
+            ("response.size".into(), Value::Int64(response_size as i64)),
+            ("request.size".into(), Value::Int64(request_size as i64)),
+            ("response.time".into(), Value::Timestamp(timestamp(now))),
+            (
+                "response.duration".into(),
+                Value::Duration(pbjson_types::Duration {
+                    seconds: took.as_secs() as i64,
+                    nanos: took.subsec_nanos() as i32,
+                }),
+            ),
+        ]);
+        tokio::spawn(async move {
+            if let Err(e) = telemetry.report(bag).await {
+                tracing::debug!("report not sent: {e}");
+            }
+        });
+    }
+}
+
+fn headers(map: &HeaderMap) -> BTreeMap<String, String> {
+    map.iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect()
+}
+
+fn timestamp(t: SystemTime) -> pbjson_types::Timestamp {
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    pbjson_types::Timestamp {
+        seconds: since.as_secs() as i64,
+        nanos: since.subsec_nanos() as i32,
+    }
+}
+
+/// The HTTP status a google.rpc code becomes, and the code's name.
+fn http_status(code: i32) -> (StatusCode, &'static str) {
+    match code {
+        1 => (
+            StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+            "CANCELLED",
+        ),
+        3 => (StatusCode::BAD_REQUEST, "INVALID_ARGUMENT"),
+        4 => (StatusCode::GATEWAY_TIMEOUT, "DEADLINE_EXCEEDED"),
+        5 => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+        6 => (StatusCode::CONFLICT, "ALREADY_EXISTS"),
+        7 => (StatusCode::FORBIDDEN, "PERMISSION_DENIED"),
+        8 => (StatusCode::TOO_MANY_REQUESTS, "RESOURCE_EXHAUSTED"),
+        9 => (StatusCode::BAD_REQUEST, "FAILED_PRECONDITION"),
+        10 => (StatusCode::CONFLICT, "ABORTED"),
+        11 => (StatusCode::BAD_REQUEST, "OUT_OF_RANGE"),
+        12 => (StatusCode::NOT_IMPLEMENTED, "UNIMPLEMENTED"),
+        14 => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+        15 => (StatusCode::INTERNAL_SERVER_ERROR, "DATA_LOSS"),
+        16 => (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
+        13 => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+    }
+}
