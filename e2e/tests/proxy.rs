@@ -63,8 +63,9 @@ async fn ratings() -> SocketAddr {
 }
 
 struct Mesh {
-    _dir: tempfile::TempDir,
-    _galley: Galley,
+    dir: tempfile::TempDir,
+    ports: Ports,
+    galley: Galley,
     mixers: Mixers,
     _citadel: Proc,
     /// Where reviews v2's sidecar accepts mesh traffic.
@@ -83,13 +84,45 @@ struct Ports {
     v2_sidecar: SocketAddr,
     v2_app: SocketAddr,
     ratings: SocketAddr,
+    details: SocketAddr,
+    details_broken: SocketAddr,
     egress: SocketAddr,
     egress_b: SocketAddr,
 }
 
-fn config(p: &Ports) -> String {
+/// A backend that fails every request.
+async fn broken() -> SocketAddr {
+    let app = axum::Router::new()
+        .fallback(|| async { (axum::http::StatusCode::SERVICE_UNAVAILABLE, "broken") });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// The mesh's config; `v1_weight` percent of reviews goes to v1.
+fn config(p: &Ports, v1_weight: u32) -> String {
     format!(
         "
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: details, namespace: shop}}
+spec:
+  hosts: [details.shop.svc.cluster.local]
+  resolution: STATIC
+  ports: [{{number: 9080, name: http, protocol: HTTP}}]
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {details_port}}}, labels: {{app: details}}}}
+  - {{address: 127.0.0.1, ports: {{http: {details_broken_port}}}, labels: {{app: details}}}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {{name: details, namespace: shop}}
+spec:
+  host: details.shop.svc.cluster.local
+  trafficPolicy:
+    outlierDetection: {{consecutiveErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}}
+---
 apiVersion: networking.istio.io/v1alpha3
 kind: ServiceEntry
 metadata: {{name: ratings, namespace: shop}}
@@ -155,8 +188,8 @@ spec:
   - match: [{{headers: {{end-user: {{regex: 'jason|mallory'}}}}}}]
     route: [{{destination: {{host: reviews.shop.svc.cluster.local, subset: v2}}}}]
   - route:
-    - {{destination: {{host: reviews.shop.svc.cluster.local, subset: v1}}, weight: 70}}
-    - {{destination: {{host: reviews.shop.svc.cluster.local, subset: v2}}, weight: 30}}
+    - {{destination: {{host: reviews.shop.svc.cluster.local, subset: v1}}, weight: {v1_weight}}}
+    - {{destination: {{host: reviews.shop.svc.cluster.local, subset: v2}}, weight: {v2_weight}}}
 ---
 apiVersion: networking.istio.io/v1alpha3
 kind: Sidecar
@@ -186,6 +219,9 @@ spec:
         v2p = p.v2_sidecar.port(),
         v2_app_port = p.v2_app.port(),
         ratings_port = p.ratings.port(),
+        details_port = p.details.port(),
+        details_broken_port = p.details_broken.port(),
+        v2_weight = 100 - v1_weight,
         egress_port = p.egress.port(),
         egress_b_port = p.egress_b.port(),
     )
@@ -344,6 +380,9 @@ fn start_proxy(
             token.to_str().unwrap(),
             "--citadel-hostname",
             "localhost",
+            // Short-lived, so that every test runs across renewals.
+            "--cert-ttl",
+            "4s",
             "--mixer-policy",
             &mixers.policy.to_string(),
             "--mixer-telemetry",
@@ -357,11 +396,31 @@ fn start_proxy(
     (proc, ports)
 }
 
+/// Pilot following Galley at `mcp`, serving ADS on `xds`, ready.
+async fn start_pilot(mcp: SocketAddr, xds: SocketAddr) -> Proc {
+    let admin = free_addr();
+    let pilot = Proc::start(
+        "pilot",
+        &[
+            "--mcp-server",
+            &mcp.to_string(),
+            "--xds-addr",
+            &xds.to_string(),
+            "--admin-addr",
+            &admin.to_string(),
+        ],
+    );
+    wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    pilot
+}
+
 async fn start() -> Mesh {
     let ports = Ports {
         v1: backend("reviews-v1").await,
         v2_app: backend("reviews-v2").await,
         ratings: ratings().await,
+        details: backend("details").await,
+        details_broken: broken().await,
         v2_sidecar: free_addr(),
         egress: free_addr(),
         egress_b: free_addr(),
@@ -369,7 +428,7 @@ async fn start() -> Mesh {
     let egress = ports.egress;
     let v2_sidecar = ports.v2_sidecar;
     let dir = config_dir(&[
-        ("mesh.yaml", &config(&ports)),
+        ("mesh.yaml", &config(&ports, 70)),
         (
             "attributes.yaml",
             include_str!("../../examples/mixer/attributes.yaml"),
@@ -383,18 +442,8 @@ async fn start() -> Mesh {
     let ca = start_citadel(dir.path()).await;
     let galley = Galley::start(dir.path(), &[]).await;
     let mixers = start_mixers(galley.mcp).await;
-    let (pilot_xds, pilot_admin) = (free_addr(), free_addr());
-    let pilot = Proc::start(
-        "pilot",
-        &[
-            "--mcp-server",
-            &galley.mcp.to_string(),
-            "--xds-addr",
-            &pilot_xds.to_string(),
-            "--admin-addr",
-            &pilot_admin.to_string(),
-        ],
-    );
+    let pilot_xds = free_addr();
+    let pilot = start_pilot(galley.mcp, pilot_xds).await;
     let (client, client_admin) = start_proxy(
         pilot_xds,
         &ca,
@@ -415,8 +464,9 @@ async fn start() -> Mesh {
         wait_for_http(ports.admin, "/ready", |s, _| s == 200).await;
     }
     Mesh {
-        _dir: dir,
-        _galley: galley,
+        dir,
+        ports,
+        galley,
         mixers,
         _citadel: ca.proc,
         v2_sidecar,
@@ -509,7 +559,18 @@ async fn routes_by_header_and_weight_and_survive_pilot_going_away() {
     mesh.pilot.take().unwrap().kill().await;
     let jason = spread(&client, Some("jason"), 10).await;
     assert_eq!(jason, BTreeMap::from([("reviews-v2".to_string(), 10)]));
-    let _ = mesh.pilot_xds;
+
+    // Pilot comes back; a config change made since takes effect.
+    let config = config(&mesh.ports, 0);
+    std::fs::write(mesh.dir.path().join("mesh.yaml"), config).unwrap();
+    mesh.pilot = Some(start_pilot(mesh.galley.mcp, mesh.pilot_xds).await);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while spread(&client, None, 20).await.contains_key("reviews-v1") {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("all of reviews on v2 within 30 s");
 }
 
 async fn ratings_get(client: &reqwest::Client, path: &str) -> (u16, String, Duration) {
@@ -623,4 +684,70 @@ async fn mixer_denies_what_its_rules_say_and_reports_the_rest() {
             .any(|l| l.starts_with("istio_requests_total{") && l.contains(r#"response_code="403""#)),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn an_endpoint_that_keeps_failing_is_ejected() {
+    let mesh = start().await;
+    let client = mesh.client();
+    // The broken endpoint's 503s are retried on the other, and its first
+    // failure ejects it.
+    for i in 0..20 {
+        let response = client
+            .get(format!(
+                "http://details.shop.svc.cluster.local:9080/details/{i}"
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let broken = mesh.ports.details_broken;
+    let cluster = "outbound|9080||details.shop.svc.cluster.local";
+    let (_, clusters) = get(mesh.client_ports.admin, "/clusters").await.unwrap();
+    assert!(
+        clusters.contains(&format!(
+            "{cluster}::{broken}::health_flags::/failed_outlier_check"
+        )),
+        "{clusters}"
+    );
+    let (_, stats) = get(mesh.client_ports.stats, "/stats/prometheus")
+        .await
+        .unwrap();
+    let line = format!(r#"proxy_outlier_ejections_total{{cluster="{cluster}"}} 1"#);
+    assert!(stats.contains(&line), "no {line:?} in {stats}");
+}
+
+#[tokio::test]
+async fn certificates_renew_under_load_without_a_dropped_request() {
+    let mesh = start().await;
+    let client = mesh.client();
+    let certificate = || async {
+        let (_, dump) = get(mesh.client_ports.admin, "/config_dump").await.unwrap();
+        let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+        dump["certificate"]["not_after"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let first = certificate().await;
+    // Mesh TLS to reviews v2, new connections and old, across renewals
+    // (a 4 s certificate is renewed every 2 s).
+    let started = Instant::now();
+    let mut sent = 0;
+    while started.elapsed() < Duration::from_secs(5) {
+        let fresh = mesh.client();
+        for c in [&client, &fresh] {
+            let response = c
+                .get("http://reviews.shop.svc.cluster.local:9080/renewal")
+                .header("end-user", "jason")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "request {sent}");
+            sent += 1;
+        }
+    }
+    assert_ne!(certificate().await, first, "renewed during the run");
+    assert!(sent > 20, "{sent} requests");
 }

@@ -1,6 +1,6 @@
 //! The proxy's Envoy-style admin endpoints, on the admin port (15000):
-//! `/config_dump` (what it holds, as JSON: xDS versions and NACKs, and the
-//! compiled listeners, routes and clusters), `/clusters` (endpoints and
+//! `/config_dump` (what it holds, as JSON: xDS versions and NACKs, its
+//! certificate, and the compiled listeners, routes and clusters), `/clusters` (endpoints and
 //! their state, one per line as Envoy prints them), `/stats/prometheus`,
 //! `/quitquitquit` (POST: stop); besides the stats port (15090,
 //! `/stats/prometheus`) and the health port (15020, `/healthz/ready`) that
@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::{
+    agent::CredentialsWatch,
     config::{
         Snapshot,
         cluster::Discovery,
@@ -30,30 +31,19 @@ use crate::{
     xds::XdsState,
 };
 
+/// What the admin endpoints show.
 #[derive(Clone)]
-struct Views {
-    admin: Admin,
-    xds: Arc<XdsState>,
-    config: watch::Receiver<Arc<Snapshot>>,
-    upstreams: Arc<Upstreams>,
-    shutdown: CancellationToken,
+pub struct Views {
+    pub admin: Admin,
+    pub xds: Arc<XdsState>,
+    pub config: watch::Receiver<Arc<Snapshot>>,
+    pub upstreams: Arc<Upstreams>,
+    pub credentials: CredentialsWatch,
+    pub shutdown: CancellationToken,
 }
 
 /// The admin port's own routes.
-pub fn routes(
-    admin: &Admin,
-    xds: Arc<XdsState>,
-    config: watch::Receiver<Arc<Snapshot>>,
-    upstreams: Arc<Upstreams>,
-    shutdown: CancellationToken,
-) -> Router {
-    let views = Views {
-        admin: admin.clone(),
-        xds,
-        config,
-        upstreams,
-        shutdown,
-    };
+pub fn routes(views: Views) -> Router {
     Router::new()
         .route("/config_dump", get(config_dump))
         .route("/clusters", get(clusters))
@@ -148,8 +138,15 @@ async fn config_dump(State(v): State<Views>) -> impl IntoResponse {
             })
         })
         .collect();
+    let certificate = v.credentials.borrow().as_ref().map(|c| {
+        json!({
+            "identity": c.identity.to_string(),
+            "not_after": humantime::format_rfc3339_seconds(c.not_after).to_string(),
+        })
+    });
     axum::Json(json!({
         "xds": xds,
+        "certificate": certificate,
         "synced": snapshot.synced,
         "listeners": listeners,
         "routes": routes,

@@ -64,16 +64,17 @@ pub async fn run(args: ProxyArgs, admin: Admin, shutdown: CancellationToken) -> 
     // before it knows every condition.
     let serving = admin.readiness().condition("xds-synced");
     tokio::spawn(agent.run(shutdown.clone()));
-    let tls = Arc::new(tls::TlsContext::new(credentials));
+    let tls = Arc::new(tls::TlsContext::new(credentials.clone()));
     let stats = stats::Stats::new(&mut admin.registry());
     let upstreams = Arc::new(upstream::Upstreams::new(tls.clone(), stats));
-    admin.add_routes(admin::routes(
-        &admin,
-        state.clone(),
-        config.clone(),
-        upstreams.clone(),
-        shutdown.clone(),
-    ));
+    admin.add_routes(admin::routes(admin::Views {
+        admin: admin.clone(),
+        xds: state.clone(),
+        config: config.clone(),
+        upstreams: upstreams.clone(),
+        credentials: credentials.clone(),
+        shutdown: shutdown.clone(),
+    }));
     admin::serve_ports(&admin, args.stats_addr, args.health_addr, &shutdown).await?;
     let workload = mixer::Workload {
         name: args.node.pod.clone(),
