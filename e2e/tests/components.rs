@@ -266,3 +266,31 @@ async fn galley_serves_the_mesh_config_and_dials_sinks() {
     assert!(galley.terminate().await.success());
     assert!(watch.terminate().await.success());
 }
+
+#[tokio::test]
+async fn proxy_init_prints_the_rules_it_would_apply() {
+    let mut init = Proc::start(
+        "proxy",
+        &[
+            "init",
+            "--dry-run",
+            "--inbound-ports",
+            "9080",
+            "--exclude-outbound-ip-ranges",
+            "169.254.169.254/32",
+        ],
+    );
+    let lines = init.stdout_until("COMMIT").await;
+    assert!(init.exit().await.success());
+    for line in [
+        "-A ISTIO_INBOUND -p tcp --dport 9080 -j ISTIO_IN_REDIRECT",
+        "-A ISTIO_OUTPUT -d 169.254.169.254/32 -j RETURN",
+        "-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
+    ] {
+        assert!(lines.iter().any(|l| l == line), "no {line:?} in {lines:#?}");
+    }
+    let mut bad = Proc::start("proxy", &["init", "--dry-run", "--inbound-ports", "web"]);
+    let error = bad.stderr_until("--inbound-ports").await;
+    assert!(error.contains("\"web\" is not a port number"), "{error}");
+    assert!(!bad.exit().await.success());
+}

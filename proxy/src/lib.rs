@@ -13,6 +13,7 @@ pub mod admin;
 pub mod agent;
 pub mod config;
 pub mod http;
+pub mod init;
 pub mod listeners;
 pub mod mixer;
 pub mod node;
