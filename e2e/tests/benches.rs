@@ -53,3 +53,45 @@ async fn mixer_bench_figures_account_for_every_request() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn proxy_bench_measures_every_path_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("proxy.json");
+    let bench = Proc::start(
+        "meshctl",
+        &[
+            "bench",
+            "proxy",
+            "--duration",
+            "200ms",
+            "--rate",
+            "200",
+            "--concurrency",
+            "4",
+            "--no-nginx",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(bench.exit().await.success());
+    let figures: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let scenarios = &figures["scenarios"];
+    for name in ["direct", "one_proxy", "two_proxies_mtls"] {
+        let s = &scenarios[name];
+        assert!(s["max_per_second"].as_f64().unwrap() > 0.0, "{name}: {s}");
+        assert!(
+            s["p99_ms"].as_f64().unwrap() >= s["p50_ms"].as_f64().unwrap(),
+            "{name}: {s}"
+        );
+    }
+    // The proxies' own processes are measured.
+    for name in ["one_proxy", "two_proxies_mtls"] {
+        assert!(
+            scenarios[name]["peak_rss_bytes"].as_u64().unwrap() > 0,
+            "{name}"
+        );
+        assert!(scenarios[name].get("added_p90_ms").is_some(), "{name}");
+    }
+}

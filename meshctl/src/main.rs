@@ -60,6 +60,8 @@ enum BenchCommand {
     Citadel(bench::citadel::CitadelBenchArgs),
     /// Mixer Checks (fixed rate and flat out) and Reports, against no rules.
     Mixer(bench::mixer::MixerBenchArgs),
+    /// Latency and throughput added by one and two proxies, against nginx.
+    Proxy(bench::proxy::ProxyBenchArgs),
 }
 
 #[tokio::main]
@@ -81,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Pilot(args)) => bench::pilot::run(args).await,
         Command::Bench(BenchCommand::Citadel(args)) => bench::citadel::run(args).await,
         Command::Bench(BenchCommand::Mixer(args)) => bench::mixer::run(args).await,
+        Command::Bench(BenchCommand::Proxy(args)) => bench::proxy::run(args).await,
         Command::Version => {
             println!("meshctl {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -6,6 +6,7 @@ pub mod galley;
 pub mod mcp;
 pub mod mixer;
 pub mod pilot;
+pub mod proxy;
 
 use std::{path::Path, time::Duration};
 
