@@ -52,6 +52,8 @@ pub struct HttpContext {
     pub peer: SocketAddr,
     /// The SPIFFE identity the client proved over mesh TLS.
     pub peer_identity: Option<String>,
+    /// Where the connection was going (for original-destination clusters).
+    pub destination: Option<SocketAddr>,
     pub mixer: Arc<MixerFilter>,
 }
 
@@ -381,15 +383,14 @@ async fn forward(
     let hash = hash_key(forward, &parts.headers, context.peer);
     let started = std::time::Instant::now();
     let retried = AtomicU64::new(0);
-    let attempts = send_with_retries(
-        &cluster,
-        parts,
-        &path,
-        outgoing,
-        retry.as_ref(),
+    let target = Target {
+        cluster: &cluster,
+        retry: retry.as_ref(),
         hash,
-        &retried,
-    );
+        destination: context.destination,
+        retried: &retried,
+    };
+    let attempts = send_with_retries(&target, parts, &path, outgoing);
     let mut response = match forward.timeout {
         Some(limit) => match tokio::time::timeout(limit, attempts).await {
             Ok(r) => r,
@@ -467,7 +468,7 @@ fn mirror_to(
     let method = parts.method.clone();
     let path = path.to_string();
     tokio::spawn(async move {
-        let Some(endpoint) = cluster.pick(&[], None) else {
+        let Some(endpoint) = cluster.pick(&[], None, None) else {
             return;
         };
         let Ok(request) = upstream_request(&method, &headers, endpoint.addr, &path, full(body))
@@ -515,15 +516,31 @@ enum Attempt {
     TimedOut,
 }
 
+/// Where and how a request is forwarded.
+struct Target<'a> {
+    cluster: &'a UpstreamCluster,
+    retry: Option<&'a RetryPolicy>,
+    /// The ring-hash key.
+    hash: Option<u64>,
+    /// The connection's original destination.
+    destination: Option<SocketAddr>,
+    /// Attempts after the first, counted for stats.
+    retried: &'a AtomicU64,
+}
+
 async fn send_with_retries(
-    cluster: &UpstreamCluster,
+    target: &Target<'_>,
     parts: http::request::Parts,
     path: &str,
     outgoing: Outgoing,
-    retry: Option<&RetryPolicy>,
-    hash: Option<u64>,
-    retried: &AtomicU64,
 ) -> Response<Body> {
+    let Target {
+        cluster,
+        retry,
+        hash,
+        destination,
+        retried,
+    } = *target;
     let (mut streaming, buffered) = match outgoing {
         Outgoing::Buffered(b) => (None, Some(b)),
         Outgoing::Streaming(body) => (Some(body), None),
@@ -541,7 +558,7 @@ async fn send_with_retries(
         } else {
             &[]
         };
-        let Some(endpoint) = cluster.pick(avoid, hash) else {
+        let Some(endpoint) = cluster.pick(avoid, hash, destination) else {
             return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         };
         tried.push(endpoint.addr);

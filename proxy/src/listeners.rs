@@ -115,10 +115,20 @@ async fn accept(
 }
 
 async fn connection(stream: TcpStream, peer: SocketAddr, name: String, shared: Shared) {
-    let Some(listener) = shared.config.borrow().listeners.get(&name).cloned() else {
+    let snapshot = shared.config.borrow().clone();
+    let Some(mut listener) = snapshot.listeners.get(&name).cloned() else {
         return;
     };
-    let destination_port = stream.local_addr().map_or(0, |a| a.port());
+    // Where the connection was going before iptables redirected it (its
+    // own address when it was not redirected).
+    let destination = original_destination(&stream);
+    if listener.use_original_dst
+        && let Some(target) = destination.and_then(|d| snapshot.listener_for(d))
+        && target.name != listener.name
+    {
+        listener = target.clone();
+    }
+    let destination_port = destination.map_or(0, |d| d.port());
     // The ClientHello is read without being taken, so that a chain may
     // still pass the connection through as it came.
     let alpn = if listener.inspects_tls() && starts_tls(&stream).await {
@@ -136,7 +146,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, name: String, shared: S
         return;
     };
     let Some(settings) = &chain.tls else {
-        return serve(stream, peer, None, chain, &shared).await;
+        return serve(stream, peer, None, destination, chain, &shared).await;
     };
     let config = match shared.tls.server(settings) {
         Ok(c) => c,
@@ -148,14 +158,8 @@ async fn connection(stream: TcpStream, peer: SocketAddr, name: String, shared: S
     match tokio_rustls::TlsAcceptor::from(config).accept(stream).await {
         Ok(stream) => {
             let identity = tls::peer_identity(stream.get_ref().1.peer_certificates());
-            serve(
-                stream,
-                peer,
-                identity.map(|i| i.to_string()),
-                chain,
-                &shared,
-            )
-            .await;
+            let identity = identity.map(|i| i.to_string());
+            serve(stream, peer, identity, destination, chain, &shared).await;
         }
         Err(e) => tracing::info!(listener = %name, %peer, "TLS handshake failed: {e}"),
     }
@@ -165,6 +169,7 @@ async fn serve<IO>(
     io: IO,
     peer: SocketAddr,
     peer_identity: Option<String>,
+    destination: Option<SocketAddr>,
     chain: &Chain,
     shared: &Shared,
 ) where
@@ -178,11 +183,12 @@ async fn serve<IO>(
                 upstreams: shared.upstreams.clone(),
                 peer,
                 peer_identity,
+                destination,
                 mixer: shared.mixer.clone(),
             });
             http::serve(io, context).await;
         }
-        App::Tcp(app) => tcp::proxy(io, app, &shared.upstreams).await,
+        App::Tcp(app) => tcp::proxy(io, app, &shared.upstreams, destination).await,
     }
 }
 
@@ -190,4 +196,15 @@ async fn serve<IO>(
 async fn starts_tls(stream: &TcpStream) -> bool {
     let mut first = [0u8; 1];
     matches!(stream.peek(&mut first).await, Ok(1) if first[0] == 0x16)
+}
+
+/// `SO_ORIGINAL_DST`, else the socket's own address.
+fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
+    let redirected = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::OriginalDst)
+        .ok()
+        .map(|sa| {
+            let ip = std::net::Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
+            SocketAddr::from((ip, u16::from_be(sa.sin_port)))
+        });
+    redirected.or_else(|| stream.local_addr().ok())
 }

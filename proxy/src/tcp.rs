@@ -1,14 +1,21 @@
 //! The TCP proxy: a connection spliced to an endpoint of a cluster picked
 //! by weight, bytes copied both ways until either side closes.
 
-use std::sync::{Arc, atomic::Ordering};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::{config::listener::TcpApp, upstream::Upstreams};
 
-pub async fn proxy<IO>(mut downstream: IO, app: &TcpApp, upstreams: &Arc<Upstreams>)
-where
+pub async fn proxy<IO>(
+    mut downstream: IO,
+    app: &TcpApp,
+    upstreams: &Arc<Upstreams>,
+    destination: Option<SocketAddr>,
+) where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let total: u32 = app.clusters.iter().map(|(_, w)| *w).sum();
@@ -27,7 +34,7 @@ where
         tracing::debug!(listener = %app.stat_prefix, "no cluster for the connection");
         return;
     };
-    let Some(endpoint) = cluster.pick(&[], None) else {
+    let Some(endpoint) = cluster.pick(&[], None, destination) else {
         tracing::debug!(cluster = %cluster.config.name, "no healthy upstream");
         return;
     };

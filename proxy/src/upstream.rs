@@ -167,8 +167,17 @@ impl UpstreamCluster {
 
     /// An endpoint by the cluster's load balancer, avoiding `tried` when
     /// another is available. Ejected endpoints are skipped unless fewer
-    /// than the panic threshold remain.
-    pub fn pick(&self, tried: &[SocketAddr], hash: Option<u64>) -> Option<Arc<Endpoint>> {
+    /// than the panic threshold remain. An original-destination cluster
+    /// has one endpoint: where the connection was going.
+    pub fn pick(
+        &self,
+        tried: &[SocketAddr],
+        hash: Option<u64>,
+        destination: Option<SocketAddr>,
+    ) -> Option<Arc<Endpoint>> {
+        if self.config.discovery == Discovery::OriginalDst {
+            return destination.map(|d| Arc::new(Endpoint::new(d, 1)));
+        }
         let all = self.endpoints();
         if all.is_empty() {
             return None;

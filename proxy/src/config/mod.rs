@@ -82,6 +82,17 @@ impl Snapshot {
             .collect()
     }
 
+    /// The listener a redirected connection to `destination` belongs to:
+    /// one bound to exactly that address, else a wildcard one on its port.
+    pub fn listener_for(&self, destination: std::net::SocketAddr) -> Option<&Arc<Listener>> {
+        let exact = self.listeners.values().find(|l| l.address == destination);
+        exact.or_else(|| {
+            self.listeners
+                .values()
+                .find(|l| l.address.ip().is_unspecified() && l.address.port() == destination.port())
+        })
+    }
+
     /// EDS names the clusters ask for.
     pub fn eds_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
@@ -107,5 +118,42 @@ impl Snapshot {
         names.sort();
         names.dedup();
         names
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener(name: &str, address: &str) -> (String, Arc<Listener>) {
+        let l = Listener {
+            name: name.into(),
+            address: address.parse().unwrap(),
+            bind: false,
+            use_original_dst: false,
+            inbound: false,
+            chains: Vec::new(),
+        };
+        (name.to_string(), Arc::new(l))
+    }
+
+    #[test]
+    fn redirected_connections_find_their_listener_exact_address_first() {
+        let snapshot = Snapshot {
+            listeners: [
+                listener("0.0.0.0_9080", "0.0.0.0:9080"),
+                listener("10.0.0.7_3306", "10.0.0.7:3306"),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        let name = |dst: &str| {
+            snapshot
+                .listener_for(dst.parse().unwrap())
+                .map(|l| l.name.clone())
+        };
+        assert_eq!(name("10.0.0.7:3306").as_deref(), Some("10.0.0.7_3306"));
+        assert_eq!(name("10.9.9.9:9080").as_deref(), Some("0.0.0.0_9080"));
+        assert_eq!(name("10.9.9.9:3306"), None);
     }
 }
