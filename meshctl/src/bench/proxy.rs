@@ -1,7 +1,8 @@
 //! `meshctl bench proxy`: what the proxy adds to a request, in one run on
 //! this machine. A small HTTP backend is called four ways, each at a fixed
-//! rate (latency measured from each request's scheduled send time, so a
-//! stall counts against every request it delays) and then flat out:
+//! rate (requests sent on schedule over a pool of connections, latency
+//! from each sending, and how late each was sent, which a stall would
+//! raise) and then flat out:
 //! directly; through one proxy (the client's sidecar, used as its HTTP
 //! proxy); through two proxies with mutual TLS between them (client
 //! sidecar to server sidecar, certificates from Citadel); and through
@@ -73,9 +74,12 @@ async fn backend() -> anyhow::Result<SocketAddr> {
                         Bytes::from_static(b"hello from the backend\n"),
                     )))
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+                    .await
+                {
+                    eprintln!("backend connection: {e}");
+                }
             });
         }
     });
@@ -312,11 +316,23 @@ async fn start_mesh(bins: &Path, backend: SocketAddr) -> anyhow::Result<Mesh> {
     })
 }
 
+/// nginx, stopped with SIGTERM so that its master stops its workers too
+/// (a killed master leaves them running).
+struct Nginx {
+    running: Running,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.running.pid() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    }
+}
+
 /// nginx as a reverse proxy in front of `backend`, with keep-alive
 /// connections upstream, as a production nginx would be set up.
-async fn start_nginx(
-    backend: SocketAddr,
-) -> anyhow::Result<(Running, SocketAddr, tempfile::TempDir)> {
+async fn start_nginx(backend: SocketAddr) -> anyhow::Result<(Nginx, SocketAddr)> {
     let nginx = which("nginx").or_else(|| {
         tracing::info!("installing nginx (Debian's package)");
         let installed = std::process::Command::new("sh")
@@ -331,7 +347,7 @@ async fn start_nginx(
     let dir = tempfile::tempdir()?;
     let listen = free()?;
     let conf = format!(
-        "worker_processes 2;\npid {pid};\nerror_log stderr error;\ndaemon off;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  upstream backend {{ server {backend}; keepalive 64; }}\n  server {{\n    listen {listen};\n    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
+        "worker_processes 2;\npid {pid};\nerror_log stderr error;\ndaemon off;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_requests 100000000;\n  keepalive_timeout 300s;\n  upstream backend {{ server {backend}; keepalive 64; keepalive_requests 100000000; }}\n  server {{\n    listen {listen};\n    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
         pid = dir.path().join("nginx.pid").display(),
     );
     let conf_path = dir.path().join("nginx.conf");
@@ -356,7 +372,7 @@ async fn start_nginx(
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    Ok((running, listen, dir))
+    Ok((Nginx { running, _dir: dir }, listen))
 }
 
 fn which(name: &str) -> Option<PathBuf> {
@@ -403,9 +419,15 @@ async fn send(sender: &mut Sender, target: &Target) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Requests at `rate` for `duration` over a pool of connections; the
-/// latency of each from its scheduled time.
-async fn at_rate(target: &Target, rate: u32, duration: Duration) -> anyhow::Result<Vec<Duration>> {
+/// Requests at `rate` for `duration` over a pool of connections, sent on
+/// schedule whatever the answers' pace: the latency of each from its
+/// sending, and how late it was sent (the timer's granularity, plus any
+/// wait for a free connection, which a stalling path would cause).
+async fn at_rate(
+    target: &Target,
+    rate: u32,
+    duration: Duration,
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
     let total = (rate as f64 * duration.as_secs_f64()) as usize;
     let (tx, rx) = async_channel(total);
     let mut workers = Vec::new();
@@ -415,8 +437,11 @@ async fn at_rate(target: &Target, rate: u32, duration: Duration) -> anyhow::Resu
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             while let Ok(due) = rx.recv().await {
-                send(&mut sender, &target).await?;
-                latencies.push(due.elapsed());
+                let sent = Instant::now();
+                send(&mut sender, &target)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", target.uri))?;
+                latencies.push((sent.elapsed(), sent.saturating_duration_since(due)));
             }
             anyhow::Ok(latencies)
         }));
@@ -426,15 +451,22 @@ async fn at_rate(target: &Target, rate: u32, duration: Duration) -> anyhow::Resu
     for i in 0..total {
         let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
         tokio::time::sleep_until(due).await;
-        tx.send(due.into_std()).await?;
+        // Closed only when every worker failed; their errors say why.
+        if tx.send(due.into_std()).await.is_err() {
+            break;
+        }
     }
     drop(tx);
-    let mut all = Vec::with_capacity(total);
+    let (mut latencies, mut lateness) = (Vec::with_capacity(total), Vec::with_capacity(total));
     for w in workers {
-        all.extend(w.await??);
+        for (latency, late) in w.await?? {
+            latencies.push(latency);
+            lateness.push(late);
+        }
     }
-    all.sort();
-    Ok(all)
+    latencies.sort();
+    lateness.sort();
+    Ok((latencies, lateness))
 }
 
 fn async_channel(capacity: usize) -> (tokio::sync::mpsc::Sender<Instant>, SharedReceiver) {
@@ -463,7 +495,9 @@ async fn flat_out(target: &Target, concurrency: usize, duration: Duration) -> an
         let (done, target) = (done.clone(), target.clone());
         workers.push(tokio::spawn(async move {
             while started.elapsed() < duration {
-                send(&mut sender, &target).await?;
+                send(&mut sender, &target)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", target.uri))?;
                 done.fetch_add(1, Ordering::Relaxed);
             }
             anyhow::Ok(())
@@ -494,7 +528,7 @@ async fn scenario(
             .sum::<f64>()
     };
     let before = cpu(pids);
-    let latencies = at_rate(target, args.rate, args.duration).await?;
+    let (latencies, lateness) = at_rate(target, args.rate, args.duration).await?;
     let cpu_at_rate = cpu(pids) - before;
     let quantiles = [
         at(&latencies, 0.5),
@@ -515,6 +549,7 @@ async fn scenario(
             "p50_ms": ms(quantiles[0]),
             "p90_ms": ms(quantiles[1]),
             "p99_ms": ms(quantiles[2]),
+            "sent_late_p99_ms": ms(at(&lateness, 0.99)),
             "max_per_second": per_second.round(),
             "cpu_s_per_1000_requests_at_rate": (cpu_at_rate / latencies.len() as f64 * 1000.0 * 1e4).round() / 1e4,
             "cpu_s_per_1000_requests_flat_out": (cpu_flat_out / requests * 1000.0 * 1e4).round() / 1e4,
@@ -565,10 +600,11 @@ pub async fn run(args: ProxyBenchArgs) -> anyhow::Result<()> {
         scenario(&through_proxy(MESHED_HOST), &[client, server], &args).await?,
     );
     if !args.no_nginx {
-        let (nginx, listen, _dir) = start_nginx(backend).await?;
+        let (nginx, listen) = start_nginx(backend).await?;
         // The master and its workers.
-        let mut pids = vec![nginx.pid()];
-        pids.extend(children(nginx.pid()));
+        let master = nginx.running.pid();
+        let mut pids = vec![master];
+        pids.extend(children(master));
         added("nginx", scenario(&origin(listen), &pids, &args).await?);
     }
     let figures = json!({
