@@ -321,6 +321,28 @@ async fn start_mixers(mcp: SocketAddr) -> Mixers {
     mixers
 }
 
+/// Reviews may be read (GET) by productpage, and by no one else, nor
+/// written.
+const RBAC: &str = r#"
+apiVersion: rbac.istio.io/v1alpha1
+kind: ClusterRbacConfig
+metadata: {name: default}
+spec: {mode: ON_WITH_INCLUSION, inclusion: {namespaces: [shop]}}
+---
+apiVersion: rbac.istio.io/v1alpha1
+kind: ServiceRole
+metadata: {name: reviews-reader, namespace: shop}
+spec:
+  rules: [{services: [reviews.shop.svc.cluster.local], methods: [GET]}]
+---
+apiVersion: rbac.istio.io/v1alpha1
+kind: ServiceRoleBinding
+metadata: {name: productpage-reads-reviews, namespace: shop}
+spec:
+  subjects: [{user: cluster.local/ns/shop/sa/productpage}]
+  roleRef: {kind: ServiceRole, name: reviews-reader}
+"#;
+
 /// Mallory may not read reviews.
 const DENY_MALLORY: &str = r#"
 apiVersion: config.istio.io/v1alpha2
@@ -438,6 +460,7 @@ async fn start() -> Mesh {
             include_str!("../../examples/mixer/telemetry.yaml"),
         ),
         ("policy.yaml", DENY_MALLORY),
+        ("rbac.yaml", RBAC),
     ]);
     let ca = start_citadel(dir.path()).await;
     let galley = Galley::start(dir.path(), &[]).await;
@@ -750,4 +773,28 @@ async fn certificates_renew_under_load_without_a_dropped_request() {
     }
     assert_ne!(certificate().await, first, "renewed during the run");
     assert!(sent > 20, "{sent} requests");
+}
+
+#[tokio::test]
+async fn rbac_lets_the_bound_caller_read_and_refuses_the_rest() {
+    let mesh = start().await;
+    let client = mesh.client();
+    let url = "http://reviews.shop.svc.cluster.local:9080/reviews/1";
+    // Productpage may GET (through reviews v2's sidecar, which enforces).
+    let read = client
+        .get(url)
+        .header("end-user", "jason")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200);
+    // It may not POST.
+    let write = client
+        .post(url)
+        .header("end-user", "jason")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(write.status(), 403);
+    assert_eq!(write.text().await.unwrap().trim(), "RBAC: access denied");
 }

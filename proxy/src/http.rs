@@ -33,6 +33,7 @@ use crate::{
     config::{
         Snapshot,
         listener::{HttpApp, Routes},
+        rbac::{RbacFilter, Subject},
         route::{Abort, Action, Forward, HeaderOps, RequestParts, RetryPolicy, Route},
     },
     mixer::MixerFilter,
@@ -90,6 +91,11 @@ pub fn local_reply(status: StatusCode, why: &str) -> Response<Body> {
 }
 
 async fn handle(request: Request<Incoming>, context: &HttpContext) -> Response<Body> {
+    if let Some(rbac) = &context.app.rbac
+        && !rbac_allows(rbac, &request, context)
+    {
+        return local_reply(StatusCode::FORBIDDEN, "RBAC: access denied");
+    }
     // Inbound requests are checked with Mixer first, and reported after.
     let Some((service, port)) = context.app.inbound_service() else {
         return route(request, context).await;
@@ -113,6 +119,29 @@ async fn handle(request: Request<Incoming>, context: &HttpContext) -> Response<B
         .mixer
         .report(inbound, response.status(), request_size, response_size);
     response
+}
+
+fn rbac_allows(rbac: &RbacFilter, request: &Request<Incoming>, context: &HttpContext) -> bool {
+    let authority = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| request.headers().get(header::HOST)?.to_str().ok())
+        .unwrap_or_default();
+    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let parts = RequestParts {
+        authority,
+        path,
+        method: request.method().as_str(),
+        scheme: request.uri().scheme_str().unwrap_or("http"),
+        headers: request.headers(),
+    };
+    rbac.allows(&Subject {
+        request: Some(&parts),
+        peer_identity: context.peer_identity.as_deref(),
+        peer: context.peer,
+        destination: context.destination,
+    })
 }
 
 fn content_length(headers: &http::HeaderMap) -> u64 {

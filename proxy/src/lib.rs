@@ -5,9 +5,10 @@
 //! timeouts, mirrors) or TCP ([`tcp`]), to endpoints picked by
 //! [`upstream`]'s balancers. The [`agent`] keeps the workload certificate
 //! from Citadel, which [`tls`] uses for mutual TLS between proxies;
-//! inbound HTTP is checked and reported by [`mixer`]. Not built yet (issue
-//! 7 continues): RBAC (config with it is NACKed), original-destination
-//! routing, delta xDS, and the Envoy-style admin endpoints and stats.
+//! inbound HTTP is checked and reported by [`mixer`], and RBAC enforced.
+//! [`admin`] serves the Envoy-style endpoints, [`init`] the iptables
+//! setup. Not built yet (issue 7 continues): delta xDS, circuit breaker
+//! limits, TCP reports, tracing.
 
 pub mod admin;
 pub mod agent;

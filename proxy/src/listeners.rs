@@ -13,6 +13,7 @@ use crate::{
     config::{
         Snapshot,
         listener::{App, Arrival, Chain},
+        rbac::Subject,
     },
     http::{self, HttpContext},
     stats::ListenerLabels,
@@ -175,6 +176,18 @@ async fn serve<IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    if let Some(rbac) = &chain.rbac {
+        let subject = Subject {
+            request: None,
+            peer_identity: peer_identity.as_deref(),
+            peer,
+            destination,
+        };
+        if !rbac.allows(&subject) {
+            tracing::debug!(%peer, "RBAC: connection refused");
+            return;
+        }
+    }
     match &chain.app {
         App::Http(app) => {
             let context = Arc::new(HttpContext {

@@ -21,8 +21,13 @@ use envoy_types::pb::envoy::{
 };
 use prost::{Message, Name};
 
+use envoy_types::pb::envoy::extensions::filters::{
+    http::rbac::v3::Rbac as HttpRbac, network::rbac::v3::Rbac as NetworkRbac,
+};
+
 use super::{
     Problem,
+    rbac::RbacFilter,
     route::{CORS_FILTER, FAULT_FILTER, RouteTable},
     tls::Tls,
 };
@@ -41,6 +46,8 @@ pub struct Listener {
 
 #[derive(Debug)]
 pub struct Chain {
+    /// The network RBAC filter, checked when a connection arrives.
+    pub rbac: Option<Arc<RbacFilter>>,
     pub destination_port: Option<u16>,
     /// `Some("tls")` or `Some("raw_buffer")`; `None` matches either.
     pub transport: Option<String>,
@@ -59,6 +66,8 @@ pub enum App {
 pub struct HttpApp {
     pub stat_prefix: String,
     pub routes: Routes,
+    /// The HTTP RBAC filter, checked per request.
+    pub rbac: Option<RbacFilter>,
     /// Whether the fault and CORS filters run (routes carry their settings).
     pub fault: bool,
     pub cors: bool,
@@ -218,6 +227,7 @@ impl Chain {
             }
         };
         let mut app = None;
+        let mut rbac = None;
         for f in &c.filters {
             let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
                 return Err(Problem(format!("filter {:?} has no typed config", f.name)));
@@ -246,9 +256,16 @@ impl Chain {
                     stat_prefix: tcp.stat_prefix,
                     clusters,
                 }));
+            } else if any.type_url == NetworkRbac::type_url() {
+                let r = NetworkRbac::decode(any.value.as_slice())
+                    .map_err(|e| Problem(format!("{}: {e}", f.name)))?;
+                rbac = Some(Arc::new(RbacFilter::compile(
+                    r.rules.as_ref(),
+                    r.shadow_rules.as_ref(),
+                )?));
             } else {
-                // Any other network filter (RBAC among them) is enforced
-                // by nothing here, so the config is refused, not run open.
+                // Any other network filter is enforced by nothing here, so
+                // the config is refused, not run open.
                 return Err(Problem(format!(
                     "network filter {:?} ({}) is not supported",
                     f.name, any.type_url
@@ -256,6 +273,7 @@ impl Chain {
             }
         }
         Ok(Chain {
+            rbac,
             destination_port,
             transport: (!m.transport_protocol.is_empty()).then_some(m.transport_protocol),
             alpn: m.application_protocols,
@@ -271,12 +289,27 @@ fn http_app(hcm: &HttpConnectionManager) -> Result<HttpApp, Problem> {
         Some(RouteSpecifier::RouteConfig(rc)) => Routes::Inline(Arc::new(RouteTable::compile(rc)?)),
         _ => return Err(Problem("HTTP connection manager without routes".into())),
     };
-    let (mut fault, mut cors, mut router) = (false, false, false);
+    let (mut fault, mut cors, mut router, mut rbac) = (false, false, false, None);
     for f in &hcm.http_filters {
+        let config = match &f.config_type {
+            Some(http_filter::ConfigType::TypedConfig(a)) => Some(a),
+            _ => None,
+        };
         match f.name.as_str() {
             FAULT_FILTER => fault = true,
             CORS_FILTER => cors = true,
             "envoy.filters.http.router" => router = true,
+            _ if config.is_some_and(|a| a.type_url == HttpRbac::type_url()) => {
+                let r = config
+                    .map(|a| HttpRbac::decode(a.value.as_slice()))
+                    .transpose()
+                    .map_err(|e| Problem(format!("{}: {e}", f.name)))?
+                    .unwrap_or_default();
+                rbac = Some(RbacFilter::compile(
+                    r.rules.as_ref(),
+                    r.shadow_rules.as_ref(),
+                )?);
+            }
             _ if f.is_optional => {}
             name => {
                 let url = match &f.config_type {
@@ -297,6 +330,7 @@ fn http_app(hcm: &HttpConnectionManager) -> Result<HttpApp, Problem> {
     Ok(HttpApp {
         stat_prefix: hcm.stat_prefix.clone(),
         routes,
+        rbac,
         fault,
         cors,
     })

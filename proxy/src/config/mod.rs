@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod listener;
+pub mod rbac;
 pub mod route;
 pub mod tls;
 

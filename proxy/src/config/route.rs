@@ -79,8 +79,10 @@ enum PathMatch {
     Regex(Regex),
 }
 
+/// A header's value (or presence), as routes and RBAC policies test it;
+/// `:authority`, `:method`, `:path` and `:scheme` name the request's own.
 #[derive(Debug)]
-struct HeaderMatch {
+pub struct HeaderMatch {
     name: String,
     /// `None`: the header need only be present.
     value: Option<StringMatch>,
@@ -323,7 +325,7 @@ impl RouteMatch {
             PathMatch::Regex(r) => r.is_match(path),
         };
         path_ok
-            && self.headers.iter().all(|h| h.matches(request) != h.invert)
+            && self.headers.iter().all(|h| h.holds(request))
             && self.query.iter().all(|(name, m)| {
                 let value = query_value(request.path, name);
                 match (value, m) {
@@ -344,6 +346,29 @@ fn query_value(path: &str, name: &str) -> Option<String> {
 }
 
 impl HeaderMatch {
+    pub fn compile(h: &xds::HeaderMatcher) -> Result<Self, Problem> {
+        let value = match &h.header_match_specifier {
+            Some(HeaderMatchSpecifier::StringMatch(s)) => Some(StringMatch::compile(s)?),
+            Some(HeaderMatchSpecifier::PresentMatch(true)) => None,
+            other => {
+                return Err(Problem(format!(
+                    "header {:?}: match {other:?} is not supported",
+                    h.name
+                )));
+            }
+        };
+        Ok(HeaderMatch {
+            name: h.name.to_ascii_lowercase(),
+            value,
+            invert: h.invert_match,
+        })
+    }
+
+    /// Whether the request matches, inversion included.
+    pub fn holds(&self, request: &RequestParts) -> bool {
+        self.matches(request) != self.invert
+    }
+
     fn matches(&self, request: &RequestParts) -> bool {
         let value = match self.name.as_str() {
             ":authority" | "host" => Some(request.authority.to_string()),
@@ -430,24 +455,11 @@ impl Route {
             Some(other) => return Err(Problem(format!("path match {other:?} is not supported"))),
             None => return Err(Problem("no path match".into())),
         };
-        let mut headers = Vec::new();
-        for h in &m.headers {
-            let value = match &h.header_match_specifier {
-                Some(HeaderMatchSpecifier::StringMatch(s)) => Some(StringMatch::compile(s)?),
-                Some(HeaderMatchSpecifier::PresentMatch(true)) => None,
-                other => {
-                    return Err(Problem(format!(
-                        "header {:?}: match {other:?} is not supported",
-                        h.name
-                    )));
-                }
-            };
-            headers.push(HeaderMatch {
-                name: h.name.to_ascii_lowercase(),
-                value,
-                invert: h.invert_match,
-            });
-        }
+        let headers = m
+            .headers
+            .iter()
+            .map(HeaderMatch::compile)
+            .collect::<Result<Vec<_>, _>>()?;
         let mut query = Vec::new();
         for q in &m.query_parameters {
             let matcher = match &q.query_parameter_match_specifier {
