@@ -86,8 +86,22 @@ struct Ports {
     ratings: SocketAddr,
     details: SocketAddr,
     details_broken: SocketAddr,
+    /// Answers after half a second.
+    held: SocketAddr,
     egress: SocketAddr,
     egress_b: SocketAddr,
+}
+
+/// A backend that answers after half a second.
+async fn held() -> SocketAddr {
+    let app = axum::Router::new().fallback(|| async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        "held"
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
 }
 
 /// A backend that fails every request.
@@ -104,6 +118,23 @@ async fn broken() -> SocketAddr {
 fn config(p: &Ports, v1_weight: u32) -> String {
     format!(
         "
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: held, namespace: shop}}
+spec:
+  hosts: [held.shop.svc.cluster.local]
+  resolution: STATIC
+  ports: [{{number: 9080, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {held_port}}}, labels: {{app: held}}}}]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {{name: held, namespace: shop}}
+spec:
+  host: held.shop.svc.cluster.local
+  trafficPolicy:
+    connectionPool: {{tcp: {{maxConnections: 1}}, http: {{http1MaxPendingRequests: 1}}}}
+---
 apiVersion: networking.istio.io/v1alpha3
 kind: ServiceEntry
 metadata: {{name: details, namespace: shop}}
@@ -221,6 +252,7 @@ spec:
         ratings_port = p.ratings.port(),
         details_port = p.details.port(),
         details_broken_port = p.details_broken.port(),
+        held_port = p.held.port(),
         v2_weight = 100 - v1_weight,
         egress_port = p.egress.port(),
         egress_b_port = p.egress_b.port(),
@@ -443,6 +475,7 @@ async fn start() -> Mesh {
         ratings: ratings().await,
         details: backend("details").await,
         details_broken: broken().await,
+        held: held().await,
         v2_sidecar: free_addr(),
         egress: free_addr(),
         egress_b: free_addr(),
@@ -797,4 +830,34 @@ async fn rbac_lets_the_bound_caller_read_and_refuses_the_rest() {
         .unwrap();
     assert_eq!(write.status(), 403);
     assert_eq!(write.text().await.unwrap().trim(), "RBAC: access denied");
+}
+
+#[tokio::test]
+async fn over_the_connection_pool_limits_requests_overflow_at_once() {
+    let mesh = start().await;
+    let client = mesh.client();
+    // One in progress and one waiting are allowed; the rest overflow.
+    let calls = (0..4).map(|i| {
+        let client = client.clone();
+        async move {
+            let started = Instant::now();
+            let response = client
+                .get(format!("http://held.shop.svc.cluster.local:9080/{i}"))
+                .send()
+                .await
+                .unwrap();
+            let overloaded = response.headers().contains_key("x-envoy-overloaded");
+            (response.status().as_u16(), overloaded, started.elapsed())
+        }
+    });
+    let mut results = futures::future::join_all(calls).await;
+    results.sort_by_key(|(status, _, took)| (*status, *took));
+    let statuses: Vec<u16> = results.iter().map(|r| r.0).collect();
+    assert_eq!(statuses, [200, 200, 503, 503], "{results:?}");
+    for (_, overloaded, took) in &results[2..] {
+        assert!(
+            *overloaded && *took < Duration::from_millis(400),
+            "{results:?}"
+        );
+    }
 }

@@ -410,6 +410,13 @@ async fn forward(
         }
     }
     let hash = hash_key(forward, &parts.headers, context.peer);
+    let Some(_admitted) = cluster.admit().await else {
+        let mut overflow = local_reply(StatusCode::SERVICE_UNAVAILABLE, "upstream overflow");
+        overflow
+            .headers_mut()
+            .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+        return overflow;
+    };
     let started = std::time::Instant::now();
     let retried = AtomicU64::new(0);
     let target = Target {
@@ -581,6 +588,7 @@ async fn send_with_retries(
     };
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut attempt_no = 0;
+    let mut retry_place = None;
     loop {
         let avoid = if retry.is_some_and(|r| r.other_hosts) {
             &tried[..]
@@ -621,7 +629,14 @@ async fn send_with_retries(
         };
         cluster.record(&endpoint, failed);
         attempt_no += 1;
-        let again = attempt_no <= retries && retry.is_some_and(|r| retriable(r, &attempt));
+        // The retry just made, if it was one, is over.
+        drop(retry_place.take());
+        retry_place = if attempt_no <= retries && retry.is_some_and(|r| retriable(r, &attempt)) {
+            cluster.start_retry()
+        } else {
+            None
+        };
+        let again = retry_place.is_some();
         if !again {
             return match attempt {
                 Attempt::Answered(r) => r.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()),

@@ -119,9 +119,58 @@ pub struct UpstreamCluster {
     pub client: Client<Connector, Body>,
     /// Ejections by outlier detection, ever.
     ejections: Counter,
+    /// Requests in progress: the circuit breaker's connections (HTTP/1.1,
+    /// a request per connection) or requests (HTTP/2).
+    active: Arc<tokio::sync::Semaphore>,
+    /// Requests waiting for one of those.
+    pending: AtomicUsize,
+    /// Retries in progress.
+    retries: AtomicUsize,
+}
+
+/// A retry in progress; dropping it frees its place.
+pub struct RetryPlace<'a>(&'a AtomicUsize);
+
+impl Drop for RetryPlace<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A request admitted by the circuit breaker; dropping it frees its place.
+pub struct Admitted {
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl UpstreamCluster {
+    /// Admits a request, waiting while the cluster is at its limit of
+    /// requests in progress, unless the pending queue is full too: then
+    /// `None` at once (Envoy's overflow), rather than a growing queue.
+    pub async fn admit(&self) -> Option<Admitted> {
+        if let Ok(permit) = self.active.clone().try_acquire_owned() {
+            return Some(Admitted { _permit: permit });
+        }
+        let limit = self.config.limits.max_pending_requests as usize;
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= limit {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let permit = self.active.clone().acquire_owned().await.ok();
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        permit.map(|p| Admitted { _permit: p })
+    }
+
+    /// A place for one retry, `None` when the cluster has as many retries
+    /// in progress as its circuit breaker allows.
+    pub fn start_retry(&self) -> Option<RetryPlace<'_>> {
+        let limit = self.config.limits.max_retries as usize;
+        if self.retries.fetch_add(1, Ordering::AcqRel) >= limit {
+            self.retries.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(RetryPlace(&self.retries))
+    }
+
     fn new(config: Arc<Cluster>, tls: Arc<TlsContext>, ejections: Counter) -> Self {
         let connector = Connector {
             cluster: config.clone(),
@@ -133,12 +182,22 @@ impl UpstreamCluster {
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector.clone());
         Self {
-            config,
             endpoints: RwLock::new(Arc::default()),
             next: AtomicUsize::new(0),
             connector,
             client,
             ejections,
+            active: Arc::new(tokio::sync::Semaphore::new(
+                (if config.http2 {
+                    config.limits.max_requests
+                } else {
+                    config.limits.max_connections
+                })
+                .max(1) as usize,
+            )),
+            pending: AtomicUsize::new(0),
+            retries: AtomicUsize::new(0),
+            config,
         }
     }
 
