@@ -17,6 +17,14 @@ use std::{
 
 use e2e::*;
 
+/// Serves `app` on a port of its own.
+async fn serve(app: axum::Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
 /// A backend that answers every request with its name and the path, and
 /// `/whoami` with the caller identity its sidecar forwarded.
 async fn backend(name: &'static str) -> SocketAddr {
@@ -29,10 +37,7 @@ async fn backend(name: &'static str) -> SocketAddr {
             format!("{name} {}", uri.path())
         },
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
+    serve(app).await
 }
 
 /// Ratings: `/flaky` fails every other call with 503, `/slow` answers
@@ -56,10 +61,7 @@ async fn ratings() -> SocketAddr {
             (axum::http::StatusCode::OK, format!("ratings {path}"))
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
+    serve(app).await
 }
 
 struct Mesh {
@@ -98,20 +100,14 @@ async fn held() -> SocketAddr {
         tokio::time::sleep(Duration::from_millis(500)).await;
         "held"
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
+    serve(app).await
 }
 
 /// A backend that fails every request.
 async fn broken() -> SocketAddr {
     let app = axum::Router::new()
         .fallback(|| async { (axum::http::StatusCode::SERVICE_UNAVAILABLE, "broken") });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
+    serve(app).await
 }
 
 /// The mesh's config; `v1_weight` percent of reviews goes to v1.
