@@ -391,6 +391,7 @@ spec:
   actions: [{handler: denyall, instances: [denyrequest]}]
 "#;
 
+/// A proxy speaking `xds_mode` to Pilot (the fixture runs one of each).
 fn start_proxy(
     xds: SocketAddr,
     ca: &Ca,
@@ -398,6 +399,7 @@ fn start_proxy(
     pod: &str,
     account: &str,
     labels: &str,
+    xds_mode: &str,
 ) -> (Proc, ProxyPorts) {
     let ports = ProxyPorts {
         admin: free_addr(),
@@ -437,6 +439,8 @@ fn start_proxy(
             &mixers.policy.to_string(),
             "--mixer-telemetry",
             &mixers.telemetry.to_string(),
+            "--xds-mode",
+            xds_mode,
             "--stats-addr",
             &ports.stats.to_string(),
             "--health-addr",
@@ -503,6 +507,7 @@ async fn start() -> Mesh {
         "productpage-1",
         "productpage",
         "app=productpage,version=v1",
+        "delta",
     );
     let (sidecar, sidecar_admin) = start_proxy(
         pilot_xds,
@@ -511,6 +516,7 @@ async fn start() -> Mesh {
         "reviews-v2-1",
         "reviews",
         "app=reviews,version=v2",
+        "sotw",
     );
     for ports in [client_admin, sidecar_admin] {
         wait_for_http(ports.admin, "/ready", |s, _| s == 200).await;
@@ -587,6 +593,7 @@ async fn routes_by_header_and_weight_and_survive_pilot_going_away() {
     let (_, dump) = get(ports.admin, "/config_dump").await.unwrap();
     let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
     assert_eq!(dump["synced"], true);
+    assert_eq!(dump["xds_flavour"], "delta");
     assert!(
         dump["listeners"][0]["name"]
             .as_str()

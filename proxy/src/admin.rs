@@ -144,8 +144,10 @@ async fn config_dump(State(v): State<Views>) -> impl IntoResponse {
             "not_after": humantime::format_rfc3339_seconds(c.not_after).to_string(),
         })
     });
+    let flavour = *v.xds.mode.lock().unwrap_or_else(|e| e.into_inner());
     axum::Json(json!({
         "xds": xds,
+        "xds_flavour": flavour,
         "certificate": certificate,
         "synced": snapshot.synced,
         "listeners": listeners,

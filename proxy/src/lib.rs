@@ -35,6 +35,9 @@ pub struct ProxyArgs {
     /// Pilot's xDS address.
     #[arg(long, env = "PILOT_ADDRESS", default_value = "127.0.0.1:15010")]
     pub pilot: String,
+    /// ADS flavour: delta when Pilot offers it (auto), or one of them.
+    #[arg(long, value_enum, default_value_t = xds::XdsMode::Auto)]
+    pub xds_mode: xds::XdsMode,
     #[command(flatten)]
     pub node: node::NodeArgs,
     #[command(flatten)]
@@ -55,7 +58,13 @@ pub async fn run(args: ProxyArgs, admin: Admin, shutdown: CancellationToken) -> 
     tracing::info!(node = %node.id, pilot = %args.pilot, "proxy starting");
     let (config_tx, config) = watch::channel(Arc::new(config::Snapshot::default()));
     let state = Arc::new(xds::XdsState::default());
-    let client = xds::XdsClient::new(node, args.pilot.clone(), state.clone(), config_tx);
+    let client = xds::XdsClient::new(
+        node,
+        args.pilot.clone(),
+        args.xds_mode,
+        state.clone(),
+        config_tx,
+    );
     let (agent, credentials) = agent::Agent::new(
         args.agent.clone(),
         &args.node.namespace,

@@ -1,17 +1,19 @@
-//! The ADS client: one state-of-the-world stream to Pilot carrying
-//! clusters and listeners (wildcard) and the endpoints and routes they name.
-//! Each response is compiled before it is taken: a resource that does not
-//! compile NACKs the response with the reason and the last good config
-//! keeps serving; one that does is swapped in whole and ACKed. Clusters
-//! come before their endpoints and listeners before their routes, as Pilot
-//! pushes them. When Pilot is away the proxy keeps what it has and
-//! reconnects with backoff, telling Pilot the versions it holds.
+//! The ADS client: one stream to Pilot carrying clusters and listeners
+//! (wildcard) and the endpoints and routes they name, incremental (delta)
+//! when Pilot offers it and state of the world otherwise. Each response is
+//! compiled before it is taken: a resource that does not compile NACKs the
+//! response with the reason and the last good config keeps serving; one
+//! that does is swapped in whole and ACKed. Clusters come before their
+//! endpoints and listeners before their routes, as Pilot pushes them. When
+//! Pilot is away the proxy keeps what it has and reconnects with backoff,
+//! telling Pilot what it holds.
 
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
 };
 
+use clap::ValueEnum;
 use component::{Backoff, CancellationToken};
 use envoy_types::pb::{
     envoy::{
@@ -20,7 +22,7 @@ use envoy_types::pb::{
             listener::v3::Listener, route::v3::RouteConfiguration,
         },
         service::discovery::v3::{
-            DiscoveryRequest, DiscoveryResponse,
+            DeltaDiscoveryRequest, DiscoveryRequest,
             aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
         },
     },
@@ -30,8 +32,18 @@ use mcp_proto::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 use prost::Message;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::config::{Problem, Snapshot};
+
+/// Which ADS flavour to speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum XdsMode {
+    /// Delta, or state of the world if Pilot does not offer delta.
+    Auto,
+    Sotw,
+    Delta,
+}
 
 /// What the proxy holds of one type, for ACKs, reconnects and `/config_dump`.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -48,26 +60,50 @@ pub struct TypeStatus {
     pub received: bool,
 }
 
-/// The raw resources held, by type and name.
+/// The raw resources held, by type and name, and their delta versions.
 #[derive(Default)]
 struct Held {
     clusters: BTreeMap<String, Cluster>,
     endpoints: BTreeMap<String, ClusterLoadAssignment>,
     listeners: BTreeMap<String, Listener>,
     routes: BTreeMap<String, RouteConfiguration>,
+    versions: BTreeMap<&'static str, BTreeMap<String, String>>,
 }
 
 /// The xDS state shared with the admin pages.
 #[derive(Default)]
 pub struct XdsState {
     pub status: Mutex<BTreeMap<&'static str, TypeStatus>>,
-    /// The resources as received, for `/config_dump`.
-    pub raw: Mutex<BTreeMap<&'static str, Vec<serde_json::Value>>>,
+    /// The flavour the stream speaks.
+    pub mode: Mutex<Option<&'static str>>,
+}
+
+/// What a response says of one type's resources.
+enum Update {
+    /// State of the world: all of them (for named types, those changed).
+    Sotw(Vec<Any>),
+    /// These added or changed (with their versions), these removed.
+    Delta {
+        added: Vec<(String, String, Any)>,
+        removed: Vec<String>,
+    },
+}
+
+/// What the client tells Pilot next, in either flavour.
+enum Say {
+    Ack(&'static str),
+    Nack(&'static str, Problem),
+    Subscribe {
+        type_url: &'static str,
+        added: Vec<String>,
+        removed: Vec<String>,
+    },
 }
 
 pub struct XdsClient {
     node: Node,
     pilot: String,
+    mode: XdsMode,
     held: Held,
     state: Arc<XdsState>,
     config: watch::Sender<Arc<Snapshot>>,
@@ -79,12 +115,14 @@ impl XdsClient {
     pub fn new(
         node: Node,
         pilot: String,
+        mode: XdsMode,
         state: Arc<XdsState>,
         config: watch::Sender<Arc<Snapshot>>,
     ) -> Self {
         Self {
             node,
             pilot,
+            mode,
             held: Held::default(),
             state,
             config,
@@ -100,6 +138,14 @@ impl XdsClient {
                 result = self.stream(&mut backoff) => result,
             };
             if let Err(e) = attempt {
+                let unimplemented = e
+                    .downcast_ref::<tonic::Status>()
+                    .is_some_and(|s| s.code() == tonic::Code::Unimplemented);
+                if unimplemented && self.mode == XdsMode::Auto {
+                    tracing::info!(pilot = %self.pilot, "Pilot offers no delta xDS; state of the world from now on");
+                    self.mode = XdsMode::Sotw;
+                    continue;
+                }
                 tracing::warn!(pilot = %self.pilot, "xDS stream ended: {e}; the last config keeps serving");
             }
             tokio::select! {
@@ -119,7 +165,31 @@ impl XdsClient {
         f(status.entry(type_url).or_default());
     }
 
-    fn request(&self, type_url: &'static str, error: Option<Problem>) -> DiscoveryRequest {
+    async fn stream(&mut self, backoff: &mut Backoff) -> anyhow::Result<()> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.pilot))?
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
+        let client = AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(256 * 1024 * 1024);
+        // A new stream starts with no nonce; what is held says the rest.
+        for type_url in TYPES {
+            self.set_status(type_url, |s| s.nonce.clear());
+        }
+        let flavour = if self.mode == XdsMode::Sotw {
+            "sotw"
+        } else {
+            "delta"
+        };
+        *self.state.mode.lock().unwrap_or_else(|e| e.into_inner()) = Some(flavour);
+        if self.mode == XdsMode::Sotw {
+            self.stream_sotw(client, backoff).await
+        } else {
+            self.stream_delta(client, backoff).await
+        }
+    }
+
+    fn sotw_request(&self, type_url: &'static str, error: Option<Problem>) -> DiscoveryRequest {
         let status = self.status(type_url);
         DiscoveryRequest {
             version_info: status.version,
@@ -127,77 +197,157 @@ impl XdsClient {
             resource_names: status.names,
             type_url: type_url.to_string(),
             response_nonce: status.nonce,
-            error_detail: error.map(|Problem(message)| Status {
-                // INVALID_ARGUMENT, as Envoy reports a rejected config.
-                code: 3,
-                message,
-                details: Vec::new(),
-            }),
+            error_detail: error.map(rejection),
             ..Default::default()
         }
     }
 
-    async fn stream(&mut self, backoff: &mut Backoff) -> anyhow::Result<()> {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.pilot))?
-            .tcp_nodelay(true)
-            .connect()
-            .await?;
-        let mut client = AggregatedDiscoveryServiceClient::new(channel)
-            .max_decoding_message_size(256 * 1024 * 1024);
+    async fn stream_sotw(
+        &mut self,
+        mut client: AggregatedDiscoveryServiceClient<tonic::transport::Channel>,
+        backoff: &mut Backoff,
+    ) -> anyhow::Result<()> {
         let (tx, rx) = mpsc::unbounded_channel();
-        // A new stream starts with no nonce; the versions say what is held.
-        for type_url in TYPES {
-            self.set_status(type_url, |s| s.nonce.clear());
-        }
         for type_url in [CLUSTER, LISTENER] {
-            tx.send(self.request(type_url, None))?;
+            tx.send(self.sotw_request(type_url, None))?;
         }
         for type_url in [ENDPOINT, ROUTE] {
             if !self.status(type_url).names.is_empty() {
-                tx.send(self.request(type_url, None))?;
+                tx.send(self.sotw_request(type_url, None))?;
             }
         }
         let mut responses = client
-            .stream_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+            .stream_aggregated_resources(UnboundedReceiverStream::new(rx))
             .await?
             .into_inner();
-        tracing::info!(pilot = %self.pilot, "xDS stream open");
+        tracing::info!(pilot = %self.pilot, "xDS stream open (state of the world)");
         while let Some(response) = responses.message().await? {
             backoff.reset();
-            self.apply(response, &tx)?;
+            let update = Update::Sotw(response.resources);
+            for say in self.apply(
+                &response.type_url,
+                response.nonce,
+                response.version_info,
+                update,
+            ) {
+                tx.send(match say {
+                    Say::Ack(t) | Say::Subscribe { type_url: t, .. } => self.sotw_request(t, None),
+                    Say::Nack(t, problem) => self.sotw_request(t, Some(problem)),
+                })?;
+            }
         }
         anyhow::bail!("Pilot closed the stream")
     }
 
-    /// Takes or refuses one response, and asks for what it newly names.
+    async fn stream_delta(
+        &mut self,
+        mut client: AggregatedDiscoveryServiceClient<tonic::transport::Channel>,
+        backoff: &mut Backoff,
+    ) -> anyhow::Result<()> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for type_url in TYPES {
+            let names = self.status(type_url).names;
+            let wildcard = matches!(type_url, CLUSTER | LISTENER);
+            if !wildcard && names.is_empty() {
+                continue;
+            }
+            tx.send(DeltaDiscoveryRequest {
+                node: Some(self.node.clone()),
+                type_url: type_url.to_string(),
+                resource_names_subscribe: names,
+                initial_resource_versions: self
+                    .held
+                    .versions
+                    .get(type_url)
+                    .map(|v| v.clone().into_iter().collect())
+                    .unwrap_or_default(),
+                ..Default::default()
+            })?;
+        }
+        let mut responses = client
+            .delta_aggregated_resources(UnboundedReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        tracing::info!(pilot = %self.pilot, "xDS stream open (delta)");
+        while let Some(response) = responses.message().await? {
+            backoff.reset();
+            let update = Update::Delta {
+                added: response
+                    .resources
+                    .into_iter()
+                    .filter_map(|r| Some((r.name, r.version, r.resource?)))
+                    .collect(),
+                removed: response.removed_resources,
+            };
+            let nonce = response.nonce.clone();
+            let says = self.apply(
+                &response.type_url,
+                response.nonce,
+                response.system_version_info,
+                update,
+            );
+            for say in says {
+                let (type_url, error, added, removed) = match say {
+                    Say::Ack(t) => (t, None, Vec::new(), Vec::new()),
+                    Say::Nack(t, problem) => (t, Some(rejection(problem)), Vec::new(), Vec::new()),
+                    Say::Subscribe {
+                        type_url,
+                        added,
+                        removed,
+                    } => (type_url, None, added, removed),
+                };
+                // Only the answer to this response carries its nonce.
+                let response_nonce =
+                    if type_url == response.type_url && added.is_empty() && removed.is_empty() {
+                        nonce.clone()
+                    } else {
+                        String::new()
+                    };
+                tx.send(DeltaDiscoveryRequest {
+                    type_url: type_url.to_string(),
+                    response_nonce,
+                    error_detail: error,
+                    resource_names_subscribe: added,
+                    resource_names_unsubscribe: removed,
+                    ..Default::default()
+                })?;
+            }
+        }
+        anyhow::bail!("Pilot closed the stream")
+    }
+
+    /// Takes or refuses one response, and says what to tell Pilot: the
+    /// ACK or NACK, and the subscriptions the new config changes.
     fn apply(
         &mut self,
-        response: DiscoveryResponse,
-        tx: &mpsc::UnboundedSender<DiscoveryRequest>,
-    ) -> anyhow::Result<()> {
-        let Some(type_url) = TYPES.into_iter().find(|t| *t == response.type_url) else {
-            tracing::debug!(type_url = %response.type_url, "ignoring a type not asked for");
-            return Ok(());
+        type_url: &str,
+        nonce: String,
+        version: String,
+        update: Update,
+    ) -> Vec<Say> {
+        let Some(type_url) = TYPES.into_iter().find(|t| *t == type_url) else {
+            tracing::debug!(type_url, "ignoring a type not asked for");
+            return Vec::new();
         };
-        self.set_status(type_url, |s| s.nonce = response.nonce.clone());
-        match self.take(type_url, &response.resources) {
+        self.set_status(type_url, |s| s.nonce = nonce);
+        match self.take(type_url, update) {
             Ok(()) => {
                 self.set_status(type_url, |s| {
-                    s.version = response.version_info.clone();
+                    s.version = version.clone();
                     s.last_nack = None;
                     s.received = true;
                 });
-                tx.send(self.request(type_url, None))?;
-                tracing::debug!(type_url, version = %response.version_info, "ACK");
-                self.follow_names(tx)?;
+                tracing::debug!(type_url, %version, "ACK");
+                let mut says = vec![Say::Ack(type_url)];
+                says.extend(self.follow_names());
+                says
             }
             Err(problem) => {
-                tracing::warn!(type_url, version = %response.version_info, "NACK: {problem}");
+                tracing::warn!(type_url, %version, "NACK: {problem}");
                 self.set_status(type_url, |s| s.last_nack = Some(problem.0.clone()));
-                tx.send(self.request(type_url, Some(problem)))?;
+                vec![Say::Nack(type_url, problem)]
             }
         }
-        Ok(())
     }
 
     /// Whether `next`, taken from a response of `type_url`, has every type
@@ -214,112 +364,149 @@ impl XdsClient {
             && next.rds_names().iter().all(|n| next.routes.contains_key(n))
     }
 
-    /// Subscribes to the endpoints and routes the new config names.
-    fn follow_names(&mut self, tx: &mpsc::UnboundedSender<DiscoveryRequest>) -> anyhow::Result<()> {
+    /// Subscriptions to the endpoints and routes the new config names.
+    fn follow_names(&mut self) -> Vec<Say> {
         let (eds, rds) = {
             let snapshot = self.config.borrow();
             (snapshot.eds_names(), snapshot.rds_names())
         };
+        let mut says = Vec::new();
         for (type_url, names) in [(ENDPOINT, eds), (ROUTE, rds)] {
-            if self.status(type_url).names != names {
+            let old = self.status(type_url).names;
+            if old != names {
+                let added = names.iter().filter(|n| !old.contains(n)).cloned().collect();
+                let removed = old.iter().filter(|n| !names.contains(n)).cloned().collect();
                 self.set_status(type_url, |s| s.names = names);
-                tx.send(self.request(type_url, None))?;
+                says.push(Say::Subscribe {
+                    type_url,
+                    added,
+                    removed,
+                });
             }
         }
-        Ok(())
+        says
     }
 
-    /// Compiles the held resources with `resources` in place, and swaps the
+    /// Compiles the held resources with `update` applied, and swaps the
     /// result in; on a problem nothing changes.
-    fn take(&mut self, type_url: &'static str, resources: &[Any]) -> Result<(), Problem> {
+    fn take(&mut self, type_url: &'static str, update: Update) -> Result<(), Problem> {
         let current = self.config.borrow().clone();
         let names = self.status(type_url).names;
-        let mut snapshot = match type_url {
+        let mut next = (*current).clone();
+        let versions = match &update {
+            Update::Delta { added, removed } => {
+                let mut v = self
+                    .held
+                    .versions
+                    .get(type_url)
+                    .cloned()
+                    .unwrap_or_default();
+                for name in removed {
+                    v.remove(name);
+                }
+                v.extend(
+                    added
+                        .iter()
+                        .map(|(n, version, _)| (n.clone(), version.clone())),
+                );
+                v
+            }
+            Update::Sotw(_) => BTreeMap::new(),
+        };
+        match type_url {
             CLUSTER => {
-                let held = decode_all::<Cluster>(resources, |c| c.name.clone())?;
-                let clusters = Snapshot::clusters(&held.values().cloned().collect::<Vec<_>>())?;
-                let next = Snapshot {
-                    clusters,
-                    listeners: current.listeners.clone(),
-                    routes: current.routes.clone(),
-                    endpoints: current.endpoints.clone(),
-                    synced: false,
-                };
+                let held = next_held(
+                    &self.held.clusters,
+                    update,
+                    |c: &Cluster| c.name.clone(),
+                    None,
+                )?;
+                next.clusters = Snapshot::clusters(&held.values().cloned().collect::<Vec<_>>())?;
                 self.held.clusters = held;
-                next
             }
             LISTENER => {
-                let held = decode_all::<Listener>(resources, |l| l.name.clone())?;
-                let listeners = Snapshot::listeners(&held.values().cloned().collect::<Vec<_>>())?;
-                let next = Snapshot {
-                    listeners,
-                    clusters: current.clusters.clone(),
-                    routes: current.routes.clone(),
-                    endpoints: current.endpoints.clone(),
-                    synced: false,
-                };
+                let held = next_held(
+                    &self.held.listeners,
+                    update,
+                    |l: &Listener| l.name.clone(),
+                    None,
+                )?;
+                next.listeners = Snapshot::listeners(&held.values().cloned().collect::<Vec<_>>())?;
                 self.held.listeners = held;
-                next
             }
             ENDPOINT => {
-                let update =
-                    decode_all::<ClusterLoadAssignment>(resources, |a| a.cluster_name.clone())?;
-                // Named types may carry only what changed.
-                let held = merged(&self.held.endpoints, update, &names);
-                let endpoints = Snapshot::endpoints(&held.values().cloned().collect::<Vec<_>>())?;
-                let next = Snapshot {
-                    endpoints,
-                    clusters: current.clusters.clone(),
-                    listeners: current.listeners.clone(),
-                    routes: current.routes.clone(),
-                    synced: false,
-                };
+                let name = |a: &ClusterLoadAssignment| a.cluster_name.clone();
+                let held = next_held(&self.held.endpoints, update, name, Some(&names))?;
+                next.endpoints = Snapshot::endpoints(&held.values().cloned().collect::<Vec<_>>())?;
                 self.held.endpoints = held;
-                next
             }
             _ => {
-                let update = decode_all::<RouteConfiguration>(resources, |r| r.name.clone())?;
-                let held = merged(&self.held.routes, update, &names);
-                let routes = Snapshot::routes(&held.values().cloned().collect::<Vec<_>>())?;
-                let next = Snapshot {
-                    routes,
-                    clusters: current.clusters.clone(),
-                    listeners: current.listeners.clone(),
-                    endpoints: current.endpoints.clone(),
-                    synced: false,
-                };
+                let name = |r: &RouteConfiguration| r.name.clone();
+                let held = next_held(&self.held.routes, update, name, Some(&names))?;
+                next.routes = Snapshot::routes(&held.values().cloned().collect::<Vec<_>>())?;
                 self.held.routes = held;
-                next
             }
-        };
+        }
+        self.held.versions.insert(type_url, versions);
         // Once whole, a config stays whole: later responses only replace.
-        snapshot.synced = current.synced || self.synced_with(type_url, &snapshot);
-        self.record_raw(type_url);
-        self.config.send_replace(Arc::new(snapshot));
+        next.synced = current.synced || self.synced_with(type_url, &next);
+        self.config.send_replace(Arc::new(next));
         Ok(())
     }
+}
 
-    fn record_raw(&self, type_url: &'static str) {
-        fn json<T: std::fmt::Debug>(items: &BTreeMap<String, T>) -> Vec<serde_json::Value> {
-            items
-                .iter()
-                .map(|(name, r)| serde_json::json!({"name": name, "resource": format!("{r:?}")}))
-                .collect()
-        }
-        let dump = match type_url {
-            CLUSTER => json(&self.held.clusters),
-            LISTENER => json(&self.held.listeners),
-            ENDPOINT => json(&self.held.endpoints),
-            _ => json(&self.held.routes),
-        };
-        let mut raw = self.state.raw.lock().unwrap_or_else(|e| e.into_inner());
-        raw.insert(type_url, dump);
+/// A NACK's error detail: INVALID_ARGUMENT, as Envoy reports a rejected
+/// config.
+fn rejection(Problem(message): Problem) -> Status {
+    Status {
+        code: 3,
+        message,
+        details: Vec::new(),
     }
+}
+
+/// `held` with `update` applied. Named types (`names` given) keep only the
+/// names subscribed; state-of-the-world responses of them carry only what
+/// changed, so they are laid over what is held.
+fn next_held<T: Message + Default + Clone>(
+    held: &BTreeMap<String, T>,
+    update: Update,
+    name: impl Fn(&T) -> String,
+    names: Option<&[String]>,
+) -> Result<BTreeMap<String, T>, Problem> {
+    let mut out = match update {
+        Update::Sotw(resources) => {
+            let update = decode_all(&resources, &name)?;
+            match names {
+                Some(_) => {
+                    let mut out = held.clone();
+                    out.extend(update);
+                    out
+                }
+                None => update,
+            }
+        }
+        Update::Delta { added, removed } => {
+            let mut out = held.clone();
+            for gone in &removed {
+                out.remove(gone);
+            }
+            let added: Vec<Any> = added.into_iter().map(|(_, _, any)| any).collect();
+            out.extend(decode_all(&added, &name)?);
+            out
+        }
+    };
+    if let Some(names) = names
+        && !names.is_empty()
+    {
+        out.retain(|n, _| names.binary_search(n).is_ok());
+    }
+    Ok(out)
 }
 
 fn decode_all<T: Message + Default>(
     resources: &[Any],
-    name: impl Fn(&T) -> String,
+    name: &impl Fn(&T) -> String,
 ) -> Result<BTreeMap<String, T>, Problem> {
     resources
         .iter()
@@ -333,20 +520,6 @@ fn decode_all<T: Message + Default>(
             Ok((name(&r), r))
         })
         .collect()
-}
-
-/// `held` with `update` laid over it, keeping only `names` (all when empty).
-fn merged<T: Clone>(
-    held: &BTreeMap<String, T>,
-    update: BTreeMap<String, T>,
-    names: &[String],
-) -> BTreeMap<String, T> {
-    let mut out: BTreeMap<String, T> = held.clone();
-    out.extend(update);
-    if !names.is_empty() {
-        out.retain(|name, _| names.binary_search(name).is_ok());
-    }
-    out
 }
 
 #[cfg(test)]
@@ -388,7 +561,13 @@ mod tests {
     #[test]
     fn a_listener_that_does_not_compile_is_refused_and_the_last_good_stays() {
         let (tx, config) = watch::channel(Arc::new(Snapshot::default()));
-        let mut client = XdsClient::new(Node::default(), "pilot".into(), Arc::default(), tx);
+        let mut client = XdsClient::new(
+            Node::default(),
+            "pilot".into(),
+            XdsMode::Auto,
+            Arc::default(),
+            tx,
+        );
         use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
             TcpProxy, tcp_proxy::ClusterSpecifier,
         };
@@ -401,7 +580,7 @@ mod tests {
         client
             .take(
                 LISTENER,
-                &[listener("good", tcp, to_cluster.encode_to_vec())],
+                Update::Sotw(vec![listener("good", tcp, to_cluster.encode_to_vec())]),
             )
             .unwrap();
         let held = || {
@@ -416,7 +595,7 @@ mod tests {
 
         // A TCP proxy without a cluster is refused, naming what is wrong.
         let problem = client
-            .take(LISTENER, &[listener("a", tcp, Vec::new())])
+            .take(LISTENER, Update::Sotw(vec![listener("a", tcp, Vec::new())]))
             .unwrap_err();
         assert!(problem.0.contains("listener \"a\""), "{problem}");
         assert!(problem.0.contains("without a cluster"), "{problem}");
@@ -427,13 +606,27 @@ mod tests {
         let problem = client
             .take(
                 LISTENER,
-                &[
+                Update::Sotw(vec![
                     listener("good", tcp, to_cluster.encode_to_vec()),
                     listener("b", unknown, Vec::new()),
-                ],
+                ]),
             )
             .unwrap_err();
         assert!(problem.0.contains("example.Unknown"), "{problem}");
         assert_eq!(held(), ["good"]);
+
+        // A delta adds and removes by name.
+        let added = listener("c", tcp, to_cluster.encode_to_vec());
+        client
+            .take(
+                LISTENER,
+                Update::Delta {
+                    added: vec![("c".into(), "v1".into(), added)],
+                    removed: vec!["good".into()],
+                },
+            )
+            .unwrap();
+        assert_eq!(held(), ["c"]);
+        assert_eq!(client.held.versions[LISTENER]["c"], "v1");
     }
 }

@@ -39,7 +39,7 @@ pub(crate) fn duration(d: &envoy_types::pb::google::protobuf::Duration) -> Durat
 }
 
 /// The compiled config.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Snapshot {
     pub listeners: BTreeMap<String, Arc<Listener>>,
     pub routes: RouteTables,
