@@ -1,7 +1,8 @@
 //! The admin HTTP server every component runs: `/healthz` (the process is
 //! alive), `/ready` (every readiness condition holds), `/metrics`
 //! (Prometheus/OpenMetrics text) and the JSON pages under `/debug/` that the
-//! component registers (`/debug` lists them), and any routes of the
+//! component registers (`/debug` lists them), POST `/logging?level=...`
+//! (the log level, changed while running), and any routes of the
 //! component's own (the proxy's Envoy-style endpoints).
 
 use std::{
@@ -83,6 +84,7 @@ impl Admin {
             .route("/metrics", get(metrics))
             .route("/debug", get(debug_index))
             .route("/debug/{name}", get(debug_page))
+            .route("/logging", axum::routing::post(logging))
             .with_state(self.clone())
             .merge(
                 self.routes
@@ -142,6 +144,22 @@ async fn debug_page(State(admin): State<Admin>, Path(name): Path<String>) -> Res
             format!("no debug page {name:?}; see /debug\n"),
         )
             .into_response(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct LoggingQuery {
+    level: String,
+}
+
+/// POST `/logging?level=debug`: what is logged from now on.
+async fn logging(axum::extract::Query(q): axum::extract::Query<LoggingQuery>) -> Response {
+    match crate::logging::set_level(&q.level) {
+        Ok(()) => {
+            tracing::info!(level = %q.level, "log level changed");
+            format!("log level: {}\n", q.level).into_response()
+        }
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     }
 }
 

@@ -52,8 +52,18 @@ async fn a_proxy_without_pilot_is_alive_not_ready_and_stops_when_asked() {
     let (_, body) = wait_for_http(admin, "/ready", |s, _| s == 503).await;
     assert!(body.contains("xds-synced"), "{body}");
     assert_eq!(get(admin, "/healthz").await.unwrap().0, 200);
-    // Envoy's way to stop a proxy.
+    // The log level changes while running; a bad one is refused.
     install_crypto();
+    let http = reqwest::Client::new();
+    let set = |level: &str| {
+        http.post(format!("http://{admin}/logging?level={level}"))
+            .send()
+    };
+    assert_eq!(set("debug").await.unwrap().status(), 200);
+    let bad = set("proxy=loud").await.unwrap();
+    assert_eq!(bad.status(), 400);
+    assert!(bad.text().await.unwrap().contains("proxy=loud"));
+    // Envoy's way to stop a proxy.
     let quit = reqwest::Client::new()
         .post(format!("http://{admin}/quitquitquit"))
         .send()

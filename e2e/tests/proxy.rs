@@ -90,8 +90,29 @@ struct Ports {
     details_broken: SocketAddr,
     /// Answers after half a second.
     held: SocketAddr,
+    /// A TCP echo server, reviews v2's second port.
+    echo_app: SocketAddr,
+    /// Where reviews v2's sidecar accepts mesh TCP for it.
+    echo_sidecar: SocketAddr,
+    /// The client proxy's TCP listener for the echo service.
+    echo_egress: SocketAddr,
     egress: SocketAddr,
     egress_b: SocketAddr,
+}
+
+/// A TCP server that sends back what it reads.
+async fn echo() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = stream.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    addr
 }
 
 /// A backend that answers after half a second.
@@ -114,6 +135,22 @@ async fn broken() -> SocketAddr {
 fn config(p: &Ports, v1_weight: u32) -> String {
     format!(
         "
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: echo, namespace: shop}}
+spec:
+  hosts: [echo.shop.svc.cluster.local]
+  resolution: STATIC
+  ports: [{{number: {echo_port}, name: tcp, protocol: TCP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{tcp: {echo_sidecar_port}}}, labels: {{app: reviews, version: v2}}}}]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {{name: echo, namespace: shop}}
+spec:
+  host: echo.shop.svc.cluster.local
+  trafficPolicy: {{tls: {{mode: ISTIO_MUTUAL}}}}
+---
 apiVersion: networking.istio.io/v1alpha3
 kind: ServiceEntry
 metadata: {{name: held, namespace: shop}}
@@ -227,6 +264,9 @@ spec:
   - port: {{number: {egress_port}, protocol: HTTP, name: http-proxy}}
     bind: 127.0.0.1
     hosts: [./*]
+  - port: {{number: {echo_port}, protocol: TCP, name: tcp-echo}}
+    bind: 127.0.0.1
+    hosts: [./echo.shop.svc.cluster.local]
 ---
 apiVersion: networking.istio.io/v1alpha3
 kind: Sidecar
@@ -237,6 +277,9 @@ spec:
   - port: {{number: {v2p}, protocol: HTTP, name: http}}
     bind: 127.0.0.1
     defaultEndpoint: 127.0.0.1:{v2_app_port}
+  - port: {{number: {echo_sidecar_port}, protocol: TCP, name: tcp}}
+    bind: 127.0.0.1
+    defaultEndpoint: 127.0.0.1:{echo_app_port}
   egress:
   - port: {{number: {egress_b_port}, protocol: HTTP, name: http-proxy}}
     bind: 127.0.0.1
@@ -249,6 +292,9 @@ spec:
         details_port = p.details.port(),
         details_broken_port = p.details_broken.port(),
         held_port = p.held.port(),
+        echo_port = p.echo_egress.port(),
+        echo_sidecar_port = p.echo_sidecar.port(),
+        echo_app_port = p.echo_app.port(),
         v2_weight = 100 - v1_weight,
         egress_port = p.egress.port(),
         egress_b_port = p.egress_b.port(),
@@ -350,7 +396,7 @@ async fn start_mixers(mcp: SocketAddr) -> Mixers {
 }
 
 /// Reviews may be read (GET) by productpage, and by no one else, nor
-/// written.
+/// written; echo (TCP) may be used by productpage.
 const RBAC: &str = r#"
 apiVersion: rbac.istio.io/v1alpha1
 kind: ClusterRbacConfig
@@ -369,6 +415,19 @@ metadata: {name: productpage-reads-reviews, namespace: shop}
 spec:
   subjects: [{user: cluster.local/ns/shop/sa/productpage}]
   roleRef: {kind: ServiceRole, name: reviews-reader}
+---
+apiVersion: rbac.istio.io/v1alpha1
+kind: ServiceRole
+metadata: {name: echo-user, namespace: shop}
+spec:
+  rules: [{services: [echo.shop.svc.cluster.local]}]
+---
+apiVersion: rbac.istio.io/v1alpha1
+kind: ServiceRoleBinding
+metadata: {name: productpage-uses-echo, namespace: shop}
+spec:
+  subjects: [{user: cluster.local/ns/shop/sa/productpage}]
+  roleRef: {kind: ServiceRole, name: echo-user}
 "#;
 
 /// Mallory may not read reviews.
@@ -476,6 +535,9 @@ async fn start() -> Mesh {
         details: backend("details").await,
         details_broken: broken().await,
         held: held().await,
+        echo_app: echo().await,
+        echo_sidecar: free_addr(),
+        echo_egress: free_addr(),
         v2_sidecar: free_addr(),
         egress: free_addr(),
         egress_b: free_addr(),
@@ -594,10 +656,13 @@ async fn routes_by_header_and_weight_and_survive_pilot_going_away() {
     let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
     assert_eq!(dump["synced"], true);
     assert_eq!(dump["xds_flavour"], "delta");
+    let egress = format!("127.0.0.1_{}", mesh.egress.port());
     assert!(
-        dump["listeners"][0]["name"]
-            .as_str()
-            .is_some_and(|n| n.ends_with(&format!("_{}", mesh.egress.port()))),
+        dump["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["name"] == egress.as_str()),
         "{dump}"
     );
     let (_, clusters) = get(ports.admin, "/clusters").await.unwrap();
@@ -863,4 +928,39 @@ async fn over_the_connection_pool_limits_requests_overflow_at_once() {
             "{results:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn tcp_crosses_both_proxies_in_mesh_tls_and_is_reported() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = start().await;
+
+    // Through the client's TCP listener, mesh TLS to reviews v2's sidecar,
+    // and on to the echo server.
+    let mut stream = tokio::net::TcpStream::connect(mesh.ports.echo_egress)
+        .await
+        .unwrap();
+    let message = b"twelve bytes";
+    stream.write_all(message).await.unwrap();
+    let mut back = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut back))
+        .await
+        .expect("the echo in time")
+        .unwrap();
+    assert_eq!(&back, message);
+    drop(stream);
+    // The server side reports the connection to Mixer when it closes.
+    let expected = [
+        r#"destination_service="echo.shop.svc.cluster.local""#,
+        r#"source_principal="cluster.local/ns/shop/sa/productpage""#,
+        r#"connection_security_policy="mutual_tls""#,
+    ];
+    wait_for_http(mesh.mixers.prometheus, "/metrics", |_, text| {
+        text.lines().any(|l| {
+            l.starts_with("istio_tcp_received_bytes_total{")
+                && expected.iter().all(|e| l.contains(e))
+                && l.ends_with(" 12.0")
+        })
+    })
+    .await;
 }

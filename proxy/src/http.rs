@@ -56,6 +56,8 @@ pub struct HttpContext {
     /// Where the connection was going (for original-destination clusters).
     pub destination: Option<SocketAddr>,
     pub mixer: Arc<MixerFilter>,
+    /// Log each request (target `access`).
+    pub access_log: bool,
 }
 
 /// Serves one connection until it closes.
@@ -91,6 +93,34 @@ pub fn local_reply(status: StatusCode, why: &str) -> Response<Body> {
 }
 
 async fn handle(request: Request<Incoming>, context: &HttpContext) -> Response<Body> {
+    if !context.access_log {
+        return checked(request, context).await;
+    }
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    let uri = request.uri().clone();
+    let authority = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string);
+    let response = checked(request, context).await;
+    tracing::info!(
+        target: "access",
+        %method,
+        %uri,
+        authority = authority.as_deref().unwrap_or_default(),
+        status = response.status().as_u16(),
+        duration_ms = started.elapsed().as_secs_f64() * 1e3,
+        peer = %context.peer,
+        peer_identity = context.peer_identity.as_deref().unwrap_or_default(),
+        listener = %context.app.stat_prefix,
+    );
+    response
+}
+
+/// RBAC, then (inbound) Mixer, then routing.
+async fn checked(request: Request<Incoming>, context: &HttpContext) -> Response<Body> {
     if let Some(rbac) = &context.app.rbac
         && !rbac_allows(rbac, &request, context)
     {

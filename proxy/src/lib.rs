@@ -47,6 +47,9 @@ pub struct ProxyArgs {
     /// Where Prometheus scrapes the proxy (`/stats/prometheus`).
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], component::ports::PROXY_STATS)))]
     pub stats_addr: SocketAddr,
+    /// Log every HTTP request (target `access`, at info).
+    #[arg(long)]
+    pub access_log: bool,
     /// Where Kubernetes probes readiness (`/healthz/ready`).
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], component::ports::PROXY_HEALTH)))]
     pub health_addr: SocketAddr,
@@ -103,6 +106,7 @@ pub async fn run(args: ProxyArgs, admin: Admin, shutdown: CancellationToken) -> 
         upstreams,
         tls,
         mixer,
+        access_log: args.access_log,
     };
     tokio::spawn(listeners::follow(shared, serving, shutdown.clone()));
     client.run(shutdown).await;

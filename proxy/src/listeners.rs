@@ -16,6 +16,7 @@ use crate::{
         rbac::Subject,
     },
     http::{self, HttpContext},
+    mixer::TcpConnection,
     stats::ListenerLabels,
     tcp,
     tls::{self, TlsContext},
@@ -29,6 +30,7 @@ pub struct Shared {
     pub upstreams: Arc<Upstreams>,
     pub tls: Arc<TlsContext>,
     pub mixer: Arc<crate::mixer::MixerFilter>,
+    pub access_log: bool,
 }
 
 /// Applies each config as it comes, until `shutdown`: clusters and
@@ -198,10 +200,25 @@ async fn serve<IO>(
                 peer_identity,
                 destination,
                 mixer: shared.mixer.clone(),
+                access_log: shared.access_log,
             });
             http::serve(io, context).await;
         }
-        App::Tcp(app) => tcp::proxy(io, app, &shared.upstreams, destination).await,
+        App::Tcp(app) => {
+            let started = std::time::Instant::now();
+            let (received, sent) = tcp::proxy(io, app, &shared.upstreams, destination).await;
+            if let Some((service_host, port)) = app.inbound_service() {
+                shared.mixer.report_tcp(&TcpConnection {
+                    peer,
+                    peer_identity: peer_identity.as_deref(),
+                    service_host,
+                    port,
+                    received,
+                    sent,
+                    duration: started.elapsed(),
+                });
+            }
+        }
     }
 }
 

@@ -119,6 +119,64 @@ impl MixerFilter {
     }
 
     /// The attributes of a request arriving for `service_host`.
+    /// What is known of a connection arriving for `service_host`: the
+    /// caller's address and identity, this workload as the destination.
+    fn connection(
+        &self,
+        peer: SocketAddr,
+        peer_identity: Option<&str>,
+        service_host: &str,
+        port: u16,
+        protocol: &str,
+    ) -> Bag {
+        let s = |v: &str| Value::String(v.to_string());
+        let ip = match peer.ip() {
+            std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+            std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+        };
+        let w = &self.workload;
+        let mut bag = Bag::from([
+            ("context.reporter.kind".into(), s("inbound")),
+            ("context.protocol".into(), s(protocol)),
+            ("source.ip".into(), Value::Bytes(ip)),
+            ("destination.service.host".into(), s(service_host)),
+            ("destination.port".into(), Value::Int64(i64::from(port))),
+            ("destination.workload.name".into(), s(&w.name)),
+            ("destination.workload.namespace".into(), s(&w.namespace)),
+            ("destination.namespace".into(), s(&w.namespace)),
+            (
+                "destination.labels".into(),
+                Value::StringMap(w.labels.clone()),
+            ),
+            ("destination.principal".into(), s(&w.principal)),
+            (
+                "connection.mtls".into(),
+                Value::Bool(peer_identity.is_some()),
+            ),
+        ]);
+        if let Some(name) = service_host.split('.').next() {
+            bag.insert("destination.service.name".into(), s(name));
+        }
+        if let Some(ns) = service_host.split('.').nth(1) {
+            bag.insert("destination.service.namespace".into(), s(ns));
+        }
+        if let Some(principal) = peer_identity {
+            let principal = principal.strip_prefix("spiffe://").unwrap_or(principal);
+            bag.insert("source.principal".into(), s(principal));
+            bag.insert("source.user".into(), s(principal));
+            // The caller's namespace is in its identity.
+            if let Some(ns) = principal
+                .split("/ns/")
+                .nth(1)
+                .and_then(|r| r.split('/').next())
+            {
+                bag.insert("source.namespace".into(), s(ns));
+            }
+        }
+        bag
+    }
+
+    /// The attributes of a request arriving for `service_host`.
     pub fn inbound<B>(
         &self,
         parts: &http::Request<B>,
@@ -141,28 +199,9 @@ impl MixerFilter {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/grpc"));
-        let ip = match peer.ip() {
-            std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
-            std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
-        };
-        let w = &self.workload;
-        let mut bag = Bag::from([
-            ("context.reporter.kind".into(), s("inbound")),
-            (
-                "context.protocol".into(),
-                s(if grpc { "grpc" } else { "http" }),
-            ),
-            ("source.ip".into(), Value::Bytes(ip)),
-            ("destination.service.host".into(), s(service_host)),
-            ("destination.port".into(), Value::Int64(i64::from(port))),
-            ("destination.workload.name".into(), s(&w.name)),
-            ("destination.workload.namespace".into(), s(&w.namespace)),
-            ("destination.namespace".into(), s(&w.namespace)),
-            (
-                "destination.labels".into(),
-                Value::StringMap(w.labels.clone()),
-            ),
-            ("destination.principal".into(), s(&w.principal)),
+        let protocol = if grpc { "grpc" } else { "http" };
+        let mut bag = self.connection(peer, peer_identity, service_host, port, protocol);
+        bag.extend([
             ("request.path".into(), s(path)),
             ("request.host".into(), s(host)),
             ("request.method".into(), s(parts.method().as_str())),
@@ -172,36 +211,13 @@ impl MixerFilter {
                 Value::StringMap(headers(parts.headers())),
             ),
             ("request.time".into(), Value::Timestamp(timestamp(now))),
-            (
-                "connection.mtls".into(),
-                Value::Bool(peer_identity.is_some()),
-            ),
         ]);
-        if let Some(name) = service_host.split('.').next() {
-            bag.insert("destination.service.name".into(), s(name));
-        }
-        if let Some(ns) = service_host.split('.').nth(1) {
-            bag.insert("destination.service.namespace".into(), s(ns));
-        }
         if let Some(agent) = parts
             .headers()
             .get(http::header::USER_AGENT)
             .and_then(|v| v.to_str().ok())
         {
             bag.insert("request.useragent".into(), s(agent));
-        }
-        if let Some(principal) = peer_identity {
-            let principal = principal.strip_prefix("spiffe://").unwrap_or(principal);
-            bag.insert("source.principal".into(), s(principal));
-            bag.insert("source.user".into(), s(principal));
-            // The caller's namespace is in its identity.
-            if let Some(ns) = principal
-                .split("/ns/")
-                .nth(1)
-                .and_then(|r| r.split('/').next())
-            {
-                bag.insert("source.namespace".into(), s(ns));
-            }
         }
         Inbound { bag, started: now }
     }
@@ -247,6 +263,48 @@ impl MixerFilter {
                     nanos: took.subsec_nanos() as i32,
                 }),
             ),
+        ]);
+        tokio::spawn(async move {
+            if let Err(e) = telemetry.report(bag).await {
+                tracing::debug!("report not sent: {e}");
+            }
+        });
+    }
+}
+
+/// What one inbound TCP connection carried, for its report.
+pub struct TcpConnection<'a> {
+    pub peer: SocketAddr,
+    pub peer_identity: Option<&'a str>,
+    pub service_host: &'a str,
+    pub port: u16,
+    /// Bytes from the caller, and to it.
+    pub received: u64,
+    pub sent: u64,
+    pub duration: Duration,
+}
+
+impl MixerFilter {
+    /// Queues the report of a finished inbound TCP connection.
+    pub fn report_tcp(&self, c: &TcpConnection) {
+        let Some(telemetry) = self.telemetry.clone() else {
+            return;
+        };
+        let mut bag = self.connection(c.peer, c.peer_identity, c.service_host, c.port, "tcp");
+        bag.extend([
+            (
+                "connection.received.bytes".into(),
+                Value::Int64(c.received as i64),
+            ),
+            ("connection.sent.bytes".into(), Value::Int64(c.sent as i64)),
+            (
+                "connection.duration".into(),
+                Value::Duration(pbjson_types::Duration {
+                    seconds: c.duration.as_secs() as i64,
+                    nanos: c.duration.subsec_nanos() as i32,
+                }),
+            ),
+            ("connection.event".into(), Value::String("close".into())),
         ]);
         tokio::spawn(async move {
             if let Err(e) = telemetry.report(bag).await {

@@ -10,12 +10,15 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::{config::listener::TcpApp, upstream::Upstreams};
 
+/// Splices the connection; the bytes received from the caller and sent to
+/// it.
 pub async fn proxy<IO>(
     mut downstream: IO,
     app: &TcpApp,
     upstreams: &Arc<Upstreams>,
     destination: Option<SocketAddr>,
-) where
+) -> (u64, u64)
+where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let total: u32 = app.clusters.iter().map(|(_, w)| *w).sum();
@@ -32,25 +35,29 @@ pub async fn proxy<IO>(
         .map(|(n, _)| n.as_str());
     let Some(cluster) = name.and_then(|n| upstreams.get(n)) else {
         tracing::debug!(listener = %app.stat_prefix, "no cluster for the connection");
-        return;
+        return (0, 0);
     };
     let Some(endpoint) = cluster.pick(&[], None, destination) else {
         tracing::debug!(cluster = %cluster.config.name, "no healthy upstream");
-        return;
+        return (0, 0);
     };
     let mut upstream = match cluster.connector.connect(endpoint.addr).await {
         Ok(s) => s,
         Err(e) => {
             cluster.record(&endpoint, true);
             tracing::debug!(endpoint = %endpoint.addr, "upstream connect failed: {e}");
-            return;
+            return (0, 0);
         }
     };
     endpoint.active.fetch_add(1, Ordering::Relaxed);
     let copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
     endpoint.active.fetch_sub(1, Ordering::Relaxed);
     cluster.record(&endpoint, false);
-    if let Err(e) = copied {
-        tracing::debug!(endpoint = %endpoint.addr, "connection ended: {e}");
+    match copied {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            tracing::debug!(endpoint = %endpoint.addr, "connection ended: {e}");
+            (0, 0)
+        }
     }
 }

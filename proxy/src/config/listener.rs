@@ -73,17 +73,27 @@ pub struct HttpApp {
     pub cors: bool,
 }
 
+/// The service and port of an inbound connection manager or TCP proxy,
+/// which Pilot names for its cluster, `inbound|<port>|<port name>|<host>`.
+fn inbound_service(stat_prefix: &str) -> Option<(&str, u16)> {
+    let mut parts = stat_prefix.split('|');
+    if parts.next()? != "inbound" {
+        return None;
+    }
+    let port = parts.next()?.parse().ok()?;
+    let host = parts.nth(1)?;
+    Some((host, port))
+}
+
 impl HttpApp {
-    /// The service and port of an inbound connection manager, which Pilot
-    /// names for its cluster, `inbound|<port>|<port name>|<host>`.
     pub fn inbound_service(&self) -> Option<(&str, u16)> {
-        let mut parts = self.stat_prefix.split('|');
-        if parts.next()? != "inbound" {
-            return None;
-        }
-        let port = parts.next()?.parse().ok()?;
-        let host = parts.nth(1)?;
-        Some((host, port))
+        inbound_service(&self.stat_prefix)
+    }
+}
+
+impl TcpApp {
+    pub fn inbound_service(&self) -> Option<(&str, u16)> {
+        inbound_service(&self.stat_prefix)
     }
 }
 
