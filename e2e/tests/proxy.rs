@@ -96,6 +96,8 @@ struct Ports {
     echo_sidecar: SocketAddr,
     /// The client proxy's TCP listener for the echo service.
     echo_egress: SocketAddr,
+    /// The policy Mixer, also a gRPC service of the mesh.
+    mixer_policy: SocketAddr,
     egress: SocketAddr,
     egress_b: SocketAddr,
 }
@@ -135,6 +137,15 @@ async fn broken() -> SocketAddr {
 fn config(p: &Ports, v1_weight: u32) -> String {
     format!(
         "
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: policy, namespace: shop}}
+spec:
+  hosts: [policy.shop.svc.cluster.local]
+  resolution: STATIC
+  ports: [{{number: 9091, name: grpc, protocol: GRPC}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{grpc: {policy_port}}}, labels: {{app: policy}}}}]
+---
 apiVersion: networking.istio.io/v1alpha3
 kind: ServiceEntry
 metadata: {{name: echo, namespace: shop}}
@@ -292,6 +303,7 @@ spec:
         details_port = p.details.port(),
         details_broken_port = p.details_broken.port(),
         held_port = p.held.port(),
+        policy_port = p.mixer_policy.port(),
         echo_port = p.echo_egress.port(),
         echo_sidecar_port = p.echo_sidecar.port(),
         echo_app_port = p.echo_app.port(),
@@ -362,8 +374,8 @@ struct Mixers {
     prometheus: SocketAddr,
 }
 
-async fn start_mixers(mcp: SocketAddr) -> Mixers {
-    let (policy, telemetry, prometheus) = (free_addr(), free_addr(), free_addr());
+async fn start_mixers(mcp: SocketAddr, policy: SocketAddr) -> Mixers {
+    let (telemetry, prometheus) = (free_addr(), free_addr());
     let (policy_admin, telemetry_admin) = (free_addr(), free_addr());
     let start = |role: &str, grpc: SocketAddr, admin: SocketAddr| {
         Proc::start(
@@ -538,6 +550,7 @@ async fn start() -> Mesh {
         echo_app: echo().await,
         echo_sidecar: free_addr(),
         echo_egress: free_addr(),
+        mixer_policy: free_addr(),
         v2_sidecar: free_addr(),
         egress: free_addr(),
         egress_b: free_addr(),
@@ -559,7 +572,7 @@ async fn start() -> Mesh {
     ]);
     let ca = start_citadel(dir.path()).await;
     let galley = Galley::start(dir.path(), &[]).await;
-    let mixers = start_mixers(galley.mcp).await;
+    let mixers = start_mixers(galley.mcp, ports.mixer_policy).await;
     let pilot_xds = free_addr();
     let pilot = start_pilot(galley.mcp, pilot_xds).await;
     let (client, client_admin) = start_proxy(
@@ -963,4 +976,43 @@ async fn tcp_crosses_both_proxies_in_mesh_tls_and_is_reported() {
         })
     })
     .await;
+}
+
+#[tokio::test]
+async fn grpc_goes_through_over_http2() {
+    use mcp_proto::pb::istio::mixer::v1::{CheckRequest, mixer_client::MixerClient};
+    let mesh = start().await;
+    // A gRPC client using the client proxy (HTTP/2 without TLS to it),
+    // naming the service as its authority; the proxy speaks HTTP/2 on to
+    // the policy Mixer.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", mesh.egress))
+        .unwrap()
+        .origin("http://policy.shop.svc.cluster.local:9091".parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let response = MixerClient::new(channel)
+        .check(CheckRequest::default())
+        .await
+        .expect("the policy Mixer's answer, through the proxy")
+        .into_inner();
+    // An empty request matches no deny rule.
+    assert_eq!(
+        response
+            .precondition
+            .unwrap()
+            .status
+            .unwrap_or_default()
+            .code,
+        0
+    );
+    let (_, stats) = get(mesh.client_ports.stats, "/stats/prometheus")
+        .await
+        .unwrap();
+    assert!(
+        stats.contains(
+            r#"cluster="outbound|9091||policy.shop.svc.cluster.local",response_code="200""#
+        ),
+        "{stats}"
+    );
 }
