@@ -16,6 +16,10 @@ use std::{
 };
 
 use e2e::*;
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+    trace_service_server::{TraceService, TraceServiceServer},
+};
 
 /// Serves `app` on a port of its own.
 async fn serve(app: axum::Router) -> SocketAddr {
@@ -33,6 +37,10 @@ async fn backend(name: &'static str) -> SocketAddr {
             if uri.path() == "/whoami" {
                 let xfcc = headers.get("x-forwarded-client-cert");
                 return format!("{xfcc:?}");
+            }
+            if uri.path() == "/traceparent" {
+                let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+                return traceparent.unwrap_or_default().to_string();
             }
             format!("{name} {}", uri.path())
         },
@@ -66,6 +74,7 @@ async fn ratings() -> SocketAddr {
 
 struct Mesh {
     dir: tempfile::TempDir,
+    collector: Collector,
     ports: Ports,
     galley: Galley,
     mixers: Mixers,
@@ -356,6 +365,60 @@ async fn start_citadel(dir: &std::path::Path) -> Ca {
     }
 }
 
+/// An OTLP trace collector: the spans proxies export, as (trace id,
+/// span id, parent span id, service), hex.
+#[derive(Clone, Default)]
+struct Collector(Arc<std::sync::Mutex<Vec<[String; 4]>>>);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let mut spans = self.0.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|a| a.key == "service.name")
+                .and_then(|a| a.value.as_ref())
+                .map(|v| format!("{:?}", v.value))
+                .unwrap_or_default();
+            for span in rs.scope_spans.iter().flat_map(|s| &s.spans) {
+                spans.push([
+                    hex(&span.trace_id),
+                    hex(&span.span_id),
+                    hex(&span.parent_span_id),
+                    service.clone(),
+                ]);
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl Collector {
+    async fn start() -> (Self, SocketAddr) {
+        let collector = Collector::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let service = TraceServiceServer::new(collector.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (collector, addr)
+    }
+
+    fn spans(&self) -> Vec<[String; 4]> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
 /// Where a proxy serves its admin endpoints, stats and health.
 #[derive(Clone, Copy)]
 struct ProxyPorts {
@@ -462,16 +525,37 @@ spec:
   actions: [{handler: denyall, instances: [denyrequest]}]
 "#;
 
-/// A proxy speaking `xds_mode` to Pilot (the fixture runs one of each).
-fn start_proxy(
+/// What the proxies of the fixture talk to.
+struct ControlPlane<'a> {
     xds: SocketAddr,
-    ca: &Ca,
-    mixers: &Mixers,
-    pod: &str,
-    account: &str,
-    labels: &str,
-    xds_mode: &str,
-) -> (Proc, ProxyPorts) {
+    ca: &'a Ca,
+    mixers: &'a Mixers,
+    /// The OTLP trace collector.
+    collector: SocketAddr,
+}
+
+/// One workload's proxy: its pod, service account, labels, and the xDS
+/// flavour it speaks (the fixture runs one of each).
+struct Workload<'a> {
+    pod: &'a str,
+    account: &'a str,
+    labels: &'a str,
+    xds_mode: &'a str,
+}
+
+fn start_proxy(cp: &ControlPlane, w: Workload) -> (Proc, ProxyPorts) {
+    let ControlPlane {
+        xds,
+        ca,
+        mixers,
+        collector,
+    } = *cp;
+    let Workload {
+        pod,
+        account,
+        labels,
+        xds_mode,
+    } = w;
     let ports = ProxyPorts {
         admin: free_addr(),
         stats: free_addr(),
@@ -480,7 +564,13 @@ fn start_proxy(
     let admin = ports.admin;
     let token = ca.dir.join(format!("{account}.token"));
     let root = ca.dir.join("ca").join("root-cert.pem");
-    let proc = Proc::start(
+    let endpoint = format!("http://{collector}");
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        // Spans go out every 100 ms, not every 5 s.
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let proc = Proc::start_with_env(
         "proxy",
         &[
             "--pilot",
@@ -517,6 +607,7 @@ fn start_proxy(
             "--health-addr",
             &ports.health.to_string(),
         ],
+        &env,
     );
     (proc, ports)
 }
@@ -575,29 +666,37 @@ async fn start() -> Mesh {
     let mixers = start_mixers(galley.mcp, ports.mixer_policy).await;
     let pilot_xds = free_addr();
     let pilot = start_pilot(galley.mcp, pilot_xds).await;
+    let (collector, collector_addr) = Collector::start().await;
+    let control_plane = ControlPlane {
+        xds: pilot_xds,
+        ca: &ca,
+        mixers: &mixers,
+        collector: collector_addr,
+    };
     let (client, client_admin) = start_proxy(
-        pilot_xds,
-        &ca,
-        &mixers,
-        "productpage-1",
-        "productpage",
-        "app=productpage,version=v1",
-        "delta",
+        &control_plane,
+        Workload {
+            pod: "productpage-1",
+            account: "productpage",
+            labels: "app=productpage,version=v1",
+            xds_mode: "delta",
+        },
     );
     let (sidecar, sidecar_admin) = start_proxy(
-        pilot_xds,
-        &ca,
-        &mixers,
-        "reviews-v2-1",
-        "reviews",
-        "app=reviews,version=v2",
-        "sotw",
+        &control_plane,
+        Workload {
+            pod: "reviews-v2-1",
+            account: "reviews",
+            labels: "app=reviews,version=v2",
+            xds_mode: "sotw",
+        },
     );
     for ports in [client_admin, sidecar_admin] {
         wait_for_http(ports.admin, "/ready", |s, _| s == 200).await;
     }
     Mesh {
         dir,
+        collector,
         ports,
         galley,
         mixers,
@@ -1015,4 +1114,58 @@ async fn grpc_goes_through_over_http2() {
         ),
         "{stats}"
     );
+}
+
+#[tokio::test]
+async fn trace_context_is_carried_and_spans_are_exported() {
+    let mesh = start().await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let response = mesh
+        .client()
+        .get("http://reviews.shop.svc.cluster.local:9080/traceparent")
+        .header("end-user", "jason")
+        .header("traceparent", format!("00-{trace}-{caller_span}-01"))
+        .send()
+        .await
+        .unwrap();
+    // The application sees the same trace, with the last proxy's span as
+    // its parent.
+    let seen = response.text().await.unwrap();
+    let parts: Vec<&str> = seen.split('-').collect();
+    assert_eq!(parts.len(), 4, "{seen:?}");
+    assert_eq!(parts[1], trace);
+    assert_ne!(parts[2], caller_span);
+    // Both proxies exported their spans: the client's a child of the
+    // caller's, the server's a child of the client's.
+    let spans = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let spans: Vec<_> = mesh
+                .collector
+                .spans()
+                .into_iter()
+                .filter(|s| s[0] == trace)
+                .collect();
+            if spans.len() >= 2 {
+                return spans;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("both spans exported");
+    let client = spans
+        .iter()
+        .find(|s| s[2] == caller_span)
+        .expect("the client proxy's span");
+    let server = spans
+        .iter()
+        .find(|s| s[2] == client[1])
+        .expect("the server proxy's span");
+    assert_eq!(
+        server[1], parts[2],
+        "the application's parent is the server proxy's span"
+    );
+    assert!(client[3].contains("productpage-1.shop"), "{client:?}");
+    assert!(server[3].contains("reviews-v2-1.shop"), "{server:?}");
 }

@@ -38,6 +38,7 @@ use crate::{
     },
     mixer::MixerFilter,
     stats::{RequestLabels, Stats},
+    trace::Tracing,
     upstream::{Body, BoxError, UpstreamCluster, Upstreams},
 };
 
@@ -58,6 +59,7 @@ pub struct HttpContext {
     pub mixer: Arc<MixerFilter>,
     /// Log each request (target `access`).
     pub access_log: bool,
+    pub tracing: Arc<Tracing>,
 }
 
 /// Serves one connection until it closes.
@@ -92,8 +94,9 @@ pub fn local_reply(status: StatusCode, why: &str) -> Response<Body> {
     response
 }
 
-async fn handle(request: Request<Incoming>, context: &HttpContext) -> Response<Body> {
-    if !context.access_log {
+async fn handle(mut request: Request<Incoming>, context: &HttpContext) -> Response<Body> {
+    let traced = context.tracing.is_on();
+    if !context.access_log && !traced {
         return checked(request, context).await;
     }
     let started = std::time::Instant::now();
@@ -103,19 +106,33 @@ async fn handle(request: Request<Incoming>, context: &HttpContext) -> Response<B
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .map(str::to_string);
-    let response = checked(request, context).await;
-    tracing::info!(
-        target: "access",
-        %method,
-        %uri,
-        authority = authority.as_deref().unwrap_or_default(),
-        status = response.status().as_u16(),
-        duration_ms = started.elapsed().as_secs_f64() * 1e3,
-        peer = %context.peer,
-        peer_identity = context.peer_identity.as_deref().unwrap_or_default(),
-        listener = %context.app.stat_prefix,
+        .or(uri.authority().map(|a| a.as_str()))
+        .unwrap_or_default()
+        .to_string();
+    let inbound = context.app.inbound_service().is_some();
+    let span = context.tracing.start(
+        request.headers_mut(),
+        format!("{authority}{}", uri.path()),
+        inbound,
     );
+    let response = checked(request, context).await;
+    let status = response.status().as_u16();
+    if let Some(span) = span {
+        span.finish(method.as_str(), &authority, uri.path(), status);
+    }
+    if context.access_log {
+        tracing::info!(
+            target: "access",
+            %method,
+            %uri,
+            %authority,
+            status,
+            duration_ms = started.elapsed().as_secs_f64() * 1e3,
+            peer = %context.peer,
+            peer_identity = context.peer_identity.as_deref().unwrap_or_default(),
+            listener = %context.app.stat_prefix,
+        );
+    }
     response
 }
 

@@ -7,8 +7,8 @@
 //! from Citadel, which [`tls`] uses for mutual TLS between proxies;
 //! inbound HTTP is checked and reported by [`mixer`], and RBAC enforced.
 //! [`admin`] serves the Envoy-style endpoints, [`init`] the iptables
-//! setup. Not built yet (issue 7 continues): delta xDS, circuit breaker
-//! limits, TCP reports, tracing.
+//! setup, and [`trace`] carries trace context and exports spans over
+//! OTLP when configured.
 
 pub mod admin;
 pub mod agent;
@@ -21,6 +21,7 @@ pub mod node;
 pub mod stats;
 pub mod tcp;
 pub mod tls;
+pub mod trace;
 pub mod upstream;
 pub mod xds;
 
@@ -47,6 +48,9 @@ pub struct ProxyArgs {
     /// Where Prometheus scrapes the proxy (`/stats/prometheus`).
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], component::ports::PROXY_STATS)))]
     pub stats_addr: SocketAddr,
+    /// Percentage of new traces sampled (with `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    #[arg(long, default_value_t = 1.0)]
+    pub trace_sampling: f64,
     /// Log every HTTP request (target `access`, at info).
     #[arg(long)]
     pub access_log: bool,
@@ -100,6 +104,10 @@ pub async fn run(args: ProxyArgs, admin: Admin, shutdown: CancellationToken) -> 
         ),
     };
     let mixer = Arc::new(mixer::MixerFilter::new(&args.mixer, workload)?);
+    let traces = Arc::new(trace::Tracing::from_env(
+        &format!("{}.{}", args.node.pod, args.node.namespace),
+        args.trace_sampling,
+    )?);
     tokio::spawn(mixer.clone().flush_reports(shutdown.clone()));
     let shared = listeners::Shared {
         config,
@@ -107,8 +115,10 @@ pub async fn run(args: ProxyArgs, admin: Admin, shutdown: CancellationToken) -> 
         tls,
         mixer,
         access_log: args.access_log,
+        tracing: traces.clone(),
     };
     tokio::spawn(listeners::follow(shared, serving, shutdown.clone()));
     client.run(shutdown).await;
+    traces.flush();
     Ok(())
 }

@@ -31,6 +31,7 @@ pub struct Shared {
     pub tls: Arc<TlsContext>,
     pub mixer: Arc<crate::mixer::MixerFilter>,
     pub access_log: bool,
+    pub tracing: Arc<crate::trace::Tracing>,
 }
 
 /// Applies each config as it comes, until `shutdown`: clusters and
@@ -201,6 +202,7 @@ async fn serve<IO>(
                 destination,
                 mixer: shared.mixer.clone(),
                 access_log: shared.access_log,
+                tracing: shared.tracing.clone(),
             });
             http::serve(io, context).await;
         }
