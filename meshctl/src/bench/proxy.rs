@@ -316,8 +316,8 @@ async fn start_mesh(bins: &Path, backend: SocketAddr) -> anyhow::Result<Mesh> {
     })
 }
 
-/// nginx, stopped with SIGTERM so that its master stops its workers too
-/// (a killed master leaves them running).
+/// nginx in a process group of its own, all of which is stopped with
+/// SIGTERM (a stopped master can leave its workers running).
 struct Nginx {
     running: Running,
     _dir: tempfile::TempDir,
@@ -325,8 +325,8 @@ struct Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.running.pid() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let group = nix::unistd::Pid::from_raw(self.running.pid() as i32);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGTERM);
     }
 }
 
@@ -362,6 +362,7 @@ async fn start_nginx(backend: SocketAddr) -> anyhow::Result<(Nginx, SocketAddr)>
             ])
             .stdout(Stdio::null())
             .kill_on_drop(true)
+            .process_group(0)
             .spawn()?,
     };
     let started = Instant::now();
