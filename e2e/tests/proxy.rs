@@ -72,7 +72,12 @@ async fn ratings() -> SocketAddr {
     serve(app).await
 }
 
+/// Meshes running at once: each is some fifteen processes, and the tests
+/// share two cores.
+static MESHES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(3);
+
 struct Mesh {
+    _turn: tokio::sync::SemaphorePermit<'static>,
     dir: tempfile::TempDir,
     collector: Collector,
     ports: Ports,
@@ -631,6 +636,7 @@ async fn start_pilot(mcp: SocketAddr, xds: SocketAddr) -> Proc {
 }
 
 async fn start() -> Mesh {
+    let turn = MESHES.acquire().await.unwrap();
     let ports = Ports {
         v1: backend("reviews-v1").await,
         v2_app: backend("reviews-v2").await,
@@ -695,6 +701,7 @@ async fn start() -> Mesh {
         wait_for_http(ports.admin, "/ready", |s, _| s == 200).await;
     }
     Mesh {
+        _turn: turn,
         dir,
         collector,
         ports,
@@ -1168,4 +1175,60 @@ async fn trace_context_is_carried_and_spans_are_exported() {
     );
     assert!(client[3].contains("productpage-1.shop"), "{client:?}");
     assert!(server[3].contains("reviews-v2-1.shop"), "{server:?}");
+}
+
+#[tokio::test]
+async fn a_listener_whose_port_is_taken_binds_once_it_is_free() {
+    let egress = free_addr();
+    let config = format!(
+        "
+apiVersion: networking.istio.io/v1alpha3
+kind: Sidecar
+metadata: {{name: solo, namespace: shop}}
+spec:
+  workloadSelector: {{labels: {{app: solo}}}}
+  egress:
+  - port: {{number: {port}, protocol: HTTP, name: http-proxy}}
+    bind: 127.0.0.1
+    hosts: [./*]
+",
+        port = egress.port()
+    );
+    let dir = config_dir(&[("solo.yaml", &config)]);
+    let galley = Galley::start(dir.path(), &[]).await;
+    let xds = free_addr();
+    let _pilot = start_pilot(galley.mcp, xds).await;
+    // Something else holds the port when the proxy comes.
+    let squatter = std::net::TcpListener::bind(egress).unwrap();
+    let admin = free_addr();
+    let _proxy = Proc::start(
+        "proxy",
+        &[
+            "--pilot",
+            &xds.to_string(),
+            "--admin-addr",
+            &admin.to_string(),
+            "--stats-addr",
+            "127.0.0.1:0",
+            "--health-addr",
+            "127.0.0.1:0",
+            "--pod",
+            "solo-1",
+            "--namespace",
+            "shop",
+            "--labels",
+            "app=solo",
+        ],
+    );
+    let (_, dump) =
+        wait_for_http(admin, "/config_dump", |_, d| d.contains("\"synced\":true")).await;
+    assert!(
+        dump.contains(&format!("127.0.0.1_{}", egress.port())),
+        "{dump}"
+    );
+    let (status, _) = get(admin, "/ready").await.unwrap();
+    assert_eq!(status, 503, "ready without its listener");
+    drop(squatter);
+    wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    assert!(tokio::net::TcpStream::connect(egress).await.is_ok());
 }

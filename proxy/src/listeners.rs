@@ -66,7 +66,6 @@ pub async fn follow(shared: Shared, serving: Condition, shutdown: CancellationTo
                     bound.insert(name.clone(), (listener.address, stop.clone()));
                     tokio::spawn(accept(socket, name.clone(), shared.clone(), stop));
                 }
-                // Tried again on the next config change.
                 Err(e) => {
                     tracing::error!(listener = %name, addr = %listener.address, "cannot listen: {e}")
                 }
@@ -77,9 +76,18 @@ pub async fn follow(shared: Shared, serving: Condition, shutdown: CancellationTo
             .iter()
             .all(|(name, l)| !l.bind || bound.contains_key(name));
         serving.set(snapshot.synced && all_bound);
+        // A listener that could not bind (its port briefly taken) is tried
+        // again every second until it binds or leaves the config.
+        let retry = async {
+            if all_bound {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
             changed = config.changed() => if changed.is_err() { return },
+            _ = retry => {}
         }
     }
 }
