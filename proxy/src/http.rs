@@ -102,13 +102,7 @@ async fn handle(mut request: Request<Incoming>, context: &HttpContext) -> Respon
     let started = std::time::Instant::now();
     let method = request.method().clone();
     let uri = request.uri().clone();
-    let authority = request
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or(uri.authority().map(|a| a.as_str()))
-        .unwrap_or_default()
-        .to_string();
+    let authority = RequestParts::of(&request).authority.to_string();
     let inbound = context.app.inbound_service().is_some();
     let span = context.tracing.start(
         request.headers_mut(),
@@ -144,7 +138,11 @@ async fn checked(request: Request<Incoming>, context: &HttpContext) -> Response<
         return local_reply(StatusCode::FORBIDDEN, "RBAC: access denied");
     }
     // Inbound requests are checked with Mixer first, and reported after.
-    let Some((service, port)) = context.app.inbound_service() else {
+    let Some((service, port)) = context
+        .app
+        .inbound_service()
+        .filter(|_| context.mixer.is_on())
+    else {
         return route(request, context).await;
     };
     let inbound = context.mixer.inbound(
@@ -169,22 +167,8 @@ async fn checked(request: Request<Incoming>, context: &HttpContext) -> Response<
 }
 
 fn rbac_allows(rbac: &RbacFilter, request: &Request<Incoming>, context: &HttpContext) -> bool {
-    let authority = request
-        .uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| request.headers().get(header::HOST)?.to_str().ok())
-        .unwrap_or_default();
-    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
-    let parts = RequestParts {
-        authority,
-        path,
-        method: request.method().as_str(),
-        scheme: request.uri().scheme_str().unwrap_or("http"),
-        headers: request.headers(),
-    };
     rbac.allows(&Subject {
-        request: Some(&parts),
+        request: Some(&RequestParts::of(request)),
         peer_identity: context.peer_identity.as_deref(),
         peer: context.peer,
         destination: context.destination,
@@ -208,31 +192,11 @@ async fn route(request: Request<Incoming>, context: &HttpContext) -> Response<Bo
     let Some(table) = table else {
         return local_reply(StatusCode::NOT_FOUND, "no route configuration");
     };
-    let authority = request
-        .uri()
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| {
-            request
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
-    let path = request
-        .uri()
-        .path_and_query()
-        .map_or("/".to_string(), |p| p.to_string());
-    let parts = RequestParts {
-        authority: &authority,
-        path: &path,
-        method: request.method().as_str(),
-        scheme: request.uri().scheme_str().unwrap_or("http"),
-        headers: request.headers(),
-    };
+    let parts = RequestParts::of(&request);
+    // Kept for redirects, after the request is gone.
+    let (authority, path) = (parts.authority.to_string(), parts.path.to_string());
     let Some(route) = table
-        .virtual_host(&authority)
+        .virtual_host(parts.authority)
         .and_then(|vh| vh.route(&parts))
     else {
         return local_reply(
@@ -439,7 +403,7 @@ async fn forward(
     {
         parts.headers.insert("x-request-id", id);
     }
-    let retry = forward.retry.clone().filter(|r| r.attempts > 0);
+    let retry = forward.retry.as_ref().filter(|r| r.attempts > 0);
     let small = http_body::Body::size_hint(&body)
         .upper()
         .is_some_and(|n| n <= RETRY_BUFFER);
@@ -468,7 +432,7 @@ async fn forward(
     let retried = AtomicU64::new(0);
     let target = Target {
         cluster: &cluster,
-        retry: retry.as_ref(),
+        retry,
         hash,
         destination: context.destination,
         retried: &retried,

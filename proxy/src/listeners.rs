@@ -41,9 +41,13 @@ pub struct Shared {
 pub async fn follow(shared: Shared, serving: Condition, shutdown: CancellationToken) {
     let mut config = shared.config.clone();
     let mut bound: HashMap<String, (SocketAddr, CancellationToken)> = HashMap::new();
+    let mut changed = true;
     loop {
         let snapshot = config.borrow_and_update().clone();
-        shared.upstreams.update(&snapshot).await;
+        // A retry of the binding alone leaves the clusters as they are.
+        if changed {
+            shared.upstreams.update(&snapshot).await;
+        }
         bound.retain(|name, (addr, stop)| {
             let keep = snapshot
                 .listeners
@@ -84,11 +88,11 @@ pub async fn follow(shared: Shared, serving: Condition, shutdown: CancellationTo
             }
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         };
-        tokio::select! {
+        changed = tokio::select! {
             _ = shutdown.cancelled() => return,
-            changed = config.changed() => if changed.is_err() { return },
-            _ = retry => {}
-        }
+            next = config.changed() => if next.is_err() { return } else { true },
+            _ = retry => false,
+        };
     }
 }
 

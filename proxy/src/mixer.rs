@@ -99,6 +99,11 @@ impl MixerFilter {
         })
     }
 
+    /// Whether there is a Mixer to check with or report to.
+    pub fn is_on(&self) -> bool {
+        self.policy.is_some() || self.telemetry.is_some()
+    }
+
     /// Sends queued reports every second until `shutdown`, and once more then.
     pub async fn flush_reports(self: Arc<Self>, shutdown: CancellationToken) {
         let Some(telemetry) = self.telemetry.clone() else {

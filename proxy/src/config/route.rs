@@ -212,6 +212,25 @@ pub struct RequestParts<'a> {
     pub headers: &'a http::HeaderMap,
 }
 
+impl<'a> RequestParts<'a> {
+    /// The parts of `request`: its authority from an absolute-form URI (the
+    /// proxy used as `HTTP_PROXY`), else from `Host`.
+    pub fn of<B>(request: &'a http::Request<B>) -> Self {
+        let uri = request.uri();
+        RequestParts {
+            authority: uri
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| request.headers().get(http::header::HOST)?.to_str().ok())
+                .unwrap_or_default(),
+            path: uri.path_and_query().map_or("/", |p| p.as_str()),
+            method: request.method().as_str(),
+            scheme: uri.scheme_str().unwrap_or("http"),
+            headers: request.headers(),
+        }
+    }
+}
+
 impl RouteTable {
     pub fn compile(rc: &xds::RouteConfiguration) -> Result<Self, Problem> {
         let at = |what: String| Problem(format!("route configuration {:?}: {what}", rc.name));
