@@ -3,6 +3,7 @@
 //! processes on 127.0.0.1, wait on readiness, and stop them.
 
 pub mod fake_kube;
+pub mod netns;
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -70,10 +71,17 @@ impl Proc {
 
     /// [`Proc::start`] with environment variables set.
     pub fn start_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(bin(name))
+        let mut command = Command::new(bin(name));
+        command
             .args(args)
             .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
+            .envs(env.iter().copied());
+        Self::spawn(name, command)
+    }
+
+    /// Starts `command`, a workspace binary `name` set up by the caller.
+    pub fn spawn(name: &str, mut command: Command) -> Self {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
