@@ -522,7 +522,7 @@ fn mirror_to(
         else {
             return;
         };
-        let _ = cluster.client.request(request).await;
+        let _ = cluster.client().request(request).await;
     });
 }
 
@@ -621,7 +621,7 @@ async fn send_with_retries(
                 Err(e) => return local_reply(StatusCode::BAD_REQUEST, &format!("request: {e}")),
             };
         endpoint.active.fetch_add(1, Ordering::Relaxed);
-        let sent = cluster.client.request(request);
+        let sent = cluster.client().request(request);
         let per_try = retry.and_then(|r| r.per_try_timeout);
         let outcome = match per_try {
             Some(limit) => tokio::time::timeout(limit, sent).await.ok(),

@@ -23,6 +23,7 @@ pub mod tcp;
 pub mod tls;
 pub mod trace;
 pub mod upstream;
+pub mod workers;
 pub mod xds;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -54,6 +55,9 @@ pub struct ProxyArgs {
     /// Log every HTTP request (target `access`, at info).
     #[arg(long)]
     pub access_log: bool,
+    /// Worker threads carrying traffic; 0 for one per core.
+    #[arg(long, env = "PROXY_CONCURRENCY", default_value_t = 2)]
+    pub concurrency: usize,
     /// Where Kubernetes probes readiness (`/healthz/ready`).
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], component::ports::PROXY_HEALTH)))]
     pub health_addr: SocketAddr,
@@ -84,7 +88,12 @@ pub async fn run(args: ProxyArgs, admin: Admin, shutdown: CancellationToken) -> 
     tokio::spawn(agent.run(shutdown.clone()));
     let tls = Arc::new(tls::TlsContext::new(credentials.clone()));
     let stats = stats::Stats::new(&mut admin.registry());
-    let upstreams = Arc::new(upstream::Upstreams::new(tls.clone(), stats));
+    let concurrency = match args.concurrency {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let workers = workers::Workers::start(concurrency, &shutdown)?;
+    let upstreams = Arc::new(upstream::Upstreams::new(tls.clone(), stats, concurrency));
     admin.add_routes(admin::routes(admin::Views {
         admin: admin.clone(),
         xds: state.clone(),
@@ -117,7 +126,12 @@ pub async fn run(args: ProxyArgs, admin: Admin, shutdown: CancellationToken) -> 
         access_log: args.access_log,
         tracing: traces.clone(),
     };
-    tokio::spawn(listeners::follow(shared, serving, shutdown.clone()));
+    tokio::spawn(listeners::follow(
+        shared,
+        workers,
+        serving,
+        shutdown.clone(),
+    ));
     client.run(shutdown).await;
     traces.flush();
     Ok(())

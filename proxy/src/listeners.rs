@@ -21,6 +21,7 @@ use crate::{
     tcp,
     tls::{self, TlsContext},
     upstream::Upstreams,
+    workers::Workers,
 };
 
 /// What every connection of the proxy shares.
@@ -38,7 +39,12 @@ pub struct Shared {
 /// endpoints first, then listeners bound and unbound. `serving` holds once
 /// a whole config is applied with every listener bound, so a proxy that
 /// says it is ready routes.
-pub async fn follow(shared: Shared, serving: Condition, shutdown: CancellationToken) {
+pub async fn follow(
+    shared: Shared,
+    workers: Workers,
+    serving: Condition,
+    shutdown: CancellationToken,
+) {
     let mut config = shared.config.clone();
     let mut bound: HashMap<String, (SocketAddr, CancellationToken)> = HashMap::new();
     let mut changed = true;
@@ -63,12 +69,16 @@ pub async fn follow(shared: Shared, serving: Condition, shutdown: CancellationTo
             if !listener.bind || bound.contains_key(name) {
                 continue;
             }
-            match tokio::net::TcpListener::bind(listener.address).await {
-                Ok(socket) => {
+            match bind(listener.address, workers.count()) {
+                Ok(sockets) => {
                     tracing::info!(listener = %name, addr = %listener.address, "listening");
                     let stop = shutdown.child_token();
                     bound.insert(name.clone(), (listener.address, stop.clone()));
-                    tokio::spawn(accept(socket, name.clone(), shared.clone(), stop));
+                    let mut sockets = sockets.into_iter();
+                    workers.each(|_| {
+                        let socket = sockets.next().expect("a socket per worker");
+                        accept(socket, name.clone(), shared.clone(), stop.clone())
+                    });
                 }
                 Err(e) => {
                     tracing::error!(listener = %name, addr = %listener.address, "cannot listen: {e}")
@@ -96,12 +106,30 @@ pub async fn follow(shared: Shared, serving: Condition, shutdown: CancellationTo
     }
 }
 
+/// A listening socket on `addr`, and a copy of it for each of `count`
+/// workers beyond the first.
+fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let socket = std::net::TcpListener::bind(addr)?;
+    socket.set_nonblocking(true)?;
+    let mut sockets = Vec::with_capacity(count);
+    for _ in 1..count {
+        sockets.push(socket.try_clone()?);
+    }
+    sockets.push(socket);
+    Ok(sockets)
+}
+
+/// Accepts on a worker's copy of a listener's socket until `stop`.
 async fn accept(
-    socket: tokio::net::TcpListener,
+    socket: std::net::TcpListener,
     name: String,
     shared: Shared,
     stop: CancellationToken,
 ) {
+    let socket = match tokio::net::TcpListener::from_std(socket) {
+        Ok(s) => s,
+        Err(e) => return tracing::error!(listener = %name, "cannot accept: {e}"),
+    };
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,

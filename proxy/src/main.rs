@@ -1,4 +1,4 @@
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     // `proxy init` is the init container's job, not the proxy's.
     if std::env::args().nth(1).as_deref() == Some("init") {

@@ -116,7 +116,9 @@ pub struct UpstreamCluster {
     endpoints: RwLock<Arc<Vec<Arc<Endpoint>>>>,
     next: AtomicUsize,
     pub connector: Connector,
-    pub client: Client<Connector, Body>,
+    /// A connection pool per worker, so that a pooled connection is only
+    /// used on the thread that drives it.
+    clients: Vec<Client<Connector, Body>>,
     /// Ejections by outlier detection, ever.
     ejections: Counter,
     /// Requests in progress: the circuit breaker's connections (HTTP/1.1,
@@ -171,21 +173,30 @@ impl UpstreamCluster {
         Some(RetryPlace(&self.retries))
     }
 
-    fn new(config: Arc<Cluster>, tls: Arc<TlsContext>, ejections: Counter) -> Self {
+    /// The calling worker's client.
+    pub fn client(&self) -> &Client<Connector, Body> {
+        &self.clients[crate::workers::current() % self.clients.len()]
+    }
+
+    fn new(config: Arc<Cluster>, tls: Arc<TlsContext>, ejections: Counter, workers: usize) -> Self {
         let connector = Connector {
             cluster: config.clone(),
             tls,
         };
-        let client = Client::builder(TokioExecutor::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             .http2_only(config.http2)
             .set_host(false)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector.clone());
+            .pool_idle_timeout(Duration::from_secs(60));
+        // A clone of a client shares its pool; each worker's is built anew.
+        let clients = (0..workers.max(1))
+            .map(|_| builder.build(connector.clone()))
+            .collect();
         Self {
             endpoints: RwLock::new(Arc::default()),
             next: AtomicUsize::new(0),
             connector,
-            client,
+            clients,
             ejections,
             active: Arc::new(tokio::sync::Semaphore::new(
                 (if config.http2 {
@@ -355,14 +366,17 @@ pub struct Upstreams {
     clusters: RwLock<HashMap<String, Arc<UpstreamCluster>>>,
     tls: Arc<TlsContext>,
     pub stats: Stats,
+    /// Workers, each with a connection pool per cluster.
+    workers: usize,
 }
 
 impl Upstreams {
-    pub fn new(tls: Arc<TlsContext>, stats: Stats) -> Self {
+    pub fn new(tls: Arc<TlsContext>, stats: Stats, workers: usize) -> Self {
         Self {
             clusters: RwLock::default(),
             tls,
             stats,
+            workers,
         }
     }
 
@@ -397,6 +411,7 @@ impl Upstreams {
                         config.clone(),
                         self.tls.clone(),
                         ejections,
+                        self.workers,
                     ))
                 }
             };
