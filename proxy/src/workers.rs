@@ -66,3 +66,29 @@ impl Workers {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_task_runs_on_its_own_worker_thread() {
+        let shutdown = CancellationToken::new();
+        let workers = Workers::start(3, &shutdown).unwrap();
+        let (tx, rx) = mpsc::channel();
+        workers.each(|index| {
+            let tx = tx.clone();
+            async move {
+                let name = thread::current().name().map(str::to_string);
+                tx.send((index, current(), name)).unwrap();
+            }
+        });
+        let mut seen: Vec<_> = (0..3).map(|_| rx.recv().unwrap()).collect();
+        seen.sort();
+        for (i, (index, current, name)) in seen.into_iter().enumerate() {
+            assert_eq!((index, current), (i, i));
+            assert_eq!(name, Some(format!("proxy-worker-{i}")));
+        }
+        shutdown.cancel();
+    }
+}
