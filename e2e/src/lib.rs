@@ -254,3 +254,34 @@ pub fn config_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
 }
 
 pub const SAMPLE_CONFIG: &str = include_str!("../tests/data/config.yaml");
+
+/// A self-signed certificate for 127.0.0.1, as an admission webhook
+/// serves: its PEM certificate and key files in `dir`, and the
+/// certificate for clients to trust.
+pub fn webhook_certificate(dir: &std::path::Path) -> (PathBuf, PathBuf, rcgen::Certificate) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (cert_path, key_path, cert)
+}
+
+/// An HTTPS client that trusts exactly `cert`, as the API server trusts
+/// a webhook's CA bundle.
+pub fn https_client(cert: &rcgen::Certificate) -> reqwest::Client {
+    install_crypto();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .build()
+        .unwrap()
+}

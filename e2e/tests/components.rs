@@ -26,9 +26,24 @@ async fn check_admin_and_stop(proc: Proc, admin: std::net::SocketAddr) {
 }
 
 #[tokio::test]
-async fn components_without_inputs_serve_admin_and_stop_on_sigterm() {
+async fn the_injector_serves_admin_and_stops_on_sigterm() {
     let admin = free_addr();
-    let proc = Proc::start("sidecar-injector", &["--admin-addr", &admin.to_string()]);
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key, _) = webhook_certificate(certs.path());
+    let webhook = free_addr().to_string();
+    let proc = Proc::start(
+        "sidecar-injector",
+        &[
+            "--admin-addr",
+            &admin.to_string(),
+            "--webhook-addr",
+            &webhook,
+            "--webhook-cert",
+            cert.to_str().unwrap(),
+            "--webhook-key",
+            key.to_str().unwrap(),
+        ],
+    );
     check_admin_and_stop(proc, admin).await;
 }
 

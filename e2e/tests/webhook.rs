@@ -1,42 +1,10 @@
 //! Galley's validating admission webhook over real HTTPS, with
 //! AdmissionReview JSON in the shape the Kubernetes API server sends.
 
-use std::sync::Arc;
-
 use e2e::*;
 use serde_json::{Value, json};
 
 const REVIEW: &str = include_str!("data/admission-review.json");
-
-/// A certificate for 127.0.0.1, written as PEM files into `dir`.
-fn certificate(
-    dir: &std::path::Path,
-) -> (std::path::PathBuf, std::path::PathBuf, rcgen::Certificate) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    (cert_path, key_path, cert)
-}
-
-/// An HTTPS client that trusts exactly `cert`.
-fn client(cert: &rcgen::Certificate) -> reqwest::Client {
-    install_crypto();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.der().clone()).unwrap();
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .build()
-        .unwrap()
-}
 
 fn review_of(spec: Value) -> Value {
     let mut review: Value = serde_json::from_str(REVIEW).unwrap();
@@ -48,7 +16,7 @@ fn review_of(spec: Value) -> Value {
 async fn webhook_allows_valid_and_denies_invalid_virtual_services() {
     let dir = config_dir(&[("config.yaml", SAMPLE_CONFIG)]);
     let certs = tempfile::tempdir().unwrap();
-    let (cert_path, key_path, cert) = certificate(certs.path());
+    let (cert_path, key_path, cert) = webhook_certificate(certs.path());
     let webhook = free_addr();
     let webhook_arg = webhook.to_string();
     let flags = [
@@ -60,7 +28,7 @@ async fn webhook_allows_valid_and_denies_invalid_virtual_services() {
         key_path.to_str().unwrap(),
     ];
     let galley = Galley::start(dir.path(), &flags).await.proc;
-    let client = client(&cert);
+    let client = https_client(&cert);
     let post = |review: Value| {
         let client = client.clone();
         async move {

@@ -2,6 +2,7 @@
 
 mod bench;
 mod binaries;
+mod kube_inject;
 mod mcp;
 mod proxy_status;
 mod up;
@@ -28,6 +29,8 @@ enum Command {
     ProxyStatus(proxy_status::ProxyStatusArgs),
     /// Check config files as Galley would, offline.
     Validate(validate::ValidateArgs),
+    /// Add the sidecar to the pods and workloads in a file, as the injector would.
+    KubeInject(kube_inject::KubeInjectArgs),
     /// Tools for MCP implementations.
     #[command(subcommand)]
     Mcp(McpCommand),
@@ -74,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Up(args) => up::run(args, shutdown).await,
         Command::Validate(args) => validate::run(args),
+        Command::KubeInject(args) => kube_inject::run(args),
         Command::ProxyStatus(args) => proxy_status::run(args).await,
         Command::Mcp(McpCommand::Watch(args)) => mcp::watch::run(args, shutdown).await,
         Command::Mcp(McpCommand::Serve(args)) => mcp::serve::run(args, shutdown).await,

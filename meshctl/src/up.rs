@@ -99,6 +99,9 @@ fn plans(config_dir: &Path, state_dir: &Path, ports: &Ports) -> anyhow::Result<V
     let mcp = ports.pick(ports::GALLEY_MCP)?;
     let xds = ports.pick(ports::PILOT_XDS)?;
     let ca = ports.pick(ports::CITADEL_CA)?;
+    // Galley's webhook is not served locally, so the injector keeps 9443.
+    let injector = ports.pick(ports::INJECTOR_WEBHOOK)?;
+    let (cert, key) = webhook_certificate(state_dir)?;
     // Both Mixer roles default to 9091; on one host telemetry takes 9092.
     let (policy, telemetry, prometheus) = (
         ports.pick(ports::MIXER_GRPC)?,
@@ -179,11 +182,33 @@ fn plans(config_dir: &Path, state_dir: &Path, ports: &Ports) -> anyhow::Result<V
         Plan {
             name: "sidecar-injector",
             binary: "sidecar-injector",
-            args: vec![],
+            args: vec![
+                "--webhook-addr".into(),
+                injector.to_string(),
+                "--webhook-cert".into(),
+                cert.display().to_string(),
+                "--webhook-key".into(),
+                key.display().to_string(),
+            ],
             admin: admin(5)?,
-            ports: vec![],
+            ports: vec![("webhook", injector)],
         },
     ])
+}
+
+/// A self-signed certificate for the injector's webhook on loopback
+/// (no API server calls it locally, but it serves as it would in a
+/// cluster): its certificate and key files in `state_dir`.
+fn webhook_certificate(state_dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let key = rcgen::KeyPair::generate()?;
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let cert = rcgen::CertificateParams::new(names)?.self_signed(&key)?;
+    let dir = state_dir.join("webhook");
+    std::fs::create_dir_all(&dir)?;
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.pem())?;
+    std::fs::write(&key_path, key.serialize_pem())?;
+    Ok((cert_path, key_path))
 }
 
 pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()> {

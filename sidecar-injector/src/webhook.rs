@@ -1,0 +1,134 @@
+//! The mutating admission webhook: Kubernetes sends an
+//! `admission.k8s.io/v1` AdmissionReview for every pod created in a
+//! namespace the MutatingWebhookConfiguration selects; the answer allows
+//! the pod with a JSON Patch that adds the sidecar, or unchanged when the
+//! rules leave it alone. When injection fails (a template error, a name
+//! clash) the pod is refused with the reason rather than let in without
+//! the sidecar it asked for: the ReplicaSet retries, and the event says why.
+
+use std::sync::Arc;
+
+use axum::{Json, Router, extract::State, http::StatusCode, routing::post};
+use kube_core::{
+    DynamicObject,
+    admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation},
+};
+use prometheus_client::{metrics::counter::Counter, registry::Registry};
+use tokio::sync::watch;
+
+use crate::inject::{Injector, Outcome};
+
+/// Istio 1.1's path.
+pub const PATH: &str = "/inject";
+
+/// Pods reviewed, by outcome.
+#[derive(Clone, Default)]
+pub struct Metrics {
+    requests: Counter,
+    success: Counter,
+    skip: Counter,
+    failure: Counter,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        for (name, help, counter) in [
+            (
+                "injection_requests",
+                "Admission requests for pods",
+                &m.requests,
+            ),
+            ("injection_success", "Pods injected", &m.success),
+            ("injection_skip", "Pods the rules left alone", &m.skip),
+            (
+                "injection_failure",
+                "Pods refused because injection failed",
+                &m.failure,
+            ),
+        ] {
+            registry.register(name, help, counter.clone());
+        }
+        m
+    }
+}
+
+#[derive(Clone)]
+struct Webhook {
+    injector: watch::Receiver<Arc<Injector>>,
+    metrics: Metrics,
+}
+
+pub fn router(injector: watch::Receiver<Arc<Injector>>, metrics: Metrics) -> Router {
+    Router::new()
+        .route(PATH, post(review))
+        .with_state(Webhook { injector, metrics })
+}
+
+async fn review(
+    State(webhook): State<Webhook>,
+    Json(review): Json<AdmissionReview<DynamicObject>>,
+) -> Result<Json<AdmissionReview<DynamicObject>>, (StatusCode, String)> {
+    let request: AdmissionRequest<DynamicObject> = review.try_into().map_err(|_| {
+        (
+            StatusCode::BAD_REQUEST,
+            "an AdmissionReview without a request\n".to_string(),
+        )
+    })?;
+    let allowed = AdmissionResponse::from(&request);
+    let is_pod = request.kind.group.is_empty() && request.kind.kind == "Pod";
+    let Some(object) = request.object.as_ref().filter(|_| is_pod) else {
+        return Ok(Json(allowed.into_review()));
+    };
+    if request.operation != Operation::Create {
+        return Ok(Json(allowed.into_review()));
+    }
+    webhook.metrics.requests.inc();
+    let namespace = request
+        .namespace
+        .clone()
+        .or_else(|| object.metadata.namespace.clone())
+        .unwrap_or_else(|| "default".into());
+    let pod = serde_json::to_value(object).map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("the pod cannot be read: {e}\n"),
+        )
+    })?;
+    let name = object
+        .metadata
+        .name
+        .clone()
+        .or_else(|| object.metadata.generate_name.clone())
+        .unwrap_or_default();
+    let injector = webhook.injector.borrow().clone();
+    let response = match injector.inject(&pod, &namespace) {
+        Ok(Outcome::Injected(patch)) => match allowed.with_patch(patch) {
+            Ok(response) => {
+                webhook.metrics.success.inc();
+                tracing::info!(pod = %name, %namespace, "injected");
+                response
+            }
+            Err(e) => refuse(&webhook, &request, &name, &namespace, e.into()),
+        },
+        Ok(Outcome::Skipped(reason)) => {
+            webhook.metrics.skip.inc();
+            tracing::debug!(pod = %name, %namespace, reason, "not injected");
+            allowed
+        }
+        Err(e) => refuse(&webhook, &request, &name, &namespace, e),
+    };
+    Ok(Json(response.into_review()))
+}
+
+fn refuse(
+    webhook: &Webhook,
+    request: &AdmissionRequest<DynamicObject>,
+    name: &str,
+    namespace: &str,
+    error: anyhow::Error,
+) -> AdmissionResponse {
+    webhook.metrics.failure.inc();
+    tracing::warn!(pod = %name, %namespace, "injection failed: {error:#}");
+    AdmissionResponse::from(request).deny(format!("sidecar injection failed: {error:#}"))
+}
