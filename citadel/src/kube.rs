@@ -95,6 +95,29 @@ pub struct SecretOptions {
     pub grace_ratio: f64,
     /// How often every secret is checked for rotation.
     pub check_interval: Duration,
+    pub dns_names: Vec<DnsName>,
+}
+
+/// A DNS name for one ServiceAccount's certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsName {
+    pub namespace: String,
+    pub account: String,
+    pub name: String,
+}
+
+/// Parses `<namespace>/<account>=<name>`.
+pub fn parse_dns_name(text: &str) -> Result<DnsName, String> {
+    let parsed = text.split_once('=').and_then(|(who, name)| {
+        let (namespace, account) = who.split_once('/')?;
+        let all = [namespace, account, name];
+        all.iter().all(|s| !s.is_empty()).then(|| DnsName {
+            namespace: namespace.into(),
+            account: account.into(),
+            name: name.into(),
+        })
+    });
+    parsed.ok_or_else(|| format!("{text:?} is not <namespace>/<account>=<dns name>"))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -262,9 +285,18 @@ impl SecretController {
             .to_string()
             .try_into()
             .map_err(|e: rcgen::Error| e.to_string())?;
+        let mut sans = vec![SanType::URI(uri)];
+        for dns in &self.options.dns_names {
+            if dns.namespace == namespace && dns.account == account {
+                let name = dns.name.clone().try_into();
+                sans.push(SanType::DnsName(
+                    name.map_err(|e: rcgen::Error| e.to_string())?,
+                ));
+            }
+        }
         let chain = self
             .ca
-            .issue(&key, vec![SanType::URI(uri)], self.options.ttl)
+            .issue(&key, sans, self.options.ttl)
             .map_err(|e| e.to_string())?;
         let bytes = |s: String| ByteString(s.into_bytes());
         let name = secret_name(account);
@@ -336,4 +368,36 @@ fn validity(pem: &str) -> Option<(SystemTime, SystemTime)> {
         at(cert.validity().not_before),
         at(cert.validity().not_after),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_names_parse_and_bad_ones_say_the_form() {
+        let dns = parse_dns_name(
+            "istio-system/istio-galley-service-account=istio-galley.istio-system.svc",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                dns.namespace.as_str(),
+                dns.account.as_str(),
+                dns.name.as_str()
+            ),
+            (
+                "istio-system",
+                "istio-galley-service-account",
+                "istio-galley.istio-system.svc"
+            )
+        );
+        for bad in ["galley=x", "ns/=x", "ns/sa=", "ns/sa"] {
+            let e = parse_dns_name(bad).unwrap_err();
+            assert!(
+                e.ends_with("is not <namespace>/<account>=<dns name>"),
+                "{e}"
+            );
+        }
+    }
 }

@@ -80,6 +80,19 @@ pub struct CitadelArgs {
     /// How often every secret is checked for rotation.
     #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
     pub secret_check_interval: Duration,
+    /// A DNS name added to one ServiceAccount's secret certificate, as
+    /// `<namespace>/<account>=<name>` (repeatable): the admission webhooks
+    /// serve with those certificates, and the API server calls them by
+    /// their Service's name.
+    #[arg(
+        long = "dns-name",
+        value_parser = kube::parse_dns_name,
+        default_values = [
+            "istio-system/istio-galley-service-account=istio-galley.istio-system.svc",
+            "istio-system/istio-sidecar-injector-service-account=istio-sidecar-injector.istio-system.svc",
+        ]
+    )]
+    pub dns_names: Vec<kube::DnsName>,
 }
 
 /// Loads (or creates) the CA and serves its API until `shutdown`.
@@ -116,6 +129,7 @@ pub async fn run_on(
             ttl: args.workload_cert_ttl,
             grace_ratio: args.secret_grace_ratio,
             check_interval: args.secret_check_interval,
+            dns_names: args.dns_names.clone(),
         },
         &mut admin.registry(),
     );

@@ -117,7 +117,7 @@ fn service_account(name: &str) -> Value {
 
 #[tokio::test]
 async fn every_service_account_gets_its_key_and_certificate_until_it_is_deleted() {
-    let mesh = start(&[]).await;
+    let mesh = start(&["--dns-name", "bookinfo/ratings=ratings.bookinfo.svc"]).await;
     // The recorded accounts.
     for account in ["reviews", "ratings"] {
         let secret = eventually(|| mesh.api.object(&format!("{SECRETS}/istio.{account}"))).await;
@@ -126,12 +126,14 @@ async fn every_service_account_gets_its_key_and_certificate_until_it_is_deleted(
         let chain = vec![data(&secret, "cert-chain.pem"), mesh.root.clone()];
         common::validate(&chain, &mesh.root);
         let (sans, left) = common::inspect(&chain[0]);
-        assert_eq!(
-            sans,
-            [format!(
-                "URI(spiffe://cluster.local/ns/bookinfo/sa/{account})"
-            )]
-        );
+        let mut expected = vec![format!(
+            "URI(spiffe://cluster.local/ns/bookinfo/sa/{account})"
+        )];
+        if account == "ratings" {
+            // A webhook's name, as `--dns-name` asked.
+            expected.push("DNSName(ratings.bookinfo.svc)".into());
+        }
+        assert_eq!(sans, expected);
         assert!(left > Duration::from_secs(23 * 3600), "{left:?}");
         // The key is the certificate's.
         let key = rcgen::KeyPair::from_pem(&data(&secret, "key.pem")).unwrap();
