@@ -15,6 +15,7 @@ pub mod shutdown;
 pub mod spiffe;
 pub mod tls;
 pub mod watch;
+pub mod webhook_ca;
 
 pub use admin::Admin;
 pub use backoff::Backoff;

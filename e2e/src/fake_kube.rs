@@ -9,7 +9,8 @@
 //! Namespaced core objects (`/api/v1/namespaces/<ns>/<plural>/<name>`) can
 //! also be created, read, replaced and deleted, with the API server's status
 //! codes (409 on a create that exists, 404 on what does not), and token
-//! reviews answer for the tokens a test registers.
+//! reviews answer for the tokens a test registers. Other objects a test
+//! stores (cluster-scoped ones, say) can be read and JSON-patched.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -62,7 +63,14 @@ impl FakeApi {
             .map_or(0, |w| w.iter().filter(|tx| !tx.is_closed()).count())
     }
 
-    /// The object at `path` (`/api/v1/namespaces/<ns>/<plural>/<name>`).
+    /// Stores `object` at `path` (any object path, cluster-scoped ones
+    /// included), to be read and patched through the API.
+    pub fn put(&self, path: &str, object: Value) {
+        self.objects.lock().unwrap().insert(path.into(), object);
+    }
+
+    /// The object at `path` (`/api/v1/namespaces/<ns>/<plural>/<name>`, or
+    /// one stored with [`FakeApi::put`]).
     pub fn object(&self, path: &str) -> Option<Value> {
         self.objects.lock().unwrap().get(path).cloned()
     }
@@ -99,6 +107,43 @@ fn status(code: StatusCode, reason: &str, message: String) -> Response {
 
 fn object_response(object: &Value) -> Response {
     ([("content-type", "application/json")], object.to_string()).into_response()
+}
+
+/// Reads and JSON Patches of objects a test stored; `None` when `path`
+/// holds none.
+async fn handle_stored(api: &FakeApi, method: &Method, path: &str, body: Body) -> Response {
+    let body = axum::body::to_bytes(body, 16 << 20)
+        .await
+        .unwrap_or_default();
+    let mut objects = api.objects.lock().unwrap();
+    let Some(object) = objects.get_mut(path) else {
+        return not_found(path);
+    };
+    match *method {
+        Method::GET => object_response(object),
+        Method::PATCH => {
+            let patch = match serde_json::from_slice::<json_patch::Patch>(&body) {
+                Ok(p) => p,
+                Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
+            };
+            let mut patched = object.clone();
+            if let Err(e) = json_patch::patch(&mut patched, &patch) {
+                return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", e.to_string());
+            }
+            *object = patched.clone();
+            drop(objects);
+            api.writes
+                .lock()
+                .unwrap()
+                .push(("patch".to_string(), path.to_string()));
+            object_response(&patched)
+        }
+        _ => status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            format!("{method} {path}"),
+        ),
+    }
 }
 
 /// Writes and reads of namespaced core objects; `None` when `path` is not
@@ -213,6 +258,10 @@ async fn handle(State(api): State<FakeApi>, request: Request) -> Response {
         return review_token(&api, request.into_body()).await;
     }
     let query = request.uri().query().unwrap_or_default().to_string();
+    let stored = api.objects.lock().unwrap().contains_key(&path);
+    if stored && !path.starts_with("/api/v1/namespaces/") {
+        return handle_stored(&api, &method, &path, request.into_body()).await;
+    }
     if let Some(response) = handle_object(&api, &method, &path, request.into_body()).await {
         return response;
     }

@@ -4,8 +4,6 @@
 //! giving the same pod; `proxy init --dry-run` printing the rules that
 //! the pod's annotations ask for; and the config reloaded when edited.
 
-use std::path::Path;
-
 use base64::Engine;
 use e2e::*;
 use serde_json::{Value, json};
@@ -21,7 +19,7 @@ struct Injector {
     _certs: tempfile::TempDir,
 }
 
-async fn start(config: Option<&Path>) -> Injector {
+async fn start(extra: &[&str]) -> Injector {
     let certs = tempfile::tempdir().unwrap();
     let (cert_path, key_path, cert) = webhook_certificate(certs.path());
     let (webhook, admin) = (free_addr(), free_addr());
@@ -36,9 +34,7 @@ async fn start(config: Option<&Path>) -> Injector {
         "--admin-addr",
         &admin_arg,
     ];
-    if let Some(config) = config {
-        args.extend(["--config", config.to_str().unwrap()]);
-    }
+    args.extend_from_slice(extra);
     let proc = Proc::start("sidecar-injector", &args);
     wait_for_http(admin, "/ready", |s, _| s == 200).await;
     Injector {
@@ -117,7 +113,7 @@ fn container<'a>(pod: &'a Value, field: &str, name: &str) -> &'a Value {
 
 #[tokio::test]
 async fn the_webhook_injects_opted_in_pods_and_leaves_the_rest_alone() {
-    let injector = start(None).await;
+    let injector = start(&[]).await;
 
     let (response, injected) = injector.review(&pod()).await;
     assert_eq!(response["allowed"], true);
@@ -198,7 +194,7 @@ async fn the_webhook_injects_opted_in_pods_and_leaves_the_rest_alone() {
 
 #[tokio::test]
 async fn kube_inject_gives_the_webhooks_pod_and_init_applies_its_annotations() {
-    let injector = start(None).await;
+    let injector = start(&[]).await;
     let mut pod = pod();
     pod["metadata"]["annotations"] = json!({
         "traffic.sidecar.istio.io/includeInboundPorts": "9080",
@@ -266,7 +262,7 @@ async fn an_edited_config_applies_and_a_broken_one_is_refused() {
     let path = dir.path().join("injector.yaml");
     let default = sidecar_injector::config::DEFAULT;
     std::fs::write(&path, default).unwrap();
-    let injector = start(Some(&path)).await;
+    let injector = start(&["--config", path.to_str().unwrap()]).await;
     let image = |pod: &Value| container(pod, "containers", "istio-proxy")["image"].clone();
     let (_, before) = injector.review(&pod()).await;
     assert_eq!(image(&before), "ghcr.io/mesh-rs/proxy:0.1.0");
@@ -307,7 +303,7 @@ async fn a_pod_the_template_fails_for_is_refused_with_the_reason() {
     // Compiles, but reads a field pods do not have.
     let config = "policy: enabled\ntemplate: |\n  containers: [{name: x, image: {{ pod.spec.image.name }}}]\n";
     std::fs::write(&path, config).unwrap();
-    let injector = start(Some(&path)).await;
+    let injector = start(&["--config", path.to_str().unwrap()]).await;
     let (response, stored) = injector.review(&pod()).await;
     assert_eq!(response["allowed"], false);
     let message = response["status"]["message"].as_str().unwrap();
@@ -316,4 +312,71 @@ async fn a_pod_the_template_fails_for_is_refused_with_the_reason() {
         "{message}"
     );
     assert_eq!(stored, pod(), "no patch");
+}
+
+#[tokio::test]
+async fn the_injector_keeps_its_webhook_configurations_ca_bundle_set() {
+    let (api, api_addr) = e2e::fake_kube::FakeApi::start().await;
+    let path = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/istio-sidecar-injector";
+    api.put(
+        path,
+        json!({
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": "istio-sidecar-injector", "resourceVersion": "7"},
+            "webhooks": [{
+                "name": "sidecar-injector.istio.io",
+                "clientConfig": {"service": {"name": "istio-sidecar-injector", "namespace": "istio-system", "path": "/inject"}},
+                "sideEffects": "None",
+                "admissionReviewVersions": ["v1"],
+            }],
+        }),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (kubeconfig, root) = (
+        dir.path().join("kubeconfig"),
+        dir.path().join("root-cert.pem"),
+    );
+    std::fs::write(&kubeconfig, e2e::fake_kube::FakeApi::kubeconfig(api_addr)).unwrap();
+    std::fs::write(&root, "first root\n").unwrap();
+    let _injector = start(&[
+        "--webhook-config-name",
+        "istio-sidecar-injector",
+        "--webhook-ca",
+        root.to_str().unwrap(),
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+    ])
+    .await;
+    let bundle = |pem: &str| json!(base64::engine::general_purpose::STANDARD.encode(pem));
+    let holds = |pem: &str| {
+        let expected = bundle(pem);
+        let api = api.clone();
+        async move {
+            let deadline = std::time::Instant::now() + WAIT;
+            loop {
+                let object = api.object(path).unwrap();
+                if object["webhooks"][0]["clientConfig"]["caBundle"] == expected {
+                    return object;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "caBundle never set: {object}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let object = holds("first root\n").await;
+    assert_eq!(object["webhooks"][0]["name"], "sidecar-injector.istio.io");
+
+    // Citadel rotates the root: the bundle follows.
+    std::fs::write(&root, "second root\n").unwrap();
+    holds("second root\n").await;
+    let patches = api
+        .writes()
+        .iter()
+        .filter(|(verb, _)| verb == "patch")
+        .count();
+    assert_eq!(patches, 2);
 }

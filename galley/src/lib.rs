@@ -67,6 +67,8 @@ pub struct GalleyArgs {
     /// PEM private key of the webhook (watched; reloaded on change).
     #[arg(long, requires = "webhook_cert")]
     pub webhook_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub webhook_ca: component::webhook_ca::WebhookCaArgs,
 }
 
 /// A store for every collection this project knows.
@@ -147,8 +149,17 @@ pub async fn run(
             mcp_proto::mcp::incoming(mcp),
             shutdown.clone().cancelled_owned(),
         );
+    anyhow::ensure!(
+        args.webhook_ca.webhook_config_name.is_none() || args.webhook_cert.is_some(),
+        "--webhook-config-name needs the webhook served: --webhook-cert and --webhook-key"
+    );
     if let (Some(cert), Some(key)) = (args.webhook_cert.clone(), args.webhook_key.clone()) {
         let webhook = webhook::bind(args.webhook_addr, cert, key, shutdown.clone()).await?;
+        let kind = component::webhook_ca::WebhookKind::Validating;
+        if let Some(target) = args.webhook_ca.target(kind) {
+            let client = component::kube::client(args.kubeconfig.as_deref()).await?;
+            tokio::spawn(target.keep(client, shutdown.clone()));
+        }
         let stop = shutdown.clone();
         tokio::spawn(async move {
             if let Err(e) = webhook.await {

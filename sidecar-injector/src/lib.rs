@@ -16,6 +16,7 @@ use component::{
     Admin, CancellationToken,
     tls::{TlsFiles, TlsListener},
     watch::Changes,
+    webhook_ca::{WebhookCaArgs, WebhookKind},
 };
 use tokio::sync::watch;
 
@@ -37,6 +38,12 @@ pub struct InjectorArgs {
     /// The built-in default when absent.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub webhook_ca: WebhookCaArgs,
+    /// Kubeconfig for `--webhook-config-name` (default: in-cluster, then
+    /// ~/.kube/config).
+    #[arg(long, requires = "webhook_config_name")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// Loads the injector config from `path`, or the built-in default.
@@ -91,6 +98,10 @@ pub async fn run(
                 }
             }
         });
+    }
+    if let Some(target) = args.webhook_ca.target(WebhookKind::Mutating) {
+        let client = component::kube::client(args.kubeconfig.as_deref()).await?;
+        tokio::spawn(target.keep(client, shutdown.clone()));
     }
     let tcp = tokio::net::TcpListener::bind(args.webhook_addr)
         .await
