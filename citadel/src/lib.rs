@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod ca;
+pub mod ca_secret;
 pub use component::spiffe as identity;
 pub mod kube;
 pub mod service;
@@ -93,6 +94,11 @@ pub struct CitadelArgs {
         ]
     )]
     pub dns_names: Vec<kube::DnsName>,
+    /// In Kubernetes mode, the Secret (in `--namespace`) that keeps the CA
+    /// across restarts: restored into an empty `--ca-dir`, or saved there
+    /// after a root is generated. Empty for none.
+    #[arg(long, default_value = "istio-ca-secret")]
+    pub ca_secret: String,
 }
 
 /// Loads (or creates) the CA and serves its API until `shutdown`.
@@ -118,7 +124,19 @@ pub async fn run_on(
         true => Some(component::kube::client(args.kubeconfig.as_deref()).await?),
         false => None,
     };
+    let keep_ca = kube.as_ref().filter(|_| !args.ca_secret.is_empty());
+    let restored = match keep_ca {
+        Some(client) => {
+            ca_secret::restore(client, &args.namespace, &args.ca_secret, &args.ca_dir).await?
+        }
+        None => false,
+    };
     let citadel = Citadel::load(&args, &admin, kube.clone())?;
+    if let Some(client) = keep_ca
+        && !restored
+    {
+        ca_secret::save(client, &args.namespace, &args.ca_secret, &args.ca_dir).await?;
+    }
     let Some(client) = kube else {
         return citadel.serve(listener, &admin, shutdown).await;
     };

@@ -38,6 +38,12 @@ impl Drop for Mesh {
 /// is published.
 async fn start(extra: &[&str]) -> Mesh {
     let (api, api_addr) = FakeApi::start().await;
+    start_on(api, api_addr, extra).await
+}
+
+/// [`start`] against a fake API server already running, with a new
+/// `--ca-dir`.
+async fn start_on(api: FakeApi, api_addr: std::net::SocketAddr, extra: &[&str]) -> Mesh {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, FakeApi::kubeconfig(api_addr)).unwrap();
@@ -67,18 +73,15 @@ async fn start(extra: &[&str]) -> Mesh {
         Admin::new("citadel"),
         stop.clone(),
     ));
-    let published =
-        eventually(|| api.object("/api/v1/namespaces/istio-system/configmaps/istio-security"))
-            .await;
-    let root = published["data"]["caTLSRootCert"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert_eq!(
-        root,
-        std::fs::read_to_string(dir.path().join("ca").join("root-cert.pem")).unwrap(),
-        "the ConfigMap holds the root"
-    );
+    // The CA's own files, then the ConfigMap publishing the same root (a
+    // restarted Citadel finds its predecessor's there already).
+    let ca_root = dir.path().join("ca").join("root-cert.pem");
+    let root = eventually(|| std::fs::read_to_string(&ca_root).ok()).await;
+    eventually(|| {
+        let published = api.object("/api/v1/namespaces/istio-system/configmaps/istio-security")?;
+        (published["data"]["caTLSRootCert"] == root.as_str()).then_some(())
+    })
+    .await;
     Mesh {
         api,
         citadel,
@@ -230,4 +233,23 @@ async fn callers_authenticate_with_their_service_account_token() {
         .unwrap_err();
     assert_eq!(not_a_workload.code(), Code::Unauthenticated);
     assert!(not_a_workload.message().contains("not a service account"));
+}
+
+#[tokio::test]
+async fn the_ca_survives_a_restart_in_its_secret() {
+    let (api, api_addr) = FakeApi::start().await;
+    let first = start_on(api.clone(), api_addr, &[]).await;
+    let saved =
+        eventually(|| api.object("/api/v1/namespaces/istio-system/secrets/istio-ca-secret")).await;
+    assert_eq!(data(&saved, "root-cert.pem"), first.root);
+    first.stop.cancel();
+    // A new pod: its --ca-dir is empty, and the root is the same.
+    let second = start_on(api.clone(), api_addr, &[]).await;
+    assert_eq!(second.root, first.root);
+    let creates = api
+        .writes()
+        .iter()
+        .filter(|(verb, path)| verb == "create" && path.ends_with("/istio-ca-secret"))
+        .count();
+    assert_eq!(creates, 1);
 }

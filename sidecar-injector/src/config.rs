@@ -12,7 +12,7 @@ use kube_core::Selector;
 use serde::Deserialize;
 
 /// The default config, which the manifests ship as the injector's ConfigMap.
-pub const DEFAULT: &str = include_str!("../injector-config.yaml");
+pub const DEFAULT: &str = include_str!("../../manifests/injector-config.yaml");
 
 /// Whether pods that say nothing are injected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
