@@ -259,21 +259,13 @@ fn to_config_object(object: &DynamicObject) -> Result<ConfigObject, String> {
 /// The API resource of an Istio kind: group and version from its
 /// `apiVersion`, plural from its collection name.
 fn api_resource(kind: &Kind) -> ApiResource {
-    let (group, version) = kind
-        .api_version
-        .split_once('/')
-        .unwrap_or(("", kind.api_version));
+    let (group, version) = kind.group_version();
     ApiResource {
         group: group.into(),
         version: version.into(),
         api_version: kind.api_version.into(),
         kind: kind.kind.into(),
-        plural: kind
-            .collection
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .into(),
+        plural: kind.plural().into(),
     }
 }
 

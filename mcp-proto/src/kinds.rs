@@ -132,6 +132,20 @@ pub struct Kind {
     pub namespaced: bool,
 }
 
+impl Kind {
+    /// The Kubernetes API group and version, from `apiVersion`.
+    pub fn group_version(&self) -> (&'static str, &'static str) {
+        self.api_version
+            .split_once('/')
+            .unwrap_or(("", self.api_version))
+    }
+
+    /// The Kubernetes resource (plural) name: the collection's last part.
+    pub fn plural(&self) -> &'static str {
+        self.collection.rsplit('/').next().unwrap_or_default()
+    }
+}
+
 const fn kind(
     collection: &'static str,
     body: BodyType,
