@@ -19,7 +19,7 @@ pub mod webhook_ca;
 
 pub use admin::Admin;
 pub use backoff::Backoff;
-pub use main_of::main_of;
+pub use main_of::{main_of, parse_component, serve_component};
 pub use readiness::Readiness;
 pub use tokio_util::sync::CancellationToken;
 

@@ -31,18 +31,50 @@ where
     F: FnOnce(A, Admin, CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
+    let (common, args) = match parse_component::<A>(name, about, std::env::args_os()) {
+        Ok(parsed) => parsed,
+        Err(e) => e.exit(),
+    };
+    common.init_logging();
+    let shutdown = crate::shutdown::on_signal();
+    serve_component(name, default_admin_port, common, args, run, shutdown).await
+}
+
+/// A component's flags, parsed from `argv` (its first item is the
+/// program name) as its binary parses them.
+pub fn parse_component<A: Args>(
+    name: &'static str,
+    about: &'static str,
+    argv: impl IntoIterator<Item = impl Into<std::ffi::OsString> + Clone>,
+) -> Result<(CommonArgs, A), clap::Error> {
     let matches = ComponentCli::<A>::command()
         .name(name)
         .about(about)
-        .get_matches();
+        .try_get_matches_from(argv)?;
     let cli = ComponentCli::<A>::from_arg_matches(&matches)?;
-    cli.common.init_logging();
-    let shutdown = crate::shutdown::on_signal();
+    Ok((cli.common, cli.args))
+}
+
+/// Runs a component beside its own admin server until `shutdown`: what a
+/// component binary does after parsing, and what the monolith does for
+/// each component it hosts.
+pub async fn serve_component<A, F, Fut>(
+    name: &'static str,
+    default_admin_port: u16,
+    common: CommonArgs,
+    args: A,
+    run: F,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(A, Admin, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
     let admin = Admin::new(&name.replace('-', "_"));
-    let work = run(cli.args, admin.clone(), shutdown.clone());
+    let work = run(args, admin.clone(), shutdown.clone());
     crate::run_with_admin(
         &admin,
-        cli.common.admin_addr_or(default_admin_port),
+        common.admin_addr_or(default_admin_port),
         shutdown,
         work,
     )

@@ -222,6 +222,46 @@ async fn a_component_that_cannot_start_exits_with_a_clear_error() {
 }
 
 #[tokio::test]
+async fn the_monolith_refuses_what_it_cannot_host_and_stops_with_a_failed_component() {
+    let mut unknown = Proc::start("monolith", &["istiod"]);
+    let line = unknown.stderr_until("istiod").await;
+    assert!(line.contains("is not a component"), "{line}");
+    assert!(!unknown.exit().await.success());
+
+    // Pilot's flag is wrong: the message is its binary's.
+    let mut bad_flag = Proc::start("monolith", &["pilot", "--xds-addr", "nowhere"]);
+    bad_flag
+        .stderr_until("invalid value 'nowhere' for '--xds-addr")
+        .await;
+    assert!(!bad_flag.exit().await.success());
+
+    // Galley cannot start: the rest stop too, and the error names it.
+    let mut failing = Proc::start(
+        "monolith",
+        &[
+            "galley",
+            "--config-dir",
+            "/nonexistent/mesh-config",
+            "--mcp-addr",
+            "mem://galley",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--",
+            "pilot",
+            "--mcp-server",
+            "mem://galley",
+            "--xds-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ],
+    );
+    failing.stderr_until("galley failed").await;
+    failing.stderr_until("/nonexistent/mesh-config").await;
+    assert!(!failing.exit().await.success());
+}
+
+#[tokio::test]
 async fn galley_serves_the_mesh_config_and_dials_sinks() {
     let dir = config_dir(&[("config.yaml", SAMPLE_CONFIG)]);
     let mesh_dir = config_dir(&[(

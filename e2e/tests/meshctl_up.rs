@@ -1,18 +1,35 @@
-//! `meshctl up` starts every component as its own process, waits until all
-//! are ready, prints where they listen, and stops them all on SIGTERM.
+//! `meshctl up` starts every component, as its own process or all in one
+//! (the monolith), waits until all are ready, prints where they listen, and
+//! stops them all on SIGTERM.
 
 use std::net::SocketAddr;
 
 use e2e::*;
 
 #[tokio::test]
-async fn up_starts_every_component_and_stops_them_on_sigterm() {
+async fn split_starts_a_process_per_component_and_stops_them_on_sigterm() {
+    let pids = up_and_down("split").await;
+    let distinct: std::collections::BTreeSet<_> = pids.iter().collect();
+    assert_eq!(distinct.len(), pids.len(), "a process each: {pids:?}");
+}
+
+#[tokio::test]
+async fn monolith_runs_every_component_in_one_process_and_stops_it_on_sigterm() {
+    let pids = up_and_down("monolith").await;
+    assert!(pids.iter().all(|&p| p == pids[0]), "one process: {pids:?}");
+}
+
+/// Brings the mesh up in `topology`, checks every component's row and
+/// readiness, stops it, and returns the components' pids.
+async fn up_and_down(topology: &str) -> Vec<u32> {
     let bin_dir = bin("meshctl").parent().unwrap().to_path_buf();
     let mut up = Proc::start(
         "meshctl",
         &[
             "up",
             "--ephemeral-ports",
+            "--topology",
+            topology,
             "--bin-dir",
             bin_dir.to_str().unwrap(),
         ],
@@ -63,4 +80,5 @@ async fn up_starts_every_component_and_stops_them_on_sigterm() {
         "meshctl up exits 0 after SIGTERM: {status}"
     );
     assert!(pids.iter().all(|&p| !alive(p)), "every component stopped");
+    pids
 }

@@ -20,11 +20,11 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use clap::Args;
 use component::{Admin, CancellationToken};
+use mcp_proto::mcp::memory::ListenAddr;
 use mcp_proto::{
     kinds,
     mcp::{self, IncrementalPolicy, McpMetrics, SourceServer, Store},
 };
-use tokio::net::TcpListener;
 
 pub use dir::DirSource;
 
@@ -48,9 +48,10 @@ pub struct GalleyArgs {
     /// DNS domain of the cluster, for service hosts and SPIFFE identities.
     #[arg(long, default_value = "cluster.local")]
     pub domain: String,
-    /// Address of the MCP `ResourceSource` gRPC server.
-    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], component::ports::GALLEY_MCP)))]
-    pub mcp_addr: SocketAddr,
+    /// Address of the MCP `ResourceSource` gRPC server: `host:port`, or
+    /// `mem://NAME` for sinks in the same process (the monolith).
+    #[arg(long, default_value_t = ListenAddr::Tcp(SocketAddr::from(([0, 0, 0, 0], component::ports::GALLEY_MCP))))]
+    pub mcp_addr: ListenAddr,
     /// Istio MeshConfig YAML (watched); Istio 1.1's defaults when absent.
     #[arg(long, env = "GALLEY_MESH_CONFIG")]
     pub mesh_config: Option<PathBuf>,
@@ -82,7 +83,9 @@ pub async fn run(
     admin: Admin,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mcp = TcpListener::bind(args.mcp_addr)
+    let mcp = args
+        .mcp_addr
+        .bind()
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind --mcp-addr {}: {e}", args.mcp_addr))?;
     let sinks = args
@@ -142,13 +145,10 @@ pub async fn run(
     }
     let service =
         SourceServer::new(store, IncrementalPolicy::All, metrics, shutdown.clone()).into_service();
-    tracing::info!(addr = %mcp.local_addr()?, source = ?args.config_dir.as_deref().unwrap_or("kubernetes".as_ref()), "galley serving MCP");
+    tracing::info!(addr = %args.mcp_addr, source = ?args.config_dir.as_deref().unwrap_or("kubernetes".as_ref()), "galley serving MCP");
     let server = mcp_proto::mcp::grpc_server()
         .add_service(service)
-        .serve_with_incoming_shutdown(
-            mcp_proto::mcp::incoming(mcp),
-            shutdown.clone().cancelled_owned(),
-        );
+        .serve_with_incoming_shutdown(mcp, shutdown.clone().cancelled_owned());
     anyhow::ensure!(
         args.webhook_ca.webhook_config_name.is_none() || args.webhook_cert.is_some(),
         "--webhook-config-name needs the webhook served: --webhook-cert and --webhook-key"

@@ -1,8 +1,10 @@
-//! `meshctl up`: the mesh on one machine. Each control-plane component runs
-//! as its own process (its own binary, found next to `meshctl`), on
-//! loopback, with the colliding admin ports moved apart. It waits until
-//! every component reports ready, prints where each one listens, and on
-//! Ctrl-C or SIGTERM stops them all.
+//! `meshctl up`: the mesh on one machine. In the split topology each
+//! control-plane component runs as its own process (its own binary, found
+//! next to `meshctl`); in the monolith topology the `monolith` binary runs
+//! them all in one process, with the same flags, MCP carried in memory.
+//! Either way they listen on loopback with the colliding admin ports moved
+//! apart; it waits until every component reports ready, prints where each
+//! one listens, and on Ctrl-C or SIGTERM stops them all.
 
 use std::{
     fs::File,
@@ -44,22 +46,52 @@ pub struct UpArgs {
     /// Give up if the mesh is not ready within this many seconds.
     #[arg(long, default_value_t = 60)]
     pub ready_timeout_secs: u64,
+    /// A process per component, or all of them in one.
+    #[arg(long, value_enum, default_value_t = Topology::Split)]
+    pub topology: Topology,
 }
 
-/// One component process to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Topology {
+    Split,
+    Monolith,
+}
+
+/// Where Galley serves MCP inside the monolith.
+const MEMORY_MCP: &str = "mem://galley";
+
+/// One component to run.
 struct Plan {
     name: &'static str,
+    /// Its binary, which is also its name in the monolith.
     binary: &'static str,
     args: Vec<String>,
     admin: SocketAddr,
-    /// Other ports it listens on, by purpose.
-    ports: Vec<(&'static str, SocketAddr)>,
+    /// Other addresses it listens on, by purpose.
+    ports: Vec<(&'static str, String)>,
 }
 
-struct Running {
-    plan: Plan,
+impl Plan {
+    /// Its flags, the admin address included.
+    fn argv(&self) -> Vec<String> {
+        let mut argv = self.args.clone();
+        argv.extend(["--admin-addr".into(), self.admin.to_string()]);
+        argv
+    }
+}
+
+/// A process of the mesh.
+struct Process {
+    name: &'static str,
     child: Child,
     pid: u32,
+}
+
+/// The mesh running: its processes, and each component with the index of
+/// the process that hosts it.
+struct Running {
+    processes: Vec<Process>,
+    components: Vec<(Plan, usize)>,
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -95,7 +127,12 @@ impl Ports {
     }
 }
 
-fn plans(config_dir: &Path, state_dir: &Path, ports: &Ports) -> anyhow::Result<Vec<Plan>> {
+fn plans(
+    config_dir: &Path,
+    state_dir: &Path,
+    ports: &Ports,
+    topology: Topology,
+) -> anyhow::Result<Vec<Plan>> {
     let mcp = ports.pick(ports::GALLEY_MCP)?;
     let xds = ports.pick(ports::PILOT_XDS)?;
     let ca = ports.pick(ports::CITADEL_CA)?;
@@ -108,7 +145,10 @@ fn plans(config_dir: &Path, state_dir: &Path, ports: &Ports) -> anyhow::Result<V
         ports.pick(ports::MIXER_GRPC + 1)?,
         ports.pick(ports::MIXER_PROMETHEUS)?,
     );
-    let mcp_arg = mcp.to_string();
+    let mcp_arg = match topology {
+        Topology::Split => mcp.to_string(),
+        Topology::Monolith => MEMORY_MCP.to_string(),
+    };
     // Every control-plane component defaults to admin port 15014; on one
     // host they get 15014, 15015, ...
     let admin = |i: u16| ports.pick(ports::CONTROL_PLANE_ADMIN + i);
@@ -123,7 +163,7 @@ fn plans(config_dir: &Path, state_dir: &Path, ports: &Ports) -> anyhow::Result<V
                 mcp_arg.clone(),
             ],
             admin: admin(0)?,
-            ports: vec![("mcp", mcp)],
+            ports: vec![("mcp", mcp_arg.clone())],
         },
         Plan {
             name: "pilot",
@@ -135,7 +175,7 @@ fn plans(config_dir: &Path, state_dir: &Path, ports: &Ports) -> anyhow::Result<V
                 xds.to_string(),
             ],
             admin: admin(1)?,
-            ports: vec![("xds", xds)],
+            ports: vec![("xds", xds.to_string())],
         },
         Plan {
             name: "mixer-policy",
@@ -149,7 +189,7 @@ fn plans(config_dir: &Path, state_dir: &Path, ports: &Ports) -> anyhow::Result<V
                 policy.to_string(),
             ],
             admin: admin(2)?,
-            ports: vec![("grpc", policy)],
+            ports: vec![("grpc", policy.to_string())],
         },
         Plan {
             name: "mixer-telemetry",
@@ -165,7 +205,10 @@ fn plans(config_dir: &Path, state_dir: &Path, ports: &Ports) -> anyhow::Result<V
                 prometheus.to_string(),
             ],
             admin: admin(3)?,
-            ports: vec![("grpc", telemetry), ("metrics", prometheus)],
+            ports: vec![
+                ("grpc", telemetry.to_string()),
+                ("metrics", prometheus.to_string()),
+            ],
         },
         Plan {
             name: "citadel",
@@ -177,7 +220,7 @@ fn plans(config_dir: &Path, state_dir: &Path, ports: &Ports) -> anyhow::Result<V
                 state_dir.join("ca").display().to_string(),
             ],
             admin: admin(4)?,
-            ports: vec![("ca", ca)],
+            ports: vec![("ca", ca.to_string())],
         },
         Plan {
             name: "sidecar-injector",
@@ -191,7 +234,7 @@ fn plans(config_dir: &Path, state_dir: &Path, ports: &Ports) -> anyhow::Result<V
                 key.display().to_string(),
             ],
             admin: admin(5)?,
-            ports: vec![("webhook", injector)],
+            ports: vec![("webhook", injector.to_string())],
         },
     ])
 }
@@ -235,28 +278,15 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
     };
     let bins = crate::binaries::dir(args.bin_dir.as_deref())?;
     // The probes are released here, before the components bind.
-    let plans = plans(&config_dir, &state_dir, &Ports::new(args.ephemeral_ports))?;
-    for plan in &plans {
-        crate::binaries::path(&bins, plan.binary)?;
-    }
+    let plans = plans(
+        &config_dir,
+        &state_dir,
+        &Ports::new(args.ephemeral_ports),
+        args.topology,
+    )?;
     println!("config: {}", config_dir.display());
     println!("logs:   {}", logs.display());
-
-    let mut running = Vec::new();
-    for plan in plans {
-        let log = File::create(logs.join(format!("{}.log", plan.name)))?;
-        let child = Command::new(bins.join(plan.binary))
-            .args(&plan.args)
-            .arg("--admin-addr")
-            .arg(plan.admin.to_string())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()?;
-        let pid = child.id().unwrap_or_default();
-        running.push(Running { plan, child, pid });
-    }
+    let mut running = start(plans, args.topology, &bins, &logs)?;
 
     let outcome = tokio::select! {
         ready = wait_ready(&mut running, Duration::from_secs(args.ready_timeout_secs)) => ready,
@@ -266,8 +296,9 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
         Ok(()) => {
             print_table(&running);
             println!(
-                "mesh ready: {} components; Ctrl-C stops them",
-                running.len()
+                "mesh ready: {} components in {} processes; Ctrl-C stops them",
+                running.components.len(),
+                running.processes.len()
             );
             tokio::select! {
                 _ = shutdown.cancelled() => Ok(()),
@@ -289,6 +320,55 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
     result
 }
 
+/// Starts the components: a process each, or one monolith for all.
+fn start(
+    plans: Vec<Plan>,
+    topology: Topology,
+    bins: &Path,
+    logs: &Path,
+) -> anyhow::Result<Running> {
+    let spawn = |name: &'static str, binary: &str, argv: &[String]| -> anyhow::Result<Process> {
+        let log = File::create(logs.join(format!("{name}.log")))?;
+        let child = Command::new(crate::binaries::path(bins, binary)?)
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()?;
+        let pid = child.id().unwrap_or_default();
+        Ok(Process { name, child, pid })
+    };
+    match topology {
+        Topology::Split => {
+            let mut running = Running {
+                processes: Vec::new(),
+                components: Vec::new(),
+            };
+            for plan in plans {
+                running
+                    .processes
+                    .push(spawn(plan.name, plan.binary, &plan.argv())?);
+                running.components.push((plan, running.processes.len() - 1));
+            }
+            Ok(running)
+        }
+        Topology::Monolith => {
+            // `galley FLAGS -- pilot FLAGS -- ...`
+            let parts: Vec<Vec<String>> = plans
+                .iter()
+                .map(|p| [vec![p.binary.to_string()], p.argv()].concat())
+                .collect();
+            let argv = parts.join(&"--".to_string());
+            let process = spawn("monolith", "monolith", &argv)?;
+            Ok(Running {
+                processes: vec![process],
+                components: plans.into_iter().map(|p| (p, 0)).collect(),
+            })
+        }
+    }
+}
+
 /// Moves a failed run's temporary state out of the way of its cleanup.
 fn temp_keep(state_dir: &Path) -> Option<PathBuf> {
     let kept = std::env::temp_dir().join(format!("meshctl-failed-{}", std::process::id()));
@@ -296,9 +376,9 @@ fn temp_keep(state_dir: &Path) -> Option<PathBuf> {
     Some(kept)
 }
 
-/// Polls every component's `/ready` until all answer 200; fails if one
-/// exits or the deadline passes.
-async fn wait_ready(running: &mut [Running], timeout: Duration) -> anyhow::Result<()> {
+/// Polls every component's `/ready` until all answer 200; fails if a
+/// process exits or the deadline passes.
+async fn wait_ready(running: &mut Running, timeout: Duration) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()?;
@@ -306,19 +386,21 @@ async fn wait_ready(running: &mut [Running], timeout: Duration) -> anyhow::Resul
     let mut backoff =
         component::Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
     loop {
-        let mut waiting = Vec::new();
-        for r in running.iter_mut() {
-            if let Some(status) = r.child.try_wait()? {
-                anyhow::bail!("{} exited before it was ready ({status})", r.plan.name);
+        for p in running.processes.iter_mut() {
+            if let Some(status) = p.child.try_wait()? {
+                anyhow::bail!("{} exited before it was ready ({status})", p.name);
             }
-            let url = format!("http://{}/ready", r.plan.admin);
+        }
+        let mut waiting = Vec::new();
+        for (plan, _) in &running.components {
+            let url = format!("http://{}/ready", plan.admin);
             let ready = client
                 .get(&url)
                 .send()
                 .await
                 .is_ok_and(|resp| resp.status().is_success());
             if !ready {
-                waiting.push(r.plan.name);
+                waiting.push(plan.name);
             }
         }
         if waiting.is_empty() {
@@ -331,32 +413,31 @@ async fn wait_ready(running: &mut [Running], timeout: Duration) -> anyhow::Resul
     }
 }
 
-fn print_table(running: &[Running]) {
+fn print_table(running: &Running) {
     println!("{:<18} {:>8}  {:<6} PORTS", "COMPONENT", "PID", "READY");
-    for r in running {
-        let mut ports = vec![format!("admin={}", r.plan.admin)];
+    for (plan, process) in &running.components {
+        let mut ports = vec![format!("admin={}", plan.admin)];
         ports.extend(
-            r.plan
-                .ports
+            plan.ports
                 .iter()
                 .map(|(what, addr)| format!("{what}={addr}")),
         );
         println!(
             "{:<18} {:>8}  {:<6} {}",
-            r.plan.name,
-            r.pid,
+            plan.name,
+            running.processes[*process].pid,
             "yes",
             ports.join(" ")
         );
     }
 }
 
-/// Waits until some component exits, and says which and how.
-async fn first_exit(running: &mut [Running]) -> anyhow::Error {
-    let waits = running.iter_mut().map(|r| {
+/// Waits until some process exits, and says which and how.
+async fn first_exit(running: &mut Running) -> anyhow::Error {
+    let waits = running.processes.iter_mut().map(|p| {
         Box::pin(async move {
-            let status = r.child.wait().await;
-            (r.plan.name, status)
+            let status = p.child.wait().await;
+            (p.name, status)
         })
     });
     let ((name, status), _, _) = futures::future::select_all(waits).await;
@@ -366,25 +447,22 @@ async fn first_exit(running: &mut [Running]) -> anyhow::Error {
     }
 }
 
-/// SIGTERM to every component, then SIGKILL to any still running after the
+/// SIGTERM to every process, then SIGKILL to any still running after the
 /// grace period.
-async fn stop_all(running: &mut [Running]) {
-    for r in running.iter() {
-        if let Ok(pid) = i32::try_from(r.pid) {
+async fn stop_all(running: &mut Running) {
+    for p in &running.processes {
+        if let Ok(pid) = i32::try_from(p.pid) {
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
         }
     }
-    for r in running.iter_mut() {
-        match tokio::time::timeout(STOP_GRACE, r.child.wait()).await {
+    for p in running.processes.iter_mut() {
+        match tokio::time::timeout(STOP_GRACE, p.child.wait()).await {
             Ok(Ok(status)) if status.success() => {}
-            Ok(Ok(status)) => eprintln!("{} stopped with {status}", r.plan.name),
-            Ok(Err(e)) => eprintln!("waiting for {} failed: {e}", r.plan.name),
+            Ok(Ok(status)) => eprintln!("{} stopped with {status}", p.name),
+            Ok(Err(e)) => eprintln!("waiting for {} failed: {e}", p.name),
             Err(_) => {
-                eprintln!(
-                    "{} did not stop within {STOP_GRACE:?}; killing it",
-                    r.plan.name
-                );
-                let _ = r.child.kill().await;
+                eprintln!("{} did not stop within {STOP_GRACE:?}; killing it", p.name);
+                let _ = p.child.kill().await;
             }
         }
     }

@@ -7,6 +7,7 @@
 //! [`Store`] holds; a sink hands its component [`SinkSnapshot`]s.
 
 pub mod follow;
+pub mod memory;
 pub mod metrics;
 pub mod sink;
 pub mod source;
@@ -19,5 +20,5 @@ pub use sink::{HeldCollection, Payload, Sink, SinkOptions, SinkResource, SinkSna
 pub use source::IncrementalPolicy;
 pub use store::Store;
 pub use transport::{
-    SinkServer, SourceServer, grpc_server, incoming, run_sink_client, run_source_client,
+    SinkServer, SourceServer, connect, grpc_server, incoming, run_sink_client, run_source_client,
 };

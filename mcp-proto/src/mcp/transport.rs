@@ -8,7 +8,10 @@ use component::{Backoff, CancellationToken};
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming, transport::Endpoint};
+use tonic::{
+    Request, Response, Status, Streaming,
+    transport::{Channel, Endpoint},
+};
 
 use super::{
     McpMetrics,
@@ -52,6 +55,18 @@ fn tuned(endpoint: &Endpoint) -> Endpoint {
         .clone()
         .http2_adaptive_window(true)
         .tcp_nodelay(true)
+}
+
+/// A channel to `endpoint`: over TCP, or over a pipe for a `mem://`
+/// server of this process.
+pub async fn connect(endpoint: &Endpoint) -> Result<Channel, tonic::transport::Error> {
+    if endpoint.uri().scheme_str() == Some(super::memory::SCHEME) {
+        return endpoint
+            .clone()
+            .connect_with_connector(super::memory::MemoryConnector)
+            .await;
+    }
+    tuned(endpoint).connect().await
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -181,8 +196,7 @@ pub async fn run_sink_client(sink: Arc<Sink>, endpoint: Endpoint, shutdown: Canc
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
     loop {
         let attempt = async {
-            let channel = tuned(&endpoint)
-                .connect()
+            let channel = connect(&endpoint)
                 .await
                 .map_err(|e| Status::unavailable(e.to_string()))?;
             let mut client = ResourceSourceClient::new(channel)
@@ -237,8 +251,7 @@ pub async fn run_source_client(
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
     loop {
         let attempt = async {
-            let channel = tuned(&endpoint)
-                .connect()
+            let channel = connect(&endpoint)
                 .await
                 .map_err(|e| Status::unavailable(e.to_string()))?;
             let mut client = ResourceSinkClient::new(channel)
