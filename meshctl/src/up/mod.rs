@@ -14,14 +14,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod sample;
+
 use clap::Args;
 use component::{CancellationToken, ports};
 use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::process::{Child, Command};
-
-/// The config served when no `--config-dir` is given.
-const DEFAULT_CONFIG: &[(&str, &str)] =
-    &[("mesh.yaml", include_str!("../default-config/mesh.yaml"))];
 
 /// How long a component gets to exit after SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -49,6 +47,9 @@ pub struct UpArgs {
     /// A process per component, or all of them in one.
     #[arg(long, value_enum, default_value_t = Topology::Split)]
     pub topology: Topology,
+    /// Leave out the sample application (Bookinfo and its proxies).
+    #[arg(long)]
+    pub no_sample: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -62,27 +63,54 @@ const MEMORY_MCP: &str = "mem://galley";
 
 /// One component to run.
 struct Plan {
-    name: &'static str,
-    /// Its binary, which is also its name in the monolith.
+    name: String,
+    /// Its binary, which is also a control-plane component's name in the
+    /// monolith.
     binary: &'static str,
     args: Vec<String>,
-    admin: SocketAddr,
-    /// Other addresses it listens on, by purpose.
+    env: Vec<(&'static str, String)>,
+    /// Where it says it is ready: an HTTP path that answers 200.
+    ready: (SocketAddr, &'static str),
+    /// The addresses it listens on, by purpose.
     ports: Vec<(&'static str, String)>,
 }
 
 impl Plan {
-    /// Its flags, the admin address included.
-    fn argv(&self) -> Vec<String> {
-        let mut argv = self.args.clone();
-        argv.extend(["--admin-addr".into(), self.admin.to_string()]);
-        argv
+    /// A control-plane component: its admin port is where it says it is
+    /// ready.
+    fn component(
+        name: &str,
+        binary: &'static str,
+        mut args: Vec<String>,
+        admin: SocketAddr,
+        mut ports: Vec<(&'static str, String)>,
+    ) -> Self {
+        args.extend(["--admin-addr".into(), admin.to_string()]);
+        ports.insert(0, ("admin", admin.to_string()));
+        Self {
+            name: name.into(),
+            binary,
+            args,
+            env: Vec::new(),
+            ready: (admin, "/ready"),
+            ports,
+        }
     }
+}
+
+/// The control plane's addresses, as its clients (the proxies) need them.
+struct ControlPlane {
+    xds: SocketAddr,
+    ca: SocketAddr,
+    /// Citadel's root, once it has generated it.
+    ca_root: PathBuf,
+    policy: SocketAddr,
+    telemetry: SocketAddr,
 }
 
 /// A process of the mesh.
 struct Process {
-    name: &'static str,
+    name: String,
     child: Child,
     pid: u32,
 }
@@ -117,6 +145,11 @@ impl Ports {
         if !self.ephemeral {
             return Ok(loopback(default));
         }
+        self.any()
+    }
+
+    /// A port the OS says is free, whatever the mode.
+    fn any(&self) -> anyhow::Result<SocketAddr> {
         let probe = std::net::TcpListener::bind(loopback(0))?;
         let addr = probe.local_addr()?;
         self.probes
@@ -127,12 +160,15 @@ impl Ports {
     }
 }
 
+/// The control plane's components, and where its clients reach it;
+/// Citadel trusts the bearer tokens in `tokens`.
 fn plans(
     config_dir: &Path,
     state_dir: &Path,
+    tokens: &Path,
     ports: &Ports,
     topology: Topology,
-) -> anyhow::Result<Vec<Plan>> {
+) -> anyhow::Result<(Vec<Plan>, ControlPlane)> {
     let mcp = ports.pick(ports::GALLEY_MCP)?;
     let xds = ports.pick(ports::PILOT_XDS)?;
     let ca = ports.pick(ports::CITADEL_CA)?;
@@ -152,35 +188,36 @@ fn plans(
     // Every control-plane component defaults to admin port 15014; on one
     // host they get 15014, 15015, ...
     let admin = |i: u16| ports.pick(ports::CONTROL_PLANE_ADMIN + i);
-    Ok(vec![
-        Plan {
-            name: "galley",
-            binary: "galley",
-            args: vec![
+    let ca_dir = state_dir.join("ca");
+    let plans = vec![
+        Plan::component(
+            "galley",
+            "galley",
+            vec![
                 "--config-dir".into(),
                 config_dir.display().to_string(),
                 "--mcp-addr".into(),
                 mcp_arg.clone(),
             ],
-            admin: admin(0)?,
-            ports: vec![("mcp", mcp_arg.clone())],
-        },
-        Plan {
-            name: "pilot",
-            binary: "pilot",
-            args: vec![
+            admin(0)?,
+            vec![("mcp", mcp_arg.clone())],
+        ),
+        Plan::component(
+            "pilot",
+            "pilot",
+            vec![
                 "--mcp-server".into(),
                 mcp_arg.clone(),
                 "--xds-addr".into(),
                 xds.to_string(),
             ],
-            admin: admin(1)?,
-            ports: vec![("xds", xds.to_string())],
-        },
-        Plan {
-            name: "mixer-policy",
-            binary: "mixer",
-            args: vec![
+            admin(1)?,
+            vec![("xds", xds.to_string())],
+        ),
+        Plan::component(
+            "mixer-policy",
+            "mixer",
+            vec![
                 "--role".into(),
                 "policy".into(),
                 "--mcp-server".into(),
@@ -188,13 +225,13 @@ fn plans(
                 "--grpc-addr".into(),
                 policy.to_string(),
             ],
-            admin: admin(2)?,
-            ports: vec![("grpc", policy.to_string())],
-        },
-        Plan {
-            name: "mixer-telemetry",
-            binary: "mixer",
-            args: vec![
+            admin(2)?,
+            vec![("grpc", policy.to_string())],
+        ),
+        Plan::component(
+            "mixer-telemetry",
+            "mixer",
+            vec![
                 "--role".into(),
                 "telemetry".into(),
                 "--mcp-server".into(),
@@ -204,28 +241,30 @@ fn plans(
                 "--prometheus-addr".into(),
                 prometheus.to_string(),
             ],
-            admin: admin(3)?,
-            ports: vec![
+            admin(3)?,
+            vec![
                 ("grpc", telemetry.to_string()),
                 ("metrics", prometheus.to_string()),
             ],
-        },
-        Plan {
-            name: "citadel",
-            binary: "citadel",
-            args: vec![
+        ),
+        Plan::component(
+            "citadel",
+            "citadel",
+            vec![
                 "--grpc-addr".into(),
                 ca.to_string(),
                 "--ca-dir".into(),
-                state_dir.join("ca").display().to_string(),
+                ca_dir.display().to_string(),
+                "--bootstrap-tokens".into(),
+                tokens.display().to_string(),
             ],
-            admin: admin(4)?,
-            ports: vec![("ca", ca.to_string())],
-        },
-        Plan {
-            name: "sidecar-injector",
-            binary: "sidecar-injector",
-            args: vec![
+            admin(4)?,
+            vec![("ca", ca.to_string())],
+        ),
+        Plan::component(
+            "sidecar-injector",
+            "sidecar-injector",
+            vec![
                 "--webhook-addr".into(),
                 injector.to_string(),
                 "--webhook-cert".into(),
@@ -233,10 +272,18 @@ fn plans(
                 "--webhook-key".into(),
                 key.display().to_string(),
             ],
-            admin: admin(5)?,
-            ports: vec![("webhook", injector.to_string())],
-        },
-    ])
+            admin(5)?,
+            vec![("webhook", injector.to_string())],
+        ),
+    ];
+    let control_plane = ControlPlane {
+        xds,
+        ca,
+        ca_root: ca_dir.join("root-cert.pem"),
+        policy,
+        telemetry,
+    };
+    Ok((plans, control_plane))
 }
 
 /// A self-signed certificate for the injector's webhook on loopback
@@ -265,33 +312,55 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
     };
     let logs = state_dir.join("logs");
     std::fs::create_dir_all(&logs)?;
+    let ports = Ports::new(args.ephemeral_ports);
+    let sample = (!args.no_sample)
+        .then(|| sample::Sample::new(&ports))
+        .transpose()?;
     let config_dir = match &args.config_dir {
         Some(dir) => dir.clone(),
         None => {
             let dir = state_dir.join("config");
             std::fs::create_dir_all(&dir)?;
-            for (name, text) in DEFAULT_CONFIG {
+            for (name, text) in sample::config(sample.as_ref()) {
                 std::fs::write(dir.join(name), text)?;
             }
             dir
         }
     };
+    let tokens = state_dir.join("tokens");
     let bins = crate::binaries::dir(args.bin_dir.as_deref())?;
-    // The probes are released here, before the components bind.
-    let plans = plans(
-        &config_dir,
-        &state_dir,
-        &Ports::new(args.ephemeral_ports),
-        args.topology,
-    )?;
+    let (plans, control_plane) = plans(&config_dir, &state_dir, &tokens, &ports, args.topology)?;
+    let workloads = match &sample {
+        Some(sample) => sample.plans(&control_plane, &tokens, &ports)?,
+        None => {
+            std::fs::write(&tokens, "")?;
+            Vec::new()
+        }
+    };
+    // The probes are released here, before anything binds.
+    drop(ports);
     println!("config: {}", config_dir.display());
     println!("logs:   {}", logs.display());
     let mut running = start(plans, args.topology, &bins, &logs)?;
-
-    let outcome = tokio::select! {
-        ready = wait_ready(&mut running, Duration::from_secs(args.ready_timeout_secs)) => ready,
+    let timeout = Duration::from_secs(args.ready_timeout_secs);
+    let mut outcome = tokio::select! {
+        ready = wait_ready(&mut running, timeout) => ready,
         _ = shutdown.cancelled() => Err(anyhow::anyhow!("interrupted before the mesh was ready")),
     };
+    // The workloads come once the control plane is up: their proxies
+    // need Citadel's root.
+    if outcome.is_ok() && !workloads.is_empty() {
+        for plan in workloads {
+            let process = spawn(&plan.name, plan.binary, &plan.args, &plan.env, &bins, &logs)?;
+            running.processes.push(process);
+            let index = running.processes.len() - 1;
+            running.components.push((plan, index));
+        }
+        outcome = tokio::select! {
+            ready = wait_ready(&mut running, timeout) => ready,
+            _ = shutdown.cancelled() => Err(anyhow::anyhow!("interrupted before the mesh was ready")),
+        };
+    }
     let result = match outcome {
         Ok(()) => {
             print_table(&running);
@@ -320,53 +389,65 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
     result
 }
 
-/// Starts the components: a process each, or one monolith for all.
+/// Starts one process, logging to `logs/<name>.log`.
+fn spawn(
+    name: &str,
+    binary: &str,
+    argv: &[String],
+    env: &[(&'static str, String)],
+    bins: &Path,
+    logs: &Path,
+) -> anyhow::Result<Process> {
+    let log = File::create(logs.join(format!("{name}.log")))?;
+    let child = Command::new(crate::binaries::path(bins, binary)?)
+        .args(argv)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().unwrap_or_default();
+    Ok(Process {
+        name: name.into(),
+        child,
+        pid,
+    })
+}
+
+/// Starts the control plane: a process per component, or one monolith.
 fn start(
     plans: Vec<Plan>,
     topology: Topology,
     bins: &Path,
     logs: &Path,
 ) -> anyhow::Result<Running> {
-    let spawn = |name: &'static str, binary: &str, argv: &[String]| -> anyhow::Result<Process> {
-        let log = File::create(logs.join(format!("{name}.log")))?;
-        let child = Command::new(crate::binaries::path(bins, binary)?)
-            .args(argv)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()?;
-        let pid = child.id().unwrap_or_default();
-        Ok(Process { name, child, pid })
+    let mut running = Running {
+        processes: Vec::new(),
+        components: Vec::new(),
     };
     match topology {
         Topology::Split => {
-            let mut running = Running {
-                processes: Vec::new(),
-                components: Vec::new(),
-            };
             for plan in plans {
-                running
-                    .processes
-                    .push(spawn(plan.name, plan.binary, &plan.argv())?);
+                let process = spawn(&plan.name, plan.binary, &plan.args, &plan.env, bins, logs)?;
+                running.processes.push(process);
                 running.components.push((plan, running.processes.len() - 1));
             }
-            Ok(running)
         }
         Topology::Monolith => {
             // `galley FLAGS -- pilot FLAGS -- ...`
             let parts: Vec<Vec<String>> = plans
                 .iter()
-                .map(|p| [vec![p.binary.to_string()], p.argv()].concat())
+                .map(|p| [vec![p.binary.to_string()], p.args.clone()].concat())
                 .collect();
             let argv = parts.join(&"--".to_string());
-            let process = spawn("monolith", "monolith", &argv)?;
-            Ok(Running {
-                processes: vec![process],
-                components: plans.into_iter().map(|p| (p, 0)).collect(),
-            })
+            running
+                .processes
+                .push(spawn("monolith", "monolith", &argv, &[], bins, logs)?);
+            running.components = plans.into_iter().map(|p| (p, 0)).collect();
         }
     }
+    Ok(running)
 }
 
 /// Moves a failed run's temporary state out of the way of its cleanup.
@@ -393,14 +474,14 @@ async fn wait_ready(running: &mut Running, timeout: Duration) -> anyhow::Result<
         }
         let mut waiting = Vec::new();
         for (plan, _) in &running.components {
-            let url = format!("http://{}/ready", plan.admin);
+            let url = format!("http://{}{}", plan.ready.0, plan.ready.1);
             let ready = client
                 .get(&url)
                 .send()
                 .await
                 .is_ok_and(|resp| resp.status().is_success());
             if !ready {
-                waiting.push(plan.name);
+                waiting.push(plan.name.as_str());
             }
         }
         if waiting.is_empty() {
@@ -414,16 +495,15 @@ async fn wait_ready(running: &mut Running, timeout: Duration) -> anyhow::Result<
 }
 
 fn print_table(running: &Running) {
-    println!("{:<18} {:>8}  {:<6} PORTS", "COMPONENT", "PID", "READY");
+    println!("{:<22} {:>8}  {:<6} PORTS", "COMPONENT", "PID", "READY");
     for (plan, process) in &running.components {
-        let mut ports = vec![format!("admin={}", plan.admin)];
-        ports.extend(
-            plan.ports
-                .iter()
-                .map(|(what, addr)| format!("{what}={addr}")),
-        );
+        let ports: Vec<String> = plan
+            .ports
+            .iter()
+            .map(|(what, addr)| format!("{what}={addr}"))
+            .collect();
         println!(
-            "{:<18} {:>8}  {:<6} {}",
+            "{:<22} {:>8}  {:<6} {}",
             plan.name,
             running.processes[*process].pid,
             "yes",
@@ -437,7 +517,7 @@ async fn first_exit(running: &mut Running) -> anyhow::Error {
     let waits = running.processes.iter_mut().map(|p| {
         Box::pin(async move {
             let status = p.child.wait().await;
-            (p.name, status)
+            (p.name.as_str(), status)
         })
     });
     let ((name, status), _, _) = futures::future::select_all(waits).await;

@@ -1,0 +1,270 @@
+//! The sample application under `meshctl up`: Bookinfo's config
+//! (`examples/bookinfo`, and the standard telemetry of `examples/mixer`),
+//! and for each workload a `sample-app` process and a proxy in local mode:
+//! mesh traffic in on the workload's own port, an HTTP proxy out that the
+//! app uses as `HTTP_PROXY`, its certificate from Citadel, its checks and
+//! reports to the Mixers. With OS-chosen ports, the config's ports move
+//! with them.
+
+use std::{collections::BTreeMap, path::Path};
+
+use super::{ControlPlane, Plan, Ports};
+
+/// The config files, as `examples/` has them.
+const FILES: &[(&str, &str)] = &[
+    (
+        "services.yaml",
+        include_str!("../../../examples/bookinfo/services.yaml"),
+    ),
+    (
+        "destination-rules.yaml",
+        include_str!("../../../examples/bookinfo/destination-rules.yaml"),
+    ),
+    (
+        "virtual-services.yaml",
+        include_str!("../../../examples/bookinfo/virtual-services.yaml"),
+    ),
+    (
+        "sidecars.yaml",
+        include_str!("../../../examples/bookinfo/sidecars.yaml"),
+    ),
+    (
+        "security.yaml",
+        include_str!("../../../examples/bookinfo/security.yaml"),
+    ),
+    (
+        "policy.yaml",
+        include_str!("../../../examples/bookinfo/policy.yaml"),
+    ),
+    (
+        "attributes.yaml",
+        include_str!("../../../examples/mixer/attributes.yaml"),
+    ),
+    (
+        "telemetry.yaml",
+        include_str!("../../../examples/mixer/telemetry.yaml"),
+    ),
+];
+
+/// One workload, with the ports `examples/bookinfo` gives it.
+struct Workload {
+    app: &'static str,
+    version: &'static str,
+    /// Where its sidecar takes mesh traffic.
+    inbound: u16,
+    /// Where the app itself listens.
+    port: u16,
+    /// The sidecar's HTTP proxy for the app's calls.
+    egress: u16,
+}
+
+const WORKLOADS: &[Workload] = &[
+    workload("productpage", "v1", 9081, 19081, 15101),
+    workload("details", "v1", 9082, 19082, 15102),
+    workload("reviews", "v1", 9083, 19083, 15103),
+    workload("reviews", "v2", 9084, 19084, 15104),
+    workload("reviews", "v3", 9085, 19085, 15105),
+    workload("ratings", "v1", 9086, 19086, 15106),
+];
+
+const fn workload(
+    app: &'static str,
+    version: &'static str,
+    inbound: u16,
+    port: u16,
+    egress: u16,
+) -> Workload {
+    Workload {
+        app,
+        version,
+        inbound,
+        port,
+        egress,
+    }
+}
+
+/// Istio's Bookinfo service accounts, and the token each presents to Citadel.
+fn account(app: &str) -> String {
+    format!("bookinfo-{app}")
+}
+
+/// The ports chosen for this run, by the port the example files use.
+pub struct Sample {
+    ports: BTreeMap<u16, u16>,
+}
+
+impl Sample {
+    pub fn new(ports: &Ports) -> anyhow::Result<Self> {
+        let mut chosen = BTreeMap::new();
+        for w in WORKLOADS {
+            for port in [w.inbound, w.port, w.egress] {
+                chosen.insert(port, ports.pick(port)?.port());
+            }
+        }
+        Ok(Self { ports: chosen })
+    }
+
+    fn port(&self, example: u16) -> u16 {
+        self.ports[&example]
+    }
+
+    /// Each workload's app and proxy; writes the Citadel bootstrap tokens
+    /// to `tokens` (and each account's own token beside it).
+    pub fn plans(
+        &self,
+        cp: &ControlPlane,
+        tokens: &Path,
+        ports: &Ports,
+    ) -> anyhow::Result<Vec<Plan>> {
+        let dir = tokens.with_extension("d");
+        std::fs::create_dir_all(&dir)?;
+        let mut lines = String::new();
+        let mut plans = Vec::new();
+        for w in WORKLOADS {
+            let account = account(w.app);
+            let token = format!("{account}-token");
+            let token_file = dir.join(format!("{account}.token"));
+            if !lines.contains(&format!("bookinfo/{account} ")) {
+                lines.push_str(&format!("bookinfo/{account} {token}\n"));
+                std::fs::write(&token_file, &token)?;
+            }
+            let name = format!("{}-{}", w.app, w.version);
+            let app = super::loopback(self.port(w.port));
+            let inbound = super::loopback(self.port(w.inbound));
+            let egress = super::loopback(self.port(w.egress));
+            plans.push(Plan {
+                name: name.clone(),
+                binary: "sample-app",
+                args: vec![
+                    "--role".into(),
+                    w.app.into(),
+                    "--version".into(),
+                    w.version.into(),
+                    "--listen".into(),
+                    app.to_string(),
+                ],
+                env: vec![("HTTP_PROXY", format!("http://{egress}"))],
+                ready: (app, "/health"),
+                ports: vec![("app", app.to_string())],
+            });
+            let (admin, stats, health) = (ports.any()?, ports.any()?, ports.any()?);
+            let mut args: Vec<String> = [
+                "--pilot",
+                &cp.xds.to_string(),
+                "--pod",
+                &format!("{name}-0"),
+                "--namespace",
+                "bookinfo",
+                "--service-account",
+                &account,
+                "--labels",
+                &format!("app={},version={}", w.app, w.version),
+                "--citadel",
+                &cp.ca.to_string(),
+                "--citadel-root",
+                &cp.ca_root.display().to_string(),
+                "--citadel-token-file",
+                &token_file.display().to_string(),
+                "--citadel-hostname",
+                "localhost",
+                "--mixer-policy",
+                &cp.policy.to_string(),
+                "--mixer-telemetry",
+                &cp.telemetry.to_string(),
+                "--admin-addr",
+                &admin.to_string(),
+                "--stats-addr",
+                &stats.to_string(),
+                "--health-addr",
+                &health.to_string(),
+                "--concurrency",
+                "1",
+            ]
+            .map(String::from)
+            .into();
+            // The quota of examples/bookinfo/policy.yaml is asked for by
+            // the service it limits.
+            if w.app == "ratings" {
+                args.extend(["--mixer-quota".into(), "requestcount".into()]);
+            }
+            plans.push(Plan {
+                name: format!("{name}-proxy"),
+                binary: "proxy",
+                args,
+                env: Vec::new(),
+                ready: (admin, "/ready"),
+                ports: vec![
+                    ("admin", admin.to_string()),
+                    ("inbound", inbound.to_string()),
+                    ("http-proxy", egress.to_string()),
+                ],
+            });
+        }
+        std::fs::write(tokens, lines)?;
+        Ok(plans)
+    }
+}
+
+/// The config files to serve: the examples, with this run's ports.
+pub fn config(sample: Option<&Sample>) -> Vec<(String, String)> {
+    FILES
+        .iter()
+        .map(|(name, text)| {
+            let text = match sample {
+                Some(s) => s.ports.iter().fold(text.to_string(), |t, (from, to)| {
+                    replace_number(&t, *from, *to)
+                }),
+                None => text.to_string(),
+            };
+            (name.to_string(), text)
+        })
+        .collect()
+}
+
+/// `text` with every whole occurrence of the number `from` made `to`.
+fn replace_number(text: &str, from: u16, to: u16) -> String {
+    let (from, to) = (from.to_string(), to.to_string());
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(&from) {
+        let before = rest[..at].chars().last().or_else(|| out.chars().last());
+        let after = rest[at + from.len()..].chars().next();
+        out.push_str(&rest[..at]);
+        let whole = !before.is_some_and(|c| c.is_ascii_digit())
+            && !after.is_some_and(|c| c.is_ascii_digit());
+        out.push_str(if whole { &to } else { &from });
+        rest = &rest[at + from.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_whole_numbers_move() {
+        let text = "ports: {http: 9081}\n  number: 9080\n  defaultEndpoint: 127.0.0.1:19081\n";
+        let moved = replace_number(&replace_number(text, 9081, 40001), 19081, 40002);
+        assert_eq!(
+            moved,
+            "ports: {http: 40001}\n  number: 9080\n  defaultEndpoint: 127.0.0.1:40002\n"
+        );
+    }
+
+    #[test]
+    fn every_workload_port_is_in_the_examples() {
+        let text: String = FILES.iter().map(|(_, t)| *t).collect();
+        let known: Vec<u16> = WORKLOADS
+            .iter()
+            .flat_map(|w| [w.inbound, w.port, w.egress])
+            .collect();
+        for port in known {
+            assert!(
+                text.contains(&port.to_string()),
+                "{port} unused by the examples"
+            );
+        }
+    }
+}
