@@ -185,7 +185,7 @@ impl Sample {
             // The quota of examples/bookinfo/policy.yaml is asked for by
             // the service it limits.
             if w.app == "ratings" {
-                args.extend(["--mixer-quota".into(), "requestcount".into()]);
+                args.extend(["--mixer-quota".into(), "requestcountquota".into()]);
             }
             plans.push(Plan {
                 name: format!("{name}-proxy"),

@@ -1,0 +1,211 @@
+//! The README's main job, end to end: `meshctl up` (split and monolith)
+//! brings up the control plane and Bookinfo with a proxy per workload, and
+//! the walkthrough holds: routing by weight and by the `end-user` header,
+//! an edit of the VirtualService file taking effect, plaintext refused by
+//! a STRICT workload, the denier's 403, the quota's 429, and the standard
+//! metrics on the telemetry Mixer.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use e2e::*;
+use serde_json::Value;
+
+/// A running `meshctl up`, and each component's addresses by purpose.
+struct Up {
+    proc: Proc,
+    config: std::path::PathBuf,
+    table: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl Up {
+    async fn start(topology: &str) -> Self {
+        let bin_dir = bin("meshctl").parent().unwrap().to_path_buf();
+        let mut proc = Proc::start(
+            "meshctl",
+            &[
+                "up",
+                "--ephemeral-ports",
+                "--topology",
+                topology,
+                "--bin-dir",
+                bin_dir.to_str().unwrap(),
+            ],
+        );
+        let lines = proc.stdout_until("mesh ready").await;
+        let config = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("config: "))
+            .expect("the config directory is printed")
+            .trim()
+            .into();
+        let header = lines
+            .iter()
+            .position(|l| l.starts_with("COMPONENT"))
+            .unwrap();
+        let table = lines[header + 1..]
+            .iter()
+            .take_while(|l| !l.starts_with("mesh ready"))
+            .map(|row| {
+                let mut fields = row.split_whitespace();
+                let name = fields.next().unwrap().to_string();
+                let ports = fields
+                    .skip(2)
+                    .filter_map(|f| f.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                (name, ports)
+            })
+            .collect();
+        Self {
+            proc,
+            config,
+            table,
+        }
+    }
+
+    fn addr(&self, component: &str, purpose: &str) -> SocketAddr {
+        self.table[component][purpose].parse().unwrap()
+    }
+
+    /// GET productpage through its sidecar, as `user`.
+    async fn page(&self, user: Option<&str>) -> Value {
+        install_crypto();
+        let url = format!(
+            "http://{}/productpage",
+            self.addr("productpage-v1-proxy", "inbound")
+        );
+        let mut request = reqwest::Client::new().get(url);
+        if let Some(user) = user {
+            request = request.header("end-user", user);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        serde_json::from_str(&response.text().await.unwrap()).unwrap()
+    }
+}
+
+/// Polls `check` until it holds, for at most [`WAIT`].
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what}: not in time");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn walkthrough(topology: &str) {
+    let up = Up::start(topology).await;
+
+    // The shipped config is clean: Galley found nothing wrong with it.
+    let (_, status) = get(up.addr("galley", "admin"), "/debug/config")
+        .await
+        .unwrap();
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["problems"], serde_json::json!([]), "{status}");
+
+    // Everyone but jason is split between v1 (no stars) and v3 (red).
+    let mut versions = BTreeMap::new();
+    for _ in 0..40 {
+        let page = up.page(None).await;
+        assert_eq!(page["details"]["author"], "William Shakespeare", "{page}");
+        let version = page["reviews"]["version"].as_str().unwrap().to_string();
+        *versions.entry(version).or_insert(0) += 1;
+    }
+    assert_eq!(
+        versions.keys().collect::<Vec<_>>(),
+        ["v1", "v3"],
+        "{versions:?}"
+    );
+    // jason: v2, black stars from ratings.
+    let page = up.page(Some("jason")).await;
+    assert_eq!(page["reviews"]["version"], "v2", "{page}");
+    assert_eq!(
+        page["reviews"]["reviews"][0]["rating"]["color"], "black",
+        "{page}"
+    );
+
+    // mallory: the denier refuses details.
+    let page = up.page(Some("mallory")).await;
+    let error = page["details"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("403") && error.contains("PERMISSION_DENIED:mallory may not see details"),
+        "{page}"
+    );
+
+    // jason reads ratings five times in ten seconds, then 429.
+    let mut refused = None;
+    for _ in 0..6 {
+        let page = up.page(Some("jason")).await;
+        if let Some(error) = page["reviews"]["reviews"][0]["rating"]["error"].as_str() {
+            refused = Some(error.to_string());
+            break;
+        }
+    }
+    let refused = refused.expect("the quota ran out");
+    assert!(
+        refused.contains("429") && refused.contains("RESOURCE_EXHAUSTED"),
+        "{refused}"
+    );
+
+    // STRICT: reviews refuses a plaintext caller.
+    let plaintext = get(up.addr("reviews-v1-proxy", "inbound"), "/reviews/0").await;
+    assert!(plaintext.is_none(), "plaintext answered: {plaintext:?}");
+
+    // The telemetry Mixer's metrics, as Istio labels them.
+    let metrics = up.addr("mixer-telemetry", "metrics");
+    eventually("istio_requests_total for reviews", async || {
+        let text = get(metrics, "/metrics")
+            .await
+            .map(|(_, t)| t)
+            .unwrap_or_default();
+        text.lines().any(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains(r#"destination_service="reviews.bookinfo.svc.cluster.local""#)
+                && l.contains(
+                    r#"source_principal="cluster.local/ns/bookinfo/sa/bookinfo-productpage""#,
+                )
+                && l.contains(r#"connection_security_policy="mutual_tls""#)
+                && l.contains(r#"response_code="200""#)
+        })
+    })
+    .await;
+
+    // Edit the routing file: all of reviews to v1.
+    let file = up.config.join("virtual-services.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let edited = text
+        .replace("subset: v1}, weight: 50", "subset: v1}, weight: 100")
+        .replace("subset: v3}, weight: 50", "subset: v3}, weight: 0");
+    assert_ne!(edited, text);
+    std::fs::write(&file, edited).unwrap();
+    let edited_at = Instant::now();
+    eventually("the edited weights", async || {
+        for _ in 0..10 {
+            if up.page(None).await["reviews"]["version"] != "v1" {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    eprintln!(
+        "{topology}: routing edit took effect within {:?}",
+        edited_at.elapsed()
+    );
+
+    assert!(up.proc.terminate().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bookinfo_works_through_the_proxies_split() {
+    walkthrough("split").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bookinfo_works_through_the_proxies_monolith() {
+    walkthrough("monolith").await;
+}
