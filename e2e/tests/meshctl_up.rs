@@ -30,6 +30,7 @@ async fn up_and_down(topology: &str) -> Vec<u32> {
             "--ephemeral-ports",
             "--topology",
             topology,
+            "--no-sample",
             "--bin-dir",
             bin_dir.to_str().unwrap(),
         ],
@@ -42,7 +43,7 @@ async fn up_and_down(topology: &str) -> Vec<u32> {
         .expect("a table of components");
     let rows: Vec<&String> = lines[header + 1..]
         .iter()
-        .take_while(|l| !l.starts_with("mesh ready"))
+        .take_while(|l| !l.starts_with("control: "))
         .collect();
     let names: Vec<&str> = rows
         .iter()

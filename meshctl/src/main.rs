@@ -25,6 +25,11 @@ struct Cli {
 enum Command {
     /// Start the mesh's components on this machine and run until Ctrl-C.
     Up(up::UpArgs),
+    /// What a running `meshctl up` runs, where, and whether it is ready.
+    Status(StatusArgs),
+    /// Replace one component's process in a running `meshctl up` (with
+    /// another build, say), and wait until it is ready again.
+    Restart(RestartArgs),
     /// What Pilot sent each proxy, and whether the proxy took it.
     ProxyStatus(proxy_status::ProxyStatusArgs),
     /// Check config files as Galley would, offline.
@@ -39,6 +44,26 @@ enum Command {
     Bench(BenchCommand),
     /// Print the version.
     Version,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// The mesh's control address; the latest `meshctl up`'s when absent.
+    #[arg(long)]
+    control: Option<std::net::SocketAddr>,
+}
+
+#[derive(clap::Args)]
+struct RestartArgs {
+    /// The component (in the monolith topology, any of them restarts the
+    /// monolith).
+    component: String,
+    /// The binary to run instead of the current one.
+    #[arg(long)]
+    binary: Option<std::path::PathBuf>,
+    /// The mesh's control address; the latest `meshctl up`'s when absent.
+    #[arg(long)]
+    control: Option<std::net::SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -76,6 +101,8 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = component::shutdown::on_signal();
     match cli.command {
         Command::Up(args) => up::run(args, shutdown).await,
+        Command::Status(args) => status(args).await,
+        Command::Restart(args) => restart(args).await,
         Command::Validate(args) => validate::run(args),
         Command::KubeInject(args) => kube_inject::run(args),
         Command::ProxyStatus(args) => proxy_status::run(args).await,
@@ -93,4 +120,48 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let addr = up::control::address(args.control)?;
+    let text = control_client()?
+        .get(format!("http://{addr}/status"))
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("the mesh at {addr} does not answer: {e}"))?
+        .text()
+        .await?;
+    let rows: Vec<up::control::Row> = serde_json::from_str(&text)?;
+    up::control::print(&rows);
+    Ok(())
+}
+
+async fn restart(args: RestartArgs) -> anyhow::Result<()> {
+    let addr = up::control::address(args.control)?;
+    let mut url = reqwest::Url::parse(&format!("http://{addr}/restart/"))?.join(&args.component)?;
+    if let Some(binary) = &args.binary {
+        let binary = std::fs::canonicalize(binary)
+            .map_err(|e| anyhow::anyhow!("--binary {}: {e}", binary.display()))?;
+        url.query_pairs_mut()
+            .append_pair("binary", &binary.display().to_string());
+    }
+    let response = control_client()?
+        .post(url)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("the mesh at {addr} does not answer: {e}"))?;
+    if !response.status().is_success() {
+        anyhow::bail!("{}", response.text().await?.trim());
+    }
+    let rows: Vec<up::control::Row> = serde_json::from_str(&response.text().await?)?;
+    up::control::print(&rows);
+    Ok(())
+}
+
+/// A client for the control port: no proxy, and time for a restart.
+fn control_client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(90))
+        .build()?)
 }

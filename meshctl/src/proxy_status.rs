@@ -8,9 +8,27 @@ use serde_json::Value;
 
 #[derive(Debug, Args)]
 pub struct ProxyStatusArgs {
-    /// Pilot's admin address (`meshctl up` prints it).
-    #[arg(long, default_value = "127.0.0.1:15015")]
-    pub pilot: String,
+    /// Pilot's admin address; the running `meshctl up`'s Pilot when absent.
+    #[arg(long)]
+    pub pilot: Option<String>,
+}
+
+/// The admin address of the running `meshctl up`'s Pilot.
+async fn running_pilot() -> anyhow::Result<String> {
+    let control = crate::up::control::address(None)?;
+    let url = format!("http://{control}/status");
+    let rows: Vec<crate::up::control::Row> = serde_json::from_str(
+        &reqwest::get(&url)
+            .await
+            .map_err(|e| anyhow::anyhow!("no mesh answers at {control}: {e}; give --pilot"))?
+            .text()
+            .await?,
+    )?;
+    rows.iter()
+        .find(|r| r.name == "pilot")
+        .and_then(|r| r.ports.iter().find(|(what, _)| what == "admin"))
+        .map(|(_, addr)| addr.clone())
+        .ok_or_else(|| anyhow::anyhow!("the mesh at {control} runs no Pilot; give --pilot"))
 }
 
 /// The xDS types shown, with the column titles istioctl uses.
@@ -38,7 +56,11 @@ pub fn state(status: Option<&Value>) -> String {
 }
 
 pub async fn run(args: ProxyStatusArgs) -> anyhow::Result<()> {
-    let url = format!("http://{}/debug/syncz", args.pilot);
+    let pilot = match args.pilot {
+        Some(pilot) => pilot,
+        None => running_pilot().await?,
+    };
+    let url = format!("http://{pilot}/debug/syncz");
     let response = reqwest::get(&url)
         .await
         .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;

@@ -11,7 +11,7 @@ use std::{
 };
 
 use mcp_proto::pb::istio::mixer::v1::{
-    CheckRequest, ReferencedAttributes, ReportRequest, check_request::QuotaParams,
+    CheckRequest, CheckResponse, ReferencedAttributes, ReportRequest, check_request::QuotaParams,
     mixer_client::MixerClient, referenced_attributes::Condition,
     report_request::RepeatedAttributesSemantics,
 };
@@ -28,6 +28,10 @@ pub struct ClientOptions {
     /// Quotas each check asks one of. A check that asks for quota is
     /// always sent: a cached answer cannot count.
     pub quotas: Vec<String>,
+    /// Times a check that cannot reach Mixer is tried again, waiting 80 ms
+    /// and doubling to 1 s (Istio's `NetworkFailPolicy`), before the
+    /// fail-open or fail-closed answer: enough to ride out a restart.
+    pub retries: u32,
 }
 
 impl Default for ClientOptions {
@@ -36,9 +40,13 @@ impl Default for ClientOptions {
             fail_open: true,
             batch_size: 100,
             quotas: Vec::new(),
+            retries: 0,
         }
     }
 }
+
+/// The first wait before a check is tried again, and the longest.
+const RETRY_WAIT: (Duration, Duration) = (Duration::from_millis(80), Duration::from_secs(1));
 
 /// A check's outcome for the proxy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,6 +168,26 @@ impl Client {
         }
     }
 
+    /// Sends a check, trying again while Mixer cannot be reached.
+    async fn send_check(&self, request: CheckRequest) -> Result<CheckResponse, tonic::Status> {
+        let mut wait = RETRY_WAIT.0;
+        for _ in 0..self.options.retries {
+            match self.grpc.clone().check(request.clone()).await {
+                Err(status) if status.code() == tonic::Code::Unavailable => {
+                    tracing::debug!(%status, ?wait, "mixer check failed; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(RETRY_WAIT.1);
+                }
+                outcome => return outcome.map(tonic::Response::into_inner),
+            }
+        }
+        self.grpc
+            .clone()
+            .check(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     /// Whether the request described by `bag` may proceed.
     pub async fn check(&self, bag: &Bag) -> Verdict {
         let now = Instant::now();
@@ -187,8 +215,8 @@ impl Client {
                 })
                 .collect(),
         };
-        let response = match self.grpc.clone().check(request).await {
-            Ok(response) => response.into_inner(),
+        let response = match self.send_check(request).await {
+            Ok(response) => response,
             Err(status) if self.options.fail_open => {
                 tracing::debug!(%status, "mixer check failed; failing open");
                 return Verdict::Allow;

@@ -184,6 +184,44 @@ async fn without_mixer_checks_fail_open_or_closed() {
 }
 
 #[tokio::test]
+async fn a_check_tried_again_waits_out_a_mixer_restart() {
+    let mixer = start().await;
+    // Mixer comes back at `addr` after 300 ms, as a restarted one would.
+    let addr = e2e::free_addr();
+    let target = mixer.running.grpc;
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut outbound = tokio::net::TcpStream::connect(target).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    let client = |retries| {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        let options = ClientOptions {
+            fail_open: false,
+            retries,
+            ..Default::default()
+        };
+        Client::new(channel, options)
+    };
+    let started = std::time::Instant::now();
+    let Verdict::Deny { code, .. } = client(0).check(&request("jason", "curl")).await else {
+        panic!("allowed without mixer");
+    };
+    assert_eq!(code, 14, "without retries: UNAVAILABLE at once");
+    assert!(started.elapsed() < Duration::from_millis(300));
+    let verdict = client(10).check(&request("mary", "wget")).await;
+    assert_eq!(verdict, Verdict::Allow, "tried again until Mixer was back");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+}
+
+#[tokio::test]
 async fn reports_are_batched_and_delta_encoded() {
     let mixer = start().await;
     let client = mixer.client(true, 3);

@@ -36,6 +36,10 @@ pub struct MixerArgs {
     /// Quotas every inbound check asks one of (Istio's `requestcount`).
     #[arg(long, value_delimiter = ',')]
     pub mixer_quota: Vec<String>,
+    /// Times a check that cannot reach the policy Mixer is tried again
+    /// (80 ms, doubling to 1 s) before failing open or closed.
+    #[arg(long, default_value_t = 0)]
+    pub mixer_check_retries: u32,
 }
 
 /// What the proxy knows of its own workload, for attributes.
@@ -77,6 +81,7 @@ impl MixerFilter {
                 let options = ClientOptions {
                     fail_open: args.mixer_fail_open,
                     quotas: args.mixer_quota.clone(),
+                    retries: args.mixer_check_retries,
                     ..Default::default()
                 };
                 Ok(Client::new(channel(addr)?, options))

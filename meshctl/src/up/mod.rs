@@ -7,22 +7,23 @@
 //! one listens, and on Ctrl-C or SIGTERM stops them all.
 
 use std::{
-    fs::File,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::Stdio,
     time::{Duration, Instant},
 };
 
+pub mod control;
 mod sample;
+mod supervisor;
 
 use clap::Args;
 use component::{CancellationToken, ports};
-use nix::{sys::signal::Signal, unistd::Pid};
-use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
 
-/// How long a component gets to exit after SIGTERM before it is killed.
-const STOP_GRACE: Duration = Duration::from_secs(10);
+use self::{
+    control::{Request, Row},
+    supervisor::Supervisor,
+};
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -50,6 +51,9 @@ pub struct UpArgs {
     /// Leave out the sample application (Bookinfo and its proxies).
     #[arg(long)]
     pub no_sample: bool,
+    /// Where `meshctl status` and `meshctl restart` reach this mesh.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub control_addr: SocketAddr,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -108,18 +112,31 @@ struct ControlPlane {
     telemetry: SocketAddr,
 }
 
-/// A process of the mesh.
-struct Process {
-    name: String,
-    child: Child,
-    pid: u32,
-}
-
 /// The mesh running: its processes, and each component with the index of
 /// the process that hosts it.
 struct Running {
-    processes: Vec<Process>,
+    supervisor: Supervisor,
     components: Vec<(Plan, usize)>,
+}
+
+impl Running {
+    fn rows(&self, only: Option<usize>) -> Vec<Row> {
+        self.components
+            .iter()
+            .filter(|(_, process)| only.is_none_or(|o| o == *process))
+            .map(|(plan, process)| Row {
+                name: plan.name.clone(),
+                pid: self.supervisor.processes[*process].pid,
+                ready: true,
+                ready_url: format!("http://{}{}", plan.ready.0, plan.ready.1),
+                ports: plan
+                    .ports
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect(),
+            })
+            .collect()
+    }
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -341,42 +358,55 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
     drop(ports);
     println!("config: {}", config_dir.display());
     println!("logs:   {}", logs.display());
-    let mut running = start(plans, args.topology, &bins, &logs)?;
-    let timeout = Duration::from_secs(args.ready_timeout_secs);
-    let mut outcome = tokio::select! {
-        ready = wait_ready(&mut running, timeout) => ready,
-        _ = shutdown.cancelled() => Err(anyhow::anyhow!("interrupted before the mesh was ready")),
+    let mut running = Running {
+        supervisor: Supervisor::new(&logs),
+        components: Vec::new(),
     };
-    // The workloads come once the control plane is up: their proxies
-    // need Citadel's root.
-    if outcome.is_ok() && !workloads.is_empty() {
-        for plan in workloads {
-            let process = spawn(&plan.name, plan.binary, &plan.args, &plan.env, &bins, &logs)?;
-            running.processes.push(process);
-            let index = running.processes.len() - 1;
-            running.components.push((plan, index));
+    let outcome = async {
+        start(&mut running, plans, args.topology, &bins)?;
+        let timeout = Duration::from_secs(args.ready_timeout_secs);
+        tokio::select! {
+            ready = wait_ready(&mut running, timeout) => ready?,
+            _ = shutdown.cancelled() => anyhow::bail!("interrupted before the mesh was ready"),
         }
-        outcome = tokio::select! {
+        // The workloads come once the control plane is up: their proxies
+        // need Citadel's root.
+        for plan in workloads {
+            let binary = crate::binaries::path(&bins, plan.binary)?;
+            let process =
+                running
+                    .supervisor
+                    .add(&plan.name, binary, plan.args.clone(), plan.env.clone())?;
+            running.components.push((plan, process));
+        }
+        tokio::select! {
             ready = wait_ready(&mut running, timeout) => ready,
-            _ = shutdown.cancelled() => Err(anyhow::anyhow!("interrupted before the mesh was ready")),
-        };
+            _ = shutdown.cancelled() => anyhow::bail!("interrupted before the mesh was ready"),
+        }
     }
+    .await;
     let result = match outcome {
         Ok(()) => {
-            print_table(&running);
+            control::print(&running.rows(None));
+            let (requests_tx, requests) = mpsc::channel(8);
+            let listener = tokio::net::TcpListener::bind(args.control_addr).await?;
+            let control_addr = listener.local_addr()?;
+            tokio::spawn(async move { axum::serve(listener, control::router(requests_tx)).await });
+            std::fs::write(state_dir.join("control"), control_addr.to_string())?;
+            std::fs::write(control::pointer(), control_addr.to_string())?;
+            println!("control: {control_addr} (meshctl status, meshctl restart)");
             println!(
                 "mesh ready: {} components in {} processes; Ctrl-C stops them",
                 running.components.len(),
-                running.processes.len()
+                running.supervisor.processes.len()
             );
-            tokio::select! {
-                _ = shutdown.cancelled() => Ok(()),
-                exited = first_exit(&mut running) => Err(exited),
-            }
+            supervise(&mut running, requests, &shutdown).await;
+            let _ = std::fs::remove_file(control::pointer());
+            Ok(())
         }
         Err(e) => Err(e),
     };
-    stop_all(&mut running).await;
+    running.supervisor.stop_all().await;
     if result.is_err() {
         eprintln!("component logs are in {}", logs.display());
         if args.state_dir.is_none() {
@@ -389,49 +419,106 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
     result
 }
 
-/// Starts one process, logging to `logs/<name>.log`.
-fn spawn(
+/// Keeps the mesh running until `shutdown`: a process that exits is
+/// started again (with backoff when it keeps exiting), and the control
+/// port's requests are answered.
+async fn supervise(
+    running: &mut Running,
+    mut requests: mpsc::Receiver<Request>,
+    shutdown: &CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            (index, status) = running.supervisor.next_exit() => {
+                let delay = running.supervisor.backoff(index);
+                let name = running.supervisor.processes[index].name.clone();
+                let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+                println!("{name} exited ({status}); starting it again in {delay:?}");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                if let Err(e) = running.supervisor.start(index) {
+                    println!("{name} cannot start again: {e:#}");
+                }
+            }
+            Some(request) = requests.recv() => match request {
+                Request::Status(reply) => {
+                    let _ = reply.send(running.rows(None));
+                }
+                Request::Restart { name, binary, reply } => {
+                    let _ = reply.send(restart(running, &name, binary).await);
+                }
+            },
+        }
+    }
+}
+
+/// Replaces the process hosting component `name` (in the monolith, the
+/// whole control plane), with `binary` when given: SIGTERM, then the
+/// same flags again.
+async fn restart(
+    running: &mut Running,
     name: &str,
-    binary: &str,
-    argv: &[String],
-    env: &[(&'static str, String)],
-    bins: &Path,
-    logs: &Path,
-) -> anyhow::Result<Process> {
-    let log = File::create(logs.join(format!("{name}.log")))?;
-    let child = Command::new(crate::binaries::path(bins, binary)?)
-        .args(argv)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = child.id().unwrap_or_default();
-    Ok(Process {
-        name: name.into(),
-        child,
-        pid,
-    })
+    binary: Option<PathBuf>,
+) -> Result<Vec<Row>, String> {
+    let Some(index) = running
+        .components
+        .iter()
+        .find(|(plan, _)| plan.name == name)
+        .map(|(_, process)| *process)
+    else {
+        let names: Vec<_> = running
+            .components
+            .iter()
+            .map(|(p, _)| p.name.as_str())
+            .collect();
+        return Err(format!(
+            "no component {name:?}; there are {}",
+            names.join(", ")
+        ));
+    };
+    let binary = match binary {
+        Some(path) if path.is_file() => Some(path),
+        Some(path) => return Err(format!("--binary {}: no such file", path.display())),
+        None => None,
+    };
+    running.supervisor.stop(index).await;
+    let process = &mut running.supervisor.processes[index];
+    if let Some(path) = binary {
+        process.binary = path;
+    }
+    println!(
+        "{} restarted by request ({})",
+        process.name,
+        process.binary.display()
+    );
+    running
+        .supervisor
+        .start(index)
+        .map_err(|e| format!("{e:#}"))?;
+    Ok(running.rows(Some(index)))
 }
 
 /// Starts the control plane: a process per component, or one monolith.
 fn start(
+    running: &mut Running,
     plans: Vec<Plan>,
     topology: Topology,
     bins: &Path,
-    logs: &Path,
-) -> anyhow::Result<Running> {
-    let mut running = Running {
-        processes: Vec::new(),
-        components: Vec::new(),
-    };
+) -> anyhow::Result<()> {
     match topology {
         Topology::Split => {
             for plan in plans {
-                let process = spawn(&plan.name, plan.binary, &plan.args, &plan.env, bins, logs)?;
-                running.processes.push(process);
-                running.components.push((plan, running.processes.len() - 1));
+                let binary = crate::binaries::path(bins, plan.binary)?;
+                let process = running.supervisor.add(
+                    &plan.name,
+                    binary,
+                    plan.args.clone(),
+                    plan.env.clone(),
+                )?;
+                running.components.push((plan, process));
             }
         }
         Topology::Monolith => {
@@ -441,13 +528,16 @@ fn start(
                 .map(|p| [vec![p.binary.to_string()], p.args.clone()].concat())
                 .collect();
             let argv = parts.join(&"--".to_string());
+            let binary = crate::binaries::path(bins, "monolith")?;
+            let process = running
+                .supervisor
+                .add("monolith", binary, argv, Vec::new())?;
             running
-                .processes
-                .push(spawn("monolith", "monolith", &argv, &[], bins, logs)?);
-            running.components = plans.into_iter().map(|p| (p, 0)).collect();
+                .components
+                .extend(plans.into_iter().map(|p| (p, process)));
         }
     }
-    Ok(running)
+    Ok(())
 }
 
 /// Moves a failed run's temporary state out of the way of its cleanup.
@@ -457,33 +547,27 @@ fn temp_keep(state_dir: &Path) -> Option<PathBuf> {
     Some(kept)
 }
 
-/// Polls every component's `/ready` until all answer 200; fails if a
+/// Polls every component's ready URL until all answer 200; fails if a
 /// process exits or the deadline passes.
 async fn wait_ready(running: &mut Running, timeout: Duration) -> anyhow::Result<()> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()?;
     let deadline = Instant::now() + timeout;
     let mut backoff =
         component::Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
     loop {
-        for p in running.processes.iter_mut() {
-            if let Some(status) = p.child.try_wait()? {
-                anyhow::bail!("{} exited before it was ready ({status})", p.name);
+        for index in 0..running.supervisor.processes.len() {
+            if running.supervisor.exited(index) {
+                anyhow::bail!(
+                    "{} exited before it was ready",
+                    running.supervisor.processes[index].name
+                );
             }
         }
-        let mut waiting = Vec::new();
-        for (plan, _) in &running.components {
-            let url = format!("http://{}{}", plan.ready.0, plan.ready.1);
-            let ready = client
-                .get(&url)
-                .send()
-                .await
-                .is_ok_and(|resp| resp.status().is_success());
-            if !ready {
-                waiting.push(plan.name.as_str());
-            }
-        }
+        let rows = control::probe(running.rows(None)).await;
+        let waiting: Vec<&str> = rows
+            .iter()
+            .filter(|r| !r.ready)
+            .map(|r| r.name.as_str())
+            .collect();
         if waiting.is_empty() {
             return Ok(());
         }
@@ -491,59 +575,5 @@ async fn wait_ready(running: &mut Running, timeout: Duration) -> anyhow::Result<
             anyhow::bail!("not ready after {timeout:?}: {}", waiting.join(", "));
         }
         backoff.wait().await;
-    }
-}
-
-fn print_table(running: &Running) {
-    println!("{:<22} {:>8}  {:<6} PORTS", "COMPONENT", "PID", "READY");
-    for (plan, process) in &running.components {
-        let ports: Vec<String> = plan
-            .ports
-            .iter()
-            .map(|(what, addr)| format!("{what}={addr}"))
-            .collect();
-        println!(
-            "{:<22} {:>8}  {:<6} {}",
-            plan.name,
-            running.processes[*process].pid,
-            "yes",
-            ports.join(" ")
-        );
-    }
-}
-
-/// Waits until some process exits, and says which and how.
-async fn first_exit(running: &mut Running) -> anyhow::Error {
-    let waits = running.processes.iter_mut().map(|p| {
-        Box::pin(async move {
-            let status = p.child.wait().await;
-            (p.name.as_str(), status)
-        })
-    });
-    let ((name, status), _, _) = futures::future::select_all(waits).await;
-    match status {
-        Ok(status) => anyhow::anyhow!("{name} exited ({status})"),
-        Err(e) => anyhow::anyhow!("waiting for {name} failed: {e}"),
-    }
-}
-
-/// SIGTERM to every process, then SIGKILL to any still running after the
-/// grace period.
-async fn stop_all(running: &mut Running) {
-    for p in &running.processes {
-        if let Ok(pid) = i32::try_from(p.pid) {
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
-        }
-    }
-    for p in running.processes.iter_mut() {
-        match tokio::time::timeout(STOP_GRACE, p.child.wait()).await {
-            Ok(Ok(status)) if status.success() => {}
-            Ok(Ok(status)) => eprintln!("{} stopped with {status}", p.name),
-            Ok(Err(e)) => eprintln!("waiting for {} failed: {e}", p.name),
-            Err(_) => {
-                eprintln!("{} did not stop within {STOP_GRACE:?}; killing it", p.name);
-                let _ = p.child.kill().await;
-            }
-        }
     }
 }

@@ -179,6 +179,10 @@ impl Sample {
                 &health.to_string(),
                 "--concurrency",
                 "1",
+                // A policy Mixer restarting (or the monolith) costs no
+                // request: its checks wait for it, up to some 7 s.
+                "--mixer-check-retries",
+                "10",
             ]
             .map(String::from)
             .into();
