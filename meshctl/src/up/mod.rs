@@ -363,22 +363,20 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
         components: Vec::new(),
     };
     let outcome = async {
-        start(&mut running, plans, args.topology, &bins)?;
-        let timeout = Duration::from_secs(args.ready_timeout_secs);
-        tokio::select! {
-            ready = wait_ready(&mut running, timeout) => ready?,
-            _ = shutdown.cancelled() => anyhow::bail!("interrupted before the mesh was ready"),
-        }
-        // The workloads come once the control plane is up: their proxies
-        // need Citadel's root.
+        // Everything at once, dependents first (the sample's proxies
+        // before Citadel and Pilot, Pilot and the Mixers before Galley):
+        // each waits for what it needs, with backoff, and says it is not
+        // ready until then.
+        let mut sample = Vec::new();
         for plan in workloads {
             let binary = crate::binaries::path(&bins, plan.binary)?;
-            let process =
-                running
-                    .supervisor
-                    .add(&plan.name, binary, plan.args.clone(), plan.env.clone())?;
-            running.components.push((plan, process));
+            let (args, env) = (plan.args.clone(), plan.env.clone());
+            let process = running.supervisor.add(&plan.name, binary, args, env)?;
+            sample.push((plan, process));
         }
+        start(&mut running, plans, args.topology, &bins)?;
+        running.components.extend(sample);
+        let timeout = Duration::from_secs(args.ready_timeout_secs);
         tokio::select! {
             ready = wait_ready(&mut running, timeout) => ready,
             _ = shutdown.cancelled() => anyhow::bail!("interrupted before the mesh was ready"),
@@ -510,16 +508,15 @@ fn start(
 ) -> anyhow::Result<()> {
     match topology {
         Topology::Split => {
-            for plan in plans {
+            // Last in the config's flow first: Galley starts last.
+            let mut started = Vec::new();
+            for plan in plans.into_iter().rev() {
                 let binary = crate::binaries::path(bins, plan.binary)?;
-                let process = running.supervisor.add(
-                    &plan.name,
-                    binary,
-                    plan.args.clone(),
-                    plan.env.clone(),
-                )?;
-                running.components.push((plan, process));
+                let (args, env) = (plan.args.clone(), plan.env.clone());
+                let process = running.supervisor.add(&plan.name, binary, args, env)?;
+                started.push((plan, process));
             }
+            running.components.extend(started.into_iter().rev());
         }
         Topology::Monolith => {
             // `galley FLAGS -- pilot FLAGS -- ...`
