@@ -56,6 +56,11 @@ pub fn free_addr() -> SocketAddr {
     }
 }
 
+/// Held while a `meshctl up --ephemeral-ports` starts, until it says it is
+/// ready: it probes free ports, releases them and lets its processes bind
+/// them, and another mesh probing in between could take the same port.
+pub static MESH_STARTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A running process, killed if the test ends without stopping it.
 pub struct Proc {
     pub name: String,
@@ -116,12 +121,25 @@ impl Proc {
             false
         })
         .await;
-        assert!(
-            found == Ok(true),
-            "{}: no stdout line with {needle:?}; got {seen:#?}",
-            self.name
-        );
+        if found != Ok(true) {
+            let stderr = self.stderr_so_far().await;
+            panic!(
+                "{}: no stdout line with {needle:?}; got {seen:#?}; stderr: {stderr:#?}",
+                self.name
+            );
+        }
         seen
+    }
+
+    /// The stderr lines written so far (waiting briefly for more).
+    async fn stderr_so_far(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Ok(Ok(Some(line))) =
+            tokio::time::timeout(Duration::from_millis(200), self.stderr.next_line()).await
+        {
+            lines.push(line);
+        }
+        lines
     }
 
     /// Reads stderr until a line contains `needle`; returns that line.

@@ -29,6 +29,7 @@ struct Up {
 impl Up {
     async fn start(topology: &str) -> Self {
         let bin_dir = bin("meshctl").parent().unwrap().to_path_buf();
+        let starting = MESH_STARTING.lock().await;
         let mut proc = Proc::start(
             "meshctl",
             &[
@@ -41,6 +42,7 @@ impl Up {
             ],
         );
         let lines = proc.stdout_until("mesh ready").await;
+        drop(starting);
         let config = lines
             .iter()
             .find_map(|l| l.strip_prefix("config: "))
@@ -271,6 +273,9 @@ async fn failures(topology: &str, victims: &[&str], upgraded: (&str, &str)) {
         }
     });
 
+    // Killed processes free their ports until started again: no other
+    // mesh may probe for ports meanwhile.
+    let restarting = MESH_STARTING.lock().await;
     for victim in victims {
         let (pid, _) = up.status()[*victim];
         nix::sys::signal::kill(
@@ -303,6 +308,8 @@ async fn failures(topology: &str, victims: &[&str], upgraded: (&str, &str)) {
     );
     let exe = std::fs::read_link(format!("/proc/{after}/exe")).unwrap();
     assert_eq!(exe, copy, "{component} runs the new binary");
+
+    drop(restarting);
 
     // Every proxy takes Pilot's config again.
     eventually("every proxy SYNCED", async || {

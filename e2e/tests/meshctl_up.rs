@@ -23,6 +23,7 @@ async fn monolith_runs_every_component_in_one_process_and_stops_it_on_sigterm() 
 /// readiness, stops it, and returns the components' pids.
 async fn up_and_down(topology: &str) -> Vec<u32> {
     let bin_dir = bin("meshctl").parent().unwrap().to_path_buf();
+    let starting = MESH_STARTING.lock().await;
     let mut up = Proc::start(
         "meshctl",
         &[
@@ -36,6 +37,7 @@ async fn up_and_down(topology: &str) -> Vec<u32> {
         ],
     );
     let lines = up.stdout_until("mesh ready").await;
+    drop(starting);
 
     let header = lines
         .iter()
