@@ -95,3 +95,44 @@ async fn proxy_bench_measures_every_path_it_names() {
         assert!(scenarios[name].get("added_p90_ms").is_some(), "{name}");
     }
 }
+
+#[tokio::test]
+async fn topology_bench_measures_both_topologies_through_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("topology.json");
+    // Its meshes pick ports as `meshctl up --ephemeral-ports` does.
+    let starting = MESH_STARTING.lock().await;
+    let bench = Proc::start(
+        "meshctl",
+        &[
+            "bench",
+            "topology",
+            "--edits",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(bench.exit().await.success());
+    drop(starting);
+    let figures: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    for (topology, processes) in [("split", 6), ("monolith", 1)] {
+        let f = &figures[topology];
+        assert_eq!(f["control_plane_processes"], processes, "{f}");
+        assert!(f["control_plane_rss_bytes"].as_u64().unwrap() > 0, "{f}");
+        assert!(f["start_to_all_ready_ms"].as_f64().unwrap() > 0.0, "{f}");
+        let edit = &f["edit_to_last_proxy_ack_ms"];
+        assert!(
+            edit["p50"].as_f64().unwrap() <= edit["max"].as_f64().unwrap(),
+            "{f}"
+        );
+        let kill = &f["galley_killed"];
+        assert_eq!(kill["failed_requests"], 0, "{f}");
+        assert!(kill["requests"].as_u64().unwrap() > 0, "{f}");
+        assert!(
+            kill["killed_process_ready_again_ms"].as_f64().unwrap() > 0.0,
+            "{f}"
+        );
+    }
+}

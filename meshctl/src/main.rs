@@ -90,6 +90,9 @@ enum BenchCommand {
     Mixer(bench::mixer::MixerBenchArgs),
     /// Latency and throughput added by one and two proxies, against nginx.
     Proxy(bench::proxy::ProxyBenchArgs),
+    /// The split topology against the monolith: start, memory, config
+    /// delivery, and a component's death under traffic.
+    Topology(bench::topology::TopologyBenchArgs),
 }
 
 #[tokio::main]
@@ -115,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Citadel(args)) => bench::citadel::run(args).await,
         Command::Bench(BenchCommand::Mixer(args)) => bench::mixer::run(args).await,
         Command::Bench(BenchCommand::Proxy(args)) => bench::proxy::run(args).await,
+        Command::Bench(BenchCommand::Topology(args)) => bench::topology::run(args).await,
         Command::Version => {
             println!("meshctl {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -7,6 +7,7 @@ pub mod mcp;
 pub mod mixer;
 pub mod pilot;
 pub mod proxy;
+pub mod topology;
 
 use std::{path::Path, time::Duration};
 

@@ -318,103 +318,167 @@ fn webhook_certificate(state_dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((cert_path, key_path))
 }
 
-pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let temp;
-    let state_dir = match &args.state_dir {
-        Some(dir) => dir.clone(),
-        None => {
-            temp = tempfile::Builder::new().prefix("meshctl-up-").tempdir()?;
-            temp.path().to_path_buf()
-        }
-    };
-    let logs = state_dir.join("logs");
-    std::fs::create_dir_all(&logs)?;
-    let ports = Ports::new(args.ephemeral_ports);
-    let sample = (!args.no_sample)
-        .then(|| sample::Sample::new(&ports))
-        .transpose()?;
-    let config_dir = match &args.config_dir {
-        Some(dir) => dir.clone(),
-        None => {
-            let dir = state_dir.join("config");
-            std::fs::create_dir_all(&dir)?;
-            for (name, text) in sample::config(sample.as_ref()) {
-                std::fs::write(dir.join(name), text)?;
+/// A mesh started by [`Mesh::start`], every component ready.
+pub struct Mesh {
+    running: Running,
+    pub config_dir: PathBuf,
+    state_dir: PathBuf,
+    /// The temporary state directory, removed when the mesh is dropped.
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl Mesh {
+    /// Starts the control plane and, unless `--no-sample`, Bookinfo; waits
+    /// until all are ready. On failure everything started is stopped, and
+    /// a temporary state directory is kept for its logs. `announce` prints
+    /// where the config and logs are first.
+    pub async fn start(
+        args: &UpArgs,
+        shutdown: &CancellationToken,
+        announce: bool,
+    ) -> anyhow::Result<Self> {
+        let temp = match &args.state_dir {
+            Some(_) => None,
+            None => Some(tempfile::Builder::new().prefix("meshctl-up-").tempdir()?),
+        };
+        let state_dir = match (&args.state_dir, &temp) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(temp)) => temp.path().to_path_buf(),
+            (None, None) => unreachable!("a temporary directory when none is given"),
+        };
+        let logs = state_dir.join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let ports = Ports::new(args.ephemeral_ports);
+        let sample = (!args.no_sample)
+            .then(|| sample::Sample::new(&ports))
+            .transpose()?;
+        let config_dir = match &args.config_dir {
+            Some(dir) => dir.clone(),
+            None => {
+                let dir = state_dir.join("config");
+                std::fs::create_dir_all(&dir)?;
+                for (name, text) in sample::config(sample.as_ref()) {
+                    std::fs::write(dir.join(name), text)?;
+                }
+                dir
             }
-            dir
+        };
+        let tokens = state_dir.join("tokens");
+        let bins = crate::binaries::dir(args.bin_dir.as_deref())?;
+        let (plans, control_plane) =
+            plans(&config_dir, &state_dir, &tokens, &ports, args.topology)?;
+        let workloads = match &sample {
+            Some(sample) => sample.plans(&control_plane, &tokens, &ports)?,
+            None => {
+                std::fs::write(&tokens, "")?;
+                Vec::new()
+            }
+        };
+        // The probes are released here, before anything binds.
+        drop(ports);
+        if announce {
+            println!("config: {}", config_dir.display());
+            println!("logs:   {}", logs.display());
         }
-    };
-    let tokens = state_dir.join("tokens");
-    let bins = crate::binaries::dir(args.bin_dir.as_deref())?;
-    let (plans, control_plane) = plans(&config_dir, &state_dir, &tokens, &ports, args.topology)?;
-    let workloads = match &sample {
-        Some(sample) => sample.plans(&control_plane, &tokens, &ports)?,
-        None => {
-            std::fs::write(&tokens, "")?;
-            Vec::new()
+        let mut running = Running {
+            supervisor: Supervisor::new(&logs),
+            components: Vec::new(),
+        };
+        let outcome = async {
+            // Everything at once, dependents first (the sample's proxies
+            // before Citadel and Pilot, Pilot and the Mixers before
+            // Galley): each waits for what it needs, with backoff, and
+            // says it is not ready until then.
+            let mut sample = Vec::new();
+            for plan in workloads {
+                let binary = crate::binaries::path(&bins, plan.binary)?;
+                let (args, env) = (plan.args.clone(), plan.env.clone());
+                let process = running.supervisor.add(&plan.name, binary, args, env)?;
+                sample.push((plan, process));
+            }
+            start(&mut running, plans, args.topology, &bins)?;
+            running.components.extend(sample);
+            let timeout = Duration::from_secs(args.ready_timeout_secs);
+            tokio::select! {
+                ready = wait_ready(&mut running, timeout) => ready,
+                _ = shutdown.cancelled() => anyhow::bail!("interrupted before the mesh was ready"),
+            }
         }
-    };
-    // The probes are released here, before anything binds.
-    drop(ports);
-    println!("config: {}", config_dir.display());
-    println!("logs:   {}", logs.display());
-    let mut running = Running {
-        supervisor: Supervisor::new(&logs),
-        components: Vec::new(),
-    };
-    let outcome = async {
-        // Everything at once, dependents first (the sample's proxies
-        // before Citadel and Pilot, Pilot and the Mixers before Galley):
-        // each waits for what it needs, with backoff, and says it is not
-        // ready until then.
-        let mut sample = Vec::new();
-        for plan in workloads {
-            let binary = crate::binaries::path(&bins, plan.binary)?;
-            let (args, env) = (plan.args.clone(), plan.env.clone());
-            let process = running.supervisor.add(&plan.name, binary, args, env)?;
-            sample.push((plan, process));
+        .await;
+        if let Err(e) = outcome {
+            running.supervisor.stop_all().await;
+            eprintln!("component logs are in {}", logs.display());
+            // Keep the logs of a failed run for the user to read.
+            if let Some(temp) = temp
+                && let Some(kept) = temp_keep(temp)
+            {
+                eprintln!("kept in {}", kept.display());
+            }
+            return Err(e);
         }
-        start(&mut running, plans, args.topology, &bins)?;
-        running.components.extend(sample);
-        let timeout = Duration::from_secs(args.ready_timeout_secs);
-        tokio::select! {
-            ready = wait_ready(&mut running, timeout) => ready,
-            _ = shutdown.cancelled() => anyhow::bail!("interrupted before the mesh was ready"),
-        }
+        Ok(Self {
+            running,
+            config_dir,
+            state_dir,
+            _temp: temp,
+        })
     }
-    .await;
-    let result = match outcome {
-        Ok(()) => {
-            control::print(&running.rows(None));
-            let (requests_tx, requests) = mpsc::channel(8);
-            let listener = tokio::net::TcpListener::bind(args.control_addr).await?;
-            let control_addr = listener.local_addr()?;
-            tokio::spawn(async move { axum::serve(listener, control::router(requests_tx)).await });
-            std::fs::write(state_dir.join("control"), control_addr.to_string())?;
+
+    /// The table of what runs where.
+    pub fn rows(&self) -> Vec<Row> {
+        self.running.rows(None)
+    }
+
+    /// The pids of the control plane's processes (not the sample's).
+    pub fn control_plane_pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
+            .running
+            .components
+            .iter()
+            .filter(|(plan, _)| !matches!(plan.binary, "proxy" | "sample-app"))
+            .map(|(_, process)| self.running.supervisor.processes[*process].pid)
+            .collect();
+        pids.dedup();
+        pids
+    }
+
+    /// Keeps it running until `shutdown`, restarting what exits and
+    /// answering the control port on `control`, then stops it. `announce`
+    /// prints where the control port is and makes it the one `meshctl
+    /// status` finds.
+    pub async fn run_until(
+        mut self,
+        control: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+        announce: bool,
+    ) -> anyhow::Result<()> {
+        let (requests_tx, requests) = mpsc::channel(8);
+        let control_addr = control.local_addr()?;
+        tokio::spawn(async move { axum::serve(control, control::router(requests_tx)).await });
+        std::fs::write(self.state_dir.join("control"), control_addr.to_string())?;
+        if announce {
             std::fs::write(control::pointer(), control_addr.to_string())?;
             println!("control: {control_addr} (meshctl status, meshctl restart)");
             println!(
                 "mesh ready: {} components in {} processes; Ctrl-C stops them",
-                running.components.len(),
-                running.supervisor.processes.len()
+                self.running.components.len(),
+                self.running.supervisor.processes.len()
             );
-            supervise(&mut running, requests, &shutdown).await;
+        }
+        supervise(&mut self.running, requests, &shutdown).await;
+        if announce {
             let _ = std::fs::remove_file(control::pointer());
-            Ok(())
         }
-        Err(e) => Err(e),
-    };
-    running.supervisor.stop_all().await;
-    if result.is_err() {
-        eprintln!("component logs are in {}", logs.display());
-        if args.state_dir.is_none() {
-            // Keep the logs of a failed run for the user to read.
-            if let Some(kept) = temp_keep(&state_dir) {
-                eprintln!("kept in {}", kept.display());
-            }
-        }
+        self.running.supervisor.stop_all().await;
+        Ok(())
     }
-    result
+}
+
+pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mesh = Mesh::start(&args, &shutdown, true).await?;
+    control::print(&mesh.rows());
+    let control = tokio::net::TcpListener::bind(args.control_addr).await?;
+    mesh.run_until(control, shutdown, true).await
 }
 
 /// Keeps the mesh running until `shutdown`: a process that exits is
@@ -432,13 +496,13 @@ async fn supervise(
                 let delay = running.supervisor.backoff(index);
                 let name = running.supervisor.processes[index].name.clone();
                 let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
-                println!("{name} exited ({status}); starting it again in {delay:?}");
+                eprintln!("{name} exited ({status}); starting it again in {delay:?}");
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(delay) => {}
                 }
                 if let Err(e) = running.supervisor.start(index) {
-                    println!("{name} cannot start again: {e:#}");
+                    eprintln!("{name} cannot start again: {e:#}");
                 }
             }
             Some(request) = requests.recv() => match request {
@@ -537,10 +601,10 @@ fn start(
     Ok(())
 }
 
-/// Moves a failed run's temporary state out of the way of its cleanup.
-fn temp_keep(state_dir: &Path) -> Option<PathBuf> {
+/// Keeps a failed run's temporary state from its cleanup.
+fn temp_keep(temp: tempfile::TempDir) -> Option<PathBuf> {
     let kept = std::env::temp_dir().join(format!("meshctl-failed-{}", std::process::id()));
-    std::fs::rename(state_dir, &kept).ok()?;
+    std::fs::rename(temp.keep(), &kept).ok()?;
     Some(kept)
 }
 
