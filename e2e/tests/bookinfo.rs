@@ -243,9 +243,10 @@ async fn walkthrough(topology: &str) {
     assert!(up.proc.terminate().await.success());
 }
 
-/// Kills each of `victims` in turn (`kill -9`), then replaces `upgraded`
-/// with a copy of its binary, with Bookinfo's traffic flowing throughout.
-async fn failures(topology: &str, victims: &[&str], upgraded: (&str, &str)) {
+/// Kills each of `victims` in turn (`kill -9`), then replaces each of
+/// `upgraded` (component, binary) with a copy of its binary (`meshctl
+/// restart --binary`), with Bookinfo's traffic flowing throughout.
+async fn failures(topology: &str, victims: &[&str], upgraded: &[(&str, &str)]) {
     let up = std::sync::Arc::new(Up::start(topology).await);
     // Every workload has served before the first kill: Mixer's answers
     // are cached by then, as in a mesh that has been running.
@@ -290,24 +291,27 @@ async fn failures(topology: &str, victims: &[&str], upgraded: (&str, &str)) {
         .await;
     }
 
-    // An upgrade: the same flags, another binary.
-    let (component, binary) = upgraded;
+    // Upgrades: the same flags, another binary, one component at a time.
     let dir = tempfile::tempdir().unwrap();
-    let copy = dir.path().join(binary);
-    std::fs::copy(bin(binary), &copy).unwrap();
-    let (before, _) = up.status()[component];
-    let table = up.meshctl(&["restart", component, "--binary", copy.to_str().unwrap()]);
-    assert!(
-        table.lines().skip(1).all(|row| row.contains(" yes ")),
-        "{table}"
-    );
-    let (after, ready) = up.status()[component];
-    assert!(
-        ready && after != before,
-        "{component}: pid {before} then {after}"
-    );
-    let exe = std::fs::read_link(format!("/proc/{after}/exe")).unwrap();
-    assert_eq!(exe, copy, "{component} runs the new binary");
+    for (component, binary) in upgraded {
+        let copy = dir.path().join(binary);
+        if !copy.exists() {
+            std::fs::copy(bin(binary), &copy).unwrap();
+        }
+        let (before, _) = up.status()[*component];
+        let table = up.meshctl(&["restart", component, "--binary", copy.to_str().unwrap()]);
+        assert!(
+            table.lines().skip(1).all(|row| row.contains(" yes ")),
+            "{table}"
+        );
+        let (after, ready) = up.status()[*component];
+        assert!(
+            ready && after != before,
+            "{component}: pid {before} then {after}"
+        );
+        let exe = std::fs::read_link(format!("/proc/{after}/exe")).unwrap();
+        assert_eq!(exe, copy, "{component} runs the new binary");
+    }
 
     drop(restarting);
 
@@ -343,7 +347,7 @@ async fn failures(topology: &str, victims: &[&str], upgraded: (&str, &str)) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_any_control_plane_process_loses_no_request_split() {
+async fn killing_or_upgrading_any_control_plane_process_loses_no_request_split() {
     failures(
         "split",
         &[
@@ -354,14 +358,21 @@ async fn killing_any_control_plane_process_loses_no_request_split() {
             "citadel",
             "sidecar-injector",
         ],
-        ("pilot", "pilot"),
+        &[
+            ("galley", "galley"),
+            ("pilot", "pilot"),
+            ("mixer-policy", "mixer"),
+            ("mixer-telemetry", "mixer"),
+            ("citadel", "citadel"),
+            ("sidecar-injector", "sidecar-injector"),
+        ],
     )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_monolith_loses_no_request() {
-    failures("monolith", &["galley"], ("pilot", "monolith")).await;
+async fn killing_or_upgrading_the_monolith_loses_no_request() {
+    failures("monolith", &["galley"], &[("pilot", "monolith")]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

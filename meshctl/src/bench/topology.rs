@@ -91,7 +91,11 @@ async fn status(client: &reqwest::Client, control: SocketAddr) -> anyhow::Result
 fn edit(config_dir: &std::path::Path, round: usize) -> anyhow::Result<()> {
     let file = config_dir.join("virtual-services.yaml");
     let text = std::fs::read_to_string(&file)?;
-    let (v1, v3) = if round.is_multiple_of(2) { (100, 0) } else { (0, 100) };
+    let (v1, v3) = if round.is_multiple_of(2) {
+        (100, 0)
+    } else {
+        (0, 100)
+    };
     let mut lines = Vec::new();
     for line in text.lines() {
         let line = match line.split_once("weight: ") {
