@@ -184,6 +184,32 @@ impl Proc {
     }
 }
 
+/// Runs workspace binary `name` with `args` to its end; its stdout. A
+/// failure fails the test with the arguments and stderr.
+pub fn run_ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(name: &str, args: &[S]) -> String {
+    let out = std::process::Command::new(bin(name))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {name}: {e}"));
+    assert!(
+        out.status.success(),
+        "{name} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The strings of a JSON array (a container's `args`, say).
+pub fn strings(array: &serde_json::Value) -> Vec<&str> {
+    array
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| a.as_str().expect("a string"))
+        .collect()
+}
+
 /// Makes ring rustls's process-wide crypto provider, which reqwest needs
 /// even for plain HTTP.
 pub fn install_crypto() {

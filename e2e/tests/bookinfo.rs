@@ -83,18 +83,7 @@ impl Up {
 
     /// Runs `meshctl ARGS --control <this mesh>`; its stdout.
     fn meshctl(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new(bin("meshctl"))
-            .args(args)
-            .args(["--control", &self.control])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(
-            out.status.success(),
-            "meshctl {args:?}: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        text
+        run_ok("meshctl", &[args, &["--control", &self.control]].concat())
     }
 
     /// `meshctl status`: each component's pid and readiness.

@@ -206,39 +206,16 @@ async fn kube_inject_gives_the_webhooks_pod_and_init_applies_its_annotations() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("pod.json");
     std::fs::write(&file, pod.to_string()).unwrap();
-    let out = std::process::Command::new(bin("meshctl"))
-        .args(["kube-inject", "-f", file.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let by_kube_inject: Value =
-        serde_saphyr::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    let out = run_ok("meshctl", &["kube-inject", "-f", file.to_str().unwrap()]);
+    let by_kube_inject: Value = serde_saphyr::from_str(&out).unwrap();
     assert_eq!(by_kube_inject, by_webhook);
 
     // The init container's own arguments, given to `proxy init`.
     let init = container(&by_webhook, "initContainers", "istio-init");
-    let args: Vec<&str> = init["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
+    let mut args = strings(&init["args"]);
     assert_eq!(args[0], "init");
-    let out = std::process::Command::new(bin("proxy"))
-        .args(&args)
-        .arg("--dry-run")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rules = String::from_utf8(out.stdout).unwrap();
+    args.push("--dry-run");
+    let rules = run_ok("proxy", &args);
     for rule in [
         "-A ISTIO_INBOUND -p tcp --dport 9080 -j ISTIO_IN_REDIRECT",
         "-A ISTIO_OUTPUT -d 10.96.0.0/12 -j RETURN",

@@ -11,7 +11,7 @@ use std::{
     process::Command,
 };
 
-use e2e::bin;
+use e2e::{run_ok, strings};
 use mcp_proto::kinds::KINDS;
 use serde_json::{Value, json};
 
@@ -287,22 +287,8 @@ fn every_deployment_runs_a_workspace_binary_with_flags_it_accepts() {
             );
 
             // Its flags parse.
-            let args: Vec<&str> = container["args"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|a| a.as_str().unwrap())
-                .collect();
-            let out = Command::new(bin(binary))
-                .args(&args)
-                .arg("--help")
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{name}: {binary} refuses {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let args = strings(&container["args"]);
+            run_ok(binary, &[&args[..], &["--help"]].concat());
 
             // The ports it listens on are the ports it declares.
             let listens: BTreeMap<String, u16> = args.iter().filter_map(|a| flag_port(a)).collect();
@@ -404,22 +390,8 @@ fn the_config_files_parse_as_their_components_read_them() {
         .iter()
         .find(|c| c["name"] == "istio-proxy")
         .unwrap();
-    let args: Vec<&str> = proxy["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
-    let out = Command::new(bin("proxy"))
-        .args(&args)
-        .arg("--help")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let args = strings(&proxy["args"]);
+    run_ok("proxy", &[&args[..], &["--help"]].concat());
     // Every webhook has its Service.
     let objects = objects();
     let services: BTreeSet<&str> = of_kind(&objects, "Service")
