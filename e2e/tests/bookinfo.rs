@@ -201,6 +201,10 @@ async fn walkthrough(topology: &str) {
                     r#"source_principal="cluster.local/ns/bookinfo/sa/bookinfo-productpage""#,
                 )
                 && l.contains(r#"connection_security_policy="mutual_tls""#)
+                // What productpage's proxy said of it (x-istio-attributes).
+                && l.contains(r#"source_workload="productpage-v1-0""#)
+                && l.contains(r#"source_app="productpage""#)
+                && l.contains(r#"source_version="v1""#)
                 && l.contains(r#"response_code="200""#)
         })
     })

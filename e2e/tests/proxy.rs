@@ -36,7 +36,8 @@ async fn backend(name: &'static str) -> SocketAddr {
         move |uri: axum::http::Uri, headers: axum::http::HeaderMap| async move {
             if uri.path() == "/whoami" {
                 let xfcc = headers.get("x-forwarded-client-cert");
-                return format!("{xfcc:?}");
+                let attributes = headers.get("x-istio-attributes");
+                return format!("{xfcc:?} attributes: {attributes:?}");
             }
             if uri.path() == "/traceparent" {
                 let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
@@ -878,6 +879,8 @@ async fn strict_mtls_carries_the_callers_identity_and_refuses_plaintext() {
         body.contains("URI=spiffe://cluster.local/ns/shop/sa/productpage"),
         "{body}"
     );
+    // The caller's attributes were for the sidecar, not the application.
+    assert!(body.ends_with("attributes: None"), "{body}");
     // Plaintext straight to the STRICT sidecar is refused.
     install_crypto();
     let direct = reqwest::Client::new()
@@ -910,6 +913,9 @@ async fn mixer_denies_what_its_rules_say_and_reports_the_rest() {
         r#"reporter="destination""#,
         r#"destination_service="reviews.shop.svc.cluster.local""#,
         r#"source_principal="cluster.local/ns/shop/sa/productpage""#,
+        // Said by the client's proxy, taken from a caller proven by TLS.
+        r#"source_workload="productpage-1""#,
+        r#"source_app="productpage""#,
         r#"destination_version="v2""#,
         r#"connection_security_policy="mutual_tls""#,
         r#"response_code="200""#,

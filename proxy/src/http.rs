@@ -391,6 +391,16 @@ async fn forward(
     parts
         .headers
         .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    // A caller's attributes are the server proxy's alone; outbound, this
+    // workload's own go instead.
+    parts.headers.remove(crate::mixer::FORWARDED_ATTRIBUTES);
+    if context.app.inbound_service().is_none()
+        && let Some(attributes) = context.mixer.forwarded_attributes()
+    {
+        parts
+            .headers
+            .insert(crate::mixer::FORWARDED_ATTRIBUTES, attributes.clone());
+    }
     // The caller's identity, for the application, as Envoy forwards it.
     parts.headers.remove("x-forwarded-client-cert");
     if let Some(identity) = &context.peer_identity

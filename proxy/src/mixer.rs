@@ -4,7 +4,10 @@
 //! HTTP status its google.rpc code maps to, as Istio's filter does; after
 //! the response, a Report with Istio's standard attributes, batched and
 //! flushed every second. Without a policy address no check is made;
-//! without a telemetry address nothing is reported.
+//! without a telemetry address nothing is reported. Outbound requests carry
+//! this workload's own attributes to the server-side proxy (Istio 1.1's
+//! `x-istio-attributes`), which takes them from a caller proven by mesh
+//! TLS, so that reports name the source workload, app and version.
 
 use std::{
     collections::BTreeMap,
@@ -13,13 +16,19 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use base64::Engine;
 use clap::Args;
 use component::CancellationToken;
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderValue, StatusCode};
+use mcp_proto::pb::istio::mixer::v1::{
+    Attributes,
+    attributes::{AttributeValue, StringMap, attribute_value},
+};
 use mixer::{
     attributes::{Bag, Value},
     client::{Client, ClientOptions, Verdict},
 };
+use prost::Message;
 
 #[derive(Debug, Clone, Args)]
 pub struct MixerArgs {
@@ -56,6 +65,93 @@ pub struct MixerFilter {
     policy: Option<Client>,
     telemetry: Option<Arc<Client>>,
     workload: Workload,
+    /// This workload's attributes for the servers it calls, with Mixer on.
+    forwarded: Option<HeaderValue>,
+}
+
+/// The header that carries a caller's attributes to the server's proxy.
+pub const FORWARDED_ATTRIBUTES: &str = "x-istio-attributes";
+
+/// What a caller may say of itself; anything else in the header is
+/// ignored (its namespace and principal come from its certificate).
+const FORWARDABLE: [&str; 4] = [
+    "source.uid",
+    "source.workload.name",
+    "source.workload.namespace",
+    "source.labels",
+];
+
+impl Workload {
+    /// The `x-istio-attributes` value naming this workload: a base64
+    /// `istio.mixer.v1.Attributes`.
+    fn forwarded(&self) -> Option<HeaderValue> {
+        let string = |v: &str| AttributeValue {
+            value: Some(attribute_value::Value::StringValue(v.to_string())),
+        };
+        let labels = StringMap {
+            entries: self.labels.clone().into_iter().collect(),
+        };
+        let attributes = Attributes {
+            attributes: [
+                (
+                    "source.uid",
+                    string(&format!("kubernetes://{}.{}", self.name, self.namespace)),
+                ),
+                ("source.workload.name", string(&self.name)),
+                ("source.workload.namespace", string(&self.namespace)),
+                (
+                    "source.labels",
+                    AttributeValue {
+                        value: Some(attribute_value::Value::StringMapValue(labels)),
+                    },
+                ),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        };
+        let text = base64::engine::general_purpose::STANDARD.encode(attributes.encode_to_vec());
+        HeaderValue::from_str(&text).ok()
+    }
+}
+
+/// The forwardable attributes in a caller's header, if they decode and
+/// name `namespace` (the one its certificate proves) as theirs.
+fn forwarded(headers: &HeaderMap, namespace: &str) -> Bag {
+    let decoded = headers
+        .get(FORWARDED_ATTRIBUTES)
+        .and_then(|v| {
+            base64::engine::general_purpose::STANDARD
+                .decode(v.as_bytes())
+                .ok()
+        })
+        .and_then(|bytes| Attributes::decode(bytes.as_slice()).ok());
+    let Some(mut attributes) = decoded else {
+        return Bag::new();
+    };
+    let claimed = attributes
+        .attributes
+        .get("source.workload.namespace")
+        .and_then(|v| match &v.value {
+            Some(attribute_value::Value::StringValue(ns)) => Some(ns.as_str()),
+            _ => None,
+        });
+    if claimed != Some(namespace) {
+        return Bag::new();
+    }
+    FORWARDABLE
+        .iter()
+        .filter_map(|name| {
+            let value = match attributes.attributes.remove(*name)?.value? {
+                attribute_value::Value::StringValue(v) => Value::String(v),
+                attribute_value::Value::StringMapValue(m) => {
+                    Value::StringMap(m.entries.into_iter().collect())
+                }
+                _ => return None,
+            };
+            Some((name.to_string(), value))
+        })
+        .collect()
 }
 
 /// The request side of one inbound request, kept for its report.
@@ -97,11 +193,18 @@ impl MixerFilter {
                 )))
             })
             .transpose()?;
+        let on = policy.is_some() || telemetry.is_some();
         Ok(Self {
             policy,
             telemetry,
+            forwarded: on.then(|| workload.forwarded()).flatten(),
             workload,
         })
+    }
+
+    /// What outbound requests tell the servers' proxies of this workload.
+    pub fn forwarded_attributes(&self) -> Option<&HeaderValue> {
+        self.forwarded.as_ref()
     }
 
     /// Whether there is a Mixer to check with or report to.
@@ -211,6 +314,11 @@ impl MixerFilter {
             .is_some_and(|v| v.starts_with("application/grpc"));
         let protocol = if grpc { "grpc" } else { "http" };
         let mut bag = self.connection(peer, peer_identity, service_host, port, protocol);
+        // What a caller proven by mesh TLS says of itself.
+        if let Some(Value::String(namespace)) = bag.get("source.namespace") {
+            let from_caller = forwarded(parts.headers(), namespace);
+            bag.extend(from_caller);
+        }
         bag.extend([
             ("request.path".into(), s(path)),
             ("request.host".into(), s(host)),
@@ -360,5 +468,70 @@ fn http_status(code: i32) -> (StatusCode, &'static str) {
         16 => (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
         13 => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reviews() -> Workload {
+        Workload {
+            name: "reviews-v2-0".into(),
+            namespace: "bookinfo".into(),
+            labels: BTreeMap::from([
+                ("app".into(), "reviews".into()),
+                ("version".into(), "v2".into()),
+            ]),
+            principal: "cluster.local/ns/bookinfo/sa/bookinfo-reviews".into(),
+        }
+    }
+
+    fn headers(value: HeaderValue) -> HeaderMap {
+        HeaderMap::from_iter([(http::HeaderName::from_static(FORWARDED_ATTRIBUTES), value)])
+    }
+
+    #[test]
+    fn a_callers_attributes_arrive_when_its_namespace_is_the_proven_one() {
+        let sent = headers(reviews().forwarded().unwrap());
+        let got = forwarded(&sent, "bookinfo");
+        assert_eq!(
+            got.get("source.workload.name"),
+            Some(&Value::String("reviews-v2-0".into()))
+        );
+        assert_eq!(
+            got.get("source.uid"),
+            Some(&Value::String("kubernetes://reviews-v2-0.bookinfo".into()))
+        );
+        let Some(Value::StringMap(labels)) = got.get("source.labels") else {
+            panic!("no labels: {got:?}");
+        };
+        assert_eq!(labels["version"], "v2");
+        // Claiming another namespace than the certificate's: nothing.
+        assert!(forwarded(&sent, "shop").is_empty());
+        // Garbage: nothing.
+        assert!(forwarded(&headers(HeaderValue::from_static("%%%")), "bookinfo").is_empty());
+    }
+
+    #[test]
+    fn only_what_a_caller_may_say_of_itself_is_taken() {
+        let mut attributes = Attributes::default();
+        for (name, value) in [
+            ("source.workload.namespace", "bookinfo"),
+            ("source.workload.name", "productpage-v1-0"),
+            ("destination.principal", "spoofed"),
+            ("source.principal", "spoofed"),
+        ] {
+            attributes.attributes.insert(
+                name.into(),
+                AttributeValue {
+                    value: Some(attribute_value::Value::StringValue(value.into())),
+                },
+            );
+        }
+        let text = base64::engine::general_purpose::STANDARD.encode(attributes.encode_to_vec());
+        let got = forwarded(&headers(HeaderValue::from_str(&text).unwrap()), "bookinfo");
+        let names: Vec<&String> = got.keys().collect();
+        assert_eq!(names, ["source.workload.name", "source.workload.namespace"]);
     }
 }
