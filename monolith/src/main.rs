@@ -53,9 +53,7 @@ fn component(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    if matches!(argv.as_slice(), [] | [_])
-        && argv.first().is_none_or(|a| a == "--help" || a == "-h")
-    {
+    if argv.is_empty() || (argv.len() == 1 && matches!(argv[0].as_str(), "--help" | "-h")) {
         println!(
             "usage: monolith COMPONENT [FLAGS] [-- COMPONENT [FLAGS]]...\n\nEvery control-plane component in one process; each takes its binary's flags."
         );
