@@ -57,8 +57,9 @@ pub fn free_addr() -> SocketAddr {
 }
 
 /// Held while a `meshctl up --ephemeral-ports` starts, until it says it is
-/// ready: it probes free ports, releases them and lets its processes bind
-/// them, and another mesh probing in between could take the same port.
+/// ready, and through each benchmark: they probe free ports, release them
+/// and let their processes bind them, and another such run probing in
+/// between could take the same port.
 pub static MESH_STARTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A running process, killed if the test ends without stopping it.
@@ -181,6 +182,19 @@ impl Proc {
             .await
             .unwrap_or_else(|_| panic!("{} did not exit", self.name))
             .unwrap()
+    }
+
+    /// Waits for the process to exit by itself, failing the test with its
+    /// stderr unless it succeeded.
+    pub async fn exit_ok(mut self) {
+        let status = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{} did not exit", self.name))
+            .unwrap();
+        if !status.success() {
+            let stderr = self.stderr_so_far().await;
+            panic!("{} exited with {status}; stderr: {stderr:#?}", self.name);
+        }
     }
 }
 

@@ -7,6 +7,7 @@ use e2e::*;
 async fn mixer_bench_figures_account_for_every_request() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("mixer.json");
+    let _ports = MESH_STARTING.lock().await;
     let bench = Proc::start(
         "meshctl",
         &[
@@ -24,7 +25,7 @@ async fn mixer_bench_figures_account_for_every_request() {
             out.to_str().unwrap(),
         ],
     );
-    assert!(bench.exit().await.success());
+    bench.exit_ok().await;
     let figures: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     for variant in ["mixer", "no_rules"] {
@@ -58,6 +59,7 @@ async fn mixer_bench_figures_account_for_every_request() {
 async fn proxy_bench_measures_every_path_it_names() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("proxy.json");
+    let _ports = MESH_STARTING.lock().await;
     let bench = Proc::start(
         "meshctl",
         &[
@@ -74,7 +76,7 @@ async fn proxy_bench_measures_every_path_it_names() {
             out.to_str().unwrap(),
         ],
     );
-    assert!(bench.exit().await.success());
+    bench.exit_ok().await;
     let figures: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let scenarios = &figures["scenarios"];
@@ -101,7 +103,7 @@ async fn topology_bench_measures_both_topologies_through_a_kill() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("topology.json");
     // Its meshes pick ports as `meshctl up --ephemeral-ports` does.
-    let starting = MESH_STARTING.lock().await;
+    let _ports = MESH_STARTING.lock().await;
     let bench = Proc::start(
         "meshctl",
         &[
@@ -113,8 +115,7 @@ async fn topology_bench_measures_both_topologies_through_a_kill() {
             out.to_str().unwrap(),
         ],
     );
-    assert!(bench.exit().await.success());
-    drop(starting);
+    bench.exit_ok().await;
     let figures: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     for (topology, processes) in [("split", 6), ("monolith", 1)] {

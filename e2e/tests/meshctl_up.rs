@@ -85,3 +85,70 @@ async fn up_and_down(topology: &str) -> Vec<u32> {
     assert!(pids.iter().all(|&p| !alive(p)), "every component stopped");
     pids
 }
+
+/// A component whose port is taken for a moment is started again until it
+/// binds; one whose port stays taken ends the start with its name.
+#[tokio::test]
+async fn a_component_that_cannot_start_is_tried_again_then_named() {
+    let bin_dir = bin("meshctl").parent().unwrap().to_path_buf();
+    let up = || {
+        Proc::start(
+            "meshctl",
+            &["up", "--no-sample", "--bin-dir", bin_dir.to_str().unwrap()],
+        )
+    };
+    // Galley's admin port, on the default ports.
+    let _starting = MESH_STARTING.lock().await;
+    let held = std::net::TcpListener::bind("127.0.0.1:15014").unwrap();
+    let mut failing = up();
+    failing
+        .stderr_until("galley exited before it was ready, 3 times")
+        .await;
+    assert!(!failing.exit().await.success());
+
+    let mut recovering = up();
+    recovering
+        .stderr_until("galley exited before it was ready")
+        .await;
+    drop(held);
+    recovering.stdout_until("mesh ready").await;
+    assert!(recovering.terminate().await.success());
+}
+
+/// `meshctl up` killed outright takes its processes with it: none is left
+/// holding ports.
+#[tokio::test]
+async fn killing_meshctl_up_leaves_no_process_behind() {
+    let bin_dir = bin("meshctl").parent().unwrap().to_path_buf();
+    let starting = MESH_STARTING.lock().await;
+    let mut up = Proc::start(
+        "meshctl",
+        &[
+            "up",
+            "--ephemeral-ports",
+            "--bin-dir",
+            bin_dir.to_str().unwrap(),
+        ],
+    );
+    let lines = up.stdout_until("mesh ready").await;
+    drop(starting);
+    let header = lines
+        .iter()
+        .position(|l| l.starts_with("COMPONENT"))
+        .unwrap();
+    let pids: Vec<u32> = lines[header + 1..]
+        .iter()
+        .take_while(|l| !l.starts_with("control: "))
+        .map(|row| row.split_whitespace().nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 18, "{lines:#?}");
+    up.kill().await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while pids.iter().any(|&p| alive(p)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left running: {pids:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

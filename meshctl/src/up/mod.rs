@@ -608,20 +608,36 @@ fn temp_keep(temp: tempfile::TempDir) -> Option<PathBuf> {
     Some(kept)
 }
 
-/// Polls every component's ready URL until all answer 200; fails if a
-/// process exits or the deadline passes.
+/// Times a process may exit before it is ready, and be started again.
+const START_RETRIES: u32 = 2;
+
+/// Polls every component's ready URL until all answer 200; a process that
+/// exits is started again, up to [`START_RETRIES`] times; fails past that
+/// or when the deadline passes.
 async fn wait_ready(running: &mut Running, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     let mut backoff =
         component::Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
+    let mut exits = vec![0; running.supervisor.processes.len()];
     loop {
-        for index in 0..running.supervisor.processes.len() {
-            if running.supervisor.exited(index) {
-                anyhow::bail!(
-                    "{} exited before it was ready",
-                    running.supervisor.processes[index].name
-                );
+        for (index, exited) in exits.iter_mut().enumerate() {
+            let Some(status) = running.supervisor.take_exit(index) else {
+                continue;
+            };
+            let name = running.supervisor.processes[index].name.clone();
+            let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+            // A port another process held for a moment, say; a real
+            // problem (a bad flag) keeps failing and ends the start.
+            *exited += 1;
+            if *exited > START_RETRIES {
+                anyhow::bail!("{name} exited before it was ready, {exited} times ({status})");
             }
+            let delay = running.supervisor.backoff(index);
+            eprintln!(
+                "{name} exited before it was ready ({status}); starting it again in {delay:?}"
+            );
+            tokio::time::sleep(delay).await;
+            running.supervisor.start(index)?;
         }
         let rows = control::probe(running.rows(None)).await;
         let waiting: Vec<&str> = rows

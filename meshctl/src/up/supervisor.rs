@@ -33,6 +33,8 @@ pub struct Process {
     started: Instant,
     /// Quick exits in a row, for the backoff.
     quick_exits: u32,
+    /// Started and not seen to exit since.
+    alive: bool,
 }
 
 /// An exit: which process, which start of it, and how.
@@ -76,6 +78,7 @@ impl Supervisor {
             generation: 0,
             started: Instant::now(),
             quick_exits: 0,
+            alive: false,
         });
         let index = self.processes.len() - 1;
         self.start(index)?;
@@ -89,16 +92,26 @@ impl Supervisor {
             .create(true)
             .append(true)
             .open(self.logs.join(format!("{}.log", p.name)))?;
-        let mut child = Command::new(&p.binary)
+        let mut command = Command::new(&p.binary);
+        command
             .args(&p.argv)
             .envs(p.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .kill_on_drop(true)
+            .kill_on_drop(true);
+        // SAFETY: prctl is one system call, safe between fork and exec.
+        // The mesh dies with `meshctl up`, even when it is killed.
+        unsafe {
+            command.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
+        let mut child = command
             .spawn()
             .map_err(|e| anyhow::anyhow!("starting {}: {e}", p.binary.display()))?;
         p.generation += 1;
+        p.alive = true;
         p.pid = child.id().unwrap_or_default();
         p.started = Instant::now();
         let (tx, generation) = (self.exits_tx.clone(), p.generation);
@@ -122,6 +135,7 @@ impl Supervisor {
             };
             let (index, generation, status) = exit;
             if self.processes[index].generation == generation {
+                self.processes[index].alive = false;
                 return (index, status);
             }
         }
@@ -140,24 +154,30 @@ impl Supervisor {
 
     /// Stops process `index`: SIGTERM, then SIGKILL after the grace.
     pub async fn stop(&mut self, index: usize) {
-        let generation = self.processes[index].generation;
-        if self.exited(index) {
-            self.pending
-                .retain(|(i, g, _)| !(*i == index && *g == generation));
+        if self.take_exit(index).is_some() || !self.processes[index].alive {
             return;
         }
+        let generation = self.processes[index].generation;
         self.signal(index, Signal::SIGTERM);
-        let deadline = tokio::time::Instant::now() + STOP_GRACE;
+        let mut deadline = tokio::time::Instant::now() + STOP_GRACE;
+        let mut killed = false;
         loop {
             let exit = tokio::select! {
                 exit = self.exits.recv() => exit.expect("the supervisor holds a sender"),
                 _ = tokio::time::sleep_until(deadline) => {
-                    eprintln!("{} did not stop within {STOP_GRACE:?}; killing it", self.processes[index].name);
+                    let name = &self.processes[index].name;
+                    if killed {
+                        eprintln!("{name} did not exit even after SIGKILL");
+                        return;
+                    }
+                    eprintln!("{name} did not stop within {STOP_GRACE:?}; killing it");
                     self.signal(index, Signal::SIGKILL);
+                    (killed, deadline) = (true, tokio::time::Instant::now() + STOP_GRACE);
                     continue;
                 }
             };
             if exit.0 == index && exit.1 == generation {
+                self.processes[index].alive = false;
                 return;
             }
             self.pending.push_back(exit);
@@ -178,7 +198,7 @@ impl Supervisor {
     }
 
     /// Whether process `index` has exited and not been started again.
-    pub fn exited(&mut self, index: usize) -> bool {
+    fn exited(&mut self, index: usize) -> bool {
         while let Ok(exit) = self.exits.try_recv() {
             self.pending.push_back(exit);
         }
@@ -186,5 +206,19 @@ impl Supervisor {
         self.pending
             .iter()
             .any(|(i, g, _)| *i == index && *g == generation)
+    }
+
+    /// How process `index` exited, if it has since its last start.
+    pub fn take_exit(&mut self, index: usize) -> Option<std::io::Result<ExitStatus>> {
+        if !self.exited(index) {
+            return None;
+        }
+        let generation = self.processes[index].generation;
+        let at = self
+            .pending
+            .iter()
+            .position(|(i, g, _)| *i == index && *g == generation)?;
+        self.processes[index].alive = false;
+        self.pending.remove(at).map(|(_, _, status)| status)
     }
 }
