@@ -70,8 +70,16 @@ pub async fn run(args: ProxyStatusArgs) -> anyhow::Result<()> {
         response.status()
     );
     let proxies: Vec<Value> = serde_json::from_str(&response.text().await?)?;
+    // As wide as the longest node id.
+    let width = proxies
+        .iter()
+        .filter_map(|p| p["node"].as_str())
+        .map(str::len)
+        .max()
+        .unwrap_or(0)
+        .max(4);
     println!(
-        "{:<64} {:<10} {:<10} {:<10} {:<10}",
+        "{:<width$}  {:<10} {:<10} {:<10} {:<10}",
         "NAME", TYPES[0].0, TYPES[1].0, TYPES[2].0, TYPES[3].0
     );
     for proxy in &proxies {
@@ -80,7 +88,7 @@ pub async fn run(args: ProxyStatusArgs) -> anyhow::Result<()> {
             .map(|(_, t)| state(proxy["types"].get(*t)))
             .collect();
         println!(
-            "{:<64} {:<10} {:<10} {:<10} {:<10}",
+            "{:<width$}  {:<10} {:<10} {:<10} {:<10}",
             proxy["node"].as_str().unwrap_or_default(),
             states[0],
             states[1],
