@@ -62,6 +62,32 @@ pub fn free_addr() -> SocketAddr {
 /// between could take the same port.
 pub static MESH_STARTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// `meshctl up --ephemeral-ports ARGS`, waited for until it says the mesh
+/// is ready (one such start at a time): the process and what it printed.
+pub async fn meshctl_up(args: &[&str]) -> (Proc, Vec<String>) {
+    let bin_dir = bin("meshctl").parent().unwrap().display().to_string();
+    let starting = MESH_STARTING.lock().await;
+    let argv = [&["up", "--ephemeral-ports", "--bin-dir", &bin_dir], args].concat();
+    let mut up = Proc::start("meshctl", &argv);
+    let lines = up.stdout_until("mesh ready").await;
+    drop(starting);
+    (up, lines)
+}
+
+/// The rows of the table `meshctl up` printed, each split into its
+/// whitespace-separated fields (name, pid, ready, ports).
+pub fn up_table(lines: &[String]) -> Vec<Vec<&str>> {
+    let header = lines
+        .iter()
+        .position(|l| l.starts_with("COMPONENT"))
+        .expect("a table of components");
+    lines[header + 1..]
+        .iter()
+        .take_while(|l| !l.starts_with("control: "))
+        .map(|row| row.split_whitespace().collect())
+        .collect()
+}
+
 /// A running process, killed if the test ends without stopping it.
 pub struct Proc {
     pub name: String,

@@ -28,21 +28,7 @@ struct Up {
 
 impl Up {
     async fn start(topology: &str) -> Self {
-        let bin_dir = bin("meshctl").parent().unwrap().to_path_buf();
-        let starting = MESH_STARTING.lock().await;
-        let mut proc = Proc::start(
-            "meshctl",
-            &[
-                "up",
-                "--ephemeral-ports",
-                "--topology",
-                topology,
-                "--bin-dir",
-                bin_dir.to_str().unwrap(),
-            ],
-        );
-        let lines = proc.stdout_until("mesh ready").await;
-        drop(starting);
+        let (proc, lines) = meshctl_up(&["--topology", topology]).await;
         let config = lines
             .iter()
             .find_map(|l| l.strip_prefix("config: "))
@@ -55,22 +41,15 @@ impl Up {
             .and_then(|l| l.split_whitespace().next())
             .expect("the control address is printed")
             .to_string();
-        let header = lines
-            .iter()
-            .position(|l| l.starts_with("COMPONENT"))
-            .unwrap();
-        let table = lines[header + 1..]
-            .iter()
-            .take_while(|l| !l.starts_with("control: "))
-            .map(|row| {
-                let mut fields = row.split_whitespace();
-                let name = fields.next().unwrap().to_string();
-                let ports = fields
-                    .skip(2)
+        let table = up_table(&lines)
+            .into_iter()
+            .map(|fields| {
+                let ports = fields[3..]
+                    .iter()
                     .filter_map(|f| f.split_once('='))
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect();
-                (name, ports)
+                (fields[0].to_string(), ports)
             })
             .collect();
         Self {

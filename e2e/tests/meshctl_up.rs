@@ -22,35 +22,9 @@ async fn monolith_runs_every_component_in_one_process_and_stops_it_on_sigterm() 
 /// Brings the mesh up in `topology`, checks every component's row and
 /// readiness, stops it, and returns the components' pids.
 async fn up_and_down(topology: &str) -> Vec<u32> {
-    let bin_dir = bin("meshctl").parent().unwrap().to_path_buf();
-    let starting = MESH_STARTING.lock().await;
-    let mut up = Proc::start(
-        "meshctl",
-        &[
-            "up",
-            "--ephemeral-ports",
-            "--topology",
-            topology,
-            "--no-sample",
-            "--bin-dir",
-            bin_dir.to_str().unwrap(),
-        ],
-    );
-    let lines = up.stdout_until("mesh ready").await;
-    drop(starting);
-
-    let header = lines
-        .iter()
-        .position(|l| l.starts_with("COMPONENT"))
-        .expect("a table of components");
-    let rows: Vec<&String> = lines[header + 1..]
-        .iter()
-        .take_while(|l| !l.starts_with("control: "))
-        .collect();
-    let names: Vec<&str> = rows
-        .iter()
-        .map(|r| r.split_whitespace().next().unwrap())
-        .collect();
+    let (up, lines) = meshctl_up(&["--topology", topology, "--no-sample"]).await;
+    let rows = up_table(&lines);
+    let names: Vec<&str> = rows.iter().map(|fields| fields[0]).collect();
     assert_eq!(
         names,
         [
@@ -64,15 +38,14 @@ async fn up_and_down(topology: &str) -> Vec<u32> {
     );
 
     let mut pids = Vec::new();
-    for row in &rows {
-        let fields: Vec<&str> = row.split_whitespace().collect();
+    for fields in &rows {
         pids.push(fields[1].parse::<u32>().unwrap());
         assert_eq!(fields[2], "yes");
         let admin: SocketAddr = fields[3].strip_prefix("admin=").unwrap().parse().unwrap();
         assert_eq!(
             get(admin, "/ready").await,
             Some((200, "ready\n".to_string())),
-            "{row}"
+            "{fields:?}"
         );
     }
     assert!(pids.iter().all(|&p| alive(p)));
@@ -119,27 +92,10 @@ async fn a_component_that_cannot_start_is_tried_again_then_named() {
 /// holding ports.
 #[tokio::test]
 async fn killing_meshctl_up_leaves_no_process_behind() {
-    let bin_dir = bin("meshctl").parent().unwrap().to_path_buf();
-    let starting = MESH_STARTING.lock().await;
-    let mut up = Proc::start(
-        "meshctl",
-        &[
-            "up",
-            "--ephemeral-ports",
-            "--bin-dir",
-            bin_dir.to_str().unwrap(),
-        ],
-    );
-    let lines = up.stdout_until("mesh ready").await;
-    drop(starting);
-    let header = lines
+    let (up, lines) = meshctl_up(&[]).await;
+    let pids: Vec<u32> = up_table(&lines)
         .iter()
-        .position(|l| l.starts_with("COMPONENT"))
-        .unwrap();
-    let pids: Vec<u32> = lines[header + 1..]
-        .iter()
-        .take_while(|l| !l.starts_with("control: "))
-        .map(|row| row.split_whitespace().nth(1).unwrap().parse().unwrap())
+        .map(|fields| fields[1].parse().unwrap())
         .collect();
     assert_eq!(pids.len(), 18, "{lines:#?}");
     up.kill().await;
