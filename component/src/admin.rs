@@ -108,14 +108,18 @@ impl Admin {
 
 async fn ready(State(admin): State<Admin>) -> impl IntoResponse {
     let unmet = admin.readiness.unmet();
-    if unmet.is_empty() {
+    let (status, mut text) = if unmet.is_empty() {
         (StatusCode::OK, "ready\n".to_string())
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {}\n", unmet.join(", ")),
         )
+    };
+    for note in admin.readiness.notes() {
+        text.push_str(&format!("note: {note}\n"));
     }
+    (status, text)
 }
 
 async fn debug_index(State(admin): State<Admin>) -> Json<Vec<String>> {

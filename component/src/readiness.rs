@@ -9,14 +9,22 @@ use std::{
 
 #[derive(Clone, Default)]
 pub struct Readiness {
-    conditions: Arc<Mutex<BTreeMap<String, bool>>>,
+    conditions: Arc<Mutex<BTreeMap<String, State>>>,
+}
+
+#[derive(Clone, Default)]
+struct State {
+    met: bool,
+    /// What an operator should know about the condition even when it
+    /// holds (a source that serves less than was asked, say).
+    note: Option<String>,
 }
 
 /// One condition of a [`Readiness`]; starts unmet.
 #[derive(Clone)]
 pub struct Condition {
     name: String,
-    conditions: Arc<Mutex<BTreeMap<String, bool>>>,
+    conditions: Arc<Mutex<BTreeMap<String, State>>>,
 }
 
 impl Readiness {
@@ -27,7 +35,7 @@ impl Readiness {
     /// Registers a condition that starts unmet.
     pub fn condition(&self, name: impl Into<String>) -> Condition {
         let name = name.into();
-        lock(&self.conditions).insert(name.clone(), false);
+        lock(&self.conditions).insert(name.clone(), State::default());
         Condition {
             name,
             conditions: self.conditions.clone(),
@@ -38,15 +46,33 @@ impl Readiness {
     pub fn unmet(&self) -> Vec<String> {
         lock(&self.conditions)
             .iter()
-            .filter(|(_, met)| !**met)
+            .filter(|(_, state)| !state.met)
             .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// `name: note` for every condition with a note.
+    pub fn notes(&self) -> Vec<String> {
+        lock(&self.conditions)
+            .iter()
+            .filter_map(|(name, state)| Some(format!("{name}: {}", state.note.as_ref()?)))
             .collect()
     }
 }
 
 impl Condition {
     pub fn set(&self, met: bool) {
-        lock(&self.conditions).insert(self.name.clone(), met);
+        lock(&self.conditions)
+            .entry(self.name.clone())
+            .or_default()
+            .met = met;
+    }
+
+    pub fn note(&self, note: Option<String>) {
+        lock(&self.conditions)
+            .entry(self.name.clone())
+            .or_default()
+            .note = note;
     }
 }
 
@@ -72,5 +98,9 @@ mod tests {
         assert!(readiness.unmet().is_empty());
         synced.set(false);
         assert!(!readiness.unmet().is_empty());
+        synced.note(Some("one collection absent".into()));
+        assert_eq!(readiness.notes(), ["mcp-synced: one collection absent"]);
+        synced.note(None);
+        assert!(readiness.notes().is_empty());
     }
 }

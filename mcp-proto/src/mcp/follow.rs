@@ -6,7 +6,7 @@ use std::sync::Arc;
 use component::{Admin, CancellationToken};
 use tonic::transport::Endpoint;
 
-use super::{McpMetrics, Sink, SinkOptions, run_sink_client};
+use super::{McpMetrics, Sink, SinkOptions, SinkSnapshot, run_sink_client};
 
 /// Parses a source or sink address: `host:port` or an `http://` URL.
 pub fn parse_endpoint(address: &str) -> Result<Endpoint, String> {
@@ -20,7 +20,8 @@ pub fn parse_endpoint(address: &str) -> Result<Endpoint, String> {
 
 /// Starts a sink named `id` for `collections`, following the source at
 /// `server` (with backoff) until `shutdown`. The admin's readiness gains an
-/// `mcp-synced` condition that holds once every collection has synced.
+/// `mcp-synced` condition that holds once every collection has synced (or
+/// been refused by the source), and `/debug/mcp` shows each collection.
 pub fn follow(
     id: &str,
     collections: &[&str],
@@ -35,9 +36,31 @@ pub fn follow(
         metrics,
     ));
     let synced = admin.readiness().condition("mcp-synced");
+    let snapshots = sink.subscribe();
+    let source = server.to_string();
+    admin.debug_page("mcp", move || debug(&source, &snapshots.borrow()));
     let tracker = sink.clone();
     tokio::spawn(async move { tracker.track_synced(synced).await });
     tracing::info!(%server, sink = id, "following MCP source");
     tokio::spawn(run_sink_client(sink.clone(), endpoint, shutdown));
     Ok(sink)
+}
+
+/// `/debug/mcp`: per collection, whether it synced, the version and count
+/// held, and the source's refusal.
+fn debug(source: &str, snapshot: &SinkSnapshot) -> serde_json::Value {
+    let collections: serde_json::Map<String, serde_json::Value> = snapshot
+        .collections
+        .iter()
+        .map(|(name, held)| {
+            let state = serde_json::json!({
+                "synced": held.synced,
+                "version": held.version,
+                "resources": held.resources.len(),
+                "absent": held.refused,
+            });
+            (name.clone(), state)
+        })
+        .collect();
+    serde_json::json!({"source": source, "collections": collections})
 }

@@ -21,6 +21,7 @@ pub struct McpMetrics {
     stale_nonces: Family<CollectionLabel, Counter>,
     resources: Family<CollectionLabel, Gauge>,
     bytes: Family<CollectionLabel, Counter>,
+    refused: Family<CollectionLabel, Gauge>,
 }
 
 impl McpMetrics {
@@ -59,6 +60,11 @@ impl McpMetrics {
             "Encoded bytes of Resources messages",
             m.bytes.clone(),
         );
+        r.register(
+            "collections_refused",
+            "1 while the peer refuses the collection (a source that does not serve it)",
+            m.refused.clone(),
+        );
         m
     }
 
@@ -90,6 +96,11 @@ impl McpMetrics {
     }
     pub(crate) fn stale_nonce(&self, c: &str) {
         self.stale_nonces.get_or_create(&label(c)).inc();
+    }
+    pub(crate) fn refused(&self, c: &str, refused: bool) {
+        self.refused
+            .get_or_create(&label(c))
+            .set(i64::from(refused));
     }
     pub(crate) fn resources_held(&self, c: &str, n: usize) {
         self.resources.get_or_create(&label(c)).set(n as i64);

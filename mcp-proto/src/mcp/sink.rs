@@ -72,7 +72,19 @@ pub struct HeldCollection {
     pub version: String,
     /// Whether a first response has been applied.
     pub synced: bool,
+    /// Why the source refused the collection, if it did: the collection is
+    /// absent from that source, which is not the same as empty. What was
+    /// held before stays held.
+    pub refused: Option<String>,
     pub resources: imbl::OrdMap<String, Arc<SinkResource>>,
+}
+
+impl HeldCollection {
+    /// Whether the sink has heard from the source about this collection:
+    /// a first response, or a refusal.
+    pub fn settled(&self) -> bool {
+        self.synced || self.refused.is_some()
+    }
 }
 
 /// Everything the sink holds, as of one moment. Cloning is cheap: maps are
@@ -83,9 +95,24 @@ pub struct SinkSnapshot {
 }
 
 impl SinkSnapshot {
-    /// True once every requested collection has had a first response.
+    /// True once every requested collection has had a first response or
+    /// was refused by the source.
     pub fn synced(&self) -> bool {
-        self.collections.values().all(|c| c.synced)
+        self.collections.values().all(HeldCollection::settled)
+    }
+
+    /// Whether the source refused `collection` (it does not serve it).
+    pub fn absent(&self, collection: &str) -> bool {
+        self.collections
+            .get(collection)
+            .is_some_and(|c| c.refused.is_some())
+    }
+
+    /// The refused collections, with the source's reasons.
+    pub fn refused(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.collections
+            .iter()
+            .filter_map(|(name, c)| Some((name.as_str(), c.refused.as_deref()?)))
     }
 
     /// The decoded bodies of one collection, with their namespaces (empty
@@ -142,12 +169,21 @@ impl Sink {
         self.snapshots.subscribe()
     }
 
-    /// Keeps `ready` equal to "every collection has had a first response".
-    /// Returns when the sink is dropped.
+    /// Keeps `ready` equal to "every collection has had a first response
+    /// or was refused", with the refused ones named in its note. Returns
+    /// when the sink is dropped.
     pub async fn track_synced(&self, ready: component::readiness::Condition) {
         let mut snapshots = self.subscribe();
         loop {
-            ready.set(snapshots.borrow_and_update().synced());
+            let snapshot = snapshots.borrow_and_update().clone();
+            let refused: Vec<&str> = snapshot.refused().map(|(c, _)| c).collect();
+            ready.note((!refused.is_empty()).then(|| {
+                format!(
+                    "absent, the source does not serve them: {}",
+                    refused.join(", ")
+                )
+            }));
+            ready.set(snapshot.synced());
             if snapshots.changed().await.is_err() {
                 return;
             }
@@ -156,11 +192,14 @@ impl Sink {
 
     /// The requests that open a stream: one per collection, with the
     /// versions already held so that the source can send only a diff.
-    pub fn initial_requests(&self) -> Vec<RequestResources> {
+    /// Collections the source refused are left out unless `ask_refused`
+    /// (a new source may serve them).
+    pub fn initial_requests(&self, ask_refused: bool) -> Vec<RequestResources> {
         let held = self.lock();
         self.options
             .collections
             .iter()
+            .filter(|c| ask_refused || !held.absent(c))
             .map(|c| {
                 let initial_resource_versions = if self.options.incremental {
                     held.collections
@@ -199,6 +238,7 @@ impl Sink {
                 if let Some(c) = held.collections.get(&collection) {
                     self.metrics.resources_held(&collection, c.resources.len());
                 }
+                self.metrics.refused(&collection, false);
                 self.snapshots.send_replace(snapshot);
             }
             applied
@@ -226,6 +266,39 @@ impl Sink {
             incremental: self.options.incremental,
             ..RequestResources::default()
         }
+    }
+
+    /// Takes the end of a stream: if the source ended it because it does not
+    /// serve a collection (MCP rule 6: `InvalidArgument` naming the
+    /// collection, as Istio 1.1's Galley does for the synthetic service
+    /// entries and the mesh config), marks that collection absent and
+    /// returns it, so that the next stream leaves it out.
+    pub fn refusal(&self, status: &Status) -> Option<String> {
+        if status.code() != Code::InvalidArgument {
+            return None;
+        }
+        let mut held = self.lock();
+        let quoted = |c: &str| status.message().contains(&format!("{c:?}"));
+        let named = |c: &str| status.message().contains(c);
+        // Prefer an exact quoted match: one collection's name can be a
+        // prefix of another's.
+        let collection = self
+            .options
+            .collections
+            .iter()
+            .find(|c| quoted(c))
+            .or_else(|| self.options.collections.iter().find(|c| named(c)))?
+            .clone();
+        let entry = held.collections.entry(collection.clone()).or_default();
+        if entry.refused.is_some() {
+            // Refused again: nothing new to publish.
+            return Some(collection);
+        }
+        entry.refused = Some(status.message().to_string());
+        tracing::warn!(%collection, reason = %status.message(), "MCP source does not serve a collection; treating it as absent");
+        self.metrics.refused(&collection, true);
+        self.snapshots.send_replace(Arc::new(held.clone()));
+        Some(collection)
     }
 
     fn node(&self) -> SinkNode {
@@ -304,6 +377,7 @@ fn apply_to(held: &mut SinkSnapshot, msg: Resources) -> Result<(), Status> {
         HeldCollection {
             version: msg.system_version_info,
             synced: true,
+            refused: None,
             resources: next,
         },
     );
@@ -315,14 +389,18 @@ fn invalid(message: String) -> Status {
 }
 
 /// Runs one stream from the sink side: sends the opening requests, then
-/// answers every `Resources` with an ACK or NACK. A stream error (such as
-/// a message that does not decode) is sent to `requests` as the final
-/// status. Returns how the stream ended and whether any response arrived
-/// (for the caller's backoff).
+/// answers every `Resources` with an ACK or NACK. `responses` resolves to
+/// the source's stream once its response headers arrive; the opening
+/// requests go out while that is awaited, because a grpc-go source sends
+/// no headers before its first response, and no response before a request.
+/// A stream error (such as a message that does not decode) is sent to
+/// `requests` as the final status. Returns how the stream ended and whether
+/// any response arrived (for the caller's backoff).
 pub async fn run_stream<S>(
     sink: &Sink,
-    mut responses: S,
+    responses: impl Future<Output = Result<S, Status>>,
     requests: mpsc::Sender<Result<RequestResources, Status>>,
+    ask_refused: bool,
 ) -> (Result<(), Status>, bool)
 where
     S: Stream<Item = Result<Resources, Status>> + Unpin,
@@ -332,11 +410,16 @@ where
         sink.metrics.stream_opened(c);
     }
     let result = async {
-        for request in sink.initial_requests() {
-            requests
-                .send(Ok(request))
-                .await
-                .map_err(|_| Status::cancelled("stream closed"))?;
+        let opening = async {
+            for request in sink.initial_requests(ask_refused) {
+                requests.send(Ok(request)).await.map_err(|_| ())?;
+            }
+            Ok::<_, ()>(())
+        };
+        let (opened, responses) = tokio::join!(opening, responses);
+        let mut responses = responses?;
+        if opened.is_err() {
+            return Err(ended(&mut responses).await);
         }
         while let Some(message) = responses.next().await {
             let message = message?;
@@ -344,10 +427,9 @@ where
             sink.metrics
                 .response(&message.collection, message.encoded_len());
             let answer = sink.apply(message);
-            requests
-                .send(Ok(answer))
-                .await
-                .map_err(|_| Status::cancelled("stream closed"))?;
+            if requests.send(Ok(answer)).await.is_err() {
+                return Err(ended(&mut responses).await);
+            }
         }
         Ok::<_, Status>(())
     }
@@ -360,4 +442,16 @@ where
         sink.metrics.stream_closed(c);
     }
     (result, received)
+}
+
+/// Why a stream whose request half closed ended: the status the source
+/// sent (a refused collection, say), which may arrive just after.
+async fn ended<S>(responses: &mut S) -> Status
+where
+    S: Stream<Item = Result<Resources, Status>> + Unpin,
+{
+    match responses.next().await {
+        Some(Err(status)) => status,
+        _ => Status::cancelled("stream closed"),
+    }
 }

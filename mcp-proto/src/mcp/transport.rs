@@ -176,7 +176,9 @@ impl ResourceSink for SinkServer {
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             tokio::select! {
-                (result, _) = run_stream(&sink, inbound, tx.clone()) => {
+                // A source that dials cannot say which collection it
+                // refuses (it has no status to send), so every one is asked.
+                (result, _) = run_stream(&sink, std::future::ready(Ok(inbound)), tx.clone(), true) => {
                     if let Err(status) = result {
                         tracing::debug!(%status, "MCP source stream ended");
                     }
@@ -192,8 +194,12 @@ impl ResourceSink for SinkServer {
 
 /// Keeps a sink connected to a `ResourceSource` at `endpoint`, reconnecting
 /// with backoff, until `shutdown`. Each new stream sends the versions held.
+/// A collection the source refuses is left out of the next stream, which
+/// opens at once; after any other end, the next stream asks for every
+/// collection again, since the source may have changed.
 pub async fn run_sink_client(sink: Arc<Sink>, endpoint: Endpoint, shutdown: CancellationToken) {
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+    let mut ask_refused = true;
     loop {
         let attempt = async {
             let channel = connect(&endpoint)
@@ -206,17 +212,22 @@ pub async fn run_sink_client(sink: Arc<Sink>, endpoint: Endpoint, shutdown: Canc
             // A client cannot send a status: on an error the sink ends its
             // half of the stream.
             let outbound = tokio_stream::StreamExt::map_while(ReceiverStream::new(rx), Result::ok);
-            let inbound = client
-                .establish_resource_stream(outbound)
-                .await?
-                .into_inner();
-            Ok::<_, Status>(run_stream(&sink, inbound, tx).await)
+            let inbound = async {
+                let response = client.establish_resource_stream(outbound).await?;
+                Ok(response.into_inner())
+            };
+            Ok::<_, Status>(run_stream(&sink, inbound, tx, ask_refused).await)
         };
         let outcome = tokio::select! {
             outcome = attempt => outcome,
             _ = shutdown.cancelled() => return,
         };
+        ask_refused = true;
         match outcome {
+            Ok((Err(status), _)) if sink.refusal(&status).is_some() => {
+                ask_refused = false;
+                continue;
+            }
             Ok((result, received)) => {
                 if received {
                     backoff.reset();

@@ -1,8 +1,8 @@
 //! One hand-driven MCP stream, in either direction, with bounded waits.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, pin::Pin, time::Duration};
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt, stream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming, transport::Channel};
@@ -24,7 +24,7 @@ pub struct Timing {
 /// A stream on which this tool sends `Out` and receives `In`.
 pub struct Probe<Out, In> {
     outbound: mpsc::Sender<Out>,
-    inbound: Streaming<In>,
+    inbound: Pin<Box<dyn Stream<Item = Result<In, Status>> + Send>>,
     timing: Timing,
 }
 
@@ -39,19 +39,25 @@ async fn channel(address: &str, timing: Timing) -> Result<Channel, String> {
         .map_err(|e| format!("cannot connect to {address}: {:#}", anyhow::Error::from(e)))
 }
 
-impl<Out: Send + 'static, In> Probe<Out, In> {
+impl<Out: Send + 'static, In: Send + 'static> Probe<Out, In> {
     /// Connects and opens a stream with `establish`, which calls one of the
-    /// two services' `EstablishResourceStream`.
+    /// two services' `EstablishResourceStream`. The call's response headers
+    /// are awaited on the first receive, not here: what is sent before it
+    /// goes out with the call, as a grpc-go peer needs (it sends no headers
+    /// before its first message).
     async fn open<F, Fut>(address: &str, timing: Timing, establish: F) -> Result<Self, String>
     where
         F: FnOnce(Channel, ReceiverStream<Out>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<Streaming<In>>, Status>>,
+        Fut: Future<Output = Result<tonic::Response<Streaming<In>>, Status>> + Send + 'static,
     {
         let (outbound, rx) = mpsc::channel(16);
-        let inbound = establish(channel(address, timing).await?, ReceiverStream::new(rx))
-            .await
-            .map_err(|s| format!("EstablishResourceStream failed: {s}"))?
-            .into_inner();
+        let call = establish(channel(address, timing).await?, ReceiverStream::new(rx));
+        let inbound = stream::once(call)
+            .flat_map(|opened| match opened {
+                Ok(response) => response.into_inner().left_stream(),
+                Err(status) => stream::iter([Err(status)]).right_stream(),
+            })
+            .boxed();
         Ok(Self {
             outbound,
             inbound,

@@ -1,0 +1,287 @@
+//! Our components against peers built on another gRPC stack (Python's
+//! grpcio, on gRPC's C core), so that a mistake both our ends share cannot
+//! pass. The peers (`interop/peers.py`) behave as grpc-go does where it
+//! matters: a server sends its response headers only with its first
+//! message. Istio 1.1's Galley is such a server, and it ends a stream that
+//! asks for a collection it does not serve.
+
+use std::{net::SocketAddr, path::PathBuf, process::Stdio, sync::OnceLock};
+
+use e2e::*;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader, Lines},
+    process::{Child, ChildStdout, Command},
+};
+
+const GATEWAYS: &str = "istio/networking/v1alpha3/gateways";
+const MESH_CONFIG: &str = "istio/mesh/v1alpha1/MeshConfig";
+const SYNTHETIC: &str = "istio/networking/v1alpha3/synthetic/serviceentries";
+
+/// Installs grpcio and its protoc once per test binary (PyPI, when
+/// missing).
+fn python() -> &'static str {
+    static READY: OnceLock<()> = OnceLock::new();
+    READY.get_or_init(|| {
+        let have = std::process::Command::new("python3")
+            .args(["-c", "import grpc, grpc_tools"])
+            .status()
+            .expect("python3 runs");
+        if !have.success() {
+            let installed = std::process::Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "grpcio", "grpcio-tools"])
+                .status()
+                .expect("python3 runs");
+            assert!(
+                installed.success(),
+                "pip install grpcio grpcio-tools failed"
+            );
+        }
+    });
+    "python3"
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A running peer and the lines it prints.
+struct Peer {
+    _child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+    _generated: tempfile::TempDir,
+}
+
+impl Peer {
+    fn start(args: &[&str]) -> Self {
+        let generated = tempfile::tempdir().unwrap();
+        let mut child = Command::new(python())
+            .arg(repo().join("e2e/tests/interop/peers.py"))
+            .arg(repo().join("mcp-proto/proto"))
+            .arg(generated.path())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3 starts");
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Self {
+            _child: child,
+            lines,
+            _generated: generated,
+        }
+    }
+
+    /// Starts a server role and returns it with its address.
+    async fn serve(args: &[&str]) -> (Self, SocketAddr) {
+        let mut peer = Self::start(args);
+        let line = peer.until("listening ").await;
+        let port: u16 = line["listening ".len()..].parse().unwrap();
+        (peer, SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    /// The first line from now that starts with `prefix`.
+    async fn until(&mut self, prefix: &str) -> String {
+        let read = async {
+            while let Some(line) = self.lines.next_line().await.unwrap() {
+                if line.starts_with(prefix) {
+                    return line;
+                }
+            }
+            panic!("the peer exited before printing {prefix:?}");
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(60), read)
+            .await
+            .unwrap_or_else(|_| panic!("the peer printed no {prefix:?} in time"))
+    }
+
+    /// Every line until the peer exits.
+    async fn rest(mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(line) = self.lines.next_line().await.unwrap() {
+            out.push(line);
+        }
+        out
+    }
+}
+
+#[tokio::test]
+async fn a_sink_follows_a_source_that_withholds_headers_and_refuses_collections() {
+    let (mut source, addr) =
+        Peer::serve(&["mcp-source", "--refuse", MESH_CONFIG, "--refuse", SYNTHETIC]).await;
+    let collections = format!("{GATEWAYS},{MESH_CONFIG},{SYNTHETIC}");
+    let watch = Proc::start(
+        "meshctl",
+        &[
+            "mcp",
+            "watch",
+            "--server",
+            &addr.to_string(),
+            "--collections",
+            &collections,
+            "--output",
+            "json",
+            "--once",
+        ],
+    );
+    source.until(&format!("refused {MESH_CONFIG}")).await;
+    source.until(&format!("refused {SYNTHETIC}")).await;
+    let output = run_to_end(watch).await;
+    assert!(output.contains("istio-system/ingress"), "{output}");
+    assert!(!output.contains(MESH_CONFIG), "absent, not empty: {output}");
+}
+
+#[tokio::test]
+async fn pilot_is_ready_on_what_a_source_serves_and_says_what_is_absent() {
+    let (mut source, addr) =
+        Peer::serve(&["mcp-source", "--refuse", MESH_CONFIG, "--refuse", SYNTHETIC]).await;
+    let admin = free_addr();
+    let _pilot = Proc::start(
+        "pilot",
+        &[
+            "--mcp-server",
+            &addr.to_string(),
+            "--xds-addr",
+            &free_addr().to_string(),
+            "--admin-addr",
+            &admin.to_string(),
+        ],
+    );
+    source.until(&format!("ack {GATEWAYS}")).await;
+    let (_, ready) = wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    assert!(ready.contains("absent"), "{ready}");
+    assert!(
+        ready.contains(MESH_CONFIG) && ready.contains(SYNTHETIC),
+        "{ready}"
+    );
+    let (_, debug) = get(admin, "/debug/mcp").await.unwrap();
+    let debug: serde_json::Value = serde_json::from_str(&debug).unwrap();
+    let collections = &debug["collections"];
+    assert!(
+        collections[MESH_CONFIG]["absent"]
+            .as_str()
+            .unwrap()
+            .contains("unsupported collection"),
+        "{debug}"
+    );
+    assert_eq!(collections[GATEWAYS]["resources"], 1, "{debug}");
+    let (_, metrics) = get(admin, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "mcp_sink_collections_refused{{collection=\"{MESH_CONFIG}\"}} 1"
+        )),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn the_proxy_follows_an_xds_server_that_withholds_headers() {
+    let (mut server, addr) = Peer::serve(&["xds-server"]).await;
+    let admin = free_addr();
+    let _proxy = Proc::start(
+        "proxy",
+        &[
+            "--pilot",
+            &addr.to_string(),
+            "--admin-addr",
+            &admin.to_string(),
+            "--pod",
+            "interop",
+            "--namespace",
+            "shop",
+            // The peer speaks state of the world only.
+            "--xds-mode",
+            "sotw",
+            "--stats-addr",
+            &free_addr().to_string(),
+            "--health-addr",
+            &free_addr().to_string(),
+        ],
+    );
+    server.until("ack Cluster").await;
+    server.until("ack Listener").await;
+    wait_for_http(admin, "/ready", |s, _| s == 200).await;
+}
+
+#[tokio::test]
+async fn a_check_answer_is_read_by_a_client_that_knows_only_the_message_words() {
+    let config = config_dir(&[
+        (
+            "attributes.yaml",
+            &std::fs::read_to_string(repo().join("examples/mixer/attributes.yaml")).unwrap(),
+        ),
+        (
+            "deny.yaml",
+            r#"
+apiVersion: config.istio.io/v1alpha2
+kind: handler
+metadata: {name: denymallory, namespace: istio-system}
+spec: {compiledAdapter: denier, params: {status: {code: 7, message: not allowed}}}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: instance
+metadata: {name: denyrequest, namespace: istio-system}
+spec: {compiledTemplate: checknothing}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: denymallory, namespace: istio-system}
+spec:
+  match: source.user == "mallory"
+  actions: [{handler: denymallory.handler, instances: [denyrequest]}]
+"#,
+        ),
+    ]);
+    let galley = Galley::start(config.path(), &[]).await;
+    let (grpc, admin) = (free_addr(), free_addr());
+    let _mixer = Proc::start(
+        "mixer",
+        &[
+            "--role",
+            "policy",
+            "--mcp-server",
+            &galley.mcp.to_string(),
+            "--grpc-addr",
+            &grpc.to_string(),
+            "--admin-addr",
+            &admin.to_string(),
+        ],
+    );
+    wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    for (user, code) in [("mallory", "7"), ("jason", "0")] {
+        let lines = Peer::start(&["mixer-check", &grpc.to_string(), user])
+            .rest()
+            .await;
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&format!("status {code}"))),
+            "{user}: {lines:?}"
+        );
+        assert!(
+            lines.contains(&"referenced source.user".to_string()),
+            "{user}: {lines:?}"
+        );
+    }
+}
+
+async fn run_to_end(proc: Proc) -> String {
+    let Proc {
+        mut child,
+        mut stdout,
+        ..
+    } = proc;
+    let read = async {
+        let mut out = String::new();
+        while let Some(line) = stdout.next_line().await.unwrap() {
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out
+    };
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), read)
+        .await
+        .expect("meshctl mcp watch --once ends once every collection settled");
+    assert!(child.wait().await.unwrap().success());
+    out
+}

@@ -1,0 +1,176 @@
+"""Protocol peers on another gRPC stack (grpcio, gRPC's C core), for the
+interop tests: what they prove cannot be a mistake our two ends share.
+
+Like grpc-go, a grpcio server sends a stream's response headers only with
+its first message, so a client that waits for headers before it sends its
+first request waits forever. That is how Istio 1.1's Galley behaves.
+
+    peers.py PROTO_DIR OUT_DIR mcp-source [--refuse COLLECTION ...]
+    peers.py PROTO_DIR OUT_DIR xds-server
+    peers.py PROTO_DIR OUT_DIR mixer-check ADDRESS USER
+
+The servers print `listening PORT` once they serve on 127.0.0.1, then one
+line per event (`ack COLLECTION`, `refused COLLECTION`), and run until
+killed. Generated code goes to OUT_DIR.
+"""
+
+import argparse
+import itertools
+import os
+import sys
+from concurrent import futures
+
+import grpc
+import grpc_tools
+from grpc_tools import protoc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROTOS = [
+    "google/rpc/status.proto",
+    "istio/mcp/v1alpha1/mcp.proto",
+    "istio/networking/v1alpha3/gateway.proto",
+    "istio/mixer/v1/attributes.proto",
+    "istio/mixer/v1/mixer.proto",
+]
+
+
+def generate(proto_dir, out_dir):
+    """Compiles the project's protos (and the peer's own ADS subset)."""
+    includes = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
+    for root, names in ((proto_dir, PROTOS), (HERE, ["ads.proto"])):
+        args = ["protoc", f"-I{root}", f"-I{proto_dir}", f"-I{includes}",
+                f"--python_out={out_dir}", f"--grpc_python_out={out_dir}"]
+        if protoc.main(args + names) != 0:
+            sys.exit(f"protoc failed on {names}")
+    sys.path.insert(0, out_dir)
+
+
+def say(line):
+    print(line, flush=True)
+
+
+def serve(add_servicer):
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    add_servicer(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    say(f"listening {port}")
+    server.wait_for_termination()
+
+
+GATEWAYS = "istio/networking/v1alpha3/gateways"
+
+
+def mcp_source(refuse):
+    """A ResourceSource serving one Gateway, every other collection empty,
+    and ending the stream as Istio 1.1's Galley does for a collection it
+    does not serve."""
+    from istio.mcp.v1alpha1 import mcp_pb2, mcp_pb2_grpc
+    from istio.networking.v1alpha3 import gateway_pb2
+    from google.protobuf import any_pb2
+
+    gateway = gateway_pb2.Gateway(
+        selector={"istio": "ingressgateway"},
+        servers=[gateway_pb2.Server(
+            port=gateway_pb2.Port(number=80, protocol="HTTP", name="http"),
+            hosts=["*"])])
+    body = any_pb2.Any(
+        type_url="type.googleapis.com/istio.networking.v1alpha3.Gateway",
+        value=gateway.SerializeToString())
+    nonces = itertools.count(1)
+
+    class Source(mcp_pb2_grpc.ResourceSourceServicer):
+        def EstablishResourceStream(self, requests, context):
+            for request in requests:
+                collection = request.collection
+                if collection in refuse:
+                    say(f"refused {collection}")
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f'unsupported collection "{collection}"')
+                if request.response_nonce:
+                    verdict = "nack" if request.HasField("error_detail") else "ack"
+                    say(f"{verdict} {collection}")
+                    continue
+                resources = []
+                if collection == GATEWAYS:
+                    resources.append(mcp_pb2.Resource(
+                        metadata=mcp_pb2.Metadata(name="istio-system/ingress", version="1"),
+                        body=body))
+                yield mcp_pb2.Resources(
+                    system_version_info="1", collection=collection,
+                    resources=resources, nonce=str(next(nonces)))
+
+    serve(lambda s: mcp_pb2_grpc.add_ResourceSourceServicer_to_server(Source(), s))
+
+
+def xds_server():
+    """An ADS server answering every first request for a type with no
+    resources, and reporting the ACKs."""
+    import ads_pb2
+    import ads_pb2_grpc
+
+    nonces = itertools.count(1)
+
+    class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+        def StreamAggregatedResources(self, requests, context):
+            for request in requests:
+                kind = request.type_url.rsplit(".", 1)[-1]
+                if request.response_nonce:
+                    verdict = "nack" if request.HasField("error_detail") else "ack"
+                    say(f"{verdict} {kind}")
+                    continue
+                yield ads_pb2.DiscoveryResponse(
+                    version_info="1", type_url=request.type_url, nonce=str(next(nonces)))
+
+    serve(lambda s: ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(Ads(), s))
+
+
+def mixer_check(address, user):
+    """A Check as Istio's `mixc check` sends it (no global dictionary:
+    every word in the message), and its referenced attributes read by the
+    message's own words alone, as `mixc` reads them."""
+    from istio.mixer.v1 import attributes_pb2, mixer_pb2, mixer_pb2_grpc
+
+    words = ["source.user", user, "destination.service.host", "details.shop.svc.cluster.local"]
+    attributes = attributes_pb2.CompressedAttributes(
+        words=words, strings={-1: -2, -3: -4})
+    with grpc.insecure_channel(address) as channel:
+        response = mixer_pb2_grpc.MixerStub(channel).Check(
+            mixer_pb2.CheckRequest(attributes=attributes, global_word_count=0),
+            timeout=10)
+    precondition = response.precondition
+    referenced = precondition.referenced_attributes
+    names = []
+    for match in referenced.attribute_matches:
+        if match.name >= 0:
+            sys.exit(f"referenced attribute by global index {match.name}: "
+                     "a client without the dictionary cannot read it")
+        names.append(referenced.words[-match.name - 1])
+    say(f"status {precondition.status.code} {precondition.status.message}")
+    for name in sorted(names):
+        say(f"referenced {name}")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("proto_dir")
+    parser.add_argument("out_dir")
+    roles = parser.add_subparsers(dest="role", required=True)
+    source = roles.add_parser("mcp-source")
+    source.add_argument("--refuse", action="append", default=[])
+    roles.add_parser("xds-server")
+    check = roles.add_parser("mixer-check")
+    check.add_argument("address")
+    check.add_argument("user")
+    args = parser.parse_args()
+    generate(args.proto_dir, args.out_dir)
+    if args.role == "mcp-source":
+        mcp_source(set(args.refuse))
+    elif args.role == "xds-server":
+        xds_server()
+    else:
+        mixer_check(args.address, args.user)
+
+
+if __name__ == "__main__":
+    main()
