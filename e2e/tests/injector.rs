@@ -73,13 +73,14 @@ impl Injector {
         let mut stored = pod.clone();
         if let Some(patch) = response.get("patch") {
             assert_eq!(response["patchType"], "JSONPatch");
-            // Go's []byte: the API server takes base64 or an array of bytes.
-            let patch = match patch {
-                Value::String(text) => base64::engine::general_purpose::STANDARD
-                    .decode(text)
-                    .unwrap(),
-                bytes => serde_json::from_value::<Vec<u8>>(bytes.clone()).unwrap(),
+            // Go's []byte, as the API server decodes it from JSON: only a
+            // base64 string (standard alphabet, padded) is accepted.
+            let Value::String(text) = patch else {
+                panic!("patch must be a base64 string, as the API server reads []byte: {patch}");
             };
+            let patch = base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .unwrap();
             let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
             json_patch::patch(&mut stored, &patch).unwrap();
         }

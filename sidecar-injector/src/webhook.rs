@@ -68,7 +68,31 @@ pub fn router(injector: watch::Receiver<Arc<Injector>>, metrics: Metrics) -> Rou
 async fn review(
     State(webhook): State<Webhook>,
     Json(review): Json<AdmissionReview<DynamicObject>>,
-) -> Result<Json<AdmissionReview<DynamicObject>>, (StatusCode, String)> {
+) -> Result<Json<serde_json::Value>, (StatusCode, String)> {
+    let answer = answer(&webhook, review)?;
+    Ok(Json(with_base64_patch(answer.into_review())))
+}
+
+/// The review as JSON, its patch as the API server reads a `[]byte`: a
+/// base64 string. kube-core serializes `Vec<u8>` as an array of numbers,
+/// which the API server refuses, so every injection would fail
+/// (kube-rs/kube#1781; the workaround can go once that is fixed).
+fn with_base64_patch(review: AdmissionReview<DynamicObject>) -> serde_json::Value {
+    use base64::Engine;
+    let patch = review.response.as_ref().and_then(|r| r.patch.clone());
+    let mut json = serde_json::to_value(review).expect("an AdmissionReview serializes");
+    if let Some(patch) = patch {
+        json["response"]["patch"] = base64::engine::general_purpose::STANDARD
+            .encode(patch)
+            .into();
+    }
+    json
+}
+
+fn answer(
+    webhook: &Webhook,
+    review: AdmissionReview<DynamicObject>,
+) -> Result<AdmissionResponse, (StatusCode, String)> {
     let request: AdmissionRequest<DynamicObject> = review.try_into().map_err(|_| {
         (
             StatusCode::BAD_REQUEST,
@@ -78,10 +102,10 @@ async fn review(
     let allowed = AdmissionResponse::from(&request);
     let is_pod = request.kind.group.is_empty() && request.kind.kind == "Pod";
     let Some(object) = request.object.as_ref().filter(|_| is_pod) else {
-        return Ok(Json(allowed.into_review()));
+        return Ok(allowed);
     };
     if request.operation != Operation::Create {
-        return Ok(Json(allowed.into_review()));
+        return Ok(allowed);
     }
     webhook.metrics.requests.inc();
     let namespace = request
@@ -109,16 +133,16 @@ async fn review(
                 tracing::info!(pod = %name, %namespace, "injected");
                 response
             }
-            Err(e) => refuse(&webhook, &request, &name, &namespace, e.into()),
+            Err(e) => refuse(webhook, &request, &name, &namespace, e.into()),
         },
         Ok(Outcome::Skipped(reason)) => {
             webhook.metrics.skip.inc();
             tracing::debug!(pod = %name, %namespace, reason, "not injected");
             allowed
         }
-        Err(e) => refuse(&webhook, &request, &name, &namespace, e),
+        Err(e) => refuse(webhook, &request, &name, &namespace, e),
     };
-    Ok(Json(response.into_review()))
+    Ok(response)
 }
 
 fn refuse(
