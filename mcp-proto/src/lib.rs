@@ -6,6 +6,8 @@
 //!   YAML/JSON forms.
 //! - [`object`]: config objects in their Kubernetes-style YAML form.
 //! - [`mesh`]: the mesh config's defaults.
+//! - [`policy`]: how Mixer's config objects name each other.
+//! - [`networking`]: networking rules Galley and Pilot both apply.
 //! - [`mcp`]: the Mesh Configuration Protocol engine, source and sink, in
 //!   both connection directions.
 //! - [`xds`]: the xDS type URLs and node metadata keys Pilot and the proxy
@@ -15,8 +17,10 @@ mod go_duration;
 pub mod kinds;
 pub mod mcp;
 pub mod mesh;
+pub mod networking;
 pub mod object;
 pub mod pb;
+pub mod policy;
 pub mod xds;
 
 /// The protobuf well-known types the generated code uses, with serde.

@@ -304,12 +304,12 @@ spec:
         assert_eq!(config.rules.len(), 1);
         let problems = config.problems.join("\n");
         assert!(
-            problems.contains("rule istio-system/broken: match \"source.user == 3\""),
+            problems.contains("rule broken.rule.istio-system: match \"source.user == 3\""),
             "{problems}"
         );
         assert!(problems.contains("STRING with INT64"), "{problems}");
         assert!(
-            problems.contains("rule istio-system/dangling: handler \"nosuch\" is not defined"),
+            problems.contains("rule dangling.rule.istio-system: handler \"nosuch\" is not defined"),
             "{problems}"
         );
     }

@@ -11,6 +11,7 @@ use mcp_proto::{
     kinds::{self, Body},
     mcp::SinkSnapshot,
     pb::istio::policy::v1beta1::{self as policy, ValueType},
+    policy as names,
 };
 use serde::Deserialize;
 
@@ -39,6 +40,7 @@ pub struct Action {
 }
 
 pub struct Handler {
+    /// The full name, `name.handler.namespace`.
     pub name: String,
     pub adapter: Adapter,
 }
@@ -52,6 +54,18 @@ pub enum Adapter {
     Stdio(Stdio),
 }
 
+impl Adapter {
+    /// The instances the params name by full name: a prometheus metric's
+    /// `instance_name`, a memquota limit's `name`.
+    fn instances_named(&self) -> Vec<&str> {
+        match self {
+            Self::Prometheus(p) => p.metrics.iter().map(|m| m.instance_name.as_str()).collect(),
+            Self::MemQuota(q) => q.quotas.iter().map(|q| q.name.as_str()).collect(),
+            Self::Denier(_) | Self::ListChecker(_) | Self::Stdio(_) => Vec::new(),
+        }
+    }
+}
+
 /// Log entries written as lines, JSON with `outputAsJson`, else
 /// `key=value` pairs.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -63,7 +77,8 @@ pub struct Stdio {
 }
 
 /// Metrics exported in the Prometheus format, each fed by one metric
-/// instance (`instanceName`, Istio's full name `name.metric.ns`).
+/// instance (`instanceName`, the instance's full name
+/// `name.instance.namespace`).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Prometheus {
@@ -344,7 +359,10 @@ mod humantime_serde_opt {
 }
 
 pub struct Instance {
+    /// The full name, `name.instance.namespace`.
     pub name: String,
+    /// The object's own name, by which a Check asks for a quota.
+    pub short_name: String,
     pub template: Template,
 }
 
@@ -376,17 +394,6 @@ fn params_json(params: &Option<pbjson_types::Struct>) -> serde_json::Value {
         .as_ref()
         .and_then(|p| serde_json::to_value(p).ok())
         .unwrap_or_else(|| serde_json::json!({}))
-}
-
-/// What a reference in a rule may name: `name` in the rule's namespace,
-/// `name.namespace`, or Istio's older `name.kind` in the rule's namespace.
-fn candidates(reference: &str, namespace: &str) -> Vec<String> {
-    let mut out = vec![format!("{namespace}/{reference}")];
-    if let Some((name, rest)) = reference.split_once('.') {
-        out.push(format!("{rest}/{name}"));
-        out.push(format!("{namespace}/{name}"));
-    }
-    out
 }
 
 impl Config {
@@ -426,24 +433,36 @@ impl Config {
                 }
             }
         }
-        let mut compiled_handlers: HashMap<String, Result<Arc<Handler>, String>> = HashMap::new();
-        for (ns, name, body) in handlers {
-            if let Body::Handler(h) = body {
-                let key = format!("{ns}/{name}");
-                compiled_handlers.insert(key.clone(), compile_handler(&key, h).map(Arc::new));
-            }
-        }
+        // By full name (`name.kind.namespace`), as rules and adapters name them.
         let mut compiled_instances: HashMap<String, Result<Arc<Instance>, String>> = HashMap::new();
         for (ns, name, body) in instances {
             if let Body::Instance(i) = body {
-                let key = format!("{ns}/{name}");
-                let compiled = compile_instance(&key, i, &config.types).map(Arc::new);
+                let key = names::full_name(name, names::INSTANCE, ns);
+                let compiled = compile_instance(&key, name, i, &config.types).map(Arc::new);
                 compiled_instances.insert(key, compiled);
+            }
+        }
+        let mut compiled_handlers: HashMap<String, Result<Arc<Handler>, String>> = HashMap::new();
+        for (ns, name, body) in handlers {
+            if let Body::Handler(h) = body {
+                let key = names::full_name(name, names::HANDLER, ns);
+                let compiled = compile_handler(&key, h);
+                if let Ok(handler) = &compiled {
+                    for instance in handler.adapter.instances_named() {
+                        if !compiled_instances.contains_key(instance) {
+                            config.problems.push(format!(
+                                "handler {key}: no instance {instance:?} exists, so nothing reaches it \
+                                 (instances are named name.instance.namespace)"
+                            ));
+                        }
+                    }
+                }
+                compiled_handlers.insert(key, compiled.map(Arc::new));
             }
         }
         for (ns, name, body) in rules {
             let Body::Rule(rule) = body else { continue };
-            let key = format!("{ns}/{name}");
+            let key = names::full_name(name, "rule", ns);
             match compile_rule(
                 &key,
                 ns,
@@ -517,6 +536,7 @@ fn compile_handler(key: &str, h: &policy::Handler) -> Result<Handler, String> {
 
 fn compile_instance(
     key: &str,
+    short_name: &str,
     i: &policy::Instance,
     types: &HashMap<String, ValueType>,
 ) -> Result<Instance, String> {
@@ -595,6 +615,7 @@ fn compile_instance(
     };
     Ok(Instance {
         name: key.to_string(),
+        short_name: short_name.to_string(),
         template,
     })
 }
@@ -651,22 +672,18 @@ fn compile_rule(
     };
     let mut actions = Vec::new();
     for action in &rule.actions {
-        let handler = match candidates(&action.handler, namespace)
-            .iter()
-            .find_map(|c| handlers.get(c))
-        {
-            Some(Ok(h)) => h.clone(),
-            Some(Err(problem)) => return Err(problem.clone()),
+        let handler = match names::resolve(&action.handler, names::HANDLER, namespace, |n| {
+            handlers.get(n)
+        }) {
+            Some((_, Ok(h))) => h.clone(),
+            Some((_, Err(problem))) => return Err(problem.clone()),
             None => return Err(format!("handler {:?} is not defined", action.handler)),
         };
         let mut resolved = Vec::new();
         for reference in &action.instances {
-            match candidates(reference, namespace)
-                .iter()
-                .find_map(|c| instances.get(c))
-            {
-                Some(Ok(i)) => resolved.push(i.clone()),
-                Some(Err(problem)) => return Err(problem.clone()),
+            match names::resolve(reference, names::INSTANCE, namespace, |n| instances.get(n)) {
+                Some((_, Ok(i))) => resolved.push(i.clone()),
+                Some((_, Err(problem))) => return Err(problem.clone()),
                 None => return Err(format!("instance {reference:?} is not defined")),
             }
         }
@@ -729,5 +746,35 @@ spec:
             &of(kinds::INSTANCES),
             &Config::default(),
         )
+    }
+
+    /// Galley warns about the adapters and templates outside
+    /// `mcp_proto::policy`'s lists; this Mixer must run exactly those.
+    #[test]
+    fn the_adapters_and_templates_run_are_those_galley_is_told_of() {
+        let unsupported =
+            |result: Result<(), String>| result.is_err_and(|e| e.contains("is not supported"));
+        let handler = |adapter: &str| policy::Handler {
+            compiled_adapter: adapter.into(),
+            ..Default::default()
+        };
+        let instance = |template: &str| policy::Instance {
+            compiled_template: template.into(),
+            ..Default::default()
+        };
+        let types = HashMap::new();
+        for adapter in names::ADAPTERS {
+            let compiled = compile_handler("h", &handler(adapter)).map(|_| ());
+            assert!(!unsupported(compiled), "{adapter}");
+        }
+        for template in names::TEMPLATES {
+            let compiled = compile_instance("i", "i", &instance(template), &types).map(|_| ());
+            assert!(!unsupported(compiled), "{template}");
+        }
+        assert!(unsupported(
+            compile_handler("h", &handler("opa")).map(|_| ())
+        ));
+        let tracespan = compile_instance("i", "i", &instance("tracespan"), &types);
+        assert!(unsupported(tracespan.map(|_| ())));
     }
 }

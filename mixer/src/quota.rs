@@ -103,15 +103,6 @@ impl QuotaStore {
     }
 }
 
-/// Whether `requested`, a quota name in a Check request, names the
-/// instance `ns/name`: as `name`, Istio's full `name.quota.ns`, or `ns/name`.
-fn names(requested: &str, instance: &str) -> bool {
-    let Some((ns, name)) = instance.split_once('/') else {
-        return requested == instance;
-    };
-    requested == instance || requested == name || requested == format!("{name}.quota.{ns}")
-}
-
 /// Allocates what `ask` asks for `bag`.
 pub fn allocate(config: &Config, bag: &Bag, ask: &Ask, store: &QuotaStore, now: Instant) -> Grant {
     let deduplicated = !ask.deduplication_id.is_empty();
@@ -136,7 +127,7 @@ pub fn allocate(config: &Config, bag: &Bag, ask: &Ask, store: &QuotaStore, now: 
                 action
                     .instances
                     .iter()
-                    .filter(|i| names(ask.quota, &i.name))
+                    .filter(|i| mcp_proto::policy::asks_for(ask.quota, &i.short_name))
                     .map(move |i| (action, memquota, i))
             })
             .collect();
@@ -147,11 +138,7 @@ pub fn allocate(config: &Config, bag: &Bag, ask: &Ask, store: &QuotaStore, now: 
             let Template::Quota { dimensions } = &instance.template else {
                 continue;
             };
-            let Some(limit) = memquota
-                .quotas
-                .iter()
-                .find(|q| names(&q.name, &instance.name))
-            else {
+            let Some(limit) = memquota.quotas.iter().find(|q| q.name == instance.name) else {
                 continue;
             };
             let values = match expr::eval_labels(dimensions, bag, &mut grant.referenced) {
@@ -204,7 +191,7 @@ spec:
   compiledAdapter: memquota
   params:
     quotas:
-    - name: requestcount.quota.istio-system
+    - name: requestcount.instance.istio-system
       maxAmount: 3
       validDuration: 1s
       overrides:
@@ -246,7 +233,7 @@ spec:
         let start = Instant::now();
         let ask = |bag: &Bag, amount: i64, best_effort: bool, at: Duration| {
             let ask = Ask {
-                quota: "requestcount.quota.istio-system",
+                quota: "requestcount",
                 amount,
                 best_effort,
                 deduplication_id: "",
@@ -318,22 +305,5 @@ spec:
         assert_eq!(ask("b", 50), 0);
         // Past the window, "a" is a new request too.
         assert_eq!(ask("a", 200), 0);
-    }
-
-    #[test]
-    fn quota_names() {
-        assert!(names(
-            "requestcount.quota.istio-system",
-            "istio-system/requestcount"
-        ));
-        assert!(names("requestcount", "istio-system/requestcount"));
-        assert!(names(
-            "istio-system/requestcount",
-            "istio-system/requestcount"
-        ));
-        assert!(!names(
-            "requestcount.quota.default",
-            "istio-system/requestcount"
-        ));
     }
 }

@@ -86,10 +86,11 @@ fn duration(d: Duration) -> pbjson_types::Duration {
     }
 }
 
-/// What a decision read, as the client's cache key: names by word index,
-/// map keys with their map.
-fn referenced(read: &Referenced) -> ReferencedAttributes {
-    let mut words = Compressor::default();
+/// What a decision read, as the client's cache key: names by word index
+/// (global ones only below the request's `global_word_count`), map keys
+/// with their map.
+fn referenced(read: &Referenced, global_word_count: u32) -> ReferencedAttributes {
+    let mut words = Compressor::for_reader(global_word_count);
     let mut matches = Vec::new();
     let mut add = |name: &str, key: Option<&str>, condition: Condition| {
         matches.push(AttributeMatch {
@@ -124,8 +125,9 @@ impl Mixer for MixerService {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let request = request.into_inner();
+        let global_word_count = request.global_word_count;
         let compressed = request.attributes.unwrap_or_default();
-        let bag = attributes::decode(&compressed, &compressed.words, request.global_word_count)
+        let bag = attributes::decode(&compressed, &compressed.words, global_word_count)
             .map_err(|e| Status::invalid_argument(format!("attributes: {e}")))?;
         let config = self.config.borrow().clone();
         let decision = check::check(&config, &bag);
@@ -154,7 +156,7 @@ impl Mixer for MixerService {
                 let result = QuotaResult {
                     valid_duration: Some(duration(grant.valid_duration)),
                     granted_amount: grant.granted,
-                    referenced_attributes: Some(referenced(&grant.referenced)),
+                    referenced_attributes: Some(referenced(&grant.referenced, global_word_count)),
                 };
                 (name, result)
             })
@@ -168,7 +170,7 @@ impl Mixer for MixerService {
                 }),
                 valid_duration: Some(duration(decision.valid_duration)),
                 valid_use_count: decision.valid_use_count,
-                referenced_attributes: Some(referenced(&decision.referenced)),
+                referenced_attributes: Some(referenced(&decision.referenced, global_word_count)),
                 route_directive: None,
             }),
             quotas,

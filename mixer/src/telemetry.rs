@@ -181,10 +181,8 @@ pub fn report(config: &Config, bag: &Bag, outputs: &Outputs) {
             for instance in &action.instances {
                 match (&action.handler.adapter, &instance.template) {
                     (Adapter::Prometheus(p), Template::Metric { value, dimensions }) => {
-                        let Some(info) = p
-                            .metrics
-                            .iter()
-                            .find(|m| names(&m.instance_name, &instance.name))
+                        let Some(info) =
+                            p.metrics.iter().find(|m| m.instance_name == instance.name)
                         else {
                             continue;
                         };
@@ -284,15 +282,6 @@ fn log_line(
     line
 }
 
-/// Whether `reference` (a metric's `instanceName`) names the instance
-/// `ns/name`: as Istio's full `name.metric.ns`, `name`, or `ns/name`.
-fn names(reference: &str, instance: &str) -> bool {
-    let Some((ns, name)) = instance.split_once('/') else {
-        return reference == instance;
-    };
-    reference == instance || reference == name || reference == format!("{name}.metric.{ns}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,9 +311,9 @@ spec:
   compiledAdapter: prometheus
   params:
     metrics:
-    - {name: requests_total, instanceName: requestcount.metric.istio-system, kind: COUNTER,
+    - {name: requests_total, instanceName: requestcount.instance.istio-system, kind: COUNTER,
        labelNames: [destination_service, response_code]}
-    - {name: request_duration_seconds, instanceName: requestduration.metric.istio-system,
+    - {name: request_duration_seconds, instanceName: requestduration.instance.istio-system,
        kind: DISTRIBUTION, labelNames: [destination_service],
        buckets: {explicitBuckets: {bounds: [0.01, 0.1, 1]}}}
 ---
@@ -373,6 +362,30 @@ spec:
         assert!(text.contains(r#"istio_request_duration_seconds_bucket{le="0.01",destination_service="ratings.shop.svc.cluster.local"} 1"#), "{text}");
         assert!(text.contains(r#"istio_request_duration_seconds_bucket{le="0.1",destination_service="ratings.shop.svc.cluster.local"} 2"#), "{text}");
         assert!(text.contains(r#"istio_request_duration_seconds_count{destination_service="ratings.shop.svc.cluster.local"} 3"#), "{text}");
+    }
+
+    #[test]
+    fn a_metric_naming_no_instance_is_reported_and_exports_nothing() {
+        // Istio 1.1 names a `kind: instance` object `name.instance.ns`;
+        // `name.metric.ns` would be a legacy `kind: metric` object.
+        let config = compile(&REQUESTS.replace(
+            "requestcount.instance.istio-system",
+            "requestcount.metric.istio-system",
+        ));
+        assert_eq!(config.problems.len(), 1, "{:?}", config.problems);
+        assert!(
+            config.problems[0].contains("requestcount.metric.istio-system"),
+            "{:?}",
+            config.problems
+        );
+        let outputs = Outputs::default();
+        report(&config, &request(200, 5), &outputs);
+        let text = outputs.metrics.render();
+        assert!(!text.contains("istio_requests_total{"), "{text}");
+        assert!(
+            text.contains("istio_request_duration_seconds_count{"),
+            "{text}"
+        );
     }
 
     /// A writer the test reads back.
@@ -429,13 +442,13 @@ spec:
         assert_eq!(lines.len(), 2, "{text}");
         let json: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
         assert_eq!(json["level"], "warning");
-        assert_eq!(json["instance"], "istio-system/accesslog");
+        assert_eq!(json["instance"], "accesslog.instance.istio-system");
         assert_eq!(json["destination"], "ratings.shop.svc.cluster.local");
         assert_eq!(json["responseCode"], 503);
         assert_eq!(json["user"], "unknown");
         assert_eq!(
             lines[1],
-            "level=warning instance=istio-system/accesslog destination=ratings.shop.svc.cluster.local responseCode=503 user=unknown"
+            "level=warning instance=accesslog.instance.istio-system destination=ratings.shop.svc.cluster.local responseCode=503 user=unknown"
         );
     }
 

@@ -224,14 +224,15 @@ spec:
     .await
     .expect("both problems reported");
     assert!(
-        problems.contains("rule istio-system/deny-jason: match")
+        problems.contains("rule deny-jason.rule.istio-system: match")
             && problems.contains("STRING with INT64")
             && problems.contains("its last good version stays in force"),
         "{problems}"
     );
     assert!(
-        problems
-            .contains(r#"rule istio-system/dangling: handler \"nosuch\" is not defined; left out"#),
+        problems.contains(
+            r#"rule dangling.rule.istio-system: handler \"nosuch\" is not defined; left out"#
+        ),
         "{problems}"
     );
     // The last good deny-jason still decides.
@@ -316,7 +317,7 @@ metadata: {name: quotahandler, namespace: istio-system}
 spec:
   compiledAdapter: memquota
   params:
-    quotas: [{name: requestcount.quota.istio-system, maxAmount: 5, validDuration: 2s}]
+    quotas: [{name: requestcount.instance.istio-system, maxAmount: 5, validDuration: 2s}]
 ---
 apiVersion: config.istio.io/v1alpha2
 kind: instance
@@ -433,7 +434,7 @@ spec:
   compiledAdapter: prometheus
   params:
     metrics:
-    - {name: requests_total, instanceName: requestcount.metric.istio-system, kind: COUNTER,
+    - {name: requests_total, instanceName: requestcount.instance.istio-system, kind: COUNTER,
        labelNames: [destination_service, response_code]}
 ---
 apiVersion: config.istio.io/v1alpha2

@@ -57,7 +57,7 @@ metadata: {name: prometheus, namespace: istio-system}
 spec:
   compiledAdapter: prometheus
   params:
-    metrics: [{name: requests_total, instance_name: requestcount.metric.istio-system, kind: COUNTER, label_names: [response_code, user]}]
+    metrics: [{name: requests_total, instance_name: requestcount.instance.istio-system, kind: COUNTER, label_names: [response_code, user]}]
 ---
 apiVersion: config.istio.io/v1alpha2
 kind: rule
@@ -274,7 +274,7 @@ metadata: {name: quotahandler, namespace: istio-system}
 spec:
   compiledAdapter: memquota
   params:
-    quotas: [{name: rq.quota.istio-system, maxAmount: 2, validDuration: 60s}]
+    quotas: [{name: rq.instance.istio-system, maxAmount: 2, validDuration: 60s}]
 ---
 apiVersion: config.istio.io/v1alpha2
 kind: instance

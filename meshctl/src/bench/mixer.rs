@@ -108,7 +108,7 @@ metadata: {name: quotahandler, namespace: istio-system}
 spec:
   compiledAdapter: memquota
   params:
-    quotas: [{name: requestcount.quota.istio-system, maxAmount: 1000000000, validDuration: 1s}]
+    quotas: [{name: requestcount.instance.istio-system, maxAmount: 1000000000, validDuration: 1s}]
 ---
 apiVersion: config.istio.io/v1alpha2
 kind: instance

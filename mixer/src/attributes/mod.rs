@@ -204,18 +204,39 @@ pub fn decode_report(request: &ReportRequest) -> Result<Vec<Bag>, DecodeError> {
 }
 
 /// Builds one message's `CompressedAttributes`: words of the global
-/// dictionary by their index, others added to the message's own words.
-#[derive(Default)]
+/// dictionary that the reader knows by their index, others added to the
+/// message's own words.
 pub struct Compressor {
     words: Vec<String>,
     local: HashMap<String, i32>,
+    /// How many global words the reader knows.
+    global_words: usize,
+}
+
+impl Default for Compressor {
+    /// For a reader that knows all of Istio 1.1's dictionary.
+    fn default() -> Self {
+        Self::for_reader(GLOBAL_WORDS.len() as u32)
+    }
 }
 
 impl Compressor {
-    /// The index of `word`: its global one, or its place among the
-    /// message's words (added when new).
+    /// For a reader that knows the first `global_word_count` global words,
+    /// as a request's sender declares. Istio's `mixc` declares none and
+    /// reads a response by its own words alone, so a Mixer answer uses
+    /// global indices only below the request's count, as `mixs` does.
+    pub fn for_reader(global_word_count: u32) -> Self {
+        Self {
+            words: Vec::new(),
+            local: HashMap::new(),
+            global_words: global_word_count as usize,
+        }
+    }
+
+    /// The index of `word`: its global one if the reader knows it, or its
+    /// place among the message's words (added when new).
     pub fn index(&mut self, word: &str) -> i32 {
-        if let Some(i) = global_index(word) {
+        if let Some(i) = global_index(word).filter(|i| *i < self.global_words) {
             return i as i32;
         }
         if let Some(i) = self.local.get(word) {
