@@ -43,6 +43,8 @@ impl Parsed {
 pub struct LoadReport {
     /// One line per problem, naming the file, document, object and field.
     pub errors: Vec<String>,
+    /// One line per thing served but not honoured, named the same way.
+    pub warnings: Vec<String>,
     /// Objects not served as they now are (invalid, or shadowed by a
     /// duplicate).
     pub rejected: usize,
@@ -97,11 +99,16 @@ impl ConfigSet {
         let mut served = BTreeMap::new();
         for (key, parsed) in &current {
             let key = (*key).clone();
-            let problems: Vec<&Problem> = parsed
+            let (problems, warnings): (Vec<&Problem>, Vec<&Problem>) = parsed
                 .problems
                 .iter()
                 .chain(references.get(&key).into_iter().flatten())
-                .collect();
+                .partition(|p| p.is_error());
+            report.warnings.extend(
+                warnings
+                    .into_iter()
+                    .map(|w| format!("{}: {w}", parsed.location)),
+            );
             if problems.is_empty() {
                 served.insert(key, (*parsed).clone());
                 continue;

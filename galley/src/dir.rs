@@ -137,6 +137,9 @@ pub fn log_report(dir: &Path, report: &LoadReport) {
     for e in &report.errors {
         tracing::error!(dir = %dir.display(), "{e}");
     }
+    for w in &report.warnings {
+        tracing::warn!(dir = %dir.display(), "{w}");
+    }
 }
 
 /// The config files named by `roots`: a file as it is, a directory's

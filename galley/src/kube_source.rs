@@ -376,6 +376,9 @@ pub fn start(
             for e in &report.errors {
                 tracing::error!(source = "kubernetes", "{e}");
             }
+            for w in &report.warnings {
+                tracing::warn!(source = "kubernetes", "{w}");
+            }
             on_load(&report);
             if let Some(synced) = on_synced.take() {
                 synced();

@@ -16,6 +16,7 @@ pub struct ConfigStatus {
     last: Arc<Mutex<LoadReport>>,
     loads: Counter,
     problems: Gauge,
+    warnings: Gauge,
     rejected: Gauge,
 }
 
@@ -26,6 +27,7 @@ impl ConfigStatus {
             last: Arc::default(),
             loads: Counter::default(),
             problems: Gauge::default(),
+            warnings: Gauge::default(),
             rejected: Gauge::default(),
         };
         {
@@ -41,6 +43,11 @@ impl ConfigStatus {
                 status.problems.clone(),
             );
             registry.register(
+                "config_warnings",
+                "Things served but not honoured after the last read (ignored fields, kinds only Istio's own components run)",
+                status.warnings.clone(),
+            );
+            registry.register(
                 "config_rejected_objects",
                 "Objects not served as written after the last read",
                 status.rejected.clone(),
@@ -54,7 +61,12 @@ impl ConfigStatus {
                 .filter(|k| store.len(k.collection) > 0)
                 .map(|k| (k.collection.to_string(), json!(store.len(k.collection))))
                 .collect();
-            json!({"problems": report.errors, "rejected_objects": report.rejected, "served": served})
+            json!({
+                "problems": report.errors,
+                "warnings": report.warnings,
+                "rejected_objects": report.rejected,
+                "served": served,
+            })
         });
         status
     }
@@ -62,6 +74,7 @@ impl ConfigStatus {
     pub fn record(&self, report: &LoadReport) {
         self.loads.inc();
         self.problems.set(report.errors.len() as i64);
+        self.warnings.set(report.warnings.len() as i64);
         self.rejected.set(report.rejected as i64);
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = report.clone();
     }

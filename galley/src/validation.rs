@@ -4,7 +4,12 @@
 //! and later the Kubernetes source and the admission webhook.
 //!
 //! A problem names the field path (`spec.http[0].route[1].weight`) and the
-//! reason; the caller adds the file or `namespace/name`.
+//! reason; the caller adds the file or `namespace/name`. An error keeps the
+//! object from being served. A warning marks what the mesh accepts but
+//! does not honour (a field no component applies, a kind only Istio's own
+//! components run): the object is served and the user is told, so nothing
+//! is dropped silently. Where ignoring a field would weaken security, it
+//! is an error instead.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
@@ -21,7 +26,7 @@ use mcp_proto::{
         policy::v1beta1 as policy,
         rbac::v1alpha1 as rbac,
     },
-    wkt,
+    policy as names, wkt,
 };
 
 /// One thing wrong with an object.
@@ -30,10 +35,43 @@ pub struct Problem {
     /// Where, from the object's top: `spec.hosts[0]`, `metadata.name`.
     pub field: String,
     pub reason: String,
+    pub severity: Severity,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// The object is refused.
+    Error,
+    /// The object is served; part of it is not honoured.
+    Warning,
+}
+
+impl Problem {
+    pub fn error(field: impl fmt::Display, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.to_string(),
+            reason: reason.into(),
+            severity: Severity::Error,
+        }
+    }
+
+    pub fn warning(field: impl fmt::Display, reason: impl Into<String>) -> Self {
+        Self {
+            severity: Severity::Warning,
+            ..Self::error(field, reason)
+        }
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
+    }
 }
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.severity == Severity::Warning {
+            f.write_str("warning: ")?;
+        }
         write!(f, "{}: {}", self.field, self.reason)
     }
 }
@@ -46,10 +84,12 @@ struct Check {
 
 impl Check {
     fn fail(&mut self, field: impl fmt::Display, reason: impl Into<String>) {
-        self.problems.push(Problem {
-            field: field.to_string(),
-            reason: reason.into(),
-        });
+        self.problems.push(Problem::error(field, reason));
+    }
+
+    /// Accepted, but not honoured: `reason` says what happens instead.
+    fn ignored(&mut self, field: impl fmt::Display, reason: impl Into<String>) {
+        self.problems.push(Problem::warning(field, reason));
     }
 
     fn require(&mut self, ok: bool, field: impl fmt::Display, reason: &str) {
@@ -75,23 +115,48 @@ pub fn validate(object: &ConfigObject) -> Vec<Problem> {
         Body::ServiceRoleBinding(b) => service_role_binding(&mut c, s, b),
         Body::RbacConfig(r) => rbac_config(&mut c, s, r),
         Body::Rule(r) => rule(&mut c, s, r),
-        Body::Handler(h) => c.require(
-            !h.adapter.is_empty() || !h.compiled_adapter.is_empty(),
-            s,
-            "a handler names an adapter or a compiledAdapter",
-        ),
-        Body::Instance(i) => c.require(
-            !i.template.is_empty() || !i.compiled_template.is_empty(),
-            s,
-            "an instance names a template or a compiledTemplate",
-        ),
+        Body::Handler(h) => {
+            c.require(
+                !h.adapter.is_empty() || !h.compiled_adapter.is_empty(),
+                s,
+                "a handler names an adapter or a compiledAdapter",
+            );
+            run_by_mixer(
+                &mut c,
+                s,
+                "adapter",
+                &h.compiled_adapter,
+                &h.adapter,
+                names::ADAPTERS,
+            );
+        }
+        Body::Instance(i) => {
+            c.require(
+                !i.template.is_empty() || !i.compiled_template.is_empty(),
+                s,
+                "an instance names a template or a compiledTemplate",
+            );
+            let (compiled, named) = (&i.compiled_template, &i.template);
+            run_by_mixer(&mut c, s, "template", compiled, named, names::TEMPLATES);
+        }
         Body::AttributeManifest(m) => attribute_manifest(&mut c, s, m),
-        Body::MeshConfig(_)
-        | Body::HttpApiSpec(_)
+        Body::HttpApiSpec(_)
         | Body::HttpApiSpecBinding(_)
         | Body::QuotaSpec(_)
-        | Body::QuotaSpecBinding(_)
-        | Body::LegacyStruct(_)
+        | Body::QuotaSpecBinding(_) => c.ignored(
+            s,
+            "served for Istio's own Pilot; this mesh's proxies take their Mixer quotas \
+             and API attributes from their own flags, not from this kind",
+        ),
+        Body::LegacyStruct(_) => c.ignored(
+            s,
+            format!(
+                "kind {} is served for Istio's own Mixer; this mesh's Mixer runs only \
+                 kind: handler, instance and rule",
+                object.kind.kind
+            ),
+        ),
+        Body::MeshConfig(_)
         | Body::K8sServiceSpec(_)
         | Body::K8sEndpoints(_)
         | Body::K8sPod(_)
@@ -108,6 +173,30 @@ pub fn validate(object: &ConfigObject) -> Vec<Problem> {
         );
     }
     c.problems
+}
+
+/// A warning when this mesh's Mixer does not run the handler's adapter or
+/// the instance's template (`what`), named by its compiled name or, for
+/// Istio's out-of-process adapters and templates, its plain one.
+fn run_by_mixer(c: &mut Check, s: &str, what: &str, compiled: &str, named: &str, run: &[&str]) {
+    let (field, name) = if compiled.is_empty() {
+        (what.to_string(), named)
+    } else {
+        (
+            format!("compiled{}{}", what[..1].to_uppercase(), &what[1..]),
+            compiled,
+        )
+    };
+    if !name.is_empty() && !run.contains(&name) {
+        c.ignored(
+            format!("{s}.{field}"),
+            format!(
+                "this mesh's Mixer does not run the {what} {name:?} (it runs {}); \
+                 rules that name this are left out",
+                run.join(", ")
+            ),
+        );
+    }
 }
 
 /// Every problem of a set of objects, their own and between them, by the
@@ -138,68 +227,62 @@ pub fn has_references(kind: &kinds::Kind) -> bool {
 const LEGACY_PREFIX: &str = "istio/config/v1alpha2/legacy/";
 
 /// Problems between objects: Mixer rules whose actions name handlers or
-/// instances that do not exist. Returns `(index into objects, problem)`.
+/// instances that do not exist (by Istio 1.1's naming,
+/// [`mcp_proto::policy`]), or that exist only in a legacy per-adapter or
+/// per-template kind, which this mesh's Mixer does not run. Returns
+/// `(index into objects, problem)`.
 pub fn validate_references(objects: &[&ConfigObject]) -> Vec<(usize, Problem)> {
-    // (namespace, name) of handlers and instances, and (namespace, name,
-    // kind) of Istio 1.1's per-adapter and per-template kinds.
-    let mut handlers = HashSet::new();
-    let mut instances = HashSet::new();
-    let mut legacy = HashSet::new();
+    // Every object's full name, and whether it is a legacy kind's.
+    let mut known: BTreeMap<String, bool> = BTreeMap::new();
     for o in objects {
-        let ns = o.namespace.clone().unwrap_or_default();
-        match o.kind.collection {
-            kinds::HANDLERS => {
-                handlers.insert((ns, o.name.clone()));
-            }
-            kinds::INSTANCES => {
-                instances.insert((ns, o.name.clone()));
-            }
-            c if c.starts_with(LEGACY_PREFIX) => {
-                legacy.insert((ns, o.name.clone(), o.kind.kind.to_string()));
-            }
-            _ => {}
-        }
+        let ns = o.namespace.as_deref().unwrap_or_default();
+        let legacy = match o.kind.collection {
+            kinds::HANDLERS | kinds::INSTANCES => false,
+            c if c.starts_with(LEGACY_PREFIX) => true,
+            _ => continue,
+        };
+        known.insert(names::full_name(&o.name, o.kind.kind, ns), legacy);
     }
-    let resolves = |own: &HashSet<(String, String)>, reference: &str, ns: &str| {
-        // `name`, `name.namespace`, or the legacy `name.kind[.namespace]`.
-        let parts: Vec<&str> = reference.split('.').collect();
-        match parts.as_slice() {
-            [name] => own.contains(&(ns.to_string(), name.to_string())),
-            [name, second] => {
-                own.contains(&(second.to_string(), name.to_string()))
-                    || legacy.contains(&(ns.to_string(), name.to_string(), second.to_string()))
-            }
-            [name, kind, namespace, ..] => {
-                legacy.contains(&(namespace.to_string(), name.to_string(), kind.to_string()))
-                    || own.contains(&(parts[1..].join("."), name.to_string()))
-            }
-            [] => false,
-        }
-    };
     let mut out = Vec::new();
     for (i, o) in objects.iter().enumerate() {
         let Body::Rule(r) = &o.body else { continue };
         let ns = o.namespace.as_deref().unwrap_or_default();
+        let mut check = |field: String, reference: &str, kind: &str| match names::resolve(
+            reference,
+            kind,
+            ns,
+            |name| known.get(name),
+        ) {
+            None => out.push((
+                i,
+                Problem::error(field, format!("no {kind} {reference:?} exists")),
+            )),
+            Some((name, true)) => out.push((
+                i,
+                Problem::warning(
+                    field,
+                    format!(
+                        "{name} is a legacy per-adapter or per-template kind: served for \
+                             Istio's Mixer, not run by this mesh's Mixer (use kind: {kind})"
+                    ),
+                ),
+            )),
+            Some((_, false)) => {}
+        };
         for (a, action) in r.actions.iter().enumerate() {
-            if !action.handler.is_empty() && !resolves(&handlers, &action.handler, ns) {
-                out.push((
-                    i,
-                    Problem {
-                        field: format!("spec.actions[{a}].handler"),
-                        reason: format!("no handler {:?} exists", action.handler),
-                    },
-                ));
+            if !action.handler.is_empty() {
+                check(
+                    format!("spec.actions[{a}].handler"),
+                    &action.handler,
+                    names::HANDLER,
+                );
             }
             for (k, instance) in action.instances.iter().enumerate() {
-                if !resolves(&instances, instance, ns) {
-                    out.push((
-                        i,
-                        Problem {
-                            field: format!("spec.actions[{a}].instances[{k}]"),
-                            reason: format!("no instance {instance:?} exists"),
-                        },
-                    ));
-                }
+                check(
+                    format!("spec.actions[{a}].instances[{k}]"),
+                    instance,
+                    names::INSTANCE,
+                );
             }
         }
     }
@@ -459,11 +542,9 @@ fn http_route(c: &mut Check, f: &str, r: &net::HttpRoute) {
     }
     duration(c, format!("{f}.timeout"), &r.timeout);
     if let Some(retries) = &r.retries {
-        c.require(
-            retries.attempts > 0,
-            format!("{f}.retries.attempts"),
-            "attempts must be positive",
-        );
+        if let Err(reason) = mcp_proto::networking::retry_attempts(retries) {
+            c.fail(format!("{f}.retries.attempts"), reason);
+        }
         duration(
             c,
             format!("{f}.retries.perTryTimeout"),
@@ -700,6 +781,11 @@ fn policy_parts(
     if let Some(LbPolicy::ConsistentHash(hash)) = lb.as_ref().and_then(|lb| lb.lb_policy.as_ref()) {
         match &hash.hash_key {
             Some(HashKey::HttpCookie(cookie)) => {
+                c.ignored(
+                    format!("{f}.loadBalancer.consistentHash.httpCookie"),
+                    "this mesh's proxy neither sets nor reads hash cookies, so requests \
+                     are spread at random (Envoy honours it)",
+                );
                 c.require(
                     !cookie.name.is_empty(),
                     format!("{f}.loadBalancer.consistentHash.httpCookie.name"),
@@ -721,6 +807,13 @@ fn policy_parts(
                 format!("{f}.loadBalancer.consistentHash"),
                 "a consistent hash needs a hash key",
             ),
+        }
+        if hash.minimum_ring_size > 0 {
+            c.ignored(
+                format!("{f}.loadBalancer.consistentHash.minimumRingSize"),
+                "this mesh's proxy hashes without a ring, so the size has no effect \
+                 (Envoy honours it)",
+            );
         }
     }
     if let Some(pool) = pool {
@@ -768,6 +861,13 @@ fn policy_parts(
             "must not be negative",
         );
         duration(c, format!("{f}.outlierDetection.interval"), &o.interval);
+        if o.interval.is_some() {
+            c.ignored(
+                format!("{f}.outlierDetection.interval"),
+                "this mesh's proxy ejects a host as its consecutive errors happen, \
+                 with no periodic sweep, so the interval has no effect (Envoy honours it)",
+            );
+        }
         duration(
             c,
             format!("{f}.outlierDetection.baseEjectionTime"),
@@ -1029,6 +1129,10 @@ fn sidecar(c: &mut Check, s: &str, sc: &net::Sidecar) {
 }
 
 fn envoy_filter(c: &mut Check, s: &str, ef: &net::EnvoyFilter) {
+    c.ignored(
+        s,
+        "this mesh's Pilot does not apply EnvoyFilters: no proxy gets these filters",
+    );
     if ef.filters.is_empty() {
         c.fail(
             format!("{s}.filters"),
@@ -1075,6 +1179,15 @@ fn authentication_policy(c: &mut Check, s: &str, p: &authn::Policy) {
             Some(jwt) => jwt_rule(c, &format!("{s}.origins[{i}].jwt"), jwt),
             None => c.fail(format!("{s}.origins[{i}].jwt"), "an origin needs a jwt"),
         }
+    }
+    // Served, it would let requests in without the end-user check it asks
+    // for: refused until the proxy enforces JWTs.
+    if !p.origins.is_empty() {
+        c.fail(
+            format!("{s}.origins"),
+            "end-user (JWT) authentication is not enforced by this mesh yet; \
+             the policy is refused rather than served unenforced",
+        );
     }
 }
 

@@ -57,7 +57,13 @@ async fn review(
         )
     })?;
     let response = match verdict(&request) {
-        Ok(()) => AdmissionResponse::from(&request),
+        Ok(warnings) if warnings.is_empty() => AdmissionResponse::from(&request),
+        // kubectl shows these to whoever applied the object.
+        Ok(warnings) => {
+            let mut response = AdmissionResponse::from(&request);
+            response.warnings = Some(warnings);
+            response
+        }
         Err(reason) => {
             tracing::info!(kind = %request.kind.kind, name = %request.name, namespace = ?request.namespace, %reason, "denied");
             AdmissionResponse::from(&request).deny(reason)
@@ -66,13 +72,14 @@ async fn review(
     Ok(Json(response.into_review()))
 }
 
-/// `Err(reason)` when the object must be refused.
-fn verdict(request: &AdmissionRequest<DynamicObject>) -> Result<(), String> {
+/// `Err(reason)` when the object must be refused, else the warnings it
+/// is admitted with.
+fn verdict(request: &AdmissionRequest<DynamicObject>) -> Result<Vec<String>, String> {
     if matches!(request.operation, Operation::Delete | Operation::Connect) {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let Some(object) = &request.object else {
-        return Ok(());
+        return Ok(Vec::new());
     };
     let api_version = if request.kind.group.is_empty() {
         request.kind.version.clone()
@@ -80,14 +87,16 @@ fn verdict(request: &AdmissionRequest<DynamicObject>) -> Result<(), String> {
         format!("{}/{}", request.kind.group, request.kind.version)
     };
     if kinds::by_object_kind(&api_version, &request.kind.kind).is_none() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let json = serde_json::to_value(object).map_err(|e| format!("cannot read the object: {e}"))?;
     let object = ConfigObject::from_json(json, "admission request").map_err(|e| e.to_string())?;
-    let problems = validation::validate(&object);
-    if problems.is_empty() {
-        return Ok(());
+    let (errors, warnings): (Vec<_>, Vec<_>) = validation::validate(&object)
+        .into_iter()
+        .partition(|p| p.is_error());
+    if errors.is_empty() {
+        return Ok(warnings.iter().map(ToString::to_string).collect());
     }
-    let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
-    Err(format!("{}: {}", object.location, problems.join("; ")))
+    let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    Err(format!("{}: {}", object.location, errors.join("; ")))
 }

@@ -15,9 +15,11 @@ pub struct ValidateArgs {
     pub files: Vec<PathBuf>,
 }
 
-/// Prints every problem; an error (non-zero exit) if there was any.
+/// Prints every problem and every warning (what the mesh would serve but
+/// not honour); an error (non-zero exit) if there was any problem.
 pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
     let mut problems = Vec::new();
+    let mut warnings = Vec::new();
     let mut objects = Vec::new();
     for path in galley::dir::config_files_in(&args.files, &mut problems) {
         match galley::dir::read_objects(&path) {
@@ -27,9 +29,16 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
     }
     let refs: Vec<&ConfigObject> = objects.iter().collect();
     for (i, found) in validation::validate_all(&refs) {
-        problems.extend(found.iter().map(|p| format!("{}: {p}", refs[i].location)));
+        for p in found {
+            let line = format!("{}: {p}", refs[i].location);
+            if p.is_error() {
+                problems.push(line);
+            } else {
+                warnings.push(line);
+            }
+        }
     }
-    for p in &problems {
+    for p in problems.iter().chain(&warnings) {
         println!("{p}");
     }
     anyhow::ensure!(
@@ -38,6 +47,12 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
         problems.len(),
         objects.len()
     );
-    println!("{} object(s) valid", objects.len());
+    match warnings.len() {
+        0 => println!("{} object(s) valid", objects.len()),
+        n => println!(
+            "{} object(s) valid, {n} warning(s): served, but not honoured as written",
+            objects.len()
+        ),
+    }
     Ok(())
 }

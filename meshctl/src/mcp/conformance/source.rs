@@ -131,7 +131,12 @@ pub async fn check(address: &str, dir: &Path, timing: Timing) -> anyhow::Result<
     }
     let refs: Vec<&ConfigObject> = objects.iter().collect();
     for (i, found) in galley::validation::validate_all(&refs) {
-        problems.extend(found.iter().map(|p| format!("{}: {p}", refs[i].location)));
+        problems.extend(
+            found
+                .iter()
+                .filter(|p| p.is_error())
+                .map(|p| format!("{}: {p}", refs[i].location)),
+        );
     }
     anyhow::ensure!(
         problems.is_empty(),

@@ -543,12 +543,10 @@ fn retry_policy(retry: Option<&HttpRetry>) -> Option<RetryPolicy> {
     let Some(retry) = retry else {
         return Some(policy);
     };
-    if retry.attempts <= 0 {
-        return None;
-    }
-    policy.num_retries = Some(UInt32Value {
-        value: retry.attempts as u32,
-    });
+    // Galley refuses a negative count; were one to arrive, no retries is
+    // the cautious reading.
+    let attempts = mcp_proto::networking::retry_attempts(retry).ok()??;
+    policy.num_retries = Some(UInt32Value { value: attempts });
     if !retry.retry_on.is_empty() {
         let (codes, conditions): (Vec<&str>, Vec<&str>) = retry
             .retry_on
