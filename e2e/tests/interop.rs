@@ -14,6 +14,7 @@ use tokio::{
 };
 
 const GATEWAYS: &str = "istio/networking/v1alpha3/gateways";
+const SERVICE_ENTRIES: &str = "istio/networking/v1alpha3/serviceentries";
 const MESH_CONFIG: &str = "istio/mesh/v1alpha1/MeshConfig";
 const SYNTHETIC: &str = "istio/networking/v1alpha3/synthetic/serviceentries";
 
@@ -131,23 +132,25 @@ async fn a_sink_follows_a_source_that_withholds_headers_and_refuses_collections(
     assert!(!output.contains(MESH_CONFIG), "absent, not empty: {output}");
 }
 
+/// The newer-Pilot-before-older-Galley upgrade: Istio 1.1's Galley serves
+/// neither the synthetic service entries nor the mesh config.
 #[tokio::test]
-async fn pilot_is_ready_on_what_a_source_serves_and_says_what_is_absent() {
+async fn pilot_serves_routes_from_a_source_that_refuses_collections_to_a_grpcio_client() {
     let (mut source, addr) =
         Peer::serve(&["mcp-source", "--refuse", MESH_CONFIG, "--refuse", SYNTHETIC]).await;
-    let admin = free_addr();
+    let (admin, xds) = (free_addr(), free_addr());
     let _pilot = Proc::start(
         "pilot",
         &[
             "--mcp-server",
             &addr.to_string(),
             "--xds-addr",
-            &free_addr().to_string(),
+            &xds.to_string(),
             "--admin-addr",
             &admin.to_string(),
         ],
     );
-    source.until(&format!("ack {GATEWAYS}")).await;
+    source.until(&format!("ack {SERVICE_ENTRIES}")).await;
     let (_, ready) = wait_for_http(admin, "/ready", |s, _| s == 200).await;
     assert!(ready.contains("absent"), "{ready}");
     assert!(
@@ -164,13 +167,27 @@ async fn pilot_is_ready_on_what_a_source_serves_and_says_what_is_absent() {
             .contains("unsupported collection"),
         "{debug}"
     );
-    assert_eq!(collections[GATEWAYS]["resources"], 1, "{debug}");
+    assert_eq!(collections[SERVICE_ENTRIES]["resources"], 1, "{debug}");
     let (_, metrics) = get(admin, "/metrics").await.unwrap();
     assert!(
         metrics.contains(&format!(
             "mcp_sink_collections_refused{{collection=\"{MESH_CONFIG}\"}} 1"
         )),
         "{metrics}"
+    );
+    // The routes, from the ServiceEntry and VirtualService the source does
+    // serve, read by a client on another stack.
+    let client = Peer::start(&[
+        "xds-client",
+        &xds.to_string(),
+        "sidecar~127.0.0.2~productpage.bookinfo~bookinfo.svc.cluster.local",
+        "9080",
+    ]);
+    let lines = client.rest().await;
+    assert!(lines.contains(&"route 9080".to_string()), "{lines:?}");
+    assert!(
+        lines.contains(&"domain details.bookinfo.svc.cluster.local".to_string()),
+        "{lines:?}"
     );
 }
 

@@ -101,6 +101,68 @@ async fn galley_passes_source_conformance() {
     assert!(galley.terminate().await.success());
 }
 
+/// A source whose config the tool cannot edit: the checks that need a
+/// change are skipped, and say why.
+#[tokio::test]
+async fn galley_passes_source_conformance_without_its_directory() {
+    let dir = config_dir(&[("config.yaml", SAMPLE_CONFIG)]);
+    let Galley {
+        proc: galley, mcp, ..
+    } = Galley::start(dir.path(), &[]).await;
+    let (passed, report) = conformance(&[
+        "--source",
+        &mcp.to_string(),
+        "--collection",
+        "istio/networking/v1alpha3/serviceentries",
+    ])
+    .await;
+    assert!(passed, "{report}");
+    assert!(!report.contains("FAIL"), "{report}");
+    let skipped: Vec<&str> = report.lines().filter(|l| l.starts_with("SKIP")).collect();
+    assert_eq!(skipped.len(), 5, "{report}");
+    assert!(skipped.iter().all(|l| l.contains("give --dir")), "{report}");
+    assert!(galley.terminate().await.success());
+}
+
+/// A sink that dials, checked by a source that withholds its headers
+/// until asked and then refuses one of the collections asked for.
+#[tokio::test]
+async fn pilot_passes_sink_conformance_when_it_dials() {
+    let listen = free_addr().to_string();
+    let mut check = Proc::start(
+        "meshctl",
+        &[
+            "mcp",
+            "conformance",
+            "--quiet-ms",
+            "300",
+            "--listen",
+            &listen,
+        ],
+    );
+    check.stdout_until("serving ResourceSource").await;
+    let _pilot = Proc::start(
+        "pilot",
+        &[
+            "--mcp-server",
+            &listen,
+            "--xds-addr",
+            &free_addr().to_string(),
+            "--admin-addr",
+            &free_addr().to_string(),
+        ],
+    );
+    let report = check.stdout_until(" passed, ").await.join("\n");
+    assert!(check.exit().await.success(), "{report}");
+    assert!(!report.contains("FAIL"), "{report}");
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("PASS  rule 8") && l.contains("left out")),
+        "{report}"
+    );
+}
+
 #[tokio::test]
 async fn meshctl_mcp_watch_passes_sink_conformance() {
     let (watch, addr) = start_listening_sink(&[]).await;

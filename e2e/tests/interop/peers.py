@@ -7,6 +7,7 @@ first request waits forever. That is how Istio 1.1's Galley behaves.
 
     peers.py PROTO_DIR OUT_DIR mcp-source [--refuse COLLECTION ...]
     peers.py PROTO_DIR OUT_DIR xds-server
+    peers.py PROTO_DIR OUT_DIR xds-client ADDRESS NODE_ID ROUTE_NAME
     peers.py PROTO_DIR OUT_DIR mixer-check ADDRESS USER
 
 The servers print `listening PORT` once they serve on 127.0.0.1, then one
@@ -29,6 +30,8 @@ PROTOS = [
     "google/rpc/status.proto",
     "istio/mcp/v1alpha1/mcp.proto",
     "istio/networking/v1alpha3/gateway.proto",
+    "istio/networking/v1alpha3/service_entry.proto",
+    "istio/networking/v1alpha3/virtual_service.proto",
     "istio/mixer/v1/attributes.proto",
     "istio/mixer/v1/mixer.proto",
 ]
@@ -58,15 +61,15 @@ def serve(add_servicer):
     server.wait_for_termination()
 
 
-GATEWAYS = "istio/networking/v1alpha3/gateways"
+NETWORKING = "istio/networking/v1alpha3/"
+DETAILS = "details.bookinfo.svc.cluster.local"
 
 
-def mcp_source(refuse):
-    """A ResourceSource serving one Gateway, every other collection empty,
-    and ending the stream as Istio 1.1's Galley does for a collection it
-    does not serve."""
-    from istio.mcp.v1alpha1 import mcp_pb2, mcp_pb2_grpc
-    from istio.networking.v1alpha3 import gateway_pb2
+def served():
+    """What the MCP source serves: one object in each of three
+    collections, by collection."""
+    from istio.mcp.v1alpha1 import mcp_pb2
+    from istio.networking.v1alpha3 import gateway_pb2, service_entry_pb2, virtual_service_pb2
     from google.protobuf import any_pb2
 
     gateway = gateway_pb2.Gateway(
@@ -74,9 +77,39 @@ def mcp_source(refuse):
         servers=[gateway_pb2.Server(
             port=gateway_pb2.Port(number=80, protocol="HTTP", name="http"),
             hosts=["*"])])
-    body = any_pb2.Any(
-        type_url="type.googleapis.com/istio.networking.v1alpha3.Gateway",
-        value=gateway.SerializeToString())
+    entry = service_entry_pb2.ServiceEntry(
+        hosts=[DETAILS],
+        ports=[gateway_pb2.Port(number=9080, protocol="HTTP", name="http")],
+        location=service_entry_pb2.ServiceEntry.MESH_INTERNAL,
+        resolution=service_entry_pb2.ServiceEntry.STATIC,
+        endpoints=[service_entry_pb2.ServiceEntry.Endpoint(
+            address="127.0.0.1", ports={"http": 9082}, labels={"app": "details"})])
+    route = virtual_service_pb2.VirtualService(
+        hosts=[DETAILS],
+        http=[virtual_service_pb2.HTTPRoute(route=[virtual_service_pb2.HTTPRouteDestination(
+            destination=virtual_service_pb2.Destination(host=DETAILS))])])
+
+    def resource(name, kind, message):
+        return mcp_pb2.Resource(
+            metadata=mcp_pb2.Metadata(name=name, version="1"),
+            body=any_pb2.Any(
+                type_url=f"type.googleapis.com/istio.networking.v1alpha3.{kind}",
+                value=message.SerializeToString()))
+
+    return {
+        NETWORKING + "gateways": [resource("istio-system/ingress", "Gateway", gateway)],
+        NETWORKING + "serviceentries": [resource("bookinfo/details", "ServiceEntry", entry)],
+        NETWORKING + "virtualservices": [resource("bookinfo/details", "VirtualService", route)],
+    }
+
+
+def mcp_source(refuse):
+    """A ResourceSource serving a Gateway, a ServiceEntry and a
+    VirtualService, every other collection empty, and ending the stream as
+    Istio 1.1's Galley does for a collection it does not serve."""
+    from istio.mcp.v1alpha1 import mcp_pb2, mcp_pb2_grpc
+
+    resources = served()
     nonces = itertools.count(1)
 
     class Source(mcp_pb2_grpc.ResourceSourceServicer):
@@ -91,14 +124,9 @@ def mcp_source(refuse):
                     verdict = "nack" if request.HasField("error_detail") else "ack"
                     say(f"{verdict} {collection}")
                     continue
-                resources = []
-                if collection == GATEWAYS:
-                    resources.append(mcp_pb2.Resource(
-                        metadata=mcp_pb2.Metadata(name="istio-system/ingress", version="1"),
-                        body=body))
                 yield mcp_pb2.Resources(
                     system_version_info="1", collection=collection,
-                    resources=resources, nonce=str(next(nonces)))
+                    resources=resources.get(collection, []), nonce=str(next(nonces)))
 
     serve(lambda s: mcp_pb2_grpc.add_ResourceSourceServicer_to_server(Source(), s))
 
@@ -123,6 +151,43 @@ def xds_server():
                     version_info="1", type_url=request.type_url, nonce=str(next(nonces)))
 
     serve(lambda s: ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(Ads(), s))
+
+
+ROUTES = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+
+
+def xds_client(address, node_id, route_name):
+    """Asks an ADS server for one route configuration and prints its
+    virtual hosts' domains (`route NAME`, then `domain D` lines)."""
+    import queue
+
+    import ads_pb2
+    import ads_pb2_grpc
+
+    requests = queue.Queue()
+    requests.put(ads_pb2.DiscoveryRequest(
+        node=ads_pb2.Node(id=node_id), type_url=ROUTES, resource_names=[route_name]))
+
+    def send():
+        while True:
+            yield requests.get()
+
+    with grpc.insecure_channel(address) as channel:
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+        for response in stub.StreamAggregatedResources(send(), timeout=30):
+            requests.put(ads_pb2.DiscoveryRequest(
+                node=ads_pb2.Node(id=node_id), type_url=response.type_url,
+                resource_names=[route_name], version_info=response.version_info,
+                response_nonce=response.nonce))
+            if response.type_url != ROUTES or not response.resources:
+                continue
+            for resource in response.resources:
+                config = ads_pb2.RouteConfiguration.FromString(resource.value)
+                say(f"route {config.name}")
+                for host in config.virtual_hosts:
+                    for domain in host.domains:
+                        say(f"domain {domain}")
+            return
 
 
 def mixer_check(address, user):
@@ -159,6 +224,10 @@ def main():
     source = roles.add_parser("mcp-source")
     source.add_argument("--refuse", action="append", default=[])
     roles.add_parser("xds-server")
+    client = roles.add_parser("xds-client")
+    client.add_argument("address")
+    client.add_argument("node_id")
+    client.add_argument("route_name")
     check = roles.add_parser("mixer-check")
     check.add_argument("address")
     check.add_argument("user")
@@ -168,6 +237,8 @@ def main():
         mcp_source(set(args.refuse))
     elif args.role == "xds-server":
         xds_server()
+    elif args.role == "xds-client":
+        xds_client(args.address, args.node_id, args.route_name)
     else:
         mixer_check(args.address, args.user)
 

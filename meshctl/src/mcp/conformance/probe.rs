@@ -10,8 +10,10 @@ use tonic::{Status, Streaming, transport::Channel};
 use mcp_proto::{
     mcp::parse_endpoint,
     pb::istio::mcp::v1alpha1::{
-        RequestResources, Resources, resource_sink_client::ResourceSinkClient,
+        RequestResources, Resources,
+        resource_sink_client::ResourceSinkClient,
         resource_source_client::ResourceSourceClient,
+        resource_source_server::{ResourceSource, ResourceSourceServer},
     },
 };
 
@@ -21,9 +23,10 @@ pub struct Timing {
     pub timeout: Duration,
 }
 
-/// A stream on which this tool sends `Out` and receives `In`.
+/// A stream on which this tool sends `Out` and receives `In`. What it
+/// sends may end with a status, which only a server can send.
 pub struct Probe<Out, In> {
-    outbound: mpsc::Sender<Out>,
+    outbound: mpsc::Sender<Result<Out, Status>>,
     inbound: Pin<Box<dyn Stream<Item = Result<In, Status>> + Send>>,
     timing: Timing,
 }
@@ -39,6 +42,21 @@ async fn channel(address: &str, timing: Timing) -> Result<Channel, String> {
         .map_err(|e| format!("cannot connect to {address}: {:#}", anyhow::Error::from(e)))
 }
 
+/// What a client probe sends. A client has no status to send: an error
+/// ends its half of the stream.
+pub struct ClientHalf<Out>(mpsc::Receiver<Result<Out, Status>>);
+
+impl<Out> Stream for ClientHalf<Out> {
+    type Item = Out;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Out>> {
+        self.0.poll_recv(cx).map(|next| next.and_then(Result::ok))
+    }
+}
+
 impl<Out: Send + 'static, In: Send + 'static> Probe<Out, In> {
     /// Connects and opens a stream with `establish`, which calls one of the
     /// two services' `EstablishResourceStream`. The call's response headers
@@ -47,11 +65,11 @@ impl<Out: Send + 'static, In: Send + 'static> Probe<Out, In> {
     /// before its first message).
     async fn open<F, Fut>(address: &str, timing: Timing, establish: F) -> Result<Self, String>
     where
-        F: FnOnce(Channel, ReceiverStream<Out>) -> Fut,
+        F: FnOnce(Channel, ClientHalf<Out>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Streaming<In>>, Status>> + Send + 'static,
     {
         let (outbound, rx) = mpsc::channel(16);
-        let call = establish(channel(address, timing).await?, ReceiverStream::new(rx));
+        let call = establish(channel(address, timing).await?, ClientHalf(rx));
         let inbound = stream::once(call)
             .flat_map(|opened| match opened {
                 Ok(response) => response.into_inner().left_stream(),
@@ -63,6 +81,92 @@ impl<Out: Send + 'static, In: Send + 'static> Probe<Out, In> {
             inbound,
             timing,
         })
+    }
+}
+
+/// A `ResourceSource` served for sinks that dial: each stream a sink opens
+/// is handed over as a [`SourceProbe`]. Like a grpc-go source, it sends no
+/// response headers before the sink's first request, so a sink that waits
+/// for headers before it asks is seen to hang.
+pub struct SourceListener {
+    streams: mpsc::Receiver<SourceProbe>,
+    timing: Timing,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl SourceListener {
+    pub async fn bind(address: &str, timing: Timing) -> Result<Self, String> {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|e| format!("cannot listen on {address}: {e}"))?;
+        let local = listener.local_addr().map_err(|e| e.to_string())?;
+        println!("serving ResourceSource on {local} for the sink to dial");
+        let (streams, accepted) = mpsc::channel(4);
+        let service = ResourceSourceServer::new(Accept { streams, timing });
+        let server = tokio::spawn(async move {
+            let incoming = mcp_proto::mcp::incoming(listener);
+            let served = mcp_proto::mcp::grpc_server()
+                .add_service(service)
+                .serve_with_incoming(incoming)
+                .await;
+            if let Err(e) = served {
+                eprintln!("ResourceSource server failed: {e}");
+            }
+        });
+        Ok(Self {
+            streams: accepted,
+            timing,
+            _server: server,
+        })
+    }
+
+    /// The next stream a sink opens, once it has sent its first request;
+    /// an error if none does in time.
+    pub async fn accept(&mut self) -> Result<SourceProbe, String> {
+        let wait = self.timing.timeout * 3;
+        match tokio::time::timeout(wait, self.streams.recv()).await {
+            Ok(Some(probe)) => Ok(probe),
+            Ok(None) => Err("the listener stopped".into()),
+            Err(_) => Err(format!(
+                "no sink opened a stream and sent a request within {wait:?} \
+                 (a sink must not wait for the source's headers before asking)"
+            )),
+        }
+    }
+}
+
+struct Accept {
+    streams: mpsc::Sender<SourceProbe>,
+    timing: Timing,
+}
+
+#[tonic::async_trait]
+impl ResourceSource for Accept {
+    type EstablishResourceStreamStream = ReceiverStream<Result<Resources, Status>>;
+
+    async fn establish_resource_stream(
+        &self,
+        request: tonic::Request<Streaming<RequestResources>>,
+    ) -> Result<tonic::Response<Self::EstablishResourceStreamStream>, Status> {
+        let mut requests = request.into_inner();
+        // Headers go out when this returns: not before a first request.
+        let first = match requests.next().await {
+            Some(Ok(first)) => first,
+            Some(Err(status)) => return Err(status),
+            None => return Err(Status::cancelled("the sink closed before asking")),
+        };
+        let (outbound, responses) = mpsc::channel(16);
+        let inbound = stream::once(async { Ok(first) }).chain(requests).boxed();
+        let probe = Probe {
+            outbound,
+            inbound,
+            timing: self.timing,
+        };
+        self.streams
+            .send(probe)
+            .await
+            .map_err(|_| Status::unavailable("the conformance run is over"))?;
+        Ok(tonic::Response::new(ReceiverStream::new(responses)))
     }
 }
 
@@ -93,7 +197,16 @@ impl SourceProbe {
 impl<Out, In: std::fmt::Debug> Probe<Out, In> {
     pub async fn send(&self, message: Out) -> Result<(), String> {
         self.outbound
-            .send(message)
+            .send(Ok(message))
+            .await
+            .map_err(|_| "the stream is closed".to_string())
+    }
+
+    /// Ends the stream with `status` (a server's way; a client's stream
+    /// just ends).
+    pub async fn end_with(&self, status: Status) -> Result<(), String> {
+        self.outbound
+            .send(Err(status))
             .await
             .map_err(|_| "the stream is closed".to_string())
     }

@@ -1,4 +1,9 @@
-//! Checks of an MCP sink, playing a source that dials its `ResourceSink`.
+//! Checks of an MCP sink, playing a source: one that dials the sink's
+//! `ResourceSink`, or one the sink dials (`ResourceSource`), which also
+//! checks that the sink asks before it has the source's headers and that
+//! it survives a source refusing a collection.
+
+use tonic::Status;
 
 use mcp_proto::{
     kinds,
@@ -8,7 +13,7 @@ use mcp_proto::{
 
 use super::{
     Report,
-    probe::{SourceProbe, Timing, short},
+    probe::{SourceListener, SourceProbe, Timing, short},
 };
 
 fn resource(name: &str, version: &str, type_url: &str, value: Vec<u8>) -> Resource {
@@ -54,55 +59,131 @@ fn expect_nack(outcome: Result<Option<String>, String>) -> Result<String, String
     }
 }
 
-pub async fn check(address: &str, timing: Timing) -> anyhow::Result<Report> {
+/// Checks a sink that serves `ResourceSink` at `address`.
+pub async fn check_dialing(address: &str, timing: Timing) -> anyhow::Result<Report> {
     let mut report = Report::default();
-    let mut p = match SourceProbe::to_sink(address, timing).await {
-        Ok(p) => p,
-        Err(e) => {
-            report.record(
-                "1",
-                "the sink opens with a request per collection, no nonce",
-                Err(e),
-            );
-            return Ok(report);
+    match SourceProbe::to_sink(address, timing).await {
+        Ok(mut p) => {
+            check_stream(&mut p, timing, &mut report).await;
         }
-    };
+        Err(e) => report.record(
+            "1",
+            "the sink opens with a request per collection, no nonce",
+            Err(e),
+        ),
+    }
+    Ok(report)
+}
 
-    // Rule 1: one opening request per collection, nonce empty.
-    let mut opening: Vec<RequestResources> = Vec::new();
-    let first = p.recv().await;
-    let opened = match first {
-        Ok(r) => {
-            opening.push(r);
-            while let Ok(Some(r)) = tokio::time::timeout(timing.quiet, p.recv())
-                .await
-                .map(Result::ok)
-            {
-                opening.push(r);
-            }
-            if let Some(bad) = opening.iter().find(|r| !r.response_nonce.is_empty()) {
-                Err(format!("opening request carries a nonce: {}", short(bad)))
-            } else {
-                Ok(format!("{} collection(s)", opening.len()))
-            }
-        }
-        Err(e) => Err(e),
+/// Checks a sink that dials the `ResourceSource` this serves on `address`.
+pub async fn check_listening(address: &str, timing: Timing) -> anyhow::Result<Report> {
+    let mut report = Report::default();
+    let mut listener = SourceListener::bind(address, timing)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let accepted = listener.accept().await;
+    report.record(
+        "1",
+        "the sink asks before it has the source's response headers",
+        accepted
+            .as_ref()
+            .map(|_| String::new())
+            .map_err(Clone::clone),
+    );
+    let Ok(mut p) = accepted else {
+        return Ok(report);
     };
+    let Some(opening) = check_stream(&mut p, timing, &mut report).await else {
+        return Ok(report);
+    };
+    // Rule 8: refuse a collection, as Istio 1.1's Galley does.
+    let Some(refused) = opening.refusable else {
+        report.skip(
+            "8",
+            "a sink survives a source refusing a collection",
+            "the sink asks for no collection besides the one checked",
+        );
+        return Ok(report);
+    };
+    let survived = async {
+        p.end_with(Status::invalid_argument(format!(
+            "unsupported collection {refused:?}"
+        )))
+        .await?;
+        let mut next = listener.accept().await?;
+        let asked = opening_requests(&mut next, timing).await?;
+        if asked.iter().any(|r| r.collection == refused) {
+            return Err(format!("the next stream asks for {refused} again"));
+        }
+        if !asked.iter().any(|r| r.collection == opening.checked) {
+            return Err(format!(
+                "the next stream no longer asks for {}",
+                opening.checked
+            ));
+        }
+        let update = Resources {
+            collection: opening.checked.clone(),
+            nonce: "conformance-after-refusal".into(),
+            ..Default::default()
+        };
+        expect_ack(exchange(&mut next, update).await)?;
+        Ok(format!(
+            "{} collection(s) asked again, {refused} left out",
+            asked.len()
+        ))
+    }
+    .await;
+    report.record(
+        "8",
+        "a sink survives a source refusing a collection",
+        survived,
+    );
+    Ok(report)
+}
+
+/// What a stream's opening told: the collection the body checks used, and
+/// another one that a source could refuse.
+struct Opening {
+    checked: String,
+    refusable: Option<String>,
+}
+
+/// The opening requests of a stream: the first, and any that follow
+/// within the quiet period.
+async fn opening_requests(
+    p: &mut SourceProbe,
+    timing: Timing,
+) -> Result<Vec<RequestResources>, String> {
+    let mut opening = vec![p.recv().await?];
+    while let Ok(Ok(r)) = tokio::time::timeout(timing.quiet, p.recv()).await {
+        opening.push(r);
+    }
+    Ok(opening)
+}
+
+/// The checks every sink gets on one stream; `None` when they could not
+/// go as far as the body checks.
+async fn check_stream(p: &mut SourceProbe, timing: Timing, report: &mut Report) -> Option<Opening> {
+    // Rule 1: one opening request per collection, nonce empty.
+    let opening = opening_requests(p, timing).await;
+    let opened = opening.as_ref().map_err(Clone::clone).and_then(|opening| {
+        match opening.iter().find(|r| !r.response_nonce.is_empty()) {
+            Some(bad) => Err(format!("opening request carries a nonce: {}", short(bad))),
+            None => Ok(format!("{} collection(s)", opening.len())),
+        }
+    });
     report.record(
         "1",
         "the sink opens with a request per collection, no nonce",
         opened,
     );
+    let opening = opening.ok()?;
     let Some(kind) = opening
         .iter()
         .find_map(|r| kinds::by_collection(&r.collection))
     else {
-        if !opening.is_empty() {
-            println!(
-                "no requested collection has a body type this tool knows; body checks skipped"
-            );
-        }
-        return Ok(report);
+        println!("no requested collection has a body type this tool knows; body checks skipped");
+        return None;
     };
     let incremental = opening
         .iter()
@@ -123,7 +204,7 @@ pub async fn check(address: &str, timing: Timing) -> anyhow::Result<Report> {
     };
 
     let ok = exchange(
-        &mut p,
+        p,
         full(
             "conformance-1",
             vec![resource("conformance/a", "1", type_url, valid.clone())],
@@ -138,7 +219,7 @@ pub async fn check(address: &str, timing: Timing) -> anyhow::Result<Report> {
 
     let garbage = vec![0x0a, 0xff, 0xff];
     let bad = exchange(
-        &mut p,
+        p,
         full(
             "conformance-2",
             vec![resource("conformance/a", "2", type_url, garbage)],
@@ -152,7 +233,7 @@ pub async fn check(address: &str, timing: Timing) -> anyhow::Result<Report> {
     );
 
     let wrong = exchange(
-        &mut p,
+        p,
         full(
             "conformance-3",
             vec![resource(
@@ -176,20 +257,20 @@ pub async fn check(address: &str, timing: Timing) -> anyhow::Result<Report> {
             vec![resource("conformance/b", "1", type_url, valid.clone())],
         );
         add.incremental = true;
-        let added = exchange(&mut p, add).await;
+        let added = exchange(p, add).await;
         let mut remove = full("conformance-5", vec![]);
         remove.incremental = true;
         remove.removed_resources = vec!["conformance/b".into()];
         let removed = async {
             expect_ack(added)?;
-            expect_ack(exchange(&mut p, remove).await)
+            expect_ack(exchange(p, remove).await)
         }
         .await;
         report.record("5", "incremental additions and removals are ACKed", removed);
     }
 
     let after = exchange(
-        &mut p,
+        p,
         full(
             "conformance-6",
             vec![resource("conformance/a", "6", type_url, valid)],
@@ -201,5 +282,12 @@ pub async fn check(address: &str, timing: Timing) -> anyhow::Result<Report> {
         "after NACKs the stream goes on and ACKs again",
         expect_ack(after),
     );
-    Ok(report)
+    Some(Opening {
+        refusable: opening
+            .iter()
+            .map(|r| &r.collection)
+            .find(|c| **c != collection)
+            .cloned(),
+        checked: collection,
+    })
 }

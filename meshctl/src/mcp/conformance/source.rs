@@ -118,9 +118,19 @@ async fn next_for(p: &mut SinkProbe, collection: &str) -> Result<Resources, Stri
     Ok(r)
 }
 
-pub async fn check(address: &str, dir: &Path, timing: Timing) -> anyhow::Result<Report> {
-    let mut report = Report::default();
-    // What the source must be serving: DIR's objects, all valid.
+/// How the checks cause changes at the source.
+pub enum Changes<'a> {
+    /// By editing a file in the directory the source serves.
+    Dir(&'a Path),
+    /// Not at all: the source's config cannot be edited by this tool, and
+    /// the checks of `collection` that need a change are skipped.
+    None(&'a str),
+}
+
+const NO_CHANGES: &str = "needs a change at the source: give --dir";
+
+/// The directory's objects, all valid, and the probe file to edit there.
+fn served_by(dir: &Path) -> anyhow::Result<(Vec<String>, ProbeFile)> {
     let mut problems = Vec::new();
     let mut objects = Vec::new();
     for path in galley::dir::config_files_in(&[dir.to_path_buf()], &mut problems) {
@@ -149,21 +159,37 @@ pub async fn check(address: &str, dir: &Path, timing: Timing) -> anyhow::Result<
             dir.display()
         );
     };
-    let collection = template.kind.collection;
     let mut want: Vec<String> = objects
         .iter()
-        .filter(|o| o.kind.collection == collection)
+        .filter(|o| o.kind.collection == template.kind.collection)
         .map(ConfigObject::mcp_name)
         .collect();
     want.sort();
     want.dedup();
-    println!(
-        "checking collection {collection} ({} resources in {})",
-        want.len(),
-        dir.display()
-    );
-    let mut file = ProbeFile::new(dir, &template);
-    let probe_name = file.mcp_name();
+    Ok((want, ProbeFile::new(dir, &template)))
+}
+
+pub async fn check(address: &str, changes: Changes<'_>, timing: Timing) -> anyhow::Result<Report> {
+    let mut report = Report::default();
+    let (collection, want, mut file) = match changes {
+        Changes::Dir(dir) => {
+            let (want, file) = served_by(dir)?;
+            let collection = file.object.kind.collection;
+            println!(
+                "checking collection {collection} ({} resources in {})",
+                want.len(),
+                dir.display()
+            );
+            (collection.to_string(), Some(want), Some(file))
+        }
+        Changes::None(collection) => {
+            println!(
+                "checking collection {collection} (no --dir: the source's config is not edited)"
+            );
+            (collection.to_string(), None, None)
+        }
+    };
+    let collection = collection.as_str();
 
     // Rules 1, 2 and 7: the first response is the full state.
     let opened = SinkProbe::to_source(address, timing).await;
@@ -176,7 +202,7 @@ pub async fn check(address: &str, dir: &Path, timing: Timing) -> anyhow::Result<
     };
     report.record(
         "1,2",
-        "first request gets a response with a nonce",
+        "a request sent before the headers gets a response with a nonce",
         first
             .as_ref()
             .map(|(_, r)| format!("nonce {:?}", r.nonce))
@@ -185,15 +211,51 @@ pub async fn check(address: &str, dir: &Path, timing: Timing) -> anyhow::Result<
     let Ok((mut p, first)) = first else {
         return Ok(report);
     };
-    report.record(
-        "7",
-        "resources are the directory's, named namespace/name",
-        if sorted_names(&first) == want {
-            Ok(format!("{} resources", want.len()))
-        } else {
-            Err(format!("got {:?}, want {want:?}", sorted_names(&first)))
-        },
-    );
+    let names = sorted_names(&first);
+    let named = match &want {
+        Some(want) if names == *want => Ok(format!("{} resources", want.len())),
+        Some(want) => Err(format!("got {names:?}, want {want:?}")),
+        None => {
+            let namespaced =
+                mcp_proto::kinds::by_collection(collection).is_none_or(|k| k.namespaced);
+            match names.iter().find(|n| n.contains('/') != namespaced) {
+                Some(bad) => Err(format!("{bad:?} is not named as rule 7 says")),
+                None => Ok(format!("{} resources", names.len())),
+            }
+        }
+    };
+    let check = if want.is_some() {
+        "resources are the directory's, named namespace/name"
+    } else {
+        "resources are named namespace/name"
+    };
+    report.record("7", check, named);
+    let Some(file) = file.as_mut() else {
+        let quiet = async {
+            p.send(answer(&first, &first.nonce, None, false)).await?;
+            p.quiet()
+                .await
+                .map_err(|e| format!("after an ACK with no change: {e}"))
+        }
+        .await;
+        report.record(
+            "3",
+            "after an ACK nothing is sent while nothing changes",
+            quiet.map(|()| String::new()),
+        );
+        for (rule, check) in [
+            ("3", "after an ACK a change is sent"),
+            ("2", "nonces are unique on the stream"),
+            ("3", "after a NACK nothing is sent until a change"),
+            ("4", "a stale nonce is ignored"),
+        ] {
+            report.skip(rule, check, NO_CHANGES);
+        }
+        check_incremental(address, collection, &first, None, timing, &mut report).await;
+        check_unknown_collection(address, timing, &mut report).await;
+        return Ok(report);
+    };
+    let probe_name = file.mcp_name();
 
     // Rule 3, ACK: quiet until a change, then the change.
     let second = async {
@@ -282,17 +344,40 @@ pub async fn check(address: &str, dir: &Path, timing: Timing) -> anyhow::Result<
         return Ok(report);
     };
 
-    // Rule 5: a new stream declaring what it holds gets only the difference.
-    let mut held = versions(&fourth);
-    let dropped = want.first().cloned();
+    check_incremental(
+        address,
+        collection,
+        &fourth,
+        Some((file, &probe_name)),
+        timing,
+        &mut report,
+    )
+    .await;
+    check_unknown_collection(address, timing, &mut report).await;
+    Ok(report)
+}
+
+/// Rule 5: a new stream declaring what it holds (`held`'s resources, less
+/// one, plus one the source does not have) gets only the difference; with
+/// a probe file to remove, the removal must reach that stream too.
+async fn check_incremental(
+    address: &str,
+    collection: &str,
+    held: &Resources,
+    removable: Option<(&mut ProbeFile, &str)>,
+    timing: Timing,
+    report: &mut Report,
+) {
+    let mut declared = versions(held);
+    let dropped = sorted_names(held).into_iter().next();
     if let Some(name) = &dropped {
-        held.remove(name);
+        declared.remove(name);
     }
-    held.insert("mcp-conformance/not-held-by-source".into(), "1".into());
+    declared.insert("mcp-conformance/not-held-by-source".into(), "1".into());
     let incremental = async {
         let mut p = SinkProbe::to_source(address, timing).await?;
         p.send(RequestResources {
-            initial_resource_versions: held,
+            initial_resource_versions: declared,
             ..request(collection, true)
         })
         .await?;
@@ -328,17 +413,21 @@ pub async fn check(address: &str, dir: &Path, timing: Timing) -> anyhow::Result<
             .map(|(_, _, n)| n.clone())
             .map_err(Clone::clone),
     );
+    let Some((file, probe_name)) = removable else {
+        report.skip("5", "a removal reaches the sink", NO_CHANGES);
+        return;
+    };
     if let Ok((mut p, r, _)) = incremental {
         let removal = async {
             p.send(answer(&r, &r.nonce, None, true)).await?;
             file.remove()?;
             let r = next_for(&mut p, collection).await?;
             if r.incremental {
-                if !r.removed_resources.contains(&probe_name) || !r.resources.is_empty() {
+                if !r.removed_resources.iter().any(|n| n == probe_name) || !r.resources.is_empty() {
                     return Err(format!("incremental removal should carry only removed_resources [{probe_name}]: {}", short(&r)));
                 }
                 Ok("incremental".to_string())
-            } else if versions(&r).contains_key(&probe_name) {
+            } else if versions(&r).contains_key(probe_name) {
                 Err("full state after the removal still holds the removed resource".into())
             } else {
                 Ok("full state".to_string())
@@ -347,8 +436,10 @@ pub async fn check(address: &str, dir: &Path, timing: Timing) -> anyhow::Result<
         .await;
         report.record("5", "a removal reaches the sink", removal);
     }
+}
 
-    // Rule 6: an unknown collection ends the stream with InvalidArgument.
+/// Rule 6: an unknown collection ends the stream with InvalidArgument.
+async fn check_unknown_collection(address: &str, timing: Timing, report: &mut Report) {
     let unknown = async {
         let mut p = SinkProbe::to_source(address, timing).await?;
         p.send(request("mcp-conformance/no-such-collection", false))
@@ -370,5 +461,4 @@ pub async fn check(address: &str, dir: &Path, timing: Timing) -> anyhow::Result<
         "an unknown collection ends the stream with InvalidArgument",
         unknown,
     );
-    Ok(report)
 }
