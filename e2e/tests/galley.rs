@@ -214,3 +214,66 @@ async fn meshctl_validate_checks_files_offline() {
     );
     assert!(!bad.exit().await.success());
 }
+
+const ENVOY_FILTER: &str = "\
+apiVersion: networking.istio.io/v1alpha3
+kind: EnvoyFilter
+metadata: {name: lua, namespace: shop}
+spec:
+  filters:
+  - {filterName: envoy.lua, filterType: HTTP, listenerMatch: {listenerType: SIDECAR_INBOUND}, filterConfig: {inlineCode: x}}
+";
+
+/// What the mesh accepts but does not honour is served, and the user is
+/// told: by `meshctl validate` (which still succeeds), and by Galley's
+/// `/debug/config` and `galley_config_warnings`, the mesh config file's
+/// fields included.
+#[tokio::test]
+async fn ignored_fields_are_served_with_warnings_where_users_look() {
+    let dir = config_dir(&[
+        ("config.yaml", SAMPLE_CONFIG),
+        ("filter.yaml", ENVOY_FILTER),
+    ]);
+    let mesh_dir = config_dir(&[("mesh.yaml", "enableTracing: false\n")]);
+    let mesh = mesh_dir.path().join("mesh.yaml");
+
+    let mut validate = Proc::start(
+        "meshctl",
+        &[
+            "validate",
+            "-f",
+            dir.path().to_str().unwrap(),
+            "--mesh-config",
+            mesh.to_str().unwrap(),
+        ],
+    );
+    let lines = validate.stdout_until("2 warning(s)").await;
+    assert!(validate.exit().await.success(), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l.contains("filter.yaml")
+            && l.contains(
+                "(EnvoyFilter shop/lua): warning: spec: this mesh's Pilot does not apply"
+            )),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("mesh.yaml: warning: enableTracing: not honoured")),
+        "{lines:?}"
+    );
+
+    let galley = Galley::start(dir.path(), &["--mesh-config", mesh.to_str().unwrap()]).await;
+    let (_, page) = get(galley.admin, "/debug/config").await.unwrap();
+    let page: Value = serde_json::from_str(&page).unwrap();
+    let warnings = strings(&page["warnings"]);
+    assert_eq!(warnings.len(), 2, "{page}");
+    assert!(page["problems"].as_array().unwrap().is_empty(), "{page}");
+    assert_eq!(
+        page["served"]["istio/networking/v1alpha3/envoyfilters"], 1,
+        "{page}"
+    );
+    let (_, metrics) = get(galley.admin, "/metrics").await.unwrap();
+    assert!(metrics.contains("galley_config_warnings 2"), "{metrics}");
+    assert!(galley.proc.terminate().await.success());
+}

@@ -139,6 +139,8 @@ async fn pilot_serves_routes_from_a_source_that_refuses_collections_to_a_grpcio_
     let (mut source, addr) =
         Peer::serve(&["mcp-source", "--refuse", MESH_CONFIG, "--refuse", SYNTHETIC]).await;
     let (admin, xds) = (free_addr(), free_addr());
+    // Its own mesh config stands in for the one the source does not serve.
+    let mesh = config_dir(&[("mesh.yaml", "connectTimeout: 7s\n")]);
     let _pilot = Proc::start(
         "pilot",
         &[
@@ -148,6 +150,8 @@ async fn pilot_serves_routes_from_a_source_that_refuses_collections_to_a_grpcio_
             &xds.to_string(),
             "--admin-addr",
             &admin.to_string(),
+            "--mesh-config",
+            mesh.path().join("mesh.yaml").to_str().unwrap(),
         ],
     );
     source.until(&format!("ack {SERVICE_ENTRIES}")).await;
@@ -175,6 +179,9 @@ async fn pilot_serves_routes_from_a_source_that_refuses_collections_to_a_grpcio_
         )),
         "{metrics}"
     );
+    let (_, configz) = get(admin, "/debug/configz").await.unwrap();
+    let configz: serde_json::Value = serde_json::from_str(&configz).unwrap();
+    assert_eq!(configz["mesh_config"]["connectTimeout"], "7s", "{configz}");
     // The routes, from the ServiceEntry and VirtualService the source does
     // serve, read by a client on another stack.
     let client = Peer::start(&[

@@ -381,7 +381,12 @@ fn every_deployment_runs_a_workspace_binary_with_flags_it_accepts() {
 
 #[test]
 fn the_config_files_parse_as_their_components_read_them() {
-    galley::mesh_config::load(&manifests().join("mesh.yaml")).unwrap();
+    let mesh = mcp_proto::mesh::load(&manifests().join("mesh.yaml")).unwrap();
+    assert_eq!(
+        mesh.warnings,
+        Vec::<String>::new(),
+        "every field is honoured"
+    );
     // The sidecar's own flags, as injected, parse too.
     let pod = injected_pod();
     let proxy = pod["spec"]["containers"]

@@ -97,6 +97,7 @@ pub async fn run(
     let metrics = McpMetrics::source(&mut admin.registry());
     let loaded = admin.readiness().condition("config-loaded");
     let status = status::ConfigStatus::register(&admin, store.clone());
+    let mesh_status = status.clone();
     let follow_config = match &args.config_dir {
         Some(dir) => {
             let (_, follow) =
@@ -128,8 +129,12 @@ pub async fn run(
             follow
         }
     };
-    let follow_mesh =
-        mesh_config::start(args.mesh_config.clone(), store.clone(), shutdown.clone())?;
+    let follow_mesh = mesh_config::start(
+        args.mesh_config.clone(),
+        store.clone(),
+        mesh_status,
+        shutdown.clone(),
+    )?;
     loaded.set(true);
 
     for sink in sinks {

@@ -14,6 +14,8 @@ use crate::config_set::LoadReport;
 #[derive(Clone)]
 pub struct ConfigStatus {
     last: Arc<Mutex<LoadReport>>,
+    /// The mesh config file's warnings, kept apart: it loads on its own.
+    mesh_config: Arc<Mutex<Vec<String>>>,
     loads: Counter,
     problems: Gauge,
     warnings: Gauge,
@@ -25,6 +27,7 @@ impl ConfigStatus {
     pub fn register(admin: &Admin, store: Arc<Store>) -> Self {
         let status = Self {
             last: Arc::default(),
+            mesh_config: Arc::default(),
             loads: Counter::default(),
             problems: Gauge::default(),
             warnings: Gauge::default(),
@@ -53,9 +56,13 @@ impl ConfigStatus {
                 status.rejected.clone(),
             );
         }
-        let last = status.last.clone();
+        let (last, mesh_config) = (status.last.clone(), status.mesh_config.clone());
         admin.debug_page("config", move || {
             let report = last.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let mesh_config = mesh_config
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             let served: serde_json::Map<_, _> = kinds::KINDS
                 .iter()
                 .filter(|k| store.len(k.collection) > 0)
@@ -63,7 +70,7 @@ impl ConfigStatus {
                 .collect();
             json!({
                 "problems": report.errors,
-                "warnings": report.warnings,
+                "warnings": report.warnings.iter().chain(&mesh_config).collect::<Vec<_>>(),
                 "rejected_objects": report.rejected,
                 "served": served,
             })
@@ -74,8 +81,29 @@ impl ConfigStatus {
     pub fn record(&self, report: &LoadReport) {
         self.loads.inc();
         self.problems.set(report.errors.len() as i64);
-        self.warnings.set(report.warnings.len() as i64);
         self.rejected.set(report.rejected as i64);
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = report.clone();
+        self.count_warnings();
+    }
+
+    /// Records the mesh config file's warnings.
+    pub fn record_mesh_config(&self, warnings: Vec<String>) {
+        *self.mesh_config.lock().unwrap_or_else(|e| e.into_inner()) = warnings;
+        self.count_warnings();
+    }
+
+    fn count_warnings(&self) {
+        let config = self
+            .last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .warnings
+            .len();
+        let mesh = self
+            .mesh_config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
+        self.warnings.set((config + mesh) as i64);
     }
 }

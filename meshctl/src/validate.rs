@@ -1,6 +1,7 @@
 //! `meshctl validate -f FILE...`: the checks Galley applies, offline. Each
 //! file (or every config file below a directory) is parsed and validated,
-//! references between the given objects included.
+//! references between the given objects included; `--mesh-config FILE`
+//! reads a mesh config file as Galley and Pilot read it.
 
 use std::path::PathBuf;
 
@@ -11,8 +12,11 @@ use mcp_proto::object::ConfigObject;
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
     /// Files or directories of config YAML.
-    #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+    #[arg(short = 'f', long = "filename", required_unless_present = "mesh_config", num_args = 1..)]
     pub files: Vec<PathBuf>,
+    /// A mesh config file (MeshConfig YAML).
+    #[arg(long)]
+    pub mesh_config: Option<PathBuf>,
 }
 
 /// Prints every problem and every warning (what the mesh would serve but
@@ -21,6 +25,17 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
     let mut problems = Vec::new();
     let mut warnings = Vec::new();
     let mut objects = Vec::new();
+    if let Some(path) = &args.mesh_config {
+        match mcp_proto::mesh::load(path) {
+            Ok(loaded) => warnings.extend(
+                loaded
+                    .warnings
+                    .iter()
+                    .map(|w| format!("{}: warning: {w}", path.display())),
+            ),
+            Err(e) => problems.push(e),
+        }
+    }
     for path in galley::dir::config_files_in(&args.files, &mut problems) {
         match galley::dir::read_objects(&path) {
             Ok(found) => objects.extend(found),

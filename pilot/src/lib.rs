@@ -66,6 +66,11 @@ pub struct PilotArgs {
     /// a burst of changes makes one push (waits at most ten times this).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "100ms")]
     pub debounce: Duration,
+    /// Istio MeshConfig YAML, read at start, for when the MCP source serves
+    /// no mesh config (Istio 1.1's Galley serves none); Istio 1.1's
+    /// defaults otherwise. A mesh config the source serves wins.
+    #[arg(long, env = "PILOT_MESH_CONFIG")]
+    pub mesh_config: Option<PathBuf>,
 }
 
 /// Runs Pilot until `shutdown`: follows Galley, keeps the model, serves ADS.
@@ -94,6 +99,18 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
     )
     .map_err(|e| anyhow::anyhow!("--mcp-server: {e}"))?;
 
+    let fallback_mesh = match &args.mesh_config {
+        Some(path) => {
+            let loaded =
+                mcp_proto::mesh::load(path).map_err(|e| anyhow::anyhow!("--mesh-config: {e}"))?;
+            for w in &loaded.warnings {
+                tracing::warn!(mesh_config = %path.display(), "{w}");
+            }
+            loaded.config
+        }
+        None => mcp_proto::mesh::defaults(),
+    };
+
     // Rebuild the model once changes settle; the last good one stays while
     // Galley is away, since the sink keeps its state.
     let (model_tx, model_rx) = watch::channel(Arc::new(Model::default()));
@@ -106,7 +123,7 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
     tokio::spawn(async move {
         loop {
             let snapshot = snapshots.borrow_and_update().clone();
-            let model = Model::from_snapshot(&snapshot);
+            let model = Model::from_snapshot(&snapshot, &fallback_mesh);
             model_tx.send_if_modified(|current| {
                 let changed = **current != model;
                 if changed {

@@ -216,9 +216,13 @@ macro_rules! named {
 
 impl Model {
     /// The model of a snapshot. A host defined twice keeps its first
-    /// definition (user ServiceEntries before synthetic ones).
-    pub fn from_snapshot(snapshot: &SinkSnapshot) -> Self {
-        let mut model = Model::default();
+    /// definition (user ServiceEntries before synthetic ones). The mesh
+    /// config is the snapshot's, else `mesh`.
+    pub fn from_snapshot(snapshot: &SinkSnapshot, mesh: &MeshConfig) -> Self {
+        let mut model = Model {
+            mesh: mesh.clone(),
+            ..Model::default()
+        };
         for collection in [kinds::SERVICE_ENTRIES, kinds::SYNTHETIC_SERVICE_ENTRIES] {
             for se in named!(snapshot, collection, ServiceEntry) {
                 model.add_service_entry(se);

@@ -71,6 +71,7 @@ impl ControlPlane {
             tls_key: None,
             tls_root: None,
             debounce: Duration::from_millis(10),
+            mesh_config: None,
         };
         configure(&mut args);
         let admin = Admin::new("pilot");
