@@ -192,10 +192,18 @@ async fn pilot_serves_routes_from_a_source_that_refuses_collections_to_a_grpcio_
     ]);
     let lines = client.rest().await;
     assert!(lines.contains(&"route 9080".to_string()), "{lines:?}");
-    assert!(
-        lines.contains(&"domain details.bookinfo.svc.cluster.local".to_string()),
-        "{lines:?}"
-    );
+    // From the ServiceEntry, and from the raw Kubernetes Service that
+    // stands in for the synthetic entries.
+    for host in ["details", "ratings"] {
+        let domain = format!("domain {host}.bookinfo.svc.cluster.local");
+        assert!(lines.contains(&domain), "{lines:?}");
+    }
+    let (_, endpoints) = get(admin, "/debug/endpointz").await.unwrap();
+    let endpoints: serde_json::Value = serde_json::from_str(&endpoints).unwrap();
+    let ratings = &endpoints["ratings.bookinfo.svc.cluster.local"][0];
+    assert_eq!(ratings["address"], "10.244.0.7", "{endpoints}");
+    assert_eq!(ratings["labels"]["version"], "v1", "the pod's labels");
+    assert_eq!(ratings["locality"], "us-east1/us-east1-b", "the node's");
 }
 
 #[tokio::test]

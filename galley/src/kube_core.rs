@@ -45,7 +45,7 @@ fn object_meta(m: &k_meta::ObjectMeta) -> meta::ObjectMeta {
     }
 }
 
-fn service_spec(s: &k::Service) -> pb::ServiceSpec {
+pub fn service_spec(s: &k::Service) -> pb::ServiceSpec {
     let spec = s.spec.clone().unwrap_or_default();
     pb::ServiceSpec {
         ports: spec
@@ -81,7 +81,7 @@ fn service_spec(s: &k::Service) -> pb::ServiceSpec {
     }
 }
 
-fn endpoints(e: &k::Endpoints) -> pb::Endpoints {
+pub fn endpoints(e: &k::Endpoints) -> pb::Endpoints {
     let address = |a: k::EndpointAddress| pb::EndpointAddress {
         ip: a.ip,
         target_ref: a.target_ref.map(|r| pb::ObjectReference {
@@ -131,7 +131,7 @@ fn endpoints(e: &k::Endpoints) -> pb::Endpoints {
     }
 }
 
-fn pod(p: &k::Pod) -> pb::Pod {
+pub fn pod(p: &k::Pod) -> pb::Pod {
     let spec = p.spec.clone().unwrap_or_default();
     let status = p.status.clone().unwrap_or_default();
     pb::Pod {
@@ -195,7 +195,7 @@ fn namespace_spec(n: &k::Namespace) -> pb::NamespaceSpec {
 
 /// A Kubernetes object as an MCP resource named `namespace/name` (or
 /// `name`), its labels and annotations in the MCP metadata.
-fn resource<K: kube::Resource>(object: &K, body: Body) -> Resource {
+pub fn resource<K: kube::Resource>(object: &K, body: Body) -> Resource {
     let labels: BTreeMap<String, String> = object.labels().clone();
     let annotations: BTreeMap<String, String> = object.annotations().clone();
     let name = kinds::resource_name(object.meta().namespace.as_deref(), &object.name_any());
@@ -208,10 +208,6 @@ pub fn service_resource(s: &k::Service) -> Resource {
 
 pub fn endpoints_resource(e: &k::Endpoints) -> Resource {
     resource(e, Body::K8sEndpoints(Box::new(endpoints(e))))
-}
-
-pub fn pod_resource(p: &k::Pod) -> Resource {
-    resource(p, Body::K8sPod(Box::new(pod(p))))
 }
 
 pub fn node_resource(n: &k::Node) -> Resource {

@@ -105,17 +105,6 @@ struct Cluster {
     set: ConfigSet,
 }
 
-impl Platform for Cluster {
-    fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
-        self.pods
-            .objects
-            .get(&kinds::resource_name(Some(namespace), name))
-    }
-    fn node(&self, name: &str) -> Option<&Node> {
-        self.nodes.objects.get(name)
-    }
-}
-
 impl Cluster {
     fn synced(&self) -> bool {
         self.config.values().all(|w| w.synced)
@@ -183,13 +172,17 @@ impl Cluster {
         self.parsed = parsed;
         self.set.publish(store, candidates.iter(), &mut report);
 
+        // Pods are converted once, for the synthetic entries and the raw
+        // collection alike.
+        let platform = Platform::new(&self.pods.objects, &self.nodes.objects);
         let entries = self
             .services
             .objects
             .iter()
             .filter_map(|(name, service)| {
                 let endpoints = self.endpoints.objects.get(name);
-                let entry = service_discovery::service_entry(service, endpoints, self, domain)?;
+                let entry =
+                    service_discovery::service_entry(service, endpoints, &platform, domain)?;
                 let labels = service.labels().clone().into_iter().collect();
                 Some(versioned_resource(
                     name.clone(),
@@ -219,10 +212,12 @@ impl Cluster {
             ),
             (
                 kinds::K8S_PODS,
-                self.pods
-                    .objects
-                    .values()
-                    .map(kube_core::pod_resource)
+                platform
+                    .pods()
+                    .map(|(name, pod)| {
+                        let body = Body::K8sPod(Box::new(pod.clone()));
+                        kube_core::resource(&self.pods.objects[name], body)
+                    })
                     .collect(),
             ),
             (

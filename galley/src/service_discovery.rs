@@ -1,203 +1,90 @@
-//! Service discovery for Pilot: Kubernetes Services, with their Endpoints
-//! and the Pods and Nodes behind them, in Istio's ServiceEntry form, for the
-//! collection `istio/networking/v1alpha3/synthetic/serviceentries`. Pilot
-//! reads services only from here, never from the platform.
-//!
-//! A Service becomes one STATIC ServiceEntry named `namespace/name`: host
-//! `<name>.<namespace>.svc.<domain>`, the cluster IP as address, ports with
-//! the protocol their names declare (Istio's `<protocol>[-suffix]`
-//! convention), one endpoint per ready address with the pod's labels and
-//! its node's locality, and the SPIFFE identities of the pods' service
-//! accounts as subject alternative names.
+//! Service discovery for Pilot from what Galley watches: Kubernetes
+//! Services, with their Endpoints and the Pods and Nodes behind them, in
+//! their MCP form ([`crate::kube_core`]), turned into the collection
+//! `istio/networking/v1alpha3/synthetic/serviceentries` by the rule Pilot
+//! also applies to a source that serves only the raw objects
+//! ([`mcp_proto::synthetic`]). Pilot reads services only from MCP, never
+//! from the platform.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
-use mcp_proto::pb::istio::networking::v1alpha3::{Port, ServiceEntry, service_entry};
+use mcp_proto::{
+    kinds,
+    pb::{istio::networking::v1alpha3::ServiceEntry, k8s::io::api::core::v1 as pb},
+    synthetic,
+};
 
-/// Node labels that give a locality, region first (Kubernetes' own, then
-/// the older beta names Istio 1.1 read).
-const REGION_LABELS: &[&str] = &[
-    "topology.kubernetes.io/region",
-    "failure-domain.beta.kubernetes.io/region",
-];
-const ZONE_LABELS: &[&str] = &[
-    "topology.kubernetes.io/zone",
-    "failure-domain.beta.kubernetes.io/zone",
-];
+use crate::kube_core;
 
-/// What the converter looks up while building one ServiceEntry.
-pub trait Platform {
-    fn pod(&self, namespace: &str, name: &str) -> Option<&Pod>;
-    fn node(&self, name: &str) -> Option<&Node>;
+/// The cluster's pods, converted once to their MCP form, and its nodes.
+pub struct Platform<'a> {
+    pods: BTreeMap<&'a str, pb::Pod>,
+    nodes: &'a BTreeMap<String, Node>,
 }
 
-/// The protocol Istio infers from a port's name (`http`, `http-web`,
-/// `grpc-api`, ...); TCP when the name says nothing Istio knows, UDP for UDP
-/// ports.
-pub fn protocol(port_name: &str, transport: Option<&str>) -> &'static str {
-    if transport == Some("UDP") {
-        return "UDP";
+impl<'a> Platform<'a> {
+    /// `pods` and `nodes` by MCP name (`namespace/name`, `name`).
+    pub fn new(pods: &'a BTreeMap<String, Pod>, nodes: &'a BTreeMap<String, Node>) -> Self {
+        Self {
+            pods: pods
+                .iter()
+                .map(|(name, pod)| (name.as_str(), kube_core::pod(pod)))
+                .collect(),
+            nodes,
+        }
     }
-    let prefix = port_name
-        .split('-')
-        .next()
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    match prefix.as_str() {
-        "http" => "HTTP",
-        "http2" => "HTTP2",
-        "https" => "HTTPS",
-        "grpc" => "GRPC",
-        "tls" => "TLS",
-        "mongo" => "MONGO",
-        "mysql" => "MYSQL",
-        "redis" => "REDIS",
-        "udp" => "UDP",
-        _ => "TCP",
+
+    /// The pods in their MCP form, by MCP name.
+    pub fn pods(&self) -> impl Iterator<Item = (&str, &pb::Pod)> {
+        self.pods.iter().map(|(name, pod)| (*name, pod))
+    }
+}
+
+impl synthetic::Platform for Platform<'_> {
+    fn pod(&self, namespace: &str, name: &str) -> Option<&pb::Pod> {
+        self.pods
+            .get(kinds::resource_name(Some(namespace), name).as_str())
+    }
+
+    fn node_labels(&self, name: &str) -> Option<&BTreeMap<String, String>> {
+        self.nodes.get(name)?.metadata.labels.as_ref()
     }
 }
 
 /// The ServiceEntry for `service`, or `None` for services without a name
-/// and namespace or of type ExternalName (which Pilot does not serve as
-/// mesh services).
+/// and namespace or of type ExternalName.
 pub fn service_entry(
     service: &Service,
     endpoints: Option<&Endpoints>,
-    platform: &impl Platform,
+    platform: &Platform<'_>,
     domain: &str,
 ) -> Option<ServiceEntry> {
     let name = service.metadata.name.as_deref()?;
     let namespace = service.metadata.namespace.as_deref()?;
-    let spec = service.spec.as_ref()?;
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return None;
-    }
-    let ports: Vec<Port> = spec
-        .ports
-        .iter()
-        .flatten()
-        .map(|p| {
-            let name = p.name.clone().unwrap_or_else(|| format!("port-{}", p.port));
-            Port {
-                number: p.port as u32,
-                protocol: protocol(&name, p.protocol.as_deref()).into(),
-                name,
-            }
-        })
-        .collect();
-    let addresses = spec
-        .cluster_ip
-        .iter()
-        .filter(|ip| !ip.is_empty() && ip.as_str() != "None")
-        .cloned()
-        .collect();
-
-    let mut entries = Vec::new();
-    let mut identities = BTreeSet::new();
-    for subset in endpoints
-        .and_then(|e| e.subsets.as_ref())
-        .into_iter()
-        .flatten()
-    {
-        // Endpoint ports by name; an unnamed one belongs to a one-port service.
-        let port_numbers: BTreeMap<String, u32> = subset
-            .ports
-            .iter()
-            .flatten()
-            .map(|p| {
-                (
-                    p.name.clone().unwrap_or_else(|| {
-                        ports.first().map(|s| s.name.clone()).unwrap_or_default()
-                    }),
-                    p.port as u32,
-                )
-            })
-            .collect();
-        for address in subset.addresses.iter().flatten() {
-            let pod = address
-                .target_ref
-                .as_ref()
-                .filter(|r| r.kind.as_deref() == Some("Pod"))
-                .and_then(|r| {
-                    platform.pod(
-                        r.namespace.as_deref().unwrap_or(namespace),
-                        r.name.as_deref()?,
-                    )
-                });
-            let labels = pod
-                .and_then(|p| p.metadata.labels.clone())
-                .unwrap_or_default();
-            if let Some(account) = pod
-                .and_then(|p| p.spec.as_ref())
-                .and_then(|s| s.service_account_name.as_deref())
-            {
-                identities.insert(format!("spiffe://{domain}/ns/{namespace}/sa/{account}"));
-            }
-            let node = address
-                .node_name
-                .as_deref()
-                .or_else(|| pod.and_then(|p| p.spec.as_ref()?.node_name.as_deref()));
-            let locality = node
-                .and_then(|n| platform.node(n))
-                .map(locality)
-                .unwrap_or_default();
-            entries.push(service_entry::Endpoint {
-                address: address.ip.clone(),
-                ports: port_numbers.clone(),
-                labels,
-                locality,
-                ..Default::default()
-            });
-        }
-    }
-    entries.sort_by(|a, b| a.address.cmp(&b.address));
-
-    Some(ServiceEntry {
-        hosts: vec![format!("{name}.{namespace}.svc.{domain}")],
-        addresses,
-        ports,
-        location: service_entry::Location::MeshInternal as i32,
-        resolution: service_entry::Resolution::Static as i32,
-        endpoints: entries,
-        subject_alt_names: identities.into_iter().collect(),
-        ..Default::default()
-    })
-}
-
-/// `region/zone` from a node's labels; empty when it has none.
-fn locality(node: &Node) -> String {
-    let labels = node.metadata.labels.clone().unwrap_or_default();
-    let first = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k).cloned());
-    match (first(REGION_LABELS), first(ZONE_LABELS)) {
-        (Some(region), Some(zone)) => format!("{region}/{zone}"),
-        (Some(region), None) => region,
-        _ => String::new(),
-    }
+    let endpoints = endpoints.map(kube_core::endpoints);
+    synthetic::service_entry(
+        namespace,
+        name,
+        &kube_core::service_spec(service),
+        endpoints.as_ref(),
+        platform,
+        domain,
+    )
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
+    use mcp_proto::pb::istio::networking::v1alpha3::service_entry;
     use serde_json::json;
 
     use super::*;
 
-    /// Objects as the Kubernetes API returns them (trimmed of fields the
-    /// converter does not read).
+    /// Pods and nodes as the Kubernetes API returns them (trimmed of fields
+    /// the converter does not read), by MCP name.
     struct Recorded {
-        pods: HashMap<(String, String), Pod>,
-        nodes: HashMap<String, Node>,
-    }
-
-    impl Platform for Recorded {
-        fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
-            self.pods.get(&(namespace.to_string(), name.to_string()))
-        }
-        fn node(&self, name: &str) -> Option<&Node> {
-            self.nodes.get(name)
-        }
+        pods: BTreeMap<String, Pod>,
+        nodes: BTreeMap<String, Node>,
     }
 
     fn recorded() -> (Service, Endpoints, Recorded) {
@@ -244,8 +131,8 @@ mod tests {
         };
         let platform = Recorded {
             pods: [
-                (("bookinfo".into(), "reviews-v1-7c9b".into()), pod("reviews-v1-7c9b", "v1", "bookinfo-reviews")),
-                (("bookinfo".into(), "reviews-v2-5d8f".into()), pod("reviews-v2-5d8f", "v2", "bookinfo-reviews")),
+                ("bookinfo/reviews-v1-7c9b".into(), pod("reviews-v1-7c9b", "v1", "bookinfo-reviews")),
+                ("bookinfo/reviews-v2-5d8f".into(), pod("reviews-v2-5d8f", "v2", "bookinfo-reviews")),
             ]
             .into(),
             nodes: [
@@ -259,7 +146,8 @@ mod tests {
 
     #[test]
     fn a_service_becomes_a_static_service_entry() {
-        let (service, endpoints, platform) = recorded();
+        let (service, endpoints, recorded) = recorded();
+        let platform = Platform::new(&recorded.pods, &recorded.nodes);
         let se = service_entry(&service, Some(&endpoints), &platform, "cluster.local").unwrap();
         assert_eq!(se.hosts, ["reviews.bookinfo.svc.cluster.local"]);
         assert_eq!(se.addresses, ["10.96.14.2"]);
@@ -302,7 +190,8 @@ mod tests {
 
     #[test]
     fn headless_and_external_name_services() {
-        let (mut service, _, platform) = recorded();
+        let (mut service, _, recorded) = recorded();
+        let platform = Platform::new(&recorded.pods, &recorded.nodes);
         service.spec.as_mut().unwrap().cluster_ip = Some("None".into());
         let se = service_entry(&service, None, &platform, "example.org").unwrap();
         assert!(se.addresses.is_empty(), "a headless service has no address");
@@ -311,25 +200,5 @@ mod tests {
 
         service.spec.as_mut().unwrap().type_ = Some("ExternalName".into());
         assert!(service_entry(&service, None, &platform, "cluster.local").is_none());
-    }
-
-    #[test]
-    fn protocols_follow_istio_port_naming() {
-        for (name, want) in [
-            ("http", "HTTP"),
-            ("HTTP-web", "HTTP"),
-            ("http2", "HTTP2"),
-            ("https", "HTTPS"),
-            ("grpc", "GRPC"),
-            ("tls-db", "TLS"),
-            ("mongo", "MONGO"),
-            ("mysql", "MYSQL"),
-            ("redis", "REDIS"),
-            ("web", "TCP"),
-            ("", "TCP"),
-        ] {
-            assert_eq!(protocol(name, Some("TCP")), want, "{name}");
-        }
-        assert_eq!(protocol("http", Some("UDP")), "UDP");
     }
 }

@@ -8,6 +8,8 @@
 //! - [`mesh`]: the mesh config's defaults.
 //! - [`policy`]: how Mixer's config objects name each other.
 //! - [`networking`]: networking rules Galley and Pilot both apply.
+//! - [`synthetic`]: Kubernetes services as ServiceEntries, for Galley and
+//!   for Pilot.
 //! - [`mcp`]: the Mesh Configuration Protocol engine, source and sink, in
 //!   both connection directions.
 //! - [`xds`]: the xDS type URLs and node metadata keys Pilot and the proxy
@@ -21,6 +23,7 @@ pub mod networking;
 pub mod object;
 pub mod pb;
 pub mod policy;
+pub mod synthetic;
 pub mod xds;
 
 /// The protobuf well-known types the generated code uses, with serde.

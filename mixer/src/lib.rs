@@ -78,8 +78,15 @@ pub async fn run_on(
         Role::Policy => "mixer-policy",
         Role::Telemetry => "mixer-telemetry",
     };
-    let sink = mcp::follow(id, COLLECTIONS, &args.mcp_server, &admin, shutdown.clone())
-        .map_err(|e| anyhow::anyhow!("--mcp-server: {e}"))?;
+    let sink = mcp::follow(
+        id,
+        COLLECTIONS,
+        &[],
+        &args.mcp_server,
+        &admin,
+        shutdown.clone(),
+    )
+    .map_err(|e| anyhow::anyhow!("--mcp-server: {e}"))?;
     // Recompiled on every snapshot; the sink keeps the last good state
     // while Galley is away, and so does the config.
     let (config_tx, config) = watch::channel(Arc::new(Config::default()));

@@ -40,6 +40,19 @@ pub const COLLECTIONS: &[&str] = &[
     kinds::MESH_CONFIG,
 ];
 
+/// What Pilot asks for when a source does not serve a collection: the raw
+/// Kubernetes objects that the synthetic service entries are made from,
+/// which Istio 1.1's Galley serves instead.
+pub const FALLBACKS: &[(&str, &[&str])] = &[(
+    kinds::SYNTHETIC_SERVICE_ENTRIES,
+    &[
+        kinds::K8S_SERVICES,
+        kinds::K8S_ENDPOINTS,
+        kinds::K8S_PODS,
+        kinds::K8S_NODES,
+    ],
+)];
+
 #[derive(Debug, Clone, Args)]
 pub struct PilotArgs {
     /// Galley's MCP address.
@@ -93,6 +106,7 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
     let sink = mcp::follow(
         "pilot",
         COLLECTIONS,
+        FALLBACKS,
         &args.mcp_server,
         &admin,
         shutdown.clone(),

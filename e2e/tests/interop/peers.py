@@ -32,6 +32,9 @@ PROTOS = [
     "istio/networking/v1alpha3/gateway.proto",
     "istio/networking/v1alpha3/service_entry.proto",
     "istio/networking/v1alpha3/virtual_service.proto",
+    "k8s/io/apimachinery/pkg/util/intstr/intstr.proto",
+    "k8s/io/apimachinery/pkg/apis/meta/v1/meta.proto",
+    "k8s/io/api/core/v1/core.proto",
     "istio/mixer/v1/attributes.proto",
     "istio/mixer/v1/mixer.proto",
 ]
@@ -66,10 +69,14 @@ DETAILS = "details.bookinfo.svc.cluster.local"
 
 
 def served():
-    """What the MCP source serves: one object in each of three
-    collections, by collection."""
+    """What the MCP source serves, by collection: a Gateway, a ServiceEntry
+    and a VirtualService, and a Kubernetes Service with its Endpoints, Pod
+    and Node in the raw forms Istio 1.1's Galley sends (a Service and a
+    Node as their specs, their labels in the MCP metadata)."""
     from istio.mcp.v1alpha1 import mcp_pb2
     from istio.networking.v1alpha3 import gateway_pb2, service_entry_pb2, virtual_service_pb2
+    from k8s.io.api.core.v1 import core_pb2 as k8s
+    from k8s.io.apimachinery.pkg.apis.meta.v1 import meta_pb2 as meta
     from google.protobuf import any_pb2
 
     gateway = gateway_pb2.Gateway(
@@ -89,24 +96,50 @@ def served():
         http=[virtual_service_pb2.HTTPRoute(route=[virtual_service_pb2.HTTPRouteDestination(
             destination=virtual_service_pb2.Destination(host=DETAILS))])])
 
-    def resource(name, kind, message):
+    ratings = k8s.ServiceSpec(
+        clusterIP="10.96.0.20", selector={"app": "ratings"},
+        ports=[k8s.ServicePort(name="http", protocol="TCP", port=9080)])
+    endpoints = k8s.Endpoints(
+        metadata=meta.ObjectMeta(name="ratings", namespace="bookinfo"),
+        subsets=[k8s.EndpointSubset(
+            addresses=[k8s.EndpointAddress(
+                ip="10.244.0.7", nodeName="node-a",
+                targetRef=k8s.ObjectReference(kind="Pod", name="ratings-v1", namespace="bookinfo"))],
+            ports=[k8s.EndpointPort(name="http", port=9080, protocol="TCP")])])
+    pod = k8s.Pod(
+        metadata=meta.ObjectMeta(name="ratings-v1", namespace="bookinfo",
+                                 labels={"app": "ratings", "version": "v1"}),
+        spec=k8s.PodSpec(serviceAccountName="bookinfo-ratings", nodeName="node-a"))
+    node = k8s.NodeSpec(podCIDR="10.244.0.0/24")
+
+    def resource(name, type_name, message, labels=None):
         return mcp_pb2.Resource(
-            metadata=mcp_pb2.Metadata(name=name, version="1"),
+            metadata=mcp_pb2.Metadata(name=name, version="1", labels=labels or {}),
             body=any_pb2.Any(
-                type_url=f"type.googleapis.com/istio.networking.v1alpha3.{kind}",
+                type_url=f"type.googleapis.com/{type_name}",
                 value=message.SerializeToString()))
 
+    net = "istio.networking.v1alpha3."
+    core = "k8s.io.api.core.v1."
+    zone = {"topology.kubernetes.io/region": "us-east1",
+            "topology.kubernetes.io/zone": "us-east1-b"}
     return {
-        NETWORKING + "gateways": [resource("istio-system/ingress", "Gateway", gateway)],
-        NETWORKING + "serviceentries": [resource("bookinfo/details", "ServiceEntry", entry)],
-        NETWORKING + "virtualservices": [resource("bookinfo/details", "VirtualService", route)],
+        NETWORKING + "gateways": [resource("istio-system/ingress", net + "Gateway", gateway)],
+        NETWORKING + "serviceentries": [resource("bookinfo/details", net + "ServiceEntry", entry)],
+        NETWORKING + "virtualservices": [
+            resource("bookinfo/details", net + "VirtualService", route)],
+        "k8s/core/v1/services": [
+            resource("bookinfo/ratings", core + "ServiceSpec", ratings, {"app": "ratings"})],
+        "k8s/core/v1/endpoints": [resource("bookinfo/ratings", core + "Endpoints", endpoints)],
+        "k8s/core/v1/pods": [resource("bookinfo/ratings-v1", core + "Pod", pod, pod.metadata.labels)],
+        "k8s/core/v1/nodes": [resource("node-a", core + "NodeSpec", node, zone)],
     }
 
 
 def mcp_source(refuse):
-    """A ResourceSource serving a Gateway, a ServiceEntry and a
-    VirtualService, every other collection empty, and ending the stream as
-    Istio 1.1's Galley does for a collection it does not serve."""
+    """A ResourceSource serving `served()`, every other collection empty,
+    and ending the stream as Istio 1.1's Galley does for a collection it
+    does not serve."""
     from istio.mcp.v1alpha1 import mcp_pb2, mcp_pb2_grpc
 
     resources = served()

@@ -19,22 +19,32 @@ pub fn parse_endpoint(address: &str) -> Result<Endpoint, String> {
 }
 
 /// Starts a sink named `id` for `collections`, following the source at
-/// `server` (with backoff) until `shutdown`. The admin's readiness gains an
+/// `server` (with backoff) until `shutdown`; `fallbacks` are asked for
+/// while the source refuses what they stand in for
+/// ([`SinkOptions::fallbacks`]). The admin's readiness gains an
 /// `mcp-synced` condition that holds once every collection has synced (or
 /// been refused by the source), and `/debug/mcp` shows each collection.
 pub fn follow(
     id: &str,
     collections: &[&str],
+    fallbacks: &[(&str, &[&str])],
     server: &str,
     admin: &Admin,
     shutdown: CancellationToken,
 ) -> Result<Arc<Sink>, String> {
     let endpoint = parse_endpoint(server)?;
     let metrics = McpMetrics::sink(&mut admin.registry());
-    let sink = Arc::new(Sink::new(
-        SinkOptions::new(id, collections.iter().copied()),
-        metrics,
-    ));
+    let mut options = SinkOptions::new(id, collections.iter().copied());
+    options.fallbacks = fallbacks
+        .iter()
+        .map(|(c, standins)| {
+            (
+                c.to_string(),
+                standins.iter().map(|s| s.to_string()).collect(),
+            )
+        })
+        .collect();
+    let sink = Arc::new(Sink::new(options, metrics));
     let synced = admin.readiness().condition("mcp-synced");
     let snapshots = sink.subscribe();
     let source = server.to_string();

@@ -32,6 +32,11 @@ pub struct SinkOptions {
     pub id: String,
     pub annotations: BTreeMap<String, String>,
     pub collections: Vec<String>,
+    /// Collections asked for only while the source refuses another: a
+    /// collection, and what stands in for it (Pilot asks for the raw
+    /// Kubernetes objects when a source serves no synthetic service
+    /// entries).
+    pub fallbacks: BTreeMap<String, Vec<String>>,
     /// Ask for incremental updates (MCP rule 5).
     pub incremental: bool,
 }
@@ -45,6 +50,7 @@ impl SinkOptions {
             id: id.into(),
             annotations: BTreeMap::new(),
             collections: collections.into_iter().map(Into::into).collect(),
+            fallbacks: BTreeMap::new(),
             incremental: true,
         }
     }
@@ -76,6 +82,9 @@ pub struct HeldCollection {
     /// absent from that source, which is not the same as empty. What was
     /// held before stays held.
     pub refused: Option<String>,
+    /// The collection this one stands in for, if it is a fallback: it is
+    /// asked for, and must sync, only while that one is refused.
+    pub fallback_for: Option<String>,
     pub resources: imbl::OrdMap<String, Arc<SinkResource>>,
 }
 
@@ -98,7 +107,16 @@ impl SinkSnapshot {
     /// True once every requested collection has had a first response or
     /// was refused by the source.
     pub fn synced(&self) -> bool {
-        self.collections.values().all(HeldCollection::settled)
+        self.collections
+            .values()
+            .filter(|c| self.asked(c))
+            .all(HeldCollection::settled)
+    }
+
+    /// Whether `held` is asked for now: a fallback only while the
+    /// collection it stands in for is refused.
+    fn asked(&self, held: &HeldCollection) -> bool {
+        held.fallback_for.as_deref().is_none_or(|p| self.absent(p))
     }
 
     /// Whether the source refused `collection` (it does not serve it).
@@ -148,11 +166,21 @@ pub struct Sink {
 
 impl Sink {
     pub fn new(options: SinkOptions, metrics: McpMetrics) -> Self {
+        let fallbacks = options.fallbacks.iter().flat_map(|(primary, standins)| {
+            standins.iter().map(|c| {
+                let held = HeldCollection {
+                    fallback_for: Some(primary.clone()),
+                    ..HeldCollection::default()
+                };
+                (c.clone(), held)
+            })
+        });
         let held = SinkSnapshot {
             collections: options
                 .collections
                 .iter()
                 .map(|c| (c.clone(), HeldCollection::default()))
+                .chain(fallbacks)
                 .collect(),
         };
         let (snapshots, _) = watch::channel(Arc::new(held.clone()));
@@ -193,13 +221,17 @@ impl Sink {
     /// The requests that open a stream: one per collection, with the
     /// versions already held so that the source can send only a diff.
     /// Collections the source refused are left out unless `ask_refused`
-    /// (a new source may serve them).
+    /// (a new source may serve them); fallbacks are asked for while what
+    /// they stand in for is refused.
     pub fn initial_requests(&self, ask_refused: bool) -> Vec<RequestResources> {
         let held = self.lock();
-        self.options
-            .collections
+        held.collections
             .iter()
-            .filter(|c| ask_refused || !held.absent(c))
+            .filter(|(c, h)| match &h.fallback_for {
+                None => ask_refused || !held.absent(c),
+                Some(_) => held.asked(h) && !held.absent(c),
+            })
+            .map(|(c, _)| c)
             .map(|c| {
                 let initial_resource_versions = if self.options.incremental {
                     held.collections
@@ -282,12 +314,11 @@ impl Sink {
         let named = |c: &str| status.message().contains(c);
         // Prefer an exact quoted match: one collection's name can be a
         // prefix of another's.
-        let collection = self
-            .options
+        let collection = held
             .collections
-            .iter()
+            .keys()
             .find(|c| quoted(c))
-            .or_else(|| self.options.collections.iter().find(|c| named(c)))?
+            .or_else(|| held.collections.keys().find(|c| named(c)))?
             .clone();
         let entry = held.collections.entry(collection.clone()).or_default();
         if entry.refused.is_some() {
@@ -372,15 +403,14 @@ fn apply_to(held: &mut SinkSnapshot, msg: Resources) -> Result<(), Status> {
     for r in decoded {
         next.insert(r.metadata.name.clone(), r);
     }
-    held.collections.insert(
-        msg.collection,
-        HeldCollection {
-            version: msg.system_version_info,
-            synced: true,
-            refused: None,
-            resources: next,
-        },
-    );
+    let held = held
+        .collections
+        .get_mut(&msg.collection)
+        .expect("checked above");
+    held.version = msg.system_version_info;
+    held.synced = true;
+    held.refused = None;
+    held.resources = next;
     Ok(())
 }
 
@@ -453,5 +483,65 @@ where
     match responses.next().await {
         Some(Err(status)) => status,
         _ => Status::cancelled("stream closed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PRIMARY: &str = "istio/networking/v1alpha3/synthetic/serviceentries";
+    const STANDIN: &str = "k8s/core/v1/services";
+    const OTHER: &str = "istio/networking/v1alpha3/gateways";
+
+    fn asked(sink: &Sink, ask_refused: bool) -> Vec<String> {
+        sink.initial_requests(ask_refused)
+            .into_iter()
+            .map(|r| r.collection)
+            .collect()
+    }
+
+    fn answer(collection: &str) -> Resources {
+        Resources {
+            collection: collection.into(),
+            nonce: "1".into(),
+            ..Resources::default()
+        }
+    }
+
+    #[test]
+    fn a_refused_collection_is_absent_and_its_fallbacks_are_asked_instead() {
+        let mut options = SinkOptions::new("test", [OTHER, PRIMARY]);
+        options.fallbacks = [(PRIMARY.to_string(), vec![STANDIN.to_string()])].into();
+        let sink = Sink::new(options, McpMetrics::default());
+        assert_eq!(asked(&sink, false), [OTHER, PRIMARY], "no fallback yet");
+
+        let refusal = Status::invalid_argument(format!("unsupported collection {PRIMARY:?}"));
+        assert_eq!(sink.refusal(&refusal).as_deref(), Some(PRIMARY));
+        assert_eq!(asked(&sink, false), [OTHER, STANDIN]);
+        assert_eq!(
+            asked(&sink, true),
+            [OTHER, PRIMARY, STANDIN],
+            "a new source may serve it"
+        );
+        assert!(
+            sink.refusal(&Status::invalid_argument("no reason given"))
+                .is_none()
+        );
+        assert!(sink.refusal(&Status::unavailable(PRIMARY)).is_none());
+
+        let snapshot = || sink.subscribe().borrow().clone();
+        sink.apply(answer(OTHER));
+        assert!(snapshot().absent(PRIMARY));
+        assert!(!snapshot().synced(), "the fallback must sync too");
+        sink.apply(answer(STANDIN));
+        assert!(snapshot().synced());
+        assert_eq!(snapshot().refused().count(), 1);
+
+        // A source that serves it again: present, and the fallback is no
+        // longer needed to be synced.
+        sink.apply(answer(PRIMARY));
+        assert!(!snapshot().absent(PRIMARY));
+        assert!(snapshot().synced());
     }
 }

@@ -7,6 +7,7 @@
 //! proxies route ([`Model::changed_types`]).
 
 pub mod host;
+mod kubernetes;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -223,8 +224,18 @@ impl Model {
             mesh: mesh.clone(),
             ..Model::default()
         };
-        for collection in [kinds::SERVICE_ENTRIES, kinds::SYNTHETIC_SERVICE_ENTRIES] {
-            for se in named!(snapshot, collection, ServiceEntry) {
+        for se in named!(snapshot, kinds::SERVICE_ENTRIES, ServiceEntry) {
+            model.add_service_entry(se);
+        }
+        // A source that serves no synthetic entries (Istio 1.1's Galley)
+        // serves the Kubernetes objects they are made from; what an earlier
+        // source served under the refused name is not current.
+        if snapshot.absent(kinds::SYNTHETIC_SERVICE_ENTRIES) {
+            for se in kubernetes::service_entries(snapshot) {
+                model.add_service_entry(se);
+            }
+        } else {
+            for se in named!(snapshot, kinds::SYNTHETIC_SERVICE_ENTRIES, ServiceEntry) {
                 model.add_service_entry(se);
             }
         }
