@@ -235,34 +235,13 @@ async fn the_proxy_follows_an_xds_server_that_withholds_headers() {
     wait_for_http(admin, "/ready", |s, _| s == 200).await;
 }
 
+/// Bookinfo's own policy: the denier for mallory on details.
 #[tokio::test]
 async fn a_check_answer_is_read_by_a_client_that_knows_only_the_message_words() {
+    let example = |path: &str| std::fs::read_to_string(repo().join("examples").join(path)).unwrap();
     let config = config_dir(&[
-        (
-            "attributes.yaml",
-            &std::fs::read_to_string(repo().join("examples/mixer/attributes.yaml")).unwrap(),
-        ),
-        (
-            "deny.yaml",
-            r#"
-apiVersion: config.istio.io/v1alpha2
-kind: handler
-metadata: {name: denymallory, namespace: istio-system}
-spec: {compiledAdapter: denier, params: {status: {code: 7, message: not allowed}}}
----
-apiVersion: config.istio.io/v1alpha2
-kind: instance
-metadata: {name: denyrequest, namespace: istio-system}
-spec: {compiledTemplate: checknothing}
----
-apiVersion: config.istio.io/v1alpha2
-kind: rule
-metadata: {name: denymallory, namespace: istio-system}
-spec:
-  match: source.user == "mallory"
-  actions: [{handler: denymallory.handler, instances: [denyrequest]}]
-"#,
-        ),
+        ("attributes.yaml", &example("mixer/attributes.yaml")),
+        ("policy.yaml", &example("bookinfo/policy.yaml")),
     ]);
     let galley = Galley::start(config.path(), &[]).await;
     let (grpc, admin) = (free_addr(), free_addr());
@@ -290,10 +269,10 @@ spec:
                 .any(|l| l.starts_with(&format!("status {code}"))),
             "{user}: {lines:?}"
         );
-        assert!(
-            lines.contains(&"referenced source.user".to_string()),
-            "{user}: {lines:?}"
-        );
+        for read in ["destination.service.host", "request.headers::end-user"] {
+            let line = format!("referenced {read}");
+            assert!(lines.contains(&line), "{user}: {lines:?}");
+        }
     }
 }
 

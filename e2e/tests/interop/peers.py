@@ -225,25 +225,33 @@ def xds_client(address, node_id, route_name):
 
 def mixer_check(address, user):
     """A Check as Istio's `mixc check` sends it (no global dictionary:
-    every word in the message), and its referenced attributes read by the
-    message's own words alone, as `mixc` reads them."""
+    every word in the message) for a call to Bookinfo's details by `user`,
+    and its referenced attributes read by the message's own words alone, as
+    `mixc` reads them (`name` or `name::key`)."""
     from istio.mixer.v1 import attributes_pb2, mixer_pb2, mixer_pb2_grpc
 
-    words = ["source.user", user, "destination.service.host", "details.shop.svc.cluster.local"]
+    words = ["destination.service.host", "details.bookinfo.svc.cluster.local",
+             "request.headers", "end-user", user]
     attributes = attributes_pb2.CompressedAttributes(
-        words=words, strings={-1: -2, -3: -4})
+        words=words, strings={-1: -2},
+        string_maps={-3: attributes_pb2.StringMap(entries={-4: -5})})
     with grpc.insecure_channel(address) as channel:
         response = mixer_pb2_grpc.MixerStub(channel).Check(
             mixer_pb2.CheckRequest(attributes=attributes, global_word_count=0),
             timeout=10)
     precondition = response.precondition
     referenced = precondition.referenced_attributes
+
+    def word(index):
+        if index >= 0:
+            sys.exit(f"referenced attribute by global index {index}: "
+                     "a client without the dictionary cannot read it")
+        return referenced.words[-index - 1]
+
     names = []
     for match in referenced.attribute_matches:
-        if match.name >= 0:
-            sys.exit(f"referenced attribute by global index {match.name}: "
-                     "a client without the dictionary cannot read it")
-        names.append(referenced.words[-match.name - 1])
+        name = word(match.name)
+        names.append(f"{name}::{word(match.map_key)}" if match.map_key else name)
     say(f"status {precondition.status.code} {precondition.status.message}")
     for name in sorted(names):
         say(f"referenced {name}")
