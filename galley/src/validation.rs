@@ -148,14 +148,17 @@ pub fn validate(object: &ConfigObject) -> Vec<Problem> {
             "served for Istio's own Pilot; this mesh's proxies take their Mixer quotas \
              and API attributes from their own flags, not from this kind",
         ),
-        Body::LegacyStruct(_) => c.ignored(
+        Body::LegacyStruct(_) if !names::runs_legacy(object.kind.kind) => c.ignored(
             s,
             format!(
-                "kind {} is served for Istio's own Mixer; this mesh's Mixer runs only \
-                 kind: handler, instance and rule",
-                object.kind.kind
+                "kind {} is served for Istio's own Mixer; this mesh's Mixer does not \
+                 run it (it runs the adapters {} and the templates {})",
+                object.kind.kind,
+                names::ADAPTERS.join(", "),
+                names::TEMPLATES.join(", ")
             ),
         ),
+        Body::LegacyStruct(_) => {}
         Body::MeshConfig(_)
         | Body::K8sServiceSpec(_)
         | Body::K8sEndpoints(_)
@@ -229,19 +232,19 @@ const LEGACY_PREFIX: &str = "istio/config/v1alpha2/legacy/";
 /// Problems between objects: Mixer rules whose actions name handlers or
 /// instances that do not exist (by Istio 1.1's naming,
 /// [`mcp_proto::policy`]), or that exist only in a legacy per-adapter or
-/// per-template kind, which this mesh's Mixer does not run. Returns
+/// per-template kind this mesh's Mixer does not run. Returns
 /// `(index into objects, problem)`.
 pub fn validate_references(objects: &[&ConfigObject]) -> Vec<(usize, Problem)> {
-    // Every object's full name, and whether it is a legacy kind's.
+    // Every object's full name, and whether this mesh's Mixer runs it.
     let mut known: BTreeMap<String, bool> = BTreeMap::new();
     for o in objects {
         let ns = o.namespace.as_deref().unwrap_or_default();
-        let legacy = match o.kind.collection {
-            kinds::HANDLERS | kinds::INSTANCES => false,
-            c if c.starts_with(LEGACY_PREFIX) => true,
+        let run = match o.kind.collection {
+            kinds::HANDLERS | kinds::INSTANCES => true,
+            c if c.starts_with(LEGACY_PREFIX) => names::runs_legacy(o.kind.kind),
             _ => continue,
         };
-        known.insert(names::full_name(&o.name, o.kind.kind, ns), legacy);
+        known.insert(names::full_name(&o.name, o.kind.kind, ns), run);
     }
     let mut out = Vec::new();
     for (i, o) in objects.iter().enumerate() {
@@ -257,17 +260,17 @@ pub fn validate_references(objects: &[&ConfigObject]) -> Vec<(usize, Problem)> {
                 i,
                 Problem::error(field, format!("no {kind} {reference:?} exists")),
             )),
-            Some((name, true)) => out.push((
+            Some((name, false)) => out.push((
                 i,
                 Problem::warning(
                     field,
                     format!(
-                        "{name} is a legacy per-adapter or per-template kind: served for \
-                             Istio's Mixer, not run by this mesh's Mixer (use kind: {kind})"
+                        "{name} is of a kind served for Istio's own Mixer, not run by \
+                         this mesh's Mixer"
                     ),
                 ),
             )),
-            Some((_, false)) => {}
+            Some((_, true)) => {}
         };
         for (a, action) in r.actions.iter().enumerate() {
             if !action.handler.is_empty() {
@@ -411,6 +414,13 @@ fn virtual_service(c: &mut Check, s: &str, vs: &net::VirtualService) {
         );
     }
     let applies_to_mesh = vs.gateways.is_empty() || vs.gateways.iter().any(|g| g == "mesh");
+    if applies_to_mesh && !vs.tls.is_empty() {
+        c.ignored(
+            format!("{s}.tls"),
+            "this mesh's Pilot routes TLS by SNI at gateways only: for sidecars \
+             (gateway `mesh`) these routes have no effect yet",
+        );
+    }
     for (i, h) in vs.hosts.iter().enumerate() {
         if h == "*" && applies_to_mesh {
             c.fail(

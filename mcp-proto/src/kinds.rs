@@ -107,9 +107,11 @@ bodies! {
     HttpApiSpecBinding => client::HttpapiSpecBinding, "istio.mixer.v1.config.client.HTTPAPISpecBinding";
     QuotaSpec => client::QuotaSpec, "istio.mixer.v1.config.client.QuotaSpec";
     QuotaSpecBinding => client::QuotaSpecBinding, "istio.mixer.v1.config.client.QuotaSpecBinding";
-    // Istio 1.1 carries Mixer's adapter and template kinds as Structs under
-    // this doubled type URL; sinks match on it, so it is kept as it is.
-    LegacyStruct => pbjson_types::Struct, "type.googleapis.com/google.protobuf.Struct";
+    // Mixer's adapter and template kinds, carried as Structs. Istio 1.1's
+    // Galley registers these collections under a doubled type URL
+    // (`type.googleapis.com/type.googleapis.com/...`) but sends bodies with
+    // the plain one, as here; sinks compare the message name.
+    LegacyStruct => pbjson_types::Struct, "google.protobuf.Struct";
     // Kubernetes objects, as Istio 1.1's Galley carries them (some as their
     // spec alone).
     K8sServiceSpec => k8s_core::ServiceSpec, "k8s.io.api.core.v1.ServiceSpec";

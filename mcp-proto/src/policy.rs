@@ -18,6 +18,14 @@ pub const ADAPTERS: &[&str] = &["denier", "listchecker", "memquota", "prometheus
 /// The templates it builds instances of (an instance's `compiledTemplate`).
 pub const TEMPLATES: &[&str] = &["checknothing", "listentry", "quota", "logentry", "metric"];
 
+/// Whether this mesh's Mixer runs objects of a legacy per-adapter or
+/// per-template `kind` (`prometheus`, `metric`): those of the adapters and
+/// templates it runs, read as a handler or an instance of that kind. Istio
+/// 1.1's own telemetry config is written in them.
+pub fn runs_legacy(kind: &str) -> bool {
+    ADAPTERS.contains(&kind) || TEMPLATES.contains(&kind)
+}
+
 /// The full name of object `name` of `kind` in `namespace`.
 pub fn full_name(name: &str, kind: &str, namespace: &str) -> String {
     format!("{name}.{kind}.{namespace}")

@@ -154,7 +154,8 @@ fn mixer_kinds_keep_istio_1_1_type_urls() {
     );
     assert_eq!(
         url("memquota"),
-        "type.googleapis.com/type.googleapis.com/google.protobuf.Struct"
+        "type.googleapis.com/google.protobuf.Struct",
+        "as Istio 1.1's Galley sends it"
     );
     let memquota = objects.iter().find(|o| o.kind.kind == "memquota").unwrap();
     assert_eq!(

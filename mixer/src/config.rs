@@ -406,22 +406,68 @@ impl Config {
                 .map(|(ns, name, body)| (ns, name, body.clone()))
                 .collect::<Vec<_>>()
         };
+        let of_kind = |collection, kind: &'static str| {
+            snapshot
+                .bodies(collection)
+                .map(move |(ns, name, body)| (ns, name, kind, body.clone()))
+        };
+        // Istio 1.1's own config writes handlers and instances in the
+        // legacy per-adapter and per-template kinds (`kind: prometheus`,
+        // `kind: metric`): the spec is the params, the kind the adapter or
+        // template.
+        let legacy = |run: &'static [&'static str]| {
+            kinds::KINDS
+                .iter()
+                .filter(move |k| k.body == kinds::BodyType::LegacyStruct && run.contains(&k.kind))
+                .flat_map(|k| of_kind(k.collection, k.kind))
+        };
+        let handlers = of_kind(kinds::HANDLERS, names::HANDLER)
+            .chain(
+                legacy(names::ADAPTERS).filter_map(|(ns, name, kind, body)| match body {
+                    Body::LegacyStruct(params) => {
+                        let handler = policy::Handler {
+                            compiled_adapter: kind.into(),
+                            params: Some(*params),
+                            ..Default::default()
+                        };
+                        Some((ns, name, kind, Body::Handler(Box::new(handler))))
+                    }
+                    _ => None,
+                }),
+            )
+            .collect::<Vec<_>>();
+        let instances = of_kind(kinds::INSTANCES, names::INSTANCE)
+            .chain(
+                legacy(names::TEMPLATES).filter_map(|(ns, name, kind, body)| match body {
+                    Body::LegacyStruct(params) => {
+                        let instance = policy::Instance {
+                            compiled_template: kind.into(),
+                            params: Some(*params),
+                            ..Default::default()
+                        };
+                        Some((ns, name, kind, Body::Instance(Box::new(instance))))
+                    }
+                    _ => None,
+                }),
+            )
+            .collect::<Vec<_>>();
         Self::compile(
             &collect(kinds::ATTRIBUTE_MANIFESTS),
             &collect(kinds::RULES),
-            &collect(kinds::HANDLERS),
-            &collect(kinds::INSTANCES),
+            &handlers,
+            &instances,
             previous,
         )
     }
 
-    /// Compiles objects given as `(namespace, name, body)`; a rule with a
-    /// problem keeps its version in `previous`.
-    pub fn compile(
+    /// Compiles objects given as `(namespace, name, body)`, handlers and
+    /// instances as `(namespace, name, kind, body)`; a rule with a problem
+    /// keeps its version in `previous`.
+    fn compile(
         manifests: &[(String, String, Body)],
         rules: &[(String, String, Body)],
-        handlers: &[(String, String, Body)],
-        instances: &[(String, String, Body)],
+        handlers: &[(String, String, &str, Body)],
+        instances: &[(String, String, &str, Body)],
         previous: &Config,
     ) -> Self {
         let mut config = Config::default();
@@ -435,24 +481,24 @@ impl Config {
         }
         // By full name (`name.kind.namespace`), as rules and adapters name them.
         let mut compiled_instances: HashMap<String, Result<Arc<Instance>, String>> = HashMap::new();
-        for (ns, name, body) in instances {
+        for (ns, name, kind, body) in instances {
             if let Body::Instance(i) = body {
-                let key = names::full_name(name, names::INSTANCE, ns);
+                let key = names::full_name(name, kind, ns);
                 let compiled = compile_instance(&key, name, i, &config.types).map(Arc::new);
                 compiled_instances.insert(key, compiled);
             }
         }
         let mut compiled_handlers: HashMap<String, Result<Arc<Handler>, String>> = HashMap::new();
-        for (ns, name, body) in handlers {
+        for (ns, name, kind, body) in handlers {
             if let Body::Handler(h) = body {
-                let key = names::full_name(name, names::HANDLER, ns);
+                let key = names::full_name(name, kind, ns);
                 let compiled = compile_handler(&key, h);
                 if let Ok(handler) = &compiled {
                     for instance in handler.adapter.instances_named() {
                         if !compiled_instances.contains_key(instance) {
                             config.problems.push(format!(
                                 "handler {key}: no instance {instance:?} exists, so nothing reaches it \
-                                 (instances are named name.instance.namespace)"
+                                 (instances are named name.kind.namespace)"
                             ));
                         }
                     }
@@ -722,30 +768,12 @@ spec:
 
     /// A config compiled from `yaml` and a manifest of the attributes the
     /// tests use.
+    /// The config of `yaml` (after the test manifest), as Mixer compiles
+    /// what its MCP sink holds.
     pub fn compile(yaml: &str) -> Config {
         let objects =
             ConfigObject::parse_yaml(&format!("{MANIFEST}---\n{yaml}"), "test.yaml").unwrap();
-        let of = |collection: &str| -> Vec<(String, String, Body)> {
-            objects
-                .iter()
-                .filter(|o| o.kind.collection == collection)
-                .map(|o| {
-                    (
-                        o.namespace.clone().unwrap_or_default(),
-                        o.name.clone(),
-                        o.body.clone(),
-                    )
-                })
-                .collect()
-        };
-        use mcp_proto::kinds;
-        Config::compile(
-            &of(kinds::ATTRIBUTE_MANIFESTS),
-            &of(kinds::RULES),
-            &of(kinds::HANDLERS),
-            &of(kinds::INSTANCES),
-            &Config::default(),
-        )
+        Config::from_snapshot(&SinkSnapshot::from_objects(objects), &Config::default())
     }
 
     /// Galley warns about the adapters and templates outside

@@ -34,6 +34,18 @@ pub const COLLECTIONS: &[&str] = &[
     kinds::ATTRIBUTE_MANIFESTS,
 ];
 
+/// What Mixer follows: [`COLLECTIONS`], and the legacy per-adapter and
+/// per-template kinds of the adapters and templates it runs.
+pub fn collections() -> Vec<&'static str> {
+    let legacy = kinds::KINDS
+        .iter()
+        .filter(|k| {
+            k.body == kinds::BodyType::LegacyStruct && mcp_proto::policy::runs_legacy(k.kind)
+        })
+        .map(|k| k.collection);
+    COLLECTIONS.iter().copied().chain(legacy).collect()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Role {
     /// `istio-policy`: answers Check.
@@ -80,7 +92,7 @@ pub async fn run_on(
     };
     let sink = mcp::follow(
         id,
-        COLLECTIONS,
+        &collections(),
         &[],
         &args.mcp_server,
         &admin,

@@ -364,6 +364,43 @@ spec:
         assert!(text.contains(r#"istio_request_duration_seconds_count{destination_service="ratings.shop.svc.cluster.local"} 3"#), "{text}");
     }
 
+    /// Istio 1.1's own telemetry config is written in the legacy kinds:
+    /// `kind: metric` instances, a prometheus handler naming them
+    /// `name.metric.namespace`.
+    #[test]
+    fn the_legacy_kinds_of_istios_own_config_run_too() {
+        let config = compile(
+            r#"
+apiVersion: config.istio.io/v1alpha2
+kind: metric
+metadata: {name: requestcount, namespace: istio-system}
+spec:
+  value: "1"
+  dimensions: {destination_service: destination.service.host, response_code: response.code | 200}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: prometheus
+metadata: {name: handler, namespace: istio-system}
+spec:
+  metrics:
+  - {name: requests_total, instance_name: requestcount.metric.istio-system, kind: COUNTER,
+     label_names: [destination_service, response_code]}
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: promhttp, namespace: istio-system}
+spec:
+  match: context.protocol == "http"
+  actions: [{handler: handler.prometheus, instances: [requestcount.metric]}]
+"#,
+        );
+        assert!(config.problems.is_empty(), "{:?}", config.problems);
+        let outputs = Outputs::default();
+        report(&config, &request(200, 5), &outputs);
+        let text = outputs.metrics.render();
+        assert!(text.contains(r#"istio_requests_total{destination_service="ratings.shop.svc.cluster.local",response_code="200"} 1"#), "{text}");
+    }
+
     #[test]
     fn a_metric_naming_no_instance_is_reported_and_exports_nothing() {
         // Istio 1.1 names a `kind: instance` object `name.instance.ns`;

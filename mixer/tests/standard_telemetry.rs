@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use mcp_proto::{kinds, object::ConfigObject};
+use mcp_proto::{mcp::SinkSnapshot, object::ConfigObject};
 use mixer::{
     attributes::{Bag, Value},
     config::Config,
@@ -18,26 +18,7 @@ fn config() -> Config {
         let text = std::fs::read_to_string(dir.join(file)).unwrap();
         objects.extend(ConfigObject::parse_yaml(&text, file).unwrap());
     }
-    let of = |collection: &str| -> Vec<_> {
-        objects
-            .iter()
-            .filter(|o| o.kind.collection == collection)
-            .map(|o| {
-                (
-                    o.namespace.clone().unwrap_or_default(),
-                    o.name.clone(),
-                    o.body.clone(),
-                )
-            })
-            .collect()
-    };
-    Config::compile(
-        &of(kinds::ATTRIBUTE_MANIFESTS),
-        &of(kinds::RULES),
-        &of(kinds::HANDLERS),
-        &of(kinds::INSTANCES),
-        &Config::default(),
-    )
+    Config::from_snapshot(&SinkSnapshot::from_objects(objects), &Config::default())
 }
 
 fn string(s: &str) -> Value {

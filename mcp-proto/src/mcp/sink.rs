@@ -104,6 +104,29 @@ pub struct SinkSnapshot {
 }
 
 impl SinkSnapshot {
+    /// What a sink would hold had it been sent `objects`, each in its
+    /// collection: for tests of what components make of a snapshot.
+    pub fn from_objects(objects: impl IntoIterator<Item = crate::object::ConfigObject>) -> Self {
+        let mut snapshot = Self::default();
+        for o in objects {
+            let held = snapshot
+                .collections
+                .entry(o.kind.collection.to_string())
+                .or_default();
+            held.synced = true;
+            let name = o.mcp_name();
+            let resource = SinkResource {
+                metadata: Metadata {
+                    name: name.clone(),
+                    ..Metadata::default()
+                },
+                payload: Payload::Decoded(o.body),
+            };
+            held.resources.insert(name, Arc::new(resource));
+        }
+        snapshot
+    }
+
     /// True once every requested collection has had a first response or
     /// was refused by the source.
     pub fn synced(&self) -> bool {
@@ -371,7 +394,11 @@ fn apply_to(held: &mut SinkSnapshot, msg: Resources) -> Result<(), Status> {
         let payload = match kind {
             Some(kind) => {
                 let want = kind.body.type_url();
-                if body.type_url != want {
+                // An Any names its message by the last segment of its type
+                // URL, whatever precedes it (Istio 1.1's legacy kinds come
+                // with one prefix or two).
+                let message = |url: &str| url.rsplit('/').next().unwrap_or_default().to_string();
+                if message(&body.type_url) != message(want) {
                     return Err(invalid(format!(
                         "resource {:?}: body type {:?}, want {want:?}",
                         metadata.name, body.type_url
@@ -543,5 +570,41 @@ mod tests {
         sink.apply(answer(PRIMARY));
         assert!(!snapshot().absent(PRIMARY));
         assert!(snapshot().synced());
+    }
+
+    /// Istio 1.1.17's Galley sends a legacy kind's Struct under the plain
+    /// type URL, though its registry names a doubled one; either is the
+    /// same message.
+    #[test]
+    fn a_body_type_is_matched_by_message_name() {
+        const METRICS: &str = "istio/config/v1alpha2/legacy/metrics";
+        let sink = Sink::new(SinkOptions::new("test", [METRICS]), McpMetrics::default());
+        for (i, url) in [
+            "type.googleapis.com/google.protobuf.Struct",
+            "type.googleapis.com/type.googleapis.com/google.protobuf.Struct",
+            "type.googleapis.com/google.protobuf.Value",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let resource = crate::pb::istio::mcp::v1alpha1::Resource {
+                metadata: Some(Metadata {
+                    name: "istio-system/requestcount".into(),
+                    ..Metadata::default()
+                }),
+                body: Some(pbjson_types::Any {
+                    type_url: url.into(),
+                    value: Vec::new().into(),
+                }),
+            };
+            let answer = sink.apply(Resources {
+                collection: METRICS.into(),
+                nonce: i.to_string(),
+                resources: vec![resource],
+                ..Resources::default()
+            });
+            let nacked = answer.error_detail.is_some();
+            assert_eq!(nacked, url.ends_with("Value"), "{url}: {answer:?}");
+        }
     }
 }
