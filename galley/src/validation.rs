@@ -1182,7 +1182,20 @@ fn authentication_policy(c: &mut Check, s: &str, p: &authn::Policy) {
     for (i, peer) in p.peers.iter().enumerate() {
         if let Some(authn::peer_authentication_method::Params::Jwt(jwt)) = &peer.params {
             jwt_rule(c, &format!("{s}.peers[{i}].jwt"), jwt);
+            // Served, it would admit peers without the check it asks for.
+            c.fail(
+                format!("{s}.peers[{i}].jwt"),
+                "peer authentication by JWT is not enforced by this mesh yet; \
+                 the policy is refused rather than served unenforced",
+            );
         }
+    }
+    if p.peer_is_optional {
+        c.ignored(
+            format!("{s}.peerIsOptional"),
+            "this mesh requires the peer authentication the policy names: \
+             peers are never optional",
+        );
     }
     for (i, origin) in p.origins.iter().enumerate() {
         match &origin.jwt {

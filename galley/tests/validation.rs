@@ -403,4 +403,12 @@ fn a_policy_requiring_a_jwt_is_refused_until_jwts_are_enforced() {
             .any(|p| p.starts_with("spec.origins: ") && p.contains("not enforced")),
         "{found:#?}"
     );
+    let peer = "apiVersion: authentication.istio.io/v1alpha1\nkind: Policy\nmetadata: {name: jwt, namespace: ns}\nspec:\n  peers: [{jwt: {issuer: https://issuer.example}}]\n";
+    let found = problems(peer);
+    assert!(
+        found
+            .iter()
+            .any(|p| p.starts_with("spec.peers[0].jwt: ") && p.contains("not enforced")),
+        "{found:#?}"
+    );
 }
