@@ -6,8 +6,9 @@
 
 use std::time::Duration;
 
+use mixer_client::attributes::{Bag, Value};
+
 use crate::{
-    attributes::{Bag, Value},
     config::{Adapter, Config, EntryType, ListChecker, Rule, Template},
     expr::{self, EvalError, Referenced},
 };

@@ -6,9 +6,7 @@
 //! prometheus adapter (exported on 42422 by the telemetry role) and the
 //! stdio access log.
 
-pub mod attributes;
 pub mod check;
-pub mod client;
 pub mod config;
 pub mod expr;
 pub mod quota;

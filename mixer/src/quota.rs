@@ -13,8 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use mixer_client::attributes::Bag;
+
 use crate::{
-    attributes::Bag,
     check::{DEFAULT_VALID_DURATION, applies},
     config::{Adapter, Config, QuotaLimit, Template},
     expr::{self, Referenced},
@@ -181,7 +182,8 @@ fn limits(limit: &QuotaLimit, values: &BTreeMap<String, String>) -> (i64, Option
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{attributes::Value, config::tests::compile};
+    use crate::config::tests::compile;
+    use mixer_client::attributes::Value;
 
     const RATINGS_QUOTA: &str = r#"
 apiVersion: config.istio.io/v1alpha2

@@ -24,8 +24,9 @@ use prometheus_client::{
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
+use mixer_client::attributes::{self, Compressor};
+
 use crate::{
-    attributes::{self, Compressor},
     check,
     config::Config,
     expr::Referenced,

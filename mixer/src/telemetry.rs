@@ -20,8 +20,9 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use mixer_client::attributes::{Bag, Value};
+
 use crate::{
-    attributes::{Bag, Value},
     check::applies,
     config::{Action, Adapter, Config, MetricInfo, MetricKind, Stdio, Template},
     expr::{self, Referenced},

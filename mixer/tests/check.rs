@@ -14,7 +14,7 @@ use mcp_proto::pb::istio::mixer::v1::{
     CheckRequest, CheckResponse, CompressedAttributes, ReportRequest, check_request::QuotaParams,
     mixer_client::MixerClient, referenced_attributes::Condition,
 };
-use mixer::attributes::{Bag, Compressor, Value, dictionary::GLOBAL_WORDS};
+use mixer_client::attributes::{Bag, Compressor, Value, dictionary::GLOBAL_WORDS};
 use tonic::{Code, transport::Channel};
 
 const CONFIG: &str = r#"

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use mixer::{
+use mixer_client::{
     attributes::{Bag, Value},
     client::{Client, ClientOptions, Verdict},
 };

@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 
 use mcp_proto::{mcp::SinkSnapshot, object::ConfigObject};
 use mixer::{
-    attributes::{Bag, Value},
     config::Config,
     telemetry::{Outputs, report},
 };
+use mixer_client::attributes::{Bag, Value};
 
 fn config() -> Config {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/mixer");

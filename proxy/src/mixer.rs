@@ -24,7 +24,7 @@ use mcp_proto::pb::istio::mixer::v1::{
     Attributes,
     attributes::{AttributeValue, StringMap, attribute_value},
 };
-use mixer::{
+use mixer_client::{
     attributes::{Bag, Value},
     client::{Client, ClientOptions, Verdict},
 };

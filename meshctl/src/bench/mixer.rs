@@ -33,7 +33,7 @@ use mcp_proto::{
         CheckRequest, ReportRequest, check_request::QuotaParams, mixer_client::MixerClient,
     },
 };
-use mixer::attributes::{Bag, Compressor, Value, dictionary::GLOBAL_WORDS};
+use mixer_client::attributes::{Bag, Compressor, Value, dictionary::GLOBAL_WORDS};
 use serde_json::json;
 use tonic::transport::Channel;
 
@@ -491,7 +491,7 @@ pub async fn run(args: MixerBenchArgs) -> anyhow::Result<()> {
                 let bags: Vec<Bag> = (b * args.batch..(b + 1) * args.batch)
                     .map(reported_bag)
                     .collect();
-                mixer::client::report_request(&bags)
+                mixer_client::client::report_request(&bags)
             })
             .collect(),
     );

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use mcp_proto::pb::istio::policy::v1beta1::ValueType;
 
 pub use self::parse::parse;
-use crate::attributes::{Bag, Value};
+use mixer_client::attributes::{Bag, Value};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Expr {

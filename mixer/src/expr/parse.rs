@@ -6,7 +6,7 @@
 //! `&&`, then `==` and `!=`, then `|`, then `!`.
 
 use super::{Expr, Op};
-use crate::attributes::Value;
+use mixer_client::attributes::Value;
 
 #[derive(Debug, Clone, PartialEq)]
 enum Token {
