@@ -17,7 +17,6 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use clap::Args;
 use component::{Admin, CancellationToken};
-use mcp_proto::mcp;
 use serde_json::json;
 
 use crate::{
@@ -245,7 +244,7 @@ impl Citadel {
             shutdown.clone(),
         )?;
         admin.readiness().condition("serving").set(true);
-        mcp::grpc_server()
+        tonic::transport::Server::builder()
             .add_service(self.service.certificate_service())
             .add_service(self.service.ca_service())
             .serve_with_incoming_shutdown(tls.into_incoming(), shutdown.cancelled_owned())

@@ -7,7 +7,7 @@ use std::{
 };
 
 use component::Admin;
-use mcp_proto::pb::istio::v1::auth::{
+use mesh_api::pb::istio::v1::auth::{
     CsrRequest, CsrResponse, IstioCertificateRequest, IstioCertificateResponse,
     istio_ca_service_server::{IstioCaService, IstioCaServiceServer},
     istio_certificate_service_server::{IstioCertificateService, IstioCertificateServiceServer},

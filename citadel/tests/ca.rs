@@ -6,7 +6,7 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use citadel::{Citadel as Loaded, CitadelArgs};
 use component::{Admin, CancellationToken};
-use mcp_proto::pb::istio::v1::auth::{
+use mesh_api::pb::istio::v1::auth::{
     CsrRequest, IstioCertificateRequest, istio_ca_service_client::IstioCaServiceClient,
     istio_certificate_service_client::IstioCertificateServiceClient,
 };

@@ -12,7 +12,7 @@ use base64::Engine;
 use citadel::kube::SECRET_TYPE;
 use component::{Admin, CancellationToken};
 use e2e::fake_kube::FakeApi;
-use mcp_proto::pb::istio::v1::auth::{
+use mesh_api::pb::istio::v1::auth::{
     IstioCertificateRequest, istio_certificate_service_client::IstioCertificateServiceClient,
 };
 use serde_json::{Value, json};

@@ -57,7 +57,7 @@ impl Peer {
         let generated = tempfile::tempdir().unwrap();
         let mut child = Command::new(python())
             .arg(repo().join("e2e/tests/interop/peers.py"))
-            .arg(repo().join("mcp-proto/proto"))
+            .arg(repo().join("mesh-api/proto"))
             .arg(generated.path())
             .args(args)
             .stdin(Stdio::null())

@@ -12,7 +12,7 @@ use std::{
 };
 
 use e2e::{run_ok, strings};
-use mcp_proto::kinds::KINDS;
+use mesh_api::kinds::KINDS;
 use serde_json::{Value, json};
 
 fn manifests() -> PathBuf {
@@ -87,7 +87,7 @@ fn of_kind<'a>(objects: &'a [(String, Value)], kind: &str) -> Vec<&'a Value> {
 /// webhook (and Galley again when it reads them) judges the fields.
 fn crds() -> String {
     let mut docs = vec![
-        "# Generated from mcp_proto::kinds::KINDS by e2e/tests/manifests.rs; to change it,\n\
+        "# Generated from mesh_api::kinds::KINDS by e2e/tests/manifests.rs; to change it,\n\
          # run UPDATE_MANIFESTS=1 cargo test -p e2e --test manifests.\n"
             .to_string(),
     ];
@@ -381,7 +381,7 @@ fn every_deployment_runs_a_workspace_binary_with_flags_it_accepts() {
 
 #[test]
 fn the_config_files_parse_as_their_components_read_them() {
-    let mesh = mcp_proto::mesh::load(&manifests().join("mesh.yaml")).unwrap();
+    let mesh = mesh_api::mesh::load(&manifests().join("mesh.yaml")).unwrap();
     assert_eq!(
         mesh.warnings,
         Vec::<String>::new(),

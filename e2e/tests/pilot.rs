@@ -17,7 +17,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 
-use mcp_proto::xds::CLUSTER as CDS;
+use mesh_api::xds::CLUSTER as CDS;
 
 const REVIEWS: &str = "
 apiVersion: networking.istio.io/v1alpha3

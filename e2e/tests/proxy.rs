@@ -1092,7 +1092,7 @@ async fn tcp_crosses_both_proxies_in_mesh_tls_and_is_reported() {
 
 #[tokio::test]
 async fn grpc_goes_through_over_http2() {
-    use mcp_proto::pb::istio::mixer::v1::{CheckRequest, mixer_client::MixerClient};
+    use mesh_api::pb::istio::mixer::v1::{CheckRequest, mixer_client::MixerClient};
     let mesh = start().await;
     // A gRPC client using the client proxy (HTTP/2 without TLS to it),
     // naming the service as its authority; the proxy speaks HTTP/2 on to

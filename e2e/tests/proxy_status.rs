@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::{
 use tokio::sync::mpsc;
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 
-use mcp_proto::xds::{CLUSTER as CDS, ENDPOINT as EDS};
+use mesh_api::xds::{CLUSTER as CDS, ENDPOINT as EDS};
 const NODE: &str = "sidecar~10.0.0.7~ratings-v1.shop~shop.svc.cluster.local";
 
 fn request(type_url: &str, answering: Option<(&str, &str)>) -> DiscoveryRequest {

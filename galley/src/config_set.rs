@@ -6,7 +6,8 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use mcp_proto::{kinds, mcp::Store, object::ConfigObject, pb::istio::mcp::v1alpha1::Resource};
+use mcp::Store;
+use mesh_api::{kinds, object::ConfigObject, pb::istio::mcp::v1alpha1::Resource};
 
 use crate::validation::{self, Problem};
 

@@ -16,7 +16,8 @@ use std::{
 };
 
 use component::{CancellationToken, watch::Changes};
-use mcp_proto::{mcp::Store, object::ConfigObject};
+use mcp::Store;
+use mesh_api::object::ConfigObject;
 
 use crate::config_set::{ConfigSet, LoadReport, Parsed};
 
@@ -194,7 +195,7 @@ pub fn read_objects(path: &Path) -> Result<Vec<ConfigObject>, String> {
 
 #[cfg(test)]
 mod tests {
-    use mcp_proto::kinds;
+    use mesh_api::kinds;
 
     use super::*;
 

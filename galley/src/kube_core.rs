@@ -1,7 +1,7 @@
 //! Kubernetes core objects in the protobuf form of the raw `k8s/core/v1/*`
 //! MCP collections: Services and Nodes as their specs, Endpoints and Pods
 //! whole, Namespaces as their specs, as Istio 1.1's Galley sends them. Only
-//! the fields `mcp-proto`'s Kubernetes messages define are carried.
+//! the fields `mesh-api`'s Kubernetes messages define are carried.
 
 use std::collections::BTreeMap;
 
@@ -10,7 +10,7 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1 as k_meta, util::intstr::IntOrString},
 };
 use kube::ResourceExt;
-use mcp_proto::{
+use mesh_api::{
     kinds::{self, Body},
     object::versioned_resource,
     pb::{

@@ -20,9 +20,9 @@ use kube::{
     api::{ApiResource, DynamicObject},
     runtime::{WatchStreamExt, watcher},
 };
-use mcp_proto::{
+use mcp::Store;
+use mesh_api::{
     kinds::{self, Body, Kind},
-    mcp::Store,
     object::{ConfigObject, versioned_resource},
 };
 use serde::de::DeserializeOwned;

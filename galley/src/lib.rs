@@ -20,11 +20,9 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use clap::Args;
 use component::{Admin, CancellationToken};
-use mcp_proto::mcp::memory::ListenAddr;
-use mcp_proto::{
-    kinds,
-    mcp::{self, IncrementalPolicy, McpMetrics, SourceServer, Store},
-};
+use mcp::memory::ListenAddr;
+use mcp::{self, IncrementalPolicy, McpMetrics, SourceServer, Store};
+use mesh_api::kinds;
 
 pub use dir::DirSource;
 
@@ -151,7 +149,7 @@ pub async fn run(
     let service =
         SourceServer::new(store, IncrementalPolicy::All, metrics, shutdown.clone()).into_service();
     tracing::info!(addr = %args.mcp_addr, source = ?args.config_dir.as_deref().unwrap_or("kubernetes".as_ref()), "galley serving MCP");
-    let server = mcp_proto::mcp::grpc_server()
+    let server = mcp::grpc_server()
         .add_service(service)
         .serve_with_incoming_shutdown(mcp, shutdown.clone().cancelled_owned());
     anyhow::ensure!(

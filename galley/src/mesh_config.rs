@@ -12,9 +12,9 @@ use std::{
 };
 
 use component::CancellationToken;
-use mcp_proto::{
+use mcp::Store;
+use mesh_api::{
     kinds::{self, Body},
-    mcp::Store,
     mesh::{Loaded, defaults, load},
     object::versioned_resource,
     pb::istio::mesh::v1alpha1::MeshConfig,

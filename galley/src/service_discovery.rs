@@ -3,13 +3,13 @@
 //! their MCP form ([`crate::kube_core`]), turned into the collection
 //! `istio/networking/v1alpha3/synthetic/serviceentries` by the rule Pilot
 //! also applies to a source that serves only the raw objects
-//! ([`mcp_proto::synthetic`]). Pilot reads services only from MCP, never
+//! ([`mesh_api::synthetic`]). Pilot reads services only from MCP, never
 //! from the platform.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
-use mcp_proto::{
+use mesh_api::{
     kinds,
     pb::{istio::networking::v1alpha3::ServiceEntry, k8s::io::api::core::v1 as pb},
     synthetic,
@@ -75,7 +75,7 @@ pub fn service_entry(
 
 #[cfg(test)]
 mod tests {
-    use mcp_proto::pb::istio::networking::v1alpha3::service_entry;
+    use mesh_api::pb::istio::networking::v1alpha3::service_entry;
     use serde_json::json;
 
     use super::*;

@@ -4,7 +4,8 @@
 use std::sync::{Arc, Mutex};
 
 use component::Admin;
-use mcp_proto::{kinds, mcp::Store};
+use mcp::Store;
+use mesh_api::kinds;
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use serde_json::json;
 

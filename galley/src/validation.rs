@@ -17,7 +17,7 @@ use std::{
     net::IpAddr,
 };
 
-use mcp_proto::{
+use mesh_api::{
     kinds::{self, Body},
     object::ConfigObject,
     pb::istio::{
@@ -231,7 +231,7 @@ const LEGACY_PREFIX: &str = "istio/config/v1alpha2/legacy/";
 
 /// Problems between objects: Mixer rules whose actions name handlers or
 /// instances that do not exist (by Istio 1.1's naming,
-/// [`mcp_proto::policy`]), or that exist only in a legacy per-adapter or
+/// [`mesh_api::policy`]), or that exist only in a legacy per-adapter or
 /// per-template kind this mesh's Mixer does not run. Returns
 /// `(index into objects, problem)`.
 pub fn validate_references(objects: &[&ConfigObject]) -> Vec<(usize, Problem)> {
@@ -552,7 +552,7 @@ fn http_route(c: &mut Check, f: &str, r: &net::HttpRoute) {
     }
     duration(c, format!("{f}.timeout"), &r.timeout);
     if let Some(retries) = &r.retries {
-        if let Err(reason) = mcp_proto::networking::retry_attempts(retries) {
+        if let Err(reason) = mesh_api::networking::retry_attempts(retries) {
             c.fail(format!("{f}.retries.attempts"), reason);
         }
         duration(

@@ -15,7 +15,7 @@ use kube_core::{
     DynamicObject,
     admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation},
 };
-use mcp_proto::{kinds, object::ConfigObject};
+use mesh_api::{kinds, object::ConfigObject};
 
 use crate::validation;
 

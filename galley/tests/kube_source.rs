@@ -6,7 +6,8 @@ use std::{sync::Arc, time::Duration};
 use component::CancellationToken;
 use e2e::fake_kube::FakeApi;
 use galley::kube_source;
-use mcp_proto::{kinds, mcp::Store};
+use mcp::Store;
+use mesh_api::kinds;
 use serde_json::{Value, json};
 
 const VIRTUAL_SERVICES: &str = "/apis/networking.istio.io/v1alpha3/virtualservices";

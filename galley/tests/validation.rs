@@ -2,7 +2,7 @@
 //! broken one is refused with the field path and the reason.
 
 use galley::validation::{validate, validate_all};
-use mcp_proto::object::ConfigObject;
+use mesh_api::object::ConfigObject;
 
 fn objects(text: &str) -> Vec<ConfigObject> {
     ConfigObject::parse_yaml(text, "test.yaml").unwrap_or_else(|e| panic!("{e}"))
@@ -38,7 +38,7 @@ fn the_realistic_examples_are_valid() {
         "mixer.yaml",
     ] {
         let path = format!(
-            "{}/../mcp-proto/tests/data/{file}",
+            "{}/../mesh-api/tests/data/{file}",
             env!("CARGO_MANIFEST_DIR")
         );
         let text = std::fs::read_to_string(path).unwrap();

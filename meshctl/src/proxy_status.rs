@@ -3,7 +3,7 @@
 //! Pilot's `/debug/syncz`.
 
 use clap::Args;
-use mcp_proto::xds;
+use mesh_api::xds;
 use serde_json::Value;
 
 #[derive(Debug, Args)]

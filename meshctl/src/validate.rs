@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use galley::validation;
-use mcp_proto::object::ConfigObject;
+use mesh_api::object::ConfigObject;
 
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
@@ -26,7 +26,7 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
     let mut warnings = Vec::new();
     let mut objects = Vec::new();
     if let Some(path) = &args.mesh_config {
-        match mcp_proto::mesh::load(path) {
+        match mesh_api::mesh::load(path) {
             Ok(loaded) => warnings.extend(
                 loaded
                     .warnings

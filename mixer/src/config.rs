@@ -7,9 +7,9 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use mcp_proto::{
+use mcp::SinkSnapshot;
+use mesh_api::{
     kinds::{self, Body},
-    mcp::SinkSnapshot,
     pb::istio::policy::v1beta1::{self as policy, ValueType},
     policy as names,
 };
@@ -748,7 +748,7 @@ fn compile_rule(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use mcp_proto::object::ConfigObject;
+    use mesh_api::object::ConfigObject;
 
     const MANIFEST: &str = r#"
 apiVersion: config.istio.io/v1alpha2
@@ -777,7 +777,7 @@ spec:
     }
 
     /// Galley warns about the adapters and templates outside
-    /// `mcp_proto::policy`'s lists; this Mixer must run exactly those.
+    /// `mesh_api::policy`'s lists; this Mixer must run exactly those.
     #[test]
     fn the_adapters_and_templates_run_are_those_galley_is_told_of() {
         let unsupported =

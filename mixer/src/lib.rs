@@ -18,7 +18,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use clap::{Args, ValueEnum};
 use component::{Admin, CancellationToken};
-use mcp_proto::{kinds, mcp};
+use mesh_api::kinds;
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -38,7 +38,7 @@ pub fn collections() -> Vec<&'static str> {
     let legacy = kinds::KINDS
         .iter()
         .filter(|k| {
-            k.body == kinds::BodyType::LegacyStruct && mcp_proto::policy::runs_legacy(k.kind)
+            k.body == kinds::BodyType::LegacyStruct && mesh_api::policy::runs_legacy(k.kind)
         })
         .map(|k| k.collection);
     COLLECTIONS.iter().copied().chain(legacy).collect()

@@ -128,7 +128,7 @@ pub fn allocate(config: &Config, bag: &Bag, ask: &Ask, store: &QuotaStore, now: 
                 action
                     .instances
                     .iter()
-                    .filter(|i| mcp_proto::policy::asks_for(ask.quota, &i.short_name))
+                    .filter(|i| mesh_api::policy::asks_for(ask.quota, &i.short_name))
                     .map(move |i| (action, memquota, i))
             })
             .collect();

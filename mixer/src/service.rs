@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mcp_proto::pb::{
+use mesh_api::pb::{
     google::rpc,
     istio::mixer::v1::{
         CheckRequest, CheckResponse, ReferencedAttributes, ReportRequest, ReportResponse,

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use mcp_proto::pb::istio::mixer::v1::{
+use mesh_api::pb::istio::mixer::v1::{
     CheckRequest, CheckResponse, CompressedAttributes, ReportRequest, check_request::QuotaParams,
     mixer_client::MixerClient, referenced_attributes::Condition,
 };

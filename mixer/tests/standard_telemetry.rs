@@ -4,7 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use mcp_proto::{mcp::SinkSnapshot, object::ConfigObject};
+use mcp::SinkSnapshot;
+use mesh_api::object::ConfigObject;
 use mixer::{
     config::Config,
     telemetry::{Outputs, report},

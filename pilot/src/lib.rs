@@ -17,7 +17,7 @@ use component::{
 };
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use mcp_proto::{kinds, mcp};
+use mesh_api::kinds;
 use model::Model;
 use tokio::sync::watch;
 use xds::{ads::AdsServer, generate::ModelGenerator};
@@ -116,13 +116,13 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
     let fallback_mesh = match &args.mesh_config {
         Some(path) => {
             let loaded =
-                mcp_proto::mesh::load(path).map_err(|e| anyhow::anyhow!("--mesh-config: {e}"))?;
+                mesh_api::mesh::load(path).map_err(|e| anyhow::anyhow!("--mesh-config: {e}"))?;
             for w in &loaded.warnings {
                 tracing::warn!(mesh_config = %path.display(), "{w}");
             }
             loaded.config
         }
-        None => mcp_proto::mesh::defaults(),
+        None => mesh_api::mesh::defaults(),
     };
 
     // Rebuild the model once changes settle; the last good one stays while

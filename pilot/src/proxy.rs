@@ -42,7 +42,7 @@ pub struct Proxy {
     pub interception: Interception,
 }
 
-pub use mcp_proto::xds::metadata;
+pub use mesh_api::xds::metadata;
 
 impl Proxy {
     /// Parses a node; the error says which part of the id or metadata is wrong.

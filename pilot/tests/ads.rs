@@ -224,7 +224,7 @@ async fn serve_with(generator: &Arc<Fixed>) -> (std::net::SocketAddr, pilot::xds
     let addr = listener.local_addr().unwrap();
     let server = AdsServer::new(generator.clone(), CancellationToken::new());
     let status = server.status();
-    tokio::spawn(server.serve_connections(mcp_proto::mcp::incoming(listener)));
+    tokio::spawn(server.serve_connections(mcp::incoming(listener)));
     (addr, status)
 }
 

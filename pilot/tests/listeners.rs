@@ -27,7 +27,7 @@ use envoy_types::pb::envoy::{
         transport_sockets::tls::v3::DownstreamTlsContext,
     },
 };
-use mcp_proto::{
+use mesh_api::{
     kinds::{self, Body},
     mesh,
     object::versioned_resource,

@@ -16,7 +16,7 @@ use std::{
 
 use clap::Args;
 use component::{Backoff, CancellationToken, readiness::Condition, spiffe::Identity};
-use mcp_proto::pb::istio::v1::auth::{
+use mesh_api::pb::istio::v1::auth::{
     IstioCertificateRequest, istio_certificate_service_client::IstioCertificateServiceClient,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject};

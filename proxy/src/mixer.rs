@@ -20,7 +20,7 @@ use base64::Engine;
 use clap::Args;
 use component::CancellationToken;
 use http::{HeaderMap, HeaderValue, StatusCode};
-use mcp_proto::pb::istio::mixer::v1::{
+use mesh_api::pb::istio::mixer::v1::{
     Attributes,
     attributes::{AttributeValue, StringMap, attribute_value},
 };

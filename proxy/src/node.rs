@@ -10,7 +10,7 @@ use envoy_types::pb::{
     envoy::config::core::v3::Node,
     google::protobuf::{Struct, Value, value::Kind},
 };
-use mcp_proto::xds::metadata;
+use mesh_api::xds::metadata;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Interception {

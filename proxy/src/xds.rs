@@ -28,7 +28,7 @@ use envoy_types::pb::{
     },
     google::{protobuf::Any, rpc::Status},
 };
-use mcp_proto::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+use mesh_api::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 use prost::Message;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};

@@ -13,7 +13,7 @@ use std::{
 };
 
 use clap::Args;
-use mcp_proto::pb::istio::v1::auth::{
+use mesh_api::pb::istio::v1::auth::{
     IstioCertificateRequest, istio_certificate_service_client::IstioCertificateServiceClient,
 };
 use serde_json::json;

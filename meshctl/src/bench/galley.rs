@@ -13,10 +13,8 @@ use std::{
 
 use clap::Args;
 use component::CancellationToken;
-use mcp_proto::{
-    kinds,
-    mcp::{McpMetrics, Payload, Sink, SinkOptions, SinkSnapshot, parse_endpoint, run_sink_client},
-};
+use mcp::{McpMetrics, Payload, Sink, SinkOptions, SinkSnapshot, parse_endpoint, run_sink_client};
+use mesh_api::kinds;
 use serde_json::json;
 
 use super::{ms, rss_bytes};

@@ -12,9 +12,9 @@ use std::{
 
 use clap::Args;
 use component::CancellationToken;
-use mcp_proto::{
+use mcp::{IncrementalPolicy, McpMetrics, Sink, SinkOptions, SourceServer, Store, run_sink_client};
+use mesh_api::{
     kinds::{Body, GATEWAYS},
-    mcp::{IncrementalPolicy, McpMetrics, Sink, SinkOptions, SourceServer, Store, run_sink_client},
     pb::istio::{
         mcp::v1alpha1::{Metadata, Resource},
         networking::v1alpha3::{Gateway, Port, Server},
@@ -115,8 +115,8 @@ impl Source {
             let mut options = SinkOptions::new(format!("bench-sink-{i}"), [GATEWAYS]);
             options.incremental = incremental;
             let sink = Arc::new(Sink::new(options, McpMetrics::default()));
-            let endpoint = mcp_proto::mcp::parse_endpoint(&self.addr.to_string())
-                .map_err(anyhow::Error::msg)?;
+            let endpoint =
+                mcp::parse_endpoint(&self.addr.to_string()).map_err(anyhow::Error::msg)?;
             tokio::spawn(run_sink_client(sink.clone(), endpoint, stop.clone()));
             sinks.push(sink);
         }

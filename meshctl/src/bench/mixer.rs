@@ -25,9 +25,9 @@ use std::{
 
 use clap::Args;
 use component::CancellationToken;
-use mcp_proto::{
+use mcp::{IncrementalPolicy, McpMetrics, SourceServer, Store};
+use mesh_api::{
     kinds,
-    mcp::{IncrementalPolicy, McpMetrics, SourceServer, Store},
     object::ConfigObject,
     pb::istio::mixer::v1::{
         CheckRequest, ReportRequest, check_request::QuotaParams, mixer_client::MixerClient,

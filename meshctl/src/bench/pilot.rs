@@ -44,11 +44,8 @@ use envoy_types::pb::{
     },
     google::protobuf::Any,
 };
-use mcp_proto::{
-    kinds,
-    mcp::{IncrementalPolicy, McpMetrics, SourceServer, Store},
-    object::ConfigObject,
-};
+use mcp::{IncrementalPolicy, McpMetrics, SourceServer, Store};
+use mesh_api::{kinds, object::ConfigObject};
 use prost::Message;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -77,7 +74,7 @@ pub struct PilotBenchArgs {
     pub out: Option<PathBuf>,
 }
 
-use mcp_proto::xds::{CLUSTER as CDS, ENDPOINT as EDS, LISTENER as LDS, ROUTE as RDS};
+use mesh_api::xds::{CLUSTER as CDS, ENDPOINT as EDS, LISTENER as LDS, ROUTE as RDS};
 const TYPES: [&str; 4] = [CDS, EDS, LDS, RDS];
 
 /// What the VirtualService change adds, found in the routes that carry it.

@@ -66,7 +66,7 @@ async fn acked_routes(
     Ok(proxies
         .iter()
         .map(|p| {
-            let routes = &p["types"][mcp_proto::xds::ROUTE];
+            let routes = &p["types"][mesh_api::xds::ROUTE];
             let (sent, acked) = (
                 routes["sent_version"].as_str(),
                 routes["acked_version"].as_str(),

@@ -7,9 +7,7 @@ use std::{net::SocketAddr, path::PathBuf};
 use clap::Args;
 use component::CancellationToken;
 use galley::DirSource;
-use mcp_proto::mcp::{
-    IncrementalPolicy, McpMetrics, SourceServer, parse_endpoint, run_source_client,
-};
+use mcp::{IncrementalPolicy, McpMetrics, SourceServer, parse_endpoint, run_source_client};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -58,12 +56,9 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
             shutdown.clone(),
         ));
     }
-    mcp_proto::mcp::grpc_server()
+    mcp::grpc_server()
         .add_service(SourceServer::new(store, policy, metrics, shutdown.clone()).into_service())
-        .serve_with_incoming_shutdown(
-            mcp_proto::mcp::incoming(listener),
-            shutdown.cancelled_owned(),
-        )
+        .serve_with_incoming_shutdown(mcp::incoming(listener), shutdown.cancelled_owned())
         .await?;
     follow.await?;
     Ok(())

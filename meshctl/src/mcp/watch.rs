@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, io::Write, net::SocketAddr, sync::Arc};
 use base64::Engine;
 use clap::{Args, ValueEnum};
 use component::CancellationToken;
-use mcp_proto::mcp::{
+use mcp::{
     HeldCollection, McpMetrics, Payload, Sink, SinkOptions, SinkServer, parse_endpoint,
     run_sink_client,
 };
@@ -57,10 +57,10 @@ pub async fn run(args: WatchArgs, shutdown: CancellationToken) -> anyhow::Result
         (None, Some(addr)) => {
             let listener = tokio::net::TcpListener::bind(addr).await?;
             eprintln!("serving ResourceSink on {}", listener.local_addr()?);
-            let server = mcp_proto::mcp::grpc_server()
+            let server = mcp::grpc_server()
                 .add_service(SinkServer::new(sink.clone(), shutdown.clone()).into_service())
                 .serve_with_incoming_shutdown(
-                    mcp_proto::mcp::incoming(listener),
+                    mcp::incoming(listener),
                     shutdown.clone().cancelled_owned(),
                 );
             tokio::spawn(async move {

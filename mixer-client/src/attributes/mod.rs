@@ -7,7 +7,7 @@ pub mod dictionary;
 
 use std::collections::{BTreeMap, HashMap};
 
-use mcp_proto::pb::istio::mixer::v1::{CompressedAttributes, ReportRequest, StringMap};
+use mesh_api::pb::istio::mixer::v1::{CompressedAttributes, ReportRequest, StringMap};
 use pbjson_types::{Duration, Timestamp};
 
 use self::dictionary::{GLOBAL_WORDS, global_index};
@@ -182,7 +182,7 @@ fn decode_into(
 /// words of its own uses the request's `default_words`.
 pub fn decode_report(request: &ReportRequest) -> Result<Vec<Bag>, DecodeError> {
     let delta = request.repeated_attributes_semantics
-        == mcp_proto::pb::istio::mixer::v1::report_request::RepeatedAttributesSemantics::DeltaEncoding
+        == mesh_api::pb::istio::mixer::v1::report_request::RepeatedAttributesSemantics::DeltaEncoding
             as i32;
     let mut bags: Vec<Bag> = Vec::with_capacity(request.attributes.len());
     for (i, attributes) in request.attributes.iter().enumerate() {
@@ -298,7 +298,7 @@ impl Compressor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mcp_proto::pb::istio::mixer::v1::report_request::RepeatedAttributesSemantics;
+    use mesh_api::pb::istio::mixer::v1::report_request::RepeatedAttributesSemantics;
 
     fn bag() -> Bag {
         Bag::from([

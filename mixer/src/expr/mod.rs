@@ -8,7 +8,7 @@ mod parse;
 
 use std::collections::BTreeSet;
 
-use mcp_proto::pb::istio::policy::v1beta1::ValueType;
+use mesh_api::pb::istio::policy::v1beta1::ValueType;
 
 pub use self::parse::parse;
 use mixer_client::attributes::{Bag, Value};

@@ -7,11 +7,8 @@
 use std::sync::Arc;
 
 use component::{Admin, CancellationToken};
-use mcp_proto::{
-    kinds,
-    mcp::{IncrementalPolicy, McpMetrics, SourceServer, Store},
-    object::ConfigObject,
-};
+use mcp::{IncrementalPolicy, McpMetrics, SourceServer, Store};
+use mesh_api::{kinds, object::ConfigObject};
 
 /// Replaces every collection Mixer reads with the objects of `yaml`.
 pub fn publish(store: &Store, yaml: &str) {

@@ -1,12 +1,12 @@
 //! Services from the raw Kubernetes collections, for a source that serves
 //! those and no synthetic service entries (Istio 1.1's Galley): the same
-//! ServiceEntries Galley would have made ([`mcp_proto::synthetic`]).
+//! ServiceEntries Galley would have made ([`mesh_api::synthetic`]).
 
 use std::collections::{BTreeMap, HashMap};
 
-use mcp_proto::{
+use mcp::{Payload, SinkSnapshot};
+use mesh_api::{
     kinds::{self, Body},
-    mcp::{Payload, SinkSnapshot},
     pb::{istio::networking::v1alpha3::ServiceEntry, k8s::io::api::core::v1::Pod},
     synthetic,
 };

@@ -14,9 +14,9 @@ use std::{
     sync::Arc,
 };
 
-use mcp_proto::{
+use mcp::SinkSnapshot;
+use mesh_api::{
     kinds::{self, Body},
-    mcp::SinkSnapshot,
     mesh,
     pb::istio::{
         authentication::v1alpha1::Policy,

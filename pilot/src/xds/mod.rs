@@ -16,7 +16,7 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use prost::{Message, Name};
 use tokio::sync::watch;
 
-pub use mcp_proto::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
+pub use mesh_api::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
 
 /// The order in which pushes go out, so that a proxy has what a resource
 /// refers to before the resource: clusters before their endpoints,

@@ -17,11 +17,8 @@ use envoy_types::pb::{
     },
     google::protobuf::{Struct, Value, value::Kind},
 };
-use mcp_proto::{
-    kinds,
-    mcp::{IncrementalPolicy, McpMetrics, SourceServer, Store},
-    object::ConfigObject,
-};
+use mcp::{IncrementalPolicy, McpMetrics, SourceServer, Store};
+use mesh_api::{kinds, object::ConfigObject};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};

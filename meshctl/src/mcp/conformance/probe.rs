@@ -7,14 +7,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming, transport::Channel};
 
-use mcp_proto::{
-    mcp::parse_endpoint,
-    pb::istio::mcp::v1alpha1::{
-        RequestResources, Resources,
-        resource_sink_client::ResourceSinkClient,
-        resource_source_client::ResourceSourceClient,
-        resource_source_server::{ResourceSource, ResourceSourceServer},
-    },
+use mcp::parse_endpoint;
+use mesh_api::pb::istio::mcp::v1alpha1::{
+    RequestResources, Resources,
+    resource_sink_client::ResourceSinkClient,
+    resource_source_client::ResourceSourceClient,
+    resource_source_server::{ResourceSource, ResourceSourceServer},
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -104,8 +102,8 @@ impl SourceListener {
         let (streams, accepted) = mpsc::channel(4);
         let service = ResourceSourceServer::new(Accept { streams, timing });
         let server = tokio::spawn(async move {
-            let incoming = mcp_proto::mcp::incoming(listener);
-            let served = mcp_proto::mcp::grpc_server()
+            let incoming = mcp::incoming(listener);
+            let served = mcp::grpc_server()
                 .add_service(service)
                 .serve_with_incoming(incoming)
                 .await;

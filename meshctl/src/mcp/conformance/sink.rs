@@ -5,7 +5,7 @@
 
 use tonic::Status;
 
-use mcp_proto::{
+use mesh_api::{
     kinds,
     pb::istio::mcp::v1alpha1::{Metadata, RequestResources, Resource, Resources},
     wkt,

@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use mcp_proto::{
+use mesh_api::{
     object::ConfigObject,
     pb::{
         google::rpc,
@@ -217,7 +217,7 @@ pub async fn check(address: &str, changes: Changes<'_>, timing: Timing) -> anyho
         Some(want) => Err(format!("got {names:?}, want {want:?}")),
         None => {
             let namespaced =
-                mcp_proto::kinds::by_collection(collection).is_none_or(|k| k.namespaced);
+                mesh_api::kinds::by_collection(collection).is_none_or(|k| k.namespaced);
             match names.iter().find(|n| n.contains('/') != namespaced) {
                 Some(bad) => Err(format!("{bad:?} is not named as rule 7 says")),
                 None => Ok(format!("{} resources", names.len())),

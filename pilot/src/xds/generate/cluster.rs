@@ -31,7 +31,7 @@ use envoy_types::pb::{
     },
     google::protobuf::{UInt32Value, UInt64Value},
 };
-use mcp_proto::pb::istio::networking::v1alpha3::{
+use mesh_api::pb::istio::networking::v1alpha3::{
     ConnectionPoolSettings, LoadBalancerSettings, OutlierDetection, TlsSettings, TrafficPolicy,
     load_balancer_settings::{self, SimpleLb},
     port_selector,

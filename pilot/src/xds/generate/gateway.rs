@@ -11,7 +11,7 @@ use envoy_types::pb::envoy::config::{
     listener::v3::{Filter, FilterChain, FilterChainMatch, Listener},
     route::v3::{RouteConfiguration, VirtualHost, virtual_host::TlsRequirementType},
 };
-use mcp_proto::pb::istio::networking::v1alpha3::{
+use mesh_api::pb::istio::networking::v1alpha3::{
     Server, server::TlsOptions, server::tls_options::TlSmode,
 };
 
@@ -224,7 +224,7 @@ fn tcp(stat_prefix: &str, cluster: String) -> Filter {
 /// Whether a VirtualService has a host the server serves.
 fn serves(
     b: &Bound,
-    vs: &Named<mcp_proto::pb::istio::networking::v1alpha3::VirtualService>,
+    vs: &Named<mesh_api::pb::istio::networking::v1alpha3::VirtualService>,
 ) -> bool {
     vs.spec.hosts.iter().any(|h| {
         b.server

@@ -42,7 +42,7 @@ use envoy_types::pb::{
     },
     google::protobuf::{Any, BoolValue, Duration, UInt32Value},
 };
-use mcp_proto::pb::istio::mesh::v1alpha1::mesh_config::outbound_traffic_policy;
+use mesh_api::pb::istio::mesh::v1alpha1::mesh_config::outbound_traffic_policy;
 
 use super::{Inbound, Scope, any, cluster, route, security, tls};
 use crate::{

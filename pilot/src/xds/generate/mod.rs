@@ -22,7 +22,7 @@ use envoy_types::pb::{
     },
     google::protobuf::Any,
 };
-use mcp_proto::pb::istio::networking::v1alpha3::{CaptureMode, Sidecar, VirtualService};
+use mesh_api::pb::istio::networking::v1alpha3::{CaptureMode, Sidecar, VirtualService};
 use prost::{Message, Name};
 use tokio::sync::watch;
 
@@ -39,9 +39,7 @@ pub(crate) fn any<M: Message + Name>(message: &M) -> Any {
     }
 }
 
-pub(crate) fn duration(
-    d: &mcp_proto::wkt::Duration,
-) -> envoy_types::pb::google::protobuf::Duration {
+pub(crate) fn duration(d: &mesh_api::wkt::Duration) -> envoy_types::pb::google::protobuf::Duration {
     envoy_types::pb::google::protobuf::Duration {
         seconds: d.seconds,
         nanos: d.nanos,

@@ -39,7 +39,7 @@ use envoy_types::pb::{
     },
     google::protobuf::{BoolValue, Duration, UInt32Value},
 };
-use mcp_proto::pb::istio::networking::v1alpha3::{
+use mesh_api::pb::istio::networking::v1alpha3::{
     Destination, HttpFaultInjection, HttpMatchRequest, HttpRetry, HttpRoute, Percent, StringMatch,
     VirtualService,
     headers::HeaderOperations,
@@ -545,7 +545,7 @@ fn retry_policy(retry: Option<&HttpRetry>) -> Option<RetryPolicy> {
     };
     // Galley refuses a negative count; were one to arrive, no retries is
     // the cautious reading.
-    let attempts = mcp_proto::networking::retry_attempts(retry).ok()??;
+    let attempts = mesh_api::networking::retry_attempts(retry).ok()??;
     policy.num_retries = Some(UInt32Value { value: attempts });
     if !retry.retry_on.is_empty() {
         let (codes, conditions): (Vec<&str>, Vec<&str>) = retry
@@ -645,7 +645,7 @@ fn grpc_code(code: &str) -> Option<u32> {
     })
 }
 
-fn translate_cors(cors: &mcp_proto::pb::istio::networking::v1alpha3::CorsPolicy) -> CorsPolicy {
+fn translate_cors(cors: &mesh_api::pb::istio::networking::v1alpha3::CorsPolicy) -> CorsPolicy {
     CorsPolicy {
         allow_origin_string_match: cors
             .allow_origin

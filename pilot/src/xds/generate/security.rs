@@ -20,7 +20,7 @@ use envoy_types::pb::envoy::{
     },
     r#type::matcher::v3::{PathMatcher, RegexMatcher, StringMatcher, path_matcher, string_matcher},
 };
-use mcp_proto::pb::istio::{
+use mesh_api::pb::istio::{
     authentication::v1alpha1::{Policy, mutual_tls, peer_authentication_method, port_selector},
     rbac::v1alpha1::{AccessRule, EnforcementMode, RbacConfig, Subject, rbac_config},
 };
@@ -62,7 +62,7 @@ fn policy_for<'a>(model: &'a Model, service: &Service, port: &Port) -> Option<&'
             .filter(|p| p.namespace == service.namespace)
     };
     let port_matches =
-        |selector: &mcp_proto::pb::istio::authentication::v1alpha1::PortSelector| match &selector
+        |selector: &mesh_api::pb::istio::authentication::v1alpha1::PortSelector| match &selector
             .port
         {
             Some(port_selector::Port::Number(n)) => *n == port.number,

@@ -1,6 +1,6 @@
 //! The four ways an MCP stream is carried over gRPC: a source or a sink,
 //! each as server or client. They only move messages; the protocol lives in
-//! [`super::source`] and [`super::sink`].
+//! [`crate::source`] and [`crate::sink`].
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
@@ -13,13 +13,13 @@ use tonic::{
     transport::{Channel, Endpoint},
 };
 
-use super::{
+use crate::{
     McpMetrics,
     sink::{Sink, run_stream},
     source::{IncrementalPolicy, serve_stream},
     store::Store,
 };
-use crate::pb::istio::mcp::v1alpha1::{
+use mesh_api::pb::istio::mcp::v1alpha1::{
     RequestResources, Resources,
     resource_sink_client::ResourceSinkClient,
     resource_sink_server::{ResourceSink, ResourceSinkServer},
@@ -60,10 +60,10 @@ fn tuned(endpoint: &Endpoint) -> Endpoint {
 /// A channel to `endpoint`: over TCP, or over a pipe for a `mem://`
 /// server of this process.
 pub async fn connect(endpoint: &Endpoint) -> Result<Channel, tonic::transport::Error> {
-    if endpoint.uri().scheme_str() == Some(super::memory::SCHEME) {
+    if endpoint.uri().scheme_str() == Some(crate::memory::SCHEME) {
         return endpoint
             .clone()
-            .connect_with_connector(super::memory::MemoryConnector)
+            .connect_with_connector(crate::memory::MemoryConnector)
             .await;
     }
     tuned(endpoint).connect().await

@@ -1,7 +1,7 @@
 //! Field numbers and types pinned by hand-assembled protobuf bytes: each
 //! message decodes to the expected values and encodes back byte for byte.
 
-use mcp_proto::pb::{
+use mesh_api::pb::{
     google::rpc::Status,
     istio::{
         mcp::v1alpha1::{Metadata, RequestResources, Resource, Resources, SinkNode},
@@ -150,7 +150,7 @@ fn truncated_messages_are_errors_not_panics() {
 
 #[test]
 fn kubernetes_core_field_numbers() {
-    use mcp_proto::pb::k8s::io::{
+    use mesh_api::pb::k8s::io::{
         api::core::v1::ServiceSpec, apimachinery::pkg::apis::meta::v1::ObjectMeta,
     };
 

@@ -7,9 +7,9 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use component::CancellationToken;
-use mcp_proto::{
+use mcp::{IncrementalPolicy, McpMetrics, SourceServer, Store};
+use mesh_api::{
     kinds::{self, Body},
-    mcp::{IncrementalPolicy, McpMetrics, SourceServer, Store},
     pb::{
         google::rpc,
         istio::{
@@ -102,9 +102,9 @@ pub async fn start_source(
         SourceServer::new(store, policy, McpMetrics::default(), stop.clone()).into_service();
     let s = stop.clone();
     tokio::spawn(
-        mcp_proto::mcp::grpc_server()
+        mcp::grpc_server()
             .add_service(service)
-            .serve_with_incoming_shutdown(mcp_proto::mcp::incoming(l), s.cancelled_owned()),
+            .serve_with_incoming_shutdown(mcp::incoming(l), s.cancelled_owned()),
     );
     (addr, stop)
 }
@@ -232,9 +232,9 @@ pub async fn start_raw_source() -> (
     let stop = CancellationToken::new();
     let s = stop.clone();
     tokio::spawn(
-        mcp_proto::mcp::grpc_server()
+        mcp::grpc_server()
             .add_service(ResourceSourceServer::new(RawSource { streams: tx }))
-            .serve_with_incoming_shutdown(mcp_proto::mcp::incoming(l), s.cancelled_owned()),
+            .serve_with_incoming_shutdown(mcp::incoming(l), s.cancelled_owned()),
     );
     (addr, rx, stop)
 }

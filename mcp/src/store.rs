@@ -13,7 +13,7 @@ use std::{
 
 use tokio::sync::watch;
 
-use crate::pb::istio::mcp::v1alpha1::Resource;
+use mesh_api::pb::istio::mcp::v1alpha1::Resource;
 
 /// How many removed names a collection remembers beyond its live size.
 /// A sink further behind than that gets the full state instead of a diff.
@@ -137,7 +137,7 @@ impl Store {
     pub fn replace_with_objects(
         &self,
         collections: &[&str],
-        objects: &[crate::object::ConfigObject],
+        objects: &[mesh_api::object::ConfigObject],
     ) -> Result<(), StoreError> {
         for collection in collections {
             let resources = objects

@@ -6,7 +6,7 @@ mod common;
 use std::{collections::HashMap, sync::Arc};
 
 use common::*;
-use mcp_proto::mcp::{IncrementalPolicy, Store};
+use mcp::{IncrementalPolicy, Store};
 use tonic::Code;
 
 fn store_with(n: u32) -> Arc<Store> {
@@ -220,7 +220,7 @@ async fn a_new_stream_with_initial_versions_gets_only_the_diff() {
     .into_iter()
     .map(|(a, b)| (a.to_string(), b.to_string()))
     .collect();
-    sink.send(mcp_proto::pb::istio::mcp::v1alpha1::RequestResources {
+    sink.send(mesh_api::pb::istio::mcp::v1alpha1::RequestResources {
         collection: GATEWAYS.into(),
         incremental: true,
         initial_resource_versions: held,
@@ -286,7 +286,7 @@ async fn a_sink_that_never_acks_does_not_block_other_sinks() {
 
 #[tokio::test]
 async fn a_request_that_does_not_decode_gets_a_grpc_status() {
-    use mcp_proto::pb::istio::mcp::v1alpha1::{RequestResources, Resources};
+    use mesh_api::pb::istio::mcp::v1alpha1::{RequestResources, Resources};
     use prost::Message;
 
     let (addr, _stop) = start_source(store_with(1), IncrementalPolicy::All).await;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use component::{Admin, CancellationToken};
 use tonic::transport::Endpoint;
 
-use super::{McpMetrics, Sink, SinkOptions, SinkSnapshot, run_sink_client};
+use crate::{McpMetrics, Sink, SinkOptions, SinkSnapshot, run_sink_client};
 
 /// Parses a source or sink address: `host:port` or an `http://` URL.
 pub fn parse_endpoint(address: &str) -> Result<Endpoint, String> {

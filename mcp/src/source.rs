@@ -18,8 +18,8 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use super::{McpMetrics, store::Store};
-use crate::pb::istio::mcp::v1alpha1::{RequestResources, Resource, Resources};
+use crate::{McpMetrics, store::Store};
+use mesh_api::pb::istio::mcp::v1alpha1::{RequestResources, Resource, Resources};
 
 /// Which collections a source serves incrementally when a sink asks.
 #[derive(Debug, Clone, Default)]

@@ -7,14 +7,11 @@ use std::sync::Arc;
 
 use common::*;
 use component::CancellationToken;
-use mcp_proto::{
-    kinds::Body,
-    mcp::{
-        IncrementalPolicy, McpMetrics, Payload, Sink, SinkOptions, SinkServer, SinkSnapshot, Store,
-        run_sink_client, run_source_client,
-    },
-    pb::istio::mcp::v1alpha1::Resources,
+use mcp::{
+    IncrementalPolicy, McpMetrics, Payload, Sink, SinkOptions, SinkServer, SinkSnapshot, Store,
+    run_sink_client, run_source_client,
 };
+use mesh_api::{kinds::Body, pb::istio::mcp::v1alpha1::Resources};
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -29,7 +26,7 @@ fn resources(
     collection: &str,
     nonce: &str,
     incremental: bool,
-    items: Vec<mcp_proto::pb::istio::mcp::v1alpha1::Resource>,
+    items: Vec<mesh_api::pb::istio::mcp::v1alpha1::Resource>,
 ) -> Resources {
     Resources {
         collection: collection.into(),
@@ -390,9 +387,9 @@ async fn converge(source: &Store, sink: &Sink) {
 async fn serve_sink(sink: Arc<Sink>) -> std::net::SocketAddr {
     let (l, addr) = listener().await;
     tokio::spawn(
-        mcp_proto::mcp::grpc_server()
+        mcp::grpc_server()
             .add_service(SinkServer::new(sink, CancellationToken::new()).into_service())
-            .serve_with_incoming(mcp_proto::mcp::incoming(l)),
+            .serve_with_incoming(mcp::incoming(l)),
     );
     addr
 }
@@ -440,9 +437,9 @@ async fn sink_keeps_state_and_resyncs_across_a_source_restart() {
     let mut snapshots = sink.subscribe();
     let first = CancellationToken::new();
     let serve = |l, stop: CancellationToken| {
-        mcp_proto::mcp::grpc_server()
+        mcp::grpc_server()
             .add_service(
-                mcp_proto::mcp::SourceServer::new(
+                mcp::SourceServer::new(
                     store.clone(),
                     IncrementalPolicy::All,
                     McpMetrics::default(),
@@ -450,7 +447,7 @@ async fn sink_keeps_state_and_resyncs_across_a_source_restart() {
                 )
                 .into_service(),
             )
-            .serve_with_incoming_shutdown(mcp_proto::mcp::incoming(l), stop.cancelled_owned())
+            .serve_with_incoming_shutdown(mcp::incoming(l), stop.cancelled_owned())
     };
     let server = tokio::spawn(serve(l, first.clone()));
     tokio::spawn(run_sink_client(
@@ -481,7 +478,7 @@ async fn sink_keeps_state_and_resyncs_across_a_source_restart() {
 
 #[tokio::test]
 async fn a_response_that_does_not_decode_gets_a_grpc_status() {
-    use mcp_proto::pb::istio::mcp::v1alpha1::RequestResources;
+    use mesh_api::pb::istio::mcp::v1alpha1::RequestResources;
     use prost::Message;
 
     let sink = sink(false);

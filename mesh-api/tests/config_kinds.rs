@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use mcp_proto::{
+use mesh_api::{
     kinds::{self, Body, BodyType},
     object::ConfigObject,
 };

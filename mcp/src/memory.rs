@@ -72,7 +72,7 @@ impl ListenAddr {
         match self {
             Self::Tcp(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr).await?;
-                Ok(Incoming::Tcp(super::incoming(listener)))
+                Ok(Incoming::Tcp(crate::incoming(listener)))
             }
             Self::Memory(name) => {
                 let mut listeners = LISTENERS.lock().unwrap_or_else(|e| e.into_inner());

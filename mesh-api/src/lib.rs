@@ -1,23 +1,21 @@
-//! Every wire definition the mesh's components share, and the MCP engine.
+//! Istio 1.1's APIs as the mesh speaks them.
 //!
 //! - [`pb`]: prost/tonic/pbjson code generated from this crate's `.proto`
-//!   files (MCP, the Istio config kinds, the Mixer API, the CA API).
+//!   files (MCP, the Istio config kinds, the Mixer API, the CA API, the
+//!   Kubernetes core objects Galley serves).
 //! - [`kinds`]: the table of config collections, their body types and their
 //!   YAML/JSON forms.
 //! - [`object`]: config objects in their Kubernetes-style YAML form.
-//! - [`mesh`]: the mesh config's defaults.
+//! - [`mesh`]: the mesh config's defaults and its file.
 //! - [`policy`]: how Mixer's config objects name each other.
 //! - [`networking`]: networking rules Galley and Pilot both apply.
 //! - [`synthetic`]: Kubernetes services as ServiceEntries, for Galley and
 //!   for Pilot.
-//! - [`mcp`]: the Mesh Configuration Protocol engine, source and sink, in
-//!   both connection directions.
 //! - [`xds`]: the xDS type URLs and node metadata keys Pilot and the proxy
 //!   share.
 
 mod go_duration;
 pub mod kinds;
-pub mod mcp;
 pub mod mesh;
 pub mod networking;
 pub mod object;

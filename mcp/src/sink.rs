@@ -16,8 +16,8 @@ use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tonic::{Code, Status};
 
-use super::McpMetrics;
-use crate::{
+use crate::McpMetrics;
+use mesh_api::{
     kinds::{self, Body},
     pb::{
         google::rpc,
@@ -106,7 +106,7 @@ pub struct SinkSnapshot {
 impl SinkSnapshot {
     /// What a sink would hold had it been sent `objects`, each in its
     /// collection: for tests of what components make of a snapshot.
-    pub fn from_objects(objects: impl IntoIterator<Item = crate::object::ConfigObject>) -> Self {
+    pub fn from_objects(objects: impl IntoIterator<Item = mesh_api::object::ConfigObject>) -> Self {
         let mut snapshot = Self::default();
         for o in objects {
             let held = snapshot
@@ -587,7 +587,7 @@ mod tests {
         .into_iter()
         .enumerate()
         {
-            let resource = crate::pb::istio::mcp::v1alpha1::Resource {
+            let resource = mesh_api::pb::istio::mcp::v1alpha1::Resource {
                 metadata: Some(Metadata {
                     name: "istio-system/requestcount".into(),
                     ..Metadata::default()
