@@ -8,12 +8,14 @@
 
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
-use component::{CancellationToken, tls::TlsListener};
+use component::{
+    CancellationToken,
+    tls::{HandshakeSignatures, TlsListener},
+};
 use rcgen::{KeyPair, SanType};
 use rustls::{
     DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
     client::danger::HandshakeSignatureValid,
-    crypto::CryptoProvider,
     pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime},
     server::danger::{ClientCertVerified, ClientCertVerifier},
 };
@@ -74,7 +76,9 @@ fn server_config(
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(Arc::new(ClientCertLater { provider }))
+        .with_client_cert_verifier(Arc::new(ClientCertLater {
+            signatures: HandshakeSignatures::new(provider),
+        }))
         .with_single_cert(
             certs,
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
@@ -87,7 +91,7 @@ fn server_config(
 /// key; whether the certificate is any good is for the service to say.
 #[derive(Debug)]
 struct ClientCertLater {
-    provider: Arc<CryptoProvider>,
+    signatures: HandshakeSignatures,
 }
 
 impl ClientCertVerifier for ClientCertLater {
@@ -114,12 +118,7 @@ impl ClientCertVerifier for ClientCertLater {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -128,17 +127,10 @@ impl ClientCertVerifier for ClientCertLater {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.signatures.schemes()
     }
 }

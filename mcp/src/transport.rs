@@ -2,7 +2,15 @@
 //! each as server or client. They only move messages; the protocol lives in
 //! [`crate::source`] and [`crate::sink`].
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use component::{Backoff, CancellationToken};
 use futures::Stream;
@@ -192,62 +200,97 @@ impl ResourceSink for SinkServer {
     }
 }
 
-/// Keeps a sink connected to a `ResourceSource` at `endpoint`, reconnecting
-/// with backoff, until `shutdown`. Each new stream sends the versions held.
-/// A collection the source refuses is left out of the next stream, which
-/// opens at once; after any other end, the next stream asks for every
-/// collection again, since the source may have changed.
-pub async fn run_sink_client(sink: Arc<Sink>, endpoint: Endpoint, shutdown: CancellationToken) {
+/// What a dialled stream's end calls for.
+enum Then {
+    /// Open the next stream at once.
+    Reconnect,
+    /// Wait first; the wait starts over after a stream that got somewhere.
+    Backoff { reset: bool },
+}
+
+/// Dials `endpoint` and runs `stream` on each connection until `shutdown`,
+/// waiting with jittered backoff between attempts as the stream's end
+/// says. `peer` names the other end in logs.
+async fn keep_dialing<F, Fut>(
+    endpoint: &Endpoint,
+    peer: &str,
+    shutdown: &CancellationToken,
+    mut stream: F,
+) where
+    F: FnMut(Channel) -> Fut,
+    Fut: Future<Output = Then>,
+{
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
-    let mut ask_refused = true;
     loop {
         let attempt = async {
-            let channel = connect(&endpoint)
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
-            let mut client = ResourceSourceClient::new(channel)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES);
-            let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-            // A client cannot send a status: on an error the sink ends its
-            // half of the stream.
-            let outbound = tokio_stream::StreamExt::map_while(ReceiverStream::new(rx), Result::ok);
-            let inbound = async {
-                let response = client.establish_resource_stream(outbound).await?;
-                Ok(response.into_inner())
-            };
-            Ok::<_, Status>(run_stream(&sink, inbound, tx, ask_refused).await)
+            match connect(endpoint).await {
+                Ok(channel) => stream(channel).await,
+                Err(e) => {
+                    tracing::debug!(uri = %endpoint.uri(), error = %e, "cannot reach {peer}");
+                    Then::Backoff { reset: false }
+                }
+            }
         };
-        let outcome = tokio::select! {
-            outcome = attempt => outcome,
+        let then = tokio::select! {
+            then = attempt => then,
             _ = shutdown.cancelled() => return,
         };
-        ask_refused = true;
-        match outcome {
-            Ok((Err(status), _)) if sink.refusal(&status).is_some() => {
-                ask_refused = false;
-                continue;
-            }
-            Ok((result, received)) => {
-                if received {
-                    backoff.reset();
-                }
-                match result {
-                    Ok(()) => tracing::info!(uri = %endpoint.uri(), "MCP source closed the stream"),
-                    Err(status) => {
-                        tracing::warn!(uri = %endpoint.uri(), %status, "MCP stream failed")
-                    }
-                }
-            }
-            Err(status) => {
-                tracing::debug!(uri = %endpoint.uri(), %status, "cannot reach MCP source")
-            }
+        match then {
+            Then::Reconnect => continue,
+            Then::Backoff { reset: true } => backoff.reset(),
+            Then::Backoff { reset: false } => {}
         }
         tokio::select! {
             _ = backoff.wait() => {}
             _ = shutdown.cancelled() => return,
         }
     }
+}
+
+/// The sending half of a client's stream, and what to hand the call. A
+/// client cannot send a status: an error ends its half of the stream.
+fn client_half<T: Send + 'static>() -> (
+    mpsc::Sender<Result<T, Status>>,
+    impl Stream<Item = T> + Send + 'static,
+) {
+    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+    let outbound = tokio_stream::StreamExt::map_while(ReceiverStream::new(rx), Result::ok);
+    (tx, outbound)
+}
+
+/// Keeps a sink connected to a `ResourceSource` at `endpoint`, reconnecting
+/// with backoff, until `shutdown`. Each new stream sends the versions held.
+/// A collection the source refuses is left out of the next stream, which
+/// opens at once; after any other end, the next stream asks for every
+/// collection again, since the source may have changed.
+pub async fn run_sink_client(sink: Arc<Sink>, endpoint: Endpoint, shutdown: CancellationToken) {
+    let ask_refused = AtomicBool::new(true);
+    keep_dialing(&endpoint, "MCP source", &shutdown, |channel| async {
+        let mut client = ResourceSourceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let (tx, outbound) = client_half();
+        let inbound = async {
+            let response = client.establish_resource_stream(outbound).await?;
+            Ok(response.into_inner())
+        };
+        let asked = ask_refused.swap(true, Ordering::Relaxed);
+        let (result, received) = run_stream(&sink, inbound, tx, asked).await;
+        match result {
+            Err(status) if sink.refusal(&status).is_some() => {
+                ask_refused.store(false, Ordering::Relaxed);
+                return Then::Reconnect;
+            }
+            Ok(()) => tracing::info!(uri = %endpoint.uri(), "MCP source closed the stream"),
+            Err(status) if received => {
+                tracing::warn!(uri = %endpoint.uri(), %status, "MCP stream failed")
+            }
+            // Nothing came: the source is not there, or not yet.
+            Err(status) => tracing::debug!(uri = %endpoint.uri(), %status, "MCP stream failed"),
+        }
+        Then::Backoff { reset: received }
+    })
+    .await
 }
 
 /// Keeps a source connected to a `ResourceSink` at `endpoint` (the source
@@ -259,48 +302,31 @@ pub async fn run_source_client(
     endpoint: Endpoint,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
-    loop {
-        let attempt = async {
-            let channel = connect(&endpoint)
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
-            let mut client = ResourceSinkClient::new(channel)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES);
-            let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-            // A client cannot send a status: on a protocol error the source
-            // ends its half of the stream.
-            let outbound = tokio_stream::StreamExt::map_while(ReceiverStream::new(rx), Result::ok);
-            let inbound = client
-                .establish_resource_stream(outbound)
-                .await?
-                .into_inner();
-            serve_stream(
-                store.clone(),
-                policy.clone(),
-                metrics.clone(),
-                inbound,
-                tx,
-                shutdown.clone(),
-            )
-            .await;
-            Ok::<_, Status>(())
-        };
-        let outcome = tokio::select! {
-            outcome = attempt => outcome,
-            _ = shutdown.cancelled() => return,
-        };
-        match outcome {
-            Ok(()) => {
-                backoff.reset();
+    keep_dialing(&endpoint, "MCP sink", &shutdown, |channel| async {
+        let mut client = ResourceSinkClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let (tx, outbound) = client_half();
+        match client.establish_resource_stream(outbound).await {
+            Ok(inbound) => {
+                let (store, policy) = (store.clone(), policy.clone());
+                serve_stream(
+                    store,
+                    policy,
+                    metrics.clone(),
+                    inbound.into_inner(),
+                    tx,
+                    shutdown.clone(),
+                )
+                .await;
                 tracing::info!(uri = %endpoint.uri(), "MCP sink stream ended");
+                Then::Backoff { reset: true }
             }
-            Err(status) => tracing::debug!(uri = %endpoint.uri(), %status, "cannot reach MCP sink"),
+            Err(status) => {
+                tracing::debug!(uri = %endpoint.uri(), %status, "cannot reach MCP sink");
+                Then::Backoff { reset: false }
+            }
         }
-        tokio::select! {
-            _ = backoff.wait() => {}
-            _ = shutdown.cancelled() => return,
-        }
-    }
+    })
+    .await
 }

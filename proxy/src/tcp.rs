@@ -8,7 +8,10 @@ use std::{
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::{config::listener::TcpApp, upstream::Upstreams};
+use crate::{
+    config::{listener::TcpApp, pick_weighted},
+    upstream::Upstreams,
+};
 
 /// Splices the connection; the bytes received from the caller and sent to
 /// it.
@@ -21,16 +24,7 @@ pub async fn proxy<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    let total: u32 = app.clusters.iter().map(|(_, w)| *w).sum();
-    let mut roll = fastrand::u32(0..total.max(1));
-    let name = app
-        .clusters
-        .iter()
-        .find(|(_, w)| {
-            let hit = roll < *w;
-            roll = roll.saturating_sub(*w);
-            hit
-        })
+    let name = pick_weighted(&app.clusters, |(_, w)| *w)
         .or(app.clusters.first())
         .map(|(n, _)| n.as_str());
     let Some(cluster) = name.and_then(|n| upstreams.get(n)) else {

@@ -34,6 +34,22 @@ impl std::fmt::Display for Problem {
     }
 }
 
+/// One of `items`, each as likely as its weight: how weighted clusters are
+/// chosen, for HTTP routes and TCP proxies alike. `None` when all weigh 0.
+pub fn pick_weighted<T>(items: &[T], weight: impl Fn(&T) -> u32) -> Option<&T> {
+    let total: u32 = items.iter().map(&weight).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut roll = fastrand::u32(0..total);
+    items.iter().find(|item| {
+        let w = weight(item);
+        let hit = roll < w;
+        roll = roll.saturating_sub(w);
+        hit
+    })
+}
+
 pub(crate) fn duration(d: &envoy_types::pb::google::protobuf::Duration) -> Duration {
     Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
 }
@@ -125,6 +141,20 @@ impl Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weighted_picks_follow_the_weights() {
+        let items = [("a", 1), ("never", 0), ("b", 3)];
+        let mut counts = HashMap::new();
+        for _ in 0..4000 {
+            let (name, _) = pick_weighted(&items, |(_, w)| *w).unwrap();
+            *counts.entry(*name).or_insert(0) += 1;
+        }
+        assert_eq!(counts.get("never"), None);
+        let b = counts["b"];
+        assert!((2700..3300).contains(&b), "b picked {b} times of 4000");
+        assert_eq!(pick_weighted(&[("x", 0)], |(_, w)| *w), None);
+    }
 
     fn listener(name: &str, address: &str) -> (String, Arc<Listener>) {
         let l = Listener {

@@ -664,17 +664,10 @@ impl Forward {
         })
     }
 
-    /// A cluster by weight.
+    /// A cluster by weight (compiling keeps only weighted ones, and at
+    /// least one).
     pub fn pick(&self) -> &WeightedCluster {
-        let total: u32 = self.clusters.iter().map(|c| c.weight).sum();
-        let mut roll = fastrand::u32(0..total.max(1));
-        for c in &self.clusters {
-            if roll < c.weight {
-                return c;
-            }
-            roll -= c.weight;
-        }
-        &self.clusters[0]
+        super::pick_weighted(&self.clusters, |c| c.weight).unwrap_or(&self.clusters[0])
     }
 }
 
