@@ -120,7 +120,7 @@ pub async fn run_on(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let kube = match args.kube {
-        true => Some(component::kube::client(args.kubeconfig.as_deref()).await?),
+        true => Some(mesh_kube::client(args.kubeconfig.as_deref()).await?),
         false => None,
     };
     let keep_ca = kube.as_ref().filter(|_| !args.ca_secret.is_empty());

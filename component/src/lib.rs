@@ -6,7 +6,6 @@
 pub mod admin;
 pub mod backoff;
 pub mod cli;
-pub mod kube;
 pub mod logging;
 mod main_of;
 pub mod ports;
@@ -15,7 +14,6 @@ pub mod shutdown;
 pub mod spiffe;
 pub mod tls;
 pub mod watch;
-pub mod webhook_ca;
 
 pub use admin::Admin;
 pub use backoff::Backoff;

@@ -67,7 +67,7 @@ pub struct GalleyArgs {
     #[arg(long, requires = "webhook_cert")]
     pub webhook_key: Option<PathBuf>,
     #[command(flatten)]
-    pub webhook_ca: component::webhook_ca::WebhookCaArgs,
+    pub webhook_ca: mesh_kube::webhook_ca::WebhookCaArgs,
 }
 
 /// A store for every collection this project knows.
@@ -104,7 +104,7 @@ pub async fn run(
             tokio::spawn(follow)
         }
         None => {
-            let client = component::kube::client(args.kubeconfig.as_deref()).await?;
+            let client = mesh_kube::client(args.kubeconfig.as_deref()).await?;
             let (synced_tx, synced) = tokio::sync::oneshot::channel();
             let follow = kube_source::start(
                 client,
@@ -158,9 +158,9 @@ pub async fn run(
     );
     if let (Some(cert), Some(key)) = (args.webhook_cert.clone(), args.webhook_key.clone()) {
         let webhook = webhook::bind(args.webhook_addr, cert, key, shutdown.clone()).await?;
-        let kind = component::webhook_ca::WebhookKind::Validating;
+        let kind = mesh_kube::webhook_ca::WebhookKind::Validating;
         if let Some(target) = args.webhook_ca.target(kind) {
-            let client = component::kube::client(args.kubeconfig.as_deref()).await?;
+            let client = mesh_kube::client(args.kubeconfig.as_deref()).await?;
             tokio::spawn(target.keep(client, shutdown.clone()));
         }
         let stop = shutdown.clone();

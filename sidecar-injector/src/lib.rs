@@ -16,8 +16,8 @@ use component::{
     Admin, CancellationToken,
     tls::{TlsFiles, TlsListener},
     watch::Changes,
-    webhook_ca::{WebhookCaArgs, WebhookKind},
 };
+use mesh_kube::webhook_ca::{WebhookCaArgs, WebhookKind};
 use tokio::sync::watch;
 
 use crate::{config::Config, inject::Injector};
@@ -100,7 +100,7 @@ pub async fn run(
         });
     }
     if let Some(target) = args.webhook_ca.target(WebhookKind::Mutating) {
-        let client = component::kube::client(args.kubeconfig.as_deref()).await?;
+        let client = mesh_kube::client(args.kubeconfig.as_deref()).await?;
         tokio::spawn(target.keep(client, shutdown.clone()));
     }
     let tcp = tokio::net::TcpListener::bind(args.webhook_addr)

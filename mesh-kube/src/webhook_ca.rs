@@ -14,9 +14,8 @@ use kube::{
     api::{ApiResource, DynamicObject, PatchParams},
 };
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 
-use crate::{backoff::Backoff, watch::Changes};
+use component::{CancellationToken, backoff::Backoff, watch::Changes};
 
 /// How often a configuration set already is looked at again.
 const RECHECK: Duration = Duration::from_secs(60);
