@@ -1,4 +1,4 @@
-//! Kubernetes mode against the fake API server (`e2e::fake_kube`: there is
+//! Kubernetes mode against the fake API server (`testkit::fake_kube`: there is
 //! no Kubernetes API server on these machines; it serves recorded-shape
 //! lists, watch events the test pushes, object writes and token reviews
 //! over real HTTP): TokenReview callers, a key-and-cert Secret per
@@ -11,11 +11,11 @@ use std::time::Duration;
 use base64::Engine;
 use citadel::kube::SECRET_TYPE;
 use component::{Admin, CancellationToken};
-use e2e::fake_kube::FakeApi;
 use mesh_api::pb::istio::v1::auth::{
     IstioCertificateRequest, istio_certificate_service_client::IstioCertificateServiceClient,
 };
 use serde_json::{Value, json};
+use testkit::fake_kube::FakeApi;
 use tonic::{Code, Request};
 
 const SECRETS: &str = "/api/v1/namespaces/bookinfo/secrets";

@@ -1,7 +1,7 @@
 //! The benchmarks run end to end, briefly, on the real binaries, and their
 //! figures hold together: what a benchmark quotes must be what happened.
 
-use e2e::*;
+use testkit::*;
 
 #[tokio::test]
 async fn mixer_bench_figures_account_for_every_request() {

@@ -14,8 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use e2e::*;
 use serde_json::Value;
+use testkit::*;
 
 /// A running `meshctl up`, and each component's addresses by purpose.
 struct Up {

@@ -2,7 +2,7 @@
 //! `/ready`, `/metrics`) and stops cleanly on SIGTERM; sinks come up before
 //! their source and become ready once it appears.
 
-use e2e::*;
+use testkit::*;
 
 /// The admin endpoints answer as documented, and SIGTERM stops the process
 /// with status 0.

@@ -4,8 +4,8 @@
 
 use std::{path::Path, time::Instant};
 
-use e2e::*;
 use serde_json::Value;
+use testkit::*;
 
 const SERVICE_ENTRIES: &str = "istio/networking/v1alpha3/serviceentries";
 const VIRTUAL_SERVICES: &str = "istio/networking/v1alpha3/virtualservices";

@@ -1,11 +1,11 @@
 //! The `galley` binary in Kubernetes mode, pointed by a kubeconfig at a fake
-//! API server (`e2e::fake_kube`; there is no Kubernetes API server on these
+//! API server (`testkit::fake_kube`; there is no Kubernetes API server on these
 //! machines): it becomes ready once every watch has listed and serves the
 //! cluster's config, synthetic ServiceEntries and raw core collections over
 //! MCP to a real sink.
 
-use e2e::{fake_kube::FakeApi, *};
 use serde_json::Value;
+use testkit::{fake_kube::FakeApi, *};
 
 #[tokio::test]
 async fn galley_serves_a_cluster_over_mcp() {

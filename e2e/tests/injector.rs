@@ -5,8 +5,8 @@
 //! the pod's annotations ask for; and the config reloaded when edited.
 
 use base64::Engine;
-use e2e::*;
 use serde_json::{Value, json};
+use testkit::*;
 
 const REVIEW: &str = include_str!("data/admission-review-pod.json");
 
@@ -294,7 +294,7 @@ async fn a_pod_the_template_fails_for_is_refused_with_the_reason() {
 
 #[tokio::test]
 async fn the_injector_keeps_its_webhook_configurations_ca_bundle_set() {
-    let (api, api_addr) = e2e::fake_kube::FakeApi::start().await;
+    let (api, api_addr) = testkit::fake_kube::FakeApi::start().await;
     let path = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/istio-sidecar-injector";
     api.put(
         path,
@@ -315,7 +315,11 @@ async fn the_injector_keeps_its_webhook_configurations_ca_bundle_set() {
         dir.path().join("kubeconfig"),
         dir.path().join("root-cert.pem"),
     );
-    std::fs::write(&kubeconfig, e2e::fake_kube::FakeApi::kubeconfig(api_addr)).unwrap();
+    std::fs::write(
+        &kubeconfig,
+        testkit::fake_kube::FakeApi::kubeconfig(api_addr),
+    )
+    .unwrap();
     std::fs::write(&root, "first root\n").unwrap();
     let _injector = start(&[
         "--webhook-config-name",

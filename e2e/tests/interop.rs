@@ -7,7 +7,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::Stdio, sync::OnceLock};
 
-use e2e::*;
+use testkit::*;
 use tokio::{
     io::{AsyncBufReadExt, BufReader, Lines},
     process::{Child, ChildStdout, Command},

@@ -11,9 +11,9 @@ use std::{
     process::Command,
 };
 
-use e2e::{run_ok, strings};
 use mesh_api::kinds::KINDS;
 use serde_json::{Value, json};
+use testkit::{run_ok, strings};
 
 fn manifests() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests")

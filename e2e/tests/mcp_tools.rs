@@ -2,7 +2,7 @@
 //! as real processes: the conformance suite in both roles, `watch` in both
 //! connection directions.
 
-use e2e::*;
+use testkit::*;
 
 const COLLECTIONS: &str =
     "istio/networking/v1alpha3/serviceentries,istio/networking/v1alpha3/virtualservices";

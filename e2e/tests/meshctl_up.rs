@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use e2e::*;
+use testkit::*;
 
 #[tokio::test]
 async fn split_starts_a_process_per_component_and_stops_them_on_sigterm() {

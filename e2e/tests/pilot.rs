@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use e2e::*;
 use envoy_types::pb::envoy::{
     config::{cluster::v3::Cluster, core::v3::Node},
     service::discovery::v3::{
@@ -14,6 +13,7 @@ use envoy_types::pb::envoy::{
     },
 };
 use prost::Message;
+use testkit::*;
 use tokio::sync::mpsc;
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 

@@ -15,11 +15,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use e2e::*;
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
     trace_service_server::{TraceService, TraceServiceServer},
 };
+use testkit::*;
 
 /// Serves `app` on a port of its own.
 async fn serve(app: axum::Router) -> SocketAddr {

@@ -4,13 +4,13 @@
 
 use std::time::Duration;
 
-use e2e::*;
 use envoy_types::pb::envoy::{
     config::core::v3::Node,
     service::discovery::v3::{
         DiscoveryRequest, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
     },
 };
+use testkit::*;
 use tokio::sync::mpsc;
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 

@@ -14,11 +14,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use e2e::{
+use std::os::unix::process::CommandExt;
+use testkit::{
     Proc, WAIT, bin, config_dir,
     netns::{Netns, ensure_iptables},
 };
-use std::os::unix::process::CommandExt;
 
 const POD_IP: &str = "10.77.0.1";
 const PEER_IP: &str = "10.77.0.2";
@@ -157,7 +157,7 @@ async fn redirected_traffic_crosses_the_proxy_both_ways() {
     ensure_iptables();
     let pod = Netns::new("pod");
     let peer = Netns::new("peer");
-    e2e::netns::link(&pod, POD_IP, &peer, PEER_IP);
+    testkit::netns::link(&pod, POD_IP, &peer, PEER_IP);
     // The service address is routed out of the pod, as a cluster IP is.
     pod.ip(&["route", "add", "default", "dev", "veth0"]);
 

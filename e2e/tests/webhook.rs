@@ -1,8 +1,8 @@
 //! Galley's validating admission webhook over real HTTPS, with
 //! AdmissionReview JSON in the shape the Kubernetes API server sends.
 
-use e2e::*;
 use serde_json::{Value, json};
+use testkit::*;
 
 const REVIEW: &str = include_str!("data/admission-review.json");
 

@@ -1,14 +1,14 @@
-//! The Kubernetes source against a fake API server (`e2e::fake_kube`: there
+//! The Kubernetes source against a fake API server (`testkit::fake_kube`: there
 //! is no Kubernetes API server on these machines), over real HTTP.
 
 use std::{sync::Arc, time::Duration};
 
 use component::CancellationToken;
-use e2e::fake_kube::FakeApi;
 use galley::kube_source;
 use mcp::Store;
 use mesh_api::kinds;
 use serde_json::{Value, json};
+use testkit::fake_kube::FakeApi;
 
 const VIRTUAL_SERVICES: &str = "/apis/networking.istio.io/v1alpha3/virtualservices";
 const SERVICES: &str = "/api/v1/services";

@@ -211,7 +211,7 @@ spec:
     common::publish(&mixer.running.store, &broken);
     let problems = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            let (_, page) = e2e::get(mixer.running.admin_addr, "/debug/config")
+            let (_, page) = testkit::get(mixer.running.admin_addr, "/debug/config")
                 .await
                 .unwrap();
             let page: serde_json::Value = serde_json::from_str(&page).unwrap();
@@ -249,7 +249,7 @@ async fn with_galley_away_the_last_config_keeps_deciding() {
     until_code(&mut mixer, &jason, 7).await;
     mixer.running.source_stop.cancel();
     let admin = mixer.running.admin_addr;
-    e2e::wait_for_http(admin, "/metrics", |_, metrics| {
+    testkit::wait_for_http(admin, "/metrics", |_, metrics| {
         metrics
             .contains(r#"mixer_mcp_sink_streams_open{collection="istio/policy/v1beta1/rules"} 0"#)
     })
@@ -464,7 +464,7 @@ spec:
                 })
                 .await
                 .unwrap();
-            if let Some((200, text)) = e2e::get(prometheus, "/metrics").await
+            if let Some((200, text)) = testkit::get(prometheus, "/metrics").await
                 && text.contains(expected)
             {
                 return text;
@@ -510,7 +510,7 @@ async fn over_the_rate_limit_requests_are_refused_at_once() {
         assert_eq!(status.code(), Code::Unavailable);
         assert!(status.message().contains("overloaded"), "{status:?}");
     }
-    let (_, metrics) = e2e::get(running.admin_addr, "/metrics").await.unwrap();
+    let (_, metrics) = testkit::get(running.admin_addr, "/metrics").await.unwrap();
     let line = format!(
         "mixer_shed_requests_total{{reason=\"rate\"}} {}",
         refused.len()

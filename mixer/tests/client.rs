@@ -153,7 +153,7 @@ async fn decisions_are_cached_by_what_they_read() {
 
 #[tokio::test]
 async fn without_mixer_checks_fail_open_or_closed() {
-    let nowhere = e2e::free_addr();
+    let nowhere = testkit::free_addr();
     let channel = || {
         Channel::from_shared(format!("http://{nowhere}"))
             .unwrap()
@@ -187,7 +187,7 @@ async fn without_mixer_checks_fail_open_or_closed() {
 async fn a_check_tried_again_waits_out_a_mixer_restart() {
     let mixer = start().await;
     // Mixer comes back at `addr` after 300 ms, as a restarted one would.
-    let addr = e2e::free_addr();
+    let addr = testkit::free_addr();
     let target = mixer.running.grpc;
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -234,7 +234,7 @@ async fn reports_are_batched_and_delta_encoded() {
     client.report(served("mary", 200)).await.unwrap();
     client.report(served("mary", 503)).await.unwrap();
     let metrics = || async {
-        e2e::get(mixer.running.prometheus, "/metrics")
+        testkit::get(mixer.running.prometheus, "/metrics")
             .await
             .unwrap()
             .1

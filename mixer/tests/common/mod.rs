@@ -60,7 +60,7 @@ pub async fn start_limited(yaml: &str, role: mixer::Role, limits: mixer::shed::L
     .spawn(mcp);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc = listener.local_addr().unwrap();
-    let prometheus = e2e::free_addr();
+    let prometheus = testkit::free_addr();
     let args = mixer::MixerArgs {
         role,
         mcp_server: mcp_addr.to_string(),

@@ -1,4 +1,4 @@
-//! Helpers for end-to-end tests: find the workspace's binaries (built once
+//! The tests' kit: find the workspace's binaries (built once
 //! before the tests and shared by all of them), start them as real
 //! processes on 127.0.0.1, wait on readiness, and stop them.
 
@@ -337,7 +337,7 @@ pub fn config_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
     dir
 }
 
-pub const SAMPLE_CONFIG: &str = include_str!("../tests/data/config.yaml");
+pub const SAMPLE_CONFIG: &str = include_str!("../data/config.yaml");
 
 /// A self-signed certificate for 127.0.0.1, as an admission webhook
 /// serves: its PEM certificate and key files in `dir`, and the

@@ -1,7 +1,7 @@
 //! A fake Kubernetes API server for tests. There is no Kubernetes API
 //! server on the machines this project is built on, so tests serve, over
 //! real HTTP, list responses in the exact shape the API server returns
-//! (`tests/data/kube-lists.json`, recorded-style fixtures written for this
+//! (`testkit/data/kube-lists.json`, recorded-style fixtures written for this
 //! project) and watch streams of newline-delimited events that each test
 //! pushes. Paths without a recording answer 404, as an API server does for a
 //! custom resource whose CRD is not installed.
@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 
 /// The recorded lists every fake API server starts with.
-pub const RECORDED_LISTS: &str = include_str!("../tests/data/kube-lists.json");
+pub const RECORDED_LISTS: &str = include_str!("../data/kube-lists.json");
 
 #[derive(Clone, Default)]
 pub struct FakeApi {
