@@ -32,7 +32,7 @@ use tokio::{
 use crate::{
     config::{
         Snapshot,
-        listener::{HttpApp, Routes},
+        listener::{HttpApp, InboundService, Routes},
         rbac::{RbacFilter, Subject},
         route::{Abort, Action, Forward, HeaderOps, RequestParts, RetryPolicy, Route},
     },
@@ -103,7 +103,7 @@ async fn handle(mut request: Request<Incoming>, context: &HttpContext) -> Respon
     let method = request.method().clone();
     let uri = request.uri().clone();
     let authority = RequestParts::of(&request).authority.to_string();
-    let inbound = context.app.inbound_service().is_some();
+    let inbound = context.app.inbound.is_some();
     let span = context.tracing.start(
         request.headers_mut(),
         format!("{authority}{}", uri.path()),
@@ -138,9 +138,13 @@ async fn checked(request: Request<Incoming>, context: &HttpContext) -> Response<
         return local_reply(StatusCode::FORBIDDEN, "RBAC: access denied");
     }
     // Inbound requests are checked with Mixer first, and reported after.
-    let Some((service, port)) = context
+    let Some(InboundService {
+        host: service,
+        port,
+    }) = context
         .app
-        .inbound_service()
+        .inbound
+        .as_ref()
         .filter(|_| context.mixer.is_on())
     else {
         return route(request, context).await;
@@ -150,7 +154,7 @@ async fn checked(request: Request<Incoming>, context: &HttpContext) -> Response<
         context.peer,
         context.peer_identity.as_deref(),
         service,
-        port,
+        *port,
     );
     let request_size = content_length(request.headers());
     let response = match context.mixer.check(&inbound).await {
@@ -394,7 +398,7 @@ async fn forward(
     // A caller's attributes are the server proxy's alone; outbound, this
     // workload's own go instead.
     parts.headers.remove(crate::mixer::FORWARDED_ATTRIBUTES);
-    if context.app.inbound_service().is_none()
+    if context.app.inbound.is_none()
         && let Some(attributes) = context.mixer.forwarded_attributes()
     {
         parts
@@ -458,7 +462,7 @@ async fn forward(
     apply_response_ops(&weighted.headers, response.headers_mut());
     let stats = &context.upstreams.stats;
     let labels = Stats::cluster(&weighted.name);
-    let direction = if context.app.inbound_service().is_some() {
+    let direction = if context.app.inbound.is_some() {
         "inbound"
     } else {
         "outbound"

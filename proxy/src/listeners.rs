@@ -249,12 +249,12 @@ async fn serve<IO>(
         App::Tcp(app) => {
             let started = std::time::Instant::now();
             let (received, sent) = tcp::proxy(io, app, &shared.upstreams, destination).await;
-            if let Some((service_host, port)) = app.inbound_service() {
+            if let Some(service) = &app.inbound {
                 shared.mixer.report_tcp(&TcpConnection {
                     peer,
                     peer_identity: peer_identity.as_deref(),
-                    service_host,
-                    port,
+                    service_host: &service.host,
+                    port: service.port,
                     received,
                     sent,
                     duration: started.elapsed(),

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use envoy_types::pb::envoy::{
     config::{
-        core::v3::{TrafficDirection, address, socket_address, transport_socket},
+        core::v3::{address, socket_address, transport_socket},
         listener::v3::{self as xds, filter, listener_filter},
     },
     extensions::{
@@ -40,7 +40,6 @@ pub struct Listener {
     pub bind: bool,
     /// Hands connections to the listener of their original destination.
     pub use_original_dst: bool,
-    pub inbound: bool,
     pub chains: Vec<Chain>,
 }
 
@@ -65,6 +64,8 @@ pub enum App {
 #[derive(Debug)]
 pub struct HttpApp {
     pub stat_prefix: String,
+    /// The service this app serves, for an inbound one.
+    pub inbound: Option<InboundService>,
     pub routes: Routes,
     /// The HTTP RBAC filter, checked per request.
     pub rbac: Option<RbacFilter>,
@@ -73,27 +74,26 @@ pub struct HttpApp {
     pub cors: bool,
 }
 
-/// The service and port of an inbound connection manager or TCP proxy,
-/// which Pilot names for its cluster, `inbound|<port>|<port name>|<host>`.
-fn inbound_service(stat_prefix: &str) -> Option<(&str, u16)> {
-    let mut parts = stat_prefix.split('|');
-    if parts.next()? != "inbound" {
-        return None;
-    }
-    let port = parts.next()?.parse().ok()?;
-    let host = parts.nth(1)?;
-    Some((host, port))
+/// The service and port of an inbound connection manager or TCP proxy:
+/// what tells inbound traffic from outbound, read once when the listener
+/// compiles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundService {
+    pub host: String,
+    pub port: u16,
 }
 
-impl HttpApp {
-    pub fn inbound_service(&self) -> Option<(&str, u16)> {
-        inbound_service(&self.stat_prefix)
-    }
-}
-
-impl TcpApp {
-    pub fn inbound_service(&self) -> Option<(&str, u16)> {
-        inbound_service(&self.stat_prefix)
+impl InboundService {
+    /// From the stat prefix Pilot gives an inbound app, named for its
+    /// cluster: `inbound|<port>|<port name>|<host>`.
+    fn of(stat_prefix: &str) -> Option<Self> {
+        let mut parts = stat_prefix.split('|');
+        if parts.next()? != "inbound" {
+            return None;
+        }
+        let port = parts.next()?.parse().ok()?;
+        let host = parts.nth(1)?.to_string();
+        Some(Self { host, port })
     }
 }
 
@@ -107,6 +107,8 @@ pub enum Routes {
 #[derive(Debug)]
 pub struct TcpApp {
     pub stat_prefix: String,
+    /// The service this app serves, for an inbound one.
+    pub inbound: Option<InboundService>,
     /// Clusters and weights.
     pub clusters: Vec<(String, u32)>,
 }
@@ -162,7 +164,6 @@ impl Listener {
             address: SocketAddr::new(ip, port),
             bind: l.bind_to_port.as_ref().is_none_or(|b| b.value),
             use_original_dst: l.use_original_dst.as_ref().is_some_and(|b| b.value),
-            inbound: l.traffic_direction == TrafficDirection::Inbound as i32,
             chains,
         })
     }
@@ -263,6 +264,7 @@ impl Chain {
                     None => return Err(Problem("tcp proxy without a cluster".into())),
                 };
                 app = Some(App::Tcp(TcpApp {
+                    inbound: InboundService::of(&tcp.stat_prefix),
                     stat_prefix: tcp.stat_prefix,
                     clusters,
                 }));
@@ -338,10 +340,37 @@ fn http_app(hcm: &HttpConnectionManager) -> Result<HttpApp, Problem> {
         ));
     }
     Ok(HttpApp {
+        inbound: InboundService::of(&hcm.stat_prefix),
         stat_prefix: hcm.stat_prefix.clone(),
         routes,
         rbac,
         fault,
         cors,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inbound_apps_are_known_by_the_stat_prefix_pilot_gives_them() {
+        assert_eq!(
+            InboundService::of("inbound|9080|http|reviews.shop.svc.cluster.local"),
+            Some(InboundService {
+                host: "reviews.shop.svc.cluster.local".into(),
+                port: 9080
+            })
+        );
+        assert_eq!(
+            InboundService::of("outbound|9080||reviews.shop.svc.cluster.local"),
+            None
+        );
+        assert_eq!(InboundService::of("0.0.0.0_9080"), None);
+        assert_eq!(
+            InboundService::of("inbound|web|http|reviews"),
+            None,
+            "a port that is no number"
+        );
+    }
 }

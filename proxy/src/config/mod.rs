@@ -162,7 +162,6 @@ mod tests {
             address: address.parse().unwrap(),
             bind: false,
             use_original_dst: false,
-            inbound: false,
             chains: Vec::new(),
         };
         (name.to_string(), Arc::new(l))
