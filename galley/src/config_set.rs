@@ -2,7 +2,7 @@
 //! parsed once into its resource and its own problems, references between
 //! objects checked on every change, invalid objects held back with their
 //! last valid version served instead, and only differences written to the
-//! store. The directory source and, later, the Kubernetes source feed it.
+//! store. The directory source and the Kubernetes source feed it.
 
 use std::{collections::BTreeMap, sync::Arc};
 

@@ -1,10 +1,12 @@
 //! Galley: reads config, validates it, and serves it over MCP to Pilot,
 //! Mixer and any other sink.
 //!
-//! It serves a directory of Kubernetes-style YAML ([`dir`]) and the mesh
-//! config ([`mesh_config`]) as an MCP `ResourceSource`, and can dial sinks
-//! as well. The Kubernetes source, semantic validation and the validating
-//! webhook are still to come (issue 3).
+//! It reads a directory of Kubernetes-style YAML ([`dir`]) or a cluster
+//! ([`kube_source`], with its Services as synthetic service entries,
+//! [`service_discovery`]), validates every object ([`validation`]; the same
+//! checks answer the validating [`webhook`]), and serves it with the mesh
+//! config ([`mesh_config`]) as an MCP `ResourceSource`; it can dial sinks as
+//! well.
 
 pub mod config_set;
 pub mod dir;

@@ -1,6 +1,6 @@
 //! Service discovery for Pilot from what Galley watches: Kubernetes
 //! Services, with their Endpoints and the Pods and Nodes behind them, in
-//! their MCP form ([`crate::kube_core`]), turned into the collection
+//! their MCP form (`kube_core`), turned into the collection
 //! `istio/networking/v1alpha3/synthetic/serviceentries` by the rule Pilot
 //! also applies to a source that serves only the raw objects
 //! ([`mesh_api::synthetic`]). Pilot reads services only from MCP, never

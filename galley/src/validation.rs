@@ -1,7 +1,7 @@
 //! Semantic validation of config objects: the rules of each kind that Istio
 //! 1.1 enforces beyond the schema (which parsing already checks). Every
 //! path into the mesh uses it: the directory source, `meshctl validate`,
-//! and later the Kubernetes source and the admission webhook.
+//! the Kubernetes source and the admission webhook.
 //!
 //! A problem names the field path (`spec.http[0].route[1].weight`) and the
 //! reason; the caller adds the file or `namespace/name`. An error keeps the

@@ -2,8 +2,9 @@
 //!
 //! Pilot follows Galley over MCP (every collection it needs; ready once all
 //! have synced), builds the service model ([`model`]) and serves ADS
-//! ([`xds`]): clusters and endpoints so far; listeners, routes, secrets,
-//! delta ADS and the rest of the generators are still to come (issue 4).
+//! ([`xds`]), state of the world and delta, plaintext and mTLS: clusters,
+//! endpoints, listeners and routes for sidecars, gateways and
+//! proxyless gRPC clients.
 
 mod debug;
 pub mod model;
