@@ -1,412 +1,16 @@
-//! Semantic validation of config objects: the rules of each kind that Istio
-//! 1.1 enforces beyond the schema (which parsing already checks). Every
-//! path into the mesh uses it: the directory source, `meshctl validate`,
-//! the Kubernetes source and the admission webhook.
-//!
-//! A problem names the field path (`spec.http[0].route[1].weight`) and the
-//! reason; the caller adds the file or `namespace/name`. An error keeps the
-//! object from being served. A warning marks what the mesh accepts but
-//! does not honour (a field no component applies, a kind only Istio's own
-//! components run): the object is served and the user is told, so nothing
-//! is dropped silently. Where ignoring a field would weaken security, it
-//! is an error instead.
+//! `networking.istio.io`: VirtualService, DestinationRule, Gateway,
+//! ServiceEntry, Sidecar and EnvoyFilter.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
-    fmt,
+    collections::{BTreeSet, HashSet},
     net::IpAddr,
 };
 
-use mesh_api::{
-    kinds::{self, Body},
-    object::ConfigObject,
-    pb::istio::{
-        authentication::v1alpha1 as authn,
-        networking::v1alpha3::{self as net, http_fault_injection, service_entry},
-        policy::v1beta1 as policy,
-        rbac::v1alpha1 as rbac,
-    },
-    policy as names, wkt,
-};
+use mesh_api::pb::istio::networking::v1alpha3::{self as net, http_fault_injection, service_entry};
 
-/// One thing wrong with an object.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// Where, from the object's top: `spec.hosts[0]`, `metadata.name`.
-    pub field: String,
-    pub reason: String,
-    pub severity: Severity,
-}
+use super::{Check, common::*};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Severity {
-    /// The object is refused.
-    Error,
-    /// The object is served; part of it is not honoured.
-    Warning,
-}
-
-impl Problem {
-    pub fn error(field: impl fmt::Display, reason: impl Into<String>) -> Self {
-        Self {
-            field: field.to_string(),
-            reason: reason.into(),
-            severity: Severity::Error,
-        }
-    }
-
-    pub fn warning(field: impl fmt::Display, reason: impl Into<String>) -> Self {
-        Self {
-            severity: Severity::Warning,
-            ..Self::error(field, reason)
-        }
-    }
-
-    pub fn is_error(&self) -> bool {
-        self.severity == Severity::Error
-    }
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.severity == Severity::Warning {
-            f.write_str("warning: ")?;
-        }
-        write!(f, "{}: {}", self.field, self.reason)
-    }
-}
-
-/// Problems found so far, each under its field path.
-#[derive(Default)]
-struct Check {
-    problems: Vec<Problem>,
-}
-
-impl Check {
-    fn fail(&mut self, field: impl fmt::Display, reason: impl Into<String>) {
-        self.problems.push(Problem::error(field, reason));
-    }
-
-    /// Accepted, but not honoured: `reason` says what happens instead.
-    fn ignored(&mut self, field: impl fmt::Display, reason: impl Into<String>) {
-        self.problems.push(Problem::warning(field, reason));
-    }
-
-    fn require(&mut self, ok: bool, field: impl fmt::Display, reason: &str) {
-        if !ok {
-            self.fail(field, reason);
-        }
-    }
-}
-
-/// The object's own problems (rules that need no other object).
-pub fn validate(object: &ConfigObject) -> Vec<Problem> {
-    let mut c = Check::default();
-    let s = "spec";
-    match &object.body {
-        Body::VirtualService(vs) => virtual_service(&mut c, s, vs),
-        Body::DestinationRule(dr) => destination_rule(&mut c, s, dr),
-        Body::Gateway(gw) => gateway(&mut c, s, gw),
-        Body::ServiceEntry(se) => service_entry(&mut c, s, se),
-        Body::Sidecar(sc) => sidecar(&mut c, s, sc),
-        Body::EnvoyFilter(ef) => envoy_filter(&mut c, s, ef),
-        Body::Policy(p) => authentication_policy(&mut c, s, p),
-        Body::ServiceRole(r) => service_role(&mut c, s, r),
-        Body::ServiceRoleBinding(b) => service_role_binding(&mut c, s, b),
-        Body::RbacConfig(r) => rbac_config(&mut c, s, r),
-        Body::Rule(r) => rule(&mut c, s, r),
-        Body::Handler(h) => {
-            c.require(
-                !h.adapter.is_empty() || !h.compiled_adapter.is_empty(),
-                s,
-                "a handler names an adapter or a compiledAdapter",
-            );
-            run_by_mixer(
-                &mut c,
-                s,
-                "adapter",
-                &h.compiled_adapter,
-                &h.adapter,
-                names::ADAPTERS,
-            );
-        }
-        Body::Instance(i) => {
-            c.require(
-                !i.template.is_empty() || !i.compiled_template.is_empty(),
-                s,
-                "an instance names a template or a compiledTemplate",
-            );
-            let (compiled, named) = (&i.compiled_template, &i.template);
-            run_by_mixer(&mut c, s, "template", compiled, named, names::TEMPLATES);
-        }
-        Body::AttributeManifest(m) => attribute_manifest(&mut c, s, m),
-        Body::HttpApiSpec(_)
-        | Body::HttpApiSpecBinding(_)
-        | Body::QuotaSpec(_)
-        | Body::QuotaSpecBinding(_) => c.ignored(
-            s,
-            "served for Istio's own Pilot; this mesh's proxies take their Mixer quotas \
-             and API attributes from their own flags, not from this kind",
-        ),
-        Body::LegacyStruct(_) if !names::runs_legacy(object.kind.kind) => c.ignored(
-            s,
-            format!(
-                "kind {} is served for Istio's own Mixer; this mesh's Mixer does not \
-                 run it (it runs the adapters {} and the templates {})",
-                object.kind.kind,
-                names::ADAPTERS.join(", "),
-                names::TEMPLATES.join(", ")
-            ),
-        ),
-        Body::LegacyStruct(_) => {}
-        Body::MeshConfig(_)
-        | Body::K8sServiceSpec(_)
-        | Body::K8sEndpoints(_)
-        | Body::K8sPod(_)
-        | Body::K8sNodeSpec(_)
-        | Body::K8sNamespaceSpec(_) => {}
-    }
-    if object.kind.namespaced
-        && !is_dns1123_label(&object.name)
-        && matches!(object.body, Body::Gateway(_))
-    {
-        c.fail(
-            "metadata.name",
-            format!("{:?} is not a DNS-1123 label", object.name),
-        );
-    }
-    c.problems
-}
-
-/// A warning when this mesh's Mixer does not run the handler's adapter or
-/// the instance's template (`what`), named by its compiled name or, for
-/// Istio's out-of-process adapters and templates, its plain one.
-fn run_by_mixer(c: &mut Check, s: &str, what: &str, compiled: &str, named: &str, run: &[&str]) {
-    let (field, name) = if compiled.is_empty() {
-        (what.to_string(), named)
-    } else {
-        (
-            format!("compiled{}{}", what[..1].to_uppercase(), &what[1..]),
-            compiled,
-        )
-    };
-    if !name.is_empty() && !run.contains(&name) {
-        c.ignored(
-            format!("{s}.{field}"),
-            format!(
-                "this mesh's Mixer does not run the {what} {name:?} (it runs {}); \
-                 rules that name this are left out",
-                run.join(", ")
-            ),
-        );
-    }
-}
-
-/// Every problem of a set of objects, their own and between them, by the
-/// index of the object they concern.
-pub fn validate_all(objects: &[&ConfigObject]) -> BTreeMap<usize, Vec<Problem>> {
-    let mut found: BTreeMap<usize, Vec<Problem>> = BTreeMap::new();
-    for (i, object) in objects.iter().enumerate() {
-        let own = validate(object);
-        if !own.is_empty() {
-            found.insert(i, own);
-        }
-    }
-    for (i, problem) in validate_references(objects) {
-        found.entry(i).or_default().push(problem);
-    }
-    found
-}
-
-/// Whether objects of `kind` take part in [`validate_references`]: Mixer
-/// rules, and the handlers and instances they name.
-pub fn has_references(kind: &kinds::Kind) -> bool {
-    matches!(
-        kind.collection,
-        kinds::RULES | kinds::HANDLERS | kinds::INSTANCES
-    ) || kind.collection.starts_with(LEGACY_PREFIX)
-}
-
-const LEGACY_PREFIX: &str = "istio/config/v1alpha2/legacy/";
-
-/// Problems between objects: Mixer rules whose actions name handlers or
-/// instances that do not exist (by Istio 1.1's naming,
-/// [`mesh_api::policy`]), or that exist only in a legacy per-adapter or
-/// per-template kind this mesh's Mixer does not run. Returns
-/// `(index into objects, problem)`.
-pub fn validate_references(objects: &[&ConfigObject]) -> Vec<(usize, Problem)> {
-    // Every object's full name, and whether this mesh's Mixer runs it.
-    let mut known: BTreeMap<String, bool> = BTreeMap::new();
-    for o in objects {
-        let ns = o.namespace.as_deref().unwrap_or_default();
-        let run = match o.kind.collection {
-            kinds::HANDLERS | kinds::INSTANCES => true,
-            c if c.starts_with(LEGACY_PREFIX) => names::runs_legacy(o.kind.kind),
-            _ => continue,
-        };
-        known.insert(names::full_name(&o.name, o.kind.kind, ns), run);
-    }
-    let mut out = Vec::new();
-    for (i, o) in objects.iter().enumerate() {
-        let Body::Rule(r) = &o.body else { continue };
-        let ns = o.namespace.as_deref().unwrap_or_default();
-        let mut check = |field: String, reference: &str, kind: &str| match names::resolve(
-            reference,
-            kind,
-            ns,
-            |name| known.get(name),
-        ) {
-            None => out.push((
-                i,
-                Problem::error(field, format!("no {kind} {reference:?} exists")),
-            )),
-            Some((name, false)) => out.push((
-                i,
-                Problem::warning(
-                    field,
-                    format!(
-                        "{name} is of a kind served for Istio's own Mixer, not run by \
-                         this mesh's Mixer"
-                    ),
-                ),
-            )),
-            Some((_, true)) => {}
-        };
-        for (a, action) in r.actions.iter().enumerate() {
-            if !action.handler.is_empty() {
-                check(
-                    format!("spec.actions[{a}].handler"),
-                    &action.handler,
-                    names::HANDLER,
-                );
-            }
-            for (k, instance) in action.instances.iter().enumerate() {
-                check(
-                    format!("spec.actions[{a}].instances[{k}]"),
-                    instance,
-                    names::INSTANCE,
-                );
-            }
-        }
-    }
-    out
-}
-
-// ---- shared rules ----
-
-pub fn is_dns1123_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
-}
-
-/// A host name, possibly with a leading wildcard label (`*.example.com`,
-/// `*`, `*-svc.ns`), or an IP address.
-fn host(c: &mut Check, field: impl fmt::Display, host: &str) {
-    if host.parse::<IpAddr>().is_ok() {
-        return;
-    }
-    if host.is_empty() || host.len() > 255 {
-        return c.fail(field, format!("host {host:?} must be 1 to 255 characters"));
-    }
-    let (first, rest) = host
-        .split_once('.')
-        .map_or((host, None), |(f, r)| (f, Some(r)));
-    let first_ok = first == "*" || is_dns1123_label(first.strip_prefix('*').unwrap_or(first));
-    let rest_ok = rest.is_none_or(|r| r.split('.').all(is_dns1123_label));
-    if !first_ok || !rest_ok {
-        c.fail(field, format!("host {host:?} is not a valid domain name (DNS-1123 labels, optionally a leading wildcard)"));
-    }
-}
-
-fn port(c: &mut Check, field: impl fmt::Display, port: u32) {
-    c.require(
-        (1..=65535).contains(&port),
-        field,
-        "port must be in 1..65535",
-    );
-}
-
-fn percent(c: &mut Check, field: impl fmt::Display, value: i32) {
-    c.require(
-        (0..=100).contains(&value),
-        field,
-        "percentage must be in 0..100",
-    );
-}
-
-/// Durations are at least 1ms and whole milliseconds, as Envoy takes them.
-fn duration(c: &mut Check, field: impl fmt::Display, d: &Option<wkt::Duration>) {
-    let Some(d) = d else { return };
-    let nanos = i128::from(d.seconds) * 1_000_000_000 + i128::from(d.nanos);
-    if nanos < 1_000_000 {
-        c.fail(field, "duration must be at least 1ms");
-    } else if nanos % 1_000_000 != 0 {
-        c.fail(field, "only whole milliseconds are supported");
-    }
-}
-
-fn header_name(c: &mut Check, field: impl fmt::Display, name: &str) {
-    c.require(!name.is_empty(), field, "header name cannot be empty");
-}
-
-fn string_match(c: &mut Check, field: impl fmt::Display, m: &Option<net::StringMatch>) {
-    use net::string_match::MatchType;
-    match m.as_ref().and_then(|m| m.match_type.as_ref()) {
-        Some(MatchType::Regex(re)) => {
-            if let Err(e) = regex::Regex::new(re) {
-                c.fail(format!("{field}.regex"), format!("invalid regex: {e}"));
-            }
-        }
-        Some(MatchType::Exact(_) | MatchType::Prefix(_)) => {}
-        None if m.is_some() => c.fail(field, "a string match needs exact, prefix or regex"),
-        None => {}
-    }
-}
-
-fn labels(
-    c: &mut Check,
-    field: impl fmt::Display,
-    labels: &std::collections::BTreeMap<String, String>,
-) {
-    for key in labels.keys() {
-        if key.is_empty() {
-            c.fail(&field, "label keys cannot be empty");
-        }
-    }
-}
-
-fn export_to(c: &mut Check, field: impl fmt::Display, export_to: &[String]) {
-    match export_to {
-        [] => {}
-        [one] if one == "." || one == "*" => {}
-        [_] => c.fail(field, "only \".\" or \"*\" is allowed in exportTo"),
-        _ => c.fail(field, "exportTo takes one entry (\".\" or \"*\")"),
-    }
-}
-
-/// `gateway` or `namespace/gateway`; `mesh` is the sidecars.
-fn gateway_names(c: &mut Check, field: &str, gateways: &[String]) {
-    for (i, g) in gateways.iter().enumerate() {
-        let ok = match g.split_once('/') {
-            Some((ns, name)) => is_dns1123_label(ns) && is_dns1123_label(name),
-            None => g.split('.').all(is_dns1123_label),
-        };
-        c.require(
-            ok,
-            format!("{field}[{i}]"),
-            "gateway names are `name` or `namespace/name` (DNS-1123)",
-        );
-    }
-}
-
-// ---- networking ----
-
-fn virtual_service(c: &mut Check, s: &str, vs: &net::VirtualService) {
+pub(super) fn virtual_service(c: &mut Check, s: &str, vs: &net::VirtualService) {
     if vs.hosts.is_empty() {
         c.fail(
             format!("{s}.hosts"),
@@ -480,7 +84,7 @@ fn virtual_service(c: &mut Check, s: &str, vs: &net::VirtualService) {
     export_to(c, format!("{s}.exportTo"), &vs.export_to);
 }
 
-fn http_route(c: &mut Check, f: &str, r: &net::HttpRoute) {
+pub(super) fn http_route(c: &mut Check, f: &str, r: &net::HttpRoute) {
     if r.redirect.is_some() {
         c.require(
             r.route.is_empty(),
@@ -594,7 +198,7 @@ fn http_route(c: &mut Check, f: &str, r: &net::HttpRoute) {
 }
 
 /// The retry conditions Envoy knows (HTTP status codes are allowed too).
-const RETRY_ON: &[&str] = &[
+pub(super) const RETRY_ON: &[&str] = &[
     "5xx",
     "gateway-error",
     "connect-failure",
@@ -608,11 +212,11 @@ const RETRY_ON: &[&str] = &[
     "unavailable",
 ];
 
-const HTTP_METHODS: &[&str] = &[
+pub(super) const HTTP_METHODS: &[&str] = &[
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
 
-fn headers(c: &mut Check, f: &str, h: &Option<net::Headers>) {
+pub(super) fn headers(c: &mut Check, f: &str, h: &Option<net::Headers>) {
     let Some(h) = h else { return };
     for (which, ops) in [("request", &h.request), ("response", &h.response)] {
         let Some(ops) = ops else { continue };
@@ -622,7 +226,7 @@ fn headers(c: &mut Check, f: &str, h: &Option<net::Headers>) {
     }
 }
 
-fn route_destinations<'a>(
+pub(super) fn route_destinations<'a>(
     c: &mut Check,
     f: &str,
     routes: impl Iterator<Item = (&'a Option<net::Destination>, i32)>,
@@ -643,7 +247,7 @@ fn route_destinations<'a>(
     }
 }
 
-fn destination(c: &mut Check, f: &str, d: &net::Destination) {
+pub(super) fn destination(c: &mut Check, f: &str, d: &net::Destination) {
     if d.host == "*" {
         c.fail(
             format!("{f}.host"),
@@ -667,7 +271,7 @@ fn destination(c: &mut Check, f: &str, d: &net::Destination) {
     }
 }
 
-fn fault_injection(c: &mut Check, f: &str, fault: &net::HttpFaultInjection) {
+pub(super) fn fault_injection(c: &mut Check, f: &str, fault: &net::HttpFaultInjection) {
     c.require(
         fault.abort.is_some() || fault.delay.is_some(),
         f,
@@ -716,7 +320,7 @@ fn fault_injection(c: &mut Check, f: &str, fault: &net::HttpFaultInjection) {
     }
 }
 
-fn destination_rule(c: &mut Check, s: &str, dr: &net::DestinationRule) {
+pub(super) fn destination_rule(c: &mut Check, s: &str, dr: &net::DestinationRule) {
     host(c, format!("{s}.host"), &dr.host);
     if let Some(p) = &dr.traffic_policy {
         traffic_policy(c, &format!("{s}.trafficPolicy"), p);
@@ -742,7 +346,7 @@ fn destination_rule(c: &mut Check, s: &str, dr: &net::DestinationRule) {
     export_to(c, format!("{s}.exportTo"), &dr.export_to);
 }
 
-fn traffic_policy(c: &mut Check, f: &str, p: &net::TrafficPolicy) {
+pub(super) fn traffic_policy(c: &mut Check, f: &str, p: &net::TrafficPolicy) {
     let empty = p.load_balancer.is_none()
         && p.connection_pool.is_none()
         && p.outlier_detection.is_none()
@@ -779,7 +383,7 @@ fn traffic_policy(c: &mut Check, f: &str, p: &net::TrafficPolicy) {
     }
 }
 
-fn policy_parts(
+pub(super) fn policy_parts(
     c: &mut Check,
     f: &str,
     lb: &Option<net::LoadBalancerSettings>,
@@ -910,7 +514,7 @@ fn policy_parts(
     }
 }
 
-fn gateway(c: &mut Check, s: &str, gw: &net::Gateway) {
+pub(super) fn gateway(c: &mut Check, s: &str, gw: &net::Gateway) {
     if gw.servers.is_empty() {
         c.fail(
             format!("{s}.servers"),
@@ -965,11 +569,11 @@ fn gateway(c: &mut Check, s: &str, gw: &net::Gateway) {
     }
 }
 
-const PROTOCOLS: &[&str] = &[
+pub(super) const PROTOCOLS: &[&str] = &[
     "HTTP", "HTTPS", "GRPC", "HTTP2", "MONGO", "MYSQL", "REDIS", "TCP", "TLS", "UDP",
 ];
 
-fn server_tls(c: &mut Check, f: &str, tls: &net::server::TlsOptions) {
+pub(super) fn server_tls(c: &mut Check, f: &str, tls: &net::server::TlsOptions) {
     use net::server::tls_options::TlSmode;
     let mode = TlSmode::try_from(tls.mode).unwrap_or(TlSmode::Passthrough);
     if matches!(mode, TlSmode::Simple | TlSmode::Mutual) && tls.credential_name.is_empty() {
@@ -993,7 +597,7 @@ fn server_tls(c: &mut Check, f: &str, tls: &net::server::TlsOptions) {
     }
 }
 
-fn service_entry(c: &mut Check, s: &str, se: &net::ServiceEntry) {
+pub(super) fn service_entry(c: &mut Check, s: &str, se: &net::ServiceEntry) {
     use service_entry::Resolution;
     if se.hosts.is_empty() {
         c.fail(
@@ -1092,7 +696,7 @@ fn service_entry(c: &mut Check, s: &str, se: &net::ServiceEntry) {
     export_to(c, format!("{s}.exportTo"), &se.export_to);
 }
 
-fn sidecar(c: &mut Check, s: &str, sc: &net::Sidecar) {
+pub(super) fn sidecar(c: &mut Check, s: &str, sc: &net::Sidecar) {
     if sc.egress.is_empty() {
         c.fail(
             format!("{s}.egress"),
@@ -1138,7 +742,7 @@ fn sidecar(c: &mut Check, s: &str, sc: &net::Sidecar) {
     }
 }
 
-fn envoy_filter(c: &mut Check, s: &str, ef: &net::EnvoyFilter) {
+pub(super) fn envoy_filter(c: &mut Check, s: &str, ef: &net::EnvoyFilter) {
     c.ignored(
         s,
         "this mesh's Pilot does not apply EnvoyFilters: no proxy gets these filters",
@@ -1165,171 +769,6 @@ fn envoy_filter(c: &mut Check, s: &str, ef: &net::EnvoyFilter) {
             filter.filter_config.is_some(),
             format!("{f}.filterConfig"),
             "a filter needs its config",
-        );
-    }
-}
-
-// ---- security ----
-
-fn authentication_policy(c: &mut Check, s: &str, p: &authn::Policy) {
-    for (i, target) in p.targets.iter().enumerate() {
-        c.require(
-            !target.name.is_empty(),
-            format!("{s}.targets[{i}].name"),
-            "a target needs a service name",
-        );
-    }
-    for (i, peer) in p.peers.iter().enumerate() {
-        if let Some(authn::peer_authentication_method::Params::Jwt(jwt)) = &peer.params {
-            jwt_rule(c, &format!("{s}.peers[{i}].jwt"), jwt);
-            // Served, it would admit peers without the check it asks for.
-            c.fail(
-                format!("{s}.peers[{i}].jwt"),
-                "peer authentication by JWT is not enforced by this mesh yet; \
-                 the policy is refused rather than served unenforced",
-            );
-        }
-    }
-    if p.peer_is_optional {
-        c.ignored(
-            format!("{s}.peerIsOptional"),
-            "this mesh requires the peer authentication the policy names: \
-             peers are never optional",
-        );
-    }
-    for (i, origin) in p.origins.iter().enumerate() {
-        match &origin.jwt {
-            Some(jwt) => jwt_rule(c, &format!("{s}.origins[{i}].jwt"), jwt),
-            None => c.fail(format!("{s}.origins[{i}].jwt"), "an origin needs a jwt"),
-        }
-    }
-    // Served, it would let requests in without the end-user check it asks
-    // for: refused until the proxy enforces JWTs.
-    if !p.origins.is_empty() {
-        c.fail(
-            format!("{s}.origins"),
-            "end-user (JWT) authentication is not enforced by this mesh yet; \
-             the policy is refused rather than served unenforced",
-        );
-    }
-}
-
-fn jwt_rule(c: &mut Check, f: &str, jwt: &authn::Jwt) {
-    c.require(
-        !jwt.issuer.is_empty(),
-        format!("{f}.issuer"),
-        "a JWT rule needs an issuer",
-    );
-    if !jwt.jwks_uri.is_empty() {
-        let ok = jwt.jwks_uri.starts_with("http://") || jwt.jwks_uri.starts_with("https://");
-        c.require(ok, format!("{f}.jwksUri"), "jwksUri must be an http(s) URL");
-    }
-}
-
-fn service_role(c: &mut Check, s: &str, r: &rbac::ServiceRole) {
-    if r.rules.is_empty() {
-        c.fail(
-            format!("{s}.rules"),
-            "a service role needs at least one rule",
-        );
-    }
-    for (i, rule) in r.rules.iter().enumerate() {
-        c.require(
-            !rule.services.is_empty(),
-            format!("{s}.rules[{i}].services"),
-            "a rule needs at least one service",
-        );
-        for (k, constraint) in rule.constraints.iter().enumerate() {
-            c.require(
-                !constraint.key.is_empty(),
-                format!("{s}.rules[{i}].constraints[{k}].key"),
-                "a constraint needs a key",
-            );
-            c.require(
-                !constraint.values.is_empty(),
-                format!("{s}.rules[{i}].constraints[{k}].values"),
-                "a constraint needs values",
-            );
-        }
-    }
-}
-
-fn service_role_binding(c: &mut Check, s: &str, b: &rbac::ServiceRoleBinding) {
-    if b.subjects.is_empty() {
-        c.fail(
-            format!("{s}.subjects"),
-            "a binding needs at least one subject",
-        );
-    }
-    for (i, subject) in b.subjects.iter().enumerate() {
-        #[allow(deprecated)]
-        let empty = subject.user.is_empty()
-            && subject.group.is_empty()
-            && subject.properties.is_empty()
-            && subject.names.is_empty()
-            && subject.not_names.is_empty()
-            && subject.groups.is_empty()
-            && subject.not_groups.is_empty()
-            && subject.namespaces.is_empty()
-            && subject.not_namespaces.is_empty()
-            && subject.ips.is_empty()
-            && subject.not_ips.is_empty();
-        c.require(
-            !empty,
-            format!("{s}.subjects[{i}]"),
-            "a subject needs a user, group, property or name",
-        );
-    }
-    match &b.role_ref {
-        Some(r) => {
-            c.require(
-                r.kind == "ServiceRole",
-                format!("{s}.roleRef.kind"),
-                "roleRef.kind must be ServiceRole",
-            );
-            c.require(
-                !r.name.is_empty(),
-                format!("{s}.roleRef.name"),
-                "roleRef needs a name",
-            );
-        }
-        None => c.fail(format!("{s}.roleRef"), "a binding needs a roleRef"),
-    }
-}
-
-fn rbac_config(c: &mut Check, s: &str, r: &rbac::RbacConfig) {
-    use rbac::rbac_config::Mode;
-    let mode = Mode::try_from(r.mode).unwrap_or(Mode::Off);
-    c.require(
-        mode == Mode::OnWithInclusion || r.inclusion.is_none(),
-        format!("{s}.inclusion"),
-        "inclusion is only for mode ON_WITH_INCLUSION",
-    );
-    c.require(
-        mode == Mode::OnWithExclusion || r.exclusion.is_none(),
-        format!("{s}.exclusion"),
-        "exclusion is only for mode ON_WITH_EXCLUSION",
-    );
-}
-
-// ---- policy ----
-
-fn rule(c: &mut Check, s: &str, r: &policy::Rule) {
-    for (i, action) in r.actions.iter().enumerate() {
-        c.require(
-            !action.handler.is_empty(),
-            format!("{s}.actions[{i}].handler"),
-            "an action needs a handler",
-        );
-    }
-}
-
-fn attribute_manifest(c: &mut Check, s: &str, m: &policy::AttributeManifest) {
-    for (name, info) in &m.attributes {
-        c.require(
-            info.value_type != policy::ValueType::Unspecified as i32,
-            format!("{s}.attributes[{name:?}].valueType"),
-            "every attribute needs a value type",
         );
     }
 }
