@@ -349,3 +349,33 @@ impl HandshakeSignatures {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+/// The three handshake-signature methods of a rustls certificate verifier
+/// (client or server), delegated to the verifier's `signatures:
+/// HandshakeSignatures` field: written once for every verifier.
+#[macro_export]
+macro_rules! delegate_handshake_signatures {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &::rustls::pki_types::CertificateDer<'_>,
+            dss: &::rustls::DigitallySignedStruct,
+        ) -> Result<::rustls::client::danger::HandshakeSignatureValid, ::rustls::Error> {
+            self.signatures.tls12(message, cert, dss)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &::rustls::pki_types::CertificateDer<'_>,
+            dss: &::rustls::DigitallySignedStruct,
+        ) -> Result<::rustls::client::danger::HandshakeSignatureValid, ::rustls::Error> {
+            self.signatures.tls13(message, cert, dss)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<::rustls::SignatureScheme> {
+            self.signatures.schemes()
+        }
+    };
+}

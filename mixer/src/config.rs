@@ -11,7 +11,7 @@ use mcp::SinkSnapshot;
 use mesh_api::{
     kinds::{self, Body},
     pb::istio::policy::v1beta1::{self as policy, ValueType},
-    policy as names,
+    policy as names, wkt,
 };
 use serde::Deserialize;
 
@@ -415,41 +415,33 @@ impl Config {
         // legacy per-adapter and per-template kinds (`kind: prometheus`,
         // `kind: metric`): the spec is the params, the kind the adapter or
         // template.
-        let legacy = |run: &'static [&'static str]| {
+        let legacy = |run: &'static [&'static str], read: fn(&'static str, wkt::Struct) -> Body| {
             kinds::KINDS
                 .iter()
                 .filter(move |k| k.body == kinds::BodyType::LegacyStruct && run.contains(&k.kind))
                 .flat_map(|k| of_kind(k.collection, k.kind))
+                .filter_map(move |(ns, name, kind, body)| match body {
+                    Body::LegacyStruct(params) => Some((ns, name, kind, read(kind, *params))),
+                    _ => None,
+                })
         };
         let handlers = of_kind(kinds::HANDLERS, names::HANDLER)
-            .chain(
-                legacy(names::ADAPTERS).filter_map(|(ns, name, kind, body)| match body {
-                    Body::LegacyStruct(params) => {
-                        let handler = policy::Handler {
-                            compiled_adapter: kind.into(),
-                            params: Some(*params),
-                            ..Default::default()
-                        };
-                        Some((ns, name, kind, Body::Handler(Box::new(handler))))
-                    }
-                    _ => None,
-                }),
-            )
+            .chain(legacy(names::ADAPTERS, |adapter, params| {
+                Body::Handler(Box::new(policy::Handler {
+                    compiled_adapter: adapter.into(),
+                    params: Some(params),
+                    ..Default::default()
+                }))
+            }))
             .collect::<Vec<_>>();
         let instances = of_kind(kinds::INSTANCES, names::INSTANCE)
-            .chain(
-                legacy(names::TEMPLATES).filter_map(|(ns, name, kind, body)| match body {
-                    Body::LegacyStruct(params) => {
-                        let instance = policy::Instance {
-                            compiled_template: kind.into(),
-                            params: Some(*params),
-                            ..Default::default()
-                        };
-                        Some((ns, name, kind, Body::Instance(Box::new(instance))))
-                    }
-                    _ => None,
-                }),
-            )
+            .chain(legacy(names::TEMPLATES, |template, params| {
+                Body::Instance(Box::new(policy::Instance {
+                    compiled_template: template.into(),
+                    params: Some(params),
+                    ..Default::default()
+                }))
+            }))
             .collect::<Vec<_>>();
         Self::compile(
             &collect(kinds::ATTRIBUTE_MANIFESTS),
