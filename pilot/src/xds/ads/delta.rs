@@ -64,35 +64,25 @@ impl<G: ResourceGenerator> Flavor<G> for Delta {
         if *watch.names != names {
             watch.names = conn.names.intern(names);
         }
-        if !request.response_nonce.is_empty() {
-            conn.answer(
-                &type_url,
-                &request.response_nonce,
-                request.error_detail.map(|e| e.message),
-            );
-        }
-        let mut out = Vec::new();
-        if changed {
-            out.extend(respond(conn, &type_url, first));
-        }
-        for t in conn.take_dirty() {
-            out.extend(respond(conn, &t, false));
-        }
-        Ok(out)
+        let error = request.error_detail.map(|e| e.message);
+        let nonce = &request.response_nonce;
+        Ok(Self::after_request(
+            conn,
+            &type_url,
+            nonce,
+            error,
+            changed.then_some(first),
+        ))
     }
 
-    fn on_change(conn: &mut Connection<G>, types: &[String]) -> Vec<Response> {
-        let types = conn.pushable(types);
-        types
-            .iter()
-            .filter_map(|t| respond(conn, t, false))
-            .collect()
+    fn respond(conn: &mut Connection<G>, type_url: &str, forced: bool) -> Option<Response> {
+        changes(conn, type_url, forced)
     }
 }
 
 /// The changes since what the proxy holds; `None` when there are none,
 /// unless `always` (a first subscription is always answered).
-fn respond<G: ResourceGenerator>(
+fn changes<G: ResourceGenerator>(
     conn: &mut Connection<G>,
     type_url: &str,
     always: bool,

@@ -237,8 +237,41 @@ trait Flavor<G: ResourceGenerator>: Send + 'static {
         request: Self::Request,
     ) -> Result<Vec<Response>, Status>;
 
+    /// The response for `type_url`; `None` when it would repeat what the
+    /// proxy holds, unless `forced`.
+    fn respond(conn: &mut Connection<G>, type_url: &str, forced: bool) -> Option<Response>;
+
     /// Responses for the watched `types` whose resources may have changed.
-    fn on_change(conn: &mut Connection<G>, types: &[String]) -> Vec<Response>;
+    fn on_change(conn: &mut Connection<G>, types: &[String]) -> Vec<Response> {
+        conn.pushable(types)
+            .iter()
+            .filter_map(|t| Self::respond(conn, t, false))
+            .collect()
+    }
+
+    /// What follows a request for `type_url` once its subscriptions are
+    /// applied: the proxy's answer to `nonce` (if it is one), the response
+    /// the request calls for (`respond`: `Some(forced)`), then the types
+    /// that waited on a pending response.
+    fn after_request(
+        conn: &mut Connection<G>,
+        type_url: &str,
+        nonce: &str,
+        error: Option<String>,
+        respond: Option<bool>,
+    ) -> Vec<Response> {
+        if !nonce.is_empty() {
+            conn.answer(type_url, nonce, error);
+        }
+        let mut out = Vec::new();
+        if let Some(forced) = respond {
+            out.extend(Self::respond(conn, type_url, forced));
+        }
+        for t in conn.take_dirty() {
+            out.extend(Self::respond(conn, &t, false));
+        }
+        out
+    }
 }
 
 /// One type on one stream. Like MCP, at most one response per type is

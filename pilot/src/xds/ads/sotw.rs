@@ -40,29 +40,19 @@ impl<G: ResourceGenerator> Flavor<G> for Sotw {
         };
         // A (re)subscription or a change of names is always answered.
         let respond = request.response_nonce.is_empty() || names_changed;
-        if !request.response_nonce.is_empty() {
-            conn.answer(
-                &type_url,
-                &request.response_nonce,
-                request.error_detail.map(|e| e.message),
-            );
-        }
-        let mut out = Vec::new();
-        if respond {
-            out.extend(generate(conn, &type_url, true));
-        }
-        for t in conn.take_dirty() {
-            out.extend(generate(conn, &t, false));
-        }
-        Ok(out)
+        let error = request.error_detail.map(|e| e.message);
+        let nonce = &request.response_nonce;
+        Ok(Self::after_request(
+            conn,
+            &type_url,
+            nonce,
+            error,
+            respond.then_some(true),
+        ))
     }
 
-    fn on_change(conn: &mut Connection<G>, types: &[String]) -> Vec<Response> {
-        let types = conn.pushable(types);
-        types
-            .iter()
-            .filter_map(|t| generate(conn, t, false))
-            .collect()
+    fn respond(conn: &mut Connection<G>, type_url: &str, forced: bool) -> Option<Response> {
+        generate(conn, type_url, forced)
     }
 }
 
