@@ -463,12 +463,14 @@ where
     S: Stream<Item = Result<Resources, Status>> + Unpin,
 {
     let mut received = false;
-    for c in &sink.options.collections {
+    let opening = sink.initial_requests(ask_refused);
+    let asked: Vec<String> = opening.iter().map(|r| r.collection.clone()).collect();
+    for c in &asked {
         sink.metrics.stream_opened(c);
     }
     let result = async {
         let opening = async {
-            for request in sink.initial_requests(ask_refused) {
+            for request in opening {
                 requests.send(Ok(request)).await.map_err(|_| ())?;
             }
             Ok::<_, ()>(())
@@ -495,7 +497,7 @@ where
         // The source learns why (a server sends it as the stream's status).
         let _ = requests.send(Err(status.clone())).await;
     }
-    for c in &sink.options.collections {
+    for c in &asked {
         sink.metrics.stream_closed(c);
     }
     (result, received)
