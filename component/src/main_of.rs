@@ -2,20 +2,13 @@
 
 use std::future::Future;
 
-use clap::{Args, CommandFactory, FromArgMatches, Parser};
+use clap::{Args, CommandFactory, FromArgMatches};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Admin, cli::CommonArgs};
-
-/// A component's command line: the common flags plus its own.
-#[derive(Debug, Parser)]
-#[command(version)]
-struct ComponentCli<A: Args> {
-    #[command(flatten)]
-    common: CommonArgs,
-    #[command(flatten)]
-    args: A,
-}
+use crate::{
+    Admin,
+    cli::{Cli, CommonArgs},
+};
 
 /// Parses flags, starts logging and signal handling, and runs `run` beside
 /// the admin server (on `default_admin_port` unless `--admin-addr` says
@@ -47,11 +40,11 @@ pub fn parse_component<A: Args>(
     about: &'static str,
     argv: impl IntoIterator<Item = impl Into<std::ffi::OsString> + Clone>,
 ) -> Result<(CommonArgs, A), clap::Error> {
-    let matches = ComponentCli::<A>::command()
+    let matches = Cli::<A>::command()
         .name(name)
         .about(about)
         .try_get_matches_from(argv)?;
-    let cli = ComponentCli::<A>::from_arg_matches(&matches)?;
+    let cli = Cli::<A>::from_arg_matches(&matches)?;
     Ok((cli.common, cli.args))
 }
 

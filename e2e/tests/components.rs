@@ -94,7 +94,7 @@ async fn citadel_serves_admin_and_its_root_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let admin = free_addr();
     let ca_dir = dir.path().join("ca");
-    let proc = Proc::start(
+    let mut proc = Proc::start(
         "citadel",
         &[
             "--admin-addr",
@@ -105,7 +105,7 @@ async fn citadel_serves_admin_and_its_root_and_stops_on_sigterm() {
             &ca_dir.display().to_string(),
         ],
     );
-    wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    proc.ready(admin).await;
     // The root is on the admin port as it is in the CA directory.
     let (status, page) = get(admin, "/debug/root").await.unwrap();
     assert_eq!(status, 200);

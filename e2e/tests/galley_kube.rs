@@ -14,7 +14,7 @@ async fn galley_serves_a_cluster_over_mcp() {
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, FakeApi::kubeconfig(addr)).unwrap();
     let (mcp, admin) = (free_addr(), free_addr());
-    let galley = Proc::start(
+    let mut galley = Proc::start(
         "galley",
         &[
             "--kube",
@@ -26,7 +26,7 @@ async fn galley_serves_a_cluster_over_mcp() {
             &admin.to_string(),
         ],
     );
-    wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    galley.ready(admin).await;
 
     let collections = "istio/networking/v1alpha3/virtualservices,istio/networking/v1alpha3/synthetic/serviceentries,k8s/core/v1/pods";
     let mut watch = Proc::start(

@@ -35,8 +35,8 @@ async fn start(extra: &[&str]) -> Injector {
         &admin_arg,
     ];
     args.extend_from_slice(extra);
-    let proc = Proc::start("sidecar-injector", &args);
-    wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    let mut proc = Proc::start("sidecar-injector", &args);
+    proc.ready(admin).await;
     Injector {
         proc,
         webhook,

@@ -245,7 +245,7 @@ async fn a_check_answer_is_read_by_a_client_that_knows_only_the_message_words() 
     ]);
     let galley = Galley::start(config.path(), &[]).await;
     let (grpc, admin) = (free_addr(), free_addr());
-    let _mixer = Proc::start(
+    let mut _mixer = Proc::start(
         "mixer",
         &[
             "--role",
@@ -258,7 +258,7 @@ async fn a_check_answer_is_read_by_a_client_that_knows_only_the_message_words() 
             &admin.to_string(),
         ],
     );
-    wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    _mixer.ready(admin).await;
     for (user, code) in [("mallory", "7"), ("jason", "0")] {
         let lines = Peer::start(&["mixer-check", &grpc.to_string(), user])
             .rest()

@@ -114,7 +114,7 @@ async fn pilot_serves_while_galley_is_down_and_catches_up() {
     let galley = Galley::start(dir.path(), &[]).await;
     let mcp = galley.mcp;
     let (xds, admin) = (free_addr(), free_addr());
-    let pilot = Proc::start(
+    let mut pilot = Proc::start(
         "pilot",
         &[
             "--mcp-server",
@@ -125,7 +125,7 @@ async fn pilot_serves_while_galley_is_down_and_catches_up() {
             &admin.to_string(),
         ],
     );
-    wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    pilot.ready(admin).await;
     let reviews = "outbound|9080||reviews.shop.svc.cluster.local";
     let ratings = "outbound|9080||ratings.shop.svc.cluster.local";
     let mut first = Proxy::connect(xds).await;

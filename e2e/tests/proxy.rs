@@ -350,7 +350,7 @@ async fn start_citadel(dir: &std::path::Path) -> Ca {
     ] {
         std::fs::write(dir.join(format!("{sa}.token")), token).unwrap();
     }
-    let proc = Proc::start(
+    let mut proc = Proc::start(
         "citadel",
         &[
             "--grpc-addr",
@@ -363,7 +363,7 @@ async fn start_citadel(dir: &std::path::Path) -> Ca {
             tokens.to_str().unwrap(),
         ],
     );
-    wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    proc.ready(admin).await;
     Ca {
         proc,
         addr,
@@ -621,7 +621,7 @@ fn start_proxy(cp: &ControlPlane, w: Workload) -> (Proc, ProxyPorts) {
 /// Pilot following Galley at `mcp`, serving ADS on `xds`, ready.
 async fn start_pilot(mcp: SocketAddr, xds: SocketAddr) -> Proc {
     let admin = free_addr();
-    let pilot = Proc::start(
+    let mut pilot = Proc::start(
         "pilot",
         &[
             "--mcp-server",
@@ -632,7 +632,7 @@ async fn start_pilot(mcp: SocketAddr, xds: SocketAddr) -> Proc {
             &admin.to_string(),
         ],
     );
-    wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    pilot.ready(admin).await;
     pilot
 }
 

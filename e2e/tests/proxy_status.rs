@@ -36,7 +36,7 @@ async fn proxy_status_shows_what_each_proxy_took() {
     let dir = config_dir(&[]);
     let galley = Galley::start(dir.path(), &[]).await;
     let (xds, admin) = (free_addr(), free_addr());
-    let pilot = Proc::start(
+    let mut pilot = Proc::start(
         "pilot",
         &[
             "--mcp-server",
@@ -47,7 +47,7 @@ async fn proxy_status_shows_what_each_proxy_took() {
             &admin.to_string(),
         ],
     );
-    wait_for_http(admin, "/ready", |s, _| s == 200).await;
+    pilot.ready(admin).await;
     let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{xds}"))
         .await
         .unwrap();

@@ -6,7 +6,7 @@ pub mod fake_kube;
 pub mod netns;
 
 use std::{
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::PathBuf,
     process::Stdio,
     time::{Duration, Instant},
@@ -39,21 +39,10 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A free port on 127.0.0.1, chosen by the OS, and not one this process
-/// was handed before (the OS may hand out a just-released port again).
+/// A free port on 127.0.0.1, never one this process was handed before
+/// ([`launch::free_addr`]).
 pub fn free_addr() -> SocketAddr {
-    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let addr = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
-        if !handed_out.contains(&addr.port()) {
-            handed_out.push(addr.port());
-            return addr;
-        }
-    }
+    launch::free_addr().expect("a free port on 127.0.0.1")
 }
 
 /// Held while a `meshctl up --ephemeral-ports` starts, until it says it is
@@ -103,21 +92,17 @@ impl Proc {
 
     /// [`Proc::start`] with environment variables set.
     pub fn start_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(bin(name));
-        command
-            .args(args)
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied());
+        let mut command = launch::command(&bin(name), args);
+        command.env("RUST_LOG", "info").envs(env.iter().copied());
         Self::spawn(name, command)
     }
 
-    /// Starts `command`, a workspace binary `name` set up by the caller.
+    /// Starts `command`, a workspace binary `name` set up by the caller,
+    /// its output read by the test.
     pub fn spawn(name: &str, mut command: Command) -> Self {
         let mut child = command
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -132,6 +117,17 @@ impl Proc {
 
     pub fn pid(&self) -> u32 {
         self.child.id().expect("process still running")
+    }
+
+    /// Waits until the component answers `/ready` on `admin`, failing the
+    /// test with its stderr if it exits first or takes longer than
+    /// [`WAIT`].
+    pub async fn ready(&mut self, admin: SocketAddr) {
+        let url = launch::ready_url(admin);
+        if let Err(e) = launch::wait_ready(&self.name, &mut self.child, &url, WAIT).await {
+            let stderr = self.stderr_so_far().await;
+            panic!("{e}; stderr: {stderr:#?}");
+        }
     }
 
     /// Reads stdout until a line contains `needle`; returns the lines read.
@@ -317,8 +313,8 @@ impl Galley {
             extra,
         ]
         .concat();
-        let proc = Proc::start("galley", &args);
-        wait_for_http(admin, "/ready", |s, _| s == 200).await;
+        let mut proc = Proc::start("galley", &args);
+        proc.ready(admin).await;
         Self { proc, mcp, admin }
     }
 }

@@ -20,7 +20,9 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
-use super::{cpu_seconds, ms};
+use component::{cli::Cli, flags};
+
+use super::{Component, cpu_seconds, ms};
 
 #[derive(Debug, Args)]
 pub struct CitadelBenchArgs {
@@ -88,28 +90,23 @@ pub async fn run(args: CitadelBenchArgs) -> anyhow::Result<()> {
         "--csrs and --concurrency must be positive"
     );
     let bins = crate::binaries::dir(args.bin_dir.as_deref())?;
-    let citadel_bin = crate::binaries::path(&bins, "citadel")?;
     let dir = tempfile::tempdir()?;
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "bench/bench bench-token\n")?;
     let ca_dir = dir.path().join("ca");
-    let grpc = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let mut child = tokio::process::Command::new(&citadel_bin)
-        .arg("--grpc-addr")
-        .arg(grpc.to_string())
-        .arg("--admin-addr")
-        .arg(admin.to_string())
-        .arg("--ca-dir")
-        .arg(&ca_dir)
-        .arg("--bootstrap-tokens")
-        .arg(&tokens)
-        .args(["--grpc-hostname", "localhost", "--log-level", "warn"])
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = child.id().unwrap_or_default();
-    super::wait_ready("citadel", &mut child, admin, Duration::from_secs(30)).await?;
+    let grpc = launch::free_addr()?;
+    let mut citadel = Component::start(
+        &bins,
+        "citadel",
+        flags!(Cli<citadel::CitadelArgs> {
+            args.grpc_addr: grpc,
+            args.ca_dir: ca_dir.display(),
+            args.bootstrap_tokens: tokens.display(),
+            args.grpc_hostnames: "localhost",
+        }),
+    )
+    .await?;
+    let pid = citadel.pid();
 
     // The same CSRs for both, made before either is timed.
     let csrs: Arc<Vec<String>> = Arc::new(
@@ -168,7 +165,7 @@ pub async fn run(args: CitadelBenchArgs) -> anyhow::Result<()> {
         async move { openssl_sign(&dir, &ca, i).await }
     })
     .await?;
-    child.kill().await?;
+    citadel.child.kill().await?;
 
     let figures = json!({
         "benchmark": "citadel",

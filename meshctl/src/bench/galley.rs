@@ -6,18 +6,17 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Stdio,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use clap::Args;
-use component::CancellationToken;
+use component::{CancellationToken, cli::Cli, flags};
 use mcp::{McpMetrics, Payload, Sink, SinkOptions, SinkSnapshot, parse_endpoint, run_sink_client};
 use mesh_api::kinds;
 use serde_json::json;
 
-use super::{ms, rss_bytes};
+use super::{Component, ms, rss_bytes};
 
 #[derive(Debug, Args)]
 pub struct GalleyBenchArgs {
@@ -100,10 +99,6 @@ fn edit_one(dir: &Path, per_file: usize, revision: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn free_port() -> anyhow::Result<std::net::SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
 /// Waits until every sink's snapshot satisfies `done`; returns the time.
 async fn all_sinks(
     sinks: &[Arc<Sink>],
@@ -124,31 +119,26 @@ async fn all_sinks(
 }
 
 pub async fn run(args: GalleyBenchArgs) -> anyhow::Result<()> {
-    let galley = crate::binaries::path(&crate::binaries::dir(args.bin_dir.as_deref())?, "galley")?;
+    let bins = crate::binaries::dir(args.bin_dir.as_deref())?;
     let config = tempfile::tempdir()?;
     let yaml_bytes = write_config(config.path(), args.resources, args.per_file)?;
     eprintln!(
         "bench galley: {} resources, {} bytes of YAML",
         args.resources, yaml_bytes
     );
-    let (mcp, admin) = (free_port()?, free_port()?);
+    let mcp = launch::free_addr()?;
 
     let start = Instant::now();
-    let mut child = tokio::process::Command::new(&galley)
-        .args(["--config-dir", &config.path().display().to_string()])
-        .args([
-            "--mcp-addr",
-            &mcp.to_string(),
-            "--admin-addr",
-            &admin.to_string(),
-            "--log-level",
-            "warn",
-        ])
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = child.id().unwrap_or_default();
-    super::wait_ready("galley", &mut child, admin, Duration::from_secs(120)).await?;
+    let mut galley = Component::start(
+        &bins,
+        "galley",
+        flags!(Cli<galley::GalleyArgs> {
+            args.config_dir: config.path().display(),
+            args.mcp_addr: mcp,
+        }),
+    )
+    .await?;
+    let pid = galley.pid();
     let ready = start.elapsed();
 
     let rss_at_ready = rss_bytes(pid, "VmRSS:")?;
@@ -193,7 +183,7 @@ pub async fn run(args: GalleyBenchArgs) -> anyhow::Result<()> {
         }));
     }
     let peak_rss = rss_bytes(pid, "VmHWM:")?;
-    let _ = child.start_kill();
+    let _ = galley.child.start_kill();
 
     let figures = json!({
         "benchmark": "galley",

@@ -15,7 +15,6 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Stdio,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -24,8 +23,8 @@ use std::{
 };
 
 use clap::Args;
-use component::CancellationToken;
-use mcp::{IncrementalPolicy, McpMetrics, SourceServer, Store};
+use component::{CancellationToken, cli::Cli, flags};
+use mcp::Store;
 use mesh_api::{
     kinds,
     object::ConfigObject,
@@ -37,7 +36,7 @@ use mixer_client::attributes::{Bag, Compressor, Value, dictionary::GLOBAL_WORDS}
 use serde_json::json;
 use tonic::transport::Channel;
 
-use super::{cpu_seconds, ms, rss_bytes};
+use super::{Component, cpu_seconds, ms, rss_bytes};
 
 #[derive(Debug, Args)]
 pub struct MixerBenchArgs {
@@ -235,9 +234,8 @@ fn check_request(i: usize) -> CheckRequest {
 
 /// A Mixer child process fed `yaml` over MCP from this process.
 struct Running {
-    child: tokio::process::Child,
+    mixer: Component,
     grpc: SocketAddr,
-    admin: SocketAddr,
     prometheus: SocketAddr,
     stop: CancellationToken,
 }
@@ -249,46 +247,35 @@ impl Drop for Running {
 }
 
 impl Running {
-    async fn start(bin: &Path, role: &str, yaml: &str) -> anyhow::Result<Self> {
+    async fn start(bins: &Path, role: &str, yaml: &str) -> anyhow::Result<Self> {
         let store = Arc::new(Store::new(kinds::KINDS.iter().map(|k| k.collection)));
         let objects = ConfigObject::parse_yaml(yaml, "bench.yaml")
             .map_err(|e| anyhow::anyhow!("bench config: {e:?}"))?;
         store.replace_with_objects(mixer::COLLECTIONS, &objects)?;
         let stop = CancellationToken::new();
-        let mcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let mcp_addr = mcp.local_addr()?;
-        SourceServer::new(
-            store,
-            IncrementalPolicy::All,
-            McpMetrics::default(),
-            stop.clone(),
+        let mcp = super::serve_mcp(store, &stop).await?;
+        let (grpc, prometheus) = (launch::free_addr()?, launch::free_addr()?);
+        let mixer = Component::start(
+            bins,
+            "mixer",
+            flags!(Cli<mixer::MixerArgs> {
+                args.role: role,
+                args.mcp_server: mcp,
+                args.grpc_addr: grpc,
+                args.prometheus_addr: prometheus,
+            }),
         )
-        .spawn(mcp);
-        let free = || -> anyhow::Result<SocketAddr> {
-            Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-        };
-        let (grpc, admin, prometheus) = (free()?, free()?, free()?);
-        let mut child = tokio::process::Command::new(bin)
-            .args(["--role", role, "--mcp-server", &mcp_addr.to_string()])
-            .args(["--grpc-addr", &grpc.to_string()])
-            .args(["--admin-addr", &admin.to_string()])
-            .args(["--prometheus-addr", &prometheus.to_string()])
-            .args(["--log-level", "warn"])
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?;
-        super::wait_ready("mixer", &mut child, admin, Duration::from_secs(30)).await?;
+        .await?;
         Ok(Self {
-            child,
+            mixer,
             grpc,
-            admin,
             prometheus,
             stop,
         })
     }
 
     fn pid(&self) -> u32 {
-        self.child.id().unwrap_or_default()
+        self.mixer.pid()
     }
 
     async fn channel(&self) -> anyhow::Result<Channel> {
@@ -446,7 +433,7 @@ async fn report_throughput(
     args: &MixerBenchArgs,
 ) -> anyhow::Result<serde_json::Value> {
     let cpu = cpu_seconds(mixer.pid())?;
-    let before = Running::counter(mixer.admin, "mixer_report_entries_total").await?;
+    let before = Running::counter(mixer.mixer.admin, "mixer_report_entries_total").await?;
     let exported_before = Running::counter(mixer.prometheus, "istio_requests_total").await?;
     let batches = batches.clone();
     // Reports are few and large; a few in flight keep Mixer busy.
@@ -461,7 +448,8 @@ async fn report_throughput(
     )
     .await?;
     let bags = count * args.batch as u64;
-    let received = Running::counter(mixer.admin, "mixer_report_entries_total").await? - before;
+    let received =
+        Running::counter(mixer.mixer.admin, "mixer_report_entries_total").await? - before;
     let exported =
         Running::counter(mixer.prometheus, "istio_requests_total").await? - exported_before;
     let cpu = cpu_seconds(mixer.pid())? - cpu;
@@ -482,7 +470,7 @@ pub async fn run(args: MixerBenchArgs) -> anyhow::Result<()> {
         args.rate > 0 && args.concurrency > 0 && args.batch > 0 && !args.duration.is_zero(),
         "--rate, --concurrency, --batch and --duration must be positive"
     );
-    let bin = crate::binaries::path(&crate::binaries::dir(args.bin_dir.as_deref())?, "mixer")?;
+    let bins = crate::binaries::dir(args.bin_dir.as_deref())?;
     // Encoded before anything is timed, as a proxy's client would have.
     let checks: Arc<Vec<CheckRequest>> = Arc::new((0..10_000).map(check_request).collect());
     let reports: Arc<Vec<ReportRequest>> = Arc::new(
@@ -505,12 +493,12 @@ pub async fn run(args: MixerBenchArgs) -> anyhow::Result<()> {
         ),
         ("no_rules", ATTRIBUTES.to_string(), ATTRIBUTES.to_string()),
     ] {
-        let mixer = Running::start(&bin, "policy", &policy).await?;
+        let mixer = Running::start(&bins, "policy", &policy).await?;
         let at_rate = checks_at_rate(&mixer, &checks, args.rate, args.duration).await?;
         let throughput = check_throughput(&mixer, &checks, &args).await?;
         let check_rss = rss_bytes(mixer.pid(), "VmHWM:")?;
         drop(mixer);
-        let mixer = Running::start(&bin, "telemetry", &telemetry).await?;
+        let mixer = Running::start(&bins, "telemetry", &telemetry).await?;
         let report = report_throughput(&mixer, &reports, &args).await?;
         let report_rss = rss_bytes(mixer.pid(), "VmHWM:")?;
         figures.insert(

@@ -9,7 +9,9 @@ pub mod pilot;
 pub mod proxy;
 pub mod topology;
 
-use std::{path::Path, time::Duration};
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use component::cli::{Cli, Flags};
 
 /// Milliseconds with two decimals.
 fn ms(d: Duration) -> f64 {
@@ -54,31 +56,53 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok((ticks(11) + ticks(12)) / hz)
 }
 
-/// Waits until the component `child` answers `/ready` on `admin`; an error
-/// if it exits first or takes longer than `limit`.
-async fn wait_ready(
-    name: &str,
-    child: &mut tokio::process::Child,
-    admin: std::net::SocketAddr,
-    limit: Duration,
-) -> anyhow::Result<()> {
-    let client = reqwest::Client::new();
-    let started = std::time::Instant::now();
-    while !client
-        .get(format!("http://{admin}/ready"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status().is_success())
-    {
-        anyhow::ensure!(
-            child.try_wait()?.is_none(),
-            "{name} exited before it was ready"
-        );
-        anyhow::ensure!(
-            started.elapsed() < limit,
-            "{name} not ready within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+/// Serves `store` over MCP on a loopback port until `stop`, as Galley
+/// would, for a component under benchmark to follow; the port.
+async fn serve_mcp(
+    store: std::sync::Arc<::mcp::Store>,
+    stop: &component::CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    ::mcp::SourceServer::new(
+        store,
+        ::mcp::IncrementalPolicy::All,
+        ::mcp::McpMetrics::default(),
+        stop.clone(),
+    )
+    .spawn(listener);
+    Ok(addr)
+}
+
+/// How long a component may take to be ready under a benchmark's load.
+const READY_LIMIT: Duration = Duration::from_secs(120);
+
+/// A component started for a benchmark, logging warnings only; killed
+/// when dropped.
+struct Component {
+    child: tokio::process::Child,
+    admin: SocketAddr,
+}
+
+impl Component {
+    /// Starts `binary` (in `bins`) with `flags` and an admin port of its
+    /// own, and waits until it is ready.
+    async fn start<A: clap::Args>(
+        bins: &Path,
+        binary: &str,
+        flags: Flags<Cli<A>>,
+    ) -> anyhow::Result<Self> {
+        let admin = launch::free_addr()?;
+        let args = flags.admin_addr(admin).log_level("warn").build()?;
+        let mut child = launch::command(&crate::binaries::path(bins, binary)?, args)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("starting {binary}: {e}"))?;
+        launch::wait_ready(binary, &mut child, &launch::ready_url(admin), READY_LIMIT).await?;
+        Ok(Self { child, admin })
     }
-    Ok(())
+
+    fn pid(&self) -> u32 {
+        self.child.id().unwrap_or_default()
+    }
 }

@@ -12,9 +12,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::SocketAddr,
     path::PathBuf,
-    process::Stdio,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU8, AtomicU64, Ordering},
@@ -23,7 +21,7 @@ use std::{
 };
 
 use clap::Args;
-use component::CancellationToken;
+use component::{CancellationToken, cli::Cli, flags};
 use envoy_types::pb::{
     envoy::{
         config::{
@@ -44,7 +42,7 @@ use envoy_types::pb::{
     },
     google::protobuf::Any,
 };
-use mcp::{IncrementalPolicy, McpMetrics, SourceServer, Store};
+use mcp::Store;
 use mesh_api::{kinds, object::ConfigObject};
 use prost::Message;
 use serde_json::json;
@@ -52,7 +50,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-use super::{cpu_seconds, ms};
+use super::{Component, cpu_seconds, ms};
 
 #[derive(Debug, Args)]
 pub struct PilotBenchArgs {
@@ -498,38 +496,24 @@ async fn wait_for(
 
 async fn phase(
     args: &PilotBenchArgs,
-    pilot_bin: &std::path::Path,
+    bins: &std::path::Path,
     delta: bool,
 ) -> anyhow::Result<serde_json::Value> {
     let store = Arc::new(Store::new(kinds::KINDS.iter().map(|k| k.collection)));
     publish(&store, &config(args, 1))?;
     let stop = CancellationToken::new();
-    let mcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let mcp_addr = mcp.local_addr()?;
-    SourceServer::new(
-        store.clone(),
-        IncrementalPolicy::All,
-        McpMetrics::default(),
-        stop.clone(),
+    let mcp = super::serve_mcp(store.clone(), &stop).await?;
+    let xds = launch::free_addr()?;
+    let mut pilot = Component::start(
+        bins,
+        "pilot",
+        flags!(Cli<pilot::PilotArgs> {
+            args.mcp_server: mcp,
+            args.xds_addr: xds,
+        }),
     )
-    .spawn(mcp);
-    let free = || -> anyhow::Result<SocketAddr> {
-        Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-    };
-    let (xds, admin) = (free()?, free()?);
-    let mut child = tokio::process::Command::new(pilot_bin)
-        .args([
-            "--mcp-server",
-            &mcp_addr.to_string(),
-            "--xds-addr",
-            &xds.to_string(),
-        ])
-        .args(["--admin-addr", &admin.to_string(), "--log-level", "warn"])
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = child.id().unwrap_or_default();
-    super::wait_ready("pilot", &mut child, admin, Duration::from_secs(120)).await?;
+    .await?;
+    let pid = pilot.pid();
     let cpu_at_ready = cpu_seconds(pid)?;
 
     let (events_tx, mut events) = mpsc::unbounded_channel();
@@ -590,11 +574,11 @@ async fn phase(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGTERM,
     );
-    if tokio::time::timeout(Duration::from_secs(10), child.wait())
+    if tokio::time::timeout(Duration::from_secs(10), pilot.child.wait())
         .await
         .is_err()
     {
-        let _ = child.start_kill();
+        let _ = pilot.child.start_kill();
     }
     let responses = |phase: usize| -> serde_json::Value {
         let counts: serde_json::Map<String, serde_json::Value> = ["CDS", "EDS", "LDS", "RDS"]
@@ -635,14 +619,14 @@ pub async fn run(args: PilotBenchArgs) -> anyhow::Result<()> {
         args.services > 1 && args.namespaces > 0 && args.streams_per_connection > 0,
         "--services must be above 1, --namespaces and --streams-per-connection above 0"
     );
-    let pilot = crate::binaries::path(&crate::binaries::dir(args.bin_dir.as_deref())?, "pilot")?;
+    let bins = crate::binaries::dir(args.bin_dir.as_deref())?;
     eprintln!(
         "bench pilot: {} services, {} proxies",
         args.services, args.proxies
     );
     let mut runs = Vec::new();
     for delta in [false, true] {
-        runs.push(phase(&args, &pilot, delta).await?);
+        runs.push(phase(&args, &bins, delta).await?);
     }
     let figures = json!({
         "benchmark": "pilot",

@@ -27,7 +27,10 @@ use http_body_util::{BodyExt, Empty, Full};
 use serde_json::json;
 use tokio::{net::TcpStream, process::Child};
 
-use super::{cpu_seconds, ms, rss_bytes, wait_ready};
+use component::{cli::Cli, flags};
+use launch::free_addr;
+
+use super::{Component, cpu_seconds, ms, rss_bytes};
 
 #[derive(Debug, Args)]
 pub struct ProxyBenchArgs {
@@ -53,10 +56,6 @@ pub struct ProxyBenchArgs {
 
 const DIRECT_HOST: &str = "direct.bench.svc.cluster.local";
 const MESHED_HOST: &str = "meshed.bench.svc.cluster.local";
-
-fn free() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
 
 /// The backend: a fixed small answer, served by hyper in this process.
 async fn backend() -> anyhow::Result<SocketAddr> {
@@ -147,45 +146,22 @@ spec:
         backend_port = backend.port(),
         inbound_port = inbound.port(),
         egress_port = egress.port(),
-        server_egress = free().map(|a| a.port()).unwrap_or(1),
+        server_egress = free_addr().map(|a| a.port()).unwrap_or(1),
     )
-}
-
-/// A child process killed when dropped.
-struct Running {
-    child: Child,
-}
-
-impl Running {
-    fn start(bin: &Path, args: &[&str]) -> anyhow::Result<Self> {
-        let child = tokio::process::Command::new(bin)
-            .args(args)
-            .args(["--log-level", "warn"])
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("starting {}: {e}", bin.display()))?;
-        Ok(Self { child })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id().unwrap_or_default()
-    }
 }
 
 /// The control plane and the two proxies.
 struct Mesh {
     _dir: tempfile::TempDir,
-    _control: Vec<Running>,
-    client: Running,
-    server: Running,
+    _control: Vec<Component>,
+    client: Component,
+    server: Component,
     egress: SocketAddr,
 }
 
 async fn start_mesh(bins: &Path, backend: SocketAddr) -> anyhow::Result<Mesh> {
-    let bin = |name| crate::binaries::path(bins, name);
     let dir = tempfile::tempdir()?;
-    let (egress, inbound) = (free()?, free()?);
+    let (egress, inbound) = (free_addr()?, free_addr()?);
     let config = dir.path().join("config");
     std::fs::create_dir(&config)?;
     std::fs::write(
@@ -202,111 +178,58 @@ async fn start_mesh(bins: &Path, backend: SocketAddr) -> anyhow::Result<Mesh> {
             format!("{sa}-token"),
         )?;
     }
-    let (mcp, xds, citadel) = (free()?, free()?, free()?);
-    let admins: Vec<SocketAddr> = (0..3).map(|_| free()).collect::<Result<_, _>>()?;
-    let s = |a: SocketAddr| a.to_string();
-    let mut galley = Running::start(
-        &bin("galley")?,
-        &[
-            "--config-dir",
-            config.to_str().unwrap_or_default(),
-            "--mcp-addr",
-            &s(mcp),
-            "--admin-addr",
-            &s(admins[0]),
-        ],
-    )?;
-    wait_ready(
+    let (mcp, xds, citadel) = (free_addr()?, free_addr()?, free_addr()?);
+    let galley = Component::start(
+        bins,
         "galley",
-        &mut galley.child,
-        admins[0],
-        Duration::from_secs(30),
+        flags!(Cli<galley::GalleyArgs> {
+            args.config_dir: config.display(),
+            args.mcp_addr: mcp,
+        }),
     )
     .await?;
-    let mut pilot = Running::start(
-        &bin("pilot")?,
-        &[
-            "--mcp-server",
-            &s(mcp),
-            "--xds-addr",
-            &s(xds),
-            "--admin-addr",
-            &s(admins[1]),
-        ],
-    )?;
-    wait_ready(
+    let pilot = Component::start(
+        bins,
         "pilot",
-        &mut pilot.child,
-        admins[1],
-        Duration::from_secs(30),
+        flags!(Cli<pilot::PilotArgs> {
+            args.mcp_server: mcp,
+            args.xds_addr: xds,
+        }),
     )
     .await?;
     let ca_dir = dir.path().join("ca");
-    let tokens = dir.path().join("tokens");
-    let mut ca = Running::start(
-        &bin("citadel")?,
-        &[
-            "--grpc-addr",
-            &s(citadel),
-            "--admin-addr",
-            &s(admins[2]),
-            "--ca-dir",
-            ca_dir.to_str().unwrap_or_default(),
-            "--bootstrap-tokens",
-            tokens.to_str().unwrap_or_default(),
-        ],
-    )?;
-    wait_ready("citadel", &mut ca.child, admins[2], Duration::from_secs(30)).await?;
+    let ca = Component::start(
+        bins,
+        "citadel",
+        flags!(Cli<citadel::CitadelArgs> {
+            args.grpc_addr: citadel,
+            args.ca_dir: ca_dir.display(),
+            args.bootstrap_tokens: dir.path().join("tokens").display(),
+        }),
+    )
+    .await?;
     let root = ca_dir.join("root-cert.pem");
-    let proxy = |pod: &str, admin: SocketAddr| -> anyhow::Result<Running> {
+    let proxy = |pod: &'static str| {
         let token = dir.path().join(format!("{pod}.token"));
-        Running::start(
-            &bin("proxy")?,
-            &[
-                "--pilot",
-                &s(xds),
-                "--admin-addr",
-                &s(admin),
-                "--stats-addr",
-                "127.0.0.1:0",
-                "--health-addr",
-                "127.0.0.1:0",
-                "--pod",
-                pod,
-                "--namespace",
-                "bench",
-                "--service-account",
-                pod,
-                "--labels",
-                &format!("app={pod}"),
-                "--citadel",
-                &s(citadel),
-                "--citadel-hostname",
-                "localhost",
-                "--citadel-root",
-                root.to_str().unwrap_or_default(),
-                "--citadel-token-file",
-                token.to_str().unwrap_or_default(),
-            ],
+        Component::start(
+            bins,
+            "proxy",
+            flags!(Cli<proxy::ProxyArgs> {
+                args.pilot: xds,
+                args.stats_addr: "127.0.0.1:0",
+                args.health_addr: "127.0.0.1:0",
+                args.node.pod: pod,
+                args.node.namespace: "bench",
+                args.node.service_account: pod,
+                args.node.labels: format!("app={pod}"),
+                args.agent.citadel: citadel,
+                args.agent.citadel_hostname: "localhost",
+                args.agent.citadel_root: root.display(),
+                args.agent.citadel_token_file: token.display(),
+            }),
         )
     };
-    let (client_admin, server_admin) = (free()?, free()?);
-    let mut client = proxy("client", client_admin)?;
-    let mut server = proxy("server", server_admin)?;
-    wait_ready(
-        "client proxy",
-        &mut client.child,
-        client_admin,
-        Duration::from_secs(30),
-    )
-    .await?;
-    wait_ready(
-        "server proxy",
-        &mut server.child,
-        server_admin,
-        Duration::from_secs(30),
-    )
-    .await?;
+    let (client, server) = tokio::try_join!(proxy("client"), proxy("server"))?;
     Ok(Mesh {
         _dir: dir,
         _control: vec![galley, pilot, ca],
@@ -319,13 +242,13 @@ async fn start_mesh(bins: &Path, backend: SocketAddr) -> anyhow::Result<Mesh> {
 /// nginx in a process group of its own, all of which is stopped with
 /// SIGTERM (a stopped master can leave its workers running).
 struct Nginx {
-    running: Running,
+    child: Child,
     _dir: tempfile::TempDir,
 }
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let group = nix::unistd::Pid::from_raw(self.running.pid() as i32);
+        let group = nix::unistd::Pid::from_raw(self.child.id().unwrap_or_default() as i32);
         let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGTERM);
     }
 }
@@ -345,26 +268,25 @@ async fn start_nginx(backend: SocketAddr) -> anyhow::Result<(Nginx, SocketAddr)>
         anyhow::anyhow!("nginx is not installed and could not be (pass --no-nginx)")
     })?;
     let dir = tempfile::tempdir()?;
-    let listen = free()?;
+    let listen = free_addr()?;
     let conf = format!(
         "worker_processes 2;\npid {pid};\nerror_log stderr error;\ndaemon off;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_requests 100000000;\n  keepalive_timeout 300s;\n  upstream backend {{ server {backend}; keepalive 64; keepalive_requests 100000000; }}\n  server {{\n    listen {listen};\n    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
         pid = dir.path().join("nginx.pid").display(),
     );
     let conf_path = dir.path().join("nginx.conf");
     std::fs::write(&conf_path, conf)?;
-    let running = Running {
-        child: tokio::process::Command::new(nginx)
-            .args([
-                "-p",
-                dir.path().to_str().unwrap_or_default(),
-                "-c",
-                conf_path.to_str().unwrap_or_default(),
-            ])
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .process_group(0)
-            .spawn()?,
-    };
+    let child = launch::command(
+        &nginx,
+        [
+            "-p",
+            dir.path().to_str().unwrap_or_default(),
+            "-c",
+            conf_path.to_str().unwrap_or_default(),
+        ],
+    )
+    .stdout(Stdio::null())
+    .process_group(0)
+    .spawn()?;
     let started = Instant::now();
     while TcpStream::connect(listen).await.is_err() {
         anyhow::ensure!(
@@ -373,7 +295,7 @@ async fn start_nginx(backend: SocketAddr) -> anyhow::Result<(Nginx, SocketAddr)>
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    Ok((Nginx { running, _dir: dir }, listen))
+    Ok((Nginx { child, _dir: dir }, listen))
 }
 
 fn which(name: &str) -> Option<PathBuf> {
@@ -603,7 +525,7 @@ pub async fn run(args: ProxyBenchArgs) -> anyhow::Result<()> {
     if !args.no_nginx {
         let (nginx, listen) = start_nginx(backend).await?;
         // The master and its workers.
-        let master = nginx.running.pid();
+        let master = nginx.child.id().unwrap_or_default();
         let mut pids = vec![master];
         pids.extend(children(master));
         added("nginx", scenario(&origin(listen), &pids, &args).await?);

@@ -62,19 +62,18 @@ pub fn address(given: Option<SocketAddr>) -> anyhow::Result<SocketAddr> {
 
 /// Whether each row's component answers 200 on its ready URL.
 pub async fn probe(mut rows: Vec<Row>) -> Vec<Row> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .no_proxy()
-        .build()
-        .expect("a plain HTTP client");
     for row in &mut rows {
-        row.ready = client
-            .get(&row.ready_url)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success());
+        row.ready = launch::is_ready(&row.ready_url).await;
     }
     rows
+}
+
+/// The names of the rows not ready.
+pub fn not_ready(rows: &[Row]) -> Vec<&str> {
+    rows.iter()
+        .filter(|r| !r.ready)
+        .map(|r| r.name.as_str())
+        .collect()
 }
 
 type Error = (StatusCode, String);
@@ -128,15 +127,11 @@ async fn restart(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let probed = probe(rows.clone()).await;
-        if probed.iter().all(|r| r.ready) {
+        let waiting = not_ready(&probed);
+        if waiting.is_empty() {
             return Ok(Json(probed));
         }
         if tokio::time::Instant::now() >= deadline {
-            let waiting: Vec<_> = probed
-                .iter()
-                .filter(|r| !r.ready)
-                .map(|r| r.name.as_str())
-                .collect();
             return Err((
                 StatusCode::GATEWAY_TIMEOUT,
                 format!("not ready after 60 s: {}\n", waiting.join(", ")),

@@ -17,7 +17,11 @@ mod sample;
 mod supervisor;
 
 use clap::Args;
-use component::{CancellationToken, ports};
+use component::{
+    CancellationToken,
+    cli::{Cli, Flags},
+    flags, ports,
+};
 use tokio::sync::mpsc;
 
 use self::{
@@ -73,32 +77,35 @@ struct Plan {
     binary: &'static str,
     args: Vec<String>,
     env: Vec<(&'static str, String)>,
-    /// Where it says it is ready: an HTTP path that answers 200.
-    ready: (SocketAddr, &'static str),
+    /// Where it says it is ready: a URL that answers 200.
+    ready: String,
     /// The addresses it listens on, by purpose.
     ports: Vec<(&'static str, String)>,
 }
 
 impl Plan {
-    /// A control-plane component: its admin port is where it says it is
-    /// ready.
-    fn component(
+    /// A control-plane component, with `flags` its own: its admin port is
+    /// where it says it is ready.
+    fn component<A: clap::Args>(
         name: &str,
         binary: &'static str,
-        mut args: Vec<String>,
+        flags: Flags<Cli<A>>,
         admin: SocketAddr,
         mut ports: Vec<(&'static str, String)>,
-    ) -> Self {
-        args.extend(["--admin-addr".into(), admin.to_string()]);
+    ) -> anyhow::Result<Self> {
+        let args = flags
+            .admin_addr(admin)
+            .build()
+            .map_err(|e| anyhow::anyhow!("{name}'s flags: {e}"))?;
         ports.insert(0, ("admin", admin.to_string()));
-        Self {
+        Ok(Self {
             name: name.into(),
             binary,
             args,
             env: Vec::new(),
-            ready: (admin, "/ready"),
+            ready: launch::ready_url(admin),
             ports,
-        }
+        })
     }
 }
 
@@ -128,7 +135,7 @@ impl Running {
                 name: plan.name.clone(),
                 pid: self.supervisor.processes[*process].pid,
                 ready: true,
-                ready_url: format!("http://{}{}", plan.ready.0, plan.ready.1),
+                ready_url: plan.ready.clone(),
                 ports: plan
                     .ports
                     .iter()
@@ -210,88 +217,71 @@ fn plans(
         Plan::component(
             "galley",
             "galley",
-            vec![
-                "--config-dir".into(),
-                config_dir.display().to_string(),
-                "--mcp-addr".into(),
-                mcp_arg.clone(),
-            ],
+            flags!(Cli<galley::GalleyArgs> {
+                args.config_dir: config_dir.display(),
+                args.mcp_addr: &mcp_arg,
+            }),
             admin(0)?,
             vec![("mcp", mcp_arg.clone())],
-        ),
+        )?,
         Plan::component(
             "pilot",
             "pilot",
-            vec![
-                "--mcp-server".into(),
-                mcp_arg.clone(),
-                "--xds-addr".into(),
-                xds.to_string(),
-            ],
+            flags!(Cli<pilot::PilotArgs> {
+                args.mcp_server: &mcp_arg,
+                args.xds_addr: xds,
+            }),
             admin(1)?,
             vec![("xds", xds.to_string())],
-        ),
+        )?,
         Plan::component(
             "mixer-policy",
             "mixer",
-            vec![
-                "--role".into(),
-                "policy".into(),
-                "--mcp-server".into(),
-                mcp_arg.clone(),
-                "--grpc-addr".into(),
-                policy.to_string(),
-            ],
+            flags!(Cli<mixer::MixerArgs> {
+                args.role: "policy",
+                args.mcp_server: &mcp_arg,
+                args.grpc_addr: policy,
+            }),
             admin(2)?,
             vec![("grpc", policy.to_string())],
-        ),
+        )?,
         Plan::component(
             "mixer-telemetry",
             "mixer",
-            vec![
-                "--role".into(),
-                "telemetry".into(),
-                "--mcp-server".into(),
-                mcp_arg,
-                "--grpc-addr".into(),
-                telemetry.to_string(),
-                "--prometheus-addr".into(),
-                prometheus.to_string(),
-            ],
+            flags!(Cli<mixer::MixerArgs> {
+                args.role: "telemetry",
+                args.mcp_server: &mcp_arg,
+                args.grpc_addr: telemetry,
+                args.prometheus_addr: prometheus,
+            }),
             admin(3)?,
             vec![
                 ("grpc", telemetry.to_string()),
                 ("metrics", prometheus.to_string()),
             ],
-        ),
+        )?,
         Plan::component(
             "citadel",
             "citadel",
-            vec![
-                "--grpc-addr".into(),
-                ca.to_string(),
-                "--ca-dir".into(),
-                ca_dir.display().to_string(),
-                "--bootstrap-tokens".into(),
-                tokens.display().to_string(),
-            ],
+            flags!(Cli<citadel::CitadelArgs> {
+                args.grpc_addr: ca,
+                args.ca_dir: ca_dir.display(),
+                args.bootstrap_tokens: tokens.display(),
+            }),
             admin(4)?,
             vec![("ca", ca.to_string())],
-        ),
+        )?,
         Plan::component(
             "sidecar-injector",
             "sidecar-injector",
-            vec![
-                "--webhook-addr".into(),
-                injector.to_string(),
-                "--webhook-cert".into(),
-                cert.display().to_string(),
-                "--webhook-key".into(),
-                key.display().to_string(),
-            ],
+            flags!(Cli<sidecar_injector::InjectorArgs> {
+                args.webhook_addr: injector,
+                args.webhook_cert: cert.display(),
+                args.webhook_key: key.display(),
+            }),
             admin(5)?,
             vec![("webhook", injector.to_string())],
-        ),
+        )?,
     ];
     let control_plane = ControlPlane {
         xds,
@@ -640,11 +630,7 @@ async fn wait_ready(running: &mut Running, timeout: Duration) -> anyhow::Result<
             running.supervisor.start(index)?;
         }
         let rows = control::probe(running.rows(None)).await;
-        let waiting: Vec<&str> = rows
-            .iter()
-            .filter(|r| !r.ready)
-            .map(|r| r.name.as_str())
-            .collect();
+        let waiting = control::not_ready(&rows);
         if waiting.is_empty() {
             return Ok(());
         }
@@ -652,5 +638,29 @@ async fn wait_ready(running: &mut Running, timeout: Duration) -> anyhow::Result<
             anyhow::bail!("not ready after {timeout:?}: {}", waiting.join(", "));
         }
         backoff.wait().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every command line is checked as its binary parses it when it is
+    /// built, so building them all is the test.
+    #[test]
+    fn every_command_line_parses_as_its_binary_parses_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens");
+        for topology in [Topology::Split, Topology::Monolith] {
+            let ports = Ports::new(true);
+            let (plans, control_plane) =
+                plans(dir.path(), dir.path(), &tokens, &ports, topology).unwrap();
+            assert_eq!(plans.len(), 6);
+            let workloads = sample::Sample::new(&ports)
+                .unwrap()
+                .plans(&control_plane, &tokens, &ports)
+                .unwrap();
+            assert_eq!(workloads.len(), 12);
+        }
     }
 }

@@ -8,6 +8,8 @@
 
 use std::{collections::BTreeMap, path::Path};
 
+use component::{cli::Cli, flags};
+
 use super::{ControlPlane, Plan, Ports};
 
 /// The config files, as `examples/` has them.
@@ -132,71 +134,53 @@ impl Sample {
             let app = super::loopback(self.port(w.port));
             let inbound = super::loopback(self.port(w.inbound));
             let egress = super::loopback(self.port(w.egress));
+            let app_args = flags!(sample_app::Args {
+                role: w.app,
+                version: w.version,
+                listen: app,
+            });
             plans.push(Plan {
                 name: name.clone(),
                 binary: "sample-app",
-                args: vec![
-                    "--role".into(),
-                    w.app.into(),
-                    "--version".into(),
-                    w.version.into(),
-                    "--listen".into(),
-                    app.to_string(),
-                ],
+                args: app_args.build()?,
                 env: vec![("HTTP_PROXY", format!("http://{egress}"))],
-                ready: (app, "/health"),
+                ready: format!("http://{app}/health"),
                 ports: vec![("app", app.to_string())],
             });
             let (admin, stats, health) = (ports.any()?, ports.any()?, ports.any()?);
-            let mut args: Vec<String> = [
-                "--pilot",
-                &cp.xds.to_string(),
-                "--pod",
-                &format!("{name}-0"),
-                "--namespace",
-                "bookinfo",
-                "--service-account",
-                &account,
-                "--labels",
-                &format!("app={},version={}", w.app, w.version),
-                "--citadel",
-                &cp.ca.to_string(),
-                "--citadel-root",
-                &cp.ca_root.display().to_string(),
-                "--citadel-token-file",
-                &token_file.display().to_string(),
-                "--citadel-hostname",
-                "localhost",
-                "--mixer-policy",
-                &cp.policy.to_string(),
-                "--mixer-telemetry",
-                &cp.telemetry.to_string(),
-                "--admin-addr",
-                &admin.to_string(),
-                "--stats-addr",
-                &stats.to_string(),
-                "--health-addr",
-                &health.to_string(),
-                "--concurrency",
-                "1",
+            let mut proxy_args = flags!(Cli<proxy::ProxyArgs> {
+                args.pilot: cp.xds,
+                args.node.pod: format!("{name}-0"),
+                args.node.namespace: "bookinfo",
+                args.node.service_account: &account,
+                args.node.labels: format!("app={},version={}", w.app, w.version),
+                args.agent.citadel: cp.ca,
+                args.agent.citadel_root: cp.ca_root.display(),
+                args.agent.citadel_token_file: token_file.display(),
+                args.agent.citadel_hostname: "localhost",
+                args.mixer.mixer_policy: cp.policy,
+                args.mixer.mixer_telemetry: cp.telemetry,
+                args.stats_addr: stats,
+                args.health_addr: health,
+                args.concurrency: 1,
                 // A policy Mixer restarting (or the monolith) costs no
                 // request: its checks wait for it, up to some 7 s.
-                "--mixer-check-retries",
-                "10",
-            ]
-            .map(String::from)
-            .into();
+                args.mixer.mixer_check_retries: 10,
+            })
+            .admin_addr(admin);
             // The quota of examples/bookinfo/policy.yaml is asked for by
             // the service it limits.
             if w.app == "ratings" {
-                args.extend(["--mixer-quota".into(), "requestcountquota".into()]);
+                proxy_args = proxy_args.extend(flags!(Cli<proxy::ProxyArgs> {
+                    args.mixer.mixer_quota: "requestcountquota",
+                }));
             }
             plans.push(Plan {
                 name: format!("{name}-proxy"),
                 binary: "proxy",
-                args,
+                args: proxy_args.build()?,
                 env: Vec::new(),
-                ready: (admin, "/ready"),
+                ready: launch::ready_url(admin),
                 ports: vec![
                     ("admin", admin.to_string()),
                     ("inbound", inbound.to_string()),

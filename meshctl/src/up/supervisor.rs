@@ -7,12 +7,12 @@ use std::{
     collections::VecDeque,
     fs::OpenOptions,
     path::{Path, PathBuf},
-    process::{ExitStatus, Stdio},
+    process::ExitStatus,
     time::{Duration, Instant},
 };
 
 use nix::{sys::signal::Signal, unistd::Pid};
-use tokio::{process::Command, sync::mpsc};
+use tokio::sync::mpsc;
 
 /// How long a process gets to exit after SIGTERM before it is killed.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -85,28 +85,19 @@ impl Supervisor {
         Ok(index)
     }
 
-    /// Starts process `index` (again), appending to its log.
+    /// Starts process `index` (again), appending to its log. It dies with
+    /// `meshctl up`, even when that is killed.
     pub fn start(&mut self, index: usize) -> anyhow::Result<()> {
         let p = &mut self.processes[index];
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.logs.join(format!("{}.log", p.name)))?;
-        let mut command = Command::new(&p.binary);
+        let mut command = launch::command(&p.binary, &p.argv);
         command
-            .args(&p.argv)
             .envs(p.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true);
-        // SAFETY: prctl is one system call, safe between fork and exec.
-        // The mesh dies with `meshctl up`, even when it is killed.
-        unsafe {
-            command.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
-            });
-        }
+            .stderr(log);
         let mut child = command
             .spawn()
             .map_err(|e| anyhow::anyhow!("starting {}: {e}", p.binary.display()))?;
