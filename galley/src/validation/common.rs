@@ -1,11 +1,11 @@
 //! Rules more than one kind applies: names, hosts, ports, durations, string
 //! matches, labels, `exportTo`, gateway names.
 
-use std::{fmt, net::IpAddr};
+use std::net::IpAddr;
 
 use mesh_api::{pb::istio::networking::v1alpha3 as net, wkt};
 
-use super::Check;
+use super::{Check, Field};
 
 pub fn is_dns1123_label(s: &str) -> bool {
     let b = s.as_bytes();
@@ -19,7 +19,7 @@ pub fn is_dns1123_label(s: &str) -> bool {
 
 /// A host name, possibly with a leading wildcard label (`*.example.com`,
 /// `*`, `*-svc.ns`), or an IP address.
-pub(super) fn host(c: &mut Check, field: impl fmt::Display, host: &str) {
+pub(super) fn host(c: &mut Check, field: &Field, host: &str) {
     if host.parse::<IpAddr>().is_ok() {
         return;
     }
@@ -36,7 +36,7 @@ pub(super) fn host(c: &mut Check, field: impl fmt::Display, host: &str) {
     }
 }
 
-pub(super) fn port(c: &mut Check, field: impl fmt::Display, port: u32) {
+pub(super) fn port(c: &mut Check, field: &Field, port: u32) {
     c.require(
         (1..=65535).contains(&port),
         field,
@@ -44,7 +44,7 @@ pub(super) fn port(c: &mut Check, field: impl fmt::Display, port: u32) {
     );
 }
 
-pub(super) fn percent(c: &mut Check, field: impl fmt::Display, value: i32) {
+pub(super) fn percent(c: &mut Check, field: &Field, value: i32) {
     c.require(
         (0..=100).contains(&value),
         field,
@@ -53,7 +53,7 @@ pub(super) fn percent(c: &mut Check, field: impl fmt::Display, value: i32) {
 }
 
 /// Durations are at least 1ms and whole milliseconds, as Envoy takes them.
-pub(super) fn duration(c: &mut Check, field: impl fmt::Display, d: &Option<wkt::Duration>) {
+pub(super) fn duration(c: &mut Check, field: &Field, d: &Option<wkt::Duration>) {
     let Some(d) = d else { return };
     let nanos = i128::from(d.seconds) * 1_000_000_000 + i128::from(d.nanos);
     if nanos < 1_000_000 {
@@ -63,16 +63,16 @@ pub(super) fn duration(c: &mut Check, field: impl fmt::Display, d: &Option<wkt::
     }
 }
 
-pub(super) fn header_name(c: &mut Check, field: impl fmt::Display, name: &str) {
+pub(super) fn header_name(c: &mut Check, field: &Field, name: &str) {
     c.require(!name.is_empty(), field, "header name cannot be empty");
 }
 
-pub(super) fn string_match(c: &mut Check, field: impl fmt::Display, m: &Option<net::StringMatch>) {
+pub(super) fn string_match(c: &mut Check, field: &Field, m: &Option<net::StringMatch>) {
     use net::string_match::MatchType;
     match m.as_ref().and_then(|m| m.match_type.as_ref()) {
         Some(MatchType::Regex(re)) => {
             if let Err(e) = regex::Regex::new(re) {
-                c.fail(format!("{field}.regex"), format!("invalid regex: {e}"));
+                c.fail(field.at("regex"), format!("invalid regex: {e}"));
             }
         }
         Some(MatchType::Exact(_) | MatchType::Prefix(_)) => {}
@@ -83,17 +83,17 @@ pub(super) fn string_match(c: &mut Check, field: impl fmt::Display, m: &Option<n
 
 pub(super) fn labels(
     c: &mut Check,
-    field: impl fmt::Display,
+    field: &Field,
     labels: &std::collections::BTreeMap<String, String>,
 ) {
     for key in labels.keys() {
         if key.is_empty() {
-            c.fail(&field, "label keys cannot be empty");
+            c.fail(field, "label keys cannot be empty");
         }
     }
 }
 
-pub(super) fn export_to(c: &mut Check, field: impl fmt::Display, export_to: &[String]) {
+pub(super) fn export_to(c: &mut Check, field: &Field, export_to: &[String]) {
     match export_to {
         [] => {}
         [one] if one == "." || one == "*" => {}
@@ -103,7 +103,7 @@ pub(super) fn export_to(c: &mut Check, field: impl fmt::Display, export_to: &[St
 }
 
 /// `gateway` or `namespace/gateway`; `mesh` is the sidecars.
-pub(super) fn gateway_names(c: &mut Check, field: &str, gateways: &[String]) {
+pub(super) fn gateway_names(c: &mut Check, field: &Field, gateways: &[String]) {
     for (i, g) in gateways.iter().enumerate() {
         let ok = match g.split_once('/') {
             Some((ns, name)) => is_dns1123_label(ns) && is_dns1123_label(name),
@@ -111,7 +111,7 @@ pub(super) fn gateway_names(c: &mut Check, field: &str, gateways: &[String]) {
         };
         c.require(
             ok,
-            format!("{field}[{i}]"),
+            field.index(i),
             "gateway names are `name` or `namespace/name` (DNS-1123)",
         );
     }

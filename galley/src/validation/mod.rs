@@ -27,6 +27,42 @@ use mesh_api::{
 pub use self::common::is_dns1123_label;
 use self::{networking::*, policy::*, security::*};
 
+/// A field path from an object's top (`spec.http[0].route[1].weight`),
+/// built as the rules descend, so that no rule types a path by hand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field(String);
+
+impl Field {
+    pub fn spec() -> Self {
+        Self("spec".into())
+    }
+
+    pub fn metadata() -> Self {
+        Self("metadata".into())
+    }
+
+    /// Its field `name`, as the YAML spells it.
+    pub fn at(&self, name: &str) -> Self {
+        Self(format!("{}.{name}", self.0))
+    }
+
+    /// Item `i` of it, a list.
+    pub fn index(&self, i: usize) -> Self {
+        Self(format!("{}[{i}]", self.0))
+    }
+
+    /// The entry `key` of it, a map.
+    pub fn key(&self, key: &str) -> Self {
+        Self(format!("{}[{key:?}]", self.0))
+    }
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// One thing wrong with an object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -100,7 +136,7 @@ impl Check {
 /// The object's own problems (rules that need no other object).
 pub fn validate(object: &ConfigObject) -> Vec<Problem> {
     let mut c = Check::default();
-    let s = "spec";
+    let s = &Field::spec();
     match &object.body {
         Body::VirtualService(vs) => virtual_service(&mut c, s, vs),
         Body::DestinationRule(dr) => destination_rule(&mut c, s, dr),
@@ -169,7 +205,7 @@ pub fn validate(object: &ConfigObject) -> Vec<Problem> {
         && matches!(object.body, Body::Gateway(_))
     {
         c.fail(
-            "metadata.name",
+            Field::metadata().at("name"),
             format!("{:?} is not a DNS-1123 label", object.name),
         );
     }
@@ -224,7 +260,7 @@ pub fn validate_references(objects: &[&ConfigObject]) -> Vec<(usize, Problem)> {
     for (i, o) in objects.iter().enumerate() {
         let Body::Rule(r) = &o.body else { continue };
         let ns = o.namespace.as_deref().unwrap_or_default();
-        let mut check = |field: String, reference: &str, kind: &str| match names::resolve(
+        let mut check = |field: &Field, reference: &str, kind: &str| match names::resolve(
             reference,
             kind,
             ns,
@@ -249,14 +285,18 @@ pub fn validate_references(objects: &[&ConfigObject]) -> Vec<(usize, Problem)> {
         for (a, action) in r.actions.iter().enumerate() {
             if !action.handler.is_empty() {
                 check(
-                    format!("spec.actions[{a}].handler"),
+                    &Field::spec().at("actions").index(a).at("handler"),
                     &action.handler,
                     names::HANDLER,
                 );
             }
             for (k, instance) in action.instances.iter().enumerate() {
                 check(
-                    format!("spec.actions[{a}].instances[{k}]"),
+                    &Field::spec()
+                        .at("actions")
+                        .index(a)
+                        .at("instances")
+                        .index(k),
                     instance,
                     names::INSTANCE,
                 );

@@ -3,14 +3,14 @@
 
 use mesh_api::pb::istio::policy::v1beta1 as policy;
 
-use super::Check;
+use super::{Check, Field};
 
 /// A warning when this mesh's Mixer does not run the handler's adapter or
 /// the instance's template (`what`), named by its compiled name or, for
 /// Istio's out-of-process adapters and templates, its plain one.
 pub(super) fn run_by_mixer(
     c: &mut Check,
-    s: &str,
+    s: &Field,
     what: &str,
     compiled: &str,
     named: &str,
@@ -26,7 +26,7 @@ pub(super) fn run_by_mixer(
     };
     if !name.is_empty() && !run.contains(&name) {
         c.ignored(
-            format!("{s}.{field}"),
+            s.at(&field),
             format!(
                 "this mesh's Mixer does not run the {what} {name:?} (it runs {}); \
                  rules that name this are left out",
@@ -36,21 +36,21 @@ pub(super) fn run_by_mixer(
     }
 }
 
-pub(super) fn rule(c: &mut Check, s: &str, r: &policy::Rule) {
+pub(super) fn rule(c: &mut Check, s: &Field, r: &policy::Rule) {
     for (i, action) in r.actions.iter().enumerate() {
         c.require(
             !action.handler.is_empty(),
-            format!("{s}.actions[{i}].handler"),
+            s.at("actions").index(i).at("handler"),
             "an action needs a handler",
         );
     }
 }
 
-pub(super) fn attribute_manifest(c: &mut Check, s: &str, m: &policy::AttributeManifest) {
+pub(super) fn attribute_manifest(c: &mut Check, s: &Field, m: &policy::AttributeManifest) {
     for (name, info) in &m.attributes {
         c.require(
             info.value_type != policy::ValueType::Unspecified as i32,
-            format!("{s}.attributes[{name:?}].valueType"),
+            s.at("attributes").key(name).at("valueType"),
             "every attribute needs a value type",
         );
     }

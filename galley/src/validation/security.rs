@@ -3,22 +3,22 @@
 
 use mesh_api::pb::istio::{authentication::v1alpha1 as authn, rbac::v1alpha1 as rbac};
 
-use super::Check;
+use super::{Check, Field};
 
-pub(super) fn authentication_policy(c: &mut Check, s: &str, p: &authn::Policy) {
+pub(super) fn authentication_policy(c: &mut Check, s: &Field, p: &authn::Policy) {
     for (i, target) in p.targets.iter().enumerate() {
         c.require(
             !target.name.is_empty(),
-            format!("{s}.targets[{i}].name"),
+            s.at("targets").index(i).at("name"),
             "a target needs a service name",
         );
     }
     for (i, peer) in p.peers.iter().enumerate() {
         if let Some(authn::peer_authentication_method::Params::Jwt(jwt)) = &peer.params {
-            jwt_rule(c, &format!("{s}.peers[{i}].jwt"), jwt);
+            jwt_rule(c, &s.at("peers").index(i).at("jwt"), jwt);
             // Served, it would admit peers without the check it asks for.
             c.fail(
-                format!("{s}.peers[{i}].jwt"),
+                s.at("peers").index(i).at("jwt"),
                 "peer authentication by JWT is not enforced by this mesh yet; \
                  the policy is refused rather than served unenforced",
             );
@@ -26,74 +26,72 @@ pub(super) fn authentication_policy(c: &mut Check, s: &str, p: &authn::Policy) {
     }
     if p.peer_is_optional {
         c.ignored(
-            format!("{s}.peerIsOptional"),
+            s.at("peerIsOptional"),
             "this mesh requires the peer authentication the policy names: \
              peers are never optional",
         );
     }
     for (i, origin) in p.origins.iter().enumerate() {
         match &origin.jwt {
-            Some(jwt) => jwt_rule(c, &format!("{s}.origins[{i}].jwt"), jwt),
-            None => c.fail(format!("{s}.origins[{i}].jwt"), "an origin needs a jwt"),
+            Some(jwt) => jwt_rule(c, &s.at("origins").index(i).at("jwt"), jwt),
+            None => c.fail(s.at("origins").index(i).at("jwt"), "an origin needs a jwt"),
         }
     }
     // Served, it would let requests in without the end-user check it asks
     // for: refused until the proxy enforces JWTs.
     if !p.origins.is_empty() {
         c.fail(
-            format!("{s}.origins"),
+            s.at("origins"),
             "end-user (JWT) authentication is not enforced by this mesh yet; \
              the policy is refused rather than served unenforced",
         );
     }
 }
 
-pub(super) fn jwt_rule(c: &mut Check, f: &str, jwt: &authn::Jwt) {
+pub(super) fn jwt_rule(c: &mut Check, f: &Field, jwt: &authn::Jwt) {
     c.require(
         !jwt.issuer.is_empty(),
-        format!("{f}.issuer"),
+        f.at("issuer"),
         "a JWT rule needs an issuer",
     );
     if !jwt.jwks_uri.is_empty() {
         let ok = jwt.jwks_uri.starts_with("http://") || jwt.jwks_uri.starts_with("https://");
-        c.require(ok, format!("{f}.jwksUri"), "jwksUri must be an http(s) URL");
+        c.require(ok, f.at("jwksUri"), "jwksUri must be an http(s) URL");
     }
 }
 
-pub(super) fn service_role(c: &mut Check, s: &str, r: &rbac::ServiceRole) {
+pub(super) fn service_role(c: &mut Check, s: &Field, r: &rbac::ServiceRole) {
     if r.rules.is_empty() {
-        c.fail(
-            format!("{s}.rules"),
-            "a service role needs at least one rule",
-        );
+        c.fail(s.at("rules"), "a service role needs at least one rule");
     }
     for (i, rule) in r.rules.iter().enumerate() {
         c.require(
             !rule.services.is_empty(),
-            format!("{s}.rules[{i}].services"),
+            s.at("rules").index(i).at("services"),
             "a rule needs at least one service",
         );
         for (k, constraint) in rule.constraints.iter().enumerate() {
             c.require(
                 !constraint.key.is_empty(),
-                format!("{s}.rules[{i}].constraints[{k}].key"),
+                s.at("rules").index(i).at("constraints").index(k).at("key"),
                 "a constraint needs a key",
             );
             c.require(
                 !constraint.values.is_empty(),
-                format!("{s}.rules[{i}].constraints[{k}].values"),
+                s.at("rules")
+                    .index(i)
+                    .at("constraints")
+                    .index(k)
+                    .at("values"),
                 "a constraint needs values",
             );
         }
     }
 }
 
-pub(super) fn service_role_binding(c: &mut Check, s: &str, b: &rbac::ServiceRoleBinding) {
+pub(super) fn service_role_binding(c: &mut Check, s: &Field, b: &rbac::ServiceRoleBinding) {
     if b.subjects.is_empty() {
-        c.fail(
-            format!("{s}.subjects"),
-            "a binding needs at least one subject",
-        );
+        c.fail(s.at("subjects"), "a binding needs at least one subject");
     }
     for (i, subject) in b.subjects.iter().enumerate() {
         #[allow(deprecated)]
@@ -110,7 +108,7 @@ pub(super) fn service_role_binding(c: &mut Check, s: &str, b: &rbac::ServiceRole
             && subject.not_ips.is_empty();
         c.require(
             !empty,
-            format!("{s}.subjects[{i}]"),
+            s.at("subjects").index(i),
             "a subject needs a user, group, property or name",
         );
     }
@@ -118,30 +116,30 @@ pub(super) fn service_role_binding(c: &mut Check, s: &str, b: &rbac::ServiceRole
         Some(r) => {
             c.require(
                 r.kind == "ServiceRole",
-                format!("{s}.roleRef.kind"),
+                s.at("roleRef").at("kind"),
                 "roleRef.kind must be ServiceRole",
             );
             c.require(
                 !r.name.is_empty(),
-                format!("{s}.roleRef.name"),
+                s.at("roleRef").at("name"),
                 "roleRef needs a name",
             );
         }
-        None => c.fail(format!("{s}.roleRef"), "a binding needs a roleRef"),
+        None => c.fail(s.at("roleRef"), "a binding needs a roleRef"),
     }
 }
 
-pub(super) fn rbac_config(c: &mut Check, s: &str, r: &rbac::RbacConfig) {
+pub(super) fn rbac_config(c: &mut Check, s: &Field, r: &rbac::RbacConfig) {
     use rbac::rbac_config::Mode;
     let mode = Mode::try_from(r.mode).unwrap_or(Mode::Off);
     c.require(
         mode == Mode::OnWithInclusion || r.inclusion.is_none(),
-        format!("{s}.inclusion"),
+        s.at("inclusion"),
         "inclusion is only for mode ON_WITH_INCLUSION",
     );
     c.require(
         mode == Mode::OnWithExclusion || r.exclusion.is_none(),
-        format!("{s}.exclusion"),
+        s.at("exclusion"),
         "exclusion is only for mode ON_WITH_EXCLUSION",
     );
 }
