@@ -106,9 +106,7 @@ pub async fn run(
     admin: Admin,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(args.grpc_addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("binding --grpc-addr {}: {e}", args.grpc_addr))?;
+    let listener = component::cli::bind("grpc-addr", args.grpc_addr).await?;
     run_on(listener, args, admin, shutdown).await
 }
 

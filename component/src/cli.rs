@@ -32,6 +32,13 @@ impl CommonArgs {
     }
 }
 
+/// Binds `addr`, the value of flag `--{flag}`; an error names both.
+pub async fn bind(flag: &str, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind --{flag} {addr}: {e}"))
+}
+
 /// A component's command line: the common flags plus its own.
 #[derive(Debug, Parser)]
 #[command(version)]

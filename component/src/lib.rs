@@ -35,9 +35,7 @@ pub async fn run_with_admin<F>(
 where
     F: Future<Output = anyhow::Result<()>>,
 {
-    let listener = tokio::net::TcpListener::bind(admin_addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot bind the admin address {admin_addr}: {e}"))?;
+    let listener = cli::bind("admin-addr", admin_addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "admin server listening");
     let stop_on_exit = shutdown.clone().drop_guard();
     let served = admin.serve(listener, shutdown.clone());

@@ -138,22 +138,12 @@ async fn a_sink_follows_a_source_that_withholds_headers_and_refuses_collections(
 async fn pilot_serves_routes_from_a_source_that_refuses_collections_to_a_grpcio_client() {
     let (mut source, addr) =
         Peer::serve(&["mcp-source", "--refuse", MESH_CONFIG, "--refuse", SYNTHETIC]).await;
-    let (admin, xds) = (free_addr(), free_addr());
+    let xds = free_addr();
     // Its own mesh config stands in for the one the source does not serve.
     let mesh = config_dir(&[("mesh.yaml", "connectTimeout: 7s\n")]);
-    let _pilot = Proc::start(
-        "pilot",
-        &[
-            "--mcp-server",
-            &addr.to_string(),
-            "--xds-addr",
-            &xds.to_string(),
-            "--admin-addr",
-            &admin.to_string(),
-            "--mesh-config",
-            mesh.path().join("mesh.yaml").to_str().unwrap(),
-        ],
-    );
+    let mesh_config = mesh.path().join("mesh.yaml");
+    let (_pilot, admin) =
+        testkit::start_pilot(addr, xds, &["--mesh-config", mesh_config.to_str().unwrap()]);
     source.until(&format!("ack {SERVICE_ENTRIES}")).await;
     let (_, ready) = wait_for_http(admin, "/ready", |s, _| s == 200).await;
     assert!(ready.contains("absent"), "{ready}");

@@ -141,17 +141,7 @@ async fn pilot_passes_sink_conformance_when_it_dials() {
         ],
     );
     check.stdout_until("serving ResourceSource").await;
-    let _pilot = Proc::start(
-        "pilot",
-        &[
-            "--mcp-server",
-            &listen,
-            "--xds-addr",
-            &free_addr().to_string(),
-            "--admin-addr",
-            &free_addr().to_string(),
-        ],
-    );
+    let _pilot = testkit::start_pilot(&listen, free_addr(), &[]);
     let report = check.stdout_until(" passed, ").await.join("\n");
     assert!(check.exit().await.success(), "{report}");
     assert!(!report.contains("FAIL"), "{report}");

@@ -113,18 +113,8 @@ async fn pilot_serves_while_galley_is_down_and_catches_up() {
     let dir = config_dir(&[("reviews.yaml", REVIEWS)]);
     let galley = Galley::start(dir.path(), &[]).await;
     let mcp = galley.mcp;
-    let (xds, admin) = (free_addr(), free_addr());
-    let mut pilot = Proc::start(
-        "pilot",
-        &[
-            "--mcp-server",
-            &mcp.to_string(),
-            "--xds-addr",
-            &xds.to_string(),
-            "--admin-addr",
-            &admin.to_string(),
-        ],
-    );
+    let xds = free_addr();
+    let (mut pilot, admin) = testkit::start_pilot(mcp, xds, &[]);
     pilot.ready(admin).await;
     let reviews = "outbound|9080||reviews.shop.svc.cluster.local";
     let ratings = "outbound|9080||ratings.shop.svc.cluster.local";
@@ -167,18 +157,8 @@ async fn pilot_serves_while_galley_is_down_and_catches_up() {
 async fn proxies_that_connect_before_pilot_has_a_model_wait_for_a_whole_one() {
     let dir = config_dir(&[("reviews.yaml", REVIEWS)]);
     let mcp = free_addr();
-    let (xds, admin) = (free_addr(), free_addr());
-    let _pilot = Proc::start(
-        "pilot",
-        &[
-            "--mcp-server",
-            &mcp.to_string(),
-            "--xds-addr",
-            &xds.to_string(),
-            "--admin-addr",
-            &admin.to_string(),
-        ],
-    );
+    let xds = free_addr();
+    let (_pilot, admin) = testkit::start_pilot(mcp, xds, &[]);
     // Pilot is up, without Galley: a proxy connecting now is not answered
     // until Galley has been heard from.
     wait_for_http(admin, "/ready", |s, _| s == 503).await;

@@ -620,18 +620,7 @@ fn start_proxy(cp: &ControlPlane, w: Workload) -> (Proc, ProxyPorts) {
 
 /// Pilot following Galley at `mcp`, serving ADS on `xds`, ready.
 async fn start_pilot(mcp: SocketAddr, xds: SocketAddr) -> Proc {
-    let admin = free_addr();
-    let mut pilot = Proc::start(
-        "pilot",
-        &[
-            "--mcp-server",
-            &mcp.to_string(),
-            "--xds-addr",
-            &xds.to_string(),
-            "--admin-addr",
-            &admin.to_string(),
-        ],
-    );
+    let (mut pilot, admin) = testkit::start_pilot(mcp, xds, &[]);
     pilot.ready(admin).await;
     pilot
 }

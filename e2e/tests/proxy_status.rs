@@ -35,18 +35,8 @@ async fn proxy_status_shows_what_each_proxy_took() {
     // Galley with no config: Pilot serves an empty model.
     let dir = config_dir(&[]);
     let galley = Galley::start(dir.path(), &[]).await;
-    let (xds, admin) = (free_addr(), free_addr());
-    let mut pilot = Proc::start(
-        "pilot",
-        &[
-            "--mcp-server",
-            &galley.mcp.to_string(),
-            "--xds-addr",
-            &xds.to_string(),
-            "--admin-addr",
-            &admin.to_string(),
-        ],
-    );
+    let xds = free_addr();
+    let (mut pilot, admin) = testkit::start_pilot(galley.mcp, xds, &[]);
     pilot.ready(admin).await;
     let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{xds}"))
         .await

@@ -37,9 +37,7 @@ pub async fn bind(
     key: PathBuf,
     shutdown: CancellationToken,
 ) -> anyhow::Result<impl Future<Output = std::io::Result<()>>> {
-    let tcp = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot bind --webhook-addr {addr}: {e}"))?;
+    let tcp = component::cli::bind("webhook-addr", addr).await?;
     let listener = TlsListener::new(tcp, TlsFiles::https(cert, key), shutdown.clone())?;
     tracing::info!(addr = %listener.local_addr()?, "galley validating webhook listening");
     Ok(axum::serve(listener, router())

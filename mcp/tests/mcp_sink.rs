@@ -12,7 +12,7 @@ use mcp::{
     run_sink_client, run_source_client,
 };
 use mesh_api::{kinds::Body, pb::istio::mcp::v1alpha1::Resources};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -36,6 +36,25 @@ fn resources(
         resources: items,
         ..Default::default()
     }
+}
+
+/// A sink client (incremental or not) dialing a new hand-driven source:
+/// its snapshots, the source's streams, the first of them, and what stops
+/// the source.
+async fn dialing(
+    incremental: bool,
+) -> (
+    watch::Receiver<Arc<SinkSnapshot>>,
+    mpsc::Receiver<RawSourceStream>,
+    RawSourceStream,
+    CancellationToken,
+) {
+    let (addr, mut streams, stop) = start_raw_source().await;
+    let sink = sink(incremental);
+    let snapshots = sink.subscribe();
+    tokio::spawn(run_sink_client(sink, endpoint(addr), stop.clone()));
+    let stream = within("the sink to connect", streams.recv()).await.unwrap();
+    (snapshots, streams, stream, stop)
 }
 
 async fn wait_for(
@@ -72,16 +91,8 @@ fn version(s: &SinkSnapshot, collection: &str, name: &str) -> String {
 
 #[tokio::test]
 async fn sink_client_requests_every_collection_acks_and_publishes_snapshots() {
-    let (addr, mut streams, _stop) = start_raw_source().await;
-    let sink = sink(false);
-    let mut snapshots = sink.subscribe();
-    tokio::spawn(run_sink_client(
-        sink.clone(),
-        endpoint(addr),
-        CancellationToken::new(),
-    ));
+    let (mut snapshots, _streams, mut stream, _stop) = dialing(false).await;
 
-    let mut stream = within("the sink to connect", streams.recv()).await.unwrap();
     let mut asked = [stream.next().await, stream.next().await];
     asked.sort_by(|a, b| a.collection.cmp(&b.collection));
     assert_eq!(asked[0].collection, GATEWAYS);
@@ -134,15 +145,7 @@ async fn sink_client_requests_every_collection_acks_and_publishes_snapshots() {
 
 #[tokio::test]
 async fn bad_updates_are_nacked_and_the_last_good_state_kept() {
-    let (addr, mut streams, _stop) = start_raw_source().await;
-    let sink = sink(false);
-    let mut snapshots = sink.subscribe();
-    tokio::spawn(run_sink_client(
-        sink.clone(),
-        endpoint(addr),
-        CancellationToken::new(),
-    ));
-    let mut stream = within("connect", streams.recv()).await.unwrap();
+    let (mut snapshots, _streams, mut stream, _stop) = dialing(false).await;
     stream.next().await;
     stream.next().await;
     stream
@@ -219,15 +222,7 @@ async fn bad_updates_are_nacked_and_the_last_good_state_kept() {
 
 #[tokio::test]
 async fn incremental_updates_apply_on_top_of_what_is_held() {
-    let (addr, mut streams, _stop) = start_raw_source().await;
-    let sink = sink(true);
-    let mut snapshots = sink.subscribe();
-    tokio::spawn(run_sink_client(
-        sink.clone(),
-        endpoint(addr),
-        CancellationToken::new(),
-    ));
-    let mut stream = within("connect", streams.recv()).await.unwrap();
+    let (mut snapshots, _streams, mut stream, _stop) = dialing(true).await;
     assert!(
         stream.next().await.incremental,
         "the sink asks for incremental updates"
@@ -261,15 +256,7 @@ async fn incremental_updates_apply_on_top_of_what_is_held() {
 
 #[tokio::test]
 async fn a_reconnecting_sink_sends_the_versions_it_holds() {
-    let (addr, mut streams, _stop) = start_raw_source().await;
-    let sink = sink(true);
-    let mut snapshots = sink.subscribe();
-    tokio::spawn(run_sink_client(
-        sink.clone(),
-        endpoint(addr),
-        CancellationToken::new(),
-    ));
-    let mut stream = within("connect", streams.recv()).await.unwrap();
+    let (mut snapshots, mut streams, mut stream, _stop) = dialing(true).await;
     stream.next().await;
     stream.next().await;
     stream

@@ -6,7 +6,9 @@ mod common;
 use std::{collections::HashMap, sync::Arc};
 
 use common::*;
+use component::CancellationToken;
 use mcp::{IncrementalPolicy, Store};
+use mesh_api::pb::istio::mcp::v1alpha1::Resources;
 use tonic::Code;
 
 fn store_with(n: u32) -> Arc<Store> {
@@ -19,19 +21,30 @@ fn store_with(n: u32) -> Arc<Store> {
     store
 }
 
-#[tokio::test]
-async fn first_request_gets_the_full_state_with_a_fresh_nonce() {
-    let store = store_with(3);
-    let (addr, _stop) = start_source(store, IncrementalPolicy::All).await;
+/// A sink on a new source of `store` watching gateways and service
+/// entries (state of the world), with the first response of each, not
+/// yet answered.
+async fn watching_both(
+    store: &Arc<Store>,
+) -> (RawSink, HashMap<String, Resources>, CancellationToken) {
+    let (addr, stop) = start_source(store.clone(), IncrementalPolicy::All).await;
     let mut sink = RawSink::connect(addr).await;
     sink.watch(GATEWAYS, false).await;
     sink.watch(SERVICE_ENTRIES, false).await;
-    let mut seen = HashMap::new();
+    let mut first = HashMap::new();
     for _ in 0..2 {
         let r = sink.next().await.unwrap();
+        first.insert(r.collection.clone(), r);
+    }
+    (sink, first, stop)
+}
+
+#[tokio::test]
+async fn first_request_gets_the_full_state_with_a_fresh_nonce() {
+    let (_sink, seen, _stop) = watching_both(&store_with(3)).await;
+    for r in seen.values() {
         assert!(!r.nonce.is_empty());
         assert!(!r.incremental);
-        seen.insert(r.collection.clone(), r);
     }
     assert_eq!(names(&seen[GATEWAYS]), ["ns/g0", "ns/g1", "ns/g2"]);
     assert!(
@@ -47,16 +60,9 @@ async fn first_request_gets_the_full_state_with_a_fresh_nonce() {
 #[tokio::test]
 async fn after_an_ack_the_source_sends_only_when_the_collection_changes() {
     let store = store_with(1);
-    let (addr, _stop) = start_source(store.clone(), IncrementalPolicy::All).await;
-    let mut sink = RawSink::connect(addr).await;
-    sink.watch(GATEWAYS, false).await;
-    sink.watch(SERVICE_ENTRIES, false).await;
-    let (mut g, mut s) = (sink.next().await.unwrap(), sink.next().await.unwrap());
-    if g.collection != GATEWAYS {
-        std::mem::swap(&mut g, &mut s);
-    }
-    sink.ack(&g, false).await;
-    sink.ack(&s, false).await;
+    let (mut sink, first, _stop) = watching_both(&store).await;
+    sink.ack(&first[GATEWAYS], false).await;
+    sink.ack(&first[SERVICE_ENTRIES], false).await;
 
     // A change of service entries is the next thing to arrive: the ACKed
     // gateways are not resent.
@@ -68,22 +74,14 @@ async fn after_an_ack_the_source_sends_only_when_the_collection_changes() {
     store.upsert(GATEWAYS, gateway("ns/g0", 2)).unwrap();
     let next = sink.next().await.unwrap();
     assert_eq!(next.collection, GATEWAYS);
-    assert_ne!(next.nonce, g.nonce);
+    assert_ne!(next.nonce, first[GATEWAYS].nonce);
     assert_eq!(next.resources[0].metadata.as_ref().unwrap().version, "v2");
 }
 
 #[tokio::test]
 async fn nothing_is_sent_while_an_answer_is_pending_and_changes_coalesce() {
     let store = store_with(1);
-    let (addr, _stop) = start_source(store.clone(), IncrementalPolicy::All).await;
-    let mut sink = RawSink::connect(addr).await;
-    sink.watch(GATEWAYS, false).await;
-    sink.watch(SERVICE_ENTRIES, false).await;
-    let mut first = HashMap::new();
-    for _ in 0..2 {
-        let r = sink.next().await.unwrap();
-        first.insert(r.collection.clone(), r);
-    }
+    let (mut sink, first, _stop) = watching_both(&store).await;
     sink.ack(&first[SERVICE_ENTRIES], false).await;
 
     // Three changes to gateways while its answer is pending, then a marker
@@ -107,15 +105,7 @@ async fn nothing_is_sent_while_an_answer_is_pending_and_changes_coalesce() {
 #[tokio::test]
 async fn after_a_nack_nothing_is_resent_until_a_change() {
     let store = store_with(1);
-    let (addr, _stop) = start_source(store.clone(), IncrementalPolicy::All).await;
-    let mut sink = RawSink::connect(addr).await;
-    sink.watch(GATEWAYS, false).await;
-    sink.watch(SERVICE_ENTRIES, false).await;
-    let mut first = HashMap::new();
-    for _ in 0..2 {
-        let r = sink.next().await.unwrap();
-        first.insert(r.collection.clone(), r);
-    }
+    let (mut sink, first, _stop) = watching_both(&store).await;
     sink.nack(&first[GATEWAYS]).await;
     sink.ack(&first[SERVICE_ENTRIES], false).await;
 
@@ -137,15 +127,7 @@ async fn after_a_nack_nothing_is_resent_until_a_change() {
 #[tokio::test]
 async fn stale_nonces_are_ignored() {
     let store = store_with(1);
-    let (addr, _stop) = start_source(store.clone(), IncrementalPolicy::All).await;
-    let mut sink = RawSink::connect(addr).await;
-    sink.watch(GATEWAYS, false).await;
-    sink.watch(SERVICE_ENTRIES, false).await;
-    let mut first = HashMap::new();
-    for _ in 0..2 {
-        let r = sink.next().await.unwrap();
-        first.insert(r.collection.clone(), r);
-    }
+    let (mut sink, first, _stop) = watching_both(&store).await;
     sink.ack(&first[SERVICE_ENTRIES], false).await;
 
     // An answer with a nonce never sent (or an old one) is no answer: the
@@ -286,7 +268,7 @@ async fn a_sink_that_never_acks_does_not_block_other_sinks() {
 
 #[tokio::test]
 async fn a_request_that_does_not_decode_gets_a_grpc_status() {
-    use mesh_api::pb::istio::mcp::v1alpha1::{RequestResources, Resources};
+    use mesh_api::pb::istio::mcp::v1alpha1::RequestResources;
     use prost::Message;
 
     let (addr, _stop) = start_source(store_with(1), IncrementalPolicy::All).await;

@@ -71,9 +71,7 @@ pub struct MixerArgs {
 
 /// Runs Mixer in its role until `shutdown`.
 pub async fn run(args: MixerArgs, admin: Admin, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(args.grpc_addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("binding --grpc-addr {}: {e}", args.grpc_addr))?;
+    let listener = component::cli::bind("grpc-addr", args.grpc_addr).await?;
     run_on(listener, args, admin, shutdown).await
 }
 
@@ -146,11 +144,7 @@ pub async fn run_on(
         if args.role != Role::Telemetry {
             return anyhow::Ok(());
         }
-        let listener = tokio::net::TcpListener::bind(args.prometheus_addr)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!("binding --prometheus-addr {}: {e}", args.prometheus_addr)
-            })?;
+        let listener = component::cli::bind("prometheus-addr", args.prometheus_addr).await?;
         tracing::info!(addr = %listener.local_addr()?, "mixer exporting metrics");
         let router = axum::Router::new().route(
             "/metrics",

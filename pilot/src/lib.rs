@@ -89,17 +89,11 @@ pub struct PilotArgs {
 
 /// Runs Pilot until `shutdown`: follows Galley, keeps the model, serves ADS.
 pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let xds = tokio::net::TcpListener::bind(args.xds_addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot bind --xds-addr {}: {e}", args.xds_addr))?;
+    let xds = component::cli::bind("xds-addr", args.xds_addr).await?;
     let mtls = match (&args.tls_cert, &args.tls_key, &args.tls_root) {
         (Some(cert), Some(key), Some(root)) => {
             let files = TlsFiles::mutual_grpc(cert.clone(), key.clone(), root.clone());
-            let tcp = tokio::net::TcpListener::bind(args.xds_tls_addr)
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!("cannot bind --xds-tls-addr {}: {e}", args.xds_tls_addr)
-                })?;
+            let tcp = component::cli::bind("xds-tls-addr", args.xds_tls_addr).await?;
             Some((tcp, files))
         }
         _ => None,

@@ -121,25 +121,64 @@ impl ResourceGenerator for Fixed {
     }
 }
 
-struct Proxy {
-    requests: mpsc::Sender<DiscoveryRequest>,
-    responses: Streaming<DiscoveryResponse>,
+/// A proxy's ADS stream, state of the world or delta, driven by hand.
+struct AdsStream<Req, Resp> {
+    requests: mpsc::Sender<Req>,
+    responses: Streaming<Resp>,
+}
+
+type Proxy = AdsStream<DiscoveryRequest, DiscoveryResponse>;
+type DeltaProxy = AdsStream<DeltaDiscoveryRequest, DeltaDiscoveryResponse>;
+
+/// The node every proxy of these tests announces.
+fn node() -> Option<Node> {
+    Some(Node {
+        id: "sidecar~10.0.0.1~app.ns~ns.svc.cluster.local".into(),
+        ..Default::default()
+    })
+}
+
+/// What a NACK says.
+fn rejection(message: &str) -> RpcStatus {
+    RpcStatus {
+        code: 3,
+        message: message.into(),
+        details: vec![],
+    }
+}
+
+impl<Req, Resp> AdsStream<Req, Resp> {
+    /// An ADS client of `addr`, and the requests it will send.
+    async fn open(
+        addr: std::net::SocketAddr,
+    ) -> (
+        AggregatedDiscoveryServiceClient<tonic::transport::Channel>,
+        mpsc::Sender<Req>,
+        ReceiverStream<Req>,
+    ) {
+        let client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let (requests, rx) = mpsc::channel(16);
+        (client, requests, ReceiverStream::new(rx))
+    }
+
+    async fn next(&mut self) -> Resp {
+        tokio::time::timeout(Duration::from_secs(10), self.responses.next())
+            .await
+            .expect("a response in time")
+            .expect("stream open")
+            .expect("no error")
+    }
 }
 
 impl Proxy {
     async fn connect(addr: std::net::SocketAddr) -> Self {
-        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
-        let (requests, rx) = mpsc::channel(16);
-        let responses = client
-            .stream_aggregated_resources(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
+        let (mut client, requests, rx) = Self::open(addr).await;
+        let responses = client.stream_aggregated_resources(rx).await.unwrap();
         Self {
             requests,
-            responses,
+            responses: responses.into_inner(),
         }
     }
 
@@ -152,33 +191,18 @@ impl Proxy {
     ) {
         self.requests
             .send(DiscoveryRequest {
-                node: Some(Node {
-                    id: "sidecar~10.0.0.1~app.ns~ns.svc.cluster.local".into(),
-                    ..Default::default()
-                }),
+                node: node(),
                 type_url: type_url.into(),
                 resource_names: names.iter().map(|n| n.to_string()).collect(),
                 version_info: answering
                     .map(|r| r.version_info.clone())
                     .unwrap_or_default(),
                 response_nonce: answering.map(|r| r.nonce.clone()).unwrap_or_default(),
-                error_detail: nack.map(|m| RpcStatus {
-                    code: 3,
-                    message: m.into(),
-                    details: vec![],
-                }),
+                error_detail: nack.map(rejection),
                 ..Default::default()
             })
             .await
             .unwrap();
-    }
-
-    async fn next(&mut self) -> DiscoveryResponse {
-        tokio::time::timeout(Duration::from_secs(10), self.responses.next())
-            .await
-            .expect("a response in time")
-            .expect("stream open")
-            .expect("no error")
     }
 }
 
@@ -429,35 +453,19 @@ async fn reconnect(generator: &Arc<Fixed>) -> Proxy {
     Proxy::connect(addr).await
 }
 
-/// A proxy on a delta stream.
-struct DeltaProxy {
-    requests: mpsc::Sender<DeltaDiscoveryRequest>,
-    responses: Streaming<DeltaDiscoveryResponse>,
-}
-
 impl DeltaProxy {
     async fn connect(addr: std::net::SocketAddr) -> Self {
-        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
-        let (requests, rx) = mpsc::channel(16);
-        let responses = client
-            .delta_aggregated_resources(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
+        let (mut client, requests, rx) = Self::open(addr).await;
+        let responses = client.delta_aggregated_resources(rx).await.unwrap();
         Self {
             requests,
-            responses,
+            responses: responses.into_inner(),
         }
     }
 
     async fn send(&self, request: DeltaDiscoveryRequest) {
         let request = DeltaDiscoveryRequest {
-            node: Some(Node {
-                id: "sidecar~10.0.0.1~app.ns~ns.svc.cluster.local".into(),
-                ..Default::default()
-            }),
+            node: node(),
             ..request
         };
         self.requests.send(request).await.unwrap();
@@ -476,22 +484,10 @@ impl DeltaProxy {
         self.send(DeltaDiscoveryRequest {
             type_url: response.type_url.clone(),
             response_nonce: response.nonce.clone(),
-            error_detail: nack.map(|m| RpcStatus {
-                code: 3,
-                message: m.into(),
-                details: vec![],
-            }),
+            error_detail: nack.map(rejection),
             ..Default::default()
         })
         .await;
-    }
-
-    async fn next(&mut self) -> DeltaDiscoveryResponse {
-        tokio::time::timeout(Duration::from_secs(10), self.responses.next())
-            .await
-            .expect("a response in time")
-            .expect("stream open")
-            .expect("no error")
     }
 }
 

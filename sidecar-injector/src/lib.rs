@@ -103,9 +103,7 @@ pub async fn run(
         let client = mesh_kube::client(args.kubeconfig.as_deref()).await?;
         tokio::spawn(target.keep(client, shutdown.clone()));
     }
-    let tcp = tokio::net::TcpListener::bind(args.webhook_addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot bind --webhook-addr {}: {e}", args.webhook_addr))?;
+    let tcp = component::cli::bind("webhook-addr", args.webhook_addr).await?;
     let files = TlsFiles::https(args.webhook_cert, args.webhook_key);
     let listener = TlsListener::new(tcp, files, shutdown.clone())?;
     tracing::info!(addr = %listener.local_addr()?, "sidecar injector webhook listening");

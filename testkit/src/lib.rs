@@ -319,6 +319,30 @@ impl Galley {
     }
 }
 
+/// Pilot following the MCP source at `mcp`, serving ADS on `xds`, with
+/// `extra` flags; not waited for. The process and its admin address.
+pub fn start_pilot(
+    mcp: impl std::fmt::Display,
+    xds: SocketAddr,
+    extra: &[&str],
+) -> (Proc, SocketAddr) {
+    let admin = free_addr();
+    let (mcp, xds_arg, admin_arg) = (mcp.to_string(), xds.to_string(), admin.to_string());
+    let args = [
+        &[
+            "--mcp-server",
+            &mcp,
+            "--xds-addr",
+            &xds_arg,
+            "--admin-addr",
+            &admin_arg,
+        ][..],
+        extra,
+    ]
+    .concat();
+    (Proc::start("pilot", &args), admin)
+}
+
 /// Whether a process with this pid still exists.
 pub fn alive(pid: u32) -> bool {
     nix::sys::signal::kill(Pid::from_raw(pid as i32), None).is_ok()

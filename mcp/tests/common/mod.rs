@@ -41,26 +41,30 @@ pub async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
 
 /// A Gateway resource whose content (and so version) depends on `rev`.
 pub fn gateway(name: &str, rev: u32) -> Resource {
-    let body = Body::Gateway(Box::new(Gateway {
-        selector: [("rev".to_string(), rev.to_string())].into(),
-        ..Default::default()
-    }));
-    Resource {
-        metadata: Some(Metadata {
-            name: name.into(),
-            version: format!("v{rev}"),
+    resource(
+        name,
+        rev,
+        Body::Gateway(Box::new(Gateway {
+            selector: [("rev".to_string(), rev.to_string())].into(),
             ..Default::default()
-        }),
-        body: Some(body.to_any()),
-    }
+        })),
+    )
 }
 
 /// A ServiceEntry resource whose content depends on `rev`.
 pub fn service_entry(name: &str, rev: u32) -> Resource {
-    let body = Body::ServiceEntry(Box::new(ServiceEntry {
-        hosts: vec![format!("h{rev}.example.com")],
-        ..Default::default()
-    }));
+    resource(
+        name,
+        rev,
+        Body::ServiceEntry(Box::new(ServiceEntry {
+            hosts: vec![format!("h{rev}.example.com")],
+            ..Default::default()
+        })),
+    )
+}
+
+/// `body` as resource `name`, version `v{rev}`.
+fn resource(name: &str, rev: u32, body: Body) -> Resource {
     Resource {
         metadata: Some(Metadata {
             name: name.into(),

@@ -102,6 +102,15 @@ impl Component {
         Ok(Self { child, admin })
     }
 
+    /// Pilot following the MCP source at `mcp`, serving ADS on `xds`.
+    async fn pilot(bins: &Path, mcp: SocketAddr, xds: SocketAddr) -> anyhow::Result<Self> {
+        let flags = component::flags!(Cli<::pilot::PilotArgs> {
+            args.mcp_server: mcp,
+            args.xds_addr: xds,
+        });
+        Self::start(bins, "pilot", flags).await
+    }
+
     fn pid(&self) -> u32 {
         self.child.id().unwrap_or_default()
     }

@@ -21,7 +21,7 @@ use std::{
 };
 
 use clap::Args;
-use component::{CancellationToken, cli::Cli, flags};
+use component::CancellationToken;
 use envoy_types::pb::{
     envoy::{
         config::{
@@ -504,15 +504,7 @@ async fn phase(
     let stop = CancellationToken::new();
     let mcp = super::serve_mcp(store.clone(), &stop).await?;
     let xds = launch::free_addr()?;
-    let mut pilot = Component::start(
-        bins,
-        "pilot",
-        flags!(Cli<pilot::PilotArgs> {
-            args.mcp_server: mcp,
-            args.xds_addr: xds,
-        }),
-    )
-    .await?;
+    let mut pilot = Component::pilot(bins, mcp, xds).await?;
     let pid = pilot.pid();
     let cpu_at_ready = cpu_seconds(pid)?;
 

@@ -188,15 +188,7 @@ async fn start_mesh(bins: &Path, backend: SocketAddr) -> anyhow::Result<Mesh> {
         }),
     )
     .await?;
-    let pilot = Component::start(
-        bins,
-        "pilot",
-        flags!(Cli<pilot::PilotArgs> {
-            args.mcp_server: mcp,
-            args.xds_addr: xds,
-        }),
-    )
-    .await?;
+    let pilot = Component::pilot(bins, mcp, xds).await?;
     let ca_dir = dir.path().join("ca");
     let ca = Component::start(
         bins,
