@@ -224,6 +224,32 @@ spec:
   endpoints: [{{address: 127.0.0.1, ports: {{http: {ratings_port}}}, labels: {{app: ratings}}}}]
 ---
 apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: slow, namespace: shop}}
+spec:
+  hosts: [slow.shop.svc.cluster.local]
+  resolution: STATIC
+  ports: [{{number: 9080, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {ratings_port}}}, labels: {{app: ratings}}}}]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {{name: slow, namespace: shop}}
+spec:
+  host: slow.shop.svc.cluster.local
+  trafficPolicy:
+    outlierDetection: {{consecutiveErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {{name: slow, namespace: shop}}
+spec:
+  hosts: [slow.shop.svc.cluster.local]
+  http:
+  - timeout: 200ms
+    route: [{{destination: {{host: slow.shop.svc.cluster.local}}}}]
+---
+apiVersion: networking.istio.io/v1alpha3
 kind: VirtualService
 metadata: {{name: ratings, namespace: shop}}
 spec:
@@ -833,6 +859,33 @@ async fn retries_timeouts_and_faults_apply_as_routes_say() {
     let (status, body, took) = ratings_get(&client, "/slow").await;
     assert_eq!(status, 504, "{body}");
     assert!(took < Duration::from_millis(1500), "{took:?}");
+    // The request cut short is no longer counted in flight (least-request
+    // balancing reads the count).
+    let ratings = "outbound|9080||ratings.shop.svc.cluster.local::";
+    let (_, clusters) = get(mesh.client_ports.admin, "/clusters").await.unwrap();
+    let in_flight: Vec<&str> = clusters
+        .lines()
+        .filter(|l| l.starts_with(ratings) && l.contains("::rq_active::"))
+        .collect();
+    assert!(!in_flight.is_empty(), "{clusters}");
+    assert!(
+        in_flight.iter().all(|l| l.ends_with("::0")),
+        "{in_flight:?}"
+    );
+    // A route timeout is an error of the endpoint for outlier detection,
+    // as Envoy counts it: one (consecutiveErrors: 1) ejects it.
+    let response = client
+        .get("http://slow.shop.svc.cluster.local:9080/slow")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 504);
+    let (_, clusters) = get(mesh.client_ports.admin, "/clusters").await.unwrap();
+    let ratings = mesh.ports.ratings;
+    let ejected = format!(
+        "outbound|9080||slow.shop.svc.cluster.local::{ratings}::health_flags::/failed_outlier_check"
+    );
+    assert!(clusters.contains(&ejected), "{clusters}");
     // Half the requests are aborted with 418, the rest pass.
     let mut aborted = 0;
     for i in 0..200 {

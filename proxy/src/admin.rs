@@ -167,7 +167,7 @@ async fn clusters(State(v): State<Views>) -> String {
             } else {
                 "healthy"
             };
-            let active = e.active.load(std::sync::atomic::Ordering::Relaxed);
+            let active = e.active();
             out.push_str(&format!(
                 "{name}::{addr}::health_flags::{health}\n{name}::{addr}::weight::{w}\n{name}::{addr}::rq_active::{active}\n",
                 addr = e.addr,

@@ -449,16 +449,10 @@ async fn forward(
         retry,
         hash,
         destination: context.destination,
+        deadline: forward.timeout.map(|t| tokio::time::Instant::now() + t),
         retried: &retried,
     };
-    let attempts = send_with_retries(&target, parts, &path, outgoing);
-    let mut response = match forward.timeout {
-        Some(limit) => match tokio::time::timeout(limit, attempts).await {
-            Ok(r) => r,
-            Err(_) => local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
-        },
-        None => attempts.await,
-    };
+    let mut response = send_with_retries(&target, parts, &path, outgoing).await;
     apply_response_ops(&weighted.headers, response.headers_mut());
     let stats = &context.upstreams.stats;
     let labels = Stats::cluster(&weighted.name);
@@ -585,6 +579,8 @@ struct Target<'a> {
     hash: Option<u64>,
     /// The connection's original destination.
     destination: Option<SocketAddr>,
+    /// When the route's timeout ends every attempt.
+    deadline: Option<tokio::time::Instant>,
     /// Attempts after the first, counted for stats.
     retried: &'a AtomicU64,
 }
@@ -600,6 +596,7 @@ async fn send_with_retries(
         retry,
         hash,
         destination,
+        deadline,
         retried,
     } = *target;
     let (mut streaming, buffered) = match outgoing {
@@ -634,14 +631,18 @@ async fn send_with_retries(
                 Ok(r) => r,
                 Err(e) => return local_reply(StatusCode::BAD_REQUEST, &format!("request: {e}")),
             };
-        endpoint.active.fetch_add(1, Ordering::Relaxed);
+        let in_flight = endpoint.in_flight();
         let sent = cluster.client().request(request);
-        let per_try = retry.and_then(|r| r.per_try_timeout);
-        let outcome = match per_try {
-            Some(limit) => tokio::time::timeout(limit, sent).await.ok(),
+        // An attempt ends at its per-try timeout or the route's deadline,
+        // whichever is first; either way it counts against the endpoint.
+        let per_try = retry
+            .and_then(|r| r.per_try_timeout)
+            .map(|t| tokio::time::Instant::now() + t);
+        let outcome = match per_try.into_iter().chain(deadline).min() {
+            Some(until) => tokio::time::timeout_at(until, sent).await.ok(),
             None => Some(sent.await),
         };
-        endpoint.active.fetch_sub(1, Ordering::Relaxed);
+        drop(in_flight);
         let attempt = match outcome {
             None => Attempt::TimedOut,
             Some(Ok(response)) => Attempt::Answered(response),
@@ -661,7 +662,8 @@ async fn send_with_retries(
         } else {
             None
         };
-        let again = retry_place.is_some();
+        let expired = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+        let again = retry_place.is_some() && !expired;
         if !again {
             return match attempt {
                 Attempt::Answered(r) => r.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()),
@@ -679,11 +681,15 @@ async fn send_with_retries(
             };
         }
         retried.fetch_add(1, Ordering::Relaxed);
-        // Envoy's retry back-off: 25 ms base, jittered.
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(
-            0..25 * attempt_no as u64,
-        )))
-        .await;
+        // Envoy's retry back-off: 25 ms base, jittered; never past the
+        // route's deadline.
+        let back_off = tokio::time::Instant::now()
+            + Duration::from_millis(fastrand::u64(0..25 * attempt_no as u64));
+        let until = deadline.map_or(back_off, |d| d.min(back_off));
+        tokio::time::sleep_until(until).await;
+        if deadline.is_some_and(|d| until >= d) {
+            return local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
+        }
     }
 }
 

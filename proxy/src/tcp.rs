@@ -1,10 +1,7 @@
 //! The TCP proxy: a connection spliced to an endpoint of a cluster picked
 //! by weight, bytes copied both ways until either side closes.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, atomic::Ordering},
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -43,9 +40,9 @@ where
             return (0, 0);
         }
     };
-    endpoint.active.fetch_add(1, Ordering::Relaxed);
+    let in_flight = endpoint.in_flight();
     let copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
-    endpoint.active.fetch_sub(1, Ordering::Relaxed);
+    drop(in_flight);
     cluster.record(&endpoint, false);
     match copied {
         Ok(bytes) => bytes,

@@ -42,8 +42,10 @@ pub type Body = BoxBody<Bytes, BoxError>;
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub weight: u32,
-    /// Requests in flight, for least-request balancing.
-    pub active: AtomicUsize,
+    /// Requests in flight, for least-request balancing: counted by
+    /// [`InFlight`], so that a request cancelled or timed out mid-way is
+    /// not counted forever.
+    active: AtomicUsize,
     consecutive_5xx: AtomicU32,
     /// How many times it was ejected; each ejection lasts longer.
     ejections: AtomicU32,
@@ -62,9 +64,30 @@ impl Endpoint {
         }
     }
 
+    /// Requests in flight to it now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request in flight until the guard is dropped.
+    pub fn in_flight(self: &Arc<Self>) -> InFlight {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
     pub fn ejected(&self, now: Instant) -> bool {
         let until = self.ejected_until.lock().unwrap_or_else(|e| e.into_inner());
         until.is_some_and(|t| now < t)
+    }
+}
+
+/// A request in flight to an endpoint; dropping it, however the request
+/// ended, stops counting it.
+pub struct InFlight(Arc<Endpoint>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -276,11 +299,7 @@ impl UpstreamCluster {
                 // Power of two choices, as Envoy's least request does.
                 let a = candidates[fastrand::usize(..candidates.len())];
                 let b = candidates[fastrand::usize(..candidates.len())];
-                if b.active.load(Ordering::Relaxed) < a.active.load(Ordering::Relaxed) {
-                    b
-                } else {
-                    a
-                }
+                if b.active() < a.active() { b } else { a }
             }
             (Lb::RoundRobin, _) => weighted_round_robin(&candidates, &self.next),
         };
@@ -446,4 +465,26 @@ async fn resolve(targets: &[(String, u16)]) -> Vec<(SocketAddr, u32)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_request_cancelled_in_flight_is_no_longer_counted() {
+        let endpoint = Arc::new(Endpoint::new(SocketAddr::from(([127, 0, 0, 1], 9)), 1));
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let held = endpoint.clone();
+        let request = tokio::spawn(async move {
+            let _in_flight = held.in_flight();
+            let _ = started_tx.send(());
+            std::future::pending::<()>().await
+        });
+        started.await.unwrap();
+        assert_eq!(endpoint.active(), 1);
+        request.abort();
+        let _ = request.await;
+        assert_eq!(endpoint.active(), 0);
+    }
 }
