@@ -29,21 +29,40 @@ async fn serve(app: axum::Router) -> SocketAddr {
     addr
 }
 
-/// A backend that answers every request with its name and the path, and
-/// `/whoami` with the caller identity its sidecar forwarded.
+/// The body `/stream` sends: chunks of this many bytes...
+const STREAM_CHUNK: usize = 1000;
+/// ...this many of them...
+const STREAM_CHUNKS: u64 = 3;
+/// ...this long apart.
+const STREAM_GAP: Duration = Duration::from_millis(300);
+
+/// A backend that answers every request with its name and the path,
+/// `/whoami` with the caller identity its sidecar forwarded, and
+/// `/stream` with a chunked body sent over some time.
 async fn backend(name: &'static str) -> SocketAddr {
+    use axum::response::IntoResponse;
     let app = axum::Router::new().fallback(
         move |uri: axum::http::Uri, headers: axum::http::HeaderMap| async move {
             if uri.path() == "/whoami" {
                 let xfcc = headers.get("x-forwarded-client-cert");
                 let attributes = headers.get("x-istio-attributes");
-                return format!("{xfcc:?} attributes: {attributes:?}");
+                return format!("{xfcc:?} attributes: {attributes:?}").into_response();
             }
             if uri.path() == "/traceparent" {
                 let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
-                return traceparent.unwrap_or_default().to_string();
+                return traceparent.unwrap_or_default().to_string().into_response();
             }
-            format!("{name} {}", uri.path())
+            if uri.path() == "/stream" {
+                use futures::StreamExt;
+                let chunks = futures::stream::iter(0..STREAM_CHUNKS).then(|i| async move {
+                    if i > 0 {
+                        tokio::time::sleep(STREAM_GAP).await;
+                    }
+                    Ok::<_, std::convert::Infallible>(vec![b'x'; STREAM_CHUNK])
+                });
+                return axum::body::Body::from_stream(chunks).into_response();
+            }
+            format!("{name} {}", uri.path()).into_response()
         },
     );
     serve(app).await
@@ -901,6 +920,48 @@ async fn retries_timeouts_and_faults_apply_as_routes_say() {
     let (status, _, took) = ratings_get(&client, "/delay").await;
     assert_eq!(status, 200);
     assert!(took >= Duration::from_millis(200), "{took:?}");
+}
+
+/// A response's report is sent when its body ends: its size is the bytes
+/// the body carried (chunked, with no length), its duration the time to
+/// the last byte.
+#[tokio::test]
+async fn mixer_reports_measure_the_whole_response_body() {
+    let mesh = start().await;
+    let response = mesh
+        .client()
+        .get("http://reviews.shop.svc.cluster.local:9080/stream")
+        .header("end-user", "jason")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.bytes().await.unwrap();
+    assert_eq!(body.len() as u64, STREAM_CHUNKS * STREAM_CHUNK as u64);
+    let reported = |metrics: &str, name: &str| -> Option<f64> {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .filter(|l| l.contains(r#"destination_service="reviews.shop.svc.cluster.local""#))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .reduce(f64::max)
+    };
+    let (_, metrics) = wait_for_http(mesh.mixers.prometheus, "/metrics", |_, text| {
+        reported(text, "istio_response_bytes_sum").is_some()
+    })
+    .await;
+    let size = reported(&metrics, "istio_response_bytes_sum").unwrap();
+    assert_eq!(
+        size,
+        (STREAM_CHUNKS * STREAM_CHUNK as u64) as f64,
+        "{metrics}"
+    );
+    let duration = reported(&metrics, "istio_request_duration_seconds_sum").unwrap();
+    let body_time = (STREAM_GAP * (STREAM_CHUNKS as u32 - 1)).as_secs_f64();
+    assert!(
+        duration >= body_time,
+        "{duration} s, under {body_time} s: {metrics}"
+    );
 }
 
 #[tokio::test]

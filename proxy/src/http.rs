@@ -161,13 +161,7 @@ async fn checked(request: Request<Incoming>, context: &HttpContext) -> Response<
         Some((status, why)) => local_reply(status, &why),
         None => route(request, context).await,
     };
-    let response_size = http_body::Body::size_hint(response.body())
-        .exact()
-        .unwrap_or_else(|| content_length(response.headers()));
-    context
-        .mixer
-        .report(inbound, response.status(), request_size, response_size);
-    response
+    context.mixer.report_at_end(inbound, request_size, response)
 }
 
 fn rbac_allows(rbac: &RbacFilter, request: &Request<Incoming>, context: &HttpContext) -> bool {

@@ -1,9 +1,10 @@
 //! The Mixer filter of inbound HTTP: before a request reaches the
 //! application, a Check through the Mixer client library (cached by what
 //! Mixer's decision read; quotas counted), and a denial answered with the
-//! HTTP status its google.rpc code maps to, as Istio's filter does; after
-//! the response, a Report with Istio's standard attributes, batched and
-//! flushed every second. Without a policy address no check is made;
+//! HTTP status its google.rpc code maps to, as Istio's filter does; when
+//! the response body ends, a Report with Istio's standard attributes (the
+//! size the body carried, the time to its last byte), batched and flushed
+//! every second. Without a policy address no check is made;
 //! without a telemetry address nothing is reported. Outbound requests carry
 //! this workload's own attributes to the server-side proxy (Istio 1.1's
 //! `x-istio-attributes`), which takes them from a caller proven by mesh
@@ -17,6 +18,7 @@ use std::{
 };
 
 use base64::Engine;
+use bytes::Bytes;
 use clap::Args;
 use component::CancellationToken;
 use http::{HeaderMap, HeaderValue, StatusCode};
@@ -29,6 +31,8 @@ use mixer_client::{
     client::{Client, ClientOptions, Verdict},
 };
 use prost::Message;
+
+use crate::upstream::{Body, BoxError};
 
 #[derive(Debug, Clone, Args)]
 pub struct MixerArgs {
@@ -353,13 +357,7 @@ impl MixerFilter {
     }
 
     /// Queues the report of a finished request.
-    pub fn report(
-        &self,
-        inbound: Inbound,
-        status: StatusCode,
-        request_size: u64,
-        response_size: u64,
-    ) {
+    fn report(&self, inbound: Inbound, status: StatusCode, request_size: u64, response_size: u64) {
         let Some(telemetry) = self.telemetry.clone() else {
             return;
         };
@@ -387,6 +385,100 @@ impl MixerFilter {
                 tracing::debug!("report not sent: {e}");
             }
         });
+    }
+}
+
+impl MixerFilter {
+    /// `response`, whose body reports the request when it ends, or when
+    /// it is dropped unfinished: with the bytes it carried and the time
+    /// until then.
+    pub fn report_at_end(
+        self: &Arc<Self>,
+        inbound: Inbound,
+        request_size: u64,
+        response: http::Response<Body>,
+    ) -> http::Response<Body> {
+        if self.telemetry.is_none() {
+            return response;
+        }
+        let status = response.status();
+        response.map(|body| {
+            let pending = PendingReport {
+                mixer: self.clone(),
+                inbound,
+                status,
+                request_size,
+            };
+            http_body_util::BodyExt::boxed(Reported {
+                body,
+                pending: Some(pending),
+                sent: 0,
+            })
+        })
+    }
+}
+
+/// A report waiting for its response body to end.
+struct PendingReport {
+    mixer: Arc<MixerFilter>,
+    inbound: Inbound,
+    status: StatusCode,
+    request_size: u64,
+}
+
+/// A response body counting what it carries, which sends its report once:
+/// at its end, on an error, or when dropped.
+struct Reported {
+    body: Body,
+    pending: Option<PendingReport>,
+    sent: u64,
+}
+
+impl Reported {
+    fn finish(&mut self) {
+        if let Some(p) = self.pending.take() {
+            p.mixer
+                .report(p.inbound, p.status, p.request_size, self.sent);
+        }
+    }
+}
+
+impl http_body::Body for Reported {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.sent += data.len() as u64;
+                }
+                if self.body.is_end_stream() {
+                    self.finish();
+                }
+            }
+            std::task::Poll::Ready(_) => self.finish(),
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Reported {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 
