@@ -657,11 +657,19 @@ fn start_proxy(cp: &ControlPlane, w: Workload) -> (Proc, ProxyPorts) {
             &ports.stats.to_string(),
             "--health-addr",
             &ports.health.to_string(),
+            // Short, so that a test sees a silent client closed.
+            "--protocol-detection-timeout",
+            &format!("{}ms", HANDSHAKE_LIMIT.as_millis()),
+            "--tls-handshake-timeout",
+            &format!("{}ms", HANDSHAKE_LIMIT.as_millis()),
         ],
         &env,
     );
     (proc, ports)
 }
+
+/// The proxies' protocol detection and TLS handshake timeouts.
+const HANDSHAKE_LIMIT: Duration = Duration::from_millis(300);
 
 /// Pilot following Galley at `mcp`, serving ADS on `xds`, ready.
 async fn start_pilot(mcp: SocketAddr, xds: SocketAddr) -> Proc {
@@ -962,6 +970,53 @@ async fn mixer_reports_measure_the_whole_response_body() {
         duration >= body_time,
         "{duration} s, under {body_time} s: {metrics}"
     );
+}
+
+/// A client that connects to a mesh port and says nothing, or stops in
+/// the middle of its TLS handshake, is closed once the proxy's timeout
+/// passes: it does not hold a task for ever.
+#[tokio::test]
+async fn silent_and_stalled_clients_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = start().await;
+    // Reads until the proxy closes the connection; how long that took.
+    async fn closed_after(mut stream: tokio::net::TcpStream) -> Duration {
+        let started = Instant::now();
+        let mut buf = [0u8; 4096];
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            while !matches!(stream.read(&mut buf).await, Ok(0) | Err(_)) {}
+        })
+        .await;
+        assert!(closed.is_ok(), "the proxy kept the connection open");
+        started.elapsed()
+    }
+    let silent = tokio::net::TcpStream::connect(mesh.ports.v2_sidecar)
+        .await
+        .unwrap();
+    let took = closed_after(silent).await;
+    assert!(took >= HANDSHAKE_LIMIT / 2, "closed at once: {took:?}");
+    // A ClientHello, then nothing: the handshake waits for the client's
+    // certificate until the timeout.
+    let mut stalled = tokio::net::TcpStream::connect(mesh.ports.v2_sidecar)
+        .await
+        .unwrap();
+    stalled.write_all(&client_hello()).await.unwrap();
+    closed_after(stalled).await;
+}
+
+/// The first flight of a TLS client, as bytes.
+fn client_hello() -> Vec<u8> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("reviews.shop.svc.cluster.local").unwrap();
+    let mut client = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).unwrap();
+    hello
 }
 
 #[tokio::test]

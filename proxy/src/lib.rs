@@ -61,6 +61,8 @@ pub struct ProxyArgs {
     /// Where Kubernetes probes readiness (`/healthz/ready`).
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], component::ports::PROXY_HEALTH)))]
     pub health_addr: SocketAddr,
+    #[command(flatten)]
+    pub timeouts: listeners::Timeouts,
 }
 
 /// Runs the proxy until `shutdown`.
@@ -125,6 +127,7 @@ pub async fn run(args: ProxyArgs, admin: Admin, shutdown: CancellationToken) -> 
         mixer,
         access_log: args.access_log,
         tracing: traces.clone(),
+        timeouts: args.timeouts,
     };
     tokio::spawn(listeners::follow(
         shared,

@@ -4,7 +4,7 @@
 //! bound again. Each connection takes the filter chain that matches it in
 //! the listener's current version.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use component::{CancellationToken, readiness::Condition};
 use tokio::{net::TcpStream, sync::watch};
@@ -24,6 +24,21 @@ use crate::{
     workers::Workers,
 };
 
+/// How long a connection may take before it is served, so that a client
+/// that connects and says nothing does not hold a task for ever.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct Timeouts {
+    /// How long to wait for a client's first bytes where a listener tells
+    /// TLS from plaintext (Envoy's `listener_filters_timeout`); after it,
+    /// the connection goes on as plaintext, as a server-first protocol's
+    /// would.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub protocol_detection_timeout: Duration,
+    /// How long a TLS handshake may take.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub tls_handshake_timeout: Duration,
+}
+
 /// What every connection of the proxy shares.
 #[derive(Clone)]
 pub struct Shared {
@@ -33,6 +48,7 @@ pub struct Shared {
     pub mixer: Arc<crate::mixer::MixerFilter>,
     pub access_log: bool,
     pub tracing: Arc<crate::trace::Tracing>,
+    pub timeouts: Timeouts,
 }
 
 /// Applies each config as it comes, until `shutdown`: clusters and
@@ -175,8 +191,19 @@ async fn connection(stream: TcpStream, peer: SocketAddr, name: String, shared: S
     let destination_port = destination.map_or(0, |d| d.port());
     // The ClientHello is read without being taken, so that a chain may
     // still pass the connection through as it came.
-    let alpn = if listener.inspects_tls() && starts_tls(&stream).await {
-        tls::peek_alpn(&stream).await
+    let alpn = if listener.inspects_tls() {
+        let detect = async {
+            match starts_tls(&stream).await {
+                true => tls::peek_alpn(&stream).await,
+                false => None,
+            }
+        };
+        tokio::time::timeout(shared.timeouts.protocol_detection_timeout, detect)
+            .await
+            .unwrap_or_else(|_| {
+                tracing::debug!(listener = %name, %peer, "nothing to detect in time: plaintext");
+                None
+            })
     } else {
         None
     };
@@ -199,13 +226,15 @@ async fn connection(stream: TcpStream, peer: SocketAddr, name: String, shared: S
             return;
         }
     };
-    match tokio_rustls::TlsAcceptor::from(config).accept(stream).await {
-        Ok(stream) => {
+    let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+    match tokio::time::timeout(shared.timeouts.tls_handshake_timeout, handshake).await {
+        Ok(Ok(stream)) => {
             let identity = tls::peer_identity(stream.get_ref().1.peer_certificates());
             let identity = identity.map(|i| i.to_string());
             serve(stream, peer, identity, destination, chain, &shared).await;
         }
-        Err(e) => tracing::info!(listener = %name, %peer, "TLS handshake failed: {e}"),
+        Ok(Err(e)) => tracing::info!(listener = %name, %peer, "TLS handshake failed: {e}"),
+        Err(_) => tracing::info!(listener = %name, %peer, "TLS handshake timed out; closed"),
     }
 }
 

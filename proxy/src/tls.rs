@@ -279,12 +279,21 @@ impl ServerCertVerifier for PeerVerifier {
 /// be passed through untouched). `None` when no ClientHello arrives.
 pub async fn peek_alpn(stream: &TcpStream) -> Option<Vec<String>> {
     let mut buf = vec![0u8; 16 * 1024];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    // A peek does not take what it reads, so the socket stays readable:
+    // more of the hello is waited for with a growing pause, and parsed
+    // again only once more has come. The caller bounds the wait.
+    let (mut seen, mut pause) = (0, Duration::from_millis(1));
     loop {
         let n = stream.peek(&mut buf).await.ok()?;
         if n == 0 {
             return None;
         }
+        if n == seen {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+            continue;
+        }
+        seen = n;
         let mut acceptor = rustls::server::Acceptor::default();
         let mut input = &buf[..n];
         acceptor.read_tls(&mut input).ok()?;
@@ -302,9 +311,7 @@ pub async fn peek_alpn(stream: &TcpStream) -> Option<Vec<String>> {
                 return Some(alpn);
             }
             // More of the hello is on its way.
-            Ok(None) if n < buf.len() && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+            Ok(None) if n < buf.len() => {}
             _ => return None,
         }
     }
