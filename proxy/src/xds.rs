@@ -34,7 +34,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::config::{Problem, Snapshot};
+use crate::config::{self, Problem, Snapshot};
 
 /// Which ADS flavour to speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -60,13 +60,22 @@ pub struct TypeStatus {
     pub received: bool,
 }
 
-/// The raw resources held, by type and name, and their delta versions.
+/// A resource as Pilot sent it, and what it compiled to.
+struct Compiled<T, C> {
+    raw: T,
+    compiled: Arc<C>,
+}
+
+/// The resources of one type held, by name.
+type HeldMap<T, C> = BTreeMap<String, Compiled<T, C>>;
+
+/// The resources held, by type and name, and their delta versions.
 #[derive(Default)]
 struct Held {
-    clusters: BTreeMap<String, Cluster>,
-    endpoints: BTreeMap<String, ClusterLoadAssignment>,
-    listeners: BTreeMap<String, Listener>,
-    routes: BTreeMap<String, RouteConfiguration>,
+    clusters: HeldMap<Cluster, config::Cluster>,
+    endpoints: HeldMap<ClusterLoadAssignment, config::Endpoints>,
+    listeners: HeldMap<Listener, config::Listener>,
+    routes: HeldMap<RouteConfiguration, config::RouteTable>,
     versions: BTreeMap<&'static str, BTreeMap<String, String>>,
 }
 
@@ -413,37 +422,40 @@ impl XdsClient {
             }
             Update::Sotw(_) => BTreeMap::new(),
         };
+        // Only what changed is compiled again; the rest keeps what it
+        // compiled to (an endpoint change recompiles no route regex).
         match type_url {
             CLUSTER => {
-                let held = next_held(
+                let raw = next_held(
                     &self.held.clusters,
                     update,
                     |c: &Cluster| c.name.clone(),
                     None,
                 )?;
-                next.clusters = Snapshot::clusters(&held.values().cloned().collect::<Vec<_>>())?;
+                let held = compile_changed(&self.held.clusters, raw, config::Cluster::compile)?;
+                next.clusters = compiled(&held);
                 self.held.clusters = held;
             }
             LISTENER => {
-                let held = next_held(
-                    &self.held.listeners,
-                    update,
-                    |l: &Listener| l.name.clone(),
-                    None,
-                )?;
-                next.listeners = Snapshot::listeners(&held.values().cloned().collect::<Vec<_>>())?;
+                let name = |l: &Listener| l.name.clone();
+                let raw = next_held(&self.held.listeners, update, name, None)?;
+                let held = compile_changed(&self.held.listeners, raw, config::Listener::compile)?;
+                next.listeners = compiled(&held);
                 self.held.listeners = held;
             }
             ENDPOINT => {
                 let name = |a: &ClusterLoadAssignment| a.cluster_name.clone();
-                let held = next_held(&self.held.endpoints, update, name, Some(&names))?;
-                next.endpoints = Snapshot::endpoints(&held.values().cloned().collect::<Vec<_>>())?;
+                let raw = next_held(&self.held.endpoints, update, name, Some(&names))?;
+                let held =
+                    compile_changed(&self.held.endpoints, raw, config::cluster::eds_endpoints)?;
+                next.endpoints = compiled(&held);
                 self.held.endpoints = held;
             }
             _ => {
                 let name = |r: &RouteConfiguration| r.name.clone();
-                let held = next_held(&self.held.routes, update, name, Some(&names))?;
-                next.routes = Snapshot::routes(&held.values().cloned().collect::<Vec<_>>())?;
+                let raw = next_held(&self.held.routes, update, name, Some(&names))?;
+                let held = compile_changed(&self.held.routes, raw, config::RouteTable::compile)?;
+                next.routes = compiled(&held);
                 self.held.routes = held;
             }
         }
@@ -465,21 +477,52 @@ fn rejection(Problem(message): Problem) -> Status {
     }
 }
 
-/// `held` with `update` applied. Named types (`names` given) keep only the
-/// names subscribed; state-of-the-world responses of them carry only what
-/// changed, so they are laid over what is held.
-fn next_held<T: Message + Default + Clone>(
-    held: &BTreeMap<String, T>,
+/// Every resource of `next`, compiled unless it is the one `held` already
+/// compiled; a resource that does not compile refuses them all.
+fn compile_changed<T: PartialEq, C>(
+    held: &HeldMap<T, C>,
+    next: BTreeMap<String, T>,
+    compile: impl Fn(&T) -> Result<C, Problem>,
+) -> Result<HeldMap<T, C>, Problem> {
+    next.into_iter()
+        .map(|(name, raw)| {
+            let compiled = match held.get(&name) {
+                Some(h) if h.raw == raw => h.compiled.clone(),
+                _ => Arc::new(compile(&raw)?),
+            };
+            Ok((name, Compiled { raw, compiled }))
+        })
+        .collect()
+}
+
+/// What `held` compiled to, by name, as the snapshot keeps it.
+fn compiled<T, C, M: FromIterator<(String, Arc<C>)>>(held: &HeldMap<T, C>) -> M {
+    held.iter()
+        .map(|(name, c)| (name.clone(), c.compiled.clone()))
+        .collect()
+}
+
+/// The raw resources of `held` with `update` applied. Named types
+/// (`names` given) keep only the names subscribed; state-of-the-world
+/// responses of them carry only what changed, so they are laid over what
+/// is held.
+fn next_held<T: Message + Default + Clone, C>(
+    held: &HeldMap<T, C>,
     update: Update,
     name: impl Fn(&T) -> String,
     names: Option<&[String]>,
 ) -> Result<BTreeMap<String, T>, Problem> {
+    let raw = || -> BTreeMap<String, T> {
+        held.iter()
+            .map(|(n, c)| (n.clone(), c.raw.clone()))
+            .collect()
+    };
     let mut out = match update {
         Update::Sotw(resources) => {
             let update = decode_all(&resources, &name)?;
             match names {
                 Some(_) => {
-                    let mut out = held.clone();
+                    let mut out = raw();
                     out.extend(update);
                     out
                 }
@@ -487,7 +530,7 @@ fn next_held<T: Message + Default + Clone>(
             }
         }
         Update::Delta { added, removed } => {
-            let mut out = held.clone();
+            let mut out = raw();
             for gone in &removed {
                 out.remove(gone);
             }
@@ -628,5 +671,52 @@ mod tests {
             .unwrap();
         assert_eq!(held(), ["c"]);
         assert_eq!(client.held.versions[LISTENER]["c"], "v1");
+    }
+
+    #[test]
+    fn a_response_compiles_only_the_resources_that_changed() {
+        use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
+            TcpProxy, tcp_proxy::ClusterSpecifier,
+        };
+        let (tx, config) = watch::channel(Arc::new(Snapshot::default()));
+        let mut client = XdsClient::new(
+            Node::default(),
+            "pilot".into(),
+            XdsMode::Auto,
+            Arc::default(),
+            tx,
+        );
+        let tcp = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+        let to = |cluster: &str| {
+            TcpProxy {
+                stat_prefix: "tcp".into(),
+                cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.into())),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        let both =
+            |b: &str| Update::Sotw(vec![listener("a", tcp, to("x")), listener("b", tcp, to(b))]);
+        client.take(LISTENER, both("x")).unwrap();
+        let before = config.borrow().clone();
+        // State of the world: both again, only `b` changed.
+        client.take(LISTENER, both("y")).unwrap();
+        let after = config.borrow().clone();
+        assert!(Arc::ptr_eq(&before.listeners["a"], &after.listeners["a"]));
+        assert!(!Arc::ptr_eq(&before.listeners["b"], &after.listeners["b"]));
+        // Delta: `a` sent again unchanged is not compiled again either.
+        let again = listener("a", tcp, to("x"));
+        client
+            .take(
+                LISTENER,
+                Update::Delta {
+                    added: vec![("a".into(), "v2".into(), again)],
+                    removed: Vec::new(),
+                },
+            )
+            .unwrap();
+        let last = config.borrow().clone();
+        assert!(Arc::ptr_eq(&after.listeners["a"], &last.listeners["a"]));
+        assert!(Arc::ptr_eq(&after.listeners["b"], &last.listeners["b"]));
     }
 }

@@ -15,11 +15,6 @@ use std::{
     time::Duration,
 };
 
-use envoy_types::pb::envoy::config::{
-    cluster::v3::Cluster as XdsCluster, endpoint::v3::ClusterLoadAssignment,
-    listener::v3::Listener as XdsListener, route::v3::RouteConfiguration,
-};
-
 pub use cluster::{Cluster, Endpoints};
 pub use listener::Listener;
 pub use route::{RouteTable, RouteTables};
@@ -67,38 +62,6 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn listeners(
-        resources: &[XdsListener],
-    ) -> Result<BTreeMap<String, Arc<Listener>>, Problem> {
-        resources
-            .iter()
-            .map(|l| Ok((l.name.clone(), Arc::new(Listener::compile(l)?))))
-            .collect()
-    }
-
-    pub fn routes(resources: &[RouteConfiguration]) -> Result<RouteTables, Problem> {
-        resources
-            .iter()
-            .map(|r| Ok((r.name.clone(), Arc::new(RouteTable::compile(r)?))))
-            .collect()
-    }
-
-    pub fn clusters(resources: &[XdsCluster]) -> Result<HashMap<String, Arc<Cluster>>, Problem> {
-        resources
-            .iter()
-            .map(|c| Ok((c.name.clone(), Arc::new(Cluster::compile(c)?))))
-            .collect()
-    }
-
-    pub fn endpoints(
-        resources: &[ClusterLoadAssignment],
-    ) -> Result<HashMap<String, Arc<Endpoints>>, Problem> {
-        resources
-            .iter()
-            .map(|a| Ok((a.cluster_name.clone(), Arc::new(cluster::eds_endpoints(a)?))))
-            .collect()
-    }
-
     /// The listener a redirected connection to `destination` belongs to:
     /// one bound to exactly that address, else a wildcard one on its port.
     pub fn listener_for(&self, destination: std::net::SocketAddr) -> Option<&Arc<Listener>> {
