@@ -80,7 +80,13 @@ async fn proxy_bench_measures_every_path_it_names() {
     let figures: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let scenarios = &figures["scenarios"];
-    for name in ["direct", "one_proxy", "two_proxies_mtls"] {
+    for name in [
+        "direct",
+        "one_proxy",
+        "two_proxies_mtls",
+        "bookinfo_direct",
+        "bookinfo",
+    ] {
         let s = &scenarios[name];
         assert!(s["max_per_second"].as_f64().unwrap() > 0.0, "{name}: {s}");
         assert!(
@@ -89,7 +95,7 @@ async fn proxy_bench_measures_every_path_it_names() {
         );
     }
     // The proxies' own processes are measured.
-    for name in ["one_proxy", "two_proxies_mtls"] {
+    for name in ["one_proxy", "two_proxies_mtls", "bookinfo"] {
         assert!(
             scenarios[name]["peak_rss_bytes"].as_u64().unwrap() > 0,
             "{name}"

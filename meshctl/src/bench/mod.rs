@@ -56,6 +56,21 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok((ticks(11) + ticks(12)) / hz)
 }
 
+/// Where `component`, a row of `meshctl up`'s table, listens for `purpose`.
+fn addr(
+    rows: &[crate::up::control::Row],
+    component: &str,
+    purpose: &str,
+) -> anyhow::Result<SocketAddr> {
+    rows.iter()
+        .find(|r| r.name == component)
+        .and_then(|r| r.ports.iter().find(|(what, _)| what == purpose))
+        .ok_or_else(|| anyhow::anyhow!("no {purpose} address for {component}"))?
+        .1
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{component} {purpose}: {e}"))
+}
+
 /// Serves `store` over MCP on a loopback port until `stop`, as Galley
 /// would, for a component under benchmark to follow; the port.
 async fn serve_mcp(

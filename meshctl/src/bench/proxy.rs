@@ -46,6 +46,9 @@ pub struct ProxyBenchArgs {
     /// Leave nginx out (when it cannot be installed).
     #[arg(long)]
     pub no_nginx: bool,
+    /// Leave out the Bookinfo path (a whole `meshctl up` mesh).
+    #[arg(long)]
+    pub no_bookinfo: bool,
     /// Directory holding the component binaries; next to `meshctl` when absent.
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
@@ -430,11 +433,7 @@ fn at(sorted: &[Duration], q: f64) -> Duration {
 
 /// One scenario's figures; `pids` are the processes in the path, whose
 /// CPU and memory are charged to it.
-async fn scenario(
-    target: &Target,
-    pids: &[u32],
-    args: &ProxyBenchArgs,
-) -> anyhow::Result<(serde_json::Value, [Duration; 3])> {
+async fn scenario(target: &Target, pids: &[u32], args: &ProxyBenchArgs) -> anyhow::Result<Figures> {
     // Warm up: connections, pools, certificates.
     flat_out(target, 4, Duration::from_millis(300)).await?;
     let cpu = |pids: &[u32]| {
@@ -496,31 +495,26 @@ pub async fn run(args: ProxyBenchArgs) -> anyhow::Result<()> {
     let mut figures = serde_json::Map::new();
     let (direct, base) = scenario(&origin(backend), &[], &args).await?;
     figures.insert("direct".into(), direct);
-    let mut added = |name: &str, (mut f, q): (serde_json::Value, [Duration; 3])| {
-        for (key, i) in [
-            ("added_p50_ms", 0),
-            ("added_p90_ms", 1),
-            ("added_p99_ms", 2),
-        ] {
-            f[key] = json!(ms(q[i].saturating_sub(base[i])));
-        }
-        figures.insert(name.into(), f);
-    };
-    added(
-        "one_proxy",
-        scenario(&through_proxy(DIRECT_HOST), &[client], &args).await?,
-    );
-    added(
-        "two_proxies_mtls",
-        scenario(&through_proxy(MESHED_HOST), &[client, server], &args).await?,
-    );
+    let one = scenario(&through_proxy(DIRECT_HOST), &[client], &args).await?;
+    figures.insert("one_proxy".into(), added(one, &base));
+    let two = scenario(&through_proxy(MESHED_HOST), &[client, server], &args).await?;
+    figures.insert("two_proxies_mtls".into(), added(two, &base));
+    // The first mesh idles from here on; it goes, so as not to share the
+    // cores with the next.
+    drop(mesh);
+    if !args.no_bookinfo {
+        let ((direct, base), path) = bookinfo(&args).await?;
+        figures.insert("bookinfo_direct".into(), direct);
+        figures.insert("bookinfo".into(), added(path, &base));
+    }
     if !args.no_nginx {
         let (nginx, listen) = start_nginx(backend).await?;
         // The master and its workers.
         let master = nginx.child.id().unwrap_or_default();
         let mut pids = vec![master];
         pids.extend(children(master));
-        added("nginx", scenario(&origin(listen), &pids, &args).await?);
+        let nginx = scenario(&origin(listen), &pids, &args).await?;
+        figures.insert("nginx".into(), added(nginx, &base));
     }
     let figures = json!({
         "rate": args.rate,
@@ -529,6 +523,86 @@ pub async fn run(args: ProxyBenchArgs) -> anyhow::Result<()> {
         "scenarios": figures,
     });
     super::report(&figures, args.out.as_deref())
+}
+
+/// A scenario's figures and its latency quantiles.
+type Figures = (serde_json::Value, [Duration; 3]);
+
+/// A scenario's figures with what it adds to the `base` quantiles.
+fn added((mut figures, quantiles): Figures, base: &[Duration; 3]) -> serde_json::Value {
+    for (key, i) in [
+        ("added_p50_ms", 0),
+        ("added_p90_ms", 1),
+        ("added_p99_ms", 2),
+    ] {
+        figures[key] = json!(ms(quantiles[i].saturating_sub(base[i])));
+    }
+    figures
+}
+
+/// Bookinfo as `meshctl up` ships it: details called through
+/// productpage's sidecar (its `HTTP_PROXY` port, an absolute-form
+/// request), so that each call crosses two proxies with mutual TLS, a
+/// Mixer check (cached) and a report, and RBAC; against the details app
+/// called directly. The two proxies' CPU is charged to the path.
+async fn bookinfo(args: &ProxyBenchArgs) -> anyhow::Result<(Figures, Figures)> {
+    let up = crate::up::UpArgs {
+        config_dir: None,
+        state_dir: None,
+        ephemeral_ports: true,
+        bin_dir: args.bin_dir.clone(),
+        ready_timeout_secs: 120,
+        topology: crate::up::Topology::Split,
+        no_sample: false,
+        control_addr: "127.0.0.1:0".parse()?,
+    };
+    let shutdown = component::CancellationToken::new();
+    let mesh = crate::up::Mesh::start(&up, &shutdown, false).await?;
+    let rows = mesh.rows();
+    let pid = |name: &str| rows.iter().find(|r| r.name == name).map(|r| r.pid);
+    let proxies: Vec<u32> = ["productpage-v1-proxy", "details-v1-proxy"]
+        .into_iter()
+        .filter_map(pid)
+        .collect();
+    let details = super::addr(&rows, "details-v1", "app")?;
+    let sidecar = super::addr(&rows, "productpage-v1-proxy", "http-proxy")?;
+    let host = "details.bookinfo.svc.cluster.local:9080";
+    let direct = Target {
+        connect: details,
+        uri: "/details/0".into(),
+        host: host.into(),
+    };
+    let path = Target {
+        connect: sidecar,
+        uri: format!("http://{host}/details/0"),
+        host: host.into(),
+    };
+    let direct = scenario(&direct, &[], args).await?;
+    // The Mixers work for the path too, off it: their CPU beside the
+    // proxies' says where the time goes.
+    let mixers: Vec<u32> = ["mixer-policy", "mixer-telemetry"]
+        .into_iter()
+        .filter_map(pid)
+        .collect();
+    let cpu = |pids: &[u32]| {
+        pids.iter()
+            .map(|p| cpu_seconds(*p).unwrap_or(0.0))
+            .sum::<f64>()
+    };
+    let before = (cpu(&mixers), cpu(&proxies));
+    let mut path = scenario(&path, &proxies, args).await?;
+    let (mixer_cpu, proxy_cpu) = (cpu(&mixers) - before.0, cpu(&proxies) - before.1);
+    path.0["mixer_cpu_per_proxy_cpu"] =
+        json!((mixer_cpu / proxy_cpu.max(1e-9) * 100.0).round() / 100.0);
+    let figures = (direct, path);
+    shutdown.cancel();
+    mesh.run_until(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+        shutdown,
+        false,
+    )
+    .await?;
+    Ok(figures)
 }
 
 /// The child processes of `pid`, from /proc.

@@ -25,7 +25,7 @@ use clap::Args;
 use component::CancellationToken;
 use serde_json::{Value, json};
 
-use super::{ms, rss_bytes};
+use super::{addr, ms, rss_bytes};
 use crate::up::{Mesh, Topology, UpArgs, control::Row};
 
 #[derive(Debug, Args)]
@@ -39,16 +39,6 @@ pub struct TopologyBenchArgs {
     /// Also write the JSON figures to this file.
     #[arg(long)]
     pub out: Option<PathBuf>,
-}
-
-fn addr(rows: &[Row], component: &str, purpose: &str) -> anyhow::Result<SocketAddr> {
-    rows.iter()
-        .find(|r| r.name == component)
-        .and_then(|r| r.ports.iter().find(|(what, _)| what == purpose))
-        .ok_or_else(|| anyhow::anyhow!("no {purpose} address for {component}"))?
-        .1
-        .parse()
-        .map_err(|e| anyhow::anyhow!("{component} {purpose}: {e}"))
 }
 
 /// Each proxy's acknowledged route version, from Pilot's `/debug/syncz`.
