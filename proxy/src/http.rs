@@ -428,7 +428,7 @@ async fn forward(
             mirror_to(context, mirror, &parts, &path, bytes.clone());
         }
     }
-    let hash = hash_key(forward, &parts.headers, context.peer);
+    let hashed = forward.hash.hash(&parts.headers, context.peer.ip());
     let Some(_admitted) = cluster.admit().await else {
         let mut overflow = local_reply(StatusCode::SERVICE_UNAVAILABLE, "upstream overflow");
         overflow
@@ -441,12 +441,15 @@ async fn forward(
     let target = Target {
         cluster: &cluster,
         retry,
-        hash,
+        hash: hashed.as_ref().map(|h| h.key),
         destination: context.destination,
         deadline: forward.timeout.map(|t| tokio::time::Instant::now() + t),
         retried: &retried,
     };
     let mut response = send_with_retries(&target, parts, &path, outgoing).await;
+    if let Some(cookie) = hashed.and_then(|h| h.set_cookie) {
+        response.headers_mut().append(header::SET_COOKIE, cookie);
+    }
     apply_response_ops(&weighted.headers, response.headers_mut());
     let stats = &context.upstreams.stats;
     let labels = Stats::cluster(&weighted.name);
@@ -476,23 +479,6 @@ async fn forward(
 
 fn request_id() -> String {
     format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
-}
-
-fn hash_key(forward: &Forward, headers: &http::HeaderMap, peer: SocketAddr) -> Option<u64> {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    let mut any = false;
-    for name in &forward.hash_headers {
-        if let Some(v) = headers.get(name.as_str()) {
-            v.as_bytes().hash(&mut h);
-            any = true;
-        }
-    }
-    if forward.hash_source_ip {
-        peer.ip().hash(&mut h);
-        any = true;
-    }
-    any.then(|| h.finish())
 }
 
 /// Sends a copy to `cluster` and forgets it: a mirror's answer is not the

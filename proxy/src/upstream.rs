@@ -137,6 +137,10 @@ impl tower_service::Service<http::Uri> for Connector {
 pub struct UpstreamCluster {
     pub config: Arc<Cluster>,
     endpoints: RwLock<Arc<Vec<Arc<Endpoint>>>>,
+    /// Consistent hashing's ring over the endpoints (ring-hash clusters).
+    ring: RwLock<Arc<Ring>>,
+    /// Outlier detection's sweeps are counted from here.
+    created: Instant,
     next: AtomicUsize,
     pub connector: Connector,
     /// A connection pool per worker, so that a pooled connection is only
@@ -217,6 +221,8 @@ impl UpstreamCluster {
             .collect();
         Self {
             endpoints: RwLock::new(Arc::default()),
+            ring: RwLock::new(Arc::default()),
+            created: Instant::now(),
             next: AtomicUsize::new(0),
             connector,
             clients,
@@ -255,6 +261,10 @@ impl UpstreamCluster {
                     .unwrap_or_else(|| Arc::new(Endpoint::new(*addr, *weight)))
             })
             .collect();
+        if let Lb::RingHash { minimum_ring_size } = self.config.lb {
+            let ring = Ring::new(&kept, minimum_ring_size);
+            *self.ring.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ring);
+        }
         *self.endpoints.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(kept);
     }
 
@@ -291,8 +301,12 @@ impl UpstreamCluster {
             .collect();
         let candidates = if fresh.is_empty() { pool } else { fresh };
         let chosen = match (self.config.lb, hash) {
-            (Lb::RingHash, Some(h)) => ring_pick(&candidates, h),
-            (Lb::Random, _) | (Lb::RingHash, None) => {
+            (Lb::RingHash { .. }, Some(h)) => {
+                let ring = self.ring.read().unwrap_or_else(|e| e.into_inner()).clone();
+                let usable = |e: &Arc<Endpoint>| candidates.iter().any(|c| Arc::ptr_eq(c, e));
+                return ring.pick(h, usable).or_else(|| Some(candidates[0].clone()));
+            }
+            (Lb::Random, _) | (Lb::RingHash { .. }, None) => {
                 candidates[fastrand::usize(..candidates.len())]
             }
             (Lb::LeastRequest, _) => {
@@ -330,10 +344,16 @@ impl UpstreamCluster {
             return;
         }
         let times = endpoint.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let until = ejection_end(
+            self.created,
+            now,
+            outlier.base_ejection_time * times,
+            outlier.interval,
+        );
         *endpoint
             .ejected_until
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(now + outlier.base_ejection_time * times);
+            .unwrap_or_else(|e| e.into_inner()) = Some(until);
         endpoint.consecutive_5xx.store(0, Ordering::Relaxed);
         self.ejections.inc();
         tracing::info!(cluster = %self.config.name, endpoint = %endpoint.addr, "ejected for {failures} consecutive errors");
@@ -355,29 +375,60 @@ fn weighted_round_robin<'a>(
     candidates[0]
 }
 
-/// Consistent hashing: the endpoint whose point on the ring (a hash of its
-/// address) follows the request's hash, so a key keeps its endpoint while
-/// the set stays the same, and most keys keep theirs when it changes.
-fn ring_pick<'a>(candidates: &[&'a Arc<Endpoint>], hash: u64) -> &'a Arc<Endpoint> {
-    use std::hash::{Hash, Hasher};
-    // A few points per endpoint spread the keys evenly.
-    const POINTS: u64 = 64;
-    let mut best: Option<(u64, &Arc<Endpoint>)> = None;
-    let mut lowest: Option<(u64, &Arc<Endpoint>)> = None;
-    for e in candidates {
-        for point in 0..POINTS {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            (e.addr, point).hash(&mut h);
-            let p = h.finish();
-            if p >= hash && best.is_none_or(|(b, _)| p < b) {
-                best = Some((p, e));
-            }
-            if lowest.is_none_or(|(l, _)| p < l) {
-                lowest = Some((p, e));
+/// When an ejection of `length` made at `now` ends: at the first of
+/// outlier detection's sweeps, every `interval` since `created`, after it
+/// has lasted that long, as Envoy returns ejected hosts only when it
+/// sweeps.
+fn ejection_end(created: Instant, now: Instant, length: Duration, interval: Duration) -> Instant {
+    let due = now + length;
+    if interval.is_zero() {
+        return due;
+    }
+    let since = due.saturating_duration_since(created).as_nanos();
+    let step = interval.as_nanos();
+    let sweeps = since.div_ceil(step);
+    created + Duration::from_nanos(u64::try_from(sweeps * step).unwrap_or(u64::MAX))
+}
+
+/// Consistent hashing's ring, built when the endpoints change, as Envoy's
+/// ring hash: each endpoint gets points in proportion to its weight, at
+/// least `minimum` points in all, so that a key keeps its endpoint while
+/// the set stays the same and most keys keep theirs when it changes.
+#[derive(Default)]
+struct Ring {
+    points: Vec<(u64, Arc<Endpoint>)>,
+}
+
+impl Ring {
+    fn new(endpoints: &[Arc<Endpoint>], minimum: u64) -> Self {
+        use std::hash::{Hash, Hasher};
+        let total: u64 = endpoints.iter().map(|e| u64::from(e.weight.max(1))).sum();
+        if total == 0 {
+            return Self::default();
+        }
+        let per_weight = minimum.div_ceil(total).max(1);
+        let mut points = Vec::new();
+        for e in endpoints {
+            for point in 0..per_weight * u64::from(e.weight.max(1)) {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                (e.addr, point).hash(&mut h);
+                points.push((h.finish(), e.clone()));
             }
         }
+        points.sort_unstable_by_key(|(p, _)| *p);
+        Self { points }
     }
-    best.or(lowest).map(|(_, e)| e).unwrap_or(candidates[0])
+
+    /// The endpoint of the first point at or after `hash`, going round,
+    /// that `usable` accepts.
+    fn pick(&self, hash: u64, usable: impl Fn(&Arc<Endpoint>) -> bool) -> Option<Arc<Endpoint>> {
+        let start = self.points.partition_point(|(p, _)| *p < hash);
+        let len = self.points.len();
+        (0..len)
+            .map(|i| &self.points[(start + i) % len].1)
+            .find(|e| usable(e))
+            .cloned()
+    }
 }
 
 /// Every cluster of the current config.
@@ -470,6 +521,158 @@ async fn resolve(targets: &[(String, u16)]) -> Vec<(SocketAddr, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::cluster::Limits;
+
+    fn endpoint(port: u16, weight: u32) -> Arc<Endpoint> {
+        Arc::new(Endpoint::new(
+            SocketAddr::from(([10, 0, 0, 1], port)),
+            weight,
+        ))
+    }
+
+    /// A cluster of `lb` over `endpoints` (port, weight).
+    fn cluster(lb: Lb, endpoints: &[(u16, u32)]) -> UpstreamCluster {
+        let config = Cluster {
+            name: "c".into(),
+            discovery: Discovery::Fixed(Vec::new()),
+            lb,
+            connect_timeout: Duration::from_secs(1),
+            http2: false,
+            limits: Limits::default(),
+            outlier: None,
+            tls: None,
+            panic_threshold: 50.0,
+        };
+        let (_, credentials) = tokio::sync::watch::channel(None);
+        let tls = Arc::new(TlsContext::new(credentials));
+        let c = UpstreamCluster::new(Arc::new(config), tls, Counter::default(), 1);
+        let addrs: Vec<(SocketAddr, u32)> = endpoints
+            .iter()
+            .map(|(port, w)| (SocketAddr::from(([10, 0, 0, 1], *port)), *w))
+            .collect();
+        c.set_endpoints(&addrs);
+        c
+    }
+
+    /// How often each port is picked in `n` picks.
+    fn picks(
+        c: &UpstreamCluster,
+        n: usize,
+        hash: impl Fn(usize) -> Option<u64>,
+    ) -> HashMap<u16, usize> {
+        let mut counts = HashMap::new();
+        for i in 0..n {
+            let e = c.pick(&[], hash(i), None).unwrap();
+            *counts.entry(e.addr.port()).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn round_robin_follows_the_weights_exactly() {
+        let c = cluster(Lb::RoundRobin, &[(1, 1), (2, 3)]);
+        let counts = picks(&c, 400, |_| None);
+        assert_eq!((counts[&1], counts[&2]), (100, 300));
+    }
+
+    #[test]
+    fn random_spreads_evenly() {
+        let c = cluster(Lb::Random, &[(1, 1), (2, 1), (3, 1)]);
+        let counts = picks(&c, 3000, |_| None);
+        for port in [1, 2, 3] {
+            assert!((800..1200).contains(&counts[&port]), "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn least_request_prefers_the_endpoint_with_fewer_in_flight() {
+        let c = cluster(Lb::LeastRequest, &[(1, 1), (2, 1)]);
+        let busy = c.endpoints()[0].clone();
+        let _held: Vec<InFlight> = (0..5).map(|_| busy.in_flight()).collect();
+        let counts = picks(&c, 1000, |_| None);
+        // Two random choices: the busy one only when both fall on it.
+        let on_busy = counts.get(&1).copied().unwrap_or(0);
+        assert!((150..350).contains(&on_busy), "{counts:?}");
+    }
+
+    #[test]
+    fn ring_hash_keeps_each_key_and_moves_only_a_gone_endpoints_keys() {
+        let ring = |ports: &[u16]| {
+            let endpoints: Vec<_> = ports.iter().map(|p| endpoint(*p, 1)).collect();
+            Ring::new(&endpoints, 1024)
+        };
+        let keys: Vec<u64> = (0..2000).map(|_| fastrand::u64(..)).collect();
+        let owner = |r: &Ring, k: u64| r.pick(k, |_| true).unwrap().addr.port();
+        let four = ring(&[1, 2, 3, 4]);
+        let before: Vec<u16> = keys.iter().map(|k| owner(&four, *k)).collect();
+        assert_eq!(
+            before,
+            keys.iter().map(|k| owner(&four, *k)).collect::<Vec<_>>()
+        );
+        for port in 1..=4 {
+            let share = before.iter().filter(|p| **p == port).count();
+            assert!((300..700).contains(&share), "port {port}: {share} of 2000");
+        }
+        // Without endpoint 3, each remaining one gets more points (the
+        // ring keeps its size), as in Envoy, so a few of their keys move
+        // too; most stay, where a modulo hash would move three in four.
+        let three = ring(&[1, 2, 4]);
+        let kept: Vec<bool> = keys
+            .iter()
+            .zip(&before)
+            .filter(|(_, was)| **was != 3)
+            .map(|(k, was)| owner(&three, *k) == *was)
+            .collect();
+        let stayed = kept.iter().filter(|s| **s).count();
+        assert!(
+            stayed * 100 >= kept.len() * 70,
+            "{stayed} of {} stayed",
+            kept.len()
+        );
+    }
+
+    #[test]
+    fn the_ring_has_at_least_its_minimum_size_shared_by_weight() {
+        let endpoints = [endpoint(1, 1), endpoint(2, 3)];
+        let ring = Ring::new(&endpoints, 5000);
+        assert!(ring.points.len() >= 5000, "{}", ring.points.len());
+        let heavy = ring
+            .points
+            .iter()
+            .filter(|(_, e)| e.addr.port() == 2)
+            .count();
+        assert_eq!(heavy * 4, ring.points.len() * 3);
+        assert_eq!(Ring::new(&endpoints, 1).points.len(), 4);
+    }
+
+    #[test]
+    fn a_ring_hash_cluster_skips_ejected_endpoints_for_the_next_on_the_ring() {
+        let c = cluster(
+            Lb::RingHash {
+                minimum_ring_size: 1024,
+            },
+            &[(1, 1), (2, 1), (3, 1)],
+        );
+        let key = 42;
+        let first = c.pick(&[], Some(key), None).unwrap();
+        let again = c.pick(&[], Some(key), None).unwrap();
+        assert_eq!(first.addr, again.addr);
+        let other = c.pick(&[first.addr], Some(key), None).unwrap();
+        assert_ne!(other.addr, first.addr);
+    }
+
+    #[test]
+    fn an_ejection_ends_at_the_first_sweep_after_it_has_lasted() {
+        let created = Instant::now();
+        let now = created + Duration::from_secs(3);
+        let s = Duration::from_secs;
+        // Lasts 1 s, to 4 s; sweeps every 10 s: back at 10 s.
+        assert_eq!(ejection_end(created, now, s(1), s(10)), created + s(10));
+        // Lasts 30 s, to 33 s: back at 40 s.
+        assert_eq!(ejection_end(created, now, s(30), s(10)), created + s(40));
+        // On a sweep exactly.
+        assert_eq!(ejection_end(created, now, s(7), s(10)), created + s(10));
+    }
 
     #[tokio::test]
     async fn a_request_cancelled_in_flight_is_no_longer_counted() {

@@ -389,11 +389,6 @@ pub(super) fn policy_parts(
     if let Some(LbPolicy::ConsistentHash(hash)) = lb.as_ref().and_then(|lb| lb.lb_policy.as_ref()) {
         match &hash.hash_key {
             Some(HashKey::HttpCookie(cookie)) => {
-                c.ignored(
-                    f.at("loadBalancer").at("consistentHash").at("httpCookie"),
-                    "this mesh's proxy neither sets nor reads hash cookies, so requests \
-                     are spread at random (Envoy honours it)",
-                );
                 c.require(
                     !cookie.name.is_empty(),
                     f.at("loadBalancer")
@@ -423,15 +418,6 @@ pub(super) fn policy_parts(
                 f.at("loadBalancer").at("consistentHash"),
                 "a consistent hash needs a hash key",
             ),
-        }
-        if hash.minimum_ring_size > 0 {
-            c.ignored(
-                f.at("loadBalancer")
-                    .at("consistentHash")
-                    .at("minimumRingSize"),
-                "this mesh's proxy hashes without a ring, so the size has no effect \
-                 (Envoy honours it)",
-            );
         }
     }
     if let Some(pool) = pool {
@@ -479,13 +465,6 @@ pub(super) fn policy_parts(
             "must not be negative",
         );
         duration(c, &f.at("outlierDetection").at("interval"), &o.interval);
-        if o.interval.is_some() {
-            c.ignored(
-                f.at("outlierDetection").at("interval"),
-                "this mesh's proxy ejects a host as its consecutive errors happen, \
-                 with no periodic sweep, so the interval has no effect (Envoy honours it)",
-            );
-        }
         duration(
             c,
             &f.at("outlierDetection").at("baseEjectionTime"),

@@ -58,8 +58,14 @@ pub enum Lb {
     RoundRobin,
     LeastRequest,
     Random,
-    RingHash,
+    /// Consistent hashing on a ring of at least this many points.
+    RingHash {
+        minimum_ring_size: u64,
+    },
 }
+
+/// Envoy's default and largest ring sizes.
+const RING_SIZE: (u64, u64) = (1024, 8 * 1024 * 1024);
 
 /// Envoy's circuit breaker thresholds, with Envoy's defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,7 +141,19 @@ impl Cluster {
             Ok(LbPolicy::RoundRobin) | Ok(LbPolicy::ClusterProvided) => Lb::RoundRobin,
             Ok(LbPolicy::LeastRequest) => Lb::LeastRequest,
             Ok(LbPolicy::Random) => Lb::Random,
-            Ok(LbPolicy::RingHash) | Ok(LbPolicy::Maglev) => Lb::RingHash,
+            Ok(LbPolicy::RingHash) | Ok(LbPolicy::Maglev) => Lb::RingHash {
+                minimum_ring_size: c
+                    .lb_config
+                    .as_ref()
+                    .and_then(|config| match config {
+                        xds::cluster::LbConfig::RingHashLbConfig(ring) => {
+                            ring.minimum_ring_size.as_ref().map(|v| v.value)
+                        }
+                        _ => None,
+                    })
+                    .unwrap_or(RING_SIZE.0)
+                    .clamp(1, RING_SIZE.1),
+            },
             _ => {
                 return Err(at(format!(
                     "load balancer policy {} is not supported",

@@ -100,7 +100,7 @@ pub enum StringMatch {
 
 #[derive(Debug)]
 pub enum Action {
-    Forward(Forward),
+    Forward(Box<Forward>),
     Redirect {
         host: String,
         path: String,
@@ -122,9 +122,101 @@ pub struct Forward {
     pub prefix_rewrite: Option<String>,
     pub host_rewrite: Option<String>,
     pub mirrors: Vec<String>,
-    /// Header names whose values pick the ring-hash endpoint.
-    pub hash_headers: Vec<String>,
-    pub hash_source_ip: bool,
+    /// What picks a ring-hash cluster's endpoint.
+    pub hash: HashPolicy,
+}
+
+/// What picks a ring-hash endpoint for a request: header values, a
+/// cookie, the caller's address; nothing (a random endpoint) when none
+/// of them is there.
+#[derive(Debug, Default, PartialEq)]
+pub struct HashPolicy {
+    /// Header names (lower case).
+    pub headers: Vec<String>,
+    pub cookie: Option<HashCookie>,
+    pub source_ip: bool,
+}
+
+/// A cookie that keeps a client on one endpoint. A request without it
+/// gets one made up and set on the response, when it has a `ttl`.
+#[derive(Debug, PartialEq)]
+pub struct HashCookie {
+    pub name: String,
+    pub path: String,
+    /// Zero: for the browser session.
+    pub ttl: Option<Duration>,
+}
+
+/// A request's hash key, and the cookie to set when the proxy made one.
+#[derive(Debug)]
+pub struct Hashed {
+    pub key: u64,
+    pub set_cookie: Option<http::HeaderValue>,
+}
+
+impl HashPolicy {
+    pub fn hash(&self, headers: &http::HeaderMap, peer: std::net::IpAddr) -> Option<Hashed> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut any = false;
+        for name in &self.headers {
+            if let Some(v) = headers.get(name.as_str()) {
+                v.as_bytes().hash(&mut h);
+                any = true;
+            }
+        }
+        let mut set_cookie = None;
+        if let Some(cookie) = &self.cookie {
+            match cookie_value(headers, &cookie.name) {
+                Some(value) => {
+                    value.hash(&mut h);
+                    any = true;
+                }
+                None if cookie.ttl.is_some() => {
+                    let value = format!("{:016x}", fastrand::u64(..));
+                    value.as_str().hash(&mut h);
+                    any = true;
+                    set_cookie = cookie.set(&value);
+                }
+                None => {}
+            }
+        }
+        if self.source_ip {
+            peer.hash(&mut h);
+            any = true;
+        }
+        any.then(|| Hashed {
+            key: h.finish(),
+            set_cookie,
+        })
+    }
+}
+
+impl HashCookie {
+    /// `Set-Cookie` for `value`.
+    fn set(&self, value: &str) -> Option<http::HeaderValue> {
+        let mut text = format!("{}={value}", self.name);
+        if let Some(ttl) = self.ttl.filter(|t| !t.is_zero()) {
+            text.push_str(&format!("; Max-Age={}", ttl.as_secs().max(1)));
+        }
+        if !self.path.is_empty() {
+            text.push_str(&format!("; Path={}", self.path));
+        }
+        text.push_str("; HttpOnly");
+        http::HeaderValue::from_str(&text).ok()
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie_value<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.trim_matches('"'))
 }
 
 #[derive(Debug)]
@@ -491,7 +583,7 @@ impl Route {
             query.push((q.name.clone(), matcher));
         }
         let action = match &r.action {
-            Some(XdsAction::Route(a)) => Action::Forward(Forward::compile(a)?),
+            Some(XdsAction::Route(a)) => Action::Forward(Box::new(Forward::compile(a)?)),
             Some(XdsAction::Redirect(redirect)) => {
                 use envoy_types::pb::envoy::config::route::v3::redirect_action::{
                     PathRewriteSpecifier, RedirectResponseCode,
@@ -632,19 +724,24 @@ impl Forward {
             Some(route_action::HostRewriteSpecifier::HostRewriteLiteral(h)) => Some(h.clone()),
             _ => None,
         };
-        let mut hash_headers = Vec::new();
-        let mut hash_source_ip = false;
+        let mut hash = HashPolicy::default();
         for h in &a.hash_policy {
             use route_action::hash_policy::PolicySpecifier;
             match &h.policy_specifier {
                 Some(PolicySpecifier::Header(h)) => {
-                    hash_headers.push(h.header_name.to_ascii_lowercase())
+                    hash.headers.push(h.header_name.to_ascii_lowercase())
                 }
-                Some(PolicySpecifier::ConnectionProperties(c)) if c.source_ip => {
-                    hash_source_ip = true
+                Some(PolicySpecifier::Cookie(c)) => {
+                    hash.cookie = Some(HashCookie {
+                        name: c.name.clone(),
+                        path: c.path.clone(),
+                        ttl: c.ttl.as_ref().map(duration),
+                    })
                 }
-                // Cookies are not generated by this proxy; such routes hash
-                // on nothing and pick at random.
+                Some(PolicySpecifier::ConnectionProperties(c)) => hash.source_ip |= c.source_ip,
+                Some(other) => {
+                    return Err(Problem(format!("hash policy {other:?} is not supported")));
+                }
                 _ => {}
             }
         }
@@ -659,8 +756,7 @@ impl Forward {
                 .iter()
                 .map(|m| m.cluster.clone())
                 .collect(),
-            hash_headers,
-            hash_source_ip,
+            hash,
         })
     }
 
@@ -919,5 +1015,69 @@ mod tests {
         assert_eq!(Share::of(None).0, 1_000_000);
         assert!(!Share(0).roll());
         assert!(Share(1_000_000).roll());
+    }
+
+    #[test]
+    fn requests_hash_by_header_cookie_and_source_ip() {
+        let peer: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        let headers = |pairs: &[(&str, &str)]| {
+            let mut h = http::HeaderMap::new();
+            for (name, value) in pairs {
+                h.append(
+                    http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    value.parse().unwrap(),
+                );
+            }
+            h
+        };
+        let by_header = HashPolicy {
+            headers: vec!["end-user".into()],
+            ..Default::default()
+        };
+        let key = |p: &HashPolicy, h: &http::HeaderMap| p.hash(h, peer).map(|h| h.key);
+        let jason = headers(&[("end-user", "jason")]);
+        assert_eq!(key(&by_header, &jason), key(&by_header, &jason));
+        assert_ne!(
+            key(&by_header, &jason),
+            key(&by_header, &headers(&[("end-user", "ann")]))
+        );
+        assert_eq!(key(&by_header, &headers(&[])), None, "no header: no key");
+
+        let cookie = |ttl| HashPolicy {
+            cookie: Some(HashCookie {
+                name: "user".into(),
+                path: "/app".into(),
+                ttl,
+            }),
+            ..Default::default()
+        };
+        let session = cookie(Some(Duration::from_secs(3600)));
+        let with = headers(&[("cookie", "a=1; user=abc"), ("cookie", "b=2")]);
+        let hashed = session.hash(&with, peer).unwrap();
+        assert!(hashed.set_cookie.is_none(), "the client has it already");
+        let again = headers(&[("cookie", "user=\"abc\"")]);
+        assert_eq!(session.hash(&again, peer).unwrap().key, hashed.key);
+        // Without the cookie one is made up, set on the response, and the
+        // request hashed by it.
+        let made = session.hash(&headers(&[]), peer).unwrap();
+        let set = made.set_cookie.unwrap();
+        let set = set.to_str().unwrap();
+        assert!(set.starts_with("user="), "{set}");
+        assert!(set.contains("; Max-Age=3600; Path=/app; HttpOnly"), "{set}");
+        let value = set["user=".len()..].split(';').next().unwrap();
+        let back = headers(&[("cookie", &format!("user={value}"))]);
+        assert_eq!(session.hash(&back, peer).unwrap().key, made.key);
+        // No ttl: nothing to make; no key.
+        assert!(cookie(None).hash(&headers(&[]), peer).is_none());
+
+        let by_ip = HashPolicy {
+            source_ip: true,
+            ..Default::default()
+        };
+        let other: std::net::IpAddr = "10.1.2.4".parse().unwrap();
+        assert_ne!(
+            by_ip.hash(&jason, peer).unwrap().key,
+            by_ip.hash(&jason, other).unwrap().key
+        );
     }
 }
