@@ -6,7 +6,13 @@
 //! that does is swapped in whole and ACKed. Clusters come before their
 //! endpoints and listeners before their routes, as Pilot pushes them. When
 //! Pilot is away the proxy keeps what it has and reconnects with backoff,
-//! telling Pilot what it holds.
+//! telling Pilot what it holds. The two flavours sit side by side
+//! (`sotw`, `delta`) over what both share: the resources held and what
+//! they compiled to (`held`), and how a response is taken or refused.
+
+mod delta;
+mod held;
+mod sotw;
 
 use std::{
     collections::BTreeMap,
@@ -21,20 +27,17 @@ use envoy_types::pb::{
             cluster::v3::Cluster, core::v3::Node, endpoint::v3::ClusterLoadAssignment,
             listener::v3::Listener, route::v3::RouteConfiguration,
         },
-        service::discovery::v3::{
-            DeltaDiscoveryRequest, DiscoveryRequest,
-            aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
-        },
+        service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
     },
     google::{protobuf::Any, rpc::Status},
 };
 use mesh_api::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
-use prost::Message;
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio::sync::watch;
 
 use crate::config::{self, Problem, Snapshot};
+
+use held::{HeldMap, compile_changed, compiled, next_held};
 
 /// Which ADS flavour to speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -59,15 +62,6 @@ pub struct TypeStatus {
     /// Whether a response of this type was applied since the proxy started.
     pub received: bool,
 }
-
-/// A resource as Pilot sent it, and what it compiled to.
-struct Compiled<T, C> {
-    raw: T,
-    compiled: Arc<C>,
-}
-
-/// The resources of one type held, by name.
-type HeldMap<T, C> = BTreeMap<String, Compiled<T, C>>;
 
 /// The resources held, by type and name, and their delta versions.
 #[derive(Default)]
@@ -196,133 +190,6 @@ impl XdsClient {
         } else {
             self.stream_delta(client, backoff).await
         }
-    }
-
-    fn sotw_request(&self, type_url: &'static str, error: Option<Problem>) -> DiscoveryRequest {
-        let status = self.status(type_url);
-        DiscoveryRequest {
-            version_info: status.version,
-            node: Some(self.node.clone()),
-            resource_names: status.names,
-            type_url: type_url.to_string(),
-            response_nonce: status.nonce,
-            error_detail: error.map(rejection),
-            ..Default::default()
-        }
-    }
-
-    async fn stream_sotw(
-        &mut self,
-        mut client: AggregatedDiscoveryServiceClient<tonic::transport::Channel>,
-        backoff: &mut Backoff,
-    ) -> anyhow::Result<()> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        for type_url in [CLUSTER, LISTENER] {
-            tx.send(self.sotw_request(type_url, None))?;
-        }
-        for type_url in [ENDPOINT, ROUTE] {
-            if !self.status(type_url).names.is_empty() {
-                tx.send(self.sotw_request(type_url, None))?;
-            }
-        }
-        let mut responses = client
-            .stream_aggregated_resources(UnboundedReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        tracing::info!(pilot = %self.pilot, "xDS stream open (state of the world)");
-        while let Some(response) = responses.message().await? {
-            backoff.reset();
-            let update = Update::Sotw(response.resources);
-            for say in self.apply(
-                &response.type_url,
-                response.nonce,
-                response.version_info,
-                update,
-            ) {
-                tx.send(match say {
-                    Say::Ack(t) | Say::Subscribe { type_url: t, .. } => self.sotw_request(t, None),
-                    Say::Nack(t, problem) => self.sotw_request(t, Some(problem)),
-                })?;
-            }
-        }
-        anyhow::bail!("Pilot closed the stream")
-    }
-
-    async fn stream_delta(
-        &mut self,
-        mut client: AggregatedDiscoveryServiceClient<tonic::transport::Channel>,
-        backoff: &mut Backoff,
-    ) -> anyhow::Result<()> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        for type_url in TYPES {
-            let names = self.status(type_url).names;
-            let wildcard = matches!(type_url, CLUSTER | LISTENER);
-            if !wildcard && names.is_empty() {
-                continue;
-            }
-            tx.send(DeltaDiscoveryRequest {
-                node: Some(self.node.clone()),
-                type_url: type_url.to_string(),
-                resource_names_subscribe: names,
-                initial_resource_versions: self
-                    .held
-                    .versions
-                    .get(type_url)
-                    .map(|v| v.clone().into_iter().collect())
-                    .unwrap_or_default(),
-                ..Default::default()
-            })?;
-        }
-        let mut responses = client
-            .delta_aggregated_resources(UnboundedReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        tracing::info!(pilot = %self.pilot, "xDS stream open (delta)");
-        while let Some(response) = responses.message().await? {
-            backoff.reset();
-            let update = Update::Delta {
-                added: response
-                    .resources
-                    .into_iter()
-                    .filter_map(|r| Some((r.name, r.version, r.resource?)))
-                    .collect(),
-                removed: response.removed_resources,
-            };
-            let nonce = response.nonce.clone();
-            let says = self.apply(
-                &response.type_url,
-                response.nonce,
-                response.system_version_info,
-                update,
-            );
-            for say in says {
-                let (type_url, error, added, removed) = match say {
-                    Say::Ack(t) => (t, None, Vec::new(), Vec::new()),
-                    Say::Nack(t, problem) => (t, Some(rejection(problem)), Vec::new(), Vec::new()),
-                    Say::Subscribe {
-                        type_url,
-                        added,
-                        removed,
-                    } => (type_url, None, added, removed),
-                };
-                // Only the answer to this response carries its nonce.
-                let response_nonce =
-                    if type_url == response.type_url && added.is_empty() && removed.is_empty() {
-                        nonce.clone()
-                    } else {
-                        String::new()
-                    };
-                tx.send(DeltaDiscoveryRequest {
-                    type_url: type_url.to_string(),
-                    response_nonce,
-                    error_detail: error,
-                    resource_names_subscribe: added,
-                    resource_names_unsubscribe: removed,
-                    ..Default::default()
-                })?;
-            }
-        }
-        anyhow::bail!("Pilot closed the stream")
     }
 
     /// Takes or refuses one response, and says what to tell Pilot: the
@@ -477,94 +344,6 @@ fn rejection(Problem(message): Problem) -> Status {
     }
 }
 
-/// Every resource of `next`, compiled unless it is the one `held` already
-/// compiled; a resource that does not compile refuses them all.
-fn compile_changed<T: PartialEq, C>(
-    held: &HeldMap<T, C>,
-    next: BTreeMap<String, T>,
-    compile: impl Fn(&T) -> Result<C, Problem>,
-) -> Result<HeldMap<T, C>, Problem> {
-    next.into_iter()
-        .map(|(name, raw)| {
-            let compiled = match held.get(&name) {
-                Some(h) if h.raw == raw => h.compiled.clone(),
-                _ => Arc::new(compile(&raw)?),
-            };
-            Ok((name, Compiled { raw, compiled }))
-        })
-        .collect()
-}
-
-/// What `held` compiled to, by name, as the snapshot keeps it.
-fn compiled<T, C, M: FromIterator<(String, Arc<C>)>>(held: &HeldMap<T, C>) -> M {
-    held.iter()
-        .map(|(name, c)| (name.clone(), c.compiled.clone()))
-        .collect()
-}
-
-/// The raw resources of `held` with `update` applied. Named types
-/// (`names` given) keep only the names subscribed; state-of-the-world
-/// responses of them carry only what changed, so they are laid over what
-/// is held.
-fn next_held<T: Message + Default + Clone, C>(
-    held: &HeldMap<T, C>,
-    update: Update,
-    name: impl Fn(&T) -> String,
-    names: Option<&[String]>,
-) -> Result<BTreeMap<String, T>, Problem> {
-    let raw = || -> BTreeMap<String, T> {
-        held.iter()
-            .map(|(n, c)| (n.clone(), c.raw.clone()))
-            .collect()
-    };
-    let mut out = match update {
-        Update::Sotw(resources) => {
-            let update = decode_all(&resources, &name)?;
-            match names {
-                Some(_) => {
-                    let mut out = raw();
-                    out.extend(update);
-                    out
-                }
-                None => update,
-            }
-        }
-        Update::Delta { added, removed } => {
-            let mut out = raw();
-            for gone in &removed {
-                out.remove(gone);
-            }
-            let added: Vec<Any> = added.into_iter().map(|(_, _, any)| any).collect();
-            out.extend(decode_all(&added, &name)?);
-            out
-        }
-    };
-    if let Some(names) = names
-        && !names.is_empty()
-    {
-        out.retain(|n, _| names.binary_search(n).is_ok());
-    }
-    Ok(out)
-}
-
-fn decode_all<T: Message + Default>(
-    resources: &[Any],
-    name: &impl Fn(&T) -> String,
-) -> Result<BTreeMap<String, T>, Problem> {
-    resources
-        .iter()
-        .map(|any| {
-            let r = T::decode(any.value.as_slice()).map_err(|e| {
-                Problem(format!(
-                    "a resource of {:?} does not decode: {e}",
-                    any.type_url
-                ))
-            })?;
-            Ok((name(&r), r))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -572,6 +351,7 @@ mod tests {
         core::v3::{Address, SocketAddress, address, socket_address},
         listener::v3::{Filter, FilterChain, filter},
     };
+    use prost::Message;
 
     fn listener(name: &str, filter_type: &str, config: Vec<u8>) -> Any {
         let l = Listener {
