@@ -32,7 +32,7 @@ use tokio::{
 use crate::{
     config::{
         Snapshot,
-        listener::{HttpApp, InboundService, Routes},
+        listener::{Direction, HttpApp, InboundService, Routes},
         rbac::{RbacFilter, Subject},
         route::{Abort, Action, Forward, HeaderOps, RequestParts, RetryPolicy, Route},
     },
@@ -103,7 +103,7 @@ async fn handle(mut request: Request<Incoming>, context: &HttpContext) -> Respon
     let method = request.method().clone();
     let uri = request.uri().clone();
     let authority = RequestParts::of(&request).authority.to_string();
-    let inbound = context.app.inbound.is_some();
+    let inbound = matches!(context.app.direction, Direction::Inbound(_));
     let span = context.tracing.start(
         request.headers_mut(),
         format!("{authority}{}", uri.path()),
@@ -143,8 +143,8 @@ async fn checked(request: Request<Incoming>, context: &HttpContext) -> Response<
         port,
     }) = context
         .app
-        .inbound
-        .as_ref()
+        .direction
+        .inbound()
         .filter(|_| context.mixer.is_on())
     else {
         return route(request, context).await;
@@ -392,7 +392,7 @@ async fn forward(
     // A caller's attributes are the server proxy's alone; outbound, this
     // workload's own go instead.
     parts.headers.remove(crate::mixer::FORWARDED_ATTRIBUTES);
-    if context.app.inbound.is_none()
+    if context.app.direction == Direction::Outbound
         && let Some(attributes) = context.mixer.forwarded_attributes()
     {
         parts
@@ -453,11 +453,7 @@ async fn forward(
     apply_response_ops(&weighted.headers, response.headers_mut());
     let stats = &context.upstreams.stats;
     let labels = Stats::cluster(&weighted.name);
-    let direction = if context.app.inbound.is_some() {
-        "inbound"
-    } else {
-        "outbound"
-    };
+    let direction = context.app.direction.label();
     stats
         .requests
         .get_or_create(&RequestLabels {

@@ -278,7 +278,7 @@ async fn serve<IO>(
         App::Tcp(app) => {
             let started = std::time::Instant::now();
             let (received, sent) = tcp::proxy(io, app, &shared.upstreams, destination).await;
-            if let Some(service) = &app.inbound {
+            if let Some(service) = app.direction.inbound() {
                 shared.mixer.report_tcp(&TcpConnection {
                     peer,
                     peer_identity: peer_identity.as_deref(),

@@ -64,8 +64,7 @@ pub enum App {
 #[derive(Debug)]
 pub struct HttpApp {
     pub stat_prefix: String,
-    /// The service this app serves, for an inbound one.
-    pub inbound: Option<InboundService>,
+    pub direction: Direction,
     pub routes: Routes,
     /// The HTTP RBAC filter, checked per request.
     pub rbac: Option<RbacFilter>,
@@ -74,26 +73,52 @@ pub struct HttpApp {
     pub cors: bool,
 }
 
-/// The service and port of an inbound connection manager or TCP proxy:
-/// what tells inbound traffic from outbound, read once when the listener
-/// compiles.
+/// Which way an app's traffic goes, read once when the listener compiles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Direction {
+    /// To this workload, for its service and port.
+    Inbound(InboundService),
+    /// From this workload (or through a gateway) to others.
+    Outbound,
+}
+
+/// The service and port an inbound app serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboundService {
     pub host: String,
     pub port: u16,
 }
 
-impl InboundService {
-    /// From the stat prefix Pilot gives an inbound app, named for its
-    /// cluster: `inbound|<port>|<port name>|<host>`.
-    fn of(stat_prefix: &str) -> Option<Self> {
-        let mut parts = stat_prefix.split('|');
-        if parts.next()? != "inbound" {
-            return None;
+impl Direction {
+    /// From the stat prefix Pilot gives an app: an inbound one is named
+    /// for its cluster, `inbound|<port>|<port name>|<host>`.
+    fn of(stat_prefix: &str) -> Self {
+        let inbound = || {
+            let mut parts = stat_prefix.split('|');
+            if parts.next()? != "inbound" {
+                return None;
+            }
+            let port = parts.next()?.parse().ok()?;
+            let host = parts.nth(1)?.to_string();
+            Some(InboundService { host, port })
+        };
+        inbound().map_or(Self::Outbound, Self::Inbound)
+    }
+
+    /// The service, when inbound.
+    pub fn inbound(&self) -> Option<&InboundService> {
+        match self {
+            Self::Inbound(service) => Some(service),
+            Self::Outbound => None,
         }
-        let port = parts.next()?.parse().ok()?;
-        let host = parts.nth(1)?.to_string();
-        Some(Self { host, port })
+    }
+
+    /// As metrics label it.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Inbound(_) => "inbound",
+            Self::Outbound => "outbound",
+        }
     }
 }
 
@@ -107,8 +132,7 @@ pub enum Routes {
 #[derive(Debug)]
 pub struct TcpApp {
     pub stat_prefix: String,
-    /// The service this app serves, for an inbound one.
-    pub inbound: Option<InboundService>,
+    pub direction: Direction,
     /// Clusters and weights.
     pub clusters: Vec<(String, u32)>,
 }
@@ -264,7 +288,7 @@ impl Chain {
                     None => return Err(Problem("tcp proxy without a cluster".into())),
                 };
                 app = Some(App::Tcp(TcpApp {
-                    inbound: InboundService::of(&tcp.stat_prefix),
+                    direction: Direction::of(&tcp.stat_prefix),
                     stat_prefix: tcp.stat_prefix,
                     clusters,
                 }));
@@ -340,7 +364,7 @@ fn http_app(hcm: &HttpConnectionManager) -> Result<HttpApp, Problem> {
         ));
     }
     Ok(HttpApp {
-        inbound: InboundService::of(&hcm.stat_prefix),
+        direction: Direction::of(&hcm.stat_prefix),
         stat_prefix: hcm.stat_prefix.clone(),
         routes,
         rbac,
@@ -356,20 +380,20 @@ mod tests {
     #[test]
     fn inbound_apps_are_known_by_the_stat_prefix_pilot_gives_them() {
         assert_eq!(
-            InboundService::of("inbound|9080|http|reviews.shop.svc.cluster.local"),
-            Some(InboundService {
+            Direction::of("inbound|9080|http|reviews.shop.svc.cluster.local"),
+            Direction::Inbound(InboundService {
                 host: "reviews.shop.svc.cluster.local".into(),
                 port: 9080
             })
         );
         assert_eq!(
-            InboundService::of("outbound|9080||reviews.shop.svc.cluster.local"),
-            None
+            Direction::of("outbound|9080||reviews.shop.svc.cluster.local"),
+            Direction::Outbound
         );
-        assert_eq!(InboundService::of("0.0.0.0_9080"), None);
+        assert_eq!(Direction::of("0.0.0.0_9080"), Direction::Outbound);
         assert_eq!(
-            InboundService::of("inbound|web|http|reviews"),
-            None,
+            Direction::of("inbound|web|http|reviews"),
+            Direction::Outbound,
             "a port that is no number"
         );
     }
