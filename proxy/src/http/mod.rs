@@ -17,7 +17,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
+use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::{
@@ -29,12 +29,18 @@ use tokio::{
     sync::watch,
 };
 
+mod filters;
+
+use self::filters::{
+    aborted, apply_request_ops, apply_response_ops, cors_allow, cors_preflight, forwarded_headers,
+    redirect, shadow, upstream_request,
+};
 use crate::{
     config::{
         Snapshot,
         listener::{Direction, HttpApp, InboundService, Routes},
         rbac::{RbacFilter, Subject},
-        route::{Abort, Action, Forward, HeaderOps, RequestParts, RetryPolicy, Route},
+        route::{Action, Forward, RequestParts, RetryPolicy, Route},
     },
     mixer::MixerFilter,
     stats::{RequestLabels, Stats},
@@ -235,24 +241,7 @@ async fn route(request: Request<Incoming>, context: &HttpContext) -> Response<Bo
             host,
             path: to,
             code,
-        } => {
-            let target_host = if host.is_empty() {
-                authority.as_str()
-            } else {
-                host
-            };
-            let target_path = if to.is_empty() { path.as_str() } else { to };
-            let mut r = local_reply(
-                StatusCode::from_u16(*code).unwrap_or(StatusCode::MOVED_PERMANENTLY),
-                "redirected",
-            );
-            if let Ok(location) =
-                HeaderValue::from_str(&format!("http://{target_host}{target_path}"))
-            {
-                r.headers_mut().insert(header::LOCATION, location);
-            }
-            r
-        }
+        } => redirect(host, to, *code, &authority, &path),
         Action::Direct { status, body } => {
             let mut r = Response::new(full(body.clone()));
             *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
@@ -263,88 +252,10 @@ async fn route(request: Request<Incoming>, context: &HttpContext) -> Response<Bo
     apply_response_ops(&route.headers, response.headers_mut());
     if context.app.cors
         && let (Some(cors), Some(origin)) = (&route.cors, &origin)
-        && cors.allows(origin)
-        && let Ok(value) = HeaderValue::from_str(origin)
     {
-        response
-            .headers_mut()
-            .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
+        cors_allow(cors, origin, response.headers_mut());
     }
     response
-}
-
-fn cors_preflight(cors: &crate::config::route::Cors, origin: &str) -> Response<Body> {
-    let mut response = local_reply(StatusCode::OK, "");
-    if !cors.allows(origin) {
-        return response;
-    }
-    let headers = response.headers_mut();
-    let mut set = |name: HeaderName, value: &str| {
-        if !value.is_empty()
-            && let Ok(v) = HeaderValue::from_str(value)
-        {
-            headers.insert(name, v);
-        }
-    };
-    set(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-    set(header::ACCESS_CONTROL_ALLOW_METHODS, &cors.methods);
-    set(header::ACCESS_CONTROL_ALLOW_HEADERS, &cors.headers);
-    set(header::ACCESS_CONTROL_EXPOSE_HEADERS, &cors.expose);
-    set(header::ACCESS_CONTROL_MAX_AGE, &cors.max_age);
-    if cors.credentials {
-        set(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true");
-    }
-    response
-}
-
-fn aborted(abort: Abort) -> Response<Body> {
-    match abort {
-        Abort::Http(code) => local_reply(
-            StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
-            "fault filter abort",
-        ),
-        Abort::Grpc(code) => {
-            let mut r = local_reply(StatusCode::OK, "");
-            let headers = r.headers_mut();
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/grpc"),
-            );
-            headers.insert("grpc-status", HeaderValue::from(code));
-            headers.insert(
-                "grpc-message",
-                HeaderValue::from_static("fault filter abort"),
-            );
-            r
-        }
-    }
-}
-
-fn apply_request_ops(ops: &HeaderOps, headers: &mut http::HeaderMap) {
-    apply(&ops.request_remove, &ops.request_add, headers);
-}
-
-fn apply_response_ops(ops: &HeaderOps, headers: &mut http::HeaderMap) {
-    apply(&ops.response_remove, &ops.response_add, headers);
-}
-
-fn apply(remove: &[String], add: &[(String, String, bool)], headers: &mut http::HeaderMap) {
-    for name in remove {
-        headers.remove(name.as_str());
-    }
-    for (name, value, append) in add {
-        let (Ok(name), Ok(value)) = (
-            HeaderName::try_from(name.as_str()),
-            HeaderValue::from_str(value),
-        ) else {
-            continue;
-        };
-        if *append {
-            headers.append(name, value);
-        } else {
-            headers.insert(name, value);
-        }
-    }
 }
 
 /// A request body, kept whole when small enough to send again.
@@ -374,43 +285,16 @@ async fn forward(
         .path_and_query()
         .map_or("/".to_string(), |p| p.to_string());
     let path = route.rewrite(&original_path, forward.prefix_rewrite.as_deref());
-    if let Some(host) = &forward.host_rewrite
-        && let Ok(value) = HeaderValue::from_str(host)
-    {
-        parts.headers.insert(header::HOST, value);
-    } else if !parts.headers.contains_key(header::HOST)
-        && let Some(authority) = parts.uri.authority()
-        && let Ok(value) = HeaderValue::from_str(authority.as_str())
-    {
-        // An absolute-form request (the proxy used as HTTP_PROXY) names
-        // its host in the URI; the upstream reads it from Host.
-        parts.headers.insert(header::HOST, value);
-    }
-    parts
-        .headers
-        .insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    // A caller's attributes are the server proxy's alone; outbound, this
-    // workload's own go instead.
-    parts.headers.remove(crate::mixer::FORWARDED_ATTRIBUTES);
-    if context.app.direction == Direction::Outbound
-        && let Some(attributes) = context.mixer.forwarded_attributes()
-    {
-        parts
-            .headers
-            .insert(crate::mixer::FORWARDED_ATTRIBUTES, attributes.clone());
-    }
-    // The caller's identity, for the application, as Envoy forwards it.
-    parts.headers.remove("x-forwarded-client-cert");
-    if let Some(identity) = &context.peer_identity
-        && let Ok(value) = HeaderValue::from_str(&format!("URI={identity}"))
-    {
-        parts.headers.insert("x-forwarded-client-cert", value);
-    }
-    if !parts.headers.contains_key("x-request-id")
-        && let Ok(id) = HeaderValue::from_str(&request_id())
-    {
-        parts.headers.insert("x-request-id", id);
-    }
+    let attributes = match context.app.direction {
+        Direction::Outbound => context.mixer.forwarded_attributes(),
+        Direction::Inbound(_) => None,
+    };
+    forwarded_headers(
+        &mut parts,
+        forward.host_rewrite.as_deref(),
+        attributes,
+        context.peer_identity.as_deref(),
+    );
     let retry = forward.retry.as_ref().filter(|r| r.attempts > 0);
     let small = http_body::Body::size_hint(&body)
         .upper()
@@ -473,10 +357,6 @@ async fn forward(
     response
 }
 
-fn request_id() -> String {
-    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
-}
-
 /// Sends a copy to `cluster` and forgets it: a mirror's answer is not the
 /// caller's.
 fn mirror_to(
@@ -490,12 +370,7 @@ fn mirror_to(
         return;
     };
     let mut headers = parts.headers.clone();
-    if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
-        // Envoy marks a mirrored request's host with `-shadow`.
-        if let Ok(v) = HeaderValue::from_str(&format!("{host}-shadow")) {
-            headers.insert(header::HOST, v);
-        }
-    }
+    shadow(&mut headers);
     let method = parts.method.clone();
     let path = path.to_string();
     tokio::spawn(async move {
@@ -508,33 +383,6 @@ fn mirror_to(
         };
         let _ = cluster.client().request(request).await;
     });
-}
-
-fn upstream_request(
-    method: &http::Method,
-    headers: &http::HeaderMap,
-    addr: SocketAddr,
-    path: &str,
-    body: Body,
-) -> Result<Request<Body>, http::Error> {
-    let uri: Uri = format!("http://{addr}{path}").parse()?;
-    let mut request = Request::builder()
-        .method(method.clone())
-        .uri(uri)
-        .body(body)?;
-    *request.headers_mut() = headers.clone();
-    // Hop-by-hop headers belong to the downstream connection.
-    for name in [
-        header::CONNECTION,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRANSFER_ENCODING,
-    ] {
-        request.headers_mut().remove(name);
-    }
-    request.headers_mut().remove("proxy-connection");
-    request.headers_mut().remove("keep-alive");
-    Ok(request)
 }
 
 /// What one attempt came to.
