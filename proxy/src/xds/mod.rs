@@ -347,11 +347,39 @@ fn rejection(Problem(message): Problem) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use envoy_types::pb::envoy::config::{
-        core::v3::{Address, SocketAddress, address, socket_address},
-        listener::v3::{Filter, FilterChain, filter},
+    use envoy_types::pb::envoy::{
+        config::{
+            core::v3::{Address, SocketAddress, address, socket_address},
+            listener::v3::{Filter, FilterChain, filter},
+        },
+        extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy::ClusterSpecifier},
     };
     use prost::Message;
+
+    const TCP: &str = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+
+    /// A client of no Pilot, and the config it makes.
+    fn client() -> (XdsClient, watch::Receiver<Arc<Snapshot>>) {
+        let (tx, config) = watch::channel(Arc::new(Snapshot::default()));
+        let client = XdsClient::new(
+            Node::default(),
+            "pilot".into(),
+            XdsMode::Auto,
+            Arc::default(),
+            tx,
+        );
+        (client, config)
+    }
+
+    /// A TCP proxy's config, to `cluster`.
+    fn to(cluster: &str) -> Vec<u8> {
+        TcpProxy {
+            stat_prefix: "tcp".into(),
+            cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.into())),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
 
     fn listener(name: &str, filter_type: &str, config: Vec<u8>) -> Any {
         let l = Listener {
@@ -383,28 +411,10 @@ mod tests {
 
     #[test]
     fn a_listener_that_does_not_compile_is_refused_and_the_last_good_stays() {
-        let (tx, config) = watch::channel(Arc::new(Snapshot::default()));
-        let mut client = XdsClient::new(
-            Node::default(),
-            "pilot".into(),
-            XdsMode::Auto,
-            Arc::default(),
-            tx,
-        );
-        use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
-            TcpProxy, tcp_proxy::ClusterSpecifier,
-        };
-        let tcp = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
-        let to_cluster = TcpProxy {
-            stat_prefix: "good".into(),
-            cluster_specifier: Some(ClusterSpecifier::Cluster("c".into())),
-            ..Default::default()
-        };
+        let (mut client, config) = client();
+        let tcp = TCP;
         client
-            .take(
-                LISTENER,
-                Update::Sotw(vec![listener("good", tcp, to_cluster.encode_to_vec())]),
-            )
+            .take(LISTENER, Update::Sotw(vec![listener("good", tcp, to("c"))]))
             .unwrap();
         let held = || {
             config
@@ -430,7 +440,7 @@ mod tests {
             .take(
                 LISTENER,
                 Update::Sotw(vec![
-                    listener("good", tcp, to_cluster.encode_to_vec()),
+                    listener("good", tcp, to("c")),
                     listener("b", unknown, Vec::new()),
                 ]),
             )
@@ -439,7 +449,7 @@ mod tests {
         assert_eq!(held(), ["good"]);
 
         // A delta adds and removes by name.
-        let added = listener("c", tcp, to_cluster.encode_to_vec());
+        let added = listener("c", tcp, to("c"));
         client
             .take(
                 LISTENER,
@@ -455,26 +465,8 @@ mod tests {
 
     #[test]
     fn a_response_compiles_only_the_resources_that_changed() {
-        use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
-            TcpProxy, tcp_proxy::ClusterSpecifier,
-        };
-        let (tx, config) = watch::channel(Arc::new(Snapshot::default()));
-        let mut client = XdsClient::new(
-            Node::default(),
-            "pilot".into(),
-            XdsMode::Auto,
-            Arc::default(),
-            tx,
-        );
-        let tcp = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
-        let to = |cluster: &str| {
-            TcpProxy {
-                stat_prefix: "tcp".into(),
-                cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.into())),
-                ..Default::default()
-            }
-            .encode_to_vec()
-        };
+        let (mut client, config) = client();
+        let tcp = TCP;
         let both =
             |b: &str| Update::Sotw(vec![listener("a", tcp, to("x")), listener("b", tcp, to(b))]);
         client.take(LISTENER, both("x")).unwrap();
