@@ -98,11 +98,14 @@ impl Proc {
     }
 
     /// Starts `command`, a workspace binary `name` set up by the caller,
-    /// its output read by the test.
+    /// its output read by the test; killed when dropped, however the
+    /// caller built it.
     pub fn spawn(name: &str, mut command: Command) -> Self {
         let mut child = command
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
