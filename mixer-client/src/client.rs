@@ -275,12 +275,19 @@ impl Client {
 
     /// Queues a report; the batch goes out once it is full.
     pub async fn report(&self, bag: Bag) -> Result<(), tonic::Status> {
-        let full = {
-            let mut batch = self.batch.lock().unwrap_or_else(|e| e.into_inner());
-            batch.push(bag);
-            batch.len() >= self.options.batch_size
-        };
-        if full { self.flush().await } else { Ok(()) }
+        if self.queue(bag) {
+            self.flush().await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Queues a report without sending anything; whether the batch is now
+    /// full, and should be flushed.
+    pub fn queue(&self, bag: Bag) -> bool {
+        let mut batch = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+        batch.push(bag);
+        batch.len() >= self.options.batch_size
     }
 
     /// Sends every queued report, encoded by [`report_request`].
@@ -306,16 +313,15 @@ pub fn report_request(bags: &[Bag]) -> ReportRequest {
     let attributes = bags
         .iter()
         .map(|bag| {
-            let changed: Bag = match previous {
-                Some(before) if delta => bag
-                    .iter()
-                    .filter(|(k, v)| before.get(*k) != Some(*v))
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-                _ => bag.clone(),
+            let compressed = match previous {
+                Some(before) if delta => compressor.compress_some(
+                    bag.iter()
+                        .filter(|(k, v)| before.get(k.as_str()) != Some(*v)),
+                ),
+                _ => compressor.compress(bag),
             };
             previous = Some(bag);
-            compressor.compress(&changed)
+            compressed
         })
         .collect();
     let semantics = if delta {

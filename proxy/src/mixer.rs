@@ -218,7 +218,7 @@ impl MixerFilter {
 
     /// Sends queued reports every second until `shutdown`, and once more then.
     pub async fn flush_reports(self: Arc<Self>, shutdown: CancellationToken) {
-        let Some(telemetry) = self.telemetry.clone() else {
+        let Some(telemetry) = &self.telemetry else {
             return;
         };
         loop {
@@ -358,7 +358,7 @@ impl MixerFilter {
 
     /// Queues the report of a finished request.
     fn report(&self, inbound: Inbound, status: StatusCode, request_size: u64, response_size: u64) {
-        let Some(telemetry) = self.telemetry.clone() else {
+        let Some(telemetry) = &self.telemetry else {
             return;
         };
         let now = SystemTime::now();
@@ -380,11 +380,7 @@ impl MixerFilter {
                 }),
             ),
         ]);
-        tokio::spawn(async move {
-            if let Err(e) = telemetry.report(bag).await {
-                tracing::debug!("report not sent: {e}");
-            }
-        });
+        queue_report(telemetry, bag);
     }
 }
 
@@ -415,6 +411,19 @@ impl MixerFilter {
                 sent: 0,
             })
         })
+    }
+}
+
+/// Queues `bag` for the telemetry Mixer; a task sends the batch once it
+/// is full, rather than one task a request.
+fn queue_report(telemetry: &Arc<Client>, bag: Bag) {
+    if telemetry.queue(bag) {
+        let telemetry = telemetry.clone();
+        tokio::spawn(async move {
+            if let Err(e) = telemetry.flush().await {
+                tracing::debug!("reports not sent: {e}");
+            }
+        });
     }
 }
 
@@ -497,7 +506,7 @@ pub struct TcpConnection<'a> {
 impl MixerFilter {
     /// Queues the report of a finished inbound TCP connection.
     pub fn report_tcp(&self, c: &TcpConnection) {
-        let Some(telemetry) = self.telemetry.clone() else {
+        let Some(telemetry) = &self.telemetry else {
             return;
         };
         let mut bag = self.connection(c.peer, c.peer_identity, c.service_host, c.port, "tcp");
@@ -516,11 +525,7 @@ impl MixerFilter {
             ),
             ("connection.event".into(), Value::String("close".into())),
         ]);
-        tokio::spawn(async move {
-            if let Err(e) = telemetry.report(bag).await {
-                tracing::debug!("report not sent: {e}");
-            }
-        });
+        queue_report(telemetry, bag);
     }
 }
 

@@ -242,17 +242,26 @@ impl Compressor {
         if let Some(i) = self.local.get(word) {
             return *i;
         }
-        self.words.push(word.to_string());
-        let i = -(self.words.len() as i32);
+        let i = -(self.words.len() as i32) - 1;
         self.local.insert(word.to_string(), i);
+        self.words.push(word.to_string());
         i
     }
 
     /// `bag`, compressed; its words are in the message (and kept for the
     /// next bag of the same message, as a Report's default words).
     pub fn compress(&mut self, bag: &Bag) -> CompressedAttributes {
+        self.compress_some(bag)
+    }
+
+    /// Some attributes, compressed as [`Compressor::compress`] does a bag:
+    /// a Report's delta, say, without copying it into a bag first.
+    pub fn compress_some<'a>(
+        &mut self,
+        attributes: impl IntoIterator<Item = (&'a String, &'a Value)>,
+    ) -> CompressedAttributes {
         let mut out = CompressedAttributes::default();
-        for (name, value) in bag {
+        for (name, value) in attributes {
             let n = self.index(name);
             match value {
                 Value::String(s) => {
