@@ -1002,6 +1002,11 @@ async fn silent_and_stalled_clients_are_closed() {
         .unwrap();
     stalled.write_all(&client_hello()).await.unwrap();
     closed_after(stalled).await;
+    // Plaintext HTTP (the client's HTTP_PROXY port): nothing said, closed.
+    let silent = tokio::net::TcpStream::connect(mesh.ports.egress)
+        .await
+        .unwrap();
+    closed_after(silent).await;
 }
 
 /// The first flight of a TLS client, as bytes.

@@ -31,7 +31,8 @@ pub struct Timeouts {
     /// How long to wait for a client's first bytes where a listener tells
     /// TLS from plaintext (Envoy's `listener_filters_timeout`); after it,
     /// the connection goes on as plaintext, as a server-first protocol's
-    /// would.
+    /// would. A plaintext HTTP connection that says nothing in this time
+    /// is closed.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
     pub protocol_detection_timeout: Duration,
     /// How long a TLS handshake may take.
@@ -217,6 +218,12 @@ async fn connection(stream: TcpStream, peer: SocketAddr, name: String, shared: S
         return;
     };
     let Some(settings) = &chain.tls else {
+        // HTTP is the client's to begin: one that says nothing in time is
+        // closed (a TCP chain waits, as a server-first protocol needs).
+        if matches!(chain.app, App::Http(_)) && !speaks_in_time(&stream, &shared).await {
+            tracing::debug!(listener = %name, %peer, "nothing said in time; closed");
+            return;
+        }
         return serve(stream, peer, None, destination, chain, &shared).await;
     };
     let config = match shared.tls.server(settings) {
@@ -291,6 +298,16 @@ async fn serve<IO>(
             }
         }
     }
+}
+
+/// Whether the client sends something within the detection timeout.
+async fn speaks_in_time(stream: &TcpStream, shared: &Shared) -> bool {
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout(
+        shared.timeouts.protocol_detection_timeout,
+        stream.peek(&mut first),
+    );
+    matches!(peeked.await, Ok(Ok(1)))
 }
 
 /// Whether the client opened with a TLS handshake record.
