@@ -18,7 +18,6 @@ use std::{
 };
 
 use base64::Engine;
-use bytes::Bytes;
 use clap::Args;
 use component::CancellationToken;
 use http::{HeaderMap, HeaderValue, StatusCode};
@@ -32,7 +31,7 @@ use mixer_client::{
 };
 use prost::Message;
 
-use crate::upstream::{Body, BoxError};
+use crate::upstream::Body;
 
 #[derive(Debug, Clone, Args)]
 pub struct MixerArgs {
@@ -397,19 +396,9 @@ impl MixerFilter {
         if self.telemetry.is_none() {
             return response;
         }
-        let status = response.status();
-        response.map(|body| {
-            let pending = PendingReport {
-                mixer: self.clone(),
-                inbound,
-                status,
-                request_size,
-            };
-            http_body_util::BodyExt::boxed(Reported {
-                body,
-                pending: Some(pending),
-                sent: 0,
-            })
+        let (mixer, status) = (self.clone(), response.status());
+        crate::http::body::on_end(response, move |sent| {
+            mixer.report(inbound, status, request_size, sent)
         })
     }
 }
@@ -424,70 +413,6 @@ fn queue_report(telemetry: &Arc<Client>, bag: Bag) {
                 tracing::debug!("reports not sent: {e}");
             }
         });
-    }
-}
-
-/// A report waiting for its response body to end.
-struct PendingReport {
-    mixer: Arc<MixerFilter>,
-    inbound: Inbound,
-    status: StatusCode,
-    request_size: u64,
-}
-
-/// A response body counting what it carries, which sends its report once:
-/// at its end, on an error, or when dropped.
-struct Reported {
-    body: Body,
-    pending: Option<PendingReport>,
-    sent: u64,
-}
-
-impl Reported {
-    fn finish(&mut self) {
-        if let Some(p) = self.pending.take() {
-            p.mixer
-                .report(p.inbound, p.status, p.request_size, self.sent);
-        }
-    }
-}
-
-impl http_body::Body for Reported {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
-        match &polled {
-            std::task::Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    self.sent += data.len() as u64;
-                }
-                if self.body.is_end_stream() {
-                    self.finish();
-                }
-            }
-            std::task::Poll::Ready(_) => self.finish(),
-            std::task::Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for Reported {
-    fn drop(&mut self) {
-        self.finish();
     }
 }
 

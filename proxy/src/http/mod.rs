@@ -29,6 +29,7 @@ use tokio::{
     sync::watch,
 };
 
+pub mod body;
 mod filters;
 
 use self::filters::{
@@ -120,20 +121,29 @@ async fn handle(mut request: Request<Incoming>, context: &HttpContext) -> Respon
     if let Some(span) = span {
         span.finish(method.as_str(), &authority, uri.path(), status);
     }
-    if context.access_log {
+    if !context.access_log {
+        return response;
+    }
+    // Logged when the body ends: its size, and the time to its last byte.
+    let (app, peer, identity) = (
+        context.app.clone(),
+        context.peer,
+        context.peer_identity.clone(),
+    );
+    body::on_end(response, move |bytes| {
         tracing::info!(
             target: "access",
             %method,
             %uri,
             %authority,
             status,
+            bytes,
             duration_ms = started.elapsed().as_secs_f64() * 1e3,
-            peer = %context.peer,
-            peer_identity = context.peer_identity.as_deref().unwrap_or_default(),
-            listener = %context.app.stat_prefix,
+            %peer,
+            peer_identity = identity.as_deref().unwrap_or_default(),
+            listener = %app.stat_prefix,
         );
-    }
-    response
+    })
 }
 
 /// RBAC, then (inbound) Mixer, then routing.
