@@ -193,10 +193,11 @@ async fn connection(stream: TcpStream, peer: SocketAddr, name: String, shared: S
     // The ClientHello is read without being taken, so that a chain may
     // still pass the connection through as it came.
     let alpn = if listener.inspects_tls() {
+        // A TLS handshake record opens a TLS connection.
         let detect = async {
-            match starts_tls(&stream).await {
-                true => tls::peek_alpn(&stream).await,
-                false => None,
+            match first_byte(&stream).await {
+                Some(0x16) => tls::peek_alpn(&stream).await,
+                _ => None,
             }
         };
         tokio::time::timeout(shared.timeouts.protocol_detection_timeout, detect)
@@ -302,18 +303,20 @@ async fn serve<IO>(
 
 /// Whether the client sends something within the detection timeout.
 async fn speaks_in_time(stream: &TcpStream, shared: &Shared) -> bool {
-    let mut first = [0u8; 1];
-    let peeked = tokio::time::timeout(
+    let first = tokio::time::timeout(
         shared.timeouts.protocol_detection_timeout,
-        stream.peek(&mut first),
+        first_byte(stream),
     );
-    matches!(peeked.await, Ok(Ok(1)))
+    matches!(first.await, Ok(Some(_)))
 }
 
-/// Whether the client opened with a TLS handshake record.
-async fn starts_tls(stream: &TcpStream) -> bool {
+/// The client's first byte, read without taking it; `None` when it closes.
+async fn first_byte(stream: &TcpStream) -> Option<u8> {
     let mut first = [0u8; 1];
-    matches!(stream.peek(&mut first).await, Ok(1) if first[0] == 0x16)
+    match stream.peek(&mut first).await {
+        Ok(1) => Some(first[0]),
+        _ => None,
+    }
 }
 
 /// `SO_ORIGINAL_DST`, else the socket's own address.

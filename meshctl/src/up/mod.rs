@@ -150,19 +150,15 @@ fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
-/// A port picker: the default, or one the OS says is free. Probes stay
-/// bound until the picker is dropped, so that no two picks are the same port.
+/// A port picker: the default, or one the OS says is free (never the same
+/// one twice, [`launch::free_addr`]).
 struct Ports {
     ephemeral: bool,
-    probes: std::sync::Mutex<Vec<std::net::TcpListener>>,
 }
 
 impl Ports {
     fn new(ephemeral: bool) -> Self {
-        Self {
-            ephemeral,
-            probes: Default::default(),
-        }
+        Self { ephemeral }
     }
 
     fn pick(&self, default: u16) -> anyhow::Result<SocketAddr> {
@@ -174,13 +170,7 @@ impl Ports {
 
     /// A port the OS says is free, whatever the mode.
     fn any(&self) -> anyhow::Result<SocketAddr> {
-        let probe = std::net::TcpListener::bind(loopback(0))?;
-        let addr = probe.local_addr()?;
-        self.probes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(probe);
-        Ok(addr)
+        Ok(launch::free_addr()?)
     }
 }
 
@@ -364,8 +354,6 @@ impl Mesh {
                 Vec::new()
             }
         };
-        // The probes are released here, before anything binds.
-        drop(ports);
         if announce {
             println!("config: {}", config_dir.display());
             println!("logs:   {}", logs.display());
