@@ -13,11 +13,14 @@
 pub mod admin;
 pub mod agent;
 pub mod config;
+pub mod detect;
 pub mod http;
+pub mod inbound;
 pub mod init;
 pub mod listeners;
 pub mod mixer;
 pub mod node;
+pub mod outbound;
 pub mod stats;
 pub mod tcp;
 pub mod tls;

@@ -9,14 +9,19 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 use component::{CancellationToken, readiness::Condition};
 use tokio::{net::TcpStream, sync::watch};
 
+use tower::{Layer, ServiceExt};
+
 use crate::{
     config::{
         Snapshot,
-        listener::{App, Arrival, Chain},
+        listener::{App, Arrival, Chain, Direction, Listener},
         rbac::Subject,
     },
-    http::{self, HttpContext},
+    detect::{self, Detected},
+    http::{self, Connection},
+    inbound,
     mixer::TcpConnection,
+    outbound,
     stats::ListenerLabels,
     tcp,
     tls::{self, TlsContext},
@@ -189,133 +194,137 @@ async fn connection(stream: TcpStream, peer: SocketAddr, name: String, shared: S
     {
         listener = target.clone();
     }
-    let destination_port = destination.map_or(0, |d| d.port());
-    // The ClientHello is read without being taken, so that a chain may
-    // still pass the connection through as it came.
-    let alpn = if listener.inspects_tls() {
-        // A TLS handshake record opens a TLS connection.
-        let detect = async {
-            match first_byte(&stream).await {
-                Some(0x16) => tls::peek_alpn(&stream).await,
-                _ => None,
-            }
-        };
-        tokio::time::timeout(shared.timeouts.protocol_detection_timeout, detect)
-            .await
-            .unwrap_or_else(|_| {
-                tracing::debug!(listener = %name, %peer, "nothing to detect in time: plaintext");
-                None
-            })
-    } else {
-        None
+    let accepted = Accepted {
+        listener,
+        peer,
+        destination,
+        shared,
     };
-    let arrival = Arrival {
-        destination_port,
-        tls: alpn.is_some(),
-        alpn: alpn.as_deref().unwrap_or_default(),
-    };
-    let Some(chain) = listener.chain(&arrival) else {
-        tracing::debug!(listener = %name, %peer, "no filter chain matches; closed");
-        return;
-    };
-    let Some(settings) = &chain.tls else {
-        // HTTP is the client's to begin: one that says nothing in time is
-        // closed (a TCP chain waits, as a server-first protocol needs).
-        if matches!(chain.app, App::Http(_)) && !speaks_in_time(&stream, &shared).await {
-            tracing::debug!(listener = %name, %peer, "nothing said in time; closed");
-            return;
-        }
-        return serve(stream, peer, None, destination, chain, &shared).await;
-    };
-    let config = match shared.tls.server(settings) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(listener = %name, %peer, "TLS not served: {e}");
-            return;
-        }
-    };
-    let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
-    match tokio::time::timeout(shared.timeouts.tls_handshake_timeout, handshake).await {
-        Ok(Ok(stream)) => {
-            let identity = tls::peer_identity(stream.get_ref().1.peer_certificates());
-            let identity = identity.map(|i| i.to_string());
-            serve(stream, peer, identity, destination, chain, &shared).await;
-        }
-        Ok(Err(e)) => tracing::info!(listener = %name, %peer, "TLS handshake failed: {e}"),
-        Err(_) => tracing::info!(listener = %name, %peer, "TLS handshake timed out; closed"),
+    if !accepted.listener.inspects_tls() {
+        return accepted.serve(None, stream).await;
     }
+    let timeout = accepted.shared.timeouts.protocol_detection_timeout;
+    let chains = tower::service_fn(move |(detected, stream): (Detected, TcpStream)| {
+        let accepted = accepted.clone();
+        async move {
+            accepted.serve(Some(detected), stream).await;
+            Ok::<_, std::convert::Infallible>(())
+        }
+    });
+    let _ = detect::layer(timeout).layer(chains).oneshot(stream).await;
 }
 
-async fn serve<IO>(
-    io: IO,
+/// A connection accepted on a listener, before its chain is chosen.
+#[derive(Clone)]
+struct Accepted {
+    listener: Arc<Listener>,
     peer: SocketAddr,
-    peer_identity: Option<String>,
     destination: Option<SocketAddr>,
-    chain: &Chain,
-    shared: &Shared,
-) where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    if let Some(rbac) = &chain.rbac {
-        let subject = Subject {
-            request: None,
-            peer_identity: peer_identity.as_deref(),
-            peer,
-            destination,
+    shared: Shared,
+}
+
+impl Accepted {
+    /// Serves the connection by the chain that matches what was detected
+    /// (`None`: the listener does not look).
+    async fn serve(&self, detected: Option<Detected>, stream: TcpStream) {
+        let (name, peer) = (&self.listener.name, self.peer);
+        let alpn = match &detected {
+            Some(Detected::Tls { alpn }) => Some(&alpn[..]),
+            _ => None,
         };
-        if !rbac.allows(&subject) {
-            tracing::debug!(%peer, "RBAC: connection refused");
+        let arrival = Arrival {
+            destination_port: self.destination.map_or(0, |d| d.port()),
+            tls: alpn.is_some(),
+            alpn: alpn.unwrap_or_default(),
+        };
+        let Some(chain) = self.listener.chain(&arrival) else {
+            tracing::debug!(listener = %name, %peer, "no filter chain matches; closed");
             return;
+        };
+        let Some(settings) = &chain.tls else {
+            // HTTP is the client's to begin: one that says nothing in time is
+            // closed (a TCP chain waits, as a server-first protocol needs).
+            let http = matches!(chain.app, App::Http(_));
+            let timeout = self.shared.timeouts.protocol_detection_timeout;
+            let silent = match detected {
+                Some(detected) => detected == Detected::Silent,
+                None => http && !detect::speaks_within(&stream, timeout).await,
+            };
+            if http && silent {
+                tracing::debug!(listener = %name, %peer, "nothing said in time; closed");
+                return;
+            }
+            return self.serve_chain(stream, None, chain).await;
+        };
+        let config = match self.shared.tls.server(settings) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(listener = %name, %peer, "TLS not served: {e}");
+                return;
+            }
+        };
+        let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+        match tokio::time::timeout(self.shared.timeouts.tls_handshake_timeout, handshake).await {
+            Ok(Ok(stream)) => {
+                let identity = tls::peer_identity(stream.get_ref().1.peer_certificates());
+                let identity = identity.map(|i| i.to_string());
+                self.serve_chain(stream, identity, chain).await;
+            }
+            Ok(Err(e)) => tracing::info!(listener = %name, %peer, "TLS handshake failed: {e}"),
+            Err(_) => tracing::info!(listener = %name, %peer, "TLS handshake timed out; closed"),
         }
     }
-    match &chain.app {
-        App::Http(app) => {
-            let context = Arc::new(HttpContext {
-                app: app.clone(),
-                config: shared.config.clone(),
-                upstreams: shared.upstreams.clone(),
+
+    async fn serve_chain<IO>(&self, io: IO, peer_identity: Option<String>, chain: &Chain)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (peer, destination, shared) = (self.peer, self.destination, &self.shared);
+        if let Some(rbac) = &chain.rbac {
+            let subject = Subject {
+                request: None,
+                peer_identity: peer_identity.as_deref(),
                 peer,
-                peer_identity,
                 destination,
-                mixer: shared.mixer.clone(),
-                access_log: shared.access_log,
-                tracing: shared.tracing.clone(),
-            });
-            http::serve(io, context).await;
-        }
-        App::Tcp(app) => {
-            let started = std::time::Instant::now();
-            let (received, sent) = tcp::proxy(io, app, &shared.upstreams, destination).await;
-            if let Some(service) = app.direction.inbound() {
-                shared.mixer.report_tcp(&TcpConnection {
-                    peer,
-                    peer_identity: peer_identity.as_deref(),
-                    service_host: &service.host,
-                    port: service.port,
-                    received,
-                    sent,
-                    duration: started.elapsed(),
-                });
+            };
+            if !rbac.allows(&subject) {
+                tracing::debug!(%peer, "RBAC: connection refused");
+                return;
             }
         }
-    }
-}
-
-/// Whether the client sends something within the detection timeout.
-async fn speaks_in_time(stream: &TcpStream, shared: &Shared) -> bool {
-    let first = tokio::time::timeout(
-        shared.timeouts.protocol_detection_timeout,
-        first_byte(stream),
-    );
-    matches!(first.await, Ok(Some(_)))
-}
-
-/// The client's first byte, read without taking it; `None` when it closes.
-async fn first_byte(stream: &TcpStream) -> Option<u8> {
-    let mut first = [0u8; 1];
-    match stream.peek(&mut first).await {
-        Ok(1) => Some(first[0]),
-        _ => None,
+        match &chain.app {
+            App::Http(app) => {
+                let connection = Arc::new(Connection {
+                    peer,
+                    peer_identity,
+                    destination,
+                });
+                match &app.direction {
+                    Direction::Inbound(service) => {
+                        let stack = inbound::stack(app, service, shared, connection);
+                        http::serve(io, stack).await
+                    }
+                    Direction::Outbound => {
+                        http::serve(io, outbound::stack(app, shared, connection)).await
+                    }
+                }
+            }
+            App::Tcp(app) => {
+                let started = std::time::Instant::now();
+                let (received, sent) = tcp::proxy(io, app, &shared.upstreams, destination).await;
+                if let Some(service) = app.direction.inbound() {
+                    shared.mixer.report_tcp(&TcpConnection {
+                        peer,
+                        peer_identity: peer_identity.as_deref(),
+                        service_host: &service.host,
+                        port: service.port,
+                        received,
+                        sent,
+                        duration: started.elapsed(),
+                    });
+                }
+            }
+        }
     }
 }
 

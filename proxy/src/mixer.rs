@@ -31,7 +31,7 @@ use mixer_client::{
 };
 use prost::Message;
 
-use crate::upstream::Body;
+use crate::config::listener::InboundService;
 
 #[derive(Debug, Clone, Args)]
 pub struct MixerArgs {
@@ -383,23 +383,38 @@ impl MixerFilter {
     }
 }
 
-impl MixerFilter {
-    /// `response`, whose body reports the request when it ends, or when
-    /// it is dropped unfinished: with the bytes it carried and the time
-    /// until then.
-    pub fn report_at_end(
-        self: &Arc<Self>,
-        inbound: Inbound,
-        request_size: u64,
-        response: http::Response<Body>,
-    ) -> http::Response<Body> {
-        if self.telemetry.is_none() {
-            return response;
-        }
-        let (mixer, status) = (self.clone(), response.status());
-        crate::http::body::on_end(response, move |sent| {
-            mixer.report(inbound, status, request_size, sent)
-        })
+impl crate::http::mixer::Mixer for MixerFilter {
+    type Attributes = Inbound;
+
+    fn attributes(
+        &self,
+        request: &crate::http::Request,
+        connection: &crate::http::Connection,
+        service: &InboundService,
+    ) -> Inbound {
+        self.inbound(
+            request,
+            connection.peer,
+            connection.peer_identity.as_deref(),
+            &service.host,
+            service.port,
+        )
+    }
+
+    async fn check(&self, attributes: &Inbound) -> Option<(StatusCode, String)> {
+        MixerFilter::check(self, attributes).await
+    }
+
+    fn checks(&self) -> bool {
+        self.policy.is_some()
+    }
+
+    fn reports(&self) -> bool {
+        self.telemetry.is_some()
+    }
+
+    fn report(&self, inbound: Inbound, status: StatusCode, request_size: u64, sent: u64) {
+        MixerFilter::report(self, inbound, status, request_size, sent)
     }
 }
 

@@ -22,6 +22,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let name = pick_weighted(&app.clusters, |(_, w)| *w)
+        .map(|i| &app.clusters[i])
         .or(app.clusters.first())
         .map(|(n, _)| n.as_str());
     let Some(cluster) = name.and_then(|n| upstreams.get(n)) else {

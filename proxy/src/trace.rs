@@ -26,7 +26,8 @@ use opentelemetry_sdk::{
 /// The OTLP endpoint variable, as OpenTelemetry names it.
 const ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 
-/// Span making and export; inert without an endpoint.
+/// Span making and export; inert without an endpoint (and by default).
+#[derive(Default)]
 pub struct Tracing {
     exporting: Option<(SdkTracerProvider, SdkTracer)>,
 }
@@ -36,7 +37,7 @@ impl Tracing {
     /// kept.
     pub fn from_env(service: &str, sampling: f64) -> anyhow::Result<Self> {
         let Some(endpoint) = std::env::var(ENDPOINT).ok().filter(|e| !e.is_empty()) else {
-            return Ok(Tracing { exporting: None });
+            return Ok(Tracing::default());
         };
         use opentelemetry_otlp::WithExportConfig;
         let exporter = opentelemetry_otlp::SpanExporter::builder()

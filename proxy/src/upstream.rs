@@ -107,7 +107,7 @@ impl Connector {
     }
 }
 
-impl tower_service::Service<http::Uri> for Connector {
+impl tower::Service<http::Uri> for Connector {
     type Response = TokioIo<Stream>;
     type Error = BoxError;
     type Future = std::pin::Pin<
@@ -519,9 +519,53 @@ async fn resolve(targets: &[(String, u16)]) -> Vec<(SocketAddr, u32)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
+    //! Clusters for the tests of what uses them.
+
     use super::*;
     use crate::config::cluster::Limits;
+
+    /// A round-robin cluster over fixed `endpoints`, with Envoy's defaults.
+    pub fn cluster(name: &str, endpoints: &[SocketAddr]) -> Cluster {
+        Cluster {
+            name: name.into(),
+            discovery: Discovery::Fixed(
+                endpoints
+                    .iter()
+                    .map(|a| (a.ip().to_string(), a.port()))
+                    .collect(),
+            ),
+            lb: Lb::RoundRobin,
+            connect_timeout: Duration::from_secs(1),
+            http2: false,
+            limits: Limits::default(),
+            outlier: None,
+            tls: None,
+            panic_threshold: 50.0,
+        }
+    }
+
+    /// The proxy's clusters, as a config of `clusters` makes them.
+    pub async fn upstreams(clusters: Vec<Cluster>) -> Arc<Upstreams> {
+        let (_, credentials) = tokio::sync::watch::channel(None);
+        let tls = Arc::new(TlsContext::new(credentials));
+        let stats = Stats::new(&mut prometheus_client::registry::Registry::default());
+        let upstreams = Upstreams::new(tls, stats, 1);
+        let snapshot = Snapshot {
+            clusters: clusters
+                .into_iter()
+                .map(|c| (c.name.clone(), Arc::new(c)))
+                .collect(),
+            ..Default::default()
+        };
+        upstreams.update(&snapshot).await;
+        Arc::new(upstreams)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     fn endpoint(port: u16, weight: u32) -> Arc<Endpoint> {
         Arc::new(Endpoint::new(
@@ -533,15 +577,8 @@ mod tests {
     /// A cluster of `lb` over `endpoints` (port, weight).
     fn cluster(lb: Lb, endpoints: &[(u16, u32)]) -> UpstreamCluster {
         let config = Cluster {
-            name: "c".into(),
-            discovery: Discovery::Fixed(Vec::new()),
             lb,
-            connect_timeout: Duration::from_secs(1),
-            http2: false,
-            limits: Limits::default(),
-            outlier: None,
-            tls: None,
-            panic_threshold: 50.0,
+            ..testing::cluster("c", &[])
         };
         let (_, credentials) = tokio::sync::watch::channel(None);
         let tls = Arc::new(TlsContext::new(credentials));

@@ -122,7 +122,7 @@ impl Direction {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Routes {
     /// By RDS, under this name.
     Rds(String),

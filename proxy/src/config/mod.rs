@@ -31,13 +31,13 @@ impl std::fmt::Display for Problem {
 
 /// One of `items`, each as likely as its weight: how weighted clusters are
 /// chosen, for HTTP routes and TCP proxies alike. `None` when all weigh 0.
-pub fn pick_weighted<T>(items: &[T], weight: impl Fn(&T) -> u32) -> Option<&T> {
+pub fn pick_weighted<T>(items: &[T], weight: impl Fn(&T) -> u32) -> Option<usize> {
     let total: u32 = items.iter().map(&weight).sum();
     if total == 0 {
         return None;
     }
     let mut roll = fastrand::u32(0..total);
-    items.iter().find(|item| {
+    items.iter().position(|item| {
         let w = weight(item);
         let hit = roll < w;
         roll = roll.saturating_sub(w);
@@ -110,8 +110,8 @@ mod tests {
         let items = [("a", 1), ("never", 0), ("b", 3)];
         let mut counts = HashMap::new();
         for _ in 0..4000 {
-            let (name, _) = pick_weighted(&items, |(_, w)| *w).unwrap();
-            *counts.entry(*name).or_insert(0) += 1;
+            let (name, _) = items[pick_weighted(&items, |(_, w)| *w).unwrap()];
+            *counts.entry(name).or_insert(0) += 1;
         }
         assert_eq!(counts.get("never"), None);
         let b = counts["b"];

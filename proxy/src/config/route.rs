@@ -38,6 +38,13 @@ pub struct RouteTable {
     pub virtual_hosts: Vec<VirtualHost>,
 }
 
+/// Where a route is in its table.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteIndex {
+    host: usize,
+    route: usize,
+}
+
 #[derive(Debug)]
 pub struct VirtualHost {
     pub name: String,
@@ -349,17 +356,33 @@ impl RouteTable {
         })
     }
 
+    /// Where the route for `request` is: its virtual host's, then the
+    /// first of its routes that matches.
+    pub fn find(&self, request: &RequestParts) -> Option<RouteIndex> {
+        let host = self.host_index(request.authority)?;
+        let route = self.virtual_hosts[host]
+            .routes
+            .iter()
+            .position(|r| r.matcher.matches(request))?;
+        Some(RouteIndex { host, route })
+    }
+
+    /// The route `find` gave.
+    pub fn at(&self, index: RouteIndex) -> &Route {
+        &self.virtual_hosts[index.host].routes[index.route]
+    }
+
     /// The virtual host for `authority`: an exact domain first, then the
     /// longest suffix, then the longest prefix, then `*`, as Envoy orders
     /// them.
-    pub fn virtual_host(&self, authority: &str) -> Option<&VirtualHost> {
+    fn host_index(&self, authority: &str) -> Option<usize> {
         let authority = authority.to_ascii_lowercase();
         let host = authority
             .rsplit_once(':')
             .filter(|(_, p)| p.parse::<u16>().is_ok())
             .map_or(authority.as_str(), |(h, _)| h);
-        let mut best: Option<(u8, usize, &VirtualHost)> = None;
-        for vh in &self.virtual_hosts {
+        let mut best: Option<(u8, usize, usize)> = None;
+        for (i, vh) in self.virtual_hosts.iter().enumerate() {
             for d in &vh.domains {
                 let rank = match d {
                     Domain::Exact(e) if *e == authority || *e == host => (4, e.len()),
@@ -373,11 +396,11 @@ impl RouteTable {
                     _ => continue,
                 };
                 if best.is_none_or(|(r, l, _)| (rank.0, rank.1) > (r, l)) {
-                    best = Some((rank.0, rank.1, vh));
+                    best = Some((rank.0, rank.1, i));
                 }
             }
         }
-        best.map(|(_, _, vh)| vh)
+        best.map(|(_, _, i)| i)
     }
 }
 
@@ -417,13 +440,6 @@ impl Route {
             out.push_str(q);
         }
         out
-    }
-}
-
-impl VirtualHost {
-    /// The first route that matches.
-    pub fn route(&self, request: &RequestParts) -> Option<&Route> {
-        self.routes.iter().find(|r| r.matcher.matches(request))
     }
 }
 
@@ -760,10 +776,10 @@ impl Forward {
         })
     }
 
-    /// A cluster by weight (compiling keeps only weighted ones, and at
-    /// least one).
-    pub fn pick(&self) -> &WeightedCluster {
-        super::pick_weighted(&self.clusters, |c| c.weight).unwrap_or(&self.clusters[0])
+    /// A cluster by weight, as its index in `clusters` (compiling keeps
+    /// only weighted ones, and at least one).
+    pub fn pick(&self) -> usize {
+        super::pick_weighted(&self.clusters, |c| c.weight).unwrap_or(0)
     }
 }
 
@@ -924,7 +940,7 @@ mod tests {
             ),
         ])
         .unwrap();
-        let vh = |a: &str| t.virtual_host(a).unwrap().name.clone();
+        let vh = |a: &str| t.virtual_hosts[t.host_index(a).unwrap()].name.clone();
         assert_eq!(vh("reviews.shop.svc.cluster.local:9080"), "exact");
         assert_eq!(vh("REVIEWS:9080"), "exact", "without case, port or not");
         assert_eq!(vh("ratings.shop.svc.cluster.local"), "suffix");
@@ -961,10 +977,10 @@ mod tests {
             ],
         )])
         .unwrap();
-        let vh = t.virtual_host("x").unwrap();
         let mut headers = http::HeaderMap::new();
         let name = |path: &str, headers: &http::HeaderMap| {
-            vh.route(&parts("x", path, headers)).map(|r| r.name.clone())
+            t.find(&parts("x", path, headers))
+                .map(|i| t.at(i).name.clone())
         };
         assert_eq!(
             name("/ratings/7?x=1", &headers).as_deref(),

@@ -162,33 +162,31 @@ pub fn shadow(headers: &mut http::HeaderMap) {
     }
 }
 
-/// The request to send to `addr`: `method`, `headers` but the
-/// connection's own (hop-by-hop) ones, `path`, `body`.
+/// The request to send to `addr`: the request's method, path and headers
+/// but the connection's own (hop-by-hop) ones, as HTTP/1.1 (the cluster's
+/// client speaks HTTP/2 when the cluster does).
 pub fn upstream_request(
-    method: &http::Method,
-    headers: &http::HeaderMap,
+    mut parts: http::request::Parts,
     addr: SocketAddr,
-    path: &str,
     body: Body,
 ) -> Result<Request<Body>, http::Error> {
-    let uri: Uri = format!("http://{addr}{path}").parse()?;
-    let mut request = Request::builder()
-        .method(method.clone())
-        .uri(uri)
-        .body(body)?;
-    *request.headers_mut() = headers.clone();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = format!("http://{addr}{path}").parse::<Uri>()?;
+    parts.version = http::Version::HTTP_11;
+    parts.extensions = http::Extensions::new();
     // Hop-by-hop headers belong to the downstream connection.
+    let headers = &mut parts.headers;
     for name in [
         header::CONNECTION,
         header::PROXY_AUTHORIZATION,
         header::TE,
         header::TRANSFER_ENCODING,
     ] {
-        request.headers_mut().remove(name);
+        headers.remove(name);
     }
-    request.headers_mut().remove("proxy-connection");
-    request.headers_mut().remove("keep-alive");
-    Ok(request)
+    headers.remove("proxy-connection");
+    headers.remove("keep-alive");
+    Ok(Request::from_parts(parts, body))
 }
 
 #[cfg(test)]
@@ -388,14 +386,10 @@ mod tests {
             );
         }
         let addr: SocketAddr = "10.0.0.1:9080".parse().unwrap();
-        let request = upstream_request(
-            &http::Method::POST,
-            &headers,
-            addr,
-            "/r?q=1",
-            crate::http::full(""),
-        )
-        .unwrap();
+        let mut request = parts("http://reviews:9080/r?q=1", &[]);
+        request.method = http::Method::POST;
+        request.headers = headers;
+        let request = upstream_request(request, addr, crate::http::full("")).unwrap();
         assert_eq!(request.uri(), "http://10.0.0.1:9080/r?q=1");
         assert_eq!(request.method(), http::Method::POST);
         let names: Vec<_> = request.headers().keys().map(|k| k.as_str()).collect();
