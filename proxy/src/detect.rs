@@ -1,7 +1,8 @@
 //! Protocol detection, the first stage of a connection: within the
 //! detection timeout, tells a TLS client (its first byte opens a handshake
-//! record; its ClientHello's ALPN is read without being taken, so that a
-//! chain may still pass the connection through as it came) from a
+//! record; its ClientHello's server name and ALPN are read without being
+//! taken, so that a chain may still pass the connection through as it
+//! came) from a
 //! plaintext one, and one that said nothing in time. HTTP/1 and HTTP/2
 //! are told apart later, by hyper, from the connection's first bytes.
 
@@ -20,8 +21,9 @@ use crate::tls;
 /// What detection found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Detected {
-    /// A TLS ClientHello, with the ALPN protocols it offers.
-    Tls { alpn: Vec<String> },
+    /// A TLS ClientHello, with the server name and ALPN protocols it asks
+    /// for.
+    Tls(tls::Hello),
     /// Something else.
     Plaintext,
     /// Nothing within the timeout: a server-first protocol, or a client
@@ -57,8 +59,8 @@ where
         Box::pin(async move {
             let detect = async {
                 match first_byte(&stream).await? {
-                    0x16 => Some(match tls::peek_alpn(&stream).await {
-                        Some(alpn) => Detected::Tls { alpn },
+                    0x16 => Some(match tls::peek_hello(&stream).await {
+                        Some(hello) => Detected::Tls(hello),
                         None => Detected::Plaintext,
                     }),
                     _ => Some(Detected::Plaintext),
@@ -134,7 +136,7 @@ mod tests {
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth();
         config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-        let name = "ratings.shop".try_into().unwrap();
+        let name = "Ratings.Shop".try_into().unwrap();
         let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
         let mut hello = Vec::new();
         client.write_tls(&mut hello).unwrap();
@@ -142,11 +144,12 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_tls_client_is_known_by_its_hello_and_its_alpn_read() {
+    async fn a_tls_client_is_known_by_its_hello_its_server_name_and_alpn_read() {
         let hello = client_hello(&["istio-peer-exchange", "istio"]);
         let (detected, took) = detect(&hello, false).await.unwrap();
         let alpn = vec!["istio-peer-exchange".to_string(), "istio".to_string()];
-        assert_eq!(detected, Detected::Tls { alpn });
+        let sni = Some("ratings.shop".to_string());
+        assert_eq!(detected, Detected::Tls(tls::Hello { sni, alpn }));
         assert!(took < TIMEOUT);
     }
 

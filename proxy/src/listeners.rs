@@ -228,14 +228,15 @@ impl Accepted {
     /// (`None`: the listener does not look).
     async fn serve(&self, detected: Option<Detected>, stream: TcpStream) {
         let (name, peer) = (&self.listener.name, self.peer);
-        let alpn = match &detected {
-            Some(Detected::Tls { alpn }) => Some(&alpn[..]),
+        let hello = match &detected {
+            Some(Detected::Tls(hello)) => Some(hello),
             _ => None,
         };
         let arrival = Arrival {
             destination_port: self.destination.map_or(0, |d| d.port()),
-            tls: alpn.is_some(),
-            alpn: alpn.unwrap_or_default(),
+            tls: hello.is_some(),
+            sni: hello.and_then(|h| h.sni.as_deref()),
+            alpn: hello.map_or(&[][..], |h| &h.alpn[..]),
         };
         let Some(chain) = self.listener.chain(&arrival) else {
             tracing::debug!(listener = %name, %peer, "no filter chain matches; closed");
@@ -298,6 +299,7 @@ impl Accepted {
                     peer,
                     peer_identity,
                     destination,
+                    tls: chain.tls.is_some(),
                 });
                 match &app.direction {
                     Direction::Inbound(service) => {

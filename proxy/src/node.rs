@@ -1,5 +1,5 @@
 //! Who this proxy is, as Pilot reads it: the node id in Istio's form
-//! `sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.<domain>` and the
+//! `<sidecar|router>~<ip>~<pod>.<namespace>~<namespace>.svc.<domain>` and the
 //! metadata the id cannot carry (labels, namespace, interception mode,
 //! service account).
 
@@ -20,8 +20,21 @@ pub enum Interception {
     Redirect,
 }
 
+/// What the proxy is to Pilot, Istio's node type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NodeType {
+    /// Beside a workload: its inbound and outbound traffic.
+    Sidecar,
+    /// A gateway (Istio's `istio-ingressgateway` and
+    /// `istio-egressgateway`): serves the Gateways that select its labels.
+    Router,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct NodeArgs {
+    /// A sidecar, or a gateway (`router`).
+    #[arg(long = "type", value_enum, default_value_t = NodeType::Sidecar)]
+    pub node_type: NodeType,
     /// The workload's IP address.
     #[arg(long, env = "INSTANCE_IP", default_value = "127.0.0.1")]
     pub ip: IpAddr,
@@ -57,8 +70,12 @@ fn parse_labels(text: &str) -> Result<Labels, String> {
 
 impl NodeArgs {
     pub fn id(&self) -> String {
+        let kind = match self.node_type {
+            NodeType::Sidecar => "sidecar",
+            NodeType::Router => "router",
+        };
         format!(
-            "sidecar~{}~{}.{}~{}.svc.{}",
+            "{kind}~{}~{}.{}~{}.svc.{}",
             self.ip, self.pod, self.namespace, self.namespace, self.dns_domain
         )
     }

@@ -274,10 +274,19 @@ impl ServerCertVerifier for PeerVerifier {
     component::delegate_handshake_signatures!();
 }
 
-/// The ALPN protocols a TLS client offers, read from its ClientHello
-/// without consuming it (so a connection that is not the mesh's can still
-/// be passed through untouched). `None` when no ClientHello arrives.
-pub async fn peek_alpn(stream: &TcpStream) -> Option<Vec<String>> {
+/// What a TLS client's ClientHello asks for, read without consuming it
+/// (so a connection that is not the mesh's can still be passed through
+/// untouched).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// The server name (SNI), lowercase.
+    pub sni: Option<String>,
+    /// The ALPN protocols offered.
+    pub alpn: Vec<String>,
+}
+
+/// The client's ClientHello; `None` when none arrives.
+pub async fn peek_hello(stream: &TcpStream) -> Option<Hello> {
     let mut buf = vec![0u8; 16 * 1024];
     // A peek does not take what it reads, so the socket stays readable:
     // more of the hello is waited for with a growing pause, and parsed
@@ -299,8 +308,8 @@ pub async fn peek_alpn(stream: &TcpStream) -> Option<Vec<String>> {
         acceptor.read_tls(&mut input).ok()?;
         match acceptor.accept() {
             Ok(Some(accepted)) => {
-                let alpn = accepted
-                    .client_hello()
+                let hello = accepted.client_hello();
+                let alpn = hello
                     .alpn()
                     .map(|protocols| {
                         protocols
@@ -308,7 +317,8 @@ pub async fn peek_alpn(stream: &TcpStream) -> Option<Vec<String>> {
                             .collect()
                     })
                     .unwrap_or_default();
-                return Some(alpn);
+                let sni = hello.server_name().map(str::to_ascii_lowercase);
+                return Some(Hello { sni, alpn });
             }
             // More of the hello is on its way.
             Ok(None) if n < buf.len() => {}

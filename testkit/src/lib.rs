@@ -158,7 +158,7 @@ impl Proc {
     }
 
     /// The stderr lines written so far (waiting briefly for more).
-    async fn stderr_so_far(&mut self) -> Vec<String> {
+    pub async fn stderr_so_far(&mut self) -> Vec<String> {
         let mut lines = Vec::new();
         while let Ok(Ok(Some(line))) =
             tokio::time::timeout(Duration::from_millis(200), self.stderr.next_line()).await

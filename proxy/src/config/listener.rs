@@ -48,6 +48,9 @@ pub struct Chain {
     /// The network RBAC filter, checked when a connection arrives.
     pub rbac: Option<Arc<RbacFilter>>,
     pub destination_port: Option<u16>,
+    /// TLS server names (SNI) the chain is for: exact, or `*.suffix`;
+    /// empty matches any connection.
+    pub server_names: Vec<String>,
     /// `Some("tls")` or `Some("raw_buffer")`; `None` matches either.
     pub transport: Option<String>,
     pub alpn: Vec<String>,
@@ -141,6 +144,8 @@ pub struct TcpApp {
 pub struct Arrival<'a> {
     pub destination_port: u16,
     pub tls: bool,
+    /// The TLS server name asked for, lowercase.
+    pub sni: Option<&'a str>,
     pub alpn: &'a [String],
 }
 
@@ -193,7 +198,8 @@ impl Listener {
     }
 
     /// The chain for a connection: the most specific match, as Envoy picks
-    /// (destination port, then transport, then ALPN).
+    /// (destination port, then server name, an exact one before the
+    /// longest wildcard, then transport, then ALPN).
     pub fn chain(&self, arrival: &Arrival) -> Option<&Chain> {
         self.chains
             .iter()
@@ -201,19 +207,22 @@ impl Listener {
                 c.destination_port
                     .is_none_or(|p| p == arrival.destination_port)
             })
-            .filter(|c| match c.transport.as_deref() {
+            .filter_map(|c| Some((c, c.server_name_rank(arrival.sni)?)))
+            .filter(|(c, _)| match c.transport.as_deref() {
                 None => true,
                 Some("tls") => arrival.tls,
                 Some(_) => !arrival.tls,
             })
-            .filter(|c| c.alpn.is_empty() || c.alpn.iter().any(|p| arrival.alpn.contains(p)))
-            .max_by_key(|c| {
+            .filter(|(c, _)| c.alpn.is_empty() || c.alpn.iter().any(|p| arrival.alpn.contains(p)))
+            .max_by_key(|(c, server_name)| {
                 (
                     c.destination_port.is_some(),
+                    *server_name,
                     c.transport.is_some(),
                     !c.alpn.is_empty(),
                 )
             })
+            .map(|(c, _)| c)
     }
 
     /// Route configuration names this listener's chains take by RDS.
@@ -231,13 +240,50 @@ impl Listener {
     pub fn inspects_tls(&self) -> bool {
         self.chains
             .iter()
-            .any(|c| c.transport.is_some() || !c.alpn.is_empty())
+            .any(|c| c.transport.is_some() || !c.alpn.is_empty() || !c.server_names.is_empty())
     }
 }
 
 impl Chain {
+    /// How well `sni` matches the chain's server names: `None` not at
+    /// all; then no names (any connection), the longest `*.suffix`, an
+    /// exact name.
+    fn server_name_rank(&self, sni: Option<&str>) -> Option<(u8, usize)> {
+        if self.server_names.is_empty() {
+            return Some((0, 0));
+        }
+        let sni = sni?;
+        self.server_names
+            .iter()
+            .filter_map(|name| match name.strip_prefix('*') {
+                None => (name == sni).then_some((2, name.len())),
+                Some(suffix) => {
+                    (sni.len() > suffix.len() && sni.ends_with(suffix)).then_some((1, suffix.len()))
+                }
+            })
+            .max()
+    }
+
     fn compile(c: &xds::FilterChain) -> Result<Self, Problem> {
         let m = c.filter_chain_match.clone().unwrap_or_default();
+        // A match the proxy cannot make would take connections meant for
+        // another chain: refused, not ignored.
+        let unsupported = [
+            ("prefix_ranges", !m.prefix_ranges.is_empty()),
+            ("address_suffix", !m.address_suffix.is_empty()),
+            ("source_type", m.source_type != 0),
+            ("source_prefix_ranges", !m.source_prefix_ranges.is_empty()),
+            (
+                "direct_source_prefix_ranges",
+                !m.direct_source_prefix_ranges.is_empty(),
+            ),
+            ("source_ports", !m.source_ports.is_empty()),
+        ];
+        if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
+            return Err(Problem(format!(
+                "filter chain match on {field} is not supported"
+            )));
+        }
         let destination_port = m
             .destination_port
             .map(|p| u16::try_from(p.value))
@@ -311,6 +357,11 @@ impl Chain {
         Ok(Chain {
             rbac,
             destination_port,
+            server_names: m
+                .server_names
+                .iter()
+                .map(|n| n.to_ascii_lowercase())
+                .collect(),
             transport: (!m.transport_protocol.is_empty()).then_some(m.transport_protocol),
             alpn: m.application_protocols,
             tls,
@@ -375,7 +426,126 @@ fn http_app(hcm: &HttpConnectionManager) -> Result<HttpApp, Problem> {
 
 #[cfg(test)]
 mod tests {
+    use envoy_types::pb::envoy::config::{
+        core::v3::{Address, SocketAddress},
+        listener::v3::{Filter, FilterChain, FilterChainMatch},
+    };
+
     use super::*;
+
+    /// A listener of TCP chains, each named by its cluster and matching
+    /// `server_names`.
+    fn by_server_name(chains: &[(&str, &[&str])]) -> Listener {
+        let chain = |(cluster, names): &(&str, &[&str])| FilterChain {
+            filter_chain_match: Some(FilterChainMatch {
+                server_names: names.iter().map(|n| n.to_string()).collect(),
+                ..Default::default()
+            }),
+            filters: vec![Filter {
+                name: "envoy.filters.network.tcp_proxy".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(
+                    envoy_types::pb::google::protobuf::Any {
+                        type_url: TcpProxy::type_url(),
+                        value: TcpProxy {
+                            stat_prefix: cluster.to_string(),
+                            cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(
+                                cluster.to_string(),
+                            )),
+                            ..Default::default()
+                        }
+                        .encode_to_vec(),
+                    },
+                )),
+            }],
+            ..Default::default()
+        };
+        Listener::compile(&xds::Listener {
+            name: "0.0.0.0_443".into(),
+            address: Some(Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    address: "0.0.0.0".into(),
+                    port_specifier: Some(socket_address::PortSpecifier::PortValue(443)),
+                    ..Default::default()
+                })),
+            }),
+            filter_chains: chains.iter().map(chain).collect(),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn chosen(l: &Listener, sni: Option<&str>) -> Option<String> {
+        let arrival = Arrival {
+            destination_port: 443,
+            tls: sni.is_some(),
+            sni,
+            alpn: &[],
+        };
+        match &l.chain(&arrival)?.app {
+            App::Tcp(tcp) => Some(tcp.clusters[0].0.clone()),
+            App::Http(_) => None,
+        }
+    }
+
+    #[test]
+    fn the_server_name_picks_an_exact_chain_then_the_longest_wildcard_then_any() {
+        let l = by_server_name(&[
+            ("exact", &["bookinfo.example.com"]),
+            ("wildcard", &["*.example.com"]),
+            ("longer", &["*.shop.example.com"]),
+            ("default", &[]),
+        ]);
+        assert!(l.inspects_tls());
+        assert_eq!(
+            chosen(&l, Some("bookinfo.example.com")).as_deref(),
+            Some("exact")
+        );
+        assert_eq!(
+            chosen(&l, Some("cart.shop.example.com")).as_deref(),
+            Some("longer")
+        );
+        assert_eq!(
+            chosen(&l, Some("api.example.com")).as_deref(),
+            Some("wildcard")
+        );
+        // A wildcard needs something before its suffix.
+        assert_eq!(chosen(&l, Some("example.com")).as_deref(), Some("default"));
+        assert_eq!(chosen(&l, None).as_deref(), Some("default"));
+
+        let named_only = by_server_name(&[("exact", &["Bookinfo.Example.com"])]);
+        assert_eq!(
+            chosen(&named_only, Some("bookinfo.example.com")).as_deref(),
+            Some("exact")
+        );
+        assert_eq!(chosen(&named_only, Some("other.example.com")), None);
+        assert_eq!(chosen(&named_only, None), None);
+    }
+
+    #[test]
+    fn a_match_the_proxy_cannot_make_is_refused() {
+        let mut l = xds::Listener {
+            name: "l".into(),
+            address: Some(Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    address: "0.0.0.0".into(),
+                    port_specifier: Some(socket_address::PortSpecifier::PortValue(443)),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        };
+        l.filter_chains.push(FilterChain {
+            filter_chain_match: Some(FilterChainMatch {
+                source_ports: vec![8080],
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let Err(Problem(why)) = Listener::compile(&l) else {
+            panic!("compiled");
+        };
+        assert!(why.contains("source_ports is not supported"), "{why}");
+    }
 
     #[test]
     fn inbound_apps_are_known_by_the_stat_prefix_pilot_gives_them() {

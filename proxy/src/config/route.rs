@@ -50,6 +50,9 @@ pub struct VirtualHost {
     pub name: String,
     domains: Vec<Domain>,
     pub routes: Vec<Route>,
+    /// Plaintext requests are redirected to HTTPS (a Gateway server's
+    /// `httpsRedirect`).
+    pub require_tls: bool,
 }
 
 /// A virtual host domain: `*`, `*.suffix`, `prefix.*` or exact, without
@@ -344,16 +347,34 @@ impl RouteTable {
                     ))
                 })?);
             }
+            use xds::virtual_host::TlsRequirementType;
+            let require_tls = match TlsRequirementType::try_from(vh.require_tls) {
+                Ok(TlsRequirementType::None) => false,
+                Ok(TlsRequirementType::All) => true,
+                _ => {
+                    return Err(at(format!(
+                        "virtual host {:?}: require_tls {} is not supported (NONE and ALL are)",
+                        vh.name, vh.require_tls
+                    )));
+                }
+            };
             virtual_hosts.push(VirtualHost {
                 name: vh.name.clone(),
                 domains: vh.domains.iter().map(|d| Domain::parse(d)).collect(),
                 routes,
+                require_tls,
             });
         }
         Ok(Self {
             name: rc.name.clone(),
             virtual_hosts,
         })
+    }
+
+    /// Whether `request`'s virtual host asks for TLS.
+    pub fn requires_tls(&self, request: &RequestParts) -> bool {
+        self.host_index(request.authority)
+            .is_some_and(|i| self.virtual_hosts[i].require_tls)
     }
 
     /// Where the route for `request` is: its virtual host's, then the

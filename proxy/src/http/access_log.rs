@@ -145,6 +145,7 @@ mod tests {
                 peer: "10.0.0.9:40000".parse().unwrap(),
                 peer_identity: None,
                 destination: None,
+                tls: false,
             }),
         };
         let app = Recorder::default();

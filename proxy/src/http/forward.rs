@@ -219,6 +219,7 @@ mod tests {
                 peer: "10.0.0.9:40000".parse().unwrap(),
                 peer_identity: Some("spiffe://cluster.local/ns/shop/sa/productpage".into()),
                 destination: None,
+                tls: false,
             }),
             direction,
             attributes: None,

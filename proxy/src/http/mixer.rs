@@ -172,6 +172,7 @@ mod tests {
             peer: "10.0.0.9:40000".parse().unwrap(),
             peer_identity: None,
             destination: None,
+            tls: false,
         });
         let service = InboundService {
             host: "ratings.shop.svc.cluster.local".into(),

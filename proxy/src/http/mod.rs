@@ -100,6 +100,8 @@ pub struct Connection {
     pub peer_identity: Option<String>,
     /// Where the connection was going (for original-destination clusters).
     pub destination: Option<SocketAddr>,
+    /// Whether the proxy terminated TLS on it.
+    pub tls: bool,
 }
 
 /// Why a request could not be sent upstream, or got no answer.
@@ -187,7 +189,11 @@ pub fn routing(
 ) -> impl Stage<Infallible> {
     let upstreams = &shared.upstreams;
     ServiceBuilder::new()
-        .layer(route::layer(shared.config.clone(), app.routes.clone()))
+        .layer(route::layer(
+            shared.config.clone(),
+            app.routes.clone(),
+            connection.tls,
+        ))
         .layer(cors::layer(app.cors))
         .layer(fault::layer(app.fault))
         .layer(forward::layer(forward::Forwarding {

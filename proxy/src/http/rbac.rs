@@ -110,6 +110,7 @@ mod tests {
             peer: "10.0.0.9:40000".parse().unwrap(),
             peer_identity: identity.map(str::to_string),
             destination: None,
+            tls: false,
         })
     }
 

@@ -2,7 +2,9 @@
 //! its chain names, looked up per request so that a route change applies
 //! to open connections, and passes it down as [`Routed`]. With no route,
 //! it answers 404 itself. The route's response header operations apply to
-//! whatever comes back.
+//! whatever comes back. A plaintext request to a virtual host that
+//! requires TLS (a Gateway server's `httpsRedirect`) is redirected to
+//! HTTPS.
 
 use std::sync::Arc;
 
@@ -52,6 +54,8 @@ impl Routed {
 struct Source {
     config: watch::Receiver<Arc<Snapshot>>,
     routes: Routes,
+    /// Whether the connection is TLS.
+    tls: bool,
 }
 
 #[derive(Clone)]
@@ -60,11 +64,17 @@ pub struct RouteStage<S> {
     inner: S,
 }
 
+/// Routes by `routes`, for a connection over TLS or not (`tls`).
 pub fn layer<S>(
     config: watch::Receiver<Arc<Snapshot>>,
     routes: Routes,
+    tls: bool,
 ) -> impl Layer<S, Service = RouteStage<S>> + Clone {
-    let source = Arc::new(Source { config, routes });
+    let source = Arc::new(Source {
+        config,
+        routes,
+        tls,
+    });
     tower::layer::layer_fn(move |inner| RouteStage {
         source: source.clone(),
         inner,
@@ -88,6 +98,16 @@ impl<S: Stage<std::convert::Infallible>> Service<Request> for RouteStage<S> {
             return super::answer(StatusCode::NOT_FOUND, "no route configuration");
         };
         let parts = RequestParts::of(&request);
+        if !self.source.tls && table.requires_tls(&parts) {
+            let mut redirect = super::local_reply(StatusCode::MOVED_PERMANENTLY, "redirected");
+            let location = format!("https://{}{}", parts.authority, parts.path);
+            if let Ok(location) = http::HeaderValue::from_str(&location) {
+                redirect
+                    .headers_mut()
+                    .insert(http::header::LOCATION, location);
+            }
+            return super::reply(redirect);
+        }
         let Some(index) = table.find(&parts) else {
             let why = format!("no route for {}{}", parts.authority, parts.path);
             return super::answer(StatusCode::NOT_FOUND, &why);
@@ -139,7 +159,7 @@ mod tests {
     async fn a_request_takes_the_route_its_table_has_at_that_moment() {
         let (tx, rx) = watch::channel(Arc::new(config("80", vec![named("first", "1")])));
         let app = Recorder::default();
-        let stage = layer(rx, Routes::Rds("80".into())).layer(app.answering("ok"));
+        let stage = layer(rx, Routes::Rds("80".into()), false).layer(app.answering("ok"));
         let routed_to = |app: &Recorder| {
             let parts = app.last();
             parts
@@ -164,10 +184,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_plaintext_request_to_a_host_that_requires_tls_is_sent_to_https() {
+        let secure = RouteTable::compile(&xds::RouteConfiguration {
+            name: "http.80".into(),
+            virtual_hosts: vec![xds::VirtualHost {
+                name: "bookinfo".into(),
+                domains: vec!["bookinfo.example".into()],
+                routes: vec![route_to("c", |_| {})],
+                require_tls: xds::virtual_host::TlsRequirementType::All as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .unwrap();
+        let (_tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let app = Recorder::default();
+        let routes = Routes::Inline(Arc::new(secure));
+        let plaintext = layer(rx.clone(), routes.clone(), false).layer(app.answering("ok"));
+        let response = plaintext
+            .oneshot(request("http://bookinfo.example/productpage?u=1"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::MOVED_PERMANENTLY);
+        assert_eq!(
+            response.headers()[http::header::LOCATION],
+            "https://bookinfo.example/productpage?u=1"
+        );
+        assert_eq!(app.count(), 0);
+
+        let over_tls = layer(rx, routes, true).layer(app.answering("ok"));
+        let response = over_tls
+            .oneshot(request("http://bookinfo.example/productpage"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
     async fn without_a_table_or_a_matching_route_the_answer_is_404_saying_why() {
         let (_tx, rx) = watch::channel(Arc::new(config("80", vec![])));
         let app = Recorder::default();
-        let missing = layer(rx.clone(), Routes::Rds("81".into())).layer(app.answering("ok"));
+        let missing = layer(rx.clone(), Routes::Rds("81".into()), false).layer(app.answering("ok"));
         let response = missing.oneshot(request("http://x/")).await.unwrap();
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
         assert_eq!(text(response).await, "no route configuration\n");
@@ -177,7 +234,7 @@ mod tests {
             path_specifier: Some(xds::route_match::PathSpecifier::Prefix("/api".into())),
             ..Default::default()
         });
-        let inline = layer(rx, Routes::Inline(table(vec![api]))).layer(app.answering("ok"));
+        let inline = layer(rx, Routes::Inline(table(vec![api])), false).layer(app.answering("ok"));
         let response = inline.oneshot(request("http://x/home")).await.unwrap();
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
         assert_eq!(text(response).await, "no route for x/home\n");

@@ -1,0 +1,306 @@
+//! The `proxy` binary as an ingress gateway (`--type router`), configured
+//! by the real `pilot` from a `Gateway` and the `VirtualService`s bound to
+//! it, on the real `galley`: plain HTTP, HTTPS terminated with the
+//! certificate the client's server name asks for, `httpsRedirect`, and TLS
+//! passed through by server name to a backend whose own certificate the
+//! client checks.
+
+use std::{io::Write, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+use testkit::*;
+
+/// A self-signed certificate for `host`, written as `<host>.crt` and
+/// `<host>.key` in `dir`; and its key.
+fn certificate(dir: &Path, host: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec![host.to_string()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.join(format!("{host}.crt")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{host}.key")), key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+/// An HTTP app that answers with its name.
+async fn app() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(|| async { "app" });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// A TLS server for `host` answering every request with `passed
+/// through`; and its certificate.
+fn tls_backend(host: &str) -> (SocketAddr, rcgen::Certificate) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec![host.to_string()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let key = rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)
+        .unwrap();
+    let config = Arc::new(config);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let config = config.clone();
+            std::thread::spawn(move || {
+                let connection = rustls::ServerConnection::new(config).unwrap();
+                let mut tls = rustls::StreamOwned::new(connection, stream);
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match std::io::Read::read(&mut tls, &mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let body = "passed through";
+                let _ = write!(
+                    tls,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.flush();
+            });
+        }
+    });
+    (addr, cert)
+}
+
+struct Ports {
+    http: SocketAddr,
+    https: SocketAddr,
+    passthrough: SocketAddr,
+    app: SocketAddr,
+    backend: SocketAddr,
+}
+
+fn config(p: &Ports, certs: &Path) -> String {
+    let cert = |host: &str| certs.join(host).display().to_string();
+    let (a, b) = (cert("a.example"), cert("b.example"));
+    format!(
+        "
+apiVersion: networking.istio.io/v1alpha3
+kind: Gateway
+metadata: {{name: ingress, namespace: shop}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: {http}, name: http-plain, protocol: HTTP}}
+    bind: 127.0.0.1
+    hosts: [plain.example]
+  - port: {{number: {http}, name: http-secure, protocol: HTTP}}
+    bind: 127.0.0.1
+    hosts: [secure.example]
+    tls: {{httpsRedirect: true}}
+  - port: {{number: {https}, name: https-a, protocol: HTTPS}}
+    bind: 127.0.0.1
+    hosts: [a.example]
+    tls: {{mode: SIMPLE, serverCertificate: {a}.crt, privateKey: {a}.key}}
+  - port: {{number: {https}, name: https-b, protocol: HTTPS}}
+    bind: 127.0.0.1
+    hosts: [b.example]
+    tls: {{mode: SIMPLE, serverCertificate: {b}.crt, privateKey: {b}.key}}
+  - port: {{number: {passthrough}, name: tls, protocol: TLS}}
+    bind: 127.0.0.1
+    hosts: [tls.example]
+    tls: {{mode: PASSTHROUGH}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {{name: web, namespace: shop}}
+spec:
+  hosts: [plain.example, secure.example, a.example, b.example]
+  gateways: [ingress]
+  http:
+  - route:
+    - destination: {{host: app.shop.svc.cluster.local, port: {{number: 8080}}}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {{name: tls, namespace: shop}}
+spec:
+  hosts: [tls.example]
+  gateways: [ingress]
+  tls:
+  - match: [{{port: {passthrough}, sniHosts: [tls.example]}}]
+    route:
+    - destination: {{host: tls.example, port: {{number: 443}}}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: app, namespace: shop}}
+spec:
+  hosts: [app.shop.svc.cluster.local]
+  resolution: STATIC
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {app_port}}}, labels: {{app: web}}}}]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: tls-backend, namespace: shop}}
+spec:
+  hosts: [tls.example]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 443, name: tls, protocol: TLS}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{tls: {backend_port}}}}}]
+",
+        http = p.http.port(),
+        https = p.https.port(),
+        passthrough = p.passthrough.port(),
+        app_port = p.app.port(),
+        backend_port = p.backend.port(),
+    )
+}
+
+/// A client that trusts `certs` and finds every host at the gateway.
+fn client(certs: &[&rcgen::Certificate], hosts: &[(&str, SocketAddr)]) -> reqwest::Client {
+    install_crypto();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs {
+        roots.add(cert.der().clone()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut builder = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(5));
+    for (host, addr) in hosts {
+        builder = builder.resolve(host, *addr);
+    }
+    builder.build().unwrap()
+}
+
+/// GETs `url` until the gateway serves it (its config arrives from Pilot
+/// after it starts), then returns the status and body; fails the test
+/// with the gateway's log and config when it never does.
+async fn get_when_served(
+    client: &reqwest::Client,
+    url: &str,
+    gateway: &mut (Proc, SocketAddr),
+) -> (u16, String) {
+    for _ in 0..100 {
+        if let Ok(response) = client.get(url).send().await
+            && response.status() != 404
+        {
+            let status = response.status().as_u16();
+            return (status, response.text().await.unwrap_or_default());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let config = get(gateway.1, "/config_dump").await;
+    let log = gateway.0.stderr_so_far().await;
+    panic!("{url} was never served; gateway log: {log:#?}; config: {config:?}");
+}
+
+#[tokio::test]
+async fn an_ingress_gateway_serves_http_https_by_server_name_redirects_and_passthrough() {
+    let certs = tempfile::tempdir().unwrap();
+    let (a, _) = certificate(certs.path(), "a.example");
+    let (b, _) = certificate(certs.path(), "b.example");
+    let (backend, backend_cert) = tls_backend("tls.example");
+    let ports = Ports {
+        http: free_addr(),
+        https: free_addr(),
+        passthrough: free_addr(),
+        app: app().await,
+        backend,
+    };
+    let dir = config_dir(&[("gateway.yaml", &config(&ports, certs.path()))]);
+    let galley = Galley::start(dir.path(), &[]).await;
+    let xds = free_addr();
+    let (mut pilot, pilot_admin) = testkit::start_pilot(galley.mcp, xds, &[]);
+    pilot.ready(pilot_admin).await;
+    let admin = free_addr();
+    let mut gateway = Proc::start(
+        "proxy",
+        &[
+            "--type",
+            "router",
+            "--pilot",
+            &xds.to_string(),
+            "--admin-addr",
+            &admin.to_string(),
+            "--stats-addr",
+            &free_addr().to_string(),
+            "--health-addr",
+            &free_addr().to_string(),
+            "--pod",
+            "istio-ingressgateway-1",
+            "--namespace",
+            "shop",
+            "--labels",
+            "istio=ingressgateway",
+        ],
+    );
+    gateway.ready(admin).await;
+    let mut gateway = (gateway, admin);
+
+    let hosts = [
+        ("plain.example", ports.http),
+        ("secure.example", ports.http),
+        ("a.example", ports.https),
+        ("b.example", ports.https),
+    ];
+    let web = client(&[&a, &b], &hosts);
+    let http = ports.http.port();
+    let (status, body) =
+        get_when_served(&web, &format!("http://plain.example:{http}/"), &mut gateway).await;
+    assert_eq!((status, body.as_str()), (200, "app"));
+
+    // Each host's own certificate, chosen by the server name: the client
+    // checks it against the host it asked for.
+    let https = ports.https.port();
+    for host in ["a.example", "b.example"] {
+        let (status, body) =
+            get_when_served(&web, &format!("https://{host}:{https}/"), &mut gateway).await;
+        assert_eq!((status, body.as_str()), (200, "app"), "{host}");
+    }
+    let only_a = client(&[&a], &hosts);
+    let wrong = only_a
+        .get(format!("https://b.example:{https}/"))
+        .send()
+        .await;
+    assert!(wrong.is_err(), "b.example's certificate is not a's");
+
+    let redirect = web
+        .get(format!("http://secure.example:{http}/cart?id=7"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(redirect.status(), 301);
+    let location = redirect.headers()["location"].to_str().unwrap();
+    assert_eq!(location, format!("https://secure.example:{http}/cart?id=7"));
+
+    // Passed through by server name, never decrypted: the client checks
+    // the backend's own certificate.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(backend_cert.der().clone()).unwrap();
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let through = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .resolve("tls.example", ports.passthrough)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let url = format!("https://tls.example:{}/", ports.passthrough.port());
+    let (status, body) = get_when_served(&through, &url, &mut gateway).await;
+    assert_eq!((status, body.as_str()), (200, "passed through"));
+}
