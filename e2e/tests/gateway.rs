@@ -29,12 +29,17 @@ async fn app() -> SocketAddr {
     addr
 }
 
-/// A TLS server for `host` answering every request with `passed
-/// through`; and its certificate.
-fn tls_backend(host: &str) -> (SocketAddr, rcgen::Certificate) {
+/// A TLS server answering every request with `body`, its certificate for
+/// `host` signed by a CA of its own; and that CA's certificate, as PEM.
+fn tls_backend(host: &str, body: &'static str) -> (SocketAddr, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
     let key = rcgen::KeyPair::generate().unwrap();
     let params = rcgen::CertificateParams::new(vec![host.to_string()]).unwrap();
-    let cert = params.self_signed(&key).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
     let key = rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
@@ -60,7 +65,6 @@ fn tls_backend(host: &str) -> (SocketAddr, rcgen::Certificate) {
                         _ => return,
                     }
                 }
-                let body = "passed through";
                 let _ = write!(
                     tls,
                     "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -70,7 +74,7 @@ fn tls_backend(host: &str) -> (SocketAddr, rcgen::Certificate) {
             });
         }
     });
-    (addr, cert)
+    (addr, ca_cert.pem())
 }
 
 struct Ports {
@@ -205,12 +209,49 @@ async fn get_when_served(
     panic!("{url} was never served; gateway log: {log:#?}; config: {config:?}");
 }
 
+/// Galley on `dir` and Pilot following it: their processes and Pilot's
+/// xDS address.
+async fn control_plane(dir: &Path) -> (Galley, Proc, SocketAddr) {
+    let galley = Galley::start(dir, &[]).await;
+    let xds = free_addr();
+    let (mut pilot, admin) = testkit::start_pilot(galley.mcp, xds, &[]);
+    pilot.ready(admin).await;
+    (galley, pilot, xds)
+}
+
+/// A proxy of namespace `shop` on Pilot at `xds`, ready, with `args`; and
+/// its admin address.
+async fn proxy(xds: SocketAddr, args: &[&str]) -> (Proc, SocketAddr) {
+    let (xds, admin) = (xds.to_string(), free_addr());
+    let (admin_arg, stats, health) = (
+        admin.to_string(),
+        free_addr().to_string(),
+        free_addr().to_string(),
+    );
+    let mut all = vec![
+        "--pilot",
+        &xds,
+        "--admin-addr",
+        &admin_arg,
+        "--stats-addr",
+        &stats,
+        "--health-addr",
+        &health,
+        "--namespace",
+        "shop",
+    ];
+    all.extend_from_slice(args);
+    let mut proc = Proc::start("proxy", &all);
+    proc.ready(admin).await;
+    (proc, admin)
+}
+
 #[tokio::test]
 async fn an_ingress_gateway_serves_http_https_by_server_name_redirects_and_passthrough() {
     let certs = tempfile::tempdir().unwrap();
     let (a, _) = certificate(certs.path(), "a.example");
     let (b, _) = certificate(certs.path(), "b.example");
-    let (backend, backend_cert) = tls_backend("tls.example");
+    let (backend, backend_ca) = tls_backend("tls.example", "passed through");
     let ports = Ports {
         http: free_addr(),
         https: free_addr(),
@@ -219,34 +260,19 @@ async fn an_ingress_gateway_serves_http_https_by_server_name_redirects_and_passt
         backend,
     };
     let dir = config_dir(&[("gateway.yaml", &config(&ports, certs.path()))]);
-    let galley = Galley::start(dir.path(), &[]).await;
-    let xds = free_addr();
-    let (mut pilot, pilot_admin) = testkit::start_pilot(galley.mcp, xds, &[]);
-    pilot.ready(pilot_admin).await;
-    let admin = free_addr();
-    let mut gateway = Proc::start(
-        "proxy",
+    let (_galley, _pilot, xds) = control_plane(dir.path()).await;
+    let mut gateway = proxy(
+        xds,
         &[
             "--type",
             "router",
-            "--pilot",
-            &xds.to_string(),
-            "--admin-addr",
-            &admin.to_string(),
-            "--stats-addr",
-            &free_addr().to_string(),
-            "--health-addr",
-            &free_addr().to_string(),
             "--pod",
             "istio-ingressgateway-1",
-            "--namespace",
-            "shop",
             "--labels",
             "istio=ingressgateway",
         ],
-    );
-    gateway.ready(admin).await;
-    let mut gateway = (gateway, admin);
+    )
+    .await;
 
     let hosts = [
         ("plain.example", ports.http),
@@ -286,16 +312,9 @@ async fn an_ingress_gateway_serves_http_https_by_server_name_redirects_and_passt
 
     // Passed through by server name, never decrypted: the client checks
     // the backend's own certificate.
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(backend_cert.der().clone()).unwrap();
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let ca = reqwest::Certificate::from_pem(backend_ca.as_bytes()).unwrap();
     let through = reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
+        .tls_certs_only([ca])
         .resolve("tls.example", ports.passthrough)
         .timeout(Duration::from_secs(5))
         .build()
@@ -303,4 +322,80 @@ async fn an_ingress_gateway_serves_http_https_by_server_name_redirects_and_passt
     let url = format!("https://tls.example:{}/", ports.passthrough.port());
     let (status, body) = get_when_served(&through, &url, &mut gateway).await;
     assert_eq!((status, body.as_str()), (200, "passed through"));
+}
+
+#[tokio::test]
+async fn a_sidecar_originates_tls_to_a_server_outside_the_mesh() {
+    let (server, ca) = tls_backend("api.example.com", "from outside");
+    let (_, other_ca) = tls_backend("api.example.com", "never");
+    let cas = tempfile::tempdir().unwrap();
+    std::fs::write(cas.path().join("ca.pem"), ca).unwrap();
+    std::fs::write(cas.path().join("other-ca.pem"), other_ca).unwrap();
+    let egress = free_addr();
+    let config = format!(
+        "
+apiVersion: networking.istio.io/v1alpha3
+kind: Sidecar
+metadata: {{name: client, namespace: shop}}
+spec:
+  workloadSelector: {{labels: {{app: client}}}}
+  egress:
+  - port: {{number: {egress_port}, protocol: HTTP, name: http-proxy}}
+    bind: 127.0.0.1
+    hosts: [./*]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: api, namespace: shop}}
+spec:
+  hosts: [api.example.com, impostor.example.com]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  # Labelled, so that the sidecar at 127.0.0.1 does not take it for its
+  # own workload.
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {server_port}}}, labels: {{app: api}}}}]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {{name: api, namespace: shop}}
+spec:
+  host: api.example.com
+  trafficPolicy: {{tls: {{mode: SIMPLE, caCertificates: {ca}}}}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {{name: impostor, namespace: shop}}
+spec:
+  host: impostor.example.com
+  trafficPolicy: {{tls: {{mode: SIMPLE, caCertificates: {other_ca}}}}}
+",
+        egress_port = egress.port(),
+        server_port = server.port(),
+        ca = cas.path().join("ca.pem").display(),
+        other_ca = cas.path().join("other-ca.pem").display(),
+    );
+    let dir = config_dir(&[("origination.yaml", &config)]);
+    let (_galley, _pilot, xds) = control_plane(dir.path()).await;
+    let mut sidecar = proxy(xds, &["--pod", "client-1", "--labels", "app=client"]).await;
+    install_crypto();
+    let app = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{egress}")).unwrap())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    // Plain HTTP from the app; TLS from its sidecar, which checks the
+    // server against the DestinationRule's CA and the name it sent by SNI.
+    let (status, body) = get_when_served(&app, "http://api.example.com/", &mut sidecar).await;
+    assert_eq!((status, body.as_str()), (200, "from outside"));
+    // The same server under another name, checked against another CA: the
+    // sidecar refuses it.
+    let refused = app
+        .get("http://impostor.example.com/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    let why = refused.text().await.unwrap();
+    assert!(why.contains("upstream connect error"), "{why}");
 }

@@ -29,9 +29,12 @@ pub enum Source {
 pub struct Tls {
     /// Certificate and key presented; `None` presents none.
     pub certificate: Option<(Source, Source)>,
-    /// Roots a peer must chain to; `None` checks no peer.
+    /// Roots a peer must chain to. `None`: downstream, no client is
+    /// checked; upstream, the server chains to the system's roots.
     pub roots: Option<Source>,
-    /// URI SANs accepted from the peer; empty accepts any that chains.
+    /// Subject alt names (URIs or DNS names) accepted from the peer;
+    /// empty accepts any that chains (a server outside the mesh: by the
+    /// SNI name).
     pub peer_identities: Vec<String>,
     pub alpn: Vec<String>,
     pub sni: String,
@@ -112,9 +115,12 @@ impl Tls {
                 san.matcher.and_then(|m| m.match_pattern),
             ) {
                 (Ok(SanType::Uri), Some(MatchPattern::Exact(uri))) => peer_identities.push(uri),
+                (Ok(SanType::Dns), Some(MatchPattern::Exact(name))) => {
+                    peer_identities.push(name.to_ascii_lowercase())
+                }
                 (t, m) => {
                     return Err(Problem(format!(
-                        "subject alt name match {t:?} {m:?} is not supported (exact URIs are)"
+                        "subject alt name match {t:?} {m:?} is not supported (exact URIs and DNS names are)"
                     )));
                 }
             }

@@ -376,7 +376,14 @@ fn upstream_tls(
     } else {
         &[tls::MESH_ALPN]
     };
-    let context = match TlSmode::try_from(settings.mode).unwrap_or(TlSmode::Disable) {
+    let mode = TlSmode::try_from(settings.mode).unwrap_or(TlSmode::Disable);
+    // TLS to a server outside the mesh names it by SNI: the
+    // DestinationRule's `sni`, else the service's host.
+    let sni = match mode {
+        TlSmode::Simple | TlSmode::Mutual if settings.sni.is_empty() => service.host.as_str(),
+        _ => settings.sni.as_str(),
+    };
+    let context = match mode {
         TlSmode::Disable => return None,
         TlSmode::Simple => tls::file_context(None, &settings.ca_certificates, identities, &[]),
         TlSmode::Mutual => tls::file_context(
@@ -387,5 +394,5 @@ fn upstream_tls(
         ),
         TlSmode::IstioMutual => tls::mesh_context(alpn, identities),
     };
-    Some(tls::upstream(context, &settings.sni))
+    Some(tls::upstream(context, sni))
 }

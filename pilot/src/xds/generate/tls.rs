@@ -64,12 +64,17 @@ fn file(path: &str) -> Option<DataSource> {
     })
 }
 
-/// Peer identities accepted: URI SANs equal to one of `names`.
+/// Peer identities accepted: SANs equal to one of `names`, URIs (SPIFFE
+/// identities) for those with a scheme, DNS names for the rest.
 fn san_matchers(names: &[String]) -> Vec<SubjectAltNameMatcher> {
     names
         .iter()
         .map(|n| SubjectAltNameMatcher {
-            san_type: SanType::Uri as i32,
+            san_type: if n.contains("://") {
+                SanType::Uri
+            } else {
+                SanType::Dns
+            } as i32,
             matcher: Some(StringMatcher {
                 match_pattern: Some(string_matcher::MatchPattern::Exact(n.clone())),
                 ..Default::default()

@@ -1,7 +1,9 @@
-//! Mutual TLS between proxies with `rustls`: the workload certificate the
-//! agent holds (or files a DestinationRule names), peers checked against
-//! the mesh root and by SPIFFE identity rather than host name, and the
-//! ALPN `istio` that tells mesh TLS from an application's own. Configs are
+//! TLS with `rustls`. Between proxies: the workload certificate the agent
+//! holds, peers checked against the mesh root and by SPIFFE identity
+//! rather than host name, and the ALPN `istio` that tells mesh TLS from an
+//! application's own. With peers outside the mesh (a DestinationRule's
+//! `SIMPLE` or `MUTUAL` TLS, a Gateway's certificates): files config names,
+//! and peers checked as the web checks them ([`web_pki`]). Configs are
 //! built from the latest certificate and cached until it changes, so a
 //! renewal takes effect on the next handshake and open connections carry
 //! on.
@@ -34,6 +36,10 @@ use crate::{
     agent::{Credentials, CredentialsWatch},
     config::tls::{Source, Tls},
 };
+
+mod web_pki;
+
+use self::web_pki::WebPkiVerifier;
 
 /// The ALPN a sidecar offers on mesh TLS.
 pub const MESH_ALPN: &str = "istio";
@@ -121,17 +127,23 @@ impl TlsContext {
         }
     }
 
-    fn root(
+    /// The roots a peer must chain to: the mesh's, or every certificate of
+    /// a CA bundle file.
+    fn roots(
         &self,
         credentials: &Option<Arc<Credentials>>,
         source: &Source,
-    ) -> Result<CertificateDer<'static>, String> {
+    ) -> Result<Vec<CertificateDer<'static>>, String> {
         match source {
-            Source::Mesh => Ok(self.mesh(credentials)?.root.clone()),
-            Source::File(path) => {
-                CertificateDer::from_pem_file(path).map_err(|e| format!("root {path}: {e}"))
-            }
+            Source::Mesh => Ok(vec![self.mesh(credentials)?.root.clone()]),
+            Source::File(path) => CertificateDer::pem_file_iter(path)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("roots {path}: {e}")),
         }
+    }
+
+    fn signatures(&self) -> HandshakeSignatures {
+        HandshakeSignatures::new(self.provider.clone())
     }
 
     /// The server side of a filter chain's TLS.
@@ -147,13 +159,20 @@ impl TlsContext {
             let builder = ServerConfig::builder_with_provider(self.provider.clone())
                 .with_safe_default_protocol_versions()
                 .map_err(|e| e.to_string())?;
+            let required = tls.require_client_certificate;
             let mut config = match &tls.roots {
-                Some(roots) => builder.with_client_cert_verifier(Arc::new(PeerVerifier {
-                    root: self.root(&credentials, roots)?,
+                Some(Source::Mesh) => builder.with_client_cert_verifier(Arc::new(PeerVerifier {
+                    root: self.mesh(&credentials)?.root.clone(),
                     identities: tls.peer_identities.clone(),
-                    required: tls.require_client_certificate,
-                    signatures: HandshakeSignatures::new(self.provider.clone()),
+                    required,
+                    signatures: self.signatures(),
                 })),
+                Some(file) => builder.with_client_cert_verifier(Arc::new(WebPkiVerifier::new(
+                    &self.roots(&credentials, file)?,
+                    tls.peer_identities.clone(),
+                    required,
+                    self.signatures(),
+                )?)),
                 None => builder.with_no_client_auth(),
             }
             .with_single_cert(chain, key)
@@ -172,17 +191,28 @@ impl TlsContext {
         let credentials = self.credentials.borrow().clone();
         let mut cache = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         cache.get_or_build(&credentials, tls, || {
-            let root = tls
-                .roots
-                .as_ref()
-                .map(|r| self.root(&credentials, r))
-                .transpose()?;
-            let verifier = Arc::new(PeerVerifier {
-                root: root.ok_or("upstream TLS without roots to check the server by")?,
-                identities: tls.peer_identities.clone(),
-                required: true,
-                signatures: HandshakeSignatures::new(self.provider.clone()),
-            });
+            // A server outside the mesh chains to the roots config names,
+            // else to the system's.
+            let verifier: Arc<dyn ServerCertVerifier> = match &tls.roots {
+                Some(Source::Mesh) => Arc::new(PeerVerifier {
+                    root: self.mesh(&credentials)?.root.clone(),
+                    identities: tls.peer_identities.clone(),
+                    required: true,
+                    signatures: self.signatures(),
+                }),
+                roots => {
+                    let roots = match roots {
+                        Some(file) => self.roots(&credentials, file)?,
+                        None => web_pki::system_roots()?,
+                    };
+                    Arc::new(WebPkiVerifier::new(
+                        &roots,
+                        tls.peer_identities.clone(),
+                        true,
+                        self.signatures(),
+                    )?)
+                }
+            };
             let builder = ClientConfig::builder_with_provider(self.provider.clone())
                 .with_safe_default_protocol_versions()
                 .map_err(|e| e.to_string())?
