@@ -80,6 +80,7 @@ fn tls_backend(host: &str, body: &'static str) -> (SocketAddr, String) {
 struct Ports {
     http: SocketAddr,
     https: SocketAddr,
+    mutual: SocketAddr,
     passthrough: SocketAddr,
     app: SocketAddr,
     backend: SocketAddr,
@@ -87,7 +88,8 @@ struct Ports {
 
 fn config(p: &Ports, certs: &Path) -> String {
     let cert = |host: &str| certs.join(host).display().to_string();
-    let (a, b) = (cert("a.example"), cert("b.example"));
+    let (a, b, m) = (cert("a.example"), cert("b.example"), cert("m.example"));
+    let clients = cert("clients-ca.pem");
     format!(
         "
 apiVersion: networking.istio.io/v1alpha3
@@ -111,6 +113,10 @@ spec:
     bind: 127.0.0.1
     hosts: [b.example]
     tls: {{mode: SIMPLE, serverCertificate: {b}.crt, privateKey: {b}.key}}
+  - port: {{number: {mutual}, name: https-m, protocol: HTTPS}}
+    bind: 127.0.0.1
+    hosts: [m.example]
+    tls: {{mode: MUTUAL, serverCertificate: {m}.crt, privateKey: {m}.key, caCertificates: {clients}}}
   - port: {{number: {passthrough}, name: tls, protocol: TLS}}
     bind: 127.0.0.1
     hosts: [tls.example]
@@ -120,7 +126,7 @@ apiVersion: networking.istio.io/v1alpha3
 kind: VirtualService
 metadata: {{name: web, namespace: shop}}
 spec:
-  hosts: [plain.example, secure.example, a.example, b.example]
+  hosts: [plain.example, secure.example, a.example, b.example, m.example]
   gateways: [ingress]
   http:
   - route:
@@ -158,33 +164,62 @@ spec:
 ",
         http = p.http.port(),
         https = p.https.port(),
+        mutual = p.mutual.port(),
         passthrough = p.passthrough.port(),
         app_port = p.app.port(),
         backend_port = p.backend.port(),
     )
 }
 
-/// A client that trusts `certs` and finds every host at the gateway.
-fn client(certs: &[&rcgen::Certificate], hosts: &[(&str, SocketAddr)]) -> reqwest::Client {
+/// A client that trusts `certs`, presents `identity` when given, and finds
+/// every host at the gateway, a new connection for each request.
+fn client(
+    certs: &[&rcgen::Certificate],
+    hosts: &[(&str, SocketAddr)],
+    identity: Option<&(rcgen::Certificate, rcgen::KeyPair)>,
+) -> reqwest::Client {
     install_crypto();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for cert in certs {
         roots.add(cert.der().clone()).unwrap();
     }
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let tls = match identity {
+        Some((cert, key)) => {
+            let key = rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into();
+            builder
+                .with_client_auth_cert(vec![cert.der().clone()], key)
+                .unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
     let mut builder = reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(0)
         .timeout(Duration::from_secs(5));
     for (host, addr) in hosts {
         builder = builder.resolve(host, *addr);
     }
     builder.build().unwrap()
+}
+
+/// A CA of clients, written as `clients-ca.pem` in `dir`, and a client
+/// certificate it signed.
+fn client_ca(dir: &Path) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    std::fs::write(dir.join("clients-ca.pem"), ca_cert.pem()).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["client.example".to_string()]).unwrap();
+    (params.signed_by(&key, &issuer).unwrap(), key)
 }
 
 /// GETs `url` until the gateway serves it (its config arrives from Pilot
@@ -251,10 +286,13 @@ async fn an_ingress_gateway_serves_http_https_by_server_name_redirects_and_passt
     let certs = tempfile::tempdir().unwrap();
     let (a, _) = certificate(certs.path(), "a.example");
     let (b, _) = certificate(certs.path(), "b.example");
+    let (m, _) = certificate(certs.path(), "m.example");
+    let member = client_ca(certs.path());
     let (backend, backend_ca) = tls_backend("tls.example", "passed through");
     let ports = Ports {
         http: free_addr(),
         https: free_addr(),
+        mutual: free_addr(),
         passthrough: free_addr(),
         app: app().await,
         backend,
@@ -279,8 +317,9 @@ async fn an_ingress_gateway_serves_http_https_by_server_name_redirects_and_passt
         ("secure.example", ports.http),
         ("a.example", ports.https),
         ("b.example", ports.https),
+        ("m.example", ports.mutual),
     ];
-    let web = client(&[&a, &b], &hosts);
+    let web = client(&[&a, &b, &m], &hosts, None);
     let http = ports.http.port();
     let (status, body) =
         get_when_served(&web, &format!("http://plain.example:{http}/"), &mut gateway).await;
@@ -294,12 +333,25 @@ async fn an_ingress_gateway_serves_http_https_by_server_name_redirects_and_passt
             get_when_served(&web, &format!("https://{host}:{https}/"), &mut gateway).await;
         assert_eq!((status, body.as_str()), (200, "app"), "{host}");
     }
-    let only_a = client(&[&a], &hosts);
+    let only_a = client(&[&a], &hosts, None);
     let wrong = only_a
         .get(format!("https://b.example:{https}/"))
         .send()
         .await;
     assert!(wrong.is_err(), "b.example's certificate is not a's");
+
+    // MUTUAL: only a client with a certificate from the Gateway's CA.
+    let url = format!("https://m.example:{}/", ports.mutual.port());
+    let with_certificate = client(&[&m], &hosts, Some(&member));
+    let (status, body) = get_when_served(&with_certificate, &url, &mut gateway).await;
+    assert_eq!((status, body.as_str()), (200, "app"));
+    assert!(web.get(&url).send().await.is_err(), "no client certificate");
+    let stranger = client_ca(tempfile::tempdir().unwrap().path());
+    let outsider = client(&[&m], &hosts, Some(&stranger));
+    assert!(
+        outsider.get(&url).send().await.is_err(),
+        "another CA's client"
+    );
 
     let redirect = web
         .get(format!("http://secure.example:{http}/cart?id=7"))
@@ -398,4 +450,122 @@ spec:
     assert_eq!(refused.status(), 503);
     let why = refused.text().await.unwrap();
     assert!(why.contains("upstream connect error"), "{why}");
+}
+
+#[tokio::test]
+async fn a_rotated_gateway_certificate_is_served_without_a_failed_request() {
+    // As a Secret is mounted: the files behind a link that is swapped at
+    // once for a new directory.
+    let certs = tempfile::tempdir().unwrap();
+    let version = |v: &str| {
+        let dir = certs.path().join(v);
+        std::fs::create_dir(&dir).unwrap();
+        certificate(&dir, "a.example").0
+    };
+    let old = version("v1");
+    std::os::unix::fs::symlink("v1", certs.path().join("live")).unwrap();
+    let (https, app) = (free_addr(), app().await);
+    let live = certs.path().join("live").join("a.example");
+    let config = format!(
+        "
+apiVersion: networking.istio.io/v1alpha3
+kind: Gateway
+metadata: {{name: ingress, namespace: shop}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: {https}, name: https, protocol: HTTPS}}
+    bind: 127.0.0.1
+    hosts: [a.example]
+    tls: {{mode: SIMPLE, serverCertificate: {live}.crt, privateKey: {live}.key}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {{name: web, namespace: shop}}
+spec:
+  hosts: [a.example]
+  gateways: [ingress]
+  http:
+  - route:
+    - destination: {{host: app.shop.svc.cluster.local, port: {{number: 8080}}}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: app, namespace: shop}}
+spec:
+  hosts: [app.shop.svc.cluster.local]
+  resolution: STATIC
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {app_port}}}, labels: {{app: web}}}}]
+",
+        https = https.port(),
+        live = live.display(),
+        app_port = app.port(),
+    );
+    let dir = config_dir(&[("gateway.yaml", &config)]);
+    let (_galley, _pilot, xds) = control_plane(dir.path()).await;
+    let mut gateway = proxy(
+        xds,
+        &[
+            "--type",
+            "router",
+            "--pod",
+            "gw-1",
+            "--labels",
+            "istio=ingressgateway",
+        ],
+    )
+    .await;
+    let url = format!("https://a.example:{}/", https.port());
+    let hosts = [("a.example", https)];
+    let old_only = client(&[&old], &hosts, None);
+    get_when_served(&old_only, &url, &mut gateway).await;
+
+    let new = version("v2");
+    let either = client(&[&old, &new], &hosts, None);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn({
+        let (stop, url) = (stop.clone(), url.clone());
+        async move {
+            let (mut sent, mut failed) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                sent += 1;
+                match either.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => {}
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (sent, failed)
+        }
+    });
+    // Rotated as Kubernetes updates a mounted Secret: one rename.
+    std::os::unix::fs::symlink("v2", certs.path().join("live.next")).unwrap();
+    std::fs::rename(certs.path().join("live.next"), certs.path().join("live")).unwrap();
+    let new_only = client(&[&new], &hosts, None);
+    let mut served = false;
+    for _ in 0..100 {
+        if new_only
+            .get(&url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, failed) = load.await.unwrap();
+    assert!(served, "the new certificate was never served");
+    assert!(sent > 1, "{sent} requests");
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} failed: {failed:?}",
+        failed.len()
+    );
+    assert!(
+        old_only.get(&url).send().await.is_err(),
+        "the old one is gone"
+    );
 }

@@ -52,10 +52,37 @@ pub struct TlsContext {
     clients: Mutex<Cache<ClientConfig>>,
 }
 
-/// Configs by settings, for one version of the credentials.
+/// Configs by settings, for one version of the credentials and of the
+/// files the settings name.
 struct Cache<T> {
     credentials: Option<usize>,
-    configs: HashMap<Tls, Arc<T>>,
+    configs: HashMap<Tls, (Files, Arc<T>)>,
+}
+
+/// A digest of each file a setting names: a rotated certificate (a
+/// Secret's mount swapped, a file rewritten) is read again on the next
+/// handshake, while open connections carry on. Contents, not times, so
+/// that a rewrite within a file system's timestamp granularity counts.
+type Files = Vec<Option<u64>>;
+
+fn files(tls: &Tls) -> Files {
+    let (certificate, key) = match &tls.certificate {
+        Some((c, k)) => (Some(c), Some(k)),
+        None => (None, None),
+    };
+    [certificate, key, tls.roots.as_ref()]
+        .into_iter()
+        .flatten()
+        .filter_map(|source| match source {
+            Source::File(path) => Some(std::fs::read(path).ok().map(|bytes| {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                bytes.hash(&mut h);
+                h.finish()
+            })),
+            Source::Mesh => None,
+        })
+        .collect()
 }
 
 impl<T> Default for Cache<T> {
@@ -79,12 +106,27 @@ impl<T> Cache<T> {
             self.configs.clear();
             self.credentials = version;
         }
-        if let Some(c) = self.configs.get(tls) {
+        let files = files(tls);
+        let cached = self.configs.get(tls);
+        if let Some((read, c)) = cached
+            && *read == files
+        {
             return Ok(c.clone());
         }
-        let built = Arc::new(build()?);
-        self.configs.insert(tls.clone(), built.clone());
-        Ok(built)
+        match build() {
+            Ok(built) => {
+                let built = Arc::new(built);
+                self.configs.insert(tls.clone(), (files, built.clone()));
+                Ok(built)
+            }
+            // Files caught mid-rotation (a new certificate beside the old
+            // key): the last good config serves until they agree.
+            Err(e) if let Some((_, c)) = cached => {
+                tracing::warn!("TLS files changed but cannot be used yet: {e}");
+                Ok(c.clone())
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -445,5 +487,49 @@ impl hyper_util::client::legacy::connect::Connection for Stream {
             }
             _ => connected,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate for `host` and its key, written to `dir`.
+    fn write(dir: &std::path::Path, host: &str) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![host.to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
+    }
+
+    #[test]
+    fn a_rotated_certificate_file_is_read_again_and_a_torn_one_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |f: &str| dir.path().join(f).display().to_string();
+        let tls = Tls {
+            certificate: Some((Source::File(path("tls.crt")), Source::File(path("tls.key")))),
+            roots: None,
+            peer_identities: Vec::new(),
+            alpn: Vec::new(),
+            sni: String::new(),
+            require_client_certificate: false,
+        };
+        let (_, credentials) = tokio::sync::watch::channel(None);
+        let context = TlsContext::new(credentials);
+        write(dir.path(), "a.example");
+        let first = context.server(&tls).unwrap();
+        assert!(Arc::ptr_eq(&first, &context.server(&tls).unwrap()));
+
+        write(dir.path(), "b.example");
+        let rotated = context.server(&tls).unwrap();
+        assert!(!Arc::ptr_eq(&first, &rotated));
+
+        // A new key beside the old certificate: the last good config.
+        let key = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
+        assert!(Arc::ptr_eq(&rotated, &context.server(&tls).unwrap()));
     }
 }
