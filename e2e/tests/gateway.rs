@@ -523,21 +523,32 @@ spec:
 
     let new = version("v2");
     let either = client(&[&old, &new], &hosts, None);
+    // New connections throughout, from before the rotation to after it.
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = tokio::spawn({
-        let (stop, url) = (stop.clone(), url.clone());
+        let (sent, stop, url) = (sent.clone(), stop.clone(), url.clone());
         async move {
-            let (mut sent, mut failed) = (0, Vec::new());
+            let mut failed = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                sent += 1;
                 match either.get(&url).send().await {
                     Ok(r) if r.status() == 200 => {}
                     other => failed.push(format!("{other:?}")),
                 }
+                sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            (sent, failed)
+            failed
         }
     });
+    let sent_at_least = |n: usize| {
+        let sent = sent.clone();
+        async move {
+            while sent.load(std::sync::atomic::Ordering::Relaxed) < n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    sent_at_least(10).await;
     // Rotated as Kubernetes updates a mounted Secret: one rename.
     std::os::unix::fs::symlink("v2", certs.path().join("live.next")).unwrap();
     std::fs::rename(certs.path().join("live.next"), certs.path().join("live")).unwrap();
@@ -555,10 +566,12 @@ spec:
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let rotated_at = sent.load(std::sync::atomic::Ordering::Relaxed);
+    sent_at_least(rotated_at + 10).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (sent, failed) = load.await.unwrap();
+    let failed = load.await.unwrap();
     assert!(served, "the new certificate was never served");
-    assert!(sent > 1, "{sent} requests");
+    let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
     assert!(
         failed.is_empty(),
         "{} of {sent} failed: {failed:?}",
@@ -568,4 +581,136 @@ spec:
         old_only.get(&url).send().await.is_err(),
         "the old one is gone"
     );
+}
+
+/// A `kubernetes.io/tls` Secret of namespace `shop` as a watch event.
+fn secret_event(
+    kind: &str,
+    name: &str,
+    version: u32,
+    cert: &rcgen::Certificate,
+    key: &rcgen::KeyPair,
+) -> serde_json::Value {
+    use base64::Engine;
+    let b64 = |s: String| base64::engine::general_purpose::STANDARD.encode(s);
+    serde_json::json!({"type": kind, "object": {
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": name, "namespace": "shop", "resourceVersion": version.to_string()},
+        "data": {"tls.crt": b64(cert.pem()), "tls.key": b64(key.serialize_pem())},
+    }})
+}
+
+#[tokio::test]
+async fn credentials_by_name_come_from_a_mounted_directory_or_the_namespaces_secrets() {
+    let mounted = tempfile::tempdir().unwrap();
+    let credential = mounted.path().join("d-credential");
+    std::fs::create_dir(&credential).unwrap();
+    let (d, d_key) = certificate(&credential, "d.example");
+    std::fs::rename(credential.join("d.example.crt"), credential.join("tls.crt")).unwrap();
+    std::fs::write(credential.join("tls.key"), d_key.serialize_pem()).unwrap();
+    std::fs::remove_file(credential.join("d.example.key")).unwrap();
+
+    let (api, api_addr) = testkit::fake_kube::FakeApi::start().await;
+    let kubeconfig = mounted.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        testkit::fake_kube::FakeApi::kubeconfig(api_addr),
+    )
+    .unwrap();
+
+    let (https, app) = (free_addr(), app().await);
+    let config = format!(
+        "
+apiVersion: networking.istio.io/v1alpha3
+kind: Gateway
+metadata: {{name: ingress, namespace: shop}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: {https}, name: https-d, protocol: HTTPS}}
+    bind: 127.0.0.1
+    hosts: [d.example]
+    tls: {{mode: SIMPLE, credentialName: d-credential}}
+  - port: {{number: {https}, name: https-k, protocol: HTTPS}}
+    bind: 127.0.0.1
+    hosts: [k.example]
+    tls: {{mode: SIMPLE, credentialName: k-credential}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {{name: web, namespace: shop}}
+spec:
+  hosts: [d.example, k.example]
+  gateways: [ingress]
+  http:
+  - route:
+    - destination: {{host: app.shop.svc.cluster.local, port: {{number: 8080}}}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: app, namespace: shop}}
+spec:
+  hosts: [app.shop.svc.cluster.local]
+  resolution: STATIC
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {app_port}}}, labels: {{app: web}}}}]
+",
+        https = https.port(),
+        app_port = app.port(),
+    );
+    let dir = config_dir(&[("gateway.yaml", &config)]);
+    let (_galley, _pilot, xds) = control_plane(dir.path()).await;
+    let (mounted_dir, kubeconfig) = (
+        mounted.path().display().to_string(),
+        kubeconfig.display().to_string(),
+    );
+    let mut gateway = proxy(
+        xds,
+        &[
+            "--type",
+            "router",
+            "--pod",
+            "gw-1",
+            "--labels",
+            "istio=ingressgateway",
+            "--credentials-dir",
+            &mounted_dir,
+            "--credentials-from-secrets",
+            "--kubeconfig",
+            &kubeconfig,
+        ],
+    )
+    .await;
+    let hosts = [("d.example", https), ("k.example", https)];
+    let from_dir = client(&[&d], &hosts, None);
+    let url = |host: &str| format!("https://{host}:{}/", https.port());
+    let (status, _) = get_when_served(&from_dir, &url("d.example"), &mut gateway).await;
+    assert_eq!(status, 200);
+
+    let secrets = "/api/v1/namespaces/shop/secrets";
+    for _ in 0..100 {
+        if api.open_watches(secrets) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kdir = tempfile::tempdir().unwrap();
+    let (k1, k1_key) = certificate(kdir.path(), "k.example");
+    api.push(
+        secrets,
+        secret_event("ADDED", "k-credential", 4002, &k1, &k1_key),
+    );
+    let from_secret = client(&[&k1], &hosts, None);
+    let (status, _) = get_when_served(&from_secret, &url("k.example"), &mut gateway).await;
+    assert_eq!(status, 200);
+
+    // The Secret rotated: the next handshake serves the new certificate.
+    let (k2, k2_key) = certificate(kdir.path(), "k.example");
+    api.push(
+        secrets,
+        secret_event("MODIFIED", "k-credential", 4003, &k2, &k2_key),
+    );
+    let rotated = client(&[&k2], &hosts, None);
+    let (status, _) = get_when_served(&rotated, &url("k.example"), &mut gateway).await;
+    assert_eq!(status, 200);
 }

@@ -21,6 +21,7 @@ pub mod listeners;
 pub mod mixer;
 pub mod node;
 pub mod outbound;
+pub mod secrets;
 pub mod stats;
 pub mod tcp;
 pub mod tls;
@@ -66,6 +67,8 @@ pub struct ProxyArgs {
     pub health_addr: SocketAddr,
     #[command(flatten)]
     pub timeouts: listeners::Timeouts,
+    #[command(flatten)]
+    pub secrets: secrets::SecretsArgs,
 }
 
 /// Runs the proxy until `shutdown`.
@@ -91,7 +94,13 @@ pub async fn run(args: ProxyArgs, admin: Admin, shutdown: CancellationToken) -> 
     // before it knows every condition.
     let serving = admin.readiness().condition("xds-synced");
     tokio::spawn(agent.run(shutdown.clone()));
-    let tls = Arc::new(tls::TlsContext::new(credentials.clone()));
+    let secrets = Arc::new(secrets::Secrets::new(args.secrets.credentials_dir.clone()));
+    if args.secrets.credentials_from_secrets {
+        let client = mesh_kube::client(args.secrets.kubeconfig.as_deref()).await?;
+        let namespace = args.node.namespace.clone();
+        tokio::spawn(secrets.clone().watch(client, namespace, shutdown.clone()));
+    }
+    let tls = Arc::new(tls::TlsContext::new(credentials.clone(), secrets));
     let stats = stats::Stats::new(&mut admin.registry());
     let concurrency = match args.concurrency {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),

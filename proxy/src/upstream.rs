@@ -548,7 +548,7 @@ pub(crate) mod testing {
     /// The proxy's clusters, as a config of `clusters` makes them.
     pub async fn upstreams(clusters: Vec<Cluster>) -> Arc<Upstreams> {
         let (_, credentials) = tokio::sync::watch::channel(None);
-        let tls = Arc::new(TlsContext::new(credentials));
+        let tls = Arc::new(TlsContext::new(credentials, Arc::default()));
         let stats = Stats::new(&mut prometheus_client::registry::Registry::default());
         let upstreams = Upstreams::new(tls, stats, 1);
         let snapshot = Snapshot {
@@ -581,7 +581,7 @@ mod tests {
             ..testing::cluster("c", &[])
         };
         let (_, credentials) = tokio::sync::watch::channel(None);
-        let tls = Arc::new(TlsContext::new(credentials));
+        let tls = Arc::new(TlsContext::new(credentials, Arc::default()));
         let c = UpstreamCluster::new(Arc::new(config), tls, Counter::default(), 1);
         let addrs: Vec<(SocketAddr, u32)> = endpoints
             .iter()

@@ -23,6 +23,8 @@ pub enum Source {
     Mesh,
     /// A PEM file.
     File(String),
+    /// A Gateway's credential by name (SDS), or its CA (`<name>-cacert`).
+    Credential(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -62,7 +64,7 @@ impl Tls {
         let default = CommonTlsContext::default();
         let c = context.unwrap_or(&default);
         let certificate = if let Some(sds) = c.tls_certificate_sds_secret_configs.first() {
-            let source = mesh_secret(sds, WORKLOAD_SECRET)?;
+            let source = sds_secret(sds, WORKLOAD_SECRET);
             Some((source.clone(), source))
         } else if let Some(files) = c.tls_certificates.first() {
             let file = |d: &Option<envoy_types::pb::envoy::config::core::v3::DataSource>,
@@ -93,8 +95,7 @@ impl Tls {
                 let roots = combined
                     .validation_context_sds_secret_config
                     .as_ref()
-                    .map(|sds| mesh_secret(sds, ROOT_SECRET))
-                    .transpose()?;
+                    .map(|sds| sds_secret(sds, ROOT_SECRET));
                 let sans = combined
                     .default_validation_context
                     .as_ref()
@@ -136,14 +137,12 @@ impl Tls {
     }
 }
 
-/// Only the agent's own secrets are served by SDS here.
-fn mesh_secret(sds: &SdsSecretConfig, expected: &str) -> Result<Source, Problem> {
-    if sds.name == expected {
-        Ok(Source::Mesh)
+/// An SDS secret: the mesh's own under its name, else a Gateway's
+/// credential.
+fn sds_secret(sds: &SdsSecretConfig, mesh: &str) -> Source {
+    if sds.name == mesh {
+        Source::Mesh
     } else {
-        Err(Problem(format!(
-            "SDS secret {:?} is not served by this proxy's agent (it serves {expected:?})",
-            sds.name
-        )))
+        Source::Credential(sds.name.clone())
     }
 }

@@ -35,6 +35,7 @@ use tokio::{
 use crate::{
     agent::{Credentials, CredentialsWatch},
     config::tls::{Source, Tls},
+    secrets::Secrets,
 };
 
 mod web_pki;
@@ -47,6 +48,8 @@ pub const MESH_ALPN: &str = "istio";
 /// Builds (and caches) TLS configs from the current credentials.
 pub struct TlsContext {
     credentials: CredentialsWatch,
+    /// Gateways' credentials, by name.
+    secrets: Arc<Secrets>,
     provider: Arc<CryptoProvider>,
     servers: Mutex<Cache<ServerConfig>>,
     clients: Mutex<Cache<ClientConfig>>,
@@ -59,13 +62,20 @@ struct Cache<T> {
     configs: HashMap<Tls, (Files, Arc<T>)>,
 }
 
-/// A digest of each file a setting names: a rotated certificate (a
+fn digest(what: &impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    what.hash(&mut h);
+    h.finish()
+}
+
+/// A digest of each file (or credential) a setting names: a rotated certificate (a
 /// Secret's mount swapped, a file rewritten) is read again on the next
 /// handshake, while open connections carry on. Contents, not times, so
 /// that a rewrite within a file system's timestamp granularity counts.
 type Files = Vec<Option<u64>>;
 
-fn files(tls: &Tls) -> Files {
+fn files(tls: &Tls, secrets: &Secrets) -> Files {
     let (certificate, key) = match &tls.certificate {
         Some((c, k)) => (Some(c), Some(k)),
         None => (None, None),
@@ -74,12 +84,8 @@ fn files(tls: &Tls) -> Files {
         .into_iter()
         .flatten()
         .filter_map(|source| match source {
-            Source::File(path) => Some(std::fs::read(path).ok().map(|bytes| {
-                use std::hash::{Hash, Hasher};
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                bytes.hash(&mut h);
-                h.finish()
-            })),
+            Source::File(path) => Some(std::fs::read(path).ok().map(|b| digest(&b))),
+            Source::Credential(name) => Some(secrets.get(name).map(|c| digest(&c))),
             Source::Mesh => None,
         })
         .collect()
@@ -99,6 +105,7 @@ impl<T> Cache<T> {
         &mut self,
         credentials: &Option<Arc<Credentials>>,
         tls: &Tls,
+        files: Files,
         build: impl FnOnce() -> Result<T, String>,
     ) -> Result<Arc<T>, String> {
         let version = credentials.as_ref().map(|c| Arc::as_ptr(c) as usize);
@@ -106,7 +113,6 @@ impl<T> Cache<T> {
             self.configs.clear();
             self.credentials = version;
         }
-        let files = files(tls);
         let cached = self.configs.get(tls);
         if let Some((read, c)) = cached
             && *read == files
@@ -131,9 +137,10 @@ impl<T> Cache<T> {
 }
 
 impl TlsContext {
-    pub fn new(credentials: CredentialsWatch) -> Self {
+    pub fn new(credentials: CredentialsWatch, secrets: Arc<Secrets>) -> Self {
         Self {
             credentials,
+            secrets,
             provider: Arc::new(rustls::crypto::ring::default_provider()),
             servers: Mutex::default(),
             clients: Mutex::default(),
@@ -165,7 +172,16 @@ impl TlsContext {
                     PrivateKeyDer::from_pem_file(key).map_err(|e| format!("key {key}: {e}"))?;
                 Ok((chain, key))
             }
-            (Source::File(_), Source::Mesh) => Err("a certificate file with the mesh key".into()),
+            (Source::Credential(name), _) => {
+                let (chain, key) = self.secrets.certificate(name)?;
+                let chain = CertificateDer::pem_slice_iter(&chain)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("credential {name:?} certificate: {e}"))?;
+                let key = PrivateKeyDer::from_pem_slice(&key)
+                    .map_err(|e| format!("credential {name:?} key: {e}"))?;
+                Ok((chain, key))
+            }
+            (Source::File(_), _) => Err("a certificate file without a key file".into()),
         }
     }
 
@@ -181,6 +197,9 @@ impl TlsContext {
             Source::File(path) => CertificateDer::pem_file_iter(path)
                 .and_then(|i| i.collect::<Result<Vec<_>, _>>())
                 .map_err(|e| format!("roots {path}: {e}")),
+            Source::Credential(name) => CertificateDer::pem_slice_iter(&self.secrets.ca(name)?)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("credential {name:?} CA: {e}")),
         }
     }
 
@@ -192,7 +211,7 @@ impl TlsContext {
     pub fn server(&self, tls: &Tls) -> Result<Arc<ServerConfig>, String> {
         let credentials = self.credentials.borrow().clone();
         let mut cache = self.servers.lock().unwrap_or_else(|e| e.into_inner());
-        cache.get_or_build(&credentials, tls, || {
+        cache.get_or_build(&credentials, tls, files(tls, &self.secrets), || {
             let source = tls
                 .certificate
                 .as_ref()
@@ -232,7 +251,7 @@ impl TlsContext {
     pub fn client(&self, tls: &Tls) -> Result<Arc<ClientConfig>, String> {
         let credentials = self.credentials.borrow().clone();
         let mut cache = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        cache.get_or_build(&credentials, tls, || {
+        cache.get_or_build(&credentials, tls, files(tls, &self.secrets), || {
             // A server outside the mesh chains to the roots config names,
             // else to the system's.
             let verifier: Arc<dyn ServerCertVerifier> = match &tls.roots {
@@ -518,7 +537,7 @@ mod tests {
             require_client_certificate: false,
         };
         let (_, credentials) = tokio::sync::watch::channel(None);
-        let context = TlsContext::new(credentials);
+        let context = TlsContext::new(credentials, Arc::default());
         write(dir.path(), "a.example");
         let first = context.server(&tls).unwrap();
         assert!(Arc::ptr_eq(&first, &context.server(&tls).unwrap()));

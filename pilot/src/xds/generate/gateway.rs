@@ -161,7 +161,12 @@ fn server_tls(
 ) -> envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::CommonTlsContext {
     let alpn = ["h2", "http/1.1"];
     if !options.credential_name.is_empty() {
-        return tls::sds_certificate_context(&options.credential_name, &alpn);
+        return tls::sds_certificate_context(
+            &options.credential_name,
+            options.mode == TlSmode::Mutual as i32,
+            &options.subject_alt_names,
+            &alpn,
+        );
     }
     tls::file_context(
         Some((&options.server_certificate, &options.private_key)),

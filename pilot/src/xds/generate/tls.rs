@@ -136,10 +136,29 @@ pub fn file_context(
     }
 }
 
-/// A certificate by SDS name alone (a gateway's `credentialName`).
-pub fn sds_certificate_context(name: &str, alpn: &[&str]) -> CommonTlsContext {
+/// A certificate by SDS name (a gateway's `credentialName`), and for
+/// MUTUAL the CA clients must chain to, by SDS as `<name>-cacert` (Istio
+/// 1.1's name for it), with their accepted identities.
+pub fn sds_certificate_context(
+    name: &str,
+    mutual: bool,
+    peer_identities: &[String],
+    alpn: &[&str],
+) -> CommonTlsContext {
     CommonTlsContext {
         tls_certificate_sds_secret_configs: vec![sds(name)],
+        validation_context_type: mutual.then(|| {
+            common_tls_context::ValidationContextType::CombinedValidationContext(
+                common_tls_context::CombinedCertificateValidationContext {
+                    default_validation_context: Some(CertificateValidationContext {
+                        match_typed_subject_alt_names: san_matchers(peer_identities),
+                        ..Default::default()
+                    }),
+                    validation_context_sds_secret_config: Some(sds(&format!("{name}-cacert"))),
+                    ..Default::default()
+                },
+            )
+        }),
         alpn_protocols: alpn.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
     }
