@@ -23,6 +23,8 @@ struct Up {
     config: std::path::PathBuf,
     /// Where `meshctl status` and `meshctl restart` reach it.
     control: String,
+    /// The certificate the ingress gateway serves HTTPS with.
+    gateway_certificate: std::path::PathBuf,
     table: BTreeMap<String, BTreeMap<String, String>>,
 }
 
@@ -41,6 +43,12 @@ impl Up {
             .and_then(|l| l.split_whitespace().next())
             .expect("the control address is printed")
             .to_string();
+        let gateway_certificate = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("gateway certificate: "))
+            .expect("the gateway's certificate is printed")
+            .trim()
+            .into();
         let table = up_table(&lines)
             .into_iter()
             .map(|fields| {
@@ -56,6 +64,7 @@ impl Up {
             proc,
             config,
             control,
+            gateway_certificate,
             table,
         }
     }
@@ -131,6 +140,27 @@ async fn walkthrough(topology: &str) {
         ["v1", "v3"],
         "{versions:?}"
     );
+    // From outside the mesh, through the ingress gateway: HTTP, and HTTPS
+    // with the certificate `meshctl up` made, checked by the client.
+    let gateway = up.addr("istio-ingressgateway", "http");
+    let (status, page) = get(gateway, "/productpage").await.unwrap();
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("William Shakespeare"), "{page}");
+    let (status, _) = get(gateway, "/not-bookinfo").await.unwrap();
+    assert_eq!(status, 404);
+    let pem = std::fs::read(&up.gateway_certificate).unwrap();
+    let https = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+        .build()
+        .unwrap();
+    let port = up.addr("istio-ingressgateway", "https").port();
+    let response = https
+        .get(format!("https://localhost:{port}/productpage"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
     // jason: v2, black stars from ratings.
     let page = up.page(Some("jason")).await;
     assert_eq!(page["reviews"]["version"], "v2", "{page}");
@@ -299,7 +329,8 @@ async fn failures(topology: &str, victims: &[&str], upgraded: &[(&str, &str)]) {
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         let rows: Vec<&str> = text.lines().skip(1).collect();
-        rows.len() == 6 && rows.iter().all(|r| r.matches("SYNCED").count() == 4)
+        // Six sidecars and the ingress gateway.
+        rows.len() == 7 && rows.iter().all(|r| r.matches("SYNCED").count() == 4)
     })
     .await;
 

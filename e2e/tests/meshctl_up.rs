@@ -97,7 +97,8 @@ async fn killing_meshctl_up_leaves_no_process_behind() {
         .iter()
         .map(|fields| fields[1].parse().unwrap())
         .collect();
-    assert_eq!(pids.len(), 18, "{lines:#?}");
+    // The control plane, six apps with their sidecars, and the ingress gateway.
+    assert_eq!(pids.len(), 19, "{lines:#?}");
     up.kill().await;
     let deadline = std::time::Instant::now() + WAIT;
     while pids.iter().any(|&p| alive(p)) {

@@ -1,6 +1,7 @@
 //! `meshctl bench topology`: the split topology (a process per
 //! control-plane component) against the monolith (one process, MCP in
-//! memory), in one run, each with Bookinfo and its six proxies:
+//! memory), in one run, each with Bookinfo, its six sidecars and its
+//! ingress gateway:
 //!
 //! - start to all-ready, everything started at once;
 //! - the control plane's resident memory, summed over its processes;
@@ -185,7 +186,10 @@ async fn measure(
     let config_dir = mesh.config_dir.clone();
     let pilot = addr(&rows, "pilot", "admin")?;
     let productpage = addr(&rows, "productpage-v1-proxy", "inbound")?;
-    let proxies = rows.iter().filter(|r| r.name.ends_with("-proxy")).count();
+    let proxies = rows
+        .iter()
+        .filter(|r| r.name.ends_with("-proxy") || r.name == crate::up::GATEWAY)
+        .count();
     let client = reqwest::Client::builder().no_proxy().build()?;
     // Supervised as under `meshctl up`, so that a killed process comes back.
     let control = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

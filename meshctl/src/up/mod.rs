@@ -14,6 +14,9 @@ use std::{
 
 pub mod control;
 mod sample;
+
+/// The ingress gateway's name in the mesh's table.
+pub(crate) use sample::GATEWAY;
 mod supervisor;
 
 use clap::Args;
@@ -357,6 +360,10 @@ impl Mesh {
         if announce {
             println!("config: {}", config_dir.display());
             println!("logs:   {}", logs.display());
+            if sample.is_some() {
+                let certificate = sample::gateway_certificate(&state_dir);
+                println!("gateway certificate: {}", certificate.display());
+            }
         }
         let mut running = Running {
             supervisor: Supervisor::new(&logs),

@@ -3,8 +3,10 @@
 //! and for each workload a `sample-app` process and a proxy in local mode:
 //! mesh traffic in on the workload's own port, an HTTP proxy out that the
 //! app uses as `HTTP_PROXY`, its certificate from Citadel, its checks and
-//! reports to the Mixers. With OS-chosen ports, the config's ports move
-//! with them.
+//! reports to the Mixers. In front, the ingress gateway (the proxy as a
+//! `router`) serves Istio's `bookinfo-gateway`: HTTP, and HTTPS with a
+//! certificate made at start. With OS-chosen ports, the config's ports
+//! move with them.
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -37,6 +39,10 @@ const FILES: &[(&str, &str)] = &[
     (
         "policy.yaml",
         include_str!("../../../examples/bookinfo/policy.yaml"),
+    ),
+    (
+        "gateway.yaml",
+        include_str!("../../../examples/bookinfo/gateway.yaml"),
     ),
     (
         "attributes.yaml",
@@ -85,6 +91,28 @@ const fn workload(
     }
 }
 
+/// The ingress gateway, as `meshctl up` names it.
+pub const GATEWAY: &str = "istio-ingressgateway";
+/// The ingress gateway's ports in `examples/bookinfo/gateway.yaml`.
+const GATEWAY_HTTP: u16 = 8080;
+const GATEWAY_HTTPS: u16 = 8443;
+/// The gateway's HTTPS credential, as the Gateway names it.
+const GATEWAY_CREDENTIAL: &str = "bookinfo-credential";
+/// Where the gateway's credentials go, in the state directory.
+const CREDENTIALS: &str = "credentials";
+
+/// The certificate the gateway serves HTTPS with, for clients to trust.
+pub fn gateway_certificate(state_dir: &Path) -> std::path::PathBuf {
+    state_dir
+        .join(CREDENTIALS)
+        .join(GATEWAY_CREDENTIAL)
+        .join("tls.crt")
+}
+
+/// Istio's ingress gateway: its namespace and service account.
+const GATEWAY_NAMESPACE: &str = "istio-system";
+const GATEWAY_ACCOUNT: &str = "istio-ingressgateway-service-account";
+
 /// Istio's Bookinfo service accounts, and the token each presents to Citadel.
 fn account(app: &str) -> String {
     format!("bookinfo-{app}")
@@ -98,10 +126,13 @@ pub struct Sample {
 impl Sample {
     pub fn new(ports: &Ports) -> anyhow::Result<Self> {
         let mut chosen = BTreeMap::new();
-        for w in WORKLOADS {
-            for port in [w.inbound, w.port, w.egress] {
-                chosen.insert(port, ports.pick(port)?.port());
-            }
+        let gateway = [GATEWAY_HTTP, GATEWAY_HTTPS];
+        for port in WORKLOADS
+            .iter()
+            .flat_map(|w| [w.inbound, w.port, w.egress])
+            .chain(gateway)
+        {
+            chosen.insert(port, ports.pick(port)?.port());
         }
         Ok(Self { ports: chosen })
     }
@@ -188,8 +219,67 @@ impl Sample {
                 ],
             });
         }
+        lines.push_str(&format!(
+            "{GATEWAY_NAMESPACE}/{GATEWAY_ACCOUNT} {GATEWAY_ACCOUNT}-token\n"
+        ));
+        let gateway_token = dir.join(format!("{GATEWAY_ACCOUNT}.token"));
+        std::fs::write(&gateway_token, format!("{GATEWAY_ACCOUNT}-token"))?;
         std::fs::write(tokens, lines)?;
+        let credentials = tokens.with_file_name(CREDENTIALS);
+        plans.push(self.gateway(cp, &gateway_token, &credentials, ports)?);
         Ok(plans)
+    }
+
+    /// The ingress gateway, and the certificate it serves HTTPS with, made
+    /// now for `localhost` and `127.0.0.1` into `credentials`.
+    fn gateway(
+        &self,
+        cp: &ControlPlane,
+        token_file: &Path,
+        credentials: &Path,
+        ports: &Ports,
+    ) -> anyhow::Result<Plan> {
+        let credential = credentials.join(GATEWAY_CREDENTIAL);
+        std::fs::create_dir_all(&credential)?;
+        let key = rcgen::KeyPair::generate()?;
+        let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        let cert = rcgen::CertificateParams::new(names)?.self_signed(&key)?;
+        std::fs::write(credential.join("tls.crt"), cert.pem())?;
+        std::fs::write(credential.join("tls.key"), key.serialize_pem())?;
+        let (admin, stats, health) = (ports.any()?, ports.any()?, ports.any()?);
+        let args = flags!(Cli<proxy::ProxyArgs> {
+            args.pilot: cp.xds,
+            args.node.node_type: "router",
+            args.node.pod: "istio-ingressgateway-0",
+            args.node.namespace: GATEWAY_NAMESPACE,
+            args.node.service_account: GATEWAY_ACCOUNT,
+            args.node.labels: "istio=ingressgateway",
+            args.agent.citadel: cp.ca,
+            args.agent.citadel_root: cp.ca_root.display(),
+            args.agent.citadel_token_file: token_file.display(),
+            args.agent.citadel_hostname: "localhost",
+            args.secrets.credentials_dir: credentials.display(),
+            args.stats_addr: stats,
+            args.health_addr: health,
+            args.concurrency: 1,
+        })
+        .admin_addr(admin);
+        let (http, https) = (
+            super::loopback(self.port(GATEWAY_HTTP)),
+            super::loopback(self.port(GATEWAY_HTTPS)),
+        );
+        Ok(Plan {
+            name: GATEWAY.into(),
+            binary: "proxy",
+            args: args.build()?,
+            env: Vec::new(),
+            ready: launch::ready_url(admin),
+            ports: vec![
+                ("admin", admin.to_string()),
+                ("http", http.to_string()),
+                ("https", https.to_string()),
+            ],
+        })
     }
 }
 
@@ -247,6 +337,7 @@ mod tests {
         let known: Vec<u16> = WORKLOADS
             .iter()
             .flat_map(|w| [w.inbound, w.port, w.egress])
+            .chain([GATEWAY_HTTP, GATEWAY_HTTPS])
             .collect();
         for port in known {
             assert!(
