@@ -30,15 +30,16 @@ async fn app() -> SocketAddr {
 }
 
 /// A TLS server answering every request with `body`, its certificate for
-/// `host` signed by a CA of its own; and that CA's certificate, as PEM.
-fn tls_backend(host: &str, body: &'static str) -> (SocketAddr, String) {
+/// `hosts` signed by a CA of its own; and that CA's certificate, as PEM.
+fn tls_backend(hosts: &[&str], body: &'static str) -> (SocketAddr, String) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca = rcgen::CertificateParams::new(Vec::new()).unwrap();
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca_cert = ca.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca, ca_key);
     let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec![host.to_string()]).unwrap();
+    let names = hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>();
+    let params = rcgen::CertificateParams::new(names).unwrap();
     let cert = params.signed_by(&key, &issuer).unwrap();
     let key = rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -288,7 +289,7 @@ async fn an_ingress_gateway_serves_http_https_by_server_name_redirects_and_passt
     let (b, _) = certificate(certs.path(), "b.example");
     let (m, _) = certificate(certs.path(), "m.example");
     let member = client_ca(certs.path());
-    let (backend, backend_ca) = tls_backend("tls.example", "passed through");
+    let (backend, backend_ca) = tls_backend(&["tls.example"], "passed through");
     let ports = Ports {
         http: free_addr(),
         https: free_addr(),
@@ -378,8 +379,8 @@ async fn an_ingress_gateway_serves_http_https_by_server_name_redirects_and_passt
 
 #[tokio::test]
 async fn a_sidecar_originates_tls_to_a_server_outside_the_mesh() {
-    let (server, ca) = tls_backend("api.example.com", "from outside");
-    let (_, other_ca) = tls_backend("api.example.com", "never");
+    let (server, ca) = tls_backend(&["api.example.com"], "from outside");
+    let (_, other_ca) = tls_backend(&["api.example.com"], "never");
     let cas = tempfile::tempdir().unwrap();
     std::fs::write(cas.path().join("ca.pem"), ca).unwrap();
     std::fs::write(cas.path().join("other-ca.pem"), other_ca).unwrap();
@@ -713,4 +714,82 @@ spec:
     let rotated = client(&[&k2], &hosts, None);
     let (status, _) = get_when_served(&rotated, &url("k.example"), &mut gateway).await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn a_sidecar_routes_tls_by_server_name_without_decrypting_it() {
+    let names = ["a.tls.example", "b.tls.example"];
+    let (a, a_ca) = tls_backend(&names, "backend a");
+    let (b, b_ca) = tls_backend(&names, "backend b");
+    let egress = free_addr();
+    // SNI a goes to backend b and b to a: the route decides, not the name.
+    let config = format!(
+        "
+apiVersion: networking.istio.io/v1alpha3
+kind: Sidecar
+metadata: {{name: client, namespace: shop}}
+spec:
+  workloadSelector: {{labels: {{app: client}}}}
+  egress:
+  - port: {{number: {port}, protocol: TLS, name: tls}}
+    bind: 127.0.0.1
+    hosts: [./*]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: a, namespace: shop}}
+spec:
+  hosts: [a.tls.example]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: {port}, name: tls, protocol: TLS}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{tls: {a_port}}}, labels: {{app: a}}}}]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: b, namespace: shop}}
+spec:
+  hosts: [b.tls.example]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: {port}, name: tls, protocol: TLS}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{tls: {b_port}}}, labels: {{app: b}}}}]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {{name: crossed, namespace: shop}}
+spec:
+  hosts: [a.tls.example, b.tls.example]
+  tls:
+  - match: [{{port: {port}, sniHosts: [a.tls.example]}}]
+    route: [{{destination: {{host: b.tls.example, port: {{number: {port}}}}}}}]
+  - match: [{{port: {port}, sniHosts: [b.tls.example]}}]
+    route: [{{destination: {{host: a.tls.example, port: {{number: {port}}}}}}}]
+",
+        port = egress.port(),
+        a_port = a.port(),
+        b_port = b.port(),
+    );
+    let dir = config_dir(&[("tls-routes.yaml", &config)]);
+    let (_galley, _pilot, xds) = control_plane(dir.path()).await;
+    let mut sidecar = proxy(xds, &["--pod", "client-1", "--labels", "app=client"]).await;
+    install_crypto();
+    let cas = [a_ca, b_ca].map(|pem| reqwest::Certificate::from_pem(pem.as_bytes()).unwrap());
+    let app = reqwest::Client::builder()
+        .tls_certs_only(cas)
+        .resolve("a.tls.example", egress)
+        .resolve("b.tls.example", egress)
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let port = egress.port();
+    for (host, reached) in [
+        ("a.tls.example", "backend b"),
+        ("b.tls.example", "backend a"),
+    ] {
+        let url = format!("https://{host}:{port}/");
+        let (status, body) = get_when_served(&app, &url, &mut sidecar).await;
+        assert_eq!((status, body.as_str()), (200, reached), "{host}");
+    }
 }

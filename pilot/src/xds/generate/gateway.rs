@@ -128,13 +128,7 @@ pub fn listeners(scope: &Scope) -> Vec<Listener> {
                 l.filter_chains.extend(forwarding_chains(scope, b, &name));
             }
         }
-        if l.filter_chains.iter().any(|c| {
-            c.filter_chain_match
-                .as_ref()
-                .is_some_and(|m| !m.server_names.is_empty())
-        }) {
-            listener::add_tls_inspector(&mut l);
-        }
+        listener::add_tls_inspector(&mut l);
         out.push(l);
     }
     out

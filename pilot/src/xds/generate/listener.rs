@@ -42,7 +42,9 @@ use envoy_types::pb::{
     },
     google::protobuf::{Any, BoolValue, Duration, UInt32Value},
 };
-use mesh_api::pb::istio::mesh::v1alpha1::mesh_config::outbound_traffic_policy;
+use mesh_api::pb::istio::{
+    mesh::v1alpha1::mesh_config::outbound_traffic_policy, networking::v1alpha3::RouteDestination,
+};
 
 use super::{Inbound, Scope, any, cluster, route, security, tls};
 use crate::{
@@ -230,14 +232,20 @@ fn outbound(scope: &Scope, redirect: bool) -> Vec<Listener> {
             let chain = if protocol.is_http() {
                 http_chain(&name, Routes::Rds(port.to_string()), Filters::Outbound)
             } else {
-                let service = scope.egress_services(port).find(|s| s.port(port).is_some());
-                let destination = match service {
+                let services: Vec<&Service> = scope
+                    .egress_services(port)
+                    .filter(|s| s.port(port).is_some())
+                    .collect();
+                l.filter_chains
+                    .extend(tls_route_chains(scope, &services, port, &name));
+                let destination = match services.first() {
                     Some(s) => tcp_destination(scope, s, port),
                     None => TcpDestination::Cluster(cluster::BLACK_HOLE.into()),
                 };
                 tcp_chain(&name, destination)
             };
             l.filter_chains.push(chain);
+            add_tls_inspector(&mut l);
             l.traffic_direction = TrafficDirection::Outbound as i32;
             by_name.insert(name, (l, protocol.is_http()));
             continue;
@@ -258,15 +266,30 @@ fn outbound(scope: &Scope, redirect: bool) -> Vec<Listener> {
                 }
                 let mut l = listener(&name, address, port.number, !redirect);
                 l.traffic_direction = TrafficDirection::Outbound as i32;
-                l.filter_chains.push(if http {
-                    http_chain(
+                if http {
+                    l.filter_chains.push(http_chain(
                         &name,
                         Routes::Rds(port.number.to_string()),
                         Filters::Outbound,
-                    )
+                    ));
                 } else {
-                    tcp_chain(&name, tcp_destination(scope, service, port.number))
-                });
+                    // Every service without a virtual IP on this port shares
+                    // the listener: the TLS routes of each, by SNI.
+                    let sharing: Vec<&Service> = if address == bind {
+                        scope
+                            .egress_services(0)
+                            .filter(|s| s.port(port.number).is_some())
+                            .filter(|s| s.addresses.first().is_none_or(|v| v.contains('/')))
+                            .collect()
+                    } else {
+                        vec![service]
+                    };
+                    l.filter_chains
+                        .extend(tls_route_chains(scope, &sharing, port.number, &name));
+                    let destination = tcp_destination(scope, service, port.number);
+                    l.filter_chains.push(tcp_chain(&name, destination));
+                    add_tls_inspector(&mut l);
+                }
                 by_name.insert(name, (l, http));
             }
         }
@@ -291,6 +314,44 @@ fn http_chain(stat_prefix: &str, routes: Routes, filters: Filters) -> FilterChai
     }
 }
 
+/// Whether a route's match for `port` applies to this proxy: on the port,
+/// and for the mesh (its sidecars, by their labels).
+fn applies(
+    scope: &Scope,
+    port: u32,
+    match_port: u32,
+    gateways: &[String],
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    (match_port == 0 || match_port == port)
+        && if gateways.is_empty() {
+            scope.proxy.matches(labels)
+        } else {
+            gateways.iter().any(|g| g == "mesh")
+        }
+}
+
+/// Where a route's connections go: its destinations by weight.
+fn route_destination(ctx: &route::RouteContext, routes: &[RouteDestination]) -> TcpDestination {
+    let mut weighted: Vec<(String, u32)> = routes
+        .iter()
+        .filter_map(|r| {
+            let d = r.destination.as_ref()?;
+            let weight = if r.weight == 0 && routes.len() == 1 {
+                100
+            } else {
+                r.weight.max(0) as u32
+            };
+            (weight > 0).then(|| (route::destination_cluster(ctx, d), weight))
+        })
+        .collect();
+    match weighted.len() {
+        0 => TcpDestination::Cluster(cluster::BLACK_HOLE.into()),
+        1 => TcpDestination::Cluster(weighted.remove(0).0),
+        _ => TcpDestination::Weighted(weighted),
+    }
+}
+
 /// Where a TCP service port's connections go: the first TCP route of a
 /// VirtualService for its host that applies here, else the service itself.
 pub fn tcp_destination(scope: &Scope, service: &Service, port: u32) -> TcpDestination {
@@ -305,37 +366,62 @@ pub fn tcp_destination(scope: &Scope, service: &Service, port: u32) -> TcpDestin
         }
         let chosen = vs.spec.tcp.iter().find(|tcp| {
             tcp.r#match.is_empty()
-                || tcp.r#match.iter().any(|m| {
-                    (m.port == 0 || m.port == port)
-                        && if m.gateways.is_empty() {
-                            scope.proxy.matches(&m.source_labels)
-                        } else {
-                            m.gateways.iter().any(|g| g == "mesh")
-                        }
-                })
+                || tcp
+                    .r#match
+                    .iter()
+                    .any(|m| applies(scope, port, m.port, &m.gateways, &m.source_labels))
         });
         if let Some(tcp) = chosen {
-            let mut weighted: Vec<(String, u32)> = tcp
-                .route
-                .iter()
-                .filter_map(|r| {
-                    let d = r.destination.as_ref()?;
-                    let weight = if r.weight == 0 && tcp.route.len() == 1 {
-                        100
-                    } else {
-                        r.weight.max(0) as u32
-                    };
-                    (weight > 0).then(|| (route::destination_cluster(&ctx, d), weight))
-                })
-                .collect();
-            return match weighted.len() {
-                0 => TcpDestination::Cluster(cluster::BLACK_HOLE.into()),
-                1 => TcpDestination::Cluster(weighted.remove(0).0),
-                _ => TcpDestination::Weighted(weighted),
-            };
+            return route_destination(&ctx, &tcp.route);
         }
     }
     TcpDestination::Cluster(model::cluster_name(port, "", &service.host))
+}
+
+/// A chain per TLS route (by SNI) of the VirtualServices for `services`
+/// that applies on `port`: the connection passed through, undecrypted, to
+/// the route's destination.
+fn tls_route_chains(
+    scope: &Scope,
+    services: &[&Service],
+    port: u32,
+    stat_prefix: &str,
+) -> Vec<FilterChain> {
+    let ctx = route::RouteContext {
+        scope,
+        port,
+        gateways: &["mesh".to_string()],
+    };
+    let mut chains = Vec::new();
+    for vs in scope.virtual_services("mesh") {
+        let for_these = vs
+            .spec
+            .hosts
+            .iter()
+            .any(|h| services.iter().any(|s| host::covers(h, &s.host)));
+        if !for_these {
+            continue;
+        }
+        for tls in &vs.spec.tls {
+            for m in &tls.r#match {
+                if !applies(scope, port, m.port, &m.gateways, &m.source_labels) {
+                    continue;
+                }
+                chains.push(FilterChain {
+                    filter_chain_match: Some(FilterChainMatch {
+                        server_names: m.sni_hosts.clone(),
+                        ..Default::default()
+                    }),
+                    filters: vec![tcp_proxy_filter(
+                        stat_prefix,
+                        route_destination(&ctx, &tls.route),
+                    )],
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    chains
 }
 
 fn virtual_outbound(scope: &Scope) -> Listener {
@@ -402,7 +488,9 @@ fn listener_filter(name: &str, config: Any) -> ListenerFilter {
 pub(super) fn add_tls_inspector(l: &mut Listener) {
     let inspects = l.filter_chains.iter().any(|c| {
         c.filter_chain_match.as_ref().is_some_and(|m| {
-            !m.transport_protocol.is_empty() || !m.application_protocols.is_empty()
+            !m.transport_protocol.is_empty()
+                || !m.application_protocols.is_empty()
+                || !m.server_names.is_empty()
         })
     });
     if inspects {
