@@ -793,3 +793,154 @@ spec:
         assert_eq!((status, body.as_str()), (200, reached), "{host}");
     }
 }
+
+#[tokio::test]
+async fn an_egress_gateway_originates_tls_for_the_mesh() {
+    // Istio 1.1's "egress gateway with TLS origination": the app speaks
+    // plain HTTP; its sidecar sends it to the egress gateway over mesh
+    // mTLS; the gateway originates TLS to the server outside the mesh.
+    let (server, server_ca) = tls_backend(&["api.example.com"], "from outside");
+    let dir = tempfile::tempdir().unwrap();
+    let citadel =
+        Citadel::start(dir.path(), &[("shop", "client"), ("shop", "egressgateway")]).await;
+    std::fs::write(dir.path().join("api-ca.pem"), server_ca).unwrap();
+    let gateway_certs = dir.path().join("egressgateway-certs");
+    let (egress, gateway_port) = (free_addr(), free_addr().port());
+    let certs = gateway_certs.display();
+    let config = format!(
+        "
+apiVersion: networking.istio.io/v1alpha3
+kind: Sidecar
+metadata: {{name: client, namespace: shop}}
+spec:
+  workloadSelector: {{labels: {{app: client}}}}
+  egress:
+  - port: {{number: {egress_port}, protocol: HTTP, name: http-proxy}}
+    bind: 127.0.0.1
+    hosts: [./*]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: api, namespace: shop}}
+spec:
+  hosts: [api.example.com]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports:
+  - {{number: 80, name: http, protocol: HTTP}}
+  - {{number: 443, name: https, protocol: HTTPS}}
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {server_port}, https: {server_port}}}, labels: {{app: api}}}}]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: egressgateway, namespace: shop}}
+spec:
+  hosts: [istio-egressgateway.shop.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: {gateway_port}, name: https, protocol: HTTPS}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{https: {gateway_port}}}, labels: {{istio: egressgateway}}}}]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: Gateway
+metadata: {{name: egress, namespace: shop}}
+spec:
+  selector: {{istio: egressgateway}}
+  servers:
+  - port: {{number: {gateway_port}, name: https, protocol: HTTPS}}
+    bind: 127.0.0.1
+    hosts: [api.example.com]
+    tls:
+      mode: MUTUAL
+      serverCertificate: {certs}/cert-chain.pem
+      privateKey: {certs}/key.pem
+      caCertificates: {certs}/root-cert.pem
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {{name: egressgateway-for-api, namespace: shop}}
+spec:
+  host: istio-egressgateway.shop.svc.cluster.local
+  subsets:
+  - name: api
+    trafficPolicy:
+      portLevelSettings:
+      - port: {{number: {gateway_port}}}
+        tls: {{mode: ISTIO_MUTUAL, sni: api.example.com}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {{name: api-through-egress, namespace: shop}}
+spec:
+  hosts: [api.example.com]
+  gateways: [egress, mesh]
+  http:
+  - match: [{{gateways: [mesh]}}]
+    route:
+    - destination: {{host: istio-egressgateway.shop.svc.cluster.local, subset: api, port: {{number: {gateway_port}}}}}
+  - match: [{{gateways: [egress]}}]
+    route:
+    - destination: {{host: api.example.com, port: {{number: 443}}}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {{name: originate-tls, namespace: shop}}
+spec:
+  host: api.example.com
+  trafficPolicy:
+    portLevelSettings:
+    - port: {{number: 443}}
+      tls: {{mode: SIMPLE, caCertificates: {ca}}}
+",
+        egress_port = egress.port(),
+        server_port = server.port(),
+        ca = dir.path().join("api-ca.pem").display(),
+    );
+    let config_files = config_dir(&[("egress.yaml", &config)]);
+    let (_galley, _pilot, xds) = control_plane(config_files.path()).await;
+    let citadel_args = |account: &str| {
+        [
+            "--citadel".to_string(),
+            citadel.addr.to_string(),
+            "--citadel-root".to_string(),
+            citadel.root().display().to_string(),
+            "--citadel-token-file".to_string(),
+            citadel.token(account).display().to_string(),
+            "--citadel-hostname".to_string(),
+            "localhost".to_string(),
+            "--service-account".to_string(),
+            account.to_string(),
+        ]
+    };
+    let gateway_args = citadel_args("egressgateway");
+    let mut gateway_all: Vec<&str> = gateway_args.iter().map(String::as_str).collect();
+    let certs_dir = gateway_certs.display().to_string();
+    gateway_all.extend([
+        "--type",
+        "router",
+        "--pod",
+        "istio-egressgateway-1",
+        "--labels",
+        "istio=egressgateway",
+        "--certs-dir",
+        &certs_dir,
+    ]);
+    let mut gateway = proxy(xds, &gateway_all).await;
+    let client_args = citadel_args("client");
+    let mut client_all: Vec<&str> = client_args.iter().map(String::as_str).collect();
+    client_all.extend(["--pod", "client-1", "--labels", "app=client"]);
+    let _sidecar = proxy(xds, &client_all).await;
+
+    install_crypto();
+    let app = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{egress}")).unwrap())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let (status, body) = get_when_served(&app, "http://api.example.com/", &mut gateway).await;
+    assert_eq!((status, body.as_str()), (200, "from outside"));
+    // It went through the gateway: counted there, by its cluster.
+    let (_, stats) = get(gateway.1, "/stats/prometheus").await.unwrap();
+    let counted = r#"proxy_requests_total{direction="outbound",cluster="outbound|443||api.example.com",response_code="200"} 1"#;
+    assert!(stats.lines().any(|l| l == counted), "{stats}");
+}

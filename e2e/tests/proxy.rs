@@ -373,49 +373,6 @@ spec:
     )
 }
 
-/// Citadel on a fresh CA, and what proxies need to ask it for
-/// certificates: its address and root.
-struct Ca {
-    proc: Proc,
-    addr: SocketAddr,
-    dir: std::path::PathBuf,
-}
-
-async fn start_citadel(dir: &std::path::Path) -> Ca {
-    let (addr, admin) = (free_addr(), free_addr());
-    let tokens = dir.join("tokens");
-    std::fs::write(
-        &tokens,
-        "shop/productpage productpage-token\nshop/reviews reviews-token\n",
-    )
-    .unwrap();
-    for (sa, token) in [
-        ("productpage", "productpage-token"),
-        ("reviews", "reviews-token"),
-    ] {
-        std::fs::write(dir.join(format!("{sa}.token")), token).unwrap();
-    }
-    let mut proc = Proc::start(
-        "citadel",
-        &[
-            "--grpc-addr",
-            &addr.to_string(),
-            "--admin-addr",
-            &admin.to_string(),
-            "--ca-dir",
-            dir.join("ca").to_str().unwrap(),
-            "--bootstrap-tokens",
-            tokens.to_str().unwrap(),
-        ],
-    );
-    proc.ready(admin).await;
-    Ca {
-        proc,
-        addr,
-        dir: dir.to_path_buf(),
-    }
-}
-
 /// An OTLP trace collector: the spans proxies export, as (trace id,
 /// span id, parent span id, service), hex.
 #[derive(Clone, Default)]
@@ -579,7 +536,7 @@ spec:
 /// What the proxies of the fixture talk to.
 struct ControlPlane<'a> {
     xds: SocketAddr,
-    ca: &'a Ca,
+    ca: &'a Citadel,
     mixers: &'a Mixers,
     /// The OTLP trace collector.
     collector: SocketAddr,
@@ -613,8 +570,8 @@ fn start_proxy(cp: &ControlPlane, w: Workload) -> (Proc, ProxyPorts) {
         health: free_addr(),
     };
     let admin = ports.admin;
-    let token = ca.dir.join(format!("{account}.token"));
-    let root = ca.dir.join("ca").join("root-cert.pem");
+    let token = ca.token(account);
+    let root = ca.root();
     let endpoint = format!("http://{collector}");
     let env = [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
@@ -710,7 +667,7 @@ async fn start() -> Mesh {
         ("policy.yaml", DENY_MALLORY),
         ("rbac.yaml", RBAC),
     ]);
-    let ca = start_citadel(dir.path()).await;
+    let ca = Citadel::start(dir.path(), &[("shop", "productpage"), ("shop", "reviews")]).await;
     let galley = Galley::start(dir.path(), &[]).await;
     let mixers = start_mixers(galley.mcp, ports.mixer_policy).await;
     let pilot_xds = free_addr();

@@ -44,6 +44,12 @@ pub struct AgentArgs {
     /// Certificate lifetime asked for; Citadel caps it.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
     pub cert_ttl: Duration,
+    /// Also write each certificate, as Istio 1.1 mounts them at
+    /// `/etc/certs` (`cert-chain.pem`, `key.pem`, `root-cert.pem`), for
+    /// config that names those files (a gateway's MUTUAL server with the
+    /// workload's own certificate).
+    #[arg(long)]
+    pub certs_dir: Option<PathBuf>,
 }
 
 /// The workload's certificate chain (leaf first), its key, and the root.
@@ -64,6 +70,32 @@ impl std::fmt::Debug for Credentials {
             .field("identity", &self.identity.to_string())
             .field("not_after", &self.not_after)
             .finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    /// Writes the chain, key and root into `dir` as Istio's files, each
+    /// replaced in one rename.
+    fn write(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        use base64::Engine;
+        let body = base64::engine::general_purpose::STANDARD.encode(self.root.as_ref());
+        let mut root = String::from("-----BEGIN CERTIFICATE-----\n");
+        for line in body.as_bytes().chunks(64) {
+            root.push_str(&String::from_utf8_lossy(line));
+            root.push('\n');
+        }
+        root.push_str("-----END CERTIFICATE-----\n");
+        std::fs::create_dir_all(dir)?;
+        for (name, text) in [
+            ("key.pem", self.key_pem.as_str()),
+            ("cert-chain.pem", self.chain_pem.as_str()),
+            ("root-cert.pem", root.as_str()),
+        ] {
+            let next = dir.join(format!(".{name}.next"));
+            std::fs::write(&next, text)?;
+            std::fs::rename(&next, dir.join(name))?;
+        }
+        Ok(())
     }
 }
 
@@ -116,6 +148,11 @@ impl Agent {
                 Ok(credentials) => {
                     tracing::info!(identity = %credentials.identity, expires = %humantime::format_rfc3339_seconds(credentials.not_after), "certificate from Citadel");
                     due = half_life(credentials.not_after);
+                    if let Some(dir) = &self.args.certs_dir
+                        && let Err(e) = credentials.write(dir)
+                    {
+                        tracing::warn!(dir = %dir.display(), "certificate not written: {e}");
+                    }
                     self.credentials.send_replace(Some(Arc::new(credentials)));
                     self.ready.set(true);
                     backoff.reset();

@@ -360,6 +360,61 @@ pub fn config_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
     dir
 }
 
+/// Citadel on a fresh CA in `dir`, trusting a bootstrap token for each
+/// `(namespace, service account)`, ready; and what proxies need to ask it
+/// for certificates.
+pub struct Citadel {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Citadel {
+    pub async fn start(dir: &std::path::Path, accounts: &[(&str, &str)]) -> Self {
+        let (addr, admin) = (free_addr(), free_addr());
+        let mut tokens = String::new();
+        for (namespace, account) in accounts {
+            tokens.push_str(&format!("{namespace}/{account} {account}-token\n"));
+            std::fs::write(
+                dir.join(format!("{account}.token")),
+                format!("{account}-token"),
+            )
+            .unwrap();
+        }
+        let tokens_file = dir.join("tokens");
+        std::fs::write(&tokens_file, tokens).unwrap();
+        let mut proc = Proc::start(
+            "citadel",
+            &[
+                "--grpc-addr",
+                &addr.to_string(),
+                "--admin-addr",
+                &admin.to_string(),
+                "--ca-dir",
+                dir.join("ca").to_str().unwrap(),
+                "--bootstrap-tokens",
+                tokens_file.to_str().unwrap(),
+            ],
+        );
+        proc.ready(admin).await;
+        Self {
+            proc,
+            addr,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// The bootstrap token file of `account`.
+    pub fn token(&self, account: &str) -> PathBuf {
+        self.dir.join(format!("{account}.token"))
+    }
+
+    /// The CA's root certificate.
+    pub fn root(&self) -> PathBuf {
+        self.dir.join("ca").join("root-cert.pem")
+    }
+}
+
 pub const SAMPLE_CONFIG: &str = include_str!("../data/config.yaml");
 
 /// A self-signed certificate for 127.0.0.1, as an admission webhook
