@@ -2,7 +2,7 @@
 //! mutual TLS from other proxies, or plaintext where the chain allows it),
 //! on their way to the app.
 //!
-//! access log → RBAC → Mixer check and report → route → CORS → fault →
+//! access log → JWT → RBAC → Mixer check and report → route → CORS → fault →
 //! forward → mirror → retry → timeout → balance → connect
 
 use std::{convert::Infallible, sync::Arc};
@@ -11,7 +11,7 @@ use tower::ServiceBuilder;
 
 use crate::{
     config::listener::{HttpApp, InboundService},
-    http::{self, Connection, Stage, access_log, mixer, rbac},
+    http::{self, Connection, Stage, access_log, jwt, mixer, rbac},
     listeners::Shared,
 };
 
@@ -27,6 +27,7 @@ pub fn stack(
             shared,
             &connection,
         )))
+        .layer(jwt::layer(app.jwt.clone()))
         .layer(rbac::layer(app.clone(), connection.clone()))
         .layer(mixer::layer(
             shared.mixer.clone(),

@@ -340,6 +340,21 @@ impl MixerFilter {
         {
             bag.insert("request.useragent".into(), s(agent));
         }
+        // What the end user's token proved (the JWT stage).
+        if let Some(user) = parts.extensions().get::<crate::http::jwt::EndUser>() {
+            bag.insert("request.auth.principal".into(), s(&user.principal()));
+            bag.insert(
+                "request.auth.audiences".into(),
+                s(&user.audiences.join(",")),
+            );
+            if let Some(presenter) = &user.presenter {
+                bag.insert("request.auth.presenter".into(), s(presenter));
+            }
+            bag.insert(
+                "request.auth.claims".into(),
+                Value::StringMap(user.claims.clone()),
+            );
+        }
         Inbound { bag, started: now }
     }
 

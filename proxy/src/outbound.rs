@@ -2,7 +2,7 @@
 //! from outside) to the services it calls, carrying this workload's Mixer
 //! attributes for the server's proxy.
 //!
-//! access log → RBAC → route → CORS → fault → forward → mirror → retry →
+//! access log → JWT → RBAC → route → CORS → fault → forward → mirror → retry →
 //! timeout → balance → connect
 
 use std::{convert::Infallible, sync::Arc};
@@ -11,7 +11,7 @@ use tower::ServiceBuilder;
 
 use crate::{
     config::listener::HttpApp,
-    http::{self, Connection, Stage, access_log, rbac},
+    http::{self, Connection, Stage, access_log, jwt, rbac},
     listeners::Shared,
 };
 
@@ -27,6 +27,7 @@ pub fn stack(
             shared,
             &connection,
         )))
+        .layer(jwt::layer(app.jwt.clone()))
         .layer(rbac::layer(app.clone(), connection.clone()))
         .service(http::routing(app, shared, connection, attributes))
 }

@@ -42,7 +42,7 @@ pub struct TopologyBenchArgs {
     pub out: Option<PathBuf>,
 }
 
-/// Each proxy's acknowledged route version, from Pilot's `/debug/syncz`.
+/// Each sidecar's acknowledged route version, from Pilot's `/debug/syncz`.
 async fn acked_routes(
     client: &reqwest::Client,
     pilot: SocketAddr,
@@ -56,6 +56,11 @@ async fn acked_routes(
     let proxies: Vec<Value> = serde_json::from_str(&text)?;
     Ok(proxies
         .iter()
+        .filter(|p| {
+            p["node"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("sidecar~"))
+        })
         .map(|p| {
             let routes = &p["types"][mesh_api::xds::ROUTE];
             let (sent, acked) = (
@@ -186,10 +191,8 @@ async fn measure(
     let config_dir = mesh.config_dir.clone();
     let pilot = addr(&rows, "pilot", "admin")?;
     let productpage = addr(&rows, "productpage-v1-proxy", "inbound")?;
-    let proxies = rows
-        .iter()
-        .filter(|r| r.name.ends_with("-proxy") || r.name == crate::up::GATEWAY)
-        .count();
+    // The edits change the sidecars' routes; the gateway's stay as they are.
+    let proxies = rows.iter().filter(|r| r.name.ends_with("-proxy")).count();
     let client = reqwest::Client::builder().no_proxy().build()?;
     // Supervised as under `meshctl up`, so that a killed process comes back.
     let control = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -14,9 +14,6 @@ use std::{
 
 pub mod control;
 mod sample;
-
-/// The ingress gateway's name in the mesh's table.
-pub(crate) use sample::GATEWAY;
 mod supervisor;
 
 use clap::Args;

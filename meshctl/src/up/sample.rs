@@ -92,7 +92,7 @@ const fn workload(
 }
 
 /// The ingress gateway, as `meshctl up` names it.
-pub const GATEWAY: &str = "istio-ingressgateway";
+const GATEWAY: &str = "istio-ingressgateway";
 /// The ingress gateway's ports in `examples/bookinfo/gateway.yaml`.
 const GATEWAY_HTTP: u16 = 8080;
 const GATEWAY_HTTPS: u16 = 8443;

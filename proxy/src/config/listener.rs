@@ -22,11 +22,13 @@ use envoy_types::pb::envoy::{
 use prost::{Message, Name};
 
 use envoy_types::pb::envoy::extensions::filters::{
-    http::rbac::v3::Rbac as HttpRbac, network::rbac::v3::Rbac as NetworkRbac,
+    http::{jwt_authn::v3::JwtAuthentication, rbac::v3::Rbac as HttpRbac},
+    network::rbac::v3::Rbac as NetworkRbac,
 };
 
 use super::{
     Problem,
+    jwt::{JWT_FILTER, JwtAuthn},
     rbac::RbacFilter,
     route::{CORS_FILTER, FAULT_FILTER, RouteTable},
     tls::Tls,
@@ -71,6 +73,8 @@ pub struct HttpApp {
     pub routes: Routes,
     /// The HTTP RBAC filter, checked per request.
     pub rbac: Option<RbacFilter>,
+    /// End-user authentication (Envoy's JWT filter).
+    pub jwt: Option<Arc<JwtAuthn>>,
     /// Whether the fault and CORS filters run (routes carry their settings).
     pub fault: bool,
     pub cors: bool,
@@ -376,7 +380,7 @@ fn http_app(hcm: &HttpConnectionManager) -> Result<HttpApp, Problem> {
         Some(RouteSpecifier::RouteConfig(rc)) => Routes::Inline(Arc::new(RouteTable::compile(rc)?)),
         _ => return Err(Problem("HTTP connection manager without routes".into())),
     };
-    let (mut fault, mut cors, mut router, mut rbac) = (false, false, false, None);
+    let (mut fault, mut cors, mut router, mut rbac, mut jwt) = (false, false, false, None, None);
     for f in &hcm.http_filters {
         let config = match &f.config_type {
             Some(http_filter::ConfigType::TypedConfig(a)) => Some(a),
@@ -386,6 +390,14 @@ fn http_app(hcm: &HttpConnectionManager) -> Result<HttpApp, Problem> {
             FAULT_FILTER => fault = true,
             CORS_FILTER => cors = true,
             "envoy.filters.http.router" => router = true,
+            JWT_FILTER => {
+                let c = config
+                    .map(|a| JwtAuthentication::decode(a.value.as_slice()))
+                    .transpose()
+                    .map_err(|e| Problem(format!("{}: {e}", f.name)))?
+                    .unwrap_or_default();
+                jwt = Some(Arc::new(JwtAuthn::compile(&c)?));
+            }
             _ if config.is_some_and(|a| a.type_url == HttpRbac::type_url()) => {
                 let r = config
                     .map(|a| HttpRbac::decode(a.value.as_slice()))
@@ -419,6 +431,7 @@ fn http_app(hcm: &HttpConnectionManager) -> Result<HttpApp, Problem> {
         stat_prefix: hcm.stat_prefix.clone(),
         routes,
         rbac,
+        jwt,
         fault,
         cors,
     })

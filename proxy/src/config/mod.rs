@@ -4,6 +4,7 @@
 //! compile is refused whole (NACKed) while the last good one serves.
 
 pub mod cluster;
+pub mod jwt;
 pub mod listener;
 pub mod rbac;
 pub mod route;

@@ -76,7 +76,7 @@ pub struct Route {
 }
 
 #[derive(Debug)]
-struct RouteMatch {
+pub struct RouteMatch {
     path: PathMatch,
     headers: Vec<HeaderMatch>,
     query: Vec<(String, Option<StringMatch>)>,
@@ -465,7 +465,40 @@ impl Route {
 }
 
 impl RouteMatch {
-    fn matches(&self, request: &RequestParts) -> bool {
+    /// A route's match (or a JWT rule's): the path, then headers and query
+    /// parameters.
+    pub fn compile(m: &xds::RouteMatch) -> Result<Self, Problem> {
+        let path = match &m.path_specifier {
+            Some(PathSpecifier::Prefix(p)) => PathMatch::Prefix(p.clone()),
+            Some(PathSpecifier::Path(p)) => PathMatch::Exact(p.clone()),
+            Some(PathSpecifier::SafeRegex(r)) => PathMatch::Regex(regex(&r.regex)?),
+            Some(other) => return Err(Problem(format!("path match {other:?} is not supported"))),
+            None => return Err(Problem("no path match".into())),
+        };
+        let headers = m
+            .headers
+            .iter()
+            .map(HeaderMatch::compile)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut query = Vec::new();
+        for q in &m.query_parameters {
+            let matcher = match &q.query_parameter_match_specifier {
+                Some(query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(s)) => {
+                    Some(StringMatch::compile(s)?)
+                }
+                Some(query_parameter_matcher::QueryParameterMatchSpecifier::PresentMatch(_))
+                | None => None,
+            };
+            query.push((q.name.clone(), matcher));
+        }
+        Ok(Self {
+            path,
+            headers,
+            query,
+        })
+    }
+
+    pub fn matches(&self, request: &RequestParts) -> bool {
         let path = request.path.split('?').next().unwrap_or("");
         let path_ok = match &self.path {
             PathMatch::Prefix(p) => path.starts_with(p.as_str()),
@@ -596,29 +629,7 @@ impl Route {
             .r#match
             .as_ref()
             .ok_or_else(|| Problem("no match".into()))?;
-        let path = match &m.path_specifier {
-            Some(PathSpecifier::Prefix(p)) => PathMatch::Prefix(p.clone()),
-            Some(PathSpecifier::Path(p)) => PathMatch::Exact(p.clone()),
-            Some(PathSpecifier::SafeRegex(r)) => PathMatch::Regex(regex(&r.regex)?),
-            Some(other) => return Err(Problem(format!("path match {other:?} is not supported"))),
-            None => return Err(Problem("no path match".into())),
-        };
-        let headers = m
-            .headers
-            .iter()
-            .map(HeaderMatch::compile)
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut query = Vec::new();
-        for q in &m.query_parameters {
-            let matcher = match &q.query_parameter_match_specifier {
-                Some(query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(s)) => {
-                    Some(StringMatch::compile(s)?)
-                }
-                Some(query_parameter_matcher::QueryParameterMatchSpecifier::PresentMatch(_))
-                | None => None,
-            };
-            query.push((q.name.clone(), matcher));
-        }
+        let matcher = RouteMatch::compile(m)?;
         let action = match &r.action {
             Some(XdsAction::Route(a)) => Action::Forward(Box::new(Forward::compile(a)?)),
             Some(XdsAction::Redirect(redirect)) => {
@@ -681,11 +692,7 @@ impl Route {
             .transpose()?;
         Ok(Route {
             name: r.name.clone(),
-            matcher: RouteMatch {
-                path,
-                headers,
-                query,
-            },
+            matcher,
             action,
             headers: headers_ops,
             fault,

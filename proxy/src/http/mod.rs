@@ -37,6 +37,7 @@ pub mod cors;
 pub mod fault;
 mod filters;
 pub mod forward;
+pub mod jwt;
 pub mod mirror;
 pub mod mixer;
 pub mod rbac;

@@ -100,6 +100,7 @@ mod tests {
             direction: Direction::Outbound,
             routes: Routes::Inline(table(vec![])),
             rbac: Some(RbacFilter::compile(Some(&rules), None).unwrap()),
+            jwt: None,
             fault: false,
             cors: false,
         })
