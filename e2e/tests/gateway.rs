@@ -5,7 +5,7 @@
 //! passed through by server name to a backend whose own certificate the
 //! client checks.
 
-use std::{io::Write, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use testkit::*;
 
@@ -27,55 +27,6 @@ async fn app() -> SocketAddr {
     let app = axum::Router::new().fallback(|| async { "app" });
     tokio::spawn(async move { axum::serve(listener, app).await });
     addr
-}
-
-/// A TLS server answering every request with `body`, its certificate for
-/// `hosts` signed by a CA of its own; and that CA's certificate, as PEM.
-fn tls_backend(hosts: &[&str], body: &'static str) -> (SocketAddr, String) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca = rcgen::CertificateParams::new(Vec::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let names = hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>();
-    let params = rcgen::CertificateParams::new(names).unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let key = rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.der().clone()], key)
-        .unwrap();
-    let config = Arc::new(config);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let config = config.clone();
-            std::thread::spawn(move || {
-                let connection = rustls::ServerConnection::new(config).unwrap();
-                let mut tls = rustls::StreamOwned::new(connection, stream);
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match std::io::Read::read(&mut tls, &mut byte) {
-                        Ok(1) => head.push(byte[0]),
-                        _ => return,
-                    }
-                }
-                let _ = write!(
-                    tls,
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = tls.flush();
-            });
-        }
-    });
-    (addr, ca_cert.pem())
 }
 
 struct Ports {
@@ -245,43 +196,6 @@ async fn get_when_served(
     panic!("{url} was never served; gateway log: {log:#?}; config: {config:?}");
 }
 
-/// Galley on `dir` and Pilot following it: their processes and Pilot's
-/// xDS address.
-async fn control_plane(dir: &Path) -> (Galley, Proc, SocketAddr) {
-    let galley = Galley::start(dir, &[]).await;
-    let xds = free_addr();
-    let (mut pilot, admin) = testkit::start_pilot(galley.mcp, xds, &[]);
-    pilot.ready(admin).await;
-    (galley, pilot, xds)
-}
-
-/// A proxy of namespace `shop` on Pilot at `xds`, ready, with `args`; and
-/// its admin address.
-async fn proxy(xds: SocketAddr, args: &[&str]) -> (Proc, SocketAddr) {
-    let (xds, admin) = (xds.to_string(), free_addr());
-    let (admin_arg, stats, health) = (
-        admin.to_string(),
-        free_addr().to_string(),
-        free_addr().to_string(),
-    );
-    let mut all = vec![
-        "--pilot",
-        &xds,
-        "--admin-addr",
-        &admin_arg,
-        "--stats-addr",
-        &stats,
-        "--health-addr",
-        &health,
-        "--namespace",
-        "shop",
-    ];
-    all.extend_from_slice(args);
-    let mut proc = Proc::start("proxy", &all);
-    proc.ready(admin).await;
-    (proc, admin)
-}
-
 #[tokio::test]
 async fn an_ingress_gateway_serves_http_https_by_server_name_redirects_and_passthrough() {
     let certs = tempfile::tempdir().unwrap();
@@ -289,7 +203,7 @@ async fn an_ingress_gateway_serves_http_https_by_server_name_redirects_and_passt
     let (b, _) = certificate(certs.path(), "b.example");
     let (m, _) = certificate(certs.path(), "m.example");
     let member = client_ca(certs.path());
-    let (backend, backend_ca) = tls_backend(&["tls.example"], "passed through");
+    let (backend, backend_ca) = tls_server(&["tls.example"], "passed through");
     let ports = Ports {
         http: free_addr(),
         https: free_addr(),
@@ -299,8 +213,8 @@ async fn an_ingress_gateway_serves_http_https_by_server_name_redirects_and_passt
         backend,
     };
     let dir = config_dir(&[("gateway.yaml", &config(&ports, certs.path()))]);
-    let (_galley, _pilot, xds) = control_plane(dir.path()).await;
-    let mut gateway = proxy(
+    let (_galley, _pilot, xds) = galley_and_pilot(dir.path(), &[]).await;
+    let mut gateway = local_proxy(
         xds,
         &[
             "--type",
@@ -379,8 +293,8 @@ async fn an_ingress_gateway_serves_http_https_by_server_name_redirects_and_passt
 
 #[tokio::test]
 async fn a_sidecar_originates_tls_to_a_server_outside_the_mesh() {
-    let (server, ca) = tls_backend(&["api.example.com"], "from outside");
-    let (_, other_ca) = tls_backend(&["api.example.com"], "never");
+    let (server, ca) = tls_server(&["api.example.com"], "from outside");
+    let (_, other_ca) = tls_server(&["api.example.com"], "never");
     let cas = tempfile::tempdir().unwrap();
     std::fs::write(cas.path().join("ca.pem"), ca).unwrap();
     std::fs::write(cas.path().join("other-ca.pem"), other_ca).unwrap();
@@ -429,8 +343,8 @@ spec:
         other_ca = cas.path().join("other-ca.pem").display(),
     );
     let dir = config_dir(&[("origination.yaml", &config)]);
-    let (_galley, _pilot, xds) = control_plane(dir.path()).await;
-    let mut sidecar = proxy(xds, &["--pod", "client-1", "--labels", "app=client"]).await;
+    let (_galley, _pilot, xds) = galley_and_pilot(dir.path(), &[]).await;
+    let mut sidecar = local_proxy(xds, &["--pod", "client-1", "--labels", "app=client"]).await;
     install_crypto();
     let app = reqwest::Client::builder()
         .proxy(reqwest::Proxy::http(format!("http://{egress}")).unwrap())
@@ -504,8 +418,8 @@ spec:
         app_port = app.port(),
     );
     let dir = config_dir(&[("gateway.yaml", &config)]);
-    let (_galley, _pilot, xds) = control_plane(dir.path()).await;
-    let mut gateway = proxy(
+    let (_galley, _pilot, xds) = galley_and_pilot(dir.path(), &[]).await;
+    let mut gateway = local_proxy(
         xds,
         &[
             "--type",
@@ -660,12 +574,12 @@ spec:
         app_port = app.port(),
     );
     let dir = config_dir(&[("gateway.yaml", &config)]);
-    let (_galley, _pilot, xds) = control_plane(dir.path()).await;
+    let (_galley, _pilot, xds) = galley_and_pilot(dir.path(), &[]).await;
     let (mounted_dir, kubeconfig) = (
         mounted.path().display().to_string(),
         kubeconfig.display().to_string(),
     );
-    let mut gateway = proxy(
+    let mut gateway = local_proxy(
         xds,
         &[
             "--type",
@@ -719,8 +633,8 @@ spec:
 #[tokio::test]
 async fn a_sidecar_routes_tls_by_server_name_without_decrypting_it() {
     let names = ["a.tls.example", "b.tls.example"];
-    let (a, a_ca) = tls_backend(&names, "backend a");
-    let (b, b_ca) = tls_backend(&names, "backend b");
+    let (a, a_ca) = tls_server(&names, "backend a");
+    let (b, b_ca) = tls_server(&names, "backend b");
     let egress = free_addr();
     // SNI a goes to backend b and b to a: the route decides, not the name.
     let config = format!(
@@ -771,8 +685,8 @@ spec:
         b_port = b.port(),
     );
     let dir = config_dir(&[("tls-routes.yaml", &config)]);
-    let (_galley, _pilot, xds) = control_plane(dir.path()).await;
-    let mut sidecar = proxy(xds, &["--pod", "client-1", "--labels", "app=client"]).await;
+    let (_galley, _pilot, xds) = galley_and_pilot(dir.path(), &[]).await;
+    let mut sidecar = local_proxy(xds, &["--pod", "client-1", "--labels", "app=client"]).await;
     install_crypto();
     let cas = [a_ca, b_ca].map(|pem| reqwest::Certificate::from_pem(pem.as_bytes()).unwrap());
     let app = reqwest::Client::builder()
@@ -799,7 +713,7 @@ async fn an_egress_gateway_originates_tls_for_the_mesh() {
     // Istio 1.1's "egress gateway with TLS origination": the app speaks
     // plain HTTP; its sidecar sends it to the egress gateway over mesh
     // mTLS; the gateway originates TLS to the server outside the mesh.
-    let (server, server_ca) = tls_backend(&["api.example.com"], "from outside");
+    let (server, server_ca) = tls_server(&["api.example.com"], "from outside");
     let dir = tempfile::tempdir().unwrap();
     let citadel =
         Citadel::start(dir.path(), &[("shop", "client"), ("shop", "egressgateway")]).await;
@@ -897,7 +811,7 @@ spec:
         ca = dir.path().join("api-ca.pem").display(),
     );
     let config_files = config_dir(&[("egress.yaml", &config)]);
-    let (_galley, _pilot, xds) = control_plane(config_files.path()).await;
+    let (_galley, _pilot, xds) = galley_and_pilot(config_files.path(), &[]).await;
     let citadel_args = |account: &str| {
         [
             "--citadel".to_string(),
@@ -925,11 +839,11 @@ spec:
         "--certs-dir",
         &certs_dir,
     ]);
-    let mut gateway = proxy(xds, &gateway_all).await;
+    let mut gateway = local_proxy(xds, &gateway_all).await;
     let client_args = citadel_args("client");
     let mut client_all: Vec<&str> = client_args.iter().map(String::as_str).collect();
     client_all.extend(["--pod", "client-1", "--labels", "app=client"]);
-    let _sidecar = proxy(xds, &client_all).await;
+    let _sidecar = local_proxy(xds, &client_all).await;
 
     install_crypto();
     let app = reqwest::Client::builder()

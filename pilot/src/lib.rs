@@ -7,6 +7,7 @@
 //! proxyless gRPC clients.
 
 mod debug;
+mod jwks;
 pub mod model;
 pub mod proxy;
 pub mod xds;
@@ -129,10 +130,20 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
     // snapshot is synced: proxies that connect then get the whole config.
     let model_built = admin.readiness().condition("model-built");
     let (built_tx, mut built) = watch::channel(false);
+    let (jwks_uris, wanted) = watch::channel(Default::default());
+    let (keys_tx, mut keys) = watch::channel(Arc::default());
+    tokio::spawn(jwks::keep(wanted, keys_tx, shutdown.clone()));
     tokio::spawn(async move {
         loop {
             let snapshot = snapshots.borrow_and_update().clone();
-            let model = Model::from_snapshot(&snapshot, &fallback_mesh);
+            let mut model = Model::from_snapshot(&snapshot, &fallback_mesh);
+            jwks_uris.send_if_modified(|current| {
+                let uris = jwks::uris(&model.config);
+                let changed = *current != uris;
+                *current = uris;
+                changed
+            });
+            model.jwks = (**keys.borrow_and_update()).clone();
             model_tx.send_if_modified(|current| {
                 let changed = **current != model;
                 if changed {
@@ -144,8 +155,10 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
                 model_built.set(true);
                 built_tx.send_replace(true);
             }
-            if snapshots.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = snapshots.changed() => if changed.is_err() { return },
+                // New keys: the model again, for the same config.
+                changed = keys.changed() => if changed.is_err() { return } else { continue },
             }
             let deadline = tokio::time::Instant::now() + debounce * 10;
             loop {

@@ -329,6 +329,16 @@ pub fn start_pilot(
     xds: SocketAddr,
     extra: &[&str],
 ) -> (Proc, SocketAddr) {
+    start_pilot_with_env(mcp, xds, extra, &[])
+}
+
+/// [`start_pilot`] with environment variables set.
+pub fn start_pilot_with_env(
+    mcp: impl std::fmt::Display,
+    xds: SocketAddr,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Proc, SocketAddr) {
     let admin = free_addr();
     let (mcp, xds_arg, admin_arg) = (mcp.to_string(), xds.to_string(), admin.to_string());
     let args = [
@@ -343,7 +353,47 @@ pub fn start_pilot(
         extra,
     ]
     .concat();
-    (Proc::start("pilot", &args), admin)
+    (Proc::start_with_env("pilot", &args, env), admin)
+}
+
+/// Galley serving `dir` and Pilot following it, with `pilot_env`, both
+/// ready: their processes and Pilot's xDS address.
+pub async fn galley_and_pilot(
+    dir: &std::path::Path,
+    pilot_env: &[(&str, &str)],
+) -> (Galley, Proc, SocketAddr) {
+    let galley = Galley::start(dir, &[]).await;
+    let xds = free_addr();
+    let (mut pilot, admin) = start_pilot_with_env(galley.mcp, xds, &[], pilot_env);
+    pilot.ready(admin).await;
+    (galley, pilot, xds)
+}
+
+/// A proxy in local mode, of namespace `shop`, on Pilot at `xds`, with
+/// `args`, ready; and its admin address.
+pub async fn local_proxy(xds: SocketAddr, args: &[&str]) -> (Proc, SocketAddr) {
+    let (xds, admin) = (xds.to_string(), free_addr());
+    let (admin_arg, stats, health) = (
+        admin.to_string(),
+        free_addr().to_string(),
+        free_addr().to_string(),
+    );
+    let mut all = vec![
+        "--pilot",
+        &xds,
+        "--admin-addr",
+        &admin_arg,
+        "--stats-addr",
+        &stats,
+        "--health-addr",
+        &health,
+        "--namespace",
+        "shop",
+    ];
+    all.extend_from_slice(args);
+    let mut proc = Proc::start("proxy", &all);
+    proc.ready(admin).await;
+    (proc, admin)
 }
 
 /// Whether a process with this pid still exists.
@@ -413,6 +463,58 @@ impl Citadel {
     pub fn root(&self) -> PathBuf {
         self.dir.join("ca").join("root-cert.pem")
     }
+}
+
+/// A TLS server answering every request with `body`, its certificate for
+/// `hosts` signed by a CA of its own; and that CA's certificate, as PEM.
+pub fn tls_server(hosts: &[&str], body: impl Into<String>) -> (SocketAddr, String) {
+    let body: std::sync::Arc<str> = body.into().into();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let names = hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>();
+    let params = rcgen::CertificateParams::new(names).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let key = rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)
+        .unwrap();
+    let config = std::sync::Arc::new(config);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let (config, body) = (config.clone(), body.clone());
+            std::thread::spawn(move || {
+                let connection = rustls::ServerConnection::new(config).unwrap();
+                let mut tls = rustls::StreamOwned::new(connection, stream);
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match std::io::Read::read(&mut tls, &mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let _ = std::io::Write::write_fmt(
+                    &mut tls,
+                    format_args!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    ),
+                );
+                let _ = std::io::Write::flush(&mut tls);
+            });
+        }
+    });
+    (addr, ca_cert.pem())
 }
 
 pub const SAMPLE_CONFIG: &str = include_str!("../data/config.yaml");

@@ -37,13 +37,11 @@ pub(super) fn authentication_policy(c: &mut Check, s: &Field, p: &authn::Policy)
             None => c.fail(s.at("origins").index(i).at("jwt"), "an origin needs a jwt"),
         }
     }
-    // Served, it would let requests in without the end-user check it asks
-    // for: refused until the proxy enforces JWTs.
-    if !p.origins.is_empty() {
-        c.fail(
-            s.at("origins"),
-            "end-user (JWT) authentication is not enforced by this mesh yet; \
-             the policy is refused rather than served unenforced",
+    if p.principal_binding == authn::PrincipalBinding::UseOrigin as i32 {
+        c.ignored(
+            s.at("principalBinding"),
+            "the end user is request.auth.principal to RBAC and Mixer; \
+             source.principal stays the peer's (USE_ORIGIN is not applied)",
         );
     }
 }

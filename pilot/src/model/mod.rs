@@ -186,6 +186,9 @@ pub struct Model {
     pub hosts_by_address: BTreeMap<String, BTreeSet<String>>,
     pub config: Config,
     pub mesh: MeshConfig,
+    /// JWT issuers' keys (JWKS JSON), by the `jwksUri` policies name them
+    /// by, as Pilot fetched them.
+    pub jwks: BTreeMap<String, String>,
 }
 
 impl Default for Model {
@@ -196,6 +199,7 @@ impl Default for Model {
             hosts_by_address: BTreeMap::new(),
             config: Config::default(),
             mesh: mesh::defaults(),
+            jwks: BTreeMap::new(),
         }
     }
 }

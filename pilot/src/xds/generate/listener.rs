@@ -28,8 +28,8 @@ use envoy_types::pb::{
         },
         extensions::filters::{
             http::{
-                cors::v3::Cors, fault::v3::HttpFault, rbac::v3::Rbac as RbacFilter,
-                router::v3::Router,
+                cors::v3::Cors, fault::v3::HttpFault, jwt_authn::v3::JwtAuthentication,
+                rbac::v3::Rbac as RbacFilter, router::v3::Router,
             },
             listener::{original_dst::v3::OriginalDst, tls_inspector::v3::TlsInspector},
             network::{
@@ -142,8 +142,11 @@ pub enum Routes {
 pub enum Filters {
     /// Fault injection and CORS, for outbound routes.
     Outbound,
-    /// The workload's RBAC policy, if any.
-    Inbound(Option<Box<RbacFilter>>),
+    /// The workload's end-user authentication and RBAC policy, if any.
+    Inbound {
+        jwt: Option<Box<JwtAuthentication>>,
+        rbac: Option<Box<RbacFilter>>,
+    },
     /// Fault injection, optional, for proxyless gRPC clients.
     Proxyless,
 }
@@ -154,9 +157,10 @@ pub fn http_connection_manager(stat_prefix: &str, routes: Routes, filters: Filte
             http_filter(route::FAULT_FILTER, any(&HttpFault::default()), false),
             http_filter(route::CORS_FILTER, any(&Cors::default()), false),
         ],
-        Filters::Inbound(rbac) => rbac
-            .map(|r| http_filter(security::RBAC_HTTP_FILTER, any(&*r), false))
+        Filters::Inbound { jwt, rbac } => jwt
+            .map(|j| http_filter(security::JWT_FILTER, any(&*j), false))
             .into_iter()
+            .chain(rbac.map(|r| http_filter(security::RBAC_HTTP_FILTER, any(&*r), false)))
             .collect(),
         Filters::Proxyless => vec![http_filter(
             route::FAULT_FILTER,
@@ -574,12 +578,13 @@ fn inbound_filters(scope: &Scope, inbound: &Inbound) -> Vec<Filter> {
             ..Default::default()
         };
         let rbac = security::rbac_http(model, inbound.service).map(Box::new);
+        let jwt = security::jwt_authn(model, inbound.service, &inbound.service_port).map(Box::new);
         vec![network_filter(
             HCM,
             http_connection_manager(
                 &inbound.cluster,
                 Routes::Inline(Box::new(route_config)),
-                Filters::Inbound(rbac),
+                Filters::Inbound { jwt, rbac },
             ),
         )]
     } else {

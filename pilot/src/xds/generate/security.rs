@@ -13,15 +13,21 @@ use envoy_types::pb::envoy::{
         rbac::v3::{
             Permission, Policy as RbacPolicy, Principal, Rbac, permission, principal, rbac,
         },
-        route::v3::{HeaderMatcher, header_matcher},
+        route::v3::{HeaderMatcher, RouteMatch, header_matcher, route_match},
     },
     extensions::filters::{
-        http::rbac::v3::Rbac as RbacFilter, network::rbac::v3::Rbac as RbacNetworkFilter,
+        http::{
+            jwt_authn::v3::{JwtAuthentication, JwtRequirement},
+            rbac::v3::Rbac as RbacFilter,
+        },
+        network::rbac::v3::Rbac as RbacNetworkFilter,
     },
     r#type::matcher::v3::{PathMatcher, RegexMatcher, StringMatcher, path_matcher, string_matcher},
 };
 use mesh_api::pb::istio::{
-    authentication::v1alpha1::{Policy, mutual_tls, peer_authentication_method, port_selector},
+    authentication::v1alpha1::{
+        self as authn, Policy, mutual_tls, peer_authentication_method, port_selector,
+    },
     rbac::v1alpha1::{AccessRule, EnforcementMode, RbacConfig, Subject, rbac_config},
 };
 
@@ -438,4 +444,154 @@ pub fn rbac_tcp(model: &Model, service: &Service, stat_prefix: &str) -> Option<R
         filter.rules = Some(rules);
     }
     Some(filter)
+}
+
+pub const JWT_FILTER: &str = "envoy.filters.http.jwt_authn";
+
+/// Envoy's JWT filter for the end-user authentication (`origins`) of the
+/// policy of `port` of `service`: a provider per origin, its keys inline
+/// (a `jwksUri`'s as Pilot fetched them; none yet: no token verifies, so
+/// requests are refused rather than let in), and rules from the trigger
+/// rules: excluded paths first, needing nothing; then included paths,
+/// needing their origins; then everything else, needing any origin without
+/// included paths.
+pub fn jwt_authn(model: &Model, service: &Service, port: &Port) -> Option<JwtAuthentication> {
+    use envoy_types::pb::envoy::{
+        config::core::v3::{DataSource, data_source},
+        extensions::filters::http::jwt_authn::v3::{
+            JwtHeader, JwtProvider, JwtRequirementOrList, RequirementRule,
+            jwt_provider::JwksSourceSpecifier, jwt_requirement::RequiresType,
+            requirement_rule::RequirementType,
+        },
+    };
+    let policy = policy_for(model, service, port)?;
+    let jwts: Vec<&authn::Jwt> = policy
+        .origins
+        .iter()
+        .filter_map(|o| o.jwt.as_ref())
+        .collect();
+    if jwts.is_empty() {
+        return None;
+    }
+    let name = |i: usize| format!("origin-{i}");
+    let mut providers = std::collections::HashMap::new();
+    for (i, jwt) in jwts.iter().enumerate() {
+        let keys = model
+            .jwks
+            .get(&jwt.jwks_uri)
+            .cloned()
+            .unwrap_or_else(|| r#"{"keys":[]}"#.to_string());
+        providers.insert(
+            name(i),
+            JwtProvider {
+                issuer: jwt.issuer.clone(),
+                audiences: jwt.audiences.clone(),
+                from_headers: jwt
+                    .jwt_headers
+                    .iter()
+                    .map(|h| JwtHeader {
+                        name: h.clone(),
+                        value_prefix: if h.eq_ignore_ascii_case("authorization") {
+                            "Bearer ".into()
+                        } else {
+                            String::new()
+                        },
+                    })
+                    .collect(),
+                from_params: jwt.jwt_params.clone(),
+                jwks_source_specifier: Some(JwksSourceSpecifier::LocalJwks(DataSource {
+                    specifier: Some(data_source::Specifier::InlineString(keys)),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            },
+        );
+    }
+    let requires = |origins: Vec<usize>| {
+        let one = |i: usize| JwtRequirement {
+            requires_type: Some(RequiresType::ProviderName(name(i))),
+        };
+        let mut list: Vec<JwtRequirement> = origins.into_iter().map(one).collect();
+        let required = match list.len() {
+            1 => list.remove(0),
+            _ => JwtRequirement {
+                requires_type: Some(RequiresType::RequiresAny(JwtRequirementOrList {
+                    requirements: list,
+                })),
+            },
+        };
+        match policy.origin_is_optional {
+            // An optional origin: a token is checked when present.
+            true => JwtRequirement {
+                requires_type: Some(RequiresType::AllowMissing(Default::default())),
+            },
+            false => required,
+        }
+    };
+    let rule =
+        |path: route_match::PathSpecifier, requirement: Option<JwtRequirement>| RequirementRule {
+            r#match: Some(RouteMatch {
+                path_specifier: Some(path),
+                ..Default::default()
+            }),
+            requirement_type: requirement.map(RequirementType::Requires),
+        };
+    let mut rules = Vec::new();
+    for jwt in &jwts {
+        for path in jwt.trigger_rules.iter().flat_map(|t| &t.excluded_paths) {
+            rules.extend(path_of(path).map(|p| rule(p, None)));
+        }
+    }
+    let mut everywhere = Vec::new();
+    for (i, jwt) in jwts.iter().enumerate() {
+        let included: Vec<_> = jwt
+            .trigger_rules
+            .iter()
+            .flat_map(|t| &t.included_paths)
+            .collect();
+        if included.is_empty() {
+            everywhere.push(i);
+        }
+        for path in included {
+            rules.extend(path_of(path).map(|p| rule(p, Some(requires(vec![i])))));
+        }
+    }
+    if !everywhere.is_empty() {
+        rules.push(rule(
+            route_match::PathSpecifier::Prefix("/".into()),
+            Some(requires(everywhere)),
+        ));
+    }
+    Some(JwtAuthentication {
+        providers,
+        rules,
+        ..Default::default()
+    })
+}
+
+/// A trigger rule's path as a route's path match.
+fn path_of(m: &authn::StringMatch) -> Option<route_match::PathSpecifier> {
+    use authn::string_match::MatchType;
+    use route_match::PathSpecifier;
+    let regex = |r: String| {
+        PathSpecifier::SafeRegex(RegexMatcher {
+            regex: r,
+            ..Default::default()
+        })
+    };
+    Some(match m.match_type.as_ref()? {
+        MatchType::Exact(p) => PathSpecifier::Path(p.clone()),
+        MatchType::Prefix(p) => PathSpecifier::Prefix(p.clone()),
+        MatchType::Suffix(s) => regex(format!(".*{}", regex_escape(s))),
+        MatchType::Regex(r) => regex(r.clone()),
+    })
+}
+
+fn regex_escape(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let special = "\\.+*?()|[]{}^$".contains(c);
+            special.then_some('\\').into_iter().chain([c])
+        })
+        .collect()
 }

@@ -1,0 +1,145 @@
+//! End-user authentication, end to end: an authentication `Policy` with a
+//! JWT origin, served by the real `galley`; the real `pilot` fetches the
+//! issuer's keys from its `jwksUri` over HTTPS (a server with its own CA,
+//! trusted through `SSL_CERT_FILE`) and sends them inline; the workload's
+//! sidecar lets through a valid token and answers 401, with the reason,
+//! an expired one, one from another issuer, and none at all, except on
+//! the path the policy's trigger rule excludes.
+
+use std::{net::SocketAddr, time::Duration};
+
+use base64::Engine;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::json;
+use testkit::*;
+
+const ISSUER: &str = "https://id.example.com";
+
+/// An ES256 signing key, and its public half as a JWKS.
+fn key() -> (EncodingKey, String) {
+    let pair = rcgen::KeyPair::generate().unwrap();
+    let point = pair.public_key_raw();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwks = json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256",
+        "x": b64(&point[1..33]), "y": b64(&point[33..65])}]});
+    (
+        EncodingKey::from_ec_der(&pair.serialize_der()),
+        jwks.to_string(),
+    )
+}
+
+fn token(key: &EncodingKey, issuer: &str, expires_in: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some("k1".into());
+    let claims = json!({"iss": issuer, "sub": "jason", "aud": "bookinfo", "exp": now + expires_in});
+    jsonwebtoken::encode(&header, &claims, key).unwrap()
+}
+
+async fn app() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(|| async { "app" });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+#[tokio::test]
+async fn a_jwt_origin_lets_valid_tokens_through_and_refuses_the_rest_with_401() {
+    let (signing, jwks) = key();
+    let (keys, keys_ca) = tls_server(&["localhost"], jwks);
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("keys-ca.pem");
+    std::fs::write(&ca_file, keys_ca).unwrap();
+    let (app, inbound) = (app().await, free_addr());
+    let config = format!(
+        "
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: web, namespace: shop}}
+spec:
+  hosts: [web.shop.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {inbound_port}}}, labels: {{app: web}}}}]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: Sidecar
+metadata: {{name: web, namespace: shop}}
+spec:
+  workloadSelector: {{labels: {{app: web}}}}
+  ingress:
+  - port: {{number: {inbound_port}, protocol: HTTP, name: http}}
+    bind: 127.0.0.1
+    defaultEndpoint: 127.0.0.1:{app_port}
+  egress:
+  - hosts: [./*]
+---
+apiVersion: authentication.istio.io/v1alpha1
+kind: Policy
+metadata: {{name: web, namespace: shop}}
+spec:
+  targets: [{{name: web}}]
+  origins:
+  - jwt:
+      issuer: {ISSUER}
+      audiences: [bookinfo]
+      jwksUri: https://localhost:{keys_port}/jwks
+      trigger_rules: [{{excluded_paths: [{{exact: /health}}]}}]
+",
+        inbound_port = inbound.port(),
+        app_port = app.port(),
+        keys_port = keys.port(),
+    );
+    let config_dir = config_dir(&[("end-user.yaml", &config)]);
+    let ca = ca_file.display().to_string();
+    let (_galley, _pilot, xds) =
+        galley_and_pilot(config_dir.path(), &[("SSL_CERT_FILE", ca.as_str())]).await;
+    let (_sidecar, _) = local_proxy(xds, &["--pod", "web-1", "--labels", "app=web"]).await;
+
+    install_crypto();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let send = |path: &str, token: Option<String>| {
+        let mut request = client.get(format!("http://{inbound}{path}"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap().trim().to_string())
+        }
+    };
+    // Until Pilot has fetched the keys, no token verifies.
+    let valid = token(&signing, ISSUER, 600);
+    let mut served = (0, String::new());
+    for _ in 0..100 {
+        served = send("/reviews", Some(valid.clone())).await;
+        if served.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(served, (200, "app".to_string()));
+
+    let refused = [
+        (Some(token(&signing, ISSUER, -3600)), "Jwt is expired"),
+        (
+            Some(token(&signing, "https://evil.example", 600)),
+            "Jwt issuer is not configured",
+        ),
+        (None, "Jwt is missing"),
+    ];
+    for (token, reason) in refused {
+        assert_eq!(send("/reviews", token).await, (401, reason.to_string()));
+    }
+    // The trigger rule leaves /health open.
+    assert_eq!(send("/health", None).await, (200, "app".to_string()));
+}
