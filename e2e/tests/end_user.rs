@@ -4,7 +4,8 @@
 //! trusted through `SSL_CERT_FILE`) and sends them inline; the workload's
 //! sidecar lets through a valid token and answers 401, with the reason,
 //! an expired one, one from another issuer, and none at all, except on
-//! the path the policy's trigger rule excludes.
+//! the path the policy's trigger rule excludes; RBAC then reads the
+//! token's claims.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -28,14 +29,15 @@ fn key() -> (EncodingKey, String) {
     )
 }
 
-fn token(key: &EncodingKey, issuer: &str, expires_in: i64) -> String {
+fn token(key: &EncodingKey, issuer: &str, expires_in: i64, group: &str) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
     let mut header = Header::new(Algorithm::ES256);
     header.kid = Some("k1".into());
-    let claims = json!({"iss": issuer, "sub": "jason", "aud": "bookinfo", "exp": now + expires_in});
+    let claims = json!({"iss": issuer, "sub": "jason", "aud": "bookinfo", "group": group,
+        "exp": now + expires_in});
     jsonwebtoken::encode(&header, &claims, key).unwrap()
 }
 
@@ -90,6 +92,39 @@ spec:
       audiences: [bookinfo]
       jwksUri: https://localhost:{keys_port}/jwks
       trigger_rules: [{{excluded_paths: [{{exact: /health}}]}}]
+---
+apiVersion: rbac.istio.io/v1alpha1
+kind: RbacConfig
+metadata: {{name: default}}
+spec:
+  mode: ON_WITH_INCLUSION
+  inclusion: {{services: [web.shop.svc.cluster.local]}}
+---
+apiVersion: rbac.istio.io/v1alpha1
+kind: ServiceRole
+metadata: {{name: reader, namespace: shop}}
+spec:
+  rules: [{{services: [web.shop.svc.cluster.local], methods: [GET]}}]
+---
+apiVersion: rbac.istio.io/v1alpha1
+kind: ServiceRoleBinding
+metadata: {{name: reviewers, namespace: shop}}
+spec:
+  roleRef: {{kind: ServiceRole, name: reader}}
+  subjects: [{{properties: {{\"request.auth.claims[group]\": reviewers}}}}]
+---
+apiVersion: rbac.istio.io/v1alpha1
+kind: ServiceRole
+metadata: {{name: health, namespace: shop}}
+spec:
+  rules: [{{services: [web.shop.svc.cluster.local], paths: [/health]}}]
+---
+apiVersion: rbac.istio.io/v1alpha1
+kind: ServiceRoleBinding
+metadata: {{name: anyone-health, namespace: shop}}
+spec:
+  roleRef: {{kind: ServiceRole, name: health}}
+  subjects: [{{user: \"*\"}}]
 ",
         inbound_port = inbound.port(),
         app_port = app.port(),
@@ -118,7 +153,7 @@ spec:
         }
     };
     // Until Pilot has fetched the keys, no token verifies.
-    let valid = token(&signing, ISSUER, 600);
+    let valid = token(&signing, ISSUER, 600, "reviewers");
     let mut served = (0, String::new());
     for _ in 0..100 {
         served = send("/reviews", Some(valid.clone())).await;
@@ -130,9 +165,12 @@ spec:
     assert_eq!(served, (200, "app".to_string()));
 
     let refused = [
-        (Some(token(&signing, ISSUER, -3600)), "Jwt is expired"),
         (
-            Some(token(&signing, "https://evil.example", 600)),
+            Some(token(&signing, ISSUER, -3600, "reviewers")),
+            "Jwt is expired",
+        ),
+        (
+            Some(token(&signing, "https://evil.example", 600, "reviewers")),
             "Jwt issuer is not configured",
         ),
         (None, "Jwt is missing"),
@@ -140,6 +178,11 @@ spec:
     for (token, reason) in refused {
         assert_eq!(send("/reviews", token).await, (401, reason.to_string()));
     }
+    // The claims reach RBAC: a valid token of another group is not a
+    // reviewer.
+    let reader = token(&signing, ISSUER, 600, "readers");
+    let refused = send("/reviews", Some(reader)).await;
+    assert_eq!(refused, (403, "RBAC: access denied".to_string()));
     // The trigger rule leaves /health open.
     assert_eq!(send("/health", None).await, (200, "app".to_string()));
 }

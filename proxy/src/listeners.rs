@@ -284,6 +284,7 @@ impl Accepted {
         if let Some(rbac) = &chain.rbac {
             let subject = Subject {
                 request: None,
+                end_user: None,
                 peer_identity: peer_identity.as_deref(),
                 peer,
                 destination,

@@ -37,13 +37,6 @@ pub(super) fn authentication_policy(c: &mut Check, s: &Field, p: &authn::Policy)
             None => c.fail(s.at("origins").index(i).at("jwt"), "an origin needs a jwt"),
         }
     }
-    if p.principal_binding == authn::PrincipalBinding::UseOrigin as i32 {
-        c.ignored(
-            s.at("principalBinding"),
-            "the end user is request.auth.principal to RBAC and Mixer; \
-             source.principal stays the peer's (USE_ORIGIN is not applied)",
-        );
-    }
 }
 
 pub(super) fn jwt_rule(c: &mut Check, f: &Field, jwt: &authn::Jwt) {
@@ -109,6 +102,26 @@ pub(super) fn service_role_binding(c: &mut Check, s: &Field, b: &rbac::ServiceRo
             s.at("subjects").index(i),
             "a subject needs a user, group, property or name",
         );
+        for key in subject.properties.keys() {
+            let known = matches!(
+                key.as_str(),
+                "source.principal"
+                    | "source.user"
+                    | "source.namespace"
+                    | "source.ip"
+                    | "request.auth.principal"
+                    | "request.auth.audiences"
+                    | "request.auth.presenter"
+            ) || (key.starts_with("request.headers[")
+                || key.starts_with("request.auth.claims["))
+                && key.ends_with(']');
+            // Unchecked, it would grant more than the binding says.
+            c.require(
+                known,
+                s.at("subjects").index(i).at("properties").key(key),
+                "this mesh's RBAC cannot check this property",
+            );
+        }
     }
     match &b.role_ref {
         Some(r) => {

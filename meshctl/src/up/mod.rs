@@ -652,7 +652,8 @@ mod tests {
                 .unwrap()
                 .plans(&control_plane, &tokens, &ports)
                 .unwrap();
-            assert_eq!(workloads.len(), 12);
+            // Six apps, their sidecars, and the ingress gateway.
+            assert_eq!(workloads.len(), 13);
         }
     }
 }

@@ -22,6 +22,25 @@ use super::{Problem, route::RouteMatch};
 /// The HTTP filter's name.
 pub const JWT_FILTER: &str = "envoy.filters.http.jwt_authn";
 
+/// What a verified token says of the end user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndUser {
+    pub issuer: String,
+    pub subject: String,
+    pub audiences: Vec<String>,
+    /// The authorized presenter (`azp`).
+    pub presenter: Option<String>,
+    /// The claims whose values are strings.
+    pub claims: BTreeMap<String, String>,
+}
+
+impl EndUser {
+    /// Istio's `request.auth.principal`: `<iss>/<sub>`.
+    pub fn principal(&self) -> String {
+        format!("{}/{}", self.issuer, self.subject)
+    }
+}
+
 #[derive(Debug)]
 pub struct JwtAuthn {
     pub providers: BTreeMap<String, Provider>,

@@ -17,6 +17,7 @@ use envoy_types::pb::envoy::{
 
 use super::{
     Problem,
+    jwt::EndUser,
     route::{HeaderMatch, RequestParts, StringMatch},
 };
 
@@ -62,7 +63,17 @@ enum Principal {
     SourceIp(Cidr),
     Header(HeaderMatch),
     Path(StringMatch),
+    /// What the end user's token proved, as Istio's `istio_authn` metadata
+    /// names it: `request.auth.principal`, `.audiences`, `.presenter`, or
+    /// `request.auth.claims` and a claim.
+    EndUser {
+        path: Vec<String>,
+        value: StringMatch,
+    },
 }
+
+/// The metadata namespace Istio's RBAC reads the end user from.
+const AUTHN_METADATA: &str = "istio_authn";
 
 #[derive(Debug)]
 struct Cidr {
@@ -112,6 +123,8 @@ impl Cidr {
 /// rules on HTTP attributes do not match them.
 pub struct Subject<'a> {
     pub request: Option<&'a RequestParts<'a>>,
+    /// The end user a token proved (the JWT stage), if any.
+    pub end_user: Option<&'a EndUser>,
     /// The peer's proven SPIFFE identity, `spiffe://...`.
     pub peer_identity: Option<&'a str>,
     pub peer: SocketAddr,
@@ -258,6 +271,38 @@ impl Principal {
             }
             Some(Identifier::Header(h)) => Principal::Header(HeaderMatch::compile(h)?),
             Some(Identifier::UrlPath(m)) => Principal::Path(path_of(m)?),
+            Some(Identifier::SourcedMetadata(sourced)) => {
+                use envoy_types::pb::envoy::r#type::matcher::v3::value_matcher::MatchPattern;
+                let default = Default::default();
+                let m = sourced.metadata_matcher.as_ref().unwrap_or(&default);
+                if m.filter != AUTHN_METADATA || sourced.metadata_source != 0 {
+                    return Err(Problem(format!(
+                        "principal metadata of {:?} (source {}) is not supported \
+                         ({AUTHN_METADATA:?}, dynamic, is)",
+                        m.filter, sourced.metadata_source
+                    )));
+                }
+                let value = match m.value.as_ref().and_then(|v| v.match_pattern.as_ref()) {
+                    Some(MatchPattern::StringMatch(s)) => StringMatch::compile(s)?,
+                    other => {
+                        return Err(Problem(format!(
+                            "principal metadata value {other:?} is not supported (strings are)"
+                        )));
+                    }
+                };
+                use envoy_types::pb::envoy::r#type::matcher::v3::metadata_matcher::path_segment::Segment;
+                let path = m
+                    .path
+                    .iter()
+                    .filter_map(|p| p.segment.as_ref().map(|Segment::Key(k)| k.clone()))
+                    .collect();
+                let end_user = Principal::EndUser { path, value };
+                if m.invert {
+                    Principal::Not(Box::new(end_user))
+                } else {
+                    end_user
+                }
+            }
             other => return Err(Problem(format!("principal {other:?} is not supported"))),
         })
     }
@@ -278,6 +323,23 @@ impl Principal {
             Principal::Path(m) => s
                 .request
                 .is_some_and(|r| m.matches(r.path.split('?').next().unwrap_or(""))),
+            Principal::EndUser { path, value } => {
+                let Some(user) = s.end_user else {
+                    return false;
+                };
+                let keys: Vec<&str> = path.iter().map(String::as_str).collect();
+                match keys[..] {
+                    ["request.auth.principal"] => value.matches(&user.principal()),
+                    ["request.auth.audiences"] => user.audiences.iter().any(|a| value.matches(a)),
+                    ["request.auth.presenter"] => {
+                        user.presenter.as_deref().is_some_and(|p| value.matches(p))
+                    }
+                    ["request.auth.claims", claim] => {
+                        user.claims.get(claim).is_some_and(|c| value.matches(c))
+                    }
+                    _ => false,
+                }
+            }
         }
     }
 }
@@ -357,6 +419,7 @@ mod tests {
         let decide = |r: &RequestParts, who: Option<&str>| {
             filter.allows(&Subject {
                 request: Some(r),
+                end_user: None,
                 peer_identity: who,
                 peer: "10.0.0.1:5000".parse().unwrap(),
                 destination: None,
@@ -386,5 +449,76 @@ mod tests {
         assert!(c.contains("10.1.200.3".parse().unwrap()));
         assert!(!c.contains("10.2.0.1".parse().unwrap()));
         assert!(!c.contains("::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn end_user_principals_read_what_the_token_proved() {
+        use envoy_types::pb::envoy::{
+            config::rbac::v3::SourcedMetadata,
+            r#type::matcher::v3::{
+                MetadataMatcher, ValueMatcher, metadata_matcher::PathSegment,
+                metadata_matcher::path_segment::Segment, value_matcher,
+            },
+        };
+        let metadata = |path: &[&str], value: &str| XPr {
+            identifier: Some(Identifier::SourcedMetadata(SourcedMetadata {
+                metadata_matcher: Some(MetadataMatcher {
+                    filter: "istio_authn".into(),
+                    path: path
+                        .iter()
+                        .map(|k| PathSegment {
+                            segment: Some(Segment::Key(k.to_string())),
+                        })
+                        .collect(),
+                    value: Some(ValueMatcher {
+                        match_pattern: Some(value_matcher::MatchPattern::StringMatch(exact(value))),
+                    }),
+                    invert: false,
+                }),
+                metadata_source: 0,
+            })),
+        };
+        let rules = xds::Rbac {
+            action: Action::Allow as i32,
+            policies: [(
+                "reviewers".to_string(),
+                XPolicy {
+                    permissions: vec![XP {
+                        rule: Some(Rule::Any(true)),
+                    }],
+                    principals: vec![XPr {
+                        identifier: Some(Identifier::AndIds(xds::principal::Set {
+                            ids: vec![
+                                metadata(&["request.auth.principal"], "https://id.example/jason"),
+                                metadata(&["request.auth.claims", "group"], "reviewers"),
+                            ],
+                        })),
+                    }],
+                    ..Default::default()
+                },
+            )]
+            .into(),
+            ..Default::default()
+        };
+        let filter = RbacFilter::compile(Some(&rules), None).unwrap();
+        let user = |group: &str| EndUser {
+            issuer: "https://id.example".into(),
+            subject: "jason".into(),
+            audiences: Vec::new(),
+            presenter: None,
+            claims: [("group".to_string(), group.to_string())].into(),
+        };
+        let decide = |end_user: Option<&EndUser>| {
+            filter.allows(&Subject {
+                request: None,
+                end_user,
+                peer_identity: None,
+                peer: "10.0.0.1:5000".parse().unwrap(),
+                destination: None,
+            })
+        };
+        assert!(decide(Some(&user("reviewers"))));
+        assert!(!decide(Some(&user("readers"))));
+        assert!(!decide(None), "no token, no end user");
     }
 }

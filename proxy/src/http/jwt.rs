@@ -6,36 +6,18 @@
 //! verified token's claims travel on as [`EndUser`], for Mixer's
 //! `request.auth.*` attributes.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::sync::Arc;
 
 use http::{HeaderValue, StatusCode, header};
 use jsonwebtoken::{DecodingKey, Validation, errors::ErrorKind};
 use tower::{Layer, Service};
 
 use super::{Request, Stage};
+pub use crate::config::jwt::EndUser;
 use crate::config::{
     jwt::{JwtAuthn, Provider, Requirement},
     route::RequestParts,
 };
-
-/// What a verified token says of the end user.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndUser {
-    pub issuer: String,
-    pub subject: String,
-    pub audiences: Vec<String>,
-    /// The authorized presenter (`azp`).
-    pub presenter: Option<String>,
-    /// The claims whose values are strings.
-    pub claims: BTreeMap<String, String>,
-}
-
-impl EndUser {
-    /// Istio's `request.auth.principal`: `<iss>/<sub>`.
-    pub fn principal(&self) -> String {
-        format!("{}/{}", self.issuer, self.subject)
-    }
-}
 
 #[derive(Clone)]
 pub struct Jwt<S> {

@@ -35,6 +35,7 @@ impl<S: Stage<std::convert::Infallible>> Service<Request> for Rbac<S> {
         if let Some(rbac) = &self.app.rbac {
             let subject = Subject {
                 request: Some(&RequestParts::of(&request)),
+                end_user: request.extensions().get(),
                 peer_identity: self.connection.peer_identity.as_deref(),
                 peer: self.connection.peer,
                 destination: self.connection.destination,

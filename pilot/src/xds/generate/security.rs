@@ -280,6 +280,37 @@ fn permission_of(rule: &AccessRule, http: bool) -> Option<Permission> {
     })
 }
 
+/// A principal of what the end user's token proved, as Istio 1.1's RBAC
+/// reads it from the `istio_authn` metadata.
+fn end_user(path: &[&str], value: &str) -> Principal {
+    use envoy_types::pb::envoy::{
+        config::rbac::v3::SourcedMetadata,
+        r#type::matcher::v3::{
+            MetadataMatcher, ValueMatcher,
+            metadata_matcher::{PathSegment, path_segment::Segment},
+            value_matcher,
+        },
+    };
+    Principal {
+        identifier: Some(principal::Identifier::SourcedMetadata(SourcedMetadata {
+            metadata_matcher: Some(MetadataMatcher {
+                filter: "istio_authn".into(),
+                path: path
+                    .iter()
+                    .map(|k| PathSegment {
+                        segment: Some(Segment::Key(k.to_string())),
+                    })
+                    .collect(),
+                value: Some(ValueMatcher {
+                    match_pattern: Some(value_matcher::MatchPattern::StringMatch(glob(value))),
+                }),
+                invert: false,
+            }),
+            metadata_source: 0,
+        })),
+    }
+}
+
 fn principal_name(value: &str) -> Principal {
     Principal {
         identifier: Some(principal::Identifier::Authenticated(
@@ -305,13 +336,18 @@ fn cidr(value: &str) -> Option<CidrRange> {
 /// A binding subject as an Envoy principal: a user is a peer identity
 /// (`cluster.local/ns/x/sa/y`, matched with its `spiffe://` scheme), `*`
 /// anyone; properties add source IP, namespace and request headers.
-fn principal_of(subject: &Subject, http: bool) -> Option<Principal> {
+/// What a binding's subject grants to, as RBAC principals; `None` when it
+/// names what this mesh cannot check (so it grants nothing, rather than
+/// more than it says). `origin`: the policy binds the end user as the
+/// principal (USE_ORIGIN), so `user` is the token's principal.
+fn principal_of(subject: &Subject, http: bool, origin: bool) -> Option<Principal> {
     let mut all = Vec::new();
     match subject.user.as_str() {
         "" => {}
         "*" => all.push(Principal {
             identifier: Some(principal::Identifier::Any(true)),
         }),
+        user if origin => all.push(end_user(&["request.auth.principal"], user)),
         user => all.push(principal_name(&format!("spiffe://{user}"))),
     }
     for (key, value) in &subject.properties {
@@ -348,7 +384,29 @@ fn principal_of(subject: &Subject, http: bool) -> Option<Principal> {
                     identifier: Some(principal::Identifier::Header(header_rule(name, value))),
                 });
             }
-            _ => {}
+            k
+            @ ("request.auth.principal" | "request.auth.audiences" | "request.auth.presenter") => {
+                if !http {
+                    return None;
+                }
+                all.push(end_user(&[k], value));
+            }
+            k if k.starts_with("request.auth.claims[") => {
+                if !http {
+                    return None;
+                }
+                let claim = k
+                    .trim_start_matches("request.auth.claims[")
+                    .trim_end_matches(']');
+                all.push(end_user(&["request.auth.claims", claim], value));
+            }
+            other => {
+                tracing::warn!(
+                    property = other,
+                    "a binding's subject names what RBAC cannot check: it grants nothing"
+                );
+                return None;
+            }
         }
     }
     Some(match all.len() {
@@ -369,6 +427,12 @@ fn rules_for(model: &Model, service: &Service, http: bool) -> Option<(Rbac, bool
         return None;
     }
     let shadow = config.enforcement_mode == EnforcementMode::Permissive as i32;
+    // USE_ORIGIN: a binding's `user` is the end user, not the peer.
+    let origin = service
+        .ports
+        .first()
+        .and_then(|port| policy_for(model, service, port))
+        .is_some_and(|p| p.principal_binding == authn::PrincipalBinding::UseOrigin as i32);
     let mut rbac = Rbac {
         action: rbac::Action::Allow as i32,
         ..Default::default()
@@ -397,7 +461,7 @@ fn rules_for(model: &Model, service: &Service, http: bool) -> Option<(Rbac, bool
                 b.namespace == *ns && b.spec.role_ref.as_ref().is_some_and(|r| r.name == *role)
             })
             .flat_map(|b| b.spec.subjects.iter())
-            .filter_map(|s| principal_of(s, http))
+            .filter_map(|s| principal_of(s, http, origin))
             .collect();
         if principals.is_empty() {
             continue;
