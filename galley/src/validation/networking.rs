@@ -15,13 +15,6 @@ pub(super) fn virtual_service(c: &mut Check, s: &Field, vs: &net::VirtualService
         c.fail(s.at("hosts"), "a virtual service needs at least one host");
     }
     let applies_to_mesh = vs.gateways.is_empty() || vs.gateways.iter().any(|g| g == "mesh");
-    if applies_to_mesh && !vs.tls.is_empty() {
-        c.ignored(
-            s.at("tls"),
-            "this mesh's Pilot routes TLS by SNI at gateways only: for sidecars \
-             (gateway `mesh`) these routes have no effect yet",
-        );
-    }
     for (i, h) in vs.hosts.iter().enumerate() {
         if h == "*" && applies_to_mesh {
             c.fail(
