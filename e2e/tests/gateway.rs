@@ -858,3 +858,77 @@ spec:
     let counted = r#"proxy_requests_total{direction="outbound",cluster="outbound|443||api.example.com",response_code="200"} 1"#;
     assert!(stats.lines().any(|l| l == counted), "{stats}");
 }
+
+#[tokio::test]
+async fn a_tcp_server_forwards_by_the_virtual_services_tcp_route() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A TCP backend that echoes what it reads.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = conn.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let tcp = free_addr();
+    let config = format!(
+        "
+apiVersion: networking.istio.io/v1alpha3
+kind: Gateway
+metadata: {{name: ingress, namespace: shop}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: {tcp_port}, name: tcp, protocol: TCP}}
+    bind: 127.0.0.1
+    hosts: [\"*\"]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {{name: echo, namespace: shop}}
+spec:
+  hosts: [\"*\"]
+  gateways: [ingress]
+  tcp:
+  - match: [{{port: {tcp_port}}}]
+    route: [{{destination: {{host: echo.shop.svc.cluster.local, port: {{number: 7000}}}}}}]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: echo, namespace: shop}}
+spec:
+  hosts: [echo.shop.svc.cluster.local]
+  resolution: STATIC
+  ports: [{{number: 7000, name: tcp, protocol: TCP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{tcp: {echo_port}}}, labels: {{app: echo}}}}]
+",
+        tcp_port = tcp.port(),
+        echo_port = echo_addr.port(),
+    );
+    let dir = config_dir(&[("tcp.yaml", &config)]);
+    let (_galley, _pilot, xds) = galley_and_pilot(dir.path(), &[]).await;
+    let _gateway = local_proxy(
+        xds,
+        &[
+            "--type",
+            "router",
+            "--pod",
+            "gw-1",
+            "--labels",
+            "istio=ingressgateway",
+        ],
+    )
+    .await;
+    // Ready means every listener is bound: the server takes connections.
+    let mut conn = tokio::net::TcpStream::connect(tcp).await.unwrap();
+    conn.write_all(b"over tcp").await.unwrap();
+    let mut back = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut back))
+        .await
+        .expect("echoed in time")
+        .unwrap();
+    assert_eq!(&back, b"over tcp");
+}
