@@ -932,3 +932,56 @@ spec:
         .unwrap();
     assert_eq!(&back, b"over tcp");
 }
+
+#[tokio::test]
+async fn auto_passthrough_sends_a_connection_where_its_server_name_says() {
+    // Istio 1.1's multi-cluster entry: the SNI names the cluster
+    // (`outbound_.<port>_.<subset>_.<host>`), and the caller's own TLS
+    // passes through to the workload.
+    let sni = "outbound_.8080_._.web.shop.svc.cluster.local";
+    let (backend, backend_ca) = tls_server(&[sni], "reached by name");
+    let gateway_port = free_addr();
+    let config = format!(
+        "
+apiVersion: networking.istio.io/v1alpha3
+kind: Gateway
+metadata: {{name: cross-network, namespace: shop}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: {port}, name: tls, protocol: TLS}}
+    bind: 127.0.0.1
+    hosts: [\"*.svc.cluster.local\"]
+    tls: {{mode: AUTO_PASSTHROUGH}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: web, namespace: shop}}
+spec:
+  hosts: [web.shop.svc.cluster.local]
+  resolution: STATIC
+  ports: [{{number: 8080, name: tls, protocol: TLS}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{tls: {backend_port}}}, labels: {{app: web}}}}]
+",
+        port = gateway_port.port(),
+        backend_port = backend.port(),
+    );
+    let dir = config_dir(&[("auto-passthrough.yaml", &config)]);
+    let (_galley, _pilot, xds) = galley_and_pilot(dir.path(), &[]).await;
+    let _gateway = local_proxy(
+        xds,
+        &["--type", "router", "--pod", "gw-1", "--labels", "istio=ingressgateway"],
+    )
+    .await;
+    install_crypto();
+    let ca = reqwest::Certificate::from_pem(backend_ca.as_bytes()).unwrap();
+    let client = reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .resolve(sni, gateway_port)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let url = format!("https://{sni}:{}/", gateway_port.port());
+    let response = client.get(url).send().await.unwrap();
+    assert_eq!(response.text().await.unwrap(), "reached by name");
+}

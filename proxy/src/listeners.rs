@@ -247,15 +247,15 @@ impl Accepted {
             // closed (a TCP chain waits, as a server-first protocol needs).
             let http = matches!(chain.app, App::Http(_));
             let timeout = self.shared.timeouts.protocol_detection_timeout;
-            let silent = match detected {
-                Some(detected) => detected == Detected::Silent,
+            let silent = match &detected {
+                Some(detected) => *detected == Detected::Silent,
                 None => http && !detect::speaks_within(&stream, timeout).await,
             };
             if http && silent {
                 tracing::debug!(listener = %name, %peer, "nothing said in time; closed");
                 return;
             }
-            return self.serve_chain(stream, None, chain).await;
+            return self.serve_chain(stream, None, chain, arrival.sni).await;
         };
         let config = match self.shared.tls.server(settings) {
             Ok(c) => c,
@@ -269,15 +269,20 @@ impl Accepted {
             Ok(Ok(stream)) => {
                 let identity = tls::peer_identity(stream.get_ref().1.peer_certificates());
                 let identity = identity.map(|i| i.to_string());
-                self.serve_chain(stream, identity, chain).await;
+                self.serve_chain(stream, identity, chain, arrival.sni).await;
             }
             Ok(Err(e)) => tracing::info!(listener = %name, %peer, "TLS handshake failed: {e}"),
             Err(_) => tracing::info!(listener = %name, %peer, "TLS handshake timed out; closed"),
         }
     }
 
-    async fn serve_chain<IO>(&self, io: IO, peer_identity: Option<String>, chain: &Chain)
-    where
+    async fn serve_chain<IO>(
+        &self,
+        io: IO,
+        peer_identity: Option<String>,
+        chain: &Chain,
+        sni: Option<&str>,
+    ) where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let (peer, destination, shared) = (self.peer, self.destination, &self.shared);
@@ -314,7 +319,8 @@ impl Accepted {
             }
             App::Tcp(app) => {
                 let started = std::time::Instant::now();
-                let (received, sent) = tcp::proxy(io, app, &shared.upstreams, destination).await;
+                let (received, sent) =
+                    tcp::proxy(io, app, &shared.upstreams, destination, sni).await;
                 if let Some(service) = app.direction.inbound() {
                     shared.mixer.report_tcp(&TcpConnection {
                         peer,

@@ -1,5 +1,7 @@
 //! The TCP proxy: a connection spliced to an endpoint of a cluster picked
-//! by weight, bytes copied both ways until either side closes.
+//! by weight (or, behind Envoy's `sni_cluster` filter, named by the
+//! connection's TLS server name), bytes copied both ways until either side
+//! closes.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -10,21 +12,25 @@ use crate::{
     upstream::Upstreams,
 };
 
-/// Splices the connection; the bytes received from the caller and sent to
-/// it.
+/// Splices the connection, which asked for `sni`; the bytes received from
+/// the caller and sent to it.
 pub async fn proxy<IO>(
     mut downstream: IO,
     app: &TcpApp,
     upstreams: &Arc<Upstreams>,
     destination: Option<SocketAddr>,
+    sni: Option<&str>,
 ) -> (u64, u64)
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    let name = pick_weighted(&app.clusters, |(_, w)| *w)
-        .map(|i| &app.clusters[i])
-        .or(app.clusters.first())
-        .map(|(n, _)| n.as_str());
+    let name = match app.sni_cluster {
+        true => sni,
+        false => pick_weighted(&app.clusters, |(_, w)| *w)
+            .map(|i| &app.clusters[i])
+            .or(app.clusters.first())
+            .map(|(n, _)| n.as_str()),
+    };
     let Some(cluster) = name.and_then(|n| upstreams.get(n)) else {
         tracing::debug!(listener = %app.stat_prefix, "no cluster for the connection");
         return (0, 0);

@@ -34,6 +34,9 @@ use super::{
     tls::Tls,
 };
 
+/// The network filter that routes a connection by its TLS server name.
+const SNI_CLUSTER: &str = "envoy.filters.network.sni_cluster";
+
 #[derive(Debug)]
 pub struct Listener {
     pub name: String,
@@ -140,6 +143,9 @@ pub enum Routes {
 pub struct TcpApp {
     pub stat_prefix: String,
     pub direction: Direction,
+    /// The cluster is the one the connection's TLS server name names
+    /// (Envoy's `sni_cluster`, for a gateway's AUTO_PASSTHROUGH).
+    pub sni_cluster: bool,
     /// Clusters and weights.
     pub clusters: Vec<(String, u32)>,
 }
@@ -313,6 +319,7 @@ impl Chain {
         };
         let mut app = None;
         let mut rbac = None;
+        let mut sni_cluster = false;
         for f in &c.filters {
             let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
                 return Err(Problem(format!("filter {:?} has no typed config", f.name)));
@@ -340,8 +347,11 @@ impl Chain {
                 app = Some(App::Tcp(TcpApp {
                     direction: Direction::of(&tcp.stat_prefix),
                     stat_prefix: tcp.stat_prefix,
+                    sni_cluster,
                     clusters,
                 }));
+            } else if f.name == SNI_CLUSTER || any.type_url.ends_with(".SniCluster") {
+                sni_cluster = true;
             } else if any.type_url == NetworkRbac::type_url() {
                 let r = NetworkRbac::decode(any.value.as_slice())
                     .map_err(|e| Problem(format!("{}: {e}", f.name)))?;

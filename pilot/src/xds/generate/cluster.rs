@@ -142,6 +142,28 @@ pub fn shared(scope: &Scope) -> Vec<Arc<Resource>> {
     out
 }
 
+/// A gateway's AUTO_PASSTHROUGH clusters: each visible service port and
+/// subset again under the name Istio 1.1 puts in SNI
+/// (`outbound_.<port>_.<subset>_.<host>`), with the same endpoints and no
+/// TLS of its own: the caller's mesh TLS passes through to the workload.
+pub fn sni_dnat(scope: &Scope) -> Vec<Cluster> {
+    let mut out = Vec::new();
+    for service in scope.services() {
+        for port in &service.ports {
+            for subset in scope.subsets(service) {
+                let mut c = outbound(scope, service, port, &subset);
+                if let Some(eds) = c.eds_cluster_config.as_mut() {
+                    eds.service_name = c.name.clone();
+                }
+                c.name = format!("outbound_.{}_.{subset}_.{}", port.number, service.host);
+                c.transport_socket = None;
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
 /// The clusters of the proxy's own inbound ports.
 pub fn inbound(scope: &Scope) -> Vec<Cluster> {
     scope

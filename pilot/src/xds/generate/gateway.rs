@@ -45,6 +45,13 @@ impl Bound<'_> {
         })
     }
 
+    fn auto_passthrough(&self) -> bool {
+        self.server
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.mode == TlSmode::AutoPassthrough as i32)
+    }
+
     fn route_name(&self) -> String {
         match self.terminates_tls() {
             Some(_) => {
@@ -124,6 +131,8 @@ pub fn listeners(scope: &Scope) -> Vec<Listener> {
                         ..Default::default()
                     });
                 }
+            } else if b.auto_passthrough() {
+                l.filter_chains.push(sni_cluster_chain(b, &name));
             } else {
                 l.filter_chains.extend(forwarding_chains(scope, b, &name));
             }
@@ -168,6 +177,32 @@ fn server_tls(
         &options.subject_alt_names,
         &alpn,
     )
+}
+
+/// The network filter that routes by the TLS server name.
+const SNI_CLUSTER: &str = "envoy.filters.network.sni_cluster";
+
+/// An AUTO_PASSTHROUGH server: connections for its hosts go, undecrypted,
+/// to the cluster their SNI names (`outbound_.<port>_.<subset>_.<host>`,
+/// which [`cluster::sni_dnat`](super::cluster::sni_dnat) provides).
+fn sni_cluster_chain(b: &Bound, stat_prefix: &str) -> FilterChain {
+    use envoy_types::pb::envoy::extensions::filters::network::sni_cluster::v3::SniCluster;
+    FilterChain {
+        filter_chain_match: Some(sni_match(&b.server.hosts)),
+        filters: vec![
+            listener::network_filter(SNI_CLUSTER, super::any(&SniCluster::default())),
+            tcp(stat_prefix, super::cluster::BLACK_HOLE.into()),
+        ],
+        ..Default::default()
+    }
+}
+
+/// Whether any of the proxy's servers is AUTO_PASSTHROUGH.
+pub fn auto_passthrough(scope: &Scope) -> bool {
+    servers(scope)
+        .values()
+        .flatten()
+        .any(|b| b.auto_passthrough())
 }
 
 /// TCP and TLS-passthrough servers: per VirtualService route bound to the

@@ -471,10 +471,16 @@ impl ResourceGenerator for ModelGenerator {
         let model = self.model();
         let scope = Scope::new(&model, proxy);
         let (shared, own) = match type_url {
-            CLUSTER => (
-                self.shared(&scope, CLUSTER, || cluster::shared(&scope)),
-                named(cluster::inbound(&scope), |c| c.name.clone()),
-            ),
+            CLUSTER => {
+                let mut own = cluster::inbound(&scope);
+                if proxy.kind == ProxyKind::Router && gateway::auto_passthrough(&scope) {
+                    own.extend(cluster::sni_dnat(&scope));
+                }
+                (
+                    self.shared(&scope, CLUSTER, || cluster::shared(&scope)),
+                    named(own, |c| c.name.clone()),
+                )
+            }
             ENDPOINT => (
                 self.shared(&scope, ENDPOINT, || endpoint::load_assignments(&scope)),
                 Vec::new(),
