@@ -970,7 +970,14 @@ spec:
     let (_galley, _pilot, xds) = galley_and_pilot(dir.path(), &[]).await;
     let _gateway = local_proxy(
         xds,
-        &["--type", "router", "--pod", "gw-1", "--labels", "istio=ingressgateway"],
+        &[
+            "--type",
+            "router",
+            "--pod",
+            "gw-1",
+            "--labels",
+            "istio=ingressgateway",
+        ],
     )
     .await;
     install_crypto();

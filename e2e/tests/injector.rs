@@ -362,3 +362,24 @@ async fn the_injector_keeps_its_webhook_configurations_ca_bundle_set() {
         .count();
     assert_eq!(patches, 2);
 }
+
+#[tokio::test]
+async fn a_pod_asking_for_the_gateway_template_gets_the_proxy_as_a_router() {
+    let injector = start(&[]).await;
+    let mut gateway = pod();
+    gateway["metadata"]["annotations"] = json!({"inject.istio.io/templates": "gateway"});
+    let (response, injected) = injector.review(&gateway).await;
+    assert_eq!(response["allowed"], true);
+    // No traffic capture: a gateway is reached at its own ports.
+    assert_eq!(names(&injected, "initContainers"), Vec::<String>::new());
+    let proxy = container(&injected, "containers", "istio-proxy");
+    let args = strings(&proxy["args"]);
+    assert!(args.contains(&"--type=router"), "{args:?}");
+    assert!(
+        !args.iter().any(|a| a.starts_with("--interception")),
+        "{args:?}"
+    );
+    // The proxy takes these flags.
+    run_ok("proxy", &[&args[..], &["--help"]].concat());
+    assert!(injector.proc.terminate().await.success());
+}
