@@ -1,5 +1,6 @@
-//! End-user authentication, end to end: an authentication `Policy` with a
-//! JWT origin, served by the real `galley`; the real `pilot` fetches the
+//! End-user authentication, end to end: tokens made and signed by OpenSSL
+//! (RS256), not by the proxy's own library; an authentication `Policy`
+//! with a JWT origin, served by the real `galley`; the real `pilot` fetches the
 //! issuer's keys from its `jwksUri` over HTTPS (a server with its own CA,
 //! trusted through `SSL_CERT_FILE`) and sends them inline; the workload's
 //! sidecar lets through a valid token and answers 401, with the reason,
@@ -7,38 +8,90 @@
 //! the path the policy's trigger rule excludes; RBAC then reads the
 //! token's claims.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
 use base64::Engine;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 use testkit::*;
 
 const ISSUER: &str = "https://id.example.com";
 
-/// An ES256 signing key, and its public half as a JWKS.
-fn key() -> (EncodingKey, String) {
-    let pair = rcgen::KeyPair::generate().unwrap();
-    let point = pair.public_key_raw();
-    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-    let jwks = json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256",
-        "x": b64(&point[1..33]), "y": b64(&point[33..65])}]});
-    (
-        EncodingKey::from_ec_der(&pair.serialize_der()),
-        jwks.to_string(),
-    )
+/// An RS256 key made and used by OpenSSL, so that the tokens the sidecar
+/// checks come from another implementation than its own.
+struct OpensslKey {
+    pem: PathBuf,
 }
 
-fn token(key: &EncodingKey, issuer: &str, expires_in: i64, group: &str) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let mut header = Header::new(Algorithm::ES256);
-    header.kid = Some("k1".into());
-    let claims = json!({"iss": issuer, "sub": "jason", "aud": "bookinfo", "group": group,
-        "exp": now + expires_in});
-    jsonwebtoken::encode(&header, &claims, key).unwrap()
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn openssl(args: &[&str], input: Option<&[u8]>) -> Vec<u8> {
+    use std::io::Write;
+    ensure_package(&["/usr/bin/openssl"], "openssl");
+    let mut child = Command::new("openssl")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.unwrap_or_default()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "openssl {args:?}");
+    out.stdout
+}
+
+impl OpensslKey {
+    fn new(dir: &std::path::Path) -> Self {
+        let pem = dir.join("issuer-key.pem");
+        openssl(&["genrsa", "-out", pem.to_str().unwrap(), "2048"], None);
+        Self { pem }
+    }
+
+    /// The public half, as a JWKS.
+    fn jwks(&self) -> String {
+        let out = openssl(
+            &[
+                "rsa",
+                "-in",
+                self.pem.to_str().unwrap(),
+                "-noout",
+                "-modulus",
+            ],
+            None,
+        );
+        let hex = String::from_utf8(out).unwrap();
+        let hex = hex.trim().trim_start_matches("Modulus=");
+        let n: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        json!({"keys": [{"kty": "RSA", "kid": "k1", "alg": "RS256", "use": "sig",
+            "n": b64(&n), "e": "AQAB"}]})
+        .to_string()
+    }
+
+    fn token(&self, issuer: &str, expires_in: i64, group: &str) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let header = json!({"alg": "RS256", "typ": "JWT", "kid": "k1"});
+        let claims = json!({"iss": issuer, "sub": "jason", "aud": "bookinfo", "group": group,
+            "exp": now + expires_in});
+        let signed = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let signature = openssl(
+            &["dgst", "-sha256", "-sign", self.pem.to_str().unwrap()],
+            Some(signed.as_bytes()),
+        );
+        format!("{signed}.{}", b64(&signature))
+    }
 }
 
 async fn app() -> SocketAddr {
@@ -51,9 +104,9 @@ async fn app() -> SocketAddr {
 
 #[tokio::test]
 async fn a_jwt_origin_lets_valid_tokens_through_and_refuses_the_rest_with_401() {
-    let (signing, jwks) = key();
-    let (keys, keys_ca) = tls_server(&["localhost"], jwks);
     let dir = tempfile::tempdir().unwrap();
+    let signing = OpensslKey::new(dir.path());
+    let (keys, keys_ca) = tls_server(&["localhost"], signing.jwks());
     let ca_file = dir.path().join("keys-ca.pem");
     std::fs::write(&ca_file, keys_ca).unwrap();
     let (app, inbound) = (app().await, free_addr());
@@ -153,7 +206,7 @@ spec:
         }
     };
     // Until Pilot has fetched the keys, no token verifies.
-    let valid = token(&signing, ISSUER, 600, "reviewers");
+    let valid = signing.token(ISSUER, 600, "reviewers");
     let mut served = (0, String::new());
     for _ in 0..100 {
         served = send("/reviews", Some(valid.clone())).await;
@@ -166,11 +219,11 @@ spec:
 
     let refused = [
         (
-            Some(token(&signing, ISSUER, -3600, "reviewers")),
+            Some(signing.token(ISSUER, -3600, "reviewers")),
             "Jwt is expired",
         ),
         (
-            Some(token(&signing, "https://evil.example", 600, "reviewers")),
+            Some(signing.token("https://evil.example", 600, "reviewers")),
             "Jwt issuer is not configured",
         ),
         (None, "Jwt is missing"),
@@ -180,7 +233,7 @@ spec:
     }
     // The claims reach RBAC: a valid token of another group is not a
     // reviewer.
-    let reader = token(&signing, ISSUER, 600, "readers");
+    let reader = signing.token(ISSUER, 600, "readers");
     let refused = send("/reviews", Some(reader)).await;
     assert_eq!(refused, (403, "RBAC: access denied".to_string()));
     // The trigger rule leaves /health open.

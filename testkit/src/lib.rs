@@ -410,6 +410,24 @@ pub fn config_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
     dir
 }
 
+/// Installs Debian's `package` when none of `paths` exists: CI starts on
+/// a machine where nothing was installed by hand.
+pub fn ensure_package(paths: &[&str], package: &str) {
+    if paths.iter().any(|p| std::path::Path::new(p).exists()) {
+        return;
+    }
+    let install = format!(
+        "DEBIAN_FRONTEND=noninteractive apt-get install -y -q {package} >/dev/null 2>&1 \
+         || (apt-get update -q >/dev/null 2>&1 \
+             && DEBIAN_FRONTEND=noninteractive apt-get install -y -q {package} >/dev/null 2>&1)"
+    );
+    let status = std::process::Command::new("sh")
+        .args(["-c", &install])
+        .status()
+        .unwrap_or_else(|e| panic!("installing {package}: {e}"));
+    assert!(status.success(), "installing {package}: {status}");
+}
+
 /// Citadel on a fresh CA in `dir`, trusting a bootstrap token for each
 /// `(namespace, service account)`, ready; and what proxies need to ask it
 /// for certificates.

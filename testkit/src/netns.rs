@@ -74,13 +74,10 @@ fn run(program: &str, args: &[&str]) {
 /// Makes sure `iptables-restore` is installed (Debian's package), which
 /// `proxy init` runs.
 pub fn ensure_iptables() {
-    let found = |p: &str| std::path::Path::new(p).exists();
-    if found("/usr/sbin/iptables-restore") || found("/sbin/iptables-restore") {
-        return;
-    }
-    let install = "DEBIAN_FRONTEND=noninteractive apt-get install -y -q iptables >/dev/null 2>&1 \
-        || (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q iptables >/dev/null 2>&1)";
-    run("sh", &["-c", install]);
+    crate::ensure_package(
+        &["/usr/sbin/iptables-restore", "/sbin/iptables-restore"],
+        "iptables",
+    );
 }
 
 /// Joins two namespaces by a veth pair, `veth0` in each, with addresses
