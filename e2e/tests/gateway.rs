@@ -196,6 +196,21 @@ async fn get_when_served(
     panic!("{url} was never served; gateway log: {log:#?}; config: {config:?}");
 }
 
+/// The ingress gateway (the proxy as a router, labelled as Istio's) on
+/// Pilot at `xds`, with `args`, ready; and its admin address.
+async fn ingress_gateway(xds: SocketAddr, args: &[&str]) -> (Proc, SocketAddr) {
+    let mut all = vec![
+        "--type",
+        "router",
+        "--pod",
+        "istio-ingressgateway-1",
+        "--labels",
+        "istio=ingressgateway",
+    ];
+    all.extend_from_slice(args);
+    local_proxy(xds, &all).await
+}
+
 #[tokio::test]
 async fn an_ingress_gateway_serves_http_https_by_server_name_redirects_and_passthrough() {
     let certs = tempfile::tempdir().unwrap();
@@ -214,18 +229,7 @@ async fn an_ingress_gateway_serves_http_https_by_server_name_redirects_and_passt
     };
     let dir = config_dir(&[("gateway.yaml", &config(&ports, certs.path()))]);
     let (_galley, _pilot, xds) = galley_and_pilot(dir.path(), &[]).await;
-    let mut gateway = local_proxy(
-        xds,
-        &[
-            "--type",
-            "router",
-            "--pod",
-            "istio-ingressgateway-1",
-            "--labels",
-            "istio=ingressgateway",
-        ],
-    )
-    .await;
+    let mut gateway = ingress_gateway(xds, &[]).await;
 
     let hosts = [
         ("plain.example", ports.http),
@@ -419,18 +423,7 @@ spec:
     );
     let dir = config_dir(&[("gateway.yaml", &config)]);
     let (_galley, _pilot, xds) = galley_and_pilot(dir.path(), &[]).await;
-    let mut gateway = local_proxy(
-        xds,
-        &[
-            "--type",
-            "router",
-            "--pod",
-            "gw-1",
-            "--labels",
-            "istio=ingressgateway",
-        ],
-    )
-    .await;
+    let mut gateway = ingress_gateway(xds, &[]).await;
     let url = format!("https://a.example:{}/", https.port());
     let hosts = [("a.example", https)];
     let old_only = client(&[&old], &hosts, None);
@@ -579,15 +572,9 @@ spec:
         mounted.path().display().to_string(),
         kubeconfig.display().to_string(),
     );
-    let mut gateway = local_proxy(
+    let mut gateway = ingress_gateway(
         xds,
         &[
-            "--type",
-            "router",
-            "--pod",
-            "gw-1",
-            "--labels",
-            "istio=ingressgateway",
             "--credentials-dir",
             &mounted_dir,
             "--credentials-from-secrets",
@@ -862,17 +849,7 @@ spec:
 #[tokio::test]
 async fn a_tcp_server_forwards_by_the_virtual_services_tcp_route() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // A TCP backend that echoes what it reads.
-    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let echo_addr = echo.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = conn.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let echo_addr = echo_server().await;
     let tcp = free_addr();
     let config = format!(
         "
@@ -910,18 +887,7 @@ spec:
     );
     let dir = config_dir(&[("tcp.yaml", &config)]);
     let (_galley, _pilot, xds) = galley_and_pilot(dir.path(), &[]).await;
-    let _gateway = local_proxy(
-        xds,
-        &[
-            "--type",
-            "router",
-            "--pod",
-            "gw-1",
-            "--labels",
-            "istio=ingressgateway",
-        ],
-    )
-    .await;
+    let _gateway = ingress_gateway(xds, &[]).await;
     // Ready means every listener is bound: the server takes connections.
     let mut conn = tokio::net::TcpStream::connect(tcp).await.unwrap();
     conn.write_all(b"over tcp").await.unwrap();
@@ -968,18 +934,7 @@ spec:
     );
     let dir = config_dir(&[("auto-passthrough.yaml", &config)]);
     let (_galley, _pilot, xds) = galley_and_pilot(dir.path(), &[]).await;
-    let _gateway = local_proxy(
-        xds,
-        &[
-            "--type",
-            "router",
-            "--pod",
-            "gw-1",
-            "--labels",
-            "istio=ingressgateway",
-        ],
-    )
-    .await;
+    let _gateway = ingress_gateway(xds, &[]).await;
     install_crypto();
     let ca = reqwest::Certificate::from_pem(backend_ca.as_bytes()).unwrap();
     let client = reqwest::Client::builder()

@@ -136,21 +136,6 @@ struct Ports {
     egress_b: SocketAddr,
 }
 
-/// A TCP server that sends back what it reads.
-async fn echo() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut read, mut write) = stream.split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-            });
-        }
-    });
-    addr
-}
-
 /// A backend that answers after half a second.
 async fn held() -> SocketAddr {
     let app = axum::Router::new().fallback(|| async {
@@ -644,7 +629,7 @@ async fn start() -> Mesh {
         details: backend("details").await,
         details_broken: broken().await,
         held: held().await,
-        echo_app: echo().await,
+        echo_app: echo_server().await,
         echo_sidecar: free_addr(),
         echo_egress: free_addr(),
         mixer_policy: free_addr(),

@@ -410,6 +410,21 @@ pub fn config_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
     dir
 }
 
+/// A TCP server that sends back what it reads.
+pub async fn echo_server() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = stream.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    addr
+}
+
 /// Installs Debian's `package` when none of `paths` exists: CI starts on
 /// a machine where nothing was installed by hand.
 pub fn ensure_package(paths: &[&str], package: &str) {
