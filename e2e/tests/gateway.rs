@@ -196,6 +196,25 @@ async fn get_when_served(
     panic!("{url} was never served; gateway log: {log:#?}; config: {config:?}");
 }
 
+/// The `client` workload's Sidecar: its outbound traffic through `port`
+/// on loopback, as `protocol` (HTTP: the app's `HTTP_PROXY`).
+fn client_sidecar(port: u16, protocol: &str) -> String {
+    let name = protocol.to_ascii_lowercase();
+    format!(
+        "apiVersion: networking.istio.io/v1alpha3
+kind: Sidecar
+metadata: {{name: client, namespace: shop}}
+spec:
+  workloadSelector: {{labels: {{app: client}}}}
+  egress:
+  - port: {{number: {port}, protocol: {protocol}, name: {name}}}
+    bind: 127.0.0.1
+    hosts: [./*]
+---
+"
+    )
+}
+
 /// The ingress gateway (the proxy as a router, labelled as Istio's) on
 /// Pilot at `xds`, with `args`, ready; and its admin address.
 async fn ingress_gateway(xds: SocketAddr, args: &[&str]) -> (Proc, SocketAddr) {
@@ -305,17 +324,7 @@ async fn a_sidecar_originates_tls_to_a_server_outside_the_mesh() {
     let egress = free_addr();
     let config = format!(
         "
-apiVersion: networking.istio.io/v1alpha3
-kind: Sidecar
-metadata: {{name: client, namespace: shop}}
-spec:
-  workloadSelector: {{labels: {{app: client}}}}
-  egress:
-  - port: {{number: {egress_port}, protocol: HTTP, name: http-proxy}}
-    bind: 127.0.0.1
-    hosts: [./*]
----
-apiVersion: networking.istio.io/v1alpha3
+{client}apiVersion: networking.istio.io/v1alpha3
 kind: ServiceEntry
 metadata: {{name: api, namespace: shop}}
 spec:
@@ -341,7 +350,7 @@ spec:
   host: impostor.example.com
   trafficPolicy: {{tls: {{mode: SIMPLE, caCertificates: {other_ca}}}}}
 ",
-        egress_port = egress.port(),
+        client = client_sidecar(egress.port(), "HTTP"),
         server_port = server.port(),
         ca = cas.path().join("ca.pem").display(),
         other_ca = cas.path().join("other-ca.pem").display(),
@@ -626,17 +635,7 @@ async fn a_sidecar_routes_tls_by_server_name_without_decrypting_it() {
     // SNI a goes to backend b and b to a: the route decides, not the name.
     let config = format!(
         "
-apiVersion: networking.istio.io/v1alpha3
-kind: Sidecar
-metadata: {{name: client, namespace: shop}}
-spec:
-  workloadSelector: {{labels: {{app: client}}}}
-  egress:
-  - port: {{number: {port}, protocol: TLS, name: tls}}
-    bind: 127.0.0.1
-    hosts: [./*]
----
-apiVersion: networking.istio.io/v1alpha3
+{client}apiVersion: networking.istio.io/v1alpha3
 kind: ServiceEntry
 metadata: {{name: a, namespace: shop}}
 spec:
@@ -668,6 +667,7 @@ spec:
     route: [{{destination: {{host: a.tls.example, port: {{number: {port}}}}}}}]
 ",
         port = egress.port(),
+        client = client_sidecar(egress.port(), "TLS"),
         a_port = a.port(),
         b_port = b.port(),
     );
@@ -710,17 +710,7 @@ async fn an_egress_gateway_originates_tls_for_the_mesh() {
     let certs = gateway_certs.display();
     let config = format!(
         "
-apiVersion: networking.istio.io/v1alpha3
-kind: Sidecar
-metadata: {{name: client, namespace: shop}}
-spec:
-  workloadSelector: {{labels: {{app: client}}}}
-  egress:
-  - port: {{number: {egress_port}, protocol: HTTP, name: http-proxy}}
-    bind: 127.0.0.1
-    hosts: [./*]
----
-apiVersion: networking.istio.io/v1alpha3
+{client}apiVersion: networking.istio.io/v1alpha3
 kind: ServiceEntry
 metadata: {{name: api, namespace: shop}}
 spec:
@@ -793,7 +783,7 @@ spec:
     - port: {{number: 443}}
       tls: {{mode: SIMPLE, caCertificates: {ca}}}
 ",
-        egress_port = egress.port(),
+        client = client_sidecar(egress.port(), "HTTP"),
         server_port = server.port(),
         ca = dir.path().join("api-ca.pem").display(),
     );
