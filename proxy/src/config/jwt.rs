@@ -111,6 +111,23 @@ impl JwtAuthn {
 
 impl Provider {
     fn compile(p: &JwtProvider) -> Result<Self, Problem> {
+        // Unchecked, any of these would let in tokens the provider means
+        // to refuse, or drop what it means to pass on: refused, not ignored.
+        let unsupported = [
+            ("require_expiration", p.require_expiration),
+            ("max_lifetime", p.max_lifetime.is_some()),
+            ("subjects", p.subjects.is_some()),
+            ("from_cookies", !p.from_cookies.is_empty()),
+            (
+                "forward_payload_header",
+                !p.forward_payload_header.is_empty(),
+            ),
+            ("claim_to_headers", !p.claim_to_headers.is_empty()),
+            ("clock_skew_seconds", p.clock_skew_seconds != 0),
+        ];
+        if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
+            return Err(Problem(format!("{field} is not supported")));
+        }
         let keys = match &p.jwks_source_specifier {
             Some(JwksSourceSpecifier::LocalJwks(source)) => {
                 let text = match &source.specifier {
@@ -170,5 +187,27 @@ impl Requirement {
                 )));
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_provider_setting_the_proxy_cannot_honour_is_refused() {
+        let provider = JwtProvider {
+            issuer: "https://id.example.com".into(),
+            require_expiration: true,
+            ..Default::default()
+        };
+        let config = JwtAuthentication {
+            providers: [("origin".to_string(), provider)].into(),
+            ..Default::default()
+        };
+        let Err(Problem(why)) = JwtAuthn::compile(&config) else {
+            panic!("compiled");
+        };
+        assert!(why.contains("require_expiration is not supported"), "{why}");
     }
 }
