@@ -8,7 +8,7 @@
 //! the path the policy's trigger rule excludes; RBAC then reads the
 //! token's claims.
 
-use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
+use std::{path::PathBuf, process::Command, time::Duration};
 
 use base64::Engine;
 use serde_json::json;
@@ -94,14 +94,6 @@ impl OpensslKey {
     }
 }
 
-async fn app() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().fallback(|| async { "app" });
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
-}
-
 #[tokio::test]
 async fn a_jwt_origin_lets_valid_tokens_through_and_refuses_the_rest_with_401() {
     let dir = tempfile::tempdir().unwrap();
@@ -109,7 +101,7 @@ async fn a_jwt_origin_lets_valid_tokens_through_and_refuses_the_rest_with_401() 
     let (keys, keys_ca) = tls_server(&["localhost"], signing.jwks());
     let ca_file = dir.path().join("keys-ca.pem");
     std::fs::write(&ca_file, keys_ca).unwrap();
-    let (app, inbound) = (app().await, free_addr());
+    let (app, inbound) = (http_app("app").await, free_addr());
     let config = format!(
         "
 apiVersion: networking.istio.io/v1alpha3

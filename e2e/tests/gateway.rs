@@ -20,15 +20,6 @@ fn certificate(dir: &Path, host: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
     (cert, key)
 }
 
-/// An HTTP app that answers with its name.
-async fn app() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().fallback(|| async { "app" });
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
-}
-
 struct Ports {
     http: SocketAddr,
     https: SocketAddr,
@@ -243,7 +234,7 @@ async fn an_ingress_gateway_serves_http_https_by_server_name_redirects_and_passt
         https: free_addr(),
         mutual: free_addr(),
         passthrough: free_addr(),
-        app: app().await,
+        app: http_app("app").await,
         backend,
     };
     let dir = config_dir(&[("gateway.yaml", &config(&ports, certs.path()))]);
@@ -392,7 +383,7 @@ async fn a_rotated_gateway_certificate_is_served_without_a_failed_request() {
     };
     let old = version("v1");
     std::os::unix::fs::symlink("v1", certs.path().join("live")).unwrap();
-    let (https, app) = (free_addr(), app().await);
+    let (https, app) = (free_addr(), http_app("app").await);
     let live = certs.path().join("live").join("a.example");
     let config = format!(
         "
@@ -535,7 +526,7 @@ async fn credentials_by_name_come_from_a_mounted_directory_or_the_namespaces_sec
     )
     .unwrap();
 
-    let (https, app) = (free_addr(), app().await);
+    let (https, app) = (free_addr(), http_app("app").await);
     let config = format!(
         "
 apiVersion: networking.istio.io/v1alpha3

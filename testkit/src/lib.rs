@@ -410,6 +410,15 @@ pub fn config_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
     dir
 }
 
+/// An HTTP server on loopback that answers every request with `answer`.
+pub async fn http_app(answer: &'static str) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(move || async move { answer });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
 /// A TCP server that sends back what it reads.
 pub async fn echo_server() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
