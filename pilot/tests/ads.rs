@@ -19,7 +19,10 @@ use envoy_types::pb::{
     },
     google::{protobuf::Any, rpc::Status as RpcStatus},
 };
-use pilot::xds::{CLUSTER, ENDPOINT, Resource, ResourceGenerator, TypeVersions, ads::AdsServer};
+use pilot::xds::{
+    CLUSTER, ENDPOINT, Generated, Resource, ResourceGenerator, ResourceSet, TypeVersions,
+    ads::AdsServer,
+};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
@@ -101,19 +104,19 @@ impl ResourceGenerator for Fixed {
         Ok(())
     }
 
-    fn generate(
-        &self,
-        _client: &(),
-        type_url: &str,
-        names: &BTreeSet<String>,
-    ) -> Vec<Arc<Resource>> {
+    fn generate(&self, _client: &(), type_url: &str, names: &Arc<BTreeSet<String>>) -> Generated {
         let all = self.resources.lock().unwrap();
-        all.get(type_url)
+        let resources = all
+            .get(type_url)
             .into_iter()
             .flatten()
             .filter(|(name, _)| names.is_empty() || names.contains(*name))
             .map(|(n, a)| Resource::from_any(n.as_str(), a.encode_to_vec().into()))
-            .collect()
+            .collect();
+        Generated {
+            shared: ResourceSet::new(resources),
+            own: ResourceSet::empty(),
+        }
     }
 
     fn changes(&self) -> watch::Receiver<TypeVersions> {

@@ -5,6 +5,7 @@
 
 pub mod ads;
 pub mod generate;
+mod set;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -17,6 +18,7 @@ use prost::{Message, Name};
 use tokio::sync::watch;
 
 pub use mesh_api::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
+pub use set::{Diff, Generated, ResourceSet};
 
 /// The order in which pushes go out, so that a proxy has what a resource
 /// refers to before the resource: clusters before their endpoints,
@@ -87,13 +89,15 @@ pub trait ResourceGenerator: Send + Sync + 'static {
     fn client(&self, node: &Node) -> Result<Self::Client, String>;
 
     /// The resources of `type_url` for `client`, only those named in
-    /// `names` when it is not empty, in name order.
+    /// `names` when it is not empty. `names` is shared by every stream that
+    /// subscribes to the same names, so that a generator may keep one
+    /// selection for all of them.
     fn generate(
         &self,
         client: &Self::Client,
         type_url: &str,
-        names: &BTreeSet<String>,
-    ) -> Vec<Arc<Resource>>;
+        names: &Arc<BTreeSet<String>>,
+    ) -> Generated;
 
     fn changes(&self) -> watch::Receiver<TypeVersions>;
 }

@@ -10,7 +10,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use tonic::Status;
 
-use super::{Connection, Diff, Flavor, Held, Response, Sent, content_hash};
+use super::{Changes, Connection, Flavor, Held, Response, Sent};
 use crate::xds::ResourceGenerator;
 
 pub struct Delta;
@@ -40,13 +40,14 @@ impl<G: ResourceGenerator> Flavor<G> for Delta {
         }
         let mut changed = first;
         let mut names = (*watch.names).clone();
+        let mut forget = std::collections::BTreeSet::new();
         for name in request.resource_names_subscribe {
             if name == "*" {
                 changed |= !watch.wildcard;
                 watch.wildcard = true;
             } else {
                 // Resent even when held: a subscribe asks for the resource.
-                watch.held.remove(name.as_str());
+                forget.insert(name.clone());
                 names.insert(name);
                 changed = true;
             }
@@ -58,9 +59,10 @@ impl<G: ResourceGenerator> Flavor<G> for Delta {
                 names.remove(&name);
             }
             // The proxy drops it; it is not reported as removed.
-            watch.held.remove(name.as_str());
+            forget.insert(name);
             changed = true;
         }
+        watch.held.forget(&forget);
         if *watch.names != names {
             watch.names = conn.names.intern(names);
         }
@@ -87,16 +89,16 @@ fn changes<G: ResourceGenerator>(
     type_url: &str,
     always: bool,
 ) -> Option<Response> {
-    let resources = conn.generate(type_url);
-    let watch = conn.watches.get(type_url)?;
-    let Diff { changed, removed } = watch.held.diff(&resources);
+    let now = conn.generate(type_url)?;
+    let watch = conn.watches.get_mut(type_url)?;
+    let Changes { changed, removed } = watch.held.diff(&now);
     if changed.is_empty() && removed.is_empty() && !always {
         return None;
     }
-    let hash = content_hash(&resources);
+    let hash = now.hash();
+    watch.held = Held::Sent(now);
     let nonce = conn.next_nonce();
     let watch = conn.watches.get_mut(type_url)?;
-    watch.held = Held::sent(resources);
     watch.pending = true;
     watch.sent = Some(Sent {
         nonce: nonce.clone(),

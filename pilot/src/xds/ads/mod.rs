@@ -19,7 +19,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     pin::Pin,
     sync::{
-        Arc, Mutex, Weak,
+        Arc, LazyLock, Mutex, Weak,
         atomic::{AtomicU64, Ordering},
     },
     time::SystemTime,
@@ -34,7 +34,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use self::{framing::Requests, response::Response};
-use super::{PUSH_ORDER, Resource, ResourceGenerator, TypeVersions};
+use super::{Diff, Generated, PUSH_ORDER, Resource, ResourceGenerator, ResourceSet, TypeVersions};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -56,16 +56,6 @@ impl<G> Clone for AdsServer<G> {
             names: self.names.clone(),
         }
     }
-}
-
-/// An order-independent fingerprint of a list of names.
-fn fingerprint<'a>(names: impl IntoIterator<Item = &'a String>) -> (usize, u64) {
-    use std::hash::{Hash, Hasher};
-    names.into_iter().fold((0, 0), |(n, sum), name| {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        name.hash(&mut hasher);
-        (n + 1, sum.wrapping_add(hasher.finish()))
-    })
 }
 
 /// Subscribed name sets, shared between streams: proxies of one kind ask
@@ -300,17 +290,27 @@ struct Watch {
     held: Held,
 }
 
-/// What a proxy holds of one type, in name order: the resources last sent,
-/// shared with the generator so that a proxy's copy costs a pointer each,
-/// and for names a delta client declared holding when it connected, their
-/// versions only.
-#[derive(Default)]
-struct Held(Vec<Arc<Resource>>);
+/// What a proxy holds of one type.
+enum Held {
+    /// The generator's sets, as last sent: a pointer to each, so that a
+    /// proxy's copy of thousands of resources costs two pointers.
+    Sent(Generated),
+    /// Known by name and content hash: what a delta client declared holding
+    /// when it connected, or what was sent less what it has unsubscribed
+    /// since.
+    Listed(Arc<ResourceSet>),
+}
+
+impl Default for Held {
+    fn default() -> Self {
+        Self::Listed(ResourceSet::empty())
+    }
+}
 
 /// What differs between what a proxy holds and what it should have.
-struct Diff {
-    /// New or changed resources, in name order.
-    changed: Vec<Arc<Resource>>,
+struct Changes {
+    /// New or changed resources, in parts.
+    changed: Vec<Arc<ResourceSet>>,
     /// Names held and no longer there.
     removed: Vec<String>,
 }
@@ -318,44 +318,51 @@ struct Diff {
 impl Held {
     /// Resources declared by name and content hash.
     fn declared(entries: impl IntoIterator<Item = (String, u64)>) -> Self {
-        let mut entries: Vec<Arc<Resource>> = entries
-            .into_iter()
-            .map(|(name, hash)| Resource::declared(name, hash))
-            .collect();
-        entries.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-        entries.dedup_by(|a, b| a.name == b.name);
-        Self(entries)
+        Self::Listed(ResourceSet::new(
+            entries
+                .into_iter()
+                .map(|(name, hash)| Resource::declared(name, hash))
+                .collect(),
+        ))
     }
 
-    /// Resources already in name order.
-    fn sent(mut resources: Vec<Arc<Resource>>) -> Self {
-        resources.shrink_to_fit();
-        Self(resources)
-    }
-
-    /// One walk over both lists, each in name order.
-    fn diff(&self, now: &[Arc<Resource>]) -> Diff {
-        let mut diff = Diff {
-            changed: Vec::new(),
-            removed: Vec::new(),
+    /// What differs from this to `now`. Part by part when both are the
+    /// generator's, so that the difference is the one the generator's sets
+    /// worked out once for every proxy that holds them.
+    fn diff(&self, now: &Generated) -> Changes {
+        let diffs: Vec<Arc<Diff>> = match self {
+            Held::Sent(held) => vec![
+                now.shared.diff_from(&held.shared),
+                now.own.diff_from(&held.own),
+            ],
+            Held::Listed(held) => vec![now.merged().diff_from(held)],
         };
-        let mut held = self.0.iter().peekable();
-        for r in now {
-            while let Some(gone) = held.next_if(|h| h.name < r.name) {
-                diff.removed.push(gone.name.to_string());
-            }
-            if held.next_if(|h| h.name == r.name).map(|h| h.hash) != Some(r.hash) {
-                diff.changed.push(r.clone());
-            }
+        Changes {
+            changed: diffs
+                .iter()
+                .map(|d| d.changed.clone())
+                .filter(|c| !c.is_empty())
+                .collect(),
+            // A name gone from one part but in the other is still there.
+            removed: diffs
+                .iter()
+                .flat_map(|d| &d.removed)
+                .filter(|n| !now.contains(n))
+                .map(|n| n.to_string())
+                .collect(),
         }
-        diff.removed.extend(held.map(|h| h.name.to_string()));
-        diff
     }
 
-    fn remove(&mut self, name: &str) {
-        if let Ok(i) = self.0.binary_search_by(|r| (*r.name).cmp(name)) {
-            self.0.remove(i);
+    /// The proxy no longer holds `names`.
+    fn forget(&mut self, names: &BTreeSet<String>) {
+        if names.is_empty() {
+            return;
         }
+        let all = match self {
+            Held::Sent(g) => g.merged(),
+            Held::Listed(s) => s.clone(),
+        };
+        *self = Held::Listed(all.without(names));
     }
 }
 
@@ -420,14 +427,15 @@ impl<G: ResourceGenerator> Connection<G> {
         self.responses.to_string()
     }
 
-    /// The resources of a type for the watch's names.
-    fn generate(&self, type_url: &str) -> Vec<Arc<Resource>> {
-        static ALL: std::sync::LazyLock<BTreeSet<String>> = std::sync::LazyLock::new(BTreeSet::new);
+    /// The resources of a type for the watch's names; `None` before the
+    /// proxy has said who it is or subscribed to the type.
+    fn generate(&self, type_url: &str) -> Option<Generated> {
+        static ALL: LazyLock<Arc<BTreeSet<String>>> = LazyLock::new(Arc::default);
         let (Some(client), Some(watch)) = (&self.client, self.watches.get(type_url)) else {
-            return Vec::new();
+            return None;
         };
-        let names = if watch.wildcard { &*ALL } else { &*watch.names };
-        self.generator.generate(client, type_url, names)
+        let names = if watch.wildcard { &*ALL } else { &watch.names };
+        Some(self.generator.generate(client, type_url, names))
     }
 
     /// Of a change's `types` (in push order), those that may go out now.
@@ -537,13 +545,6 @@ impl<G: ResourceGenerator> Connection<G> {
                 .collect(),
         }
     }
-}
-
-/// A content hash of a set of resources, from theirs.
-fn content_hash(resources: &[Arc<Resource>]) -> u64 {
-    resources.iter().fold(resources.len() as u64, |h, r| {
-        h.rotate_left(7).wrapping_mul(0x100_0000_01b3) ^ r.hash
-    })
 }
 
 /// Forgets a stream's status when its task ends, however it ends.

@@ -18,7 +18,7 @@ use prost::{
     encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len},
 };
 
-use crate::xds::Resource;
+use crate::xds::{Resource, ResourceSet};
 
 /// Chunks of copied resources handed to HTTP/2 are at most this large.
 const CHUNK: usize = 16 << 10;
@@ -39,7 +39,8 @@ const VERSION_LEN: usize = 16;
 pub struct Response {
     /// The fields numbered below `resources` (the version).
     head: Bytes,
-    resources: Vec<Arc<Resource>>,
+    /// The resources, in parts shared with the generator and other streams.
+    resources: Vec<Arc<ResourceSet>>,
     /// The fields numbered above `resources`.
     tail: Bytes,
     delta: bool,
@@ -47,7 +48,7 @@ pub struct Response {
 
 impl Response {
     /// A state-of-the-world response; `message.resources` is ignored.
-    pub fn sotw(message: DiscoveryResponse, resources: Vec<Arc<Resource>>) -> Self {
+    pub fn sotw(message: DiscoveryResponse, resources: Vec<Arc<ResourceSet>>) -> Self {
         let head = DiscoveryResponse {
             version_info: message.version_info.clone(),
             ..Default::default()
@@ -62,7 +63,7 @@ impl Response {
 
     /// A delta response; `message.resources` is ignored. Each resource goes
     /// with its name and its content hash as its version.
-    pub fn delta(message: DeltaDiscoveryResponse, resources: Vec<Arc<Resource>>) -> Self {
+    pub fn delta(message: DeltaDiscoveryResponse, resources: Vec<Arc<ResourceSet>>) -> Self {
         let head = DeltaDiscoveryResponse {
             system_version_info: message.system_version_info.clone(),
             ..Default::default()
@@ -75,7 +76,7 @@ impl Response {
         Self::new(head.encode_to_vec(), resources, tail.encode_to_vec(), true)
     }
 
-    fn new(head: Vec<u8>, resources: Vec<Arc<Resource>>, tail: Vec<u8>, delta: bool) -> Self {
+    fn new(head: Vec<u8>, resources: Vec<Arc<ResourceSet>>, tail: Vec<u8>, delta: bool) -> Self {
         Self {
             head: head.into(),
             resources,
@@ -107,15 +108,25 @@ impl Response {
         key_len(RESOURCES) + encoded_len_varint(inner as u64) + inner
     }
 
+    /// Every resource, part after part.
+    fn all(&self) -> impl Iterator<Item = &Arc<Resource>> {
+        self.resources.iter().flat_map(|part| part.resources())
+    }
+
+    /// The `i`th resource, counting part after part.
+    fn get(&self, mut i: usize) -> Option<&Arc<Resource>> {
+        for part in &self.resources {
+            match part.resources().get(i) {
+                Some(r) => return Some(r),
+                None => i -= part.len(),
+            }
+        }
+        None
+    }
+
     /// The encoded message's length.
     pub fn encoded_len(&self) -> usize {
-        self.head.len()
-            + self
-                .resources
-                .iter()
-                .map(|r| self.field_len(r))
-                .sum::<usize>()
-            + self.tail.len()
+        self.head.len() + self.all().map(|r| self.field_len(r)).sum::<usize>() + self.tail.len()
     }
 
     /// What goes before a resource's bytes: its key and length, and for a
@@ -190,10 +201,10 @@ impl Iterator for GrpcChunks {
             buf.put_u32(self.len as u32);
             buf.put_slice(&response.head);
         }
-        if let Some(i) = self.after.take() {
-            response.encode_after(&response.resources[i], &mut buf);
+        if let Some(r) = self.after.take().and_then(|i| response.get(i)) {
+            response.encode_after(r, &mut buf);
         }
-        while let Some(r) = response.resources.get(self.next) {
+        while let Some(r) = response.get(self.next) {
             if r.any.len() >= SHARED {
                 response.encode_before(r, &mut buf);
                 self.shared = Some(r.any.clone());
@@ -243,8 +254,14 @@ mod tests {
     fn resources() -> Vec<Arc<Resource>> {
         // Enough, and large enough, to span several chunks.
         (0..40)
-            .map(|i| cluster(&format!("c{i}"), i * 1_000))
+            .map(|i| cluster(&format!("c{i:02}"), i * 1_000))
             .collect()
+    }
+
+    /// The resources in two parts, as a proxy's shared and own ones go.
+    fn parts(resources: &[Arc<Resource>]) -> Vec<Arc<ResourceSet>> {
+        let (a, b) = resources.split_at(resources.len() / 3);
+        vec![ResourceSet::new(a.to_vec()), ResourceSet::new(b.to_vec())]
     }
 
     fn message(response: Response) -> Bytes {
@@ -274,7 +291,7 @@ mod tests {
             resources: resources.iter().map(|r| any(r)).collect(),
             ..fields.clone()
         };
-        let bytes = message(Response::sotw(fields, resources));
+        let bytes = message(Response::sotw(fields, parts(&resources)));
         assert_eq!(bytes, expected.encode_to_vec());
     }
 
@@ -300,7 +317,7 @@ mod tests {
                 .collect(),
             ..fields.clone()
         };
-        let bytes = message(Response::delta(fields, resources));
+        let bytes = message(Response::delta(fields, parts(&resources)));
         assert_eq!(bytes, expected.encode_to_vec());
     }
 
@@ -315,7 +332,7 @@ mod tests {
     fn small_resources_are_copied_into_chunks_large_ones_shared() {
         let resources = resources();
         let chunks: Vec<Bytes> =
-            Response::delta(DeltaDiscoveryResponse::default(), resources.clone())
+            Response::delta(DeltaDiscoveryResponse::default(), parts(&resources))
                 .into_grpc_chunks()
                 .collect();
         let (large, small): (Vec<_>, Vec<_>) =

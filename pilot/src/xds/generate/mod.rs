@@ -13,7 +13,7 @@ pub mod tls;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, Mutex, OnceLock, Weak},
 };
 
 use envoy_types::pb::{
@@ -26,7 +26,10 @@ use mesh_api::pb::istio::networking::v1alpha3::{CaptureMode, Sidecar, VirtualSer
 use prost::{Message, Name};
 use tokio::sync::watch;
 
-use super::{CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource, ResourceGenerator, TypeVersions};
+use super::{
+    CLUSTER, ENDPOINT, Generated, LISTENER, ROUTE, Resource, ResourceGenerator, ResourceSet,
+    TypeVersions,
+};
 use crate::{
     model::{self, Model, Named, Port, Protocol, Service, host},
     proxy::{Interception, Proxy, ProxyKind},
@@ -338,15 +341,48 @@ struct ScopeKey {
     sidecar: Option<(String, String)>,
 }
 
-type Resources = Arc<Vec<Arc<Resource>>>;
-
 #[derive(Default)]
 struct SharedCache {
     /// The model the entries were built from.
     model: Option<Arc<Model>>,
-    /// One cell per key: the first stream to need it builds it, the others
+    /// One entry per key: the first stream to need it builds it, the others
     /// wait for that instead of building it again.
-    entries: HashMap<ScopeKey, Arc<OnceLock<Resources>>>,
+    entries: HashMap<ScopeKey, Arc<ScopeEntry>>,
+}
+
+/// A scope's resources of one type, and the selections proxies of the scope
+/// subscribe to by name.
+#[derive(Default)]
+struct ScopeEntry {
+    built: OnceLock<Arc<ResourceSet>>,
+    /// By the address of an interned name set, kept alive by the key's own
+    /// pointer to it; a selection lives while some proxy holds it.
+    selections: Mutex<HashMap<usize, Selection>>,
+}
+
+/// A name set and the resources it selects.
+type Selection = (Arc<BTreeSet<String>>, Weak<ResourceSet>);
+
+impl ScopeEntry {
+    /// The resources named in `names`, all of them when it is empty: one
+    /// set for every proxy of the scope that subscribes to the same names.
+    fn select(&self, names: &Arc<BTreeSet<String>>) -> Arc<ResourceSet> {
+        let built = self.built.get().expect("selected once built");
+        if names.is_empty() {
+            return built.clone();
+        }
+        let key = Arc::as_ptr(names) as usize;
+        let mut selections = self.selections.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(set) = selections.get(&key).and_then(|(_, s)| s.upgrade()) {
+            return set;
+        }
+        let set = built.select(names);
+        if selections.len() >= 64 {
+            selections.retain(|_, (_, s)| s.strong_count() > 0);
+        }
+        selections.insert(key, (names.clone(), Arc::downgrade(&set)));
+        set
+    }
 }
 
 impl ModelGenerator {
@@ -383,14 +419,15 @@ impl ModelGenerator {
         self.model.borrow().clone()
     }
 
-    /// The shared resources of `type_url` for the scope, built at most once
-    /// per model.
+    /// The shared resources of `type_url` for the scope that `names`
+    /// selects, built at most once per model.
     fn shared(
         &self,
         scope: &Scope,
         type_url: &'static str,
+        names: &Arc<BTreeSet<String>>,
         build: impl FnOnce() -> Vec<Arc<Resource>>,
-    ) -> Resources {
+    ) -> Arc<ResourceSet> {
         // Labels matter to a gateway (which Gateways select it) and to
         // routes when some match names source labels; otherwise only
         // through the Sidecar, which is in the key.
@@ -408,7 +445,7 @@ impl ModelGenerator {
             interception: scope.proxy.interception,
             sidecar: scope.sidecar.map(|s| (s.namespace.clone(), s.name.clone())),
         };
-        let cell = {
+        let entry = {
             let mut cache = self.shared.lock().unwrap_or_else(|e| e.into_inner());
             let cached = |m: &Option<Arc<Model>>| {
                 m.as_ref()
@@ -418,41 +455,32 @@ impl ModelGenerator {
                 let current = self.model();
                 if !std::ptr::eq(current.as_ref(), scope.model) {
                     // The scope's model is already stale: build uncached.
-                    return Arc::new(sorted(build()));
+                    return ResourceSet::new(build()).select(names);
                 }
                 cache.model = Some(current);
                 cache.entries.clear();
             }
             cache.entries.entry(key).or_default().clone()
         };
-        cell.get_or_init(|| Arc::new(sorted(build()))).clone()
+        entry.built.get_or_init(|| ResourceSet::new(build()));
+        entry.select(names)
     }
-}
-
-/// The resources of `sorted` (in name order) named in `names`, all of them
-/// when `names` is empty: one walk over both, as both are in order.
-fn selected<'a>(
-    sorted: &'a [Arc<Resource>],
-    names: &'a BTreeSet<String>,
-) -> impl Iterator<Item = &'a Arc<Resource>> + 'a {
-    let mut wanted = names.iter().peekable();
-    sorted.iter().filter(move |r| {
-        if names.is_empty() {
-            return true;
-        }
-        while wanted.next_if(|n| n.as_str() < &*r.name).is_some() {}
-        wanted.peek().is_some_and(|n| n.as_str() == &*r.name)
-    })
-}
-
-/// Resources in name order, the order `generate` promises.
-fn sorted(mut resources: Vec<Arc<Resource>>) -> Vec<Arc<Resource>> {
-    resources.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-    resources
 }
 
 fn named<M: Message + Name>(items: Vec<M>, name: impl Fn(&M) -> String) -> Vec<Arc<Resource>> {
     items.iter().map(|m| Resource::new(name(m), m)).collect()
+}
+
+/// The proxy's own resources named in `names`, all when it is empty.
+fn own_set(resources: Vec<Arc<Resource>>, names: &BTreeSet<String>) -> Arc<ResourceSet> {
+    if resources.is_empty() {
+        return ResourceSet::empty();
+    }
+    let set = ResourceSet::new(resources);
+    if names.is_empty() {
+        return set;
+    }
+    set.select(names)
 }
 
 impl ResourceGenerator for ModelGenerator {
@@ -462,12 +490,7 @@ impl ResourceGenerator for ModelGenerator {
         Proxy::from_node(node)
     }
 
-    fn generate(
-        &self,
-        proxy: &Proxy,
-        type_url: &str,
-        names: &BTreeSet<String>,
-    ) -> Vec<Arc<Resource>> {
+    fn generate(&self, proxy: &Proxy, type_url: &str, names: &Arc<BTreeSet<String>>) -> Generated {
         let model = self.model();
         let scope = Scope::new(&model, proxy);
         let (shared, own) = match type_url {
@@ -477,16 +500,18 @@ impl ResourceGenerator for ModelGenerator {
                     own.extend(cluster::sni_dnat(&scope));
                 }
                 (
-                    self.shared(&scope, CLUSTER, || cluster::shared(&scope)),
+                    self.shared(&scope, CLUSTER, names, || cluster::shared(&scope)),
                     named(own, |c| c.name.clone()),
                 )
             }
             ENDPOINT => (
-                self.shared(&scope, ENDPOINT, || endpoint::load_assignments(&scope)),
+                self.shared(&scope, ENDPOINT, names, || {
+                    endpoint::load_assignments(&scope)
+                }),
                 Vec::new(),
             ),
             LISTENER => {
-                let shared = self.shared(&scope, LISTENER, || {
+                let shared = self.shared(&scope, LISTENER, names, || {
                     let listeners = match proxy.kind {
                         ProxyKind::Sidecar => listener::shared(&scope),
                         ProxyKind::Router => gateway::listeners(&scope),
@@ -503,30 +528,17 @@ impl ResourceGenerator for ModelGenerator {
                 (shared, named(own, |l| l.name.clone()))
             }
             ROUTE => (
-                self.shared(&scope, ROUTE, || {
+                self.shared(&scope, ROUTE, names, || {
                     named(route_configs(&scope), |r| r.name.clone())
                 }),
                 Vec::new(),
             ),
-            _ => return Vec::new(),
+            _ => (ResourceSet::empty(), Vec::new()),
         };
-        // Both parts are in name order; merged, so is the answer.
-        let own = sorted(own);
-        let (mut a, mut b) = (
-            selected(&shared, names).peekable(),
-            selected(&own, names).peekable(),
-        );
-        let mut out = Vec::new();
-        loop {
-            let next = match (a.peek(), b.peek()) {
-                (Some(x), Some(y)) if x.name <= y.name => a.next(),
-                (Some(_), Some(_)) | (None, Some(_)) => b.next(),
-                (Some(_), None) => a.next(),
-                (None, None) => break,
-            };
-            out.extend(next.cloned());
+        Generated {
+            shared,
+            own: own_set(own, names),
         }
-        out
     }
 
     fn changes(&self) -> watch::Receiver<TypeVersions> {
