@@ -121,9 +121,9 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
         None => mesh_api::mesh::defaults(),
     };
 
-    // Rebuild the model once changes settle; the last good one stays while
+    // Update the model once changes settle; the last good one stays while
     // Galley is away, since the sink keeps its state.
-    let (model_tx, model_rx) = watch::channel(Arc::new(Model::default()));
+    let generator = ModelGenerator::new(Arc::new(Model::new(fallback_mesh.clone())));
     let mut snapshots = sink.subscribe();
     let debounce = args.debounce;
     // Ready once the model reflects a synced snapshot, not merely once the
@@ -133,25 +133,29 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
     let (jwks_uris, wanted) = watch::channel(Default::default());
     let (keys_tx, mut keys) = watch::channel(Arc::default());
     tokio::spawn(jwks::keep(wanted, keys_tx, shutdown.clone()));
+    let publisher = generator.clone();
     tokio::spawn(async move {
+        let mut last = Arc::new(mcp::SinkSnapshot::default());
         loop {
             let snapshot = snapshots.borrow_and_update().clone();
-            let mut model = Model::from_snapshot(&snapshot, &fallback_mesh);
+            let mut model = (*publisher.model()).clone();
+            let mut change = model.update(&last, &snapshot, &fallback_mesh);
+            last = snapshot;
             jwks_uris.send_if_modified(|current| {
                 let uris = jwks::uris(&model.config);
                 let changed = *current != uris;
                 *current = uris;
                 changed
             });
-            model.jwks = (**keys.borrow_and_update()).clone();
-            model_tx.send_if_modified(|current| {
-                let changed = **current != model;
-                if changed {
-                    *current = Arc::new(model);
-                }
-                changed
-            });
-            if snapshot.synced() {
+            let jwks = keys.borrow_and_update().clone();
+            if model.jwks != *jwks {
+                model.jwks = (*jwks).clone();
+                change.jwks = true;
+            }
+            if !change.is_empty() {
+                publisher.publish(Arc::new(model), &change);
+            }
+            if last.synced() {
                 model_built.set(true);
                 built_tx.send_replace(true);
             }
@@ -171,7 +175,6 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
         }
     });
 
-    let generator = ModelGenerator::new(model_rx);
     let ads = AdsServer::new(generator.clone(), shutdown.clone());
     let status = ads.status();
     admin.debug_page("syncz", move || debug::syncz(&status));

@@ -1,37 +1,36 @@
-//! The service model, built from one MCP snapshot: services (ServiceEntries,
-//! user and synthetic) with their ports and endpoints, every config kind
-//! Pilot reads, indexed by what generation looks up, and the mesh config.
+//! The service model: services (ServiceEntries, user and synthetic) with
+//! their ports and endpoints, every config kind Pilot reads, indexed by
+//! what generation looks up, and the mesh config.
 //!
-//! Endpoints are held apart from services, so that comparing two models
-//! tells an endpoint-only change (an EDS push) from one that changes what
-//! proxies route ([`Model::changed_types`]).
+//! The model follows MCP snapshots incrementally ([`update`]): an object
+//! that changed is read again, nothing else, and the [`Change`] says what
+//! moved. Its maps are persistent, so a new model shares all but what
+//! changed with the one before it. Endpoints are held apart from services,
+//! so that an endpoint-only change is an EDS push.
 
 pub mod host;
 mod kubernetes;
+mod update;
+
+pub use update::Change;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
 };
 
-use mcp::SinkSnapshot;
+use imbl::OrdMap;
 use mesh_api::{
-    kinds::{self, Body},
     mesh,
     pb::istio::{
         authentication::v1alpha1::Policy,
         mesh::v1alpha1::MeshConfig,
-        networking::v1alpha3::{
-            DestinationRule, Gateway, ServiceEntry, Sidecar, VirtualService, service_entry,
-        },
+        networking::v1alpha3::{DestinationRule, Gateway, Sidecar, VirtualService},
         rbac::v1alpha1::{RbacConfig, ServiceRole, ServiceRoleBinding},
     },
 };
 
-use crate::{
-    proxy::Proxy,
-    xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE},
-};
+use crate::proxy::Proxy;
 
 /// A port's protocol, from its declared protocol (or Istio's name prefix
 /// convention upstream of Pilot); unknown protocols are TCP.
@@ -152,235 +151,126 @@ pub struct Named<T> {
     pub spec: T,
 }
 
+/// Config objects of one kind by their MCP name (`namespace/name`), in that
+/// order. Cloned in constant time, changed in logarithmic time.
+#[derive(Debug, Clone)]
+pub struct Objects<T>(OrdMap<String, Arc<Named<T>>>);
+
+impl<T> Default for Objects<T> {
+    fn default() -> Self {
+        Self(OrdMap::new())
+    }
+}
+
+impl<T: PartialEq> PartialEq for Objects<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl<T> Objects<T> {
+    pub fn iter(&self) -> impl Iterator<Item = &Named<T>> {
+        self.0.values().map(Arc::as_ref)
+    }
+
+    /// The objects with their MCP names.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &Named<T>)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_ref()))
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Named<T>> {
+        self.0.get(key).map(Arc::as_ref)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a, T> IntoIterator for &'a Objects<T> {
+    type Item = &'a Named<T>;
+    type IntoIter = Box<dyn Iterator<Item = &'a Named<T>> + 'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(self.iter())
+    }
+}
+
 /// Every config kind Pilot reads, indexed for generation.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Config {
     /// Hosts, gateway names and destination hosts resolved to full names.
-    pub virtual_services: Vec<Named<VirtualService>>,
-    /// Hosts resolved; in `namespace/name` order.
-    pub destination_rules: Vec<Named<DestinationRule>>,
-    /// By `namespace/name`.
-    pub gateways: BTreeMap<String, Named<Gateway>>,
-    pub sidecars: Vec<Named<Sidecar>>,
-    pub policies: Vec<Named<Policy>>,
+    pub virtual_services: Objects<VirtualService>,
+    /// Hosts resolved.
+    pub destination_rules: Objects<DestinationRule>,
+    pub gateways: Objects<Gateway>,
+    pub sidecars: Objects<Sidecar>,
+    pub policies: Objects<Policy>,
     /// The MeshPolicy named `default`, the mesh-wide authentication policy.
     pub mesh_policy: Option<Policy>,
-    /// By `(namespace, name)`.
-    pub service_roles: BTreeMap<(String, String), ServiceRole>,
-    pub service_role_bindings: Vec<Named<ServiceRoleBinding>>,
+    pub service_roles: Objects<ServiceRole>,
+    pub service_role_bindings: Objects<ServiceRoleBinding>,
     /// The ClusterRbacConfig (or, as Istio 1.1 still reads it, the
     /// RbacConfig) named `default`.
     pub rbac_config: Option<RbacConfig>,
     /// Whether some VirtualService route matches on source labels, so that
     /// proxies' routes depend on their labels.
     pub matches_source_labels: bool,
+    /// The DestinationRules naming each exact host, and those naming a
+    /// wildcard, by MCP name: a rule is looked up per cluster.
+    rules_by_host: OrdMap<String, BTreeSet<String>>,
+    wildcard_rules: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Model {
     /// Services by host.
-    pub services: BTreeMap<String, Arc<Service>>,
+    pub services: OrdMap<String, Arc<Service>>,
     /// Endpoints by service host.
-    pub endpoints: BTreeMap<String, Arc<Vec<Endpoint>>>,
+    pub endpoints: OrdMap<String, Arc<Vec<Endpoint>>>,
     /// Service hosts with an endpoint at an address, by address.
-    pub hosts_by_address: BTreeMap<String, BTreeSet<String>>,
+    pub hosts_by_address: OrdMap<String, BTreeSet<String>>,
     pub config: Config,
     pub mesh: MeshConfig,
     /// JWT issuers' keys (JWKS JSON), by the `jwksUri` policies name them
     /// by, as Pilot fetched them.
     pub jwks: BTreeMap<String, String>,
+    /// What the services are made from (see [`update`]).
+    entries: update::Entries,
 }
 
 impl Default for Model {
     fn default() -> Self {
-        Self {
-            services: BTreeMap::new(),
-            endpoints: BTreeMap::new(),
-            hosts_by_address: BTreeMap::new(),
-            config: Config::default(),
-            mesh: mesh::defaults(),
-            jwks: BTreeMap::new(),
-        }
+        Self::new(mesh::defaults())
     }
-}
-
-macro_rules! named {
-    ($snapshot:expr, $collection:expr, $variant:ident) => {
-        $snapshot
-            .bodies($collection)
-            .filter_map(|(namespace, name, body)| match body {
-                Body::$variant(spec) => Some(Named {
-                    namespace,
-                    name,
-                    spec: (**spec).clone(),
-                }),
-                _ => None,
-            })
-    };
 }
 
 impl Model {
+    /// A model of no config, with `mesh` as its mesh config until a
+    /// snapshot brings one.
+    pub fn new(mesh: MeshConfig) -> Self {
+        Self {
+            services: OrdMap::new(),
+            endpoints: OrdMap::new(),
+            hosts_by_address: OrdMap::new(),
+            config: Config::default(),
+            mesh,
+            jwks: BTreeMap::new(),
+            entries: update::Entries::default(),
+        }
+    }
+
     /// The model of a snapshot. A host defined twice keeps its first
     /// definition (user ServiceEntries before synthetic ones). The mesh
     /// config is the snapshot's, else `mesh`.
-    pub fn from_snapshot(snapshot: &SinkSnapshot, mesh: &MeshConfig) -> Self {
-        let mut model = Model {
-            mesh: mesh.clone(),
-            ..Model::default()
-        };
-        for se in named!(snapshot, kinds::SERVICE_ENTRIES, ServiceEntry) {
-            model.add_service_entry(se);
-        }
-        // A source that serves no synthetic entries (Istio 1.1's Galley)
-        // serves the Kubernetes objects they are made from; what an earlier
-        // source served under the refused name is not current.
-        if snapshot.absent(kinds::SYNTHETIC_SERVICE_ENTRIES) {
-            for se in kubernetes::service_entries(snapshot) {
-                model.add_service_entry(se);
-            }
-        } else {
-            for se in named!(snapshot, kinds::SYNTHETIC_SERVICE_ENTRIES, ServiceEntry) {
-                model.add_service_entry(se);
-            }
-        }
-        let config = &mut model.config;
-        config.virtual_services = named!(snapshot, kinds::VIRTUAL_SERVICES, VirtualService)
-            .map(resolve_virtual_service)
-            .collect();
-        config.matches_source_labels = config.virtual_services.iter().any(|vs| {
-            let http = vs
-                .spec
-                .http
-                .iter()
-                .flat_map(|h| &h.r#match)
-                .any(|m| !m.source_labels.is_empty());
-            let tcp = vs
-                .spec
-                .tcp
-                .iter()
-                .flat_map(|t| &t.r#match)
-                .any(|m| !m.source_labels.is_empty());
-            http || tcp
-        });
-        config.destination_rules = named!(snapshot, kinds::DESTINATION_RULES, DestinationRule)
-            .map(|mut dr| {
-                dr.spec.host = host::resolve(&dr.spec.host, &dr.namespace);
-                dr
-            })
-            .collect();
-        config.gateways = named!(snapshot, kinds::GATEWAYS, Gateway)
-            .map(|g| (format!("{}/{}", g.namespace, g.name), g))
-            .collect();
-        config.sidecars = named!(snapshot, kinds::SIDECARS, Sidecar).collect();
-        config.policies = named!(snapshot, kinds::POLICIES, Policy).collect();
-        config.mesh_policy = named!(snapshot, kinds::MESH_POLICIES, Policy)
-            .find(|p| p.name == "default")
-            .map(|p| p.spec);
-        config.service_roles = named!(snapshot, kinds::SERVICE_ROLES, ServiceRole)
-            .map(|r| ((r.namespace, r.name), r.spec))
-            .collect();
-        config.service_role_bindings =
-            named!(snapshot, kinds::SERVICE_ROLE_BINDINGS, ServiceRoleBinding).collect();
-        config.rbac_config = named!(snapshot, kinds::CLUSTER_RBAC_CONFIGS, RbacConfig)
-            .chain(named!(snapshot, kinds::RBAC_CONFIGS, RbacConfig))
-            .find(|c| c.name == "default")
-            .map(|c| c.spec);
-        if let Some(mesh) = snapshot
-            .bodies(kinds::MESH_CONFIG)
-            .find_map(|(_, _, b)| match b {
-                Body::MeshConfig(m) => Some((**m).clone()),
-                _ => None,
-            })
-        {
-            model.mesh = mesh;
-        }
+    pub fn from_snapshot(snapshot: &mcp::SinkSnapshot, mesh: &MeshConfig) -> Self {
+        let mut model = Self::new(mesh.clone());
+        model.update(&mcp::SinkSnapshot::default(), snapshot, mesh);
         model
-    }
-
-    fn add_service_entry(&mut self, se: Named<ServiceEntry>) {
-        let spec = &se.spec;
-        let resolution = match service_entry::Resolution::try_from(spec.resolution) {
-            Ok(service_entry::Resolution::Static) => Resolution::Static,
-            Ok(service_entry::Resolution::Dns) => Resolution::Dns,
-            _ => Resolution::Passthrough,
-        };
-        let endpoints: Arc<Vec<Endpoint>> = Arc::new(
-            spec.endpoints
-                .iter()
-                .map(|e| Endpoint {
-                    address: e.address.clone(),
-                    ports: e.ports.clone(),
-                    labels: e.labels.clone(),
-                    locality: e.locality.clone(),
-                    weight: e.weight,
-                })
-                .collect(),
-        );
-        for h in &spec.hosts {
-            let host = host::resolve(h, &se.namespace);
-            if self.services.contains_key(&host) {
-                continue;
-            }
-            let service = Service {
-                host: host.clone(),
-                namespace: se.namespace.clone(),
-                addresses: spec.addresses.clone(),
-                ports: spec
-                    .ports
-                    .iter()
-                    .map(|p| Port {
-                        number: p.number,
-                        name: p.name.clone(),
-                        protocol: Protocol::parse(&p.protocol),
-                    })
-                    .collect(),
-                resolution,
-                mesh_external: spec.location == service_entry::Location::MeshExternal as i32,
-                subject_alt_names: spec.subject_alt_names.clone(),
-                export_to: spec.export_to.clone(),
-            };
-            self.services.insert(host.clone(), Arc::new(service));
-            for e in endpoints.iter() {
-                self.hosts_by_address
-                    .entry(e.address.clone())
-                    .or_default()
-                    .insert(host.clone());
-            }
-            self.endpoints.insert(host, endpoints.clone());
-        }
-    }
-
-    /// The xDS types whose resources may differ between `self` and `next`:
-    /// an endpoint-only change touches EDS alone.
-    pub fn changed_types(&self, next: &Model) -> BTreeSet<&'static str> {
-        let mut types = BTreeSet::new();
-        if self.services != next.services || self.mesh != next.mesh {
-            return [CLUSTER, ENDPOINT, LISTENER, ROUTE].into();
-        }
-        let (a, b) = (&self.config, &next.config);
-        if a.sidecars != b.sidecars {
-            return [CLUSTER, ENDPOINT, LISTENER, ROUTE].into();
-        }
-        if self.endpoints != next.endpoints {
-            // Inbound listeners follow the proxy's own endpoints.
-            types.extend([ENDPOINT, LISTENER]);
-        }
-        if a.destination_rules != b.destination_rules {
-            // Subsets, policies, and consistent-hash route settings.
-            types.extend([CLUSTER, ENDPOINT, ROUTE]);
-        }
-        if a.virtual_services != b.virtual_services || a.gateways != b.gateways {
-            types.extend([LISTENER, ROUTE]);
-        }
-        if a.policies != b.policies
-            || a.mesh_policy != b.mesh_policy
-            || a.service_roles != b.service_roles
-            || a.service_role_bindings != b.service_role_bindings
-            || a.rbac_config != b.rbac_config
-        {
-            types.insert(LISTENER);
-        }
-        types
     }
 
     /// The DestinationRule for `host` as seen from `namespace`: the most
@@ -388,9 +278,14 @@ impl Model {
     /// namespace, then any.
     pub fn destination_rule(&self, host: &str, namespace: &str) -> Option<&Named<DestinationRule>> {
         let root = self.mesh.root_namespace.as_str();
-        self.config
-            .destination_rules
-            .iter()
+        let config = &self.config;
+        config
+            .rules_by_host
+            .get(host)
+            .into_iter()
+            .flatten()
+            .chain(&config.wildcard_rules)
+            .filter_map(|key| config.destination_rules.get(key))
             .filter(|dr| {
                 host::covers(&dr.spec.host, host)
                     && exported(&dr.spec.export_to, &dr.namespace, namespace)
@@ -412,14 +307,16 @@ impl Model {
         proxy: &'a Proxy,
     ) -> impl Iterator<Item = (&'a Service, &'a Endpoint)> + 'a {
         let ip = proxy.ip.to_string();
-        self.services.values().flat_map(move |service| {
+        let hosts = self.hosts_by_address.get(&ip).into_iter().flatten();
+        hosts.flat_map(move |host| {
+            let service = self.services.get(host).map(Arc::as_ref);
             let ip = ip.clone();
             self.endpoints
-                .get(&service.host)
+                .get(host)
                 .into_iter()
                 .flat_map(|e| e.iter())
                 .filter(move |e| e.address == ip && proxy.matches(&e.labels))
-                .map(move |e| (service.as_ref(), e))
+                .filter_map(move |e| Some((service?, e)))
         })
     }
 
@@ -448,7 +345,7 @@ impl Model {
 
 /// A VirtualService with every host name made full: its hosts, its
 /// gateways (`name` -> `namespace/name`, `mesh` kept) and its destinations.
-fn resolve_virtual_service(mut vs: Named<VirtualService>) -> Named<VirtualService> {
+pub(crate) fn resolve_virtual_service(mut vs: Named<VirtualService>) -> Named<VirtualService> {
     let ns = vs.namespace.clone();
     let gateway = |g: &mut String| {
         if g != "mesh" && !g.contains('/') {

@@ -123,15 +123,11 @@ impl<'a> Settings<'a> {
 /// port and subset, the black hole and the passthrough. Each is encoded as
 /// it is built: thousands of decoded clusters would take far more memory.
 pub fn shared(scope: &Scope) -> Vec<Arc<Resource>> {
-    let mut out = Vec::new();
+    let mut out: Vec<Arc<Resource>> = scope
+        .services()
+        .flat_map(|service| of_service(scope, service))
+        .collect();
     let mut add = |c: Cluster| out.push(Resource::new(c.name.clone(), &c));
-    for service in scope.services() {
-        for port in &service.ports {
-            for subset in scope.subsets(service) {
-                add(outbound(scope, service, port, &subset));
-            }
-        }
-    }
     add(Cluster {
         name: BLACK_HOLE.into(),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
@@ -139,6 +135,18 @@ pub fn shared(scope: &Scope) -> Vec<Arc<Resource>> {
         ..Default::default()
     });
     add(original_destination(PASSTHROUGH, scope.model));
+    out
+}
+
+/// The clusters of one service: one per port and subset.
+pub fn of_service(scope: &Scope, service: &Service) -> Vec<Arc<Resource>> {
+    let mut out = Vec::new();
+    for port in &service.ports {
+        for subset in scope.subsets(service) {
+            let c = outbound(scope, service, port, &subset);
+            out.push(Resource::new(c.name.clone(), &c));
+        }
+    }
     out
 }
 

@@ -20,16 +20,23 @@ use crate::xds::Resource;
 /// Load assignments of every EDS cluster the proxy sees, each encoded as
 /// it is built.
 pub fn load_assignments(scope: &Scope) -> Vec<Arc<Resource>> {
-    let mut out = Vec::new();
-    for service in scope
+    scope
         .services()
-        .filter(|s| s.resolution == Resolution::Static)
-    {
-        for port in &service.ports {
-            for subset in scope.subsets(service) {
-                let cla = load_assignment(scope, service, port, &subset);
-                out.push(Resource::new(cla.cluster_name.clone(), &cla));
-            }
+        .flat_map(|service| of_service(scope, service))
+        .collect()
+}
+
+/// The load assignments of one service's clusters (none unless its
+/// endpoints are listed).
+pub fn of_service(scope: &Scope, service: &Service) -> Vec<Arc<Resource>> {
+    if service.resolution != Resolution::Static {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for port in &service.ports {
+        for subset in scope.subsets(service) {
+            let cla = load_assignment(scope, service, port, &subset);
+            out.push(Resource::new(cla.cluster_name.clone(), &cla));
         }
     }
     out

@@ -71,7 +71,7 @@ impl Bound<'_> {
 /// The servers that apply to the proxy, by port.
 fn servers<'a>(scope: &Scope<'a>) -> BTreeMap<u32, Vec<Bound<'a>>> {
     let mut out: BTreeMap<u32, Vec<Bound>> = BTreeMap::new();
-    for (name, gw) in &scope.model.config.gateways {
+    for (name, gw) in scope.model.config.gateways.entries() {
         if gw.spec.selector.is_empty() || !scope.proxy.matches(&gw.spec.selector) {
             continue;
         }

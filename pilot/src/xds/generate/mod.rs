@@ -31,7 +31,7 @@ use super::{
     TypeVersions,
 };
 use crate::{
-    model::{self, Model, Named, Port, Protocol, Service, host},
+    model::{self, Change, Model, Named, Port, Protocol, Service, host},
     proxy::{Interception, Proxy, ProxyKind},
 };
 
@@ -149,12 +149,19 @@ impl<'a> Scope<'a> {
             .services
             .values()
             .map(Arc::as_ref)
-            .filter(|s| s.visible_from(&self.proxy.namespace))
-            .filter(move |s| {
-                egress
-                    .iter()
-                    .any(|e| self.selects(&e.hosts, &s.namespace, &s.host))
-            })
+            .filter(move |s| self.sees_with(&egress, s))
+    }
+
+    /// Whether the proxy sees `service` (one of [`Self::services`]).
+    pub fn sees(&self, service: &Service) -> bool {
+        self.sees_with(&self.egress(), service)
+    }
+
+    fn sees_with(&self, egress: &[Egress], service: &Service) -> bool {
+        service.visible_from(&self.proxy.namespace)
+            && egress
+                .iter()
+                .any(|e| self.selects(&e.hosts, &service.namespace, &service.host))
     }
 
     /// Services reachable through the egress listener for `port` (the one
@@ -323,7 +330,7 @@ fn parse_endpoint(s: &str) -> Option<(String, u32)> {
 
 /// Generates from the latest model.
 pub struct ModelGenerator {
-    model: watch::Receiver<Arc<Model>>,
+    model: watch::Sender<Arc<Model>>,
     changes: watch::Sender<TypeVersions>,
     shared: Mutex<SharedCache>,
 }
@@ -343,7 +350,7 @@ struct ScopeKey {
 
 #[derive(Default)]
 struct SharedCache {
-    /// The model the entries were built from.
+    /// The model the entries are for.
     model: Option<Arc<Model>>,
     /// One entry per key: the first stream to need it builds it, the others
     /// wait for that instead of building it again.
@@ -355,6 +362,9 @@ struct SharedCache {
 #[derive(Default)]
 struct ScopeEntry {
     built: OnceLock<Arc<ResourceSet>>,
+    /// Where the entry starts from when a change touched only some hosts:
+    /// the set built before it, with the hosts to build again.
+    partial: Option<Partial>,
     /// By the address of an interned name set, kept alive by the key's own
     /// pointer to it; a selection lives while some proxy holds it.
     selections: Mutex<HashMap<usize, Selection>>,
@@ -363,7 +373,33 @@ struct ScopeEntry {
 /// A name set and the resources it selects.
 type Selection = (Arc<BTreeSet<String>>, Weak<ResourceSet>);
 
+struct Partial {
+    previous: Arc<ResourceSet>,
+    hosts: Arc<BTreeSet<String>>,
+}
+
 impl ScopeEntry {
+    /// The entry that follows `self` across a change: built again for
+    /// `hosts` alone when given, else whole.
+    fn after(&self, hosts: Option<&Arc<BTreeSet<String>>>) -> Self {
+        let partial = hosts.and_then(|hosts| match (self.built.get(), &self.partial) {
+            (Some(built), _) => Some(Partial {
+                previous: built.clone(),
+                hosts: hosts.clone(),
+            }),
+            // Not built since the last change: both changes' hosts.
+            (None, Some(p)) => Some(Partial {
+                previous: p.previous.clone(),
+                hosts: Arc::new(p.hosts.union(hosts).cloned().collect()),
+            }),
+            (None, None) => None,
+        });
+        Self {
+            partial,
+            ..Self::default()
+        }
+    }
+
     /// The resources named in `names`, all of them when it is empty: one
     /// set for every proxy of the scope that subscribes to the same names.
     fn select(&self, names: &Arc<BTreeSet<String>>) -> Arc<ResourceSet> {
@@ -385,33 +421,129 @@ impl ScopeEntry {
     }
 }
 
+/// Builds one service's resources of a type.
+type OfService<'a> = dyn Fn(&Service) -> Vec<Arc<Resource>> + 'a;
+
+/// The host of a cluster or load assignment named
+/// `outbound|port|subset|host`.
+fn host_of(name: &str) -> Option<&str> {
+    name.splitn(4, '|').nth(3)
+}
+
+/// `previous` with the resources of `partial`'s hosts built again, for the
+/// ones the scope sees. The same set when the scope sees none of them
+/// before or after: proxies of that scope are not sent anything.
+fn rebuild(
+    partial: &Partial,
+    scope: &Scope,
+    of_service: &OfService,
+) -> Arc<ResourceSet> {
+    let had: BTreeSet<&str> = partial
+        .previous
+        .resources()
+        .iter()
+        .filter_map(|r| host_of(&r.name))
+        .filter(|h| partial.hosts.contains(*h))
+        .collect();
+    let now: Vec<&Service> = partial
+        .hosts
+        .iter()
+        .filter_map(|h| scope.model.services.get(h))
+        .map(Arc::as_ref)
+        .filter(|s| scope.sees(s))
+        .collect();
+    if had.is_empty() && now.is_empty() {
+        return partial.previous.clone();
+    }
+    let mut resources: Vec<Arc<Resource>> = partial
+        .previous
+        .resources()
+        .iter()
+        .filter(|r| host_of(&r.name).is_none_or(|h| !had.contains(h)))
+        .cloned()
+        .collect();
+    for service in now {
+        resources.extend(of_service(service));
+    }
+    ResourceSet::new(resources)
+}
+
+/// The hosts whose clusters and load assignments `change` may alter, by
+/// type; `None` for a type whose every resource may change.
+fn hosts_changed(
+    change: &Change,
+    before: &Model,
+    after: &Model,
+) -> BTreeMap<&'static str, Option<Arc<BTreeSet<String>>>> {
+    let types = change.types();
+    let whole = change.mesh || change.collections.contains(mesh_api::kinds::SIDECARS);
+    let rule_hosts = change.rule_hosts.iter().flat_map(|pattern| {
+        let covered = before
+            .services
+            .keys()
+            .chain(after.services.keys())
+            .filter(move |h| pattern.starts_with('*') && host::covers(pattern, h));
+        std::iter::once(pattern).chain(covered)
+    });
+    let clusters: BTreeSet<String> = change.services.iter().chain(rule_hosts).cloned().collect();
+    let endpoints: BTreeSet<String> = clusters.iter().chain(&change.endpoints).cloned().collect();
+    types
+        .into_iter()
+        .map(|t| {
+            let hosts = match t {
+                _ if whole => None,
+                CLUSTER => Some(clusters.clone()),
+                ENDPOINT => Some(endpoints.clone()),
+                _ => None,
+            };
+            (t, hosts.map(Arc::new))
+        })
+        .collect()
+}
+
 impl ModelGenerator {
-    /// Follows `model`; each new model moves the versions of the types it
-    /// changes (an endpoint-only change moves EDS alone).
-    pub fn new(mut model: watch::Receiver<Arc<Model>>) -> Arc<Self> {
+    pub fn new(model: Arc<Model>) -> Arc<Self> {
         let (changes, _) = watch::channel(TypeVersions::default());
-        let generator = Arc::new(Self {
-            model: model.clone(),
+        Arc::new(Self {
+            model: watch::Sender::new(model),
             changes,
             shared: Mutex::default(),
-        });
-        let notify = generator.changes.clone();
-        tokio::spawn(async move {
-            let mut current = model.borrow_and_update().clone();
-            while model.changed().await.is_ok() {
-                let next = model.borrow_and_update().clone();
-                let types = current.changed_types(&next);
-                current = next;
-                if !types.is_empty() {
-                    notify.send_modify(|v| {
-                        for t in types {
-                            *v.entry(t.to_string()).or_default() += 1;
-                        }
-                    });
+        })
+    }
+
+    /// Makes `model`, which differs from the current one by `change`, the
+    /// one generation reads. Scopes keep what they built of the types the
+    /// change leaves alone, and build again only the hosts it touches of
+    /// the others; the types it touches move.
+    pub fn publish(&self, model: Arc<Model>, change: &Change) {
+        let moved = {
+            let mut cache = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            let before = self.model();
+            let moved = hosts_changed(change, &before, &model);
+            if cache
+                .model
+                .as_ref()
+                .is_some_and(|m| Arc::ptr_eq(m, &before))
+            {
+                for (key, entry) in cache.entries.iter_mut() {
+                    if let Some(hosts) = moved.get(key.type_url) {
+                        *entry = Arc::new(entry.after(hosts.as_ref()));
+                    }
                 }
+            } else {
+                cache.entries.clear();
             }
-        });
-        generator
+            cache.model = Some(model.clone());
+            self.model.send_replace(model);
+            moved
+        };
+        if !moved.is_empty() {
+            self.changes.send_modify(|v| {
+                for t in moved.keys() {
+                    *v.entry(t.to_string()).or_default() += 1;
+                }
+            });
+        }
     }
 
     /// The model generation reads now.
@@ -420,13 +552,16 @@ impl ModelGenerator {
     }
 
     /// The shared resources of `type_url` for the scope that `names`
-    /// selects, built at most once per model.
+    /// selects, built at most once per model; `of_service`, for types built
+    /// service by service, lets a change build only the services it
+    /// touches.
     fn shared(
         &self,
         scope: &Scope,
         type_url: &'static str,
         names: &Arc<BTreeSet<String>>,
         build: impl FnOnce() -> Vec<Arc<Resource>>,
+        of_service: Option<&OfService>,
     ) -> Arc<ResourceSet> {
         // Labels matter to a gateway (which Gateways select it) and to
         // routes when some match names source labels; otherwise only
@@ -447,22 +582,22 @@ impl ModelGenerator {
         };
         let entry = {
             let mut cache = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-            let cached = |m: &Option<Arc<Model>>| {
-                m.as_ref()
-                    .is_some_and(|m| std::ptr::eq(m.as_ref(), scope.model))
-            };
-            if !cached(&cache.model) {
-                let current = self.model();
-                if !std::ptr::eq(current.as_ref(), scope.model) {
-                    // The scope's model is already stale: build uncached.
-                    return ResourceSet::new(build()).select(names);
-                }
-                cache.model = Some(current);
-                cache.entries.clear();
+            let current = cache
+                .model
+                .as_ref()
+                .is_some_and(|m| std::ptr::eq(m.as_ref(), scope.model));
+            if !current {
+                // The scope's model is already stale: build uncached.
+                return ResourceSet::new(build()).select(names);
             }
             cache.entries.entry(key).or_default().clone()
         };
-        entry.built.get_or_init(|| ResourceSet::new(build()));
+        entry
+            .built
+            .get_or_init(|| match (&entry.partial, of_service) {
+                (Some(partial), Some(of_service)) => rebuild(partial, scope, of_service),
+                _ => ResourceSet::new(build()),
+            });
         entry.select(names)
     }
 }
@@ -499,25 +634,39 @@ impl ResourceGenerator for ModelGenerator {
                 if proxy.kind == ProxyKind::Router && gateway::auto_passthrough(&scope) {
                     own.extend(cluster::sni_dnat(&scope));
                 }
-                (
-                    self.shared(&scope, CLUSTER, names, || cluster::shared(&scope)),
-                    named(own, |c| c.name.clone()),
-                )
+                let shared = self.shared(
+                    &scope,
+                    CLUSTER,
+                    names,
+                    || cluster::shared(&scope),
+                    Some(&|s| cluster::of_service(&scope, s)),
+                );
+                (shared, named(own, |c| c.name.clone()))
             }
             ENDPOINT => (
-                self.shared(&scope, ENDPOINT, names, || {
-                    endpoint::load_assignments(&scope)
-                }),
+                self.shared(
+                    &scope,
+                    ENDPOINT,
+                    names,
+                    || endpoint::load_assignments(&scope),
+                    Some(&|s| endpoint::of_service(&scope, s)),
+                ),
                 Vec::new(),
             ),
             LISTENER => {
-                let shared = self.shared(&scope, LISTENER, names, || {
-                    let listeners = match proxy.kind {
-                        ProxyKind::Sidecar => listener::shared(&scope),
-                        ProxyKind::Router => gateway::listeners(&scope),
-                    };
-                    named(listeners, |l| l.name.clone())
-                });
+                let shared = self.shared(
+                    &scope,
+                    LISTENER,
+                    names,
+                    || {
+                        let listeners = match proxy.kind {
+                            ProxyKind::Sidecar => listener::shared(&scope),
+                            ProxyKind::Router => gateway::listeners(&scope),
+                        };
+                        named(listeners, |l| l.name.clone())
+                    },
+                    None,
+                );
                 let mut own = match proxy.kind {
                     ProxyKind::Sidecar => listener::inbound(&scope),
                     ProxyKind::Router => Vec::new(),
@@ -528,9 +677,13 @@ impl ResourceGenerator for ModelGenerator {
                 (shared, named(own, |l| l.name.clone()))
             }
             ROUTE => (
-                self.shared(&scope, ROUTE, names, || {
-                    named(route_configs(&scope), |r| r.name.clone())
-                }),
+                self.shared(
+                    &scope,
+                    ROUTE,
+                    names,
+                    || named(route_configs(&scope), |r| r.name.clone()),
+                    None,
+                ),
                 Vec::new(),
             ),
             _ => (ResourceSet::empty(), Vec::new()),
