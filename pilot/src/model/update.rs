@@ -144,7 +144,10 @@ fn changed<'a>(
 
 /// Whether `collection` may differ between the snapshots.
 fn moved(old: &SinkSnapshot, new: &SinkSnapshot, collection: &str) -> bool {
-    match (old.collections.get(collection), new.collections.get(collection)) {
+    match (
+        old.collections.get(collection),
+        new.collections.get(collection),
+    ) {
         (Some(a), Some(b)) => !a.resources.ptr_eq(&b.resources),
         (None, None) => false,
         _ => true,
@@ -283,7 +286,12 @@ impl Model {
 
     /// Puts (or removes) one entry, and defines again each host it names
     /// or named.
-    fn set_entry(&mut self, key: EntryKey, entry: Option<Named<ServiceEntry>>, change: &mut Change) {
+    fn set_entry(
+        &mut self,
+        key: EntryKey,
+        entry: Option<Named<ServiceEntry>>,
+        change: &mut Change,
+    ) {
         let entries = &mut self.entries;
         let old = entries.entries.get(&key).cloned();
         if old.as_deref() == entry.as_ref() {
@@ -358,7 +366,9 @@ impl Model {
             change.services.insert(host.to_string());
         }
         let addresses = |e: &Option<Arc<Vec<Endpoint>>>| -> BTreeSet<String> {
-            e.iter().flat_map(|e| e.iter().map(|e| e.address.clone())).collect()
+            e.iter()
+                .flat_map(|e| e.iter().map(|e| e.address.clone()))
+                .collect()
         };
         let (before, after) = (addresses(&old), addresses(&endpoints));
         for address in before.difference(&after) {

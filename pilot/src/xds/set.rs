@@ -91,9 +91,13 @@ impl ResourceSet {
             .is_ok()
     }
 
-    /// The resources named in `names`: one walk over both, as both are in
-    /// order. The set itself when that is every resource.
+    /// The resources named in `names`, every one when it is empty: one walk
+    /// over both, as both are in order. The set itself when that is every
+    /// resource.
     pub fn select(self: &Arc<Self>, names: &BTreeSet<String>) -> Arc<Self> {
+        if names.is_empty() {
+            return self.clone();
+        }
         let mut wanted = names.iter().peekable();
         let selected: Vec<Arc<Resource>> = self
             .resources

@@ -433,11 +433,7 @@ fn host_of(name: &str) -> Option<&str> {
 /// `previous` with the resources of `partial`'s hosts built again, for the
 /// ones the scope sees. The same set when the scope sees none of them
 /// before or after: proxies of that scope are not sent anything.
-fn rebuild(
-    partial: &Partial,
-    scope: &Scope,
-    of_service: &OfService,
-) -> Arc<ResourceSet> {
+fn rebuild(partial: &Partial, scope: &Scope, of_service: &OfService) -> Arc<ResourceSet> {
     let had: BTreeSet<&str> = partial
         .previous
         .resources()
@@ -505,9 +501,12 @@ impl ModelGenerator {
     pub fn new(model: Arc<Model>) -> Arc<Self> {
         let (changes, _) = watch::channel(TypeVersions::default());
         Arc::new(Self {
-            model: watch::Sender::new(model),
+            model: watch::Sender::new(model.clone()),
             changes,
-            shared: Mutex::default(),
+            shared: Mutex::new(SharedCache {
+                model: Some(model),
+                entries: HashMap::new(),
+            }),
         })
     }
 
@@ -611,11 +610,7 @@ fn own_set(resources: Vec<Arc<Resource>>, names: &BTreeSet<String>) -> Arc<Resou
     if resources.is_empty() {
         return ResourceSet::empty();
     }
-    let set = ResourceSet::new(resources);
-    if names.is_empty() {
-        return set;
-    }
-    set.select(names)
+    ResourceSet::new(resources).select(names)
 }
 
 impl ResourceGenerator for ModelGenerator {
