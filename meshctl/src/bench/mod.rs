@@ -89,6 +89,16 @@ async fn serve_mcp(
     Ok(addr)
 }
 
+/// Raises this process's limit of open files to its hard limit: a
+/// benchmark holds a connection per simulated proxy, and the components it
+/// starts inherit the limit.
+fn raise_open_files_limit() -> anyhow::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    Ok(())
+}
+
 /// How long a component may take to be ready under a benchmark's load.
 const READY_LIMIT: Duration = Duration::from_secs(120);
 
@@ -117,12 +127,22 @@ impl Component {
         Ok(Self { child, admin })
     }
 
-    /// Pilot following the MCP source at `mcp`, serving ADS on `xds`.
-    async fn pilot(bins: &Path, mcp: SocketAddr, xds: SocketAddr) -> anyhow::Result<Self> {
-        let flags = component::flags!(Cli<::pilot::PilotArgs> {
+    /// Pilot following the MCP source at `mcp`, serving ADS on `xds`, with
+    /// its `--debounce` when given.
+    async fn pilot(
+        bins: &Path,
+        mcp: SocketAddr,
+        xds: SocketAddr,
+        debounce: Option<Duration>,
+    ) -> anyhow::Result<Self> {
+        let mut flags = component::flags!(Cli<::pilot::PilotArgs> {
             args.mcp_server: mcp,
             args.xds_addr: xds,
         });
+        if let Some(debounce) = debounce {
+            let _names_the_field = |a: &::pilot::PilotArgs| a.debounce;
+            flags = flags.push("debounce", humantime::format_duration(debounce));
+        }
         Self::start(bins, "pilot", flags).await
     }
 

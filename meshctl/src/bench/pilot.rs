@@ -6,9 +6,13 @@
 //! own. It measures the time until every proxy has ACKed its initial
 //! config, from one VirtualService change until every proxy has ACKed the
 //! new routes, and from one endpoint change until every proxy has ACKed the
-//! new endpoints, with Pilot's CPU seconds and peak RSS; once with
-//! state-of-the-world streams and once, as the comparison in the same run,
-//! with delta streams, each against a fresh Pilot.
+//! new endpoints, with Pilot's CPU seconds and its RSS.
+//!
+//! Each xDS flavour (state of the world and delta) runs twice: with one
+//! stream per connection, as Envoy does, and with many streams on a
+//! connection; each run against a fresh Pilot. A run with fewer proxies
+//! first gives the RSS that every further proxy adds. Change times are
+//! stated with Pilot's debounce and beyond it.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -59,11 +63,19 @@ pub struct PilotBenchArgs {
     /// Simulated proxies; proxy `i` is a replica of service `i % services`.
     #[arg(long, default_value_t = 2_000)]
     pub proxies: usize,
+    /// Proxies of the smaller run, whose RSS against the full run's gives
+    /// the RSS per proxy.
+    #[arg(long, default_value_t = 200)]
+    pub baseline_proxies: usize,
     #[arg(long, default_value_t = 10)]
     pub namespaces: usize,
-    /// ADS streams multiplexed on one HTTP/2 connection.
+    /// ADS streams multiplexed on one HTTP/2 connection in the many-streams
+    /// runs (the others have one stream per connection).
     #[arg(long, default_value_t = 50)]
     pub streams_per_connection: usize,
+    /// Pilot's `--debounce`: the quiet time after a change before a push.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "100ms")]
+    pub debounce: Duration,
     /// Directory holding the pilot binary; next to `meshctl` when absent.
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
@@ -494,17 +506,30 @@ async fn wait_for(
     Ok(Instant::now())
 }
 
+/// One run: a flavour, a number of proxies and of streams per connection.
+#[derive(Clone, Copy)]
+struct Run {
+    delta: bool,
+    proxies: usize,
+    streams_per_connection: usize,
+}
+
 async fn phase(
     args: &PilotBenchArgs,
     bins: &std::path::Path,
-    delta: bool,
+    run: Run,
 ) -> anyhow::Result<serde_json::Value> {
+    let Run {
+        delta,
+        proxies,
+        streams_per_connection,
+    } = run;
     let store = Arc::new(Store::new(kinds::KINDS.iter().map(|k| k.collection)));
     publish(&store, &config(args, 1))?;
     let stop = CancellationToken::new();
     let mcp = super::serve_mcp(store.clone(), &stop).await?;
     let xds = launch::free_addr()?;
-    let mut pilot = Component::pilot(bins, mcp, xds).await?;
+    let mut pilot = Component::pilot(bins, mcp, xds, Some(args.debounce)).await?;
     let pid = pilot.pid();
     let cpu_at_ready = cpu_seconds(pid)?;
 
@@ -518,12 +543,12 @@ async fn phase(
         responses: Default::default(),
     });
     let connect = Instant::now();
-    for group in 0..args.proxies.div_ceil(args.streams_per_connection) {
+    for group in 0..proxies.div_ceil(streams_per_connection) {
         let channel = Channel::from_shared(format!("http://{xds}"))?
             .connect()
             .await?;
-        let first = group * args.streams_per_connection;
-        for i in first..(first + args.streams_per_connection).min(args.proxies) {
+        let first = group * streams_per_connection;
+        for i in first..(first + streams_per_connection).min(proxies) {
             let (channel, node, shared, stop) =
                 (channel.clone(), node(i, args), shared.clone(), stop.clone());
             tokio::spawn(async move {
@@ -540,20 +565,20 @@ async fn phase(
             });
         }
     }
-    let initial = wait_for(&mut events, Event::Initial, args.proxies).await? - connect;
+    let initial = wait_for(&mut events, Event::Initial, proxies).await? - connect;
     let cpu_initial = cpu_seconds(pid)?;
     let rss_after_initial = super::rss_bytes(pid, "VmRSS:")?;
 
     shared.phase.store(1, Ordering::Relaxed);
     let change = Instant::now();
     publish(&store, &config(args, 2))?;
-    let routes = wait_for(&mut events, Event::RoutesChanged, args.proxies).await? - change;
+    let routes = wait_for(&mut events, Event::RoutesChanged, proxies).await? - change;
     let cpu_routes = cpu_seconds(pid)?;
 
     shared.phase.store(2, Ordering::Relaxed);
     let change = Instant::now();
     publish(&store, &config(args, 3))?;
-    let endpoints = wait_for(&mut events, Event::EndpointsChanged, args.proxies).await? - change;
+    let endpoints = wait_for(&mut events, Event::EndpointsChanged, proxies).await? - change;
     let cpu_endpoints = cpu_seconds(pid)?;
     // Late responses of the last change land in its phase.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -585,11 +610,16 @@ async fn phase(
             .collect();
         counts.into()
     };
+    let beyond_debounce = |d: Duration| ms(d.saturating_sub(args.debounce));
     Ok(json!({
         "protocol": if delta { "delta" } else { "sotw" },
+        "proxies": proxies,
+        "streams_per_connection": streams_per_connection,
         "ms_until_every_proxy_acked_initial_config": ms(initial),
         "ms_from_virtual_service_change_until_every_proxy_acked": ms(routes),
+        "ms_beyond_debounce_virtual_service_change": beyond_debounce(routes),
         "ms_from_endpoint_change_until_every_proxy_acked": ms(endpoints),
+        "ms_beyond_debounce_endpoint_change": beyond_debounce(endpoints),
         "cpu_seconds_initial_config": round(cpu_initial - cpu_at_ready),
         "cpu_seconds_virtual_service_change": round(cpu_routes - cpu_initial),
         "cpu_seconds_endpoint_change": round(cpu_endpoints - cpu_routes),
@@ -608,25 +638,52 @@ fn round(seconds: f64) -> f64 {
 
 pub async fn run(args: PilotBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
-        args.services > 1 && args.namespaces > 0 && args.streams_per_connection > 0,
-        "--services must be above 1, --namespaces and --streams-per-connection above 0"
+        args.services > 1
+            && args.namespaces > 0
+            && args.streams_per_connection > 0
+            && args.baseline_proxies > 0
+            && args.baseline_proxies < args.proxies,
+        "--services must be above 1, --namespaces and --streams-per-connection above 0, \
+         --baseline-proxies above 0 and below --proxies"
     );
+    super::raise_open_files_limit()?;
     let bins = crate::binaries::dir(args.bin_dir.as_deref())?;
     eprintln!(
         "bench pilot: {} services, {} proxies",
         args.services, args.proxies
     );
     let mut runs = Vec::new();
+    let mut per_proxy = Vec::new();
     for delta in [false, true] {
-        runs.push(phase(&args, &bins, delta).await?);
+        for streams_per_connection in [1, args.streams_per_connection] {
+            let run = |proxies| Run {
+                delta,
+                proxies,
+                streams_per_connection,
+            };
+            let small = phase(&args, &bins, run(args.baseline_proxies)).await?;
+            let full = phase(&args, &bins, run(args.proxies)).await?;
+            let rss = |r: &serde_json::Value| r["rss_after_initial_config_bytes"].as_f64();
+            if let (Some(a), Some(b)) = (rss(&small), rss(&full)) {
+                per_proxy.push(json!({
+                    "protocol": full["protocol"],
+                    "streams_per_connection": streams_per_connection,
+                    "rss_bytes_per_proxy":
+                        ((b - a) / (args.proxies - args.baseline_proxies) as f64).round(),
+                }));
+            }
+            runs.extend([small, full]);
+        }
     }
     let figures = json!({
         "benchmark": "pilot",
         "services": args.services,
         "proxies": args.proxies,
+        "baseline_proxies": args.baseline_proxies,
         "namespaces": args.namespaces,
+        "debounce_ms": ms(args.debounce),
         "runs": runs,
-        "includes_debounce_ms": 100,
+        "rss_per_proxy": per_proxy,
         "istio_1_1_published_for_this_load": {"vcpu": 1, "memory_bytes": 1_500_000_000u64},
     });
     super::report(&figures, args.out.as_deref())

@@ -191,7 +191,7 @@ async fn start_mesh(bins: &Path, backend: SocketAddr) -> anyhow::Result<Mesh> {
         }),
     )
     .await?;
-    let pilot = Component::pilot(bins, mcp, xds).await?;
+    let pilot = Component::pilot(bins, mcp, xds, None).await?;
     let ca_dir = dir.path().join("ca");
     let ca = Component::start(
         bins,
