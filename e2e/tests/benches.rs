@@ -143,3 +143,75 @@ async fn topology_bench_measures_both_topologies_through_a_kill() {
         );
     }
 }
+
+#[tokio::test]
+async fn pilot_bench_reaches_every_proxy_in_each_flavour_and_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pilot.json");
+    let _ports = MESH_STARTING.lock().await;
+    let bench = Proc::start(
+        "meshctl",
+        &[
+            "bench",
+            "pilot",
+            "--services",
+            "20",
+            "--namespaces",
+            "2",
+            "--proxies",
+            "24",
+            "--baseline-proxies",
+            "6",
+            "--streams-per-connection",
+            "5",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    bench.exit_ok().await;
+    let figures: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let runs = figures["runs"].as_array().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for run in runs {
+        let key = (
+            run["protocol"].as_str().unwrap().to_string(),
+            run["streams_per_connection"].as_u64().unwrap(),
+            run["proxies"].as_u64().unwrap(),
+        );
+        let proxies = key.2;
+        // Every proxy was sent each type, the routes again after the
+        // VirtualService change, and the endpoints after theirs, nothing
+        // more: what the change did not touch is not resent.
+        let initial = &run["responses_initial"];
+        for t in ["CDS", "EDS", "LDS", "RDS"] {
+            assert!(initial[t].as_u64().unwrap() >= proxies, "{t}: {run}");
+        }
+        let routes = &run["responses_after_virtual_service_change"];
+        assert_eq!(routes["RDS"], proxies, "{run}");
+        assert_eq!(routes["CDS"], 0, "{run}");
+        assert_eq!(routes["EDS"], 0, "{run}");
+        assert_eq!(routes["LDS"], 0, "{run}");
+        let endpoints = &run["responses_after_endpoint_change"];
+        assert_eq!(endpoints["EDS"], proxies, "{run}");
+        assert_eq!(endpoints["CDS"], 0, "{run}");
+        assert_eq!(endpoints["RDS"], 0, "{run}");
+        assert_eq!(endpoints["LDS"], 0, "{run}");
+        let change = run["ms_from_virtual_service_change_until_every_proxy_acked"]
+            .as_f64()
+            .unwrap();
+        let beyond = run["ms_beyond_debounce_virtual_service_change"]
+            .as_f64()
+            .unwrap();
+        assert!((change - beyond - 100.0).abs() < 0.01, "{run}");
+        assert!(run["peak_rss_bytes"].as_u64().unwrap() > 0, "{run}");
+        seen.insert(key);
+    }
+    let expected: std::collections::BTreeSet<_> = ["sotw", "delta"]
+        .into_iter()
+        .flat_map(|p| [1, 5].map(|s| (p, s)))
+        .flat_map(|(p, s)| [6, 24].map(|n| (p.to_string(), s, n)))
+        .collect();
+    assert_eq!(seen, expected);
+    assert_eq!(figures["rss_per_proxy"].as_array().unwrap().len(), 4);
+}

@@ -24,27 +24,19 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use clap::Args;
 use component::CancellationToken;
-use envoy_types::pb::{
-    envoy::{
-        config::{
-            cluster::v3::{
-                Cluster,
-                cluster::{ClusterDiscoveryType, DiscoveryType},
-            },
-            core::v3::Node,
-            listener::v3::{Listener, filter},
-        },
-        extensions::filters::network::http_connection_manager::v3::{
-            HttpConnectionManager, http_connection_manager::RouteSpecifier,
-        },
-        service::discovery::v3::{
-            DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest,
-            aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
-        },
+use envoy_types::pb::envoy::{
+    config::{
+        cluster::v3::cluster::DiscoveryType,
+        core::v3::Node,
+        listener::v3::{Listener, filter},
     },
-    google::protobuf::Any,
+    extensions::filters::network::http_connection_manager::v3::{
+        HttpConnectionManager, http_connection_manager::RouteSpecifier,
+    },
+    service::discovery::v3::DeltaDiscoveryRequest,
 };
 use mcp::Store;
 use mesh_api::{kinds, object::ConfigObject};
@@ -159,34 +151,114 @@ fn publish(store: &Store, docs: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A `DiscoveryResponse` as the simulated proxies read it: each resource's
+/// `Any` stays a slice of the response's bytes (a message and `bytes` are
+/// alike on the wire), so that the load generator, on the same cores as
+/// Pilot, spends little of them.
+#[derive(Clone, PartialEq, prost::Message)]
+struct SotwResponse {
+    #[prost(string, tag = "1")]
+    version_info: String,
+    #[prost(bytes = "bytes", repeated, tag = "2")]
+    resources: Vec<Bytes>,
+    #[prost(string, tag = "4")]
+    type_url: String,
+    #[prost(string, tag = "5")]
+    nonce: String,
+}
+
+/// A `DeltaDiscoveryResponse`, read as lightly.
+#[derive(Clone, PartialEq, prost::Message)]
+struct DeltaResponse {
+    #[prost(message, repeated, tag = "2")]
+    resources: Vec<DeltaResource>,
+    #[prost(string, tag = "4")]
+    type_url: String,
+    #[prost(string, tag = "5")]
+    nonce: String,
+    #[prost(string, repeated, tag = "6")]
+    removed_resources: Vec<String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct DeltaResource {
+    #[prost(bytes = "bytes", tag = "2")]
+    resource: Bytes,
+    #[prost(string, tag = "3")]
+    name: String,
+}
+
+/// A `DiscoveryRequest` whose names are shared buffers: the simulated
+/// proxies of a scope repeat the same thousands of names in every ACK.
+#[derive(Clone, PartialEq, prost::Message)]
+struct SotwRequest {
+    #[prost(string, tag = "1")]
+    version_info: String,
+    #[prost(message, optional, tag = "2")]
+    node: Option<Node>,
+    #[prost(bytes = "bytes", repeated, tag = "3")]
+    resource_names: Vec<Bytes>,
+    #[prost(string, tag = "4")]
+    type_url: String,
+    #[prost(string, tag = "5")]
+    response_nonce: String,
+}
+
+/// An `Any`'s message.
+#[derive(Clone, PartialEq, prost::Message)]
+struct AnyValue {
+    #[prost(bytes = "bytes", tag = "2")]
+    value: Bytes,
+}
+
+/// A cluster's name and discovery type; the rest is skipped.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ClusterHead {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(int32, tag = "2")]
+    discovery_type: i32,
+}
+
+/// A quick hash of a resource's bytes, to know one seen before.
+fn quick_hash(bytes: &[u8]) -> u64 {
+    let mut words = bytes.chunks_exact(8);
+    let mut h = bytes.len() as u64;
+    for w in &mut words {
+        let w = u64::from_le_bytes(w.try_into().expect("eight bytes"));
+        h = (h ^ w).wrapping_mul(0x100_0000_01b3).rotate_left(23);
+    }
+    for b in words.remainder() {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
 /// What a proxy learns from a resource: the names it subscribes to next
 /// (its EDS cluster name from a cluster, route configuration names from a
-/// listener). Proxies receive equal bytes, so each body is decoded once.
+/// listener). Proxies receive equal bytes, so each body is read once, and
+/// proxies with equal responses share one list of what they lead to.
 #[derive(Default)]
 struct Names {
-    by_body: Mutex<HashMap<u64, Arc<Vec<String>>>>,
+    by_body: Mutex<HashMap<u64, Arc<Vec<Bytes>>>>,
+    by_response: Mutex<HashMap<u64, Arc<Vec<Bytes>>>>,
 }
 
 impl Names {
-    fn of(&self, type_url: &str, body: &Any) -> Arc<Vec<String>> {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        body.value.hash(&mut h);
-        let key = h.finish();
+    fn of(&self, type_url: &str, any: &[u8]) -> Arc<Vec<Bytes>> {
+        let key = quick_hash(any);
         if let Some(names) = self.by_body.lock().unwrap().get(&key) {
             return names.clone();
         }
+        let value = AnyValue::decode(any).map(|a| a.value).unwrap_or_default();
         let names: Vec<String> = match type_url {
-            CDS => Cluster::decode(&body.value[..])
+            CDS => ClusterHead::decode(value)
                 .ok()
-                .filter(|c| {
-                    c.cluster_discovery_type
-                        == Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32))
-                })
+                .filter(|c| c.discovery_type == DiscoveryType::Eds as i32)
                 .map(|c| c.name)
                 .into_iter()
                 .collect(),
-            LDS => Listener::decode(&body.value[..])
+            LDS => Listener::decode(value)
                 .ok()
                 .into_iter()
                 .flat_map(|l| l.filter_chains)
@@ -208,25 +280,37 @@ impl Names {
                 .collect(),
             _ => Vec::new(),
         };
-        let names = Arc::new(names);
-        self.by_body.lock().unwrap().insert(key, names.clone());
+        let names = Arc::new(names.into_iter().map(Bytes::from).collect());
+        self.by_body.lock().unwrap().insert(key, Arc::clone(&names));
         names
     }
 
-    /// The names all of `resources` lead to.
-    fn all(&self, type_url: &str, resources: &[&Any]) -> BTreeSet<String> {
-        resources
+    /// The names all of `resources` lead to, in order.
+    fn all(&self, type_url: &str, resources: &[Bytes]) -> Arc<Vec<Bytes>> {
+        let key = resources
             .iter()
-            .flat_map(|a| self.of(type_url, a).to_vec())
-            .collect()
+            .fold(0u64, |h, r| h.rotate_left(5) ^ quick_hash(r));
+        if let Some(names) = self.by_response.lock().unwrap().get(&key) {
+            return names.clone();
+        }
+        let set: BTreeSet<Bytes> = resources
+            .iter()
+            .flat_map(|r| self.of(type_url, r).to_vec())
+            .collect();
+        let names = Arc::new(set.into_iter().collect());
+        self.by_response
+            .lock()
+            .unwrap()
+            .insert(key, Arc::clone(&names));
+        names
     }
 }
 
-fn contains(resources: &[&Any], needle: &str) -> bool {
+fn contains(resources: &[Bytes], needle: &str) -> bool {
     let needle = needle.as_bytes();
     resources
         .iter()
-        .any(|a| a.value.windows(needle.len()).any(|w| w == needle))
+        .any(|a| a.windows(needle.len()).any(|w| w == needle))
 }
 
 /// What proxies report to the benchmark.
@@ -258,6 +342,11 @@ impl Shared {
     }
 }
 
+/// The phase in which the VirtualService change is made, and the one in
+/// which the endpoint change is.
+const ROUTES_PHASE: u8 = 1;
+const ENDPOINTS_PHASE: u8 = 2;
+
 /// One proxy's progress, the same for both flavours.
 #[derive(Default)]
 struct Progress {
@@ -272,7 +361,7 @@ struct Progress {
 impl Progress {
     /// Records a response whose `resources` were ACKed, after which the
     /// proxy holds `held` resources of its type.
-    fn on_ack(&mut self, type_url: &str, resources: &[&Any], held: usize, shared: &Shared) {
+    fn on_ack(&mut self, type_url: &str, resources: &[Bytes], held: usize, shared: &Shared) {
         self.held.insert(type_url.to_string(), held);
         // Delta responses come in pages: the initial config is complete once
         // every outbound cluster and its endpoints are held.
@@ -285,11 +374,21 @@ impl Progress {
             self.initial = true;
             let _ = shared.events.send(Event::Initial);
         }
-        if type_url == RDS && !self.routes && contains(resources, ROUTE_MARKER) {
+        // The markers are looked for only once their change is made.
+        let phase = shared.phase.load(Ordering::Relaxed);
+        if type_url == RDS
+            && !self.routes
+            && phase >= ROUTES_PHASE
+            && contains(resources, ROUTE_MARKER)
+        {
             self.routes = true;
             let _ = shared.events.send(Event::RoutesChanged);
         }
-        if type_url == EDS && !self.endpoints && contains(resources, ENDPOINT_MARKER) {
+        if type_url == EDS
+            && !self.endpoints
+            && phase >= ENDPOINTS_PHASE
+            && contains(resources, ENDPOINT_MARKER)
+        {
             self.endpoints = true;
             let _ = shared.events.send(Event::EndpointsChanged);
         }
@@ -333,33 +432,54 @@ fn node(i: usize, args: &PilotBenchArgs) -> Node {
     }
 }
 
+/// Opens an ADS stream of `method` on `channel` with the light messages.
+async fn open<Req, Resp>(
+    channel: Channel,
+    method: &'static str,
+    requests: mpsc::UnboundedReceiver<Req>,
+) -> anyhow::Result<tonic::Streaming<Resp>>
+where
+    Req: Message + Send + Sync + 'static,
+    Resp: Message + Default + Send + Sync + 'static,
+{
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
+    let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
+    let requests = tokio_stream::wrappers::UnboundedReceiverStream::new(requests);
+    Ok(grpc
+        .streaming(tonic::Request::new(requests), path, codec)
+        .await?
+        .into_inner())
+}
+
 async fn sotw_proxy(
     channel: Channel,
     node: Node,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (tx, rx) = mpsc::unbounded_channel::<DiscoveryRequest>();
+    let (tx, rx) = mpsc::unbounded_channel::<SotwRequest>();
     // `answering` is the (version, nonce) of the response answered.
-    let request = |type_url: &str,
-                   names: &BTreeSet<String>,
-                   answering: Option<&(String, String)>| DiscoveryRequest {
-        node: Some(node.clone()),
-        type_url: type_url.into(),
-        resource_names: names.iter().cloned().collect(),
-        version_info: answering.map(|a| a.0.clone()).unwrap_or_default(),
-        response_nonce: answering.map(|a| a.1.clone()).unwrap_or_default(),
-        ..Default::default()
-    };
-    let mut subscribed: BTreeMap<&str, BTreeSet<String>> =
-        [(CDS, BTreeSet::new()), (LDS, BTreeSet::new())].into();
+    let request =
+        |type_url: &str, names: &[Bytes], answering: Option<&(String, String)>| SotwRequest {
+            node: Some(node.clone()),
+            type_url: type_url.into(),
+            resource_names: names.to_vec(),
+            version_info: answering.map(|a| a.0.clone()).unwrap_or_default(),
+            response_nonce: answering.map(|a| a.1.clone()).unwrap_or_default(),
+        };
+    let none: Arc<Vec<Bytes>> = Arc::default();
+    let mut subscribed: BTreeMap<&str, Arc<Vec<Bytes>>> = [(CDS, none.clone()), (LDS, none)].into();
     let mut last: BTreeMap<&str, (String, String)> = BTreeMap::new();
     tx.send(request(CDS, &subscribed[CDS], None))?;
     tx.send(request(LDS, &subscribed[LDS], None))?;
-    let mut responses = AggregatedDiscoveryServiceClient::new(channel)
-        .stream_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let mut responses = open::<_, SotwResponse>(
+        channel,
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
+        rx,
+    )
+    .await?;
     let mut progress = Progress::default();
     loop {
         let response = tokio::select! {
@@ -370,7 +490,6 @@ async fn sotw_proxy(
             _ = stop.cancelled() => return Ok(()),
         };
         shared.count(&response.type_url);
-        let resources: Vec<&Any> = response.resources.iter().collect();
         let t = TYPES
             .iter()
             .copied()
@@ -383,9 +502,10 @@ async fn sotw_proxy(
         };
         let answered = (response.version_info.clone(), response.nonce.clone());
         tx.send(request(t, &subscribed[t], Some(&answered)))?;
-        progress.on_ack(t, &resources, resources.len(), &shared);
+        let resources = &response.resources;
+        progress.on_ack(t, resources, resources.len(), &shared);
         if let Some(next) = follow {
-            let names = shared.names.all(t, &resources);
+            let names = shared.names.all(t, resources);
             if subscribed.get(next) != Some(&names) {
                 tx.send(request(next, &names, last.get(next)))?;
                 subscribed.insert(next, names);
@@ -411,18 +531,20 @@ async fn delta_proxy(
     };
     tx.send(subscribe(CDS, vec![], vec![]))?;
     tx.send(subscribe(LDS, vec![], vec![]))?;
-    let mut responses = AggregatedDiscoveryServiceClient::new(channel)
-        .delta_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let mut responses = open::<_, DeltaResponse>(
+        channel,
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources",
+        rx,
+    )
+    .await?;
     // Per type and resource held, the names it leads to; what the proxy
     // subscribed to.
-    let mut held: BTreeMap<&str, BTreeMap<String, Arc<Vec<String>>>> = BTreeMap::new();
-    let mut subscribed: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+    let mut held: BTreeMap<&str, BTreeMap<String, Arc<Vec<Bytes>>>> = BTreeMap::new();
+    let mut subscribed: BTreeMap<&str, BTreeSet<Bytes>> = BTreeMap::new();
     let mut progress = Progress::default();
-    let mut held_counts: BTreeMap<&str, std::collections::HashSet<u64>> = BTreeMap::new();
+    let mut held_names: BTreeMap<&str, std::collections::HashSet<String>> = BTreeMap::new();
     loop {
-        let response: DeltaDiscoveryResponse = tokio::select! {
+        let response: DeltaResponse = tokio::select! {
             r = responses.next() => match r {
                 Some(r) => r?,
                 None => return Ok(()),
@@ -435,27 +557,20 @@ async fn delta_proxy(
             .copied()
             .find(|t| *t == response.type_url)
             .unwrap_or(CDS);
-        let changed: Vec<&Any> = response
-            .resources
-            .iter()
-            .filter_map(|r| r.resource.as_ref())
-            .collect();
         tx.send(DeltaDiscoveryRequest {
             type_url: response.type_url.clone(),
             response_nonce: response.nonce.clone(),
             ..Default::default()
         })?;
-        // Names by hash: the count is all the benchmark needs of them.
-        let name_hash = |n: &str| {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            n.hash(&mut h);
-            h.finish()
-        };
-        let count = held_counts.entry(t).or_default();
-        count.extend(response.resources.iter().map(|r| name_hash(&r.name)));
+        let changed: Vec<Bytes> = response
+            .resources
+            .iter()
+            .map(|r| r.resource.clone())
+            .collect();
+        let count = held_names.entry(t).or_default();
+        count.extend(response.resources.iter().map(|r| r.name.clone()));
         for name in &response.removed_resources {
-            count.remove(&name_hash(name));
+            count.remove(name);
         }
         progress.on_ack(t, &changed, count.len(), &shared);
         let follow = match t {
@@ -466,17 +581,16 @@ async fn delta_proxy(
         if let Some(next) = follow {
             let state = held.entry(t).or_default();
             for r in &response.resources {
-                if let Some(any) = &r.resource {
-                    state.insert(r.name.clone(), shared.names.of(t, any));
-                }
+                state.insert(r.name.clone(), shared.names.of(t, &r.resource));
             }
             for name in &response.removed_resources {
                 state.remove(name);
             }
-            let names: BTreeSet<String> = state.values().flat_map(|n| n.iter().cloned()).collect();
+            let names: BTreeSet<Bytes> = state.values().flat_map(|n| n.iter().cloned()).collect();
             let current = subscribed.entry(next).or_default();
-            let add: Vec<String> = names.difference(current).cloned().collect();
-            let remove: Vec<String> = current.difference(&names).cloned().collect();
+            let utf8 = |b: &Bytes| String::from_utf8_lossy(b).into_owned();
+            let add: Vec<String> = names.difference(current).map(utf8).collect();
+            let remove: Vec<String> = current.difference(&names).map(utf8).collect();
             if !add.is_empty() || !remove.is_empty() {
                 *current = names;
                 tx.send(subscribe(next, add, remove))?;
@@ -569,13 +683,13 @@ async fn phase(
     let cpu_initial = cpu_seconds(pid)?;
     let rss_after_initial = super::rss_bytes(pid, "VmRSS:")?;
 
-    shared.phase.store(1, Ordering::Relaxed);
+    shared.phase.store(ROUTES_PHASE, Ordering::Relaxed);
     let change = Instant::now();
     publish(&store, &config(args, 2))?;
     let routes = wait_for(&mut events, Event::RoutesChanged, proxies).await? - change;
     let cpu_routes = cpu_seconds(pid)?;
 
-    shared.phase.store(2, Ordering::Relaxed);
+    shared.phase.store(ENDPOINTS_PHASE, Ordering::Relaxed);
     let change = Instant::now();
     publish(&store, &config(args, 3))?;
     let endpoints = wait_for(&mut events, Event::EndpointsChanged, proxies).await? - change;

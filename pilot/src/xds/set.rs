@@ -8,8 +8,10 @@
 
 use std::{
     collections::BTreeSet,
-    sync::{Arc, LazyLock, Mutex, Weak},
+    sync::{Arc, LazyLock, Mutex, OnceLock, Weak},
 };
+
+use bytes::Bytes;
 
 use super::Resource;
 
@@ -20,6 +22,9 @@ pub struct ResourceSet {
     hash: u64,
     /// The last difference worked out from an older set to this one.
     last_diff: Mutex<Option<(Weak<ResourceSet>, Arc<Diff>)>>,
+    /// The set as response fields, state of the world and delta, encoded
+    /// once for every proxy it goes to.
+    encoded: [OnceLock<Bytes>; 2],
 }
 
 /// What differs between an older set and a newer one.
@@ -57,6 +62,7 @@ impl ResourceSet {
             resources,
             hash,
             last_diff: Mutex::default(),
+            encoded: Default::default(),
         })
     }
 
@@ -65,6 +71,18 @@ impl ResourceSet {
         static EMPTY: LazyLock<Arc<ResourceSet>> =
             LazyLock::new(|| ResourceSet::sorted(Vec::new()));
         EMPTY.clone()
+    }
+
+    /// The set encoded by `encode`, done once per set for each of the two
+    /// encodings (`delta` or not).
+    pub(crate) fn encoded(
+        &self,
+        delta: bool,
+        encode: impl FnOnce(&[Arc<Resource>]) -> Bytes,
+    ) -> Bytes {
+        self.encoded[usize::from(delta)]
+            .get_or_init(|| encode(&self.resources))
+            .clone()
     }
 
     pub fn resources(&self) -> &[Arc<Resource>] {
@@ -146,29 +164,29 @@ impl ResourceSet {
         {
             return diff.clone();
         }
-        let diff = Arc::new(self.walk_from(old));
+        let diff = Arc::new(walk(old, self.resources.iter()));
         *last = Some((Arc::downgrade(old), diff.clone()));
         diff
     }
+}
 
-    /// One walk over both sets, each in name order.
-    fn walk_from(&self, old: &Self) -> Diff {
-        let mut changed = Vec::new();
-        let mut removed = Vec::new();
-        let mut held = old.resources.iter().peekable();
-        for r in &self.resources {
-            while let Some(gone) = held.next_if(|h| h.name < r.name) {
-                removed.push(gone.name.clone());
-            }
-            if held.next_if(|h| h.name == r.name).map(|h| h.hash) != Some(r.hash) {
-                changed.push(r.clone());
-            }
+/// What differs from `old` to `now`, both in name order: one walk over both.
+fn walk<'a>(old: &ResourceSet, now: impl Iterator<Item = &'a Arc<Resource>>) -> Diff {
+    let mut changed = Vec::new();
+    let mut removed = Vec::new();
+    let mut held = old.resources.iter().peekable();
+    for r in now {
+        while let Some(gone) = held.next_if(|h| h.name < r.name) {
+            removed.push(gone.name.clone());
         }
-        removed.extend(held.map(|h| h.name.clone()));
-        Diff {
-            changed: Self::sorted(changed),
-            removed,
+        if held.next_if(|h| h.name == r.name).map(|h| h.hash) != Some(r.hash) {
+            changed.push(r.clone());
         }
+    }
+    removed.extend(held.map(|h| h.name.clone()));
+    Diff {
+        changed: ResourceSet::sorted(changed),
+        removed,
     }
 }
 
@@ -196,6 +214,21 @@ impl Generated {
 
     pub fn contains(&self, name: &str) -> bool {
         self.shared.contains(name) || self.own.contains(name)
+    }
+
+    /// What differs from `old` to both parts, walked in name order without
+    /// putting them together.
+    pub fn diff_from(&self, old: &ResourceSet) -> Diff {
+        let (mut a, mut b) = (
+            self.shared.resources.iter().peekable(),
+            self.own.resources.iter().peekable(),
+        );
+        let merged = std::iter::from_fn(move || match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if x.name <= y.name => a.next(),
+            (Some(_), None) => a.next(),
+            _ => b.next(),
+        });
+        walk(old, merged)
     }
 
     /// Both parts as one set.

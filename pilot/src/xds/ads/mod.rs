@@ -335,7 +335,7 @@ impl Held {
                 now.shared.diff_from(&held.shared),
                 now.own.diff_from(&held.own),
             ],
-            Held::Listed(held) => vec![now.merged().diff_from(held)],
+            Held::Listed(held) => vec![Arc::new(now.diff_from(held))],
         };
         Changes {
             changed: diffs

@@ -1,10 +1,10 @@
 //! Responses as Pilot encodes them. A response's own fields are encoded
-//! once; its resources are the generator's encoded bytes, shared with
-//! every proxy they go to, and copied into the outgoing message only chunk
-//! by chunk as HTTP/2 asks for data. A proxy that reads slowly holds a
-//! chunk, not a copy of its configuration: with thousands of proxies and a
-//! megabyte of clusters each, that is the difference between megabytes and
-//! gigabytes.
+//! per response; its resources come in sets the generator shares between
+//! proxies ([`ResourceSet`]), and each set is encoded as response fields
+//! once, by the first response that carries it. Two thousand proxies of a
+//! scope are sent the same bytes, not two thousand copies of them: a
+//! response is a head, a shared buffer per set, and a tail, handed to
+//! HTTP/2 as they are.
 //!
 //! The bytes are what prost would encode for a `DiscoveryResponse` or a
 //! `DeltaDiscoveryResponse`, fields in number order.
@@ -20,12 +20,6 @@ use prost::{
 
 use crate::xds::{Resource, ResourceSet};
 
-/// Chunks of copied resources handed to HTTP/2 are at most this large.
-const CHUNK: usize = 16 << 10;
-/// Resources this large are not copied: a route configuration naming every
-/// service is a megabyte, and goes to every proxy at once.
-const SHARED: usize = CHUNK / 2;
-
 /// `resources` is field 2 in both response messages, and in the delta
 /// `Resource` the encoded `Any` is field 2 as well.
 const RESOURCES: u32 = 2;
@@ -39,7 +33,7 @@ const VERSION_LEN: usize = 16;
 pub struct Response {
     /// The fields numbered below `resources` (the version).
     head: Bytes,
-    /// The resources, in parts shared with the generator and other streams.
+    /// The resources, in sets shared with the generator and other streams.
     resources: Vec<Arc<ResourceSet>>,
     /// The fields numbered above `resources`.
     tail: Bytes,
@@ -85,146 +79,82 @@ impl Response {
         }
     }
 
-    /// The delta wrapper's length without its own key and length.
-    fn wrapped_len(r: &Resource) -> usize {
-        key_len(VERSION)
-            + 1
-            + VERSION_LEN
-            + key_len(RESOURCES)
-            + encoded_len_varint(r.any.len() as u64)
-            + r.any.len()
-            + key_len(NAME)
-            + encoded_len_varint(r.name.len() as u64)
-            + r.name.len()
-    }
-
-    /// One resource as a field of the response, with its key and length.
-    fn field_len(&self, r: &Resource) -> usize {
-        let inner = if self.delta {
-            Self::wrapped_len(r)
-        } else {
-            r.any.len()
-        };
-        key_len(RESOURCES) + encoded_len_varint(inner as u64) + inner
-    }
-
-    /// Every resource, part after part.
-    fn all(&self) -> impl Iterator<Item = &Arc<Resource>> {
-        self.resources.iter().flat_map(|part| part.resources())
-    }
-
-    /// The `i`th resource, counting part after part.
-    fn get(&self, mut i: usize) -> Option<&Arc<Resource>> {
-        for part in &self.resources {
-            match part.resources().get(i) {
-                Some(r) => return Some(r),
-                None => i -= part.len(),
-            }
+    /// The message as a gRPC length-prefixed message, in chunks: the prefix
+    /// and head, each set's shared bytes, the tail.
+    pub fn into_grpc_chunks(self) -> GrpcChunks {
+        let delta = self.delta;
+        let sets: Vec<Bytes> = self
+            .resources
+            .iter()
+            .filter(|set| !set.is_empty())
+            .map(|set| set.encoded(delta, |resources| encode(resources, delta)))
+            .collect();
+        let len = self.head.len() + sets.iter().map(Bytes::len).sum::<usize>() + self.tail.len();
+        let mut first = BytesMut::with_capacity(5 + self.head.len());
+        first.put_u8(0); // not compressed
+        first.put_u32(len as u32);
+        first.put_slice(&self.head);
+        let mut chunks = Vec::with_capacity(sets.len() + 2);
+        chunks.push(first.freeze());
+        chunks.extend(sets);
+        if !self.tail.is_empty() {
+            chunks.push(self.tail);
         }
-        None
+        GrpcChunks(chunks.into_iter())
     }
+}
 
-    /// The encoded message's length.
-    pub fn encoded_len(&self) -> usize {
-        self.head.len() + self.all().map(|r| self.field_len(r)).sum::<usize>() + self.tail.len()
-    }
+/// The delta wrapper's length without its own key and length.
+fn wrapped_len(r: &Resource) -> usize {
+    key_len(VERSION)
+        + 1
+        + VERSION_LEN
+        + key_len(RESOURCES)
+        + encoded_len_varint(r.any.len() as u64)
+        + r.any.len()
+        + key_len(NAME)
+        + encoded_len_varint(r.name.len() as u64)
+        + r.name.len()
+}
 
-    /// What goes before a resource's bytes: its key and length, and for a
-    /// delta resource the wrapper's start.
-    fn encode_before(&self, r: &Resource, buf: &mut BytesMut) {
-        encode_key(RESOURCES, WireType::LengthDelimited, buf);
-        if self.delta {
-            encode_varint(Self::wrapped_len(r) as u64, buf);
-            encode_key(VERSION, WireType::LengthDelimited, buf);
-            encode_varint(VERSION_LEN as u64, buf);
+/// One resource as a field of the response, with its key and length.
+fn field_len(r: &Resource, delta: bool) -> usize {
+    let inner = if delta { wrapped_len(r) } else { r.any.len() };
+    key_len(RESOURCES) + encoded_len_varint(inner as u64) + inner
+}
+
+/// Resources as the `resources` fields of a response.
+fn encode(resources: &[Arc<Resource>], delta: bool) -> Bytes {
+    let mut buf = BytesMut::with_capacity(resources.iter().map(|r| field_len(r, delta)).sum());
+    for r in resources {
+        encode_key(RESOURCES, WireType::LengthDelimited, &mut buf);
+        if delta {
+            encode_varint(wrapped_len(r) as u64, &mut buf);
+            encode_key(VERSION, WireType::LengthDelimited, &mut buf);
+            encode_varint(VERSION_LEN as u64, &mut buf);
             // Writing to a `BytesMut` cannot fail.
             let _ = write!(buf, "{:016x}", r.hash);
-            encode_key(RESOURCES, WireType::LengthDelimited, buf);
+            encode_key(RESOURCES, WireType::LengthDelimited, &mut buf);
         }
-        encode_varint(r.any.len() as u64, buf);
-    }
-
-    /// What follows a resource's bytes: a delta resource's name.
-    fn encode_after(&self, r: &Resource, buf: &mut BytesMut) {
-        if self.delta {
-            encode_key(NAME, WireType::LengthDelimited, buf);
-            encode_varint(r.name.len() as u64, buf);
+        encode_varint(r.any.len() as u64, &mut buf);
+        buf.put_slice(&r.any);
+        if delta {
+            encode_key(NAME, WireType::LengthDelimited, &mut buf);
+            encode_varint(r.name.len() as u64, &mut buf);
             buf.put_slice(r.name.as_bytes());
         }
     }
-
-    /// The message as a gRPC length-prefixed message, in chunks.
-    pub fn into_grpc_chunks(self) -> GrpcChunks {
-        GrpcChunks {
-            len: self.encoded_len(),
-            response: self,
-            started: false,
-            next: 0,
-            shared: None,
-            after: None,
-            done: false,
-        }
-    }
+    buf.freeze()
 }
 
-/// A response's gRPC message, chunk by chunk: small resources copied
-/// together into chunks, each large one handed over as its own chunk, the
-/// very bytes every proxy shares.
-pub struct GrpcChunks {
-    response: Response,
-    len: usize,
-    started: bool,
-    /// The next resource to encode.
-    next: usize,
-    /// A large resource's bytes, the next chunk.
-    shared: Option<Bytes>,
-    /// The resource whose end opens the chunk after `shared`.
-    after: Option<usize>,
-    done: bool,
-}
+/// A response's gRPC message, chunk by chunk.
+pub struct GrpcChunks(std::vec::IntoIter<Bytes>);
 
 impl Iterator for GrpcChunks {
     type Item = Bytes;
 
     fn next(&mut self) -> Option<Bytes> {
-        if let Some(shared) = self.shared.take() {
-            return Some(shared);
-        }
-        if self.done {
-            return None;
-        }
-        let response = &self.response;
-        let mut buf = BytesMut::with_capacity(CHUNK);
-        if !self.started {
-            self.started = true;
-            buf.put_u8(0); // not compressed
-            buf.put_u32(self.len as u32);
-            buf.put_slice(&response.head);
-        }
-        if let Some(r) = self.after.take().and_then(|i| response.get(i)) {
-            response.encode_after(r, &mut buf);
-        }
-        while let Some(r) = response.get(self.next) {
-            if r.any.len() >= SHARED {
-                response.encode_before(r, &mut buf);
-                self.shared = Some(r.any.clone());
-                self.after = Some(self.next);
-                self.next += 1;
-                return Some(buf.freeze());
-            }
-            let len = response.field_len(r);
-            if buf.len() + len > CHUNK && !buf.is_empty() {
-                return Some(buf.freeze());
-            }
-            buf.reserve(len);
-            response.encode_before(r, &mut buf);
-            buf.put_slice(&r.any);
-            response.encode_after(r, &mut buf);
-            self.next += 1;
-        }
-        buf.put_slice(&response.tail);
-        self.done = true;
-        Some(buf.freeze())
+        self.0.next()
     }
 }
 
@@ -265,11 +195,9 @@ mod tests {
     }
 
     fn message(response: Response) -> Bytes {
-        let expected_len = response.encoded_len();
         let framed: Vec<u8> = response.into_grpc_chunks().flatten().collect();
         assert_eq!(framed[0], 0, "not compressed");
         let len = u32::from_be_bytes(framed[1..5].try_into().unwrap()) as usize;
-        assert_eq!(len, expected_len);
         assert_eq!(framed.len(), 5 + len, "one whole message");
         Bytes::copy_from_slice(&framed[5..])
     }
@@ -329,27 +257,18 @@ mod tests {
     }
 
     #[test]
-    fn small_resources_are_copied_into_chunks_large_ones_shared() {
-        let resources = resources();
-        let chunks: Vec<Bytes> =
-            Response::delta(DeltaDiscoveryResponse::default(), parts(&resources))
+    fn a_set_is_encoded_once_and_its_bytes_shared_by_every_response() {
+        let sets = parts(&resources());
+        let chunks = |sets: &[Arc<ResourceSet>]| -> Vec<Bytes> {
+            Response::sotw(DiscoveryResponse::default(), sets.to_vec())
                 .into_grpc_chunks()
-                .collect();
-        let (large, small): (Vec<_>, Vec<_>) =
-            resources.iter().partition(|r| r.any.len() >= SHARED);
-        assert!(!large.is_empty() && !small.is_empty());
-        // Each large resource is a chunk of its own, the resource's memory.
-        for r in &large {
-            let shared = chunks.iter().filter(|c| c.as_ptr() == r.any.as_ptr());
-            assert_eq!(shared.count(), 1, "{}", r.name);
+                .collect()
+        };
+        let (a, b) = (chunks(&sets), chunks(&sets));
+        // Prefix and head, then one chunk per set: the same memory.
+        assert_eq!(a.len(), 1 + sets.len());
+        for (x, y) in a[1..].iter().zip(&b[1..]) {
+            assert_eq!(x.as_ptr(), y.as_ptr());
         }
-        // Everything else is in chunks of at most the chunk size.
-        let copied = chunks
-            .iter()
-            .filter(|c| !large.iter().any(|r| c.as_ptr() == r.any.as_ptr()));
-        assert!(copied.clone().all(|c| c.len() <= CHUNK));
-        let copied_bytes: usize = copied.map(|c| c.len()).sum();
-        let small_bytes: usize = small.iter().map(|r| r.any.len()).sum();
-        assert!(copied_bytes >= small_bytes && copied_bytes < small_bytes + 40 * 64);
     }
 }
