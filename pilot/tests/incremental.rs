@@ -15,11 +15,18 @@ use envoy_types::pb::{
     google::protobuf::{Struct, Value, value::Kind},
 };
 use mcp::{Payload, SinkResource, SinkSnapshot};
-use mesh_api::{kinds, mesh::defaults, object::ConfigObject, pb::istio::mcp::v1alpha1::Metadata};
+use mesh_api::{
+    kinds::{self, Body},
+    mesh::defaults,
+    object::ConfigObject,
+    pb::istio::{mcp::v1alpha1::Metadata, networking::v1alpha3::service_entry},
+};
 use pilot::{
     model::Model,
-    proxy::Proxy,
-    xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE, ResourceGenerator, generate::ModelGenerator},
+    xds::{
+        CLUSTER, ENDPOINT, LISTENER, ROUTE, ResourceGenerator,
+        generate::{Client, ModelGenerator},
+    },
 };
 
 const NAMESPACES: [&str; 2] = ["ns-0", "ns-1"];
@@ -136,6 +143,35 @@ fn put(snapshot: &mut SinkSnapshot, object: ConfigObject, collection: Option<&st
     held.resources.insert(name, Arc::new(resource));
 }
 
+/// Gives a random ServiceEntry of `snapshot`, if it holds any, new
+/// endpoints and nothing else: an endpoint-only change.
+fn move_endpoints(snapshot: &mut SinkSnapshot, rng: &mut fastrand::Rng) {
+    let entries: Vec<(String, String)> = [kinds::SERVICE_ENTRIES, kinds::SYNTHETIC_SERVICE_ENTRIES]
+        .iter()
+        .filter_map(|c| Some((c, snapshot.collections.get(*c)?)))
+        .flat_map(|(c, h)| h.resources.keys().map(move |k| (c.to_string(), k.clone())))
+        .collect();
+    if entries.is_empty() {
+        return;
+    }
+    let (collection, key) = &entries[rng.usize(..entries.len())];
+    let held = snapshot.collections.get_mut(collection).unwrap();
+    let mut resource = (**held.resources.get(key).unwrap()).clone();
+    if let Payload::Decoded(Body::ServiceEntry(spec)) = &mut resource.payload {
+        spec.endpoints = (0..rng.usize(..3))
+            .map(|_| service_entry::Endpoint {
+                address: pick(rng, &ADDRESSES).to_string(),
+                labels: [("app", "a"), ("version", ["v1", "v2"][rng.usize(..2)])]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..Default::default()
+            })
+            .collect();
+    }
+    held.resources.insert(key.clone(), Arc::new(resource));
+}
+
 /// Removes a random object of `snapshot`, if it holds any.
 fn remove_one(snapshot: &mut SinkSnapshot, rng: &mut fastrand::Rng) {
     let held: Vec<(String, String)> = snapshot
@@ -176,8 +212,8 @@ fn node(id: &str, labels: &[(&str, &str)]) -> Node {
     }
 }
 
-fn proxies() -> Vec<Proxy> {
-    [
+fn nodes() -> Vec<Node> {
+    vec![
         node(
             "sidecar~10.0.0.1~a-1.ns-0~ns-0.svc.cluster.local",
             &[("app", "a"), ("version", "v1")],
@@ -191,19 +227,20 @@ fn proxies() -> Vec<Proxy> {
             &[("istio", "ingressgateway")],
         ),
     ]
-    .iter()
-    .map(|n| Proxy::from_node(n).unwrap())
-    .collect()
 }
 
-/// Every proxy's resources of every type, by name and content hash.
-fn generated(generator: &ModelGenerator, proxies: &[Proxy]) -> Vec<Vec<(String, u64)>> {
-    let all = Arc::new(BTreeSet::new());
-    proxies
+/// Every proxy's resources of every type, by name and content hash; `all`
+/// subscribes to all, one set throughout, as a stream's names are.
+fn generated(
+    generator: &ModelGenerator,
+    clients: &[Client],
+    all: &Arc<BTreeSet<String>>,
+) -> Vec<Vec<(String, u64)>> {
+    clients
         .iter()
         .flat_map(|p| {
             [CLUSTER, ENDPOINT, LISTENER, ROUTE].map(|t| {
-                let g = generator.generate(p, t, &all).merged();
+                let g = generator.generate(p, t, all).merged();
                 g.resources()
                     .iter()
                     .map(|r| (r.name.to_string(), r.hash))
@@ -216,18 +253,27 @@ fn generated(generator: &ModelGenerator, proxies: &[Proxy]) -> Vec<Vec<(String, 
 #[test]
 fn incremental_updates_give_what_a_fresh_build_gives() {
     let mesh = defaults();
-    let proxies = proxies();
+    let nodes = nodes();
+    let clients = |generator: &ModelGenerator| -> Vec<Client> {
+        nodes.iter().map(|n| generator.client(n).unwrap()).collect()
+    };
     for seed in 0..40 {
         let mut rng = fastrand::Rng::with_seed(seed);
         let mut snapshot = SinkSnapshot::default();
         let mut model = Model::from_snapshot(&snapshot, &mesh);
         let generator = ModelGenerator::new(Arc::new(model.clone()));
+        // The same clients throughout, keeping what they were sent.
+        let followers = clients(&generator);
+        let all = Arc::new(BTreeSet::new());
         for step in 0..40 {
             let before = snapshot.clone();
             // Several objects at once now and then, as one debounced push.
             for _ in 0..rng.usize(1..3) {
-                if rng.u8(..3) == 0 {
+                let op = rng.u8(..6);
+                if op == 0 {
                     remove_one(&mut snapshot, &mut rng);
+                } else if op == 1 {
+                    move_endpoints(&mut snapshot, &mut rng);
                 } else {
                     let (yaml, synthetic) = object(&mut rng);
                     let collection = synthetic.then_some(kinds::SYNTHETIC_SERVICE_ENTRIES);
@@ -245,8 +291,8 @@ fn incremental_updates_give_what_a_fresh_build_gives() {
             generator.publish(Arc::new(model.clone()), &change);
             let rebuilt = ModelGenerator::new(Arc::new(fresh));
             assert_eq!(
-                generated(&generator, &proxies),
-                generated(&rebuilt, &proxies),
+                generated(&generator, &followers, &all),
+                generated(&rebuilt, &clients(&rebuilt), &all),
                 "seed {seed} step {step}: generation after {change:?}"
             );
         }

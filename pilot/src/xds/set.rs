@@ -216,19 +216,31 @@ impl Generated {
         self.shared.contains(name) || self.own.contains(name)
     }
 
-    /// What differs from `old` to both parts, walked in name order without
-    /// putting them together.
-    pub fn diff_from(&self, old: &ResourceSet) -> Diff {
-        let (mut a, mut b) = (
-            self.shared.resources.iter().peekable(),
-            self.own.resources.iter().peekable(),
-        );
-        let merged = std::iter::from_fn(move || match (a.peek(), b.peek()) {
-            (Some(x), Some(y)) if x.name <= y.name => a.next(),
-            (Some(_), None) => a.next(),
-            _ => b.next(),
-        });
-        walk(old, merged)
+    /// What differs from `old`, a list of names and hashes, to both parts:
+    /// the resources of each part new or changed (the part itself when that
+    /// is all of it, so that a first response shares the generator's set),
+    /// and the names only `old` has.
+    pub fn diff_from(&self, old: &ResourceSet) -> (Vec<Arc<ResourceSet>>, Vec<Arc<str>>) {
+        let changed = [&self.shared, &self.own]
+            .into_iter()
+            .filter(|part| !part.is_empty())
+            .map(|part| {
+                let changed = walk(old, part.resources.iter()).changed;
+                if changed.len() == part.len() {
+                    part.clone()
+                } else {
+                    changed
+                }
+            })
+            .filter(|c| !c.is_empty())
+            .collect();
+        let removed = old
+            .resources
+            .iter()
+            .filter(|r| !self.contains(&r.name))
+            .map(|r| r.name.clone())
+            .collect();
+        (changed, removed)
     }
 
     /// Both parts as one set.

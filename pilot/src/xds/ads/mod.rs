@@ -34,7 +34,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use self::{framing::Requests, response::Response};
-use super::{Diff, Generated, PUSH_ORDER, Resource, ResourceGenerator, ResourceSet, TypeVersions};
+use super::{Generated, PUSH_ORDER, Resource, ResourceGenerator, ResourceSet, TypeVersions};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -330,13 +330,18 @@ impl Held {
     /// generator's, so that the difference is the one the generator's sets
     /// worked out once for every proxy that holds them.
     fn diff(&self, now: &Generated) -> Changes {
-        let diffs: Vec<Arc<Diff>> = match self {
-            Held::Sent(held) => vec![
-                now.shared.diff_from(&held.shared),
-                now.own.diff_from(&held.own),
-            ],
-            Held::Listed(held) => vec![Arc::new(now.diff_from(held))],
+        let held = match self {
+            Held::Sent(held) => held,
+            Held::Listed(held) => {
+                let (changed, removed) = now.diff_from(held);
+                let removed = removed.iter().map(|n| n.to_string()).collect();
+                return Changes { changed, removed };
+            }
         };
+        let diffs = [
+            now.shared.diff_from(&held.shared),
+            now.own.diff_from(&held.own),
+        ];
         Changes {
             changed: diffs
                 .iter()

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod endpoint;
 pub mod gateway;
 pub mod listener;
+mod own;
 pub mod route;
 pub mod security;
 pub mod tls;
@@ -328,9 +329,10 @@ fn parse_endpoint(s: &str) -> Option<(String, u32)> {
     Some((address.to_string(), port.parse().ok()?))
 }
 
+pub use own::Client;
+
 /// Generates from the latest model.
 pub struct ModelGenerator {
-    model: watch::Sender<Arc<Model>>,
     changes: watch::Sender<TypeVersions>,
     shared: Mutex<SharedCache>,
 }
@@ -348,10 +350,11 @@ struct ScopeKey {
     sidecar: Option<(String, String)>,
 }
 
-#[derive(Default)]
 struct SharedCache {
     /// The model the entries are for.
-    model: Option<Arc<Model>>,
+    model: Arc<Model>,
+    /// Its revision, and the changes that led to it.
+    log: Arc<own::ChangeLog>,
     /// One entry per key: the first stream to need it builds it, the others
     /// wait for that instead of building it again.
     entries: HashMap<ScopeKey, Arc<ScopeEntry>>,
@@ -501,10 +504,10 @@ impl ModelGenerator {
     pub fn new(model: Arc<Model>) -> Arc<Self> {
         let (changes, _) = watch::channel(TypeVersions::default());
         Arc::new(Self {
-            model: watch::Sender::new(model.clone()),
             changes,
             shared: Mutex::new(SharedCache {
-                model: Some(model),
+                model,
+                log: Arc::default(),
                 entries: HashMap::new(),
             }),
         })
@@ -516,24 +519,17 @@ impl ModelGenerator {
     /// the others; the types it touches move.
     pub fn publish(&self, model: Arc<Model>, change: &Change) {
         let moved = {
-            let mut cache = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-            let before = self.model();
-            let moved = hosts_changed(change, &before, &model);
-            if cache
-                .model
-                .as_ref()
-                .is_some_and(|m| Arc::ptr_eq(m, &before))
-            {
-                for (key, entry) in cache.entries.iter_mut() {
-                    if let Some(hosts) = moved.get(key.type_url) {
-                        *entry = Arc::new(entry.after(hosts.as_ref()));
-                    }
+            let mut cache = self.lock();
+            let moved = hosts_changed(change, &cache.model, &model);
+            for (key, entry) in cache.entries.iter_mut() {
+                if let Some(hosts) = moved.get(key.type_url) {
+                    *entry = Arc::new(entry.after(hosts.as_ref()));
                 }
-            } else {
-                cache.entries.clear();
             }
-            cache.model = Some(model.clone());
-            self.model.send_replace(model);
+            let mut log = (*cache.log).clone();
+            log.push(change.clone());
+            cache.log = Arc::new(log);
+            cache.model = model;
             moved
         };
         if !moved.is_empty() {
@@ -547,7 +543,11 @@ impl ModelGenerator {
 
     /// The model generation reads now.
     pub fn model(&self) -> Arc<Model> {
-        self.model.borrow().clone()
+        self.lock().model.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SharedCache> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The shared resources of `type_url` for the scope that `names`
@@ -580,12 +580,8 @@ impl ModelGenerator {
             sidecar: scope.sidecar.map(|s| (s.namespace.clone(), s.name.clone())),
         };
         let entry = {
-            let mut cache = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-            let current = cache
-                .model
-                .as_ref()
-                .is_some_and(|m| std::ptr::eq(m.as_ref(), scope.model));
-            if !current {
+            let mut cache = self.lock();
+            if !std::ptr::eq(cache.model.as_ref(), scope.model) {
                 // The scope's model is already stale: build uncached.
                 return ResourceSet::new(build()).select(names);
             }
@@ -614,31 +610,37 @@ fn own_set(resources: Vec<Arc<Resource>>, names: &BTreeSet<String>) -> Arc<Resou
 }
 
 impl ResourceGenerator for ModelGenerator {
-    type Client = Proxy;
+    type Client = Client;
 
-    fn client(&self, node: &Node) -> Result<Proxy, String> {
-        Proxy::from_node(node)
+    fn client(&self, node: &Node) -> Result<Client, String> {
+        Proxy::from_node(node).map(Client::new)
     }
 
-    fn generate(&self, proxy: &Proxy, type_url: &str, names: &Arc<BTreeSet<String>>) -> Generated {
-        let model = self.model();
+    fn generate(
+        &self,
+        client: &Client,
+        type_url: &str,
+        names: &Arc<BTreeSet<String>>,
+    ) -> Generated {
+        let (model, log) = {
+            let cache = self.lock();
+            (cache.model.clone(), cache.log.clone())
+        };
+        let proxy = &client.proxy;
         let scope = Scope::new(&model, proxy);
-        let (shared, own) = match type_url {
-            CLUSTER => {
-                let mut own = cluster::inbound(&scope);
-                if proxy.kind == ProxyKind::Router && gateway::auto_passthrough(&scope) {
-                    own.extend(cluster::sni_dnat(&scope));
-                }
-                let shared = self.shared(
+        let (type_url, shared) = match type_url {
+            CLUSTER => (
+                CLUSTER,
+                self.shared(
                     &scope,
                     CLUSTER,
                     names,
                     || cluster::shared(&scope),
                     Some(&|s| cluster::of_service(&scope, s)),
-                );
-                (shared, named(own, |c| c.name.clone()))
-            }
+                ),
+            ),
             ENDPOINT => (
+                ENDPOINT,
                 self.shared(
                     &scope,
                     ENDPOINT,
@@ -646,51 +648,61 @@ impl ResourceGenerator for ModelGenerator {
                     || endpoint::load_assignments(&scope),
                     Some(&|s| endpoint::of_service(&scope, s)),
                 ),
-                Vec::new(),
             ),
             LISTENER => {
-                let shared = self.shared(
-                    &scope,
-                    LISTENER,
-                    names,
-                    || {
-                        let listeners = match proxy.kind {
-                            ProxyKind::Sidecar => listener::shared(&scope),
-                            ProxyKind::Router => gateway::listeners(&scope),
-                        };
-                        named(listeners, |l| l.name.clone())
-                    },
-                    None,
-                );
-                let mut own = match proxy.kind {
-                    ProxyKind::Sidecar => listener::inbound(&scope),
-                    ProxyKind::Router => Vec::new(),
+                let listeners = || match proxy.kind {
+                    ProxyKind::Sidecar => listener::shared(&scope),
+                    ProxyKind::Router => gateway::listeners(&scope),
                 };
-                // Proxyless gRPC clients ask for `host:port` by name; they
-                // are never part of a wildcard answer, which Envoy gets.
-                own.extend(listener::api_listeners(&scope, names));
-                (shared, named(own, |l| l.name.clone()))
+                let build = || named(listeners(), |l| l.name.clone());
+                (LISTENER, self.shared(&scope, LISTENER, names, build, None))
             }
-            ROUTE => (
-                self.shared(
-                    &scope,
-                    ROUTE,
-                    names,
-                    || named(route_configs(&scope), |r| r.name.clone()),
-                    None,
-                ),
-                Vec::new(),
-            ),
-            _ => (ResourceSet::empty(), Vec::new()),
+            ROUTE => {
+                let build = || named(route_configs(&scope), |r| r.name.clone());
+                (ROUTE, self.shared(&scope, ROUTE, names, build, None))
+            }
+            _ => {
+                return Generated {
+                    shared: ResourceSet::empty(),
+                    own: ResourceSet::empty(),
+                };
+            }
         };
-        Generated {
-            shared,
-            own: own_set(own, names),
-        }
+        let own = client.own(&log, type_url, names, || {
+            own_set(own_resources(&scope, type_url, names), names)
+        });
+        Generated { shared, own }
     }
 
     fn changes(&self) -> watch::Receiver<TypeVersions> {
         self.changes.subscribe()
+    }
+}
+
+/// What of `type_url` only this proxy gets: a sidecar's inbound side, a
+/// gateway's AUTO_PASSTHROUGH clusters, the listeners a proxyless client
+/// asks for.
+fn own_resources(scope: &Scope, type_url: &str, names: &BTreeSet<String>) -> Vec<Arc<Resource>> {
+    let proxy = scope.proxy;
+    match type_url {
+        CLUSTER => {
+            let mut own = cluster::inbound(scope);
+            if proxy.kind == ProxyKind::Router && gateway::auto_passthrough(scope) {
+                own.extend(cluster::sni_dnat(scope));
+            }
+            named(own, |c| c.name.clone())
+        }
+        LISTENER => {
+            let mut own = match proxy.kind {
+                ProxyKind::Sidecar => listener::inbound(scope),
+                ProxyKind::Router => Vec::new(),
+            };
+            // Proxyless gRPC clients ask for `host:port` by name; they
+            // are never part of a wildcard answer, which Envoy gets.
+            own.extend(listener::api_listeners(scope, names));
+            named(own, |l| l.name.clone())
+        }
+        _ => Vec::new(),
     }
 }
 
