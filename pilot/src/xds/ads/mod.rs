@@ -275,7 +275,7 @@ struct Watch {
     /// SotW: a fingerprint of `names`, so that the ACKs that repeat them
     /// (Envoy's, with thousands of names) are recognised without building
     /// a set.
-    names_fingerprint: (usize, u64),
+    names_fingerprint: sotw::Fingerprint,
     wildcard: bool,
     /// Nonce, version and content hash of the last response.
     sent: Option<Sent>,

@@ -1,10 +1,16 @@
 //! State of the world: every response carries all of a type's resources
 //! the proxy subscribed to; an empty name list subscribes to all.
 
-use bytes::Bytes;
+use std::collections::BTreeSet;
+
+use bytes::Buf;
 use envoy_types::pb::{
     envoy::{config::core::v3::Node, service::discovery::v3::DiscoveryResponse},
     google::rpc,
+};
+use prost::{
+    DecodeError,
+    encoding::{DecodeContext, WireType},
 };
 use tonic::Status;
 
@@ -14,35 +20,122 @@ use crate::xds::{CLUSTER, LISTENER, ResourceGenerator};
 pub struct Sotw;
 
 /// A `DiscoveryRequest` as Pilot reads it. Envoy's every ACK repeats the
-/// thousands of names it subscribes to; here they stay slices of the
-/// request's bytes, recognised by a fingerprint, and become strings only
-/// when they differ from what the stream subscribed to. `string` and
-/// `bytes` are alike on the wire; fields Pilot does not read are skipped.
-#[derive(Clone, PartialEq, prost::Message)]
+/// thousands of names it subscribes to; here they are read into one buffer
+/// and a fingerprint as the request is decoded, and become strings only
+/// when they differ from what the stream subscribed to. Fields Pilot does
+/// not read are skipped.
+#[derive(Debug, Default)]
 pub struct SotwRequest {
-    #[prost(string, tag = "1")]
     pub version_info: String,
-    #[prost(message, optional, tag = "2")]
     pub node: Option<Node>,
-    #[prost(bytes = "bytes", repeated, tag = "3")]
-    pub resource_names: Vec<Bytes>,
-    #[prost(string, tag = "4")]
+    /// Each name, its length (a varint) then its bytes.
+    names: Vec<u8>,
+    /// The name being read.
+    name: Vec<u8>,
+    fingerprint: Fingerprint,
     pub type_url: String,
-    #[prost(string, tag = "5")]
     pub response_nonce: String,
-    #[prost(message, optional, tag = "6")]
     pub error_detail: Option<rpc::Status>,
 }
 
 /// An order-independent fingerprint of a list of names: their number and
 /// the sum of their hashes.
-pub(super) fn fingerprint(names: &[Bytes]) -> (usize, u64) {
-    use std::hash::Hasher;
-    names.iter().fold((0, 0), |(n, sum), name| {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        hasher.write(name);
-        (n + 1, sum.wrapping_add(hasher.finish()))
-    })
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Fingerprint {
+    count: usize,
+    sum: u64,
+}
+
+impl Fingerprint {
+    fn add(&mut self, name: &[u8]) {
+        self.count += 1;
+        self.sum = self.sum.wrapping_add(name_hash(name));
+    }
+}
+
+/// A quick hash of a name, eight bytes at a time. Not keyed: a proxy that
+/// made its own names collide would only confuse its own subscription.
+fn name_hash(name: &[u8]) -> u64 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut words = name.chunks_exact(8);
+    let mut h = (name.len() as u64).wrapping_mul(K);
+    for w in &mut words {
+        let w = u64::from_le_bytes(w.try_into().expect("eight bytes"));
+        h = (h.rotate_left(5) ^ w).wrapping_mul(K);
+    }
+    let mut tail = [0u8; 8];
+    tail[..words.remainder().len()].copy_from_slice(words.remainder());
+    h = (h.rotate_left(5) ^ u64::from_le_bytes(tail)).wrapping_mul(K);
+    h ^ (h >> 29)
+}
+
+impl SotwRequest {
+    /// The names, as strings.
+    fn names(&self) -> Result<BTreeSet<String>, Status> {
+        let mut buf = &self.names[..];
+        let mut names = BTreeSet::new();
+        while !buf.is_empty() {
+            let len =
+                prost::encoding::decode_varint(&mut buf).expect("written by merge_field") as usize;
+            let (name, rest) = buf.split_at(len);
+            let name = std::str::from_utf8(name)
+                .map_err(|_| Status::invalid_argument("a resource name is not valid UTF-8"))?;
+            names.insert(name.to_string());
+            buf = rest;
+        }
+        Ok(names)
+    }
+}
+
+impl prost::Message for SotwRequest {
+    fn encode_raw(&self, _buf: &mut impl bytes::BufMut) {
+        unreachable!("Pilot only decodes requests")
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        use prost::encoding::{encode_varint, message, string};
+        match tag {
+            1 => string::merge(wire_type, &mut self.version_info, buf, ctx),
+            2 => message::merge(
+                wire_type,
+                self.node.get_or_insert_with(Node::default),
+                buf,
+                ctx,
+            ),
+            3 => {
+                // Read whole (a short read is an error), into a buffer
+                // that is reused from name to name.
+                prost::encoding::bytes::merge(wire_type, &mut self.name, buf, ctx)?;
+                encode_varint(self.name.len() as u64, &mut self.names);
+                self.names.extend_from_slice(&self.name);
+                self.fingerprint.add(&self.name);
+                Ok(())
+            }
+            4 => string::merge(wire_type, &mut self.type_url, buf, ctx),
+            5 => string::merge(wire_type, &mut self.response_nonce, buf, ctx),
+            6 => message::merge(
+                wire_type,
+                self.error_detail.get_or_insert_with(Default::default),
+                buf,
+                ctx,
+            ),
+            _ => prost::encoding::skip_field(wire_type, tag, buf, ctx),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        unreachable!("Pilot only decodes requests")
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
 }
 
 impl<G: ResourceGenerator> Flavor<G> for Sotw {
@@ -54,22 +147,14 @@ impl<G: ResourceGenerator> Flavor<G> for Sotw {
             return Err(Status::invalid_argument("an ADS request needs a type_url"));
         }
         conn.identify(request.node.as_ref())?;
-        let type_url = request.type_url;
-        let fingerprint = fingerprint(&request.resource_names);
+        let type_url = request.type_url.clone();
+        let fingerprint = request.fingerprint;
         let known = conn
             .watches
             .get(&type_url)
             .is_some_and(|w| w.names_fingerprint == fingerprint);
         let names_changed = !known && {
-            let names = request
-                .resource_names
-                .into_iter()
-                .map(|name| {
-                    String::from_utf8(name.into())
-                        .map_err(|_| Status::invalid_argument("a resource name is not valid UTF-8"))
-                })
-                .collect::<Result<_, _>>()?;
-            let names = conn.names.intern(names);
+            let names = conn.names.intern(request.names()?);
             let watch = conn.watches.entry(type_url.clone()).or_default();
             let changed = *watch.names != *names;
             watch.wildcard = names.is_empty();
@@ -152,15 +237,14 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn the_request_decodes_as_envoys_message_with_names_as_slices() {
-        let request = DiscoveryRequest {
+    fn request(names: &[&str]) -> DiscoveryRequest {
+        DiscoveryRequest {
             version_info: "3".into(),
             node: Some(Node {
                 id: "sidecar~10.0.0.1~a.ns~ns.svc.cluster.local".into(),
                 ..Default::default()
             }),
-            resource_names: vec!["outbound|80||a".into(), "outbound|80||b".into()],
+            resource_names: names.iter().map(|n| n.to_string()).collect(),
             type_url: crate::xds::ENDPOINT.into(),
             response_nonce: "3".into(),
             error_detail: Some(rpc::Status {
@@ -169,42 +253,43 @@ mod tests {
                 details: vec![],
             }),
             ..Default::default()
-        };
-        let bytes = Bytes::from(request.encode_to_vec());
-        let read = SotwRequest::decode(bytes.clone()).unwrap();
-        assert_eq!(read.version_info, "3");
-        assert_eq!(read.node, request.node);
-        assert_eq!(read.type_url, request.type_url);
-        assert_eq!(read.response_nonce, "3");
-        assert_eq!(read.error_detail.unwrap().message, "bad");
-        assert_eq!(read.resource_names, ["outbound|80||a", "outbound|80||b"]);
-        // The names point into the request's own bytes.
-        let inside = bytes.as_ptr_range();
-        assert!(
-            read.resource_names
-                .iter()
-                .all(|n| inside.contains(&n.as_ptr()))
-        );
+        }
+    }
+
+    fn read(request: &DiscoveryRequest) -> SotwRequest {
+        SotwRequest::decode(request.encode_to_vec().as_slice()).unwrap()
     }
 
     #[test]
-    fn the_fingerprint_ignores_order_and_tells_sets_apart() {
-        let names = |n: &[&'static str]| {
-            n.iter()
-                .map(|s| Bytes::from_static(s.as_bytes()))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(
-            fingerprint(&names(&["a", "b"])),
-            fingerprint(&names(&["b", "a"]))
-        );
-        assert_ne!(
-            fingerprint(&names(&["a", "b"])),
-            fingerprint(&names(&["a", "c"]))
-        );
-        assert_ne!(
-            fingerprint(&names(&["a"])),
-            fingerprint(&names(&["a", "a"]))
-        );
+    fn the_request_decodes_as_envoys_message() {
+        let sent = request(&["outbound|80||b", "outbound|80||a", ""]);
+        let read = read(&sent);
+        assert_eq!(read.version_info, "3");
+        assert_eq!(read.node, sent.node);
+        assert_eq!(read.type_url, sent.type_url);
+        assert_eq!(read.response_nonce, "3");
+        assert_eq!(read.error_detail.as_ref().unwrap().message, "bad");
+        let names: Vec<String> = read.names().unwrap().into_iter().collect();
+        assert_eq!(names, ["", "outbound|80||a", "outbound|80||b"]);
+    }
+
+    #[test]
+    fn the_fingerprint_ignores_order_and_tells_lists_apart() {
+        let fingerprint = |names: &[&str]| read(&request(names)).fingerprint;
+        assert_eq!(fingerprint(&["a", "b"]), fingerprint(&["b", "a"]));
+        assert_ne!(fingerprint(&["a", "b"]), fingerprint(&["a", "c"]));
+        assert_ne!(fingerprint(&["a"]), fingerprint(&["a", "a"]));
+        let long = "outbound|9080|v1|svc-1.bench-1.svc.cluster.local";
+        let other = "outbound|9080|v2|svc-1.bench-1.svc.cluster.local";
+        assert_ne!(fingerprint(&[long]), fingerprint(&[other]));
+    }
+
+    #[test]
+    fn a_name_that_is_not_utf8_is_refused() {
+        let mut bytes = Vec::new();
+        prost::encoding::bytes::encode(3, &vec![0xff, 0xfe], &mut bytes);
+        let read = SotwRequest::decode(bytes.as_slice()).unwrap();
+        let status = read.names().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
     }
 }
