@@ -67,6 +67,11 @@ struct NameSets(Arc<Mutex<Interned>>);
 #[derive(Default)]
 struct Interned {
     sets: HashMap<u64, Weak<BTreeSet<String>>>,
+    /// The same sets by the fingerprint of the name lists state-of-the-world
+    /// requests carry, so that a stream subscribing to a list others did
+    /// finds the set without building one. A fingerprint is a count and a
+    /// 64-bit sum: lists that differ and collide would have to be made to.
+    by_fingerprint: HashMap<sotw::Fingerprint, Weak<BTreeSet<String>>>,
     /// Entries after the last sweep of dropped sets; the next sweep comes
     /// when the map has doubled, so sweeping costs O(1) per insertion.
     swept_len: usize,
@@ -78,7 +83,7 @@ impl NameSets {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         names.hash(&mut hasher);
         let key = hasher.finish();
-        let mut interned = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut interned = self.lock();
         if let Some(set) = interned.sets.get(&key).and_then(Weak::upgrade)
             && *set == names
         {
@@ -86,11 +91,38 @@ impl NameSets {
         }
         if interned.sets.len() >= 2 * interned.swept_len.max(64) {
             interned.sets.retain(|_, w| w.strong_count() > 0);
+            interned.by_fingerprint.retain(|_, w| w.strong_count() > 0);
             interned.swept_len = interned.sets.len();
         }
         let set = Arc::new(names);
         interned.sets.insert(key, Arc::downgrade(&set));
         set
+    }
+
+    /// The set of a name list known by its fingerprint; `names` builds it
+    /// when no stream holds it.
+    fn intern_list(
+        &self,
+        fingerprint: sotw::Fingerprint,
+        names: impl FnOnce() -> Result<BTreeSet<String>, Status>,
+    ) -> Result<Arc<BTreeSet<String>>, Status> {
+        let known = self
+            .lock()
+            .by_fingerprint
+            .get(&fingerprint)
+            .and_then(Weak::upgrade);
+        if let Some(set) = known {
+            return Ok(set);
+        }
+        let set = self.intern(names()?);
+        self.lock()
+            .by_fingerprint
+            .insert(fingerprint, Arc::downgrade(&set));
+        Ok(set)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Interned> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

@@ -40,7 +40,7 @@ pub struct SotwRequest {
 
 /// An order-independent fingerprint of a list of names: their number and
 /// the sum of their hashes.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) struct Fingerprint {
     count: usize,
     sum: u64,
@@ -109,8 +109,23 @@ impl prost::Message for SotwRequest {
                 ctx,
             ),
             3 => {
-                // Read whole (a short read is an error), into a buffer
-                // that is reused from name to name.
+                // Read in place when the name is whole in the buffer's
+                // first chunk (the request's own buffer is one), else
+                // through a buffer reused from name to name, which also
+                // tells a short read.
+                let mut peek = buf.chunk();
+                let whole = wire_type == WireType::LengthDelimited
+                    && prost::encoding::decode_varint(&mut peek)
+                        .is_ok_and(|len| len as usize <= peek.len());
+                if whole {
+                    let len = prost::encoding::decode_varint(buf)? as usize;
+                    let name = &buf.chunk()[..len];
+                    encode_varint(len as u64, &mut self.names);
+                    self.names.extend_from_slice(name);
+                    self.fingerprint.add(name);
+                    buf.advance(len);
+                    return Ok(());
+                }
                 prost::encoding::bytes::merge(wire_type, &mut self.name, buf, ctx)?;
                 encode_varint(self.name.len() as u64, &mut self.names);
                 self.names.extend_from_slice(&self.name);
@@ -154,7 +169,7 @@ impl<G: ResourceGenerator> Flavor<G> for Sotw {
             .get(&type_url)
             .is_some_and(|w| w.names_fingerprint == fingerprint);
         let names_changed = !known && {
-            let names = conn.names.intern(request.names()?);
+            let names = conn.names.intern_list(fingerprint, || request.names())?;
             let watch = conn.watches.entry(type_url.clone()).or_default();
             let changed = *watch.names != *names;
             watch.wildcard = names.is_empty();
@@ -282,6 +297,14 @@ mod tests {
         let long = "outbound|9080|v1|svc-1.bench-1.svc.cluster.local";
         let other = "outbound|9080|v2|svc-1.bench-1.svc.cluster.local";
         assert_ne!(fingerprint(&[long]), fingerprint(&[other]));
+    }
+
+    #[test]
+    fn a_name_cut_short_is_a_decode_error() {
+        // Field 3, length 10, three bytes.
+        let bytes = [0x1a, 10, b'a', b'b', b'c'];
+        assert!(SotwRequest::decode(&bytes[..]).is_err());
+        assert!(SotwRequest::decode(bytes::Bytes::from_static(&bytes)).is_err());
     }
 
     #[test]
