@@ -39,7 +39,14 @@ impl<G: ResourceGenerator> Flavor<G> for Delta {
             ));
         }
         let mut changed = first;
-        let mut names = (*watch.names).clone();
+        // An ACK names nothing: the subscription is left as it is.
+        let resubscribes = !request.resource_names_subscribe.is_empty()
+            || !request.resource_names_unsubscribe.is_empty();
+        let mut names = if resubscribes {
+            (*watch.names).clone()
+        } else {
+            std::collections::BTreeSet::new()
+        };
         let mut forget = std::collections::BTreeSet::new();
         for name in request.resource_names_subscribe {
             if name == "*" {
@@ -63,7 +70,7 @@ impl<G: ResourceGenerator> Flavor<G> for Delta {
             changed = true;
         }
         watch.held.forget(&forget);
-        if *watch.names != names {
+        if resubscribes && *watch.names != names {
             watch.names = conn.names.intern(names);
         }
         let error = request.error_detail.map(|e| e.message);

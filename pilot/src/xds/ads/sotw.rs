@@ -302,9 +302,9 @@ mod tests {
     #[test]
     fn a_name_cut_short_is_a_decode_error() {
         // Field 3, length 10, three bytes.
-        let bytes = [0x1a, 10, b'a', b'b', b'c'];
-        assert!(SotwRequest::decode(&bytes[..]).is_err());
-        assert!(SotwRequest::decode(bytes::Bytes::from_static(&bytes)).is_err());
+        const CUT: [u8; 5] = [0x1a, 10, b'a', b'b', b'c'];
+        assert!(SotwRequest::decode(&CUT[..]).is_err());
+        assert!(SotwRequest::decode(bytes::Bytes::from_static(&CUT)).is_err());
     }
 
     #[test]
