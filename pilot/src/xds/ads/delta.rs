@@ -10,7 +10,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use tonic::Status;
 
-use super::{Changes, Connection, Flavor, Held, Response, Sent};
+use super::{Changes, Connection, Flavor, Held, Response, Sent, sotw};
 use crate::xds::ResourceGenerator;
 
 pub struct Delta;
@@ -39,39 +39,38 @@ impl<G: ResourceGenerator> Flavor<G> for Delta {
             ));
         }
         let mut changed = first;
-        // An ACK names nothing: the subscription is left as it is.
-        let resubscribes = !request.resource_names_subscribe.is_empty()
-            || !request.resource_names_unsubscribe.is_empty();
-        let mut names = if resubscribes {
-            (*watch.names).clone()
-        } else {
-            std::collections::BTreeSet::new()
-        };
-        let mut forget = std::collections::BTreeSet::new();
-        for name in request.resource_names_subscribe {
-            if name == "*" {
-                changed |= !watch.wildcard;
-                watch.wildcard = true;
-            } else {
-                // Resent even when held: a subscribe asks for the resource.
-                forget.insert(name.clone());
-                names.insert(name);
-                changed = true;
-            }
+        let subscribe = request.resource_names_subscribe;
+        let unsubscribe = request.resource_names_unsubscribe;
+        if subscribe.iter().any(|n| n == "*") {
+            changed |= !watch.wildcard;
+            watch.wildcard = true;
         }
-        for name in request.resource_names_unsubscribe {
-            if name == "*" {
-                watch.wildcard = false;
-            } else {
-                names.remove(&name);
-            }
-            // The proxy drops it; it is not reported as removed.
-            forget.insert(name);
-            changed = true;
+        if unsubscribe.iter().any(|n| n == "*") {
+            watch.wildcard = false;
         }
-        watch.held.forget(&forget);
-        if resubscribes && *watch.names != names {
-            watch.names = conn.names.intern(names);
+        let named = |n: &&String| *n != "*";
+        // Resent even when held: a subscribe asks for the resource. An
+        // unsubscribed one the proxy drops; it is not reported as removed.
+        watch
+            .held
+            .forget(subscribe.iter().chain(&unsubscribe).filter(named));
+        changed |= !subscribe.is_empty() || !unsubscribe.is_empty();
+        if watch.names.is_empty() && unsubscribe.is_empty() && !subscribe.is_empty() {
+            // A first subscription, most often the one every proxy of a
+            // scope makes: found by its fingerprint, built only if new.
+            let fingerprint =
+                sotw::Fingerprint::of(subscribe.iter().filter(named).map(|n| n.as_str()));
+            let list = || Ok(subscribe.into_iter().filter(|n| n != "*").collect());
+            watch.names = conn.names.intern_list(fingerprint, list)?;
+        } else if changed {
+            let mut names = (*watch.names).clone();
+            names.extend(subscribe.into_iter().filter(|n| n != "*"));
+            for name in &unsubscribe {
+                names.remove(name);
+            }
+            if *watch.names != names {
+                watch.names = conn.names.intern(names);
+            }
         }
         let error = request.error_detail.map(|e| e.message);
         let nonce = &request.response_nonce;

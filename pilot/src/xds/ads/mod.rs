@@ -391,7 +391,13 @@ impl Held {
     }
 
     /// The proxy no longer holds `names`.
-    fn forget(&mut self, names: &BTreeSet<String>) {
+    fn forget<'a>(&mut self, names: impl IntoIterator<Item = &'a String>) {
+        let this = &*self;
+        let held = |name: &str| match this {
+            Held::Sent(g) => g.contains(name),
+            Held::Listed(s) => s.contains(name),
+        };
+        let names: BTreeSet<String> = names.into_iter().filter(|n| held(n)).cloned().collect();
         if names.is_empty() {
             return;
         }
@@ -399,7 +405,7 @@ impl Held {
             Held::Sent(g) => g.merged(),
             Held::Listed(s) => s.clone(),
         };
-        *self = Held::Listed(all.without(names));
+        *self = Held::Listed(all.without(&names));
     }
 }
 

@@ -47,6 +47,15 @@ pub(super) struct Fingerprint {
 }
 
 impl Fingerprint {
+    /// The fingerprint of a list of names.
+    pub(super) fn of<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut fingerprint = Self::default();
+        for name in names {
+            fingerprint.add(name.as_bytes());
+        }
+        fingerprint
+    }
+
     fn add(&mut self, name: &[u8]) {
         self.count += 1;
         self.sum = self.sum.wrapping_add(name_hash(name));
