@@ -307,10 +307,8 @@ impl Names {
 }
 
 fn contains(resources: &[Bytes], needle: &str) -> bool {
-    let needle = needle.as_bytes();
-    resources
-        .iter()
-        .any(|a| a.windows(needle.len()).any(|w| w == needle))
+    let finder = memchr::memmem::Finder::new(needle);
+    resources.iter().any(|a| finder.find(a).is_some())
 }
 
 /// What proxies report to the benchmark.
@@ -539,10 +537,13 @@ async fn delta_proxy(
     .await?;
     // Per type and resource held, the names it leads to; what the proxy
     // subscribed to.
-    let mut held: BTreeMap<&str, BTreeMap<String, Arc<Vec<Bytes>>>> = BTreeMap::new();
+    // Names are kept by hash: what they lead to and how many are held is
+    // all the benchmark needs of them.
+    let mut held: BTreeMap<&str, HashMap<u64, Arc<Vec<Bytes>>>> = BTreeMap::new();
     let mut subscribed: BTreeMap<&str, BTreeSet<Bytes>> = BTreeMap::new();
     let mut progress = Progress::default();
-    let mut held_names: BTreeMap<&str, std::collections::HashSet<String>> = BTreeMap::new();
+    let mut held_names: BTreeMap<&str, std::collections::HashSet<u64>> = BTreeMap::new();
+    let hash = |name: &str| quick_hash(name.as_bytes());
     loop {
         let response: DeltaResponse = tokio::select! {
             r = responses.next() => match r {
@@ -568,9 +569,9 @@ async fn delta_proxy(
             .map(|r| r.resource.clone())
             .collect();
         let count = held_names.entry(t).or_default();
-        count.extend(response.resources.iter().map(|r| r.name.clone()));
+        count.extend(response.resources.iter().map(|r| hash(&r.name)));
         for name in &response.removed_resources {
-            count.remove(name);
+            count.remove(&hash(name));
         }
         progress.on_ack(t, &changed, count.len(), &shared);
         let follow = match t {
@@ -581,10 +582,10 @@ async fn delta_proxy(
         if let Some(next) = follow {
             let state = held.entry(t).or_default();
             for r in &response.resources {
-                state.insert(r.name.clone(), shared.names.of(t, &r.resource));
+                state.insert(hash(&r.name), shared.names.of(t, &r.resource));
             }
             for name in &response.removed_resources {
-                state.remove(name);
+                state.remove(&hash(name));
             }
             let names: BTreeSet<Bytes> = state.values().flat_map(|n| n.iter().cloned()).collect();
             let current = subscribed.entry(next).or_default();
