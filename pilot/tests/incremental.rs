@@ -10,10 +10,7 @@
 
 use std::{collections::BTreeSet, sync::Arc};
 
-use envoy_types::pb::{
-    envoy::config::core::v3::Node,
-    google::protobuf::{Struct, Value, value::Kind},
-};
+use envoy_types::pb::envoy::config::core::v3::Node;
 use mcp::{Payload, SinkResource, SinkSnapshot};
 use mesh_api::{
     kinds::{self, Body},
@@ -187,29 +184,10 @@ fn remove_one(snapshot: &mut SinkSnapshot, rng: &mut fastrand::Rng) {
     collection.resources.remove(key);
 }
 
+mod support;
+
 fn node(id: &str, labels: &[(&str, &str)]) -> Node {
-    let string = |s: &str| Value {
-        kind: Some(Kind::StringValue(s.into())),
-    };
-    let labels = Struct {
-        fields: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), string(v)))
-            .collect(),
-    };
-    Node {
-        id: id.into(),
-        metadata: Some(Struct {
-            fields: [(
-                "LABELS".to_string(),
-                Value {
-                    kind: Some(Kind::StructValue(labels)),
-                },
-            )]
-            .into(),
-        }),
-        ..Default::default()
-    }
+    support::node(id, labels, &[])
 }
 
 fn nodes() -> Vec<Node> {

@@ -82,6 +82,20 @@ impl Change {
         self.jwks |= other.jwks;
     }
 
+    /// Whether authentication or RBAC may differ: a policy, a role, a
+    /// binding, the RBAC config or an issuer's keys.
+    pub fn security(&self) -> bool {
+        let collections = [
+            kinds::POLICIES,
+            kinds::MESH_POLICIES,
+            kinds::SERVICE_ROLES,
+            kinds::SERVICE_ROLE_BINDINGS,
+            kinds::RBAC_CONFIGS,
+            kinds::CLUSTER_RBAC_CONFIGS,
+        ];
+        self.jwks || collections.iter().any(|c| self.collections.contains(c))
+    }
+
     /// The xDS types whose resources may differ: an endpoint-only change
     /// touches endpoints, and the inbound listeners of the workloads at
     /// the addresses concerned.
@@ -102,15 +116,7 @@ impl Change {
         if changed(kinds::VIRTUAL_SERVICES) || changed(kinds::GATEWAYS) {
             types.extend([LISTENER, ROUTE]);
         }
-        let security = [
-            kinds::POLICIES,
-            kinds::MESH_POLICIES,
-            kinds::SERVICE_ROLES,
-            kinds::SERVICE_ROLE_BINDINGS,
-            kinds::RBAC_CONFIGS,
-            kinds::CLUSTER_RBAC_CONFIGS,
-        ];
-        if self.jwks || security.into_iter().any(changed) {
+        if self.security() {
             types.insert(LISTENER);
         }
         types

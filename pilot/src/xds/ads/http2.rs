@@ -1,9 +1,9 @@
 //! ADS over HTTP/2, served with hyper directly rather than through tonic's
 //! server, for one setting tonic does not expose: how much unsent data a
 //! stream may buffer. hyper's default is 400 KiB per stream, pulled from
-//! the response body as fast as the peer's window allows; with thousands
-//! of proxies taking their initial config at once, that alone is
-//! gigabytes. A chunk or two per stream keeps the socket busy just as well.
+//! the response body as fast as the peer's window allows. Most of a
+//! response is buffers shared by every stream (see `response`), but what is
+//! a stream's own is held only a chunk or two ahead of the socket.
 
 use std::{io, pin::pin, time::Duration};
 

@@ -117,15 +117,6 @@ fn touches_own(change: &Change, proxy: &Proxy, type_url: &str, names: &BTreeSet<
     if proxy.kind == ProxyKind::Router {
         return true;
     }
-    let collections = [
-        kinds::SIDECARS,
-        kinds::POLICIES,
-        kinds::MESH_POLICIES,
-        kinds::SERVICE_ROLES,
-        kinds::SERVICE_ROLE_BINDINGS,
-        kinds::RBAC_CONFIGS,
-        kinds::CLUSTER_RBAC_CONFIGS,
-    ];
     let by_name = type_url == LISTENER
         && !names.is_empty()
         && [kinds::VIRTUAL_SERVICES, kinds::DESTINATION_RULES]
@@ -133,8 +124,8 @@ fn touches_own(change: &Change, proxy: &Proxy, type_url: &str, names: &BTreeSet<
             .any(|c| change.collections.contains(c));
     !change.services.is_empty()
         || change.mesh
-        || change.jwks
-        || collections.iter().any(|c| change.collections.contains(c))
+        || change.security()
+        || change.collections.contains(kinds::SIDECARS)
         || change.addresses.contains(&proxy.ip.to_string())
         || by_name
 }
