@@ -17,3 +17,24 @@ pub const PROXY_OUTBOUND: u16 = 15001;
 pub const PROXY_INBOUND: u16 = 15006;
 pub const PROXY_HEALTH: u16 = 15020;
 pub const PROXY_STATS: u16 = 15090;
+
+/// Every default port: a port picked for a process of a mesh on free ports
+/// must not be one of them, or a mesh on the defaults beside it could not
+/// start (42422 is inside Linux's range of ports the OS hands out).
+pub const DEFAULTS: [u16; 15] = [
+    GALLEY_MCP,
+    GALLEY_WEBHOOK,
+    PILOT_XDS,
+    PILOT_XDS_MTLS,
+    PILOT_DEBUG,
+    CITADEL_CA,
+    MIXER_GRPC,
+    MIXER_PROMETHEUS,
+    INJECTOR_WEBHOOK,
+    CONTROL_PLANE_ADMIN,
+    PROXY_ADMIN,
+    PROXY_OUTBOUND,
+    PROXY_INBOUND,
+    PROXY_HEALTH,
+    PROXY_STATS,
+];

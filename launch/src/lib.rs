@@ -130,11 +130,15 @@ pub async fn wait_ready(
 /// A free port on 127.0.0.1, chosen by the OS, and never one this process
 /// was handed before: the OS may hand out a just-released port again, and
 /// a port picked for one process must not go to another before the first
-/// has bound it.
+/// has bound it. Never one of the mesh's default ports either, which a
+/// mesh on the defaults beside it needs.
 pub fn free_addr() -> std::io::Result<SocketAddr> {
     static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     loop {
         let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        if component::ports::DEFAULTS.contains(&addr.port()) {
+            continue;
+        }
         let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
         if !handed_out.contains(&addr.port()) {
             handed_out.push(addr.port());
