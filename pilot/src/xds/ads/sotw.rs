@@ -81,24 +81,52 @@ fn name_hash(name: &[u8]) -> u64 {
 impl SotwRequest {
     /// The names, as strings.
     fn names(&self) -> Result<BTreeSet<String>, Status> {
+        self.name_slices()
+            .map(|name| {
+                std::str::from_utf8(name)
+                    .map(str::to_string)
+                    .map_err(|_| Status::invalid_argument("a resource name is not valid UTF-8"))
+            })
+            .collect()
+    }
+
+    /// The names' bytes, in the order they came.
+    fn name_slices(&self) -> impl Iterator<Item = &[u8]> {
         let mut buf = &self.names[..];
-        let mut names = BTreeSet::new();
-        while !buf.is_empty() {
-            let len =
-                prost::encoding::decode_varint(&mut buf).expect("written by merge_field") as usize;
+        std::iter::from_fn(move || {
+            if buf.is_empty() {
+                return None;
+            }
+            // Each length was written by `merge_field` before its name.
+            let len = prost::encoding::decode_varint(&mut buf).ok()? as usize;
             let (name, rest) = buf.split_at(len);
-            let name = std::str::from_utf8(name)
-                .map_err(|_| Status::invalid_argument("a resource name is not valid UTF-8"))?;
-            names.insert(name.to_string());
             buf = rest;
-        }
-        Ok(names)
+            Some(name)
+        })
     }
 }
 
 impl prost::Message for SotwRequest {
-    fn encode_raw(&self, _buf: &mut impl bytes::BufMut) {
-        unreachable!("Pilot only decodes requests")
+    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
+        use prost::encoding::{bytes, message, string};
+        if !self.version_info.is_empty() {
+            string::encode(1, &self.version_info, buf);
+        }
+        if let Some(node) = &self.node {
+            message::encode(2, node, buf);
+        }
+        for name in self.name_slices() {
+            bytes::encode(3, &name.to_vec(), buf);
+        }
+        if !self.type_url.is_empty() {
+            string::encode(4, &self.type_url, buf);
+        }
+        if !self.response_nonce.is_empty() {
+            string::encode(5, &self.response_nonce, buf);
+        }
+        if let Some(error) = &self.error_detail {
+            message::encode(6, error, buf);
+        }
     }
 
     fn merge_field(
@@ -154,7 +182,27 @@ impl prost::Message for SotwRequest {
     }
 
     fn encoded_len(&self) -> usize {
-        unreachable!("Pilot only decodes requests")
+        use prost::encoding::{encoded_len_varint, key_len, message, string};
+        let names: usize = self
+            .name_slices()
+            .map(|n| key_len(3) + encoded_len_varint(n.len() as u64) + n.len())
+            .sum();
+        let string = |tag, s: &String| {
+            if s.is_empty() {
+                0
+            } else {
+                string::encoded_len(tag, s)
+            }
+        };
+        string(1, &self.version_info)
+            + self.node.as_ref().map_or(0, |n| message::encoded_len(2, n))
+            + names
+            + string(4, &self.type_url)
+            + string(5, &self.response_nonce)
+            + self
+                .error_detail
+                .as_ref()
+                .map_or(0, |e| message::encoded_len(6, e))
     }
 
     fn clear(&mut self) {
@@ -295,6 +343,15 @@ mod tests {
         assert_eq!(read.error_detail.as_ref().unwrap().message, "bad");
         let names: Vec<String> = read.names().unwrap().into_iter().collect();
         assert_eq!(names, ["", "outbound|80||a", "outbound|80||b"]);
+    }
+
+    #[test]
+    fn the_request_encodes_back_to_the_fields_it_read() {
+        let sent = request(&["outbound|80||b", "outbound|80||a"]);
+        let read = read(&sent);
+        let bytes = read.encode_to_vec();
+        assert_eq!(bytes.len(), read.encoded_len());
+        assert_eq!(DiscoveryRequest::decode(bytes.as_slice()).unwrap(), sent);
     }
 
     #[test]
