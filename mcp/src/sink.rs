@@ -109,22 +109,27 @@ impl SinkSnapshot {
     pub fn from_objects(objects: impl IntoIterator<Item = mesh_api::object::ConfigObject>) -> Self {
         let mut snapshot = Self::default();
         for o in objects {
-            let held = snapshot
-                .collections
-                .entry(o.kind.collection.to_string())
-                .or_default();
-            held.synced = true;
-            let name = o.mcp_name();
-            let resource = SinkResource {
-                metadata: Metadata {
-                    name: name.clone(),
-                    ..Metadata::default()
-                },
-                payload: Payload::Decoded(o.body),
-            };
-            held.resources.insert(name, Arc::new(resource));
+            let collection = o.kind.collection;
+            snapshot.put(collection, o);
         }
         snapshot
+    }
+
+    /// Holds `object` in `collection` (its own, or one that carries the
+    /// same type), as a sink does once sent it: for tests that change a
+    /// snapshot an object at a time.
+    pub fn put(&mut self, collection: &str, object: mesh_api::object::ConfigObject) {
+        let held = self.collections.entry(collection.to_string()).or_default();
+        held.synced = true;
+        let name = object.mcp_name();
+        let resource = SinkResource {
+            metadata: Metadata {
+                name: name.clone(),
+                ..Metadata::default()
+            },
+            payload: Payload::Decoded(object.body),
+        };
+        held.resources.insert(name, Arc::new(resource));
     }
 
     /// True once every requested collection has had a first response or

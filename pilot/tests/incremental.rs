@@ -11,12 +11,12 @@
 use std::{collections::BTreeSet, sync::Arc};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use mcp::{Payload, SinkResource, SinkSnapshot};
+use mcp::{Payload, SinkSnapshot};
 use mesh_api::{
     kinds::{self, Body},
     mesh::defaults,
     object::ConfigObject,
-    pb::istio::{mcp::v1alpha1::Metadata, networking::v1alpha3::service_entry},
+    pb::istio::networking::v1alpha3::service_entry,
 };
 use pilot::{
     model::Model,
@@ -123,21 +123,7 @@ fn object(rng: &mut fastrand::Rng) -> (String, bool) {
 /// Puts `object` into `snapshot` (into `collection`, else its own) as a
 /// sink applies one MCP resource.
 fn put(snapshot: &mut SinkSnapshot, object: ConfigObject, collection: Option<&str>) {
-    let collection = collection.unwrap_or(object.kind.collection);
-    let held = snapshot
-        .collections
-        .entry(collection.to_string())
-        .or_default();
-    held.synced = true;
-    let name = object.mcp_name();
-    let resource = SinkResource {
-        metadata: Metadata {
-            name: name.clone(),
-            ..Metadata::default()
-        },
-        payload: Payload::Decoded(object.body),
-    };
-    held.resources.insert(name, Arc::new(resource));
+    snapshot.put(collection.unwrap_or(object.kind.collection), object);
 }
 
 /// Gives a random ServiceEntry of `snapshot`, if it holds any, new
