@@ -76,14 +76,14 @@ pub fn configz(model: &Model) -> Value {
         .collect();
     json!({
         "services": services,
-        "virtual_services": objects(&c.virtual_services),
-        "destination_rules": objects(&c.destination_rules),
-        "gateways": objects(&c.gateways),
-        "sidecars": objects(&c.sidecars),
-        "policies": objects(&c.policies),
+        "virtual_services": objects(c.virtual_services.iter()),
+        "destination_rules": objects(c.destination_rules.iter()),
+        "gateways": objects(c.gateways.iter()),
+        "sidecars": objects(c.sidecars.iter()),
+        "policies": objects(c.policies.iter()),
         "mesh_policy": c.mesh_policy.as_ref().map(|p| serde_json::to_value(p).unwrap_or(Value::Null)),
-        "service_roles": objects(&c.service_roles),
-        "service_role_bindings": objects(&c.service_role_bindings),
+        "service_roles": objects(c.service_roles.iter()),
+        "service_role_bindings": objects(c.service_role_bindings.iter()),
         "rbac_config": c.rbac_config.as_ref().map(|r| serde_json::to_value(r).unwrap_or(Value::Null)),
         "mesh_config": serde_json::to_value(&model.mesh).unwrap_or(Value::Null),
     })

@@ -181,23 +181,6 @@ impl<T> Objects<T> {
     pub fn get(&self, key: &str) -> Option<&Named<T>> {
         self.0.get(key).map(Arc::as_ref)
     }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl<'a, T> IntoIterator for &'a Objects<T> {
-    type Item = &'a Named<T>;
-    type IntoIter = Box<dyn Iterator<Item = &'a Named<T>> + 'a>;
-
-    fn into_iter(self) -> Self::IntoIter {
-        Box::new(self.iter())
-    }
 }
 
 /// Every config kind Pilot reads, indexed for generation.

@@ -71,17 +71,6 @@ impl Change {
         *self == Self::default()
     }
 
-    /// Adds `other`, a later change, to this one.
-    pub fn merge(&mut self, other: Change) {
-        self.services.extend(other.services);
-        self.endpoints.extend(other.endpoints);
-        self.addresses.extend(other.addresses);
-        self.collections.extend(other.collections);
-        self.rule_hosts.extend(other.rule_hosts);
-        self.mesh |= other.mesh;
-        self.jwks |= other.jwks;
-    }
-
     /// Whether authentication or RBAC may differ: a policy, a role, a
     /// binding, the RBAC config or an issuer's keys.
     pub fn security(&self) -> bool {

@@ -204,14 +204,6 @@ impl Generated {
         self.shared.hash.rotate_left(17) ^ self.own.hash
     }
 
-    pub fn len(&self) -> usize {
-        self.shared.len() + self.own.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     pub fn contains(&self, name: &str) -> bool {
         self.shared.contains(name) || self.own.contains(name)
     }

@@ -437,7 +437,7 @@ fn rules_for(model: &Model, service: &Service, http: bool) -> Option<(Rbac, bool
         action: rbac::Action::Allow as i32,
         ..Default::default()
     };
-    for named in &model.config.service_roles {
+    for named in model.config.service_roles.iter() {
         let (ns, role, spec) = (&named.namespace, &named.name, &named.spec);
         if *ns != service.namespace {
             continue;
