@@ -205,6 +205,25 @@ async fn pilot_bench_reaches_every_proxy_in_each_flavour_and_mode() {
             .unwrap();
         assert!((change - beyond - 100.0).abs() < 0.01, "{run}");
         assert!(run["peak_rss_bytes"].as_u64().unwrap() > 0, "{run}");
+        // The routes change moves megabytes of routes; the endpoint
+        // change's responses are a sliver of them.
+        let responses = &run["megabytes_of_responses"];
+        let routes_mb = responses["virtual_service_change"].as_f64().unwrap();
+        assert!(routes_mb > 0.0, "{run}");
+        assert!(
+            responses["endpoint_change"].as_f64().unwrap() < routes_mb,
+            "{run}"
+        );
+        if key.0 == "sotw" {
+            // A state-of-the-world ACK repeats every endpoint name.
+            let acks = run["megabytes_of_requests"]["endpoint_change"].as_f64();
+            assert!(acks > responses["endpoint_change"].as_f64(), "{run}");
+        }
+        let floor = &run["ms_to_move_those_bytes_over_one_loopback_connection"];
+        assert!(
+            floor["virtual_service_change"].as_f64().unwrap() > 0.0,
+            "{run}"
+        );
         seen.insert(key);
     }
     let expected: std::collections::BTreeSet<_> = ["sotw", "delta"]

@@ -329,11 +329,21 @@ struct Shared {
     /// The benchmark's phase, and responses received per phase and type.
     phase: AtomicU8,
     responses: [[AtomicU64; 4]; 4],
+    /// Bytes of the responses received per phase, by every proxy.
+    bytes: [AtomicU64; 4],
+    /// Bytes of the requests sent per phase, by every proxy.
+    request_bytes: [AtomicU64; 4],
 }
 
 impl Shared {
-    fn count(&self, type_url: &str) {
+    fn count_request(&self, bytes: usize) {
         let phase = self.phase.load(Ordering::Relaxed) as usize;
+        self.request_bytes[phase].fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    fn count(&self, type_url: &str, bytes: usize) {
+        let phase = self.phase.load(Ordering::Relaxed) as usize;
+        self.bytes[phase].fetch_add(bytes as u64, Ordering::Relaxed);
         if let Some(t) = TYPES.iter().position(|t| *t == type_url) {
             self.responses[phase][t].fetch_add(1, Ordering::Relaxed);
         }
@@ -435,6 +445,7 @@ async fn open<Req, Resp>(
     channel: Channel,
     method: &'static str,
     requests: mpsc::UnboundedReceiver<Req>,
+    shared: Arc<Shared>,
 ) -> anyhow::Result<tonic::Streaming<Resp>>
 where
     Req: Message + Send + Sync + 'static,
@@ -444,7 +455,10 @@ where
     grpc.ready().await?;
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
     let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
-    let requests = tokio_stream::wrappers::UnboundedReceiverStream::new(requests);
+    let requests = tokio_stream::wrappers::UnboundedReceiverStream::new(requests).map(move |r| {
+        shared.count_request(r.encoded_len());
+        r
+    });
     Ok(grpc
         .streaming(tonic::Request::new(requests), path, codec)
         .await?
@@ -476,6 +490,7 @@ async fn sotw_proxy(
         channel,
         "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
         rx,
+        shared.clone(),
     )
     .await?;
     let mut progress = Progress::default();
@@ -487,7 +502,7 @@ async fn sotw_proxy(
             },
             _ = stop.cancelled() => return Ok(()),
         };
-        shared.count(&response.type_url);
+        shared.count(&response.type_url, response.encoded_len());
         let t = TYPES
             .iter()
             .copied()
@@ -533,6 +548,7 @@ async fn delta_proxy(
         channel,
         "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources",
         rx,
+        shared.clone(),
     )
     .await?;
     // Per type and resource held, the names it leads to; what the proxy
@@ -552,7 +568,7 @@ async fn delta_proxy(
             },
             _ = stop.cancelled() => return Ok(()),
         };
-        shared.count(&response.type_url);
+        shared.count(&response.type_url, response.encoded_len());
         let t = TYPES
             .iter()
             .copied()
@@ -656,6 +672,8 @@ async fn phase(
         events: events_tx,
         phase: AtomicU8::new(0),
         responses: Default::default(),
+        bytes: Default::default(),
+        request_bytes: Default::default(),
     });
     let connect = Instant::now();
     for group in 0..proxies.div_ceil(streams_per_connection) {
@@ -726,6 +744,22 @@ async fn phase(
         counts.into()
     };
     let beyond_debounce = |d: Duration| ms(d.saturating_sub(args.debounce));
+    let bytes = |phase: usize| {
+        let [responses, requests] =
+            [&shared.bytes, &shared.request_bytes].map(|b| b[phase].load(Ordering::Relaxed));
+        (responses, requests)
+    };
+    let megabytes = |b: u64| (b as f64 / 1e3).round() / 1e3;
+    // The floor each change's traffic sets: its bytes, both ways, moved
+    // over one loopback connection with nothing else to do.
+    let mut floor = serde_json::Map::new();
+    for (phase, name) in [(1, "virtual_service_change"), (2, "endpoint_change")] {
+        let (responses, requests) = bytes(phase);
+        floor.insert(
+            name.into(),
+            ms(loopback_floor(responses + requests).await?).into(),
+        );
+    }
     Ok(json!({
         "protocol": if delta { "delta" } else { "sotw" },
         "proxies": proxies,
@@ -744,7 +778,51 @@ async fn phase(
         "responses_initial": responses(0),
         "responses_after_virtual_service_change": responses(1),
         "responses_after_endpoint_change": responses(2),
+        "megabytes_of_responses": {
+            "initial_config": megabytes(bytes(0).0),
+            "virtual_service_change": megabytes(bytes(1).0),
+            "endpoint_change": megabytes(bytes(2).0),
+        },
+        "megabytes_of_requests": {
+            "initial_config": megabytes(bytes(0).1),
+            "virtual_service_change": megabytes(bytes(1).1),
+            "endpoint_change": megabytes(bytes(2).1),
+        },
+        "ms_to_move_those_bytes_over_one_loopback_connection": floor,
     }))
+}
+
+/// How long moving `bytes` over one loopback TCP connection takes, in
+/// writes of 1 MiB: what no push of as many bytes can beat on this
+/// machine.
+async fn loopback_floor(bytes: u64) -> anyhow::Result<Duration> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let reader = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut read = 0u64;
+        while read < bytes {
+            match socket.read(&mut buf).await? {
+                0 => break,
+                n => read += n as u64,
+            }
+        }
+        anyhow::Ok(())
+    });
+    let mut socket = tokio::net::TcpStream::connect(addr).await?;
+    let chunk = vec![0u8; 1 << 20];
+    let start = Instant::now();
+    let mut written = 0u64;
+    while written < bytes {
+        let n = chunk.len().min((bytes - written) as usize);
+        socket.write_all(&chunk[..n]).await?;
+        written += n as u64;
+    }
+    socket.shutdown().await?;
+    reader.await??;
+    Ok(start.elapsed())
 }
 
 fn round(seconds: f64) -> f64 {

@@ -9,15 +9,13 @@
 use std::{
     convert::Infallible,
     future::{Ready, ready},
-    marker::PhantomData,
     pin::Pin,
     task::{Context, Poll},
 };
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use http_body::{Body as _, Frame};
-use prost::Message;
 use tonic::{
     Status,
     body::Body,
@@ -67,7 +65,7 @@ impl<G: ResourceGenerator> Service<http::Request<Body>> for AdsService<G> {
 
 impl<G: ResourceGenerator> AdsService<G> {
     fn respond<F: Flavor<G>>(&self, body: Body) -> http::Response<Body> {
-        let requests = Requests::<F::Request>::new(body);
+        let requests = Requests::new(body, F::decoder(&self.0));
         let framed = Framed {
             responses: self.0.serve::<F>(requests),
             chunks: None,
@@ -82,80 +80,140 @@ impl<G: ResourceGenerator> AdsService<G> {
     }
 }
 
-/// The requests of one stream, deframed from the request body.
-pub(super) struct Requests<M> {
-    body: Body,
-    /// What has arrived of the next request; released whenever it holds no
-    /// partial request.
-    buf: BytesMut,
-    ended: bool,
-    message: PhantomData<fn() -> M>,
+/// Reads one stream's requests as their bytes arrive, so that a request
+/// need not be held whole before it is read.
+pub(super) trait Decode: Send + 'static {
+    type Request: Send;
+
+    /// A request begins.
+    fn begin(&mut self);
+
+    /// The next bytes of the request.
+    fn take(&mut self, bytes: &[u8]) -> Result<(), Status>;
+
+    /// The request's bytes have all been taken.
+    fn finish(&mut self) -> Result<Self::Request, Status>;
 }
 
-impl<M: Message + Default> Requests<M> {
-    fn new(body: Body) -> Self {
+/// The requests of one stream, deframed from the request body.
+pub(super) struct Requests<D> {
+    body: Body,
+    decoder: D,
+    /// The length prefix being read, when the bytes so far hold only part
+    /// of it.
+    prefix: Vec<u8>,
+    /// Bytes of the request being read still to come; `None` between
+    /// requests.
+    remaining: Option<usize>,
+    /// Bytes received and not yet framed.
+    data: Bytes,
+    ended: bool,
+    failed: bool,
+}
+
+impl<D: Decode> Requests<D> {
+    pub(super) fn new(body: Body, decoder: D) -> Self {
         Self {
             body,
-            buf: BytesMut::new(),
+            decoder,
+            prefix: Vec::new(),
+            remaining: None,
+            data: Bytes::new(),
             ended: false,
-            message: PhantomData,
+            failed: false,
         }
     }
 
-    /// The next whole request in the buffer, if one is there.
-    fn decode(&mut self) -> Result<Option<M>, Status> {
-        let Some(prefix) = self.buf.get(..5) else {
-            return Ok(None);
+    /// Frames what has arrived: the next request if one is now whole.
+    fn frame(&mut self) -> Result<Option<D::Request>, Status> {
+        let remaining = match self.remaining {
+            Some(remaining) => remaining,
+            None => {
+                let wanted = (5 - self.prefix.len()).min(self.data.len());
+                self.prefix.extend_from_slice(&self.data.split_to(wanted));
+                let Ok(prefix) = <[u8; 5]>::try_from(&self.prefix[..]) else {
+                    return Ok(None);
+                };
+                self.prefix.clear();
+                let len = request_len(prefix)?;
+                self.decoder.begin();
+                len
+            }
         };
-        if prefix[0] != 0 {
-            return Err(Status::unimplemented(
-                "compressed requests are not supported: send uncompressed messages",
-            ));
-        }
-        let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
-        if len > MAX_REQUEST_BYTES {
-            return Err(Status::resource_exhausted(format!(
-                "a request of {len} bytes is over the limit of {MAX_REQUEST_BYTES}"
-            )));
-        }
-        if self.buf.len() < 5 + len {
-            self.buf.reserve(5 + len - self.buf.len());
+        let take = remaining.min(self.data.len());
+        self.decoder.take(&self.data.split_to(take))?;
+        if take < remaining {
+            self.remaining = Some(remaining - take);
             return Ok(None);
         }
-        let mut frame = self.buf.split_to(5 + len);
-        frame.advance(5);
-        if self.buf.is_empty() {
-            self.buf = BytesMut::new();
-        }
-        M::decode(frame)
-            .map(Some)
-            .map_err(|e| Status::invalid_argument(format!("malformed request: {e}")))
+        self.remaining = None;
+        self.decoder.finish().map(Some)
+    }
+
+    /// Whether a request has begun and not ended.
+    fn inside_request(&self) -> bool {
+        self.remaining.is_some() || !self.prefix.is_empty() || !self.data.is_empty()
     }
 }
 
-impl<M: Message + Default> Stream for Requests<M> {
-    type Item = Result<M, Status>;
+/// The length of a request from its gRPC prefix.
+fn request_len(prefix: [u8; 5]) -> Result<usize, Status> {
+    if prefix[0] != 0 {
+        return Err(Status::unimplemented(
+            "compressed requests are not supported: send uncompressed messages",
+        ));
+    }
+    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+    if len > MAX_REQUEST_BYTES {
+        return Err(Status::resource_exhausted(format!(
+            "a request of {len} bytes is over the limit of {MAX_REQUEST_BYTES}"
+        )));
+    }
+    Ok(len)
+}
+
+impl<D: Decode + Unpin> Stream for Requests<D> {
+    type Item = Result<D::Request, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let next = self.as_mut().poll_request(cx);
+        if let Poll::Ready(Some(Err(_))) = next {
+            // An error ends the stream.
+            self.failed = true;
+        }
+        next
+    }
+}
+
+impl<D: Decode + Unpin> Requests<D> {
+    fn poll_request(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<D::Request, Status>>> {
+        if self.failed {
+            return Poll::Ready(None);
+        }
         loop {
-            match self.decode() {
-                Ok(Some(message)) => return Poll::Ready(Some(Ok(message))),
+            match self.frame() {
+                Ok(Some(request)) => return Poll::Ready(Some(Ok(request))),
                 Ok(None) => {}
                 Err(status) => return Poll::Ready(Some(Err(status))),
             }
             if self.ended {
-                return Poll::Ready(if self.buf.is_empty() {
-                    None
-                } else {
+                return Poll::Ready(if self.inside_request() {
                     Some(Err(Status::invalid_argument(
                         "the request stream ended inside a message",
                     )))
+                } else {
+                    None
                 });
             }
             match futures::ready!(Pin::new(&mut self.body).poll_frame(cx)) {
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
-                        self.buf.extend_from_slice(&data);
+                        // `frame` leaves nothing unframed when it wants more.
+                        debug_assert!(self.data.is_empty());
+                        self.data = data;
                     }
                 }
                 Some(Err(status)) => return Poll::Ready(Some(Err(status))),
@@ -208,5 +266,95 @@ where
             }
             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::*;
+
+    /// Each request's bytes, as they were framed.
+    #[derive(Default)]
+    struct Raw(Vec<u8>);
+
+    impl Decode for Raw {
+        type Request = Vec<u8>;
+
+        fn begin(&mut self) {}
+
+        fn take(&mut self, bytes: &[u8]) -> Result<(), Status> {
+            self.0.extend_from_slice(bytes);
+            Ok(())
+        }
+
+        fn finish(&mut self) -> Result<Vec<u8>, Status> {
+            Ok(std::mem::take(&mut self.0))
+        }
+    }
+
+    /// A request body that yields the given frames.
+    struct Frames(VecDeque<Bytes>);
+
+    impl http_body::Body for Frames {
+        type Data = Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+            Poll::Ready(self.0.pop_front().map(|data| Ok(Frame::data(data))))
+        }
+    }
+
+    fn grpc(body: &[u8]) -> Vec<u8> {
+        let mut framed = vec![0];
+        framed.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        framed.extend_from_slice(body);
+        framed
+    }
+
+    fn requests(bytes: &[u8], chunk: usize) -> Vec<Result<Vec<u8>, Status>> {
+        let frames = bytes.chunks(chunk).map(Bytes::copy_from_slice).collect();
+        let requests = Requests::new(Body::new(Frames(frames)), Raw::default());
+        let collected = futures::FutureExt::now_or_never(requests.collect());
+        collected.expect("the body is always ready")
+    }
+
+    #[test]
+    fn requests_are_framed_however_the_body_cuts_them() {
+        let sent = vec![b"a".repeat(40), vec![], b"b".repeat(3)];
+        let bytes: Vec<u8> = sent.iter().flat_map(|r| grpc(r)).collect();
+        for chunk in [1, 2, 5, 7, 64, bytes.len()] {
+            let read: Vec<_> = requests(&bytes, chunk)
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
+            assert_eq!(read, sent, "chunks of {chunk}");
+        }
+    }
+
+    #[test]
+    fn a_body_that_ends_inside_a_request_is_refused() {
+        let bytes = grpc(b"t");
+        for cut in [2, bytes.len() - 1] {
+            let read = requests(&bytes[..cut], 1);
+            let status = read.last().unwrap().as_ref().unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(status.message().contains("ended inside"), "{status:?}");
+        }
+    }
+
+    #[test]
+    fn compressed_and_oversized_requests_are_refused() {
+        let compressed = [1, 0, 0, 0, 0];
+        let status = requests(&compressed, 5).remove(0).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unimplemented);
+        let mut oversized = vec![0];
+        oversized.extend_from_slice(&(MAX_REQUEST_BYTES as u32 + 1).to_be_bytes());
+        let status = requests(&oversized, 5).remove(0).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
     }
 }

@@ -10,16 +10,18 @@
 //! config.
 
 mod delta;
+mod fields;
 mod framing;
 mod http2;
+mod names;
 mod response;
 mod sotw;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     pin::Pin,
     sync::{
-        Arc, LazyLock, Mutex, Weak,
+        Arc, LazyLock, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::SystemTime,
@@ -28,12 +30,15 @@ use std::{
 use component::CancellationToken;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use futures::{Stream, StreamExt};
-use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use self::{framing::Requests, response::Response};
+use self::{
+    framing::{Decode, Requests},
+    names::{NameList, NameSets},
+    response::Response,
+};
 use super::{Generated, PUSH_ORDER, Resource, ResourceGenerator, ResourceSet, TypeVersions};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -55,74 +60,6 @@ impl<G> Clone for AdsServer<G> {
             status: self.status.clone(),
             names: self.names.clone(),
         }
-    }
-}
-
-/// Subscribed name sets, shared between streams: proxies of one kind ask
-/// for the same thousands of names, and each stream holds a pointer to one
-/// copy instead of its own.
-#[derive(Clone, Default)]
-struct NameSets(Arc<Mutex<Interned>>);
-
-#[derive(Default)]
-struct Interned {
-    sets: HashMap<u64, Weak<BTreeSet<String>>>,
-    /// The same sets by the fingerprint of the name lists state-of-the-world
-    /// requests carry, so that a stream subscribing to a list others did
-    /// finds the set without building one. A fingerprint is a count and a
-    /// 64-bit sum: lists that differ and collide would have to be made to.
-    by_fingerprint: HashMap<sotw::Fingerprint, Weak<BTreeSet<String>>>,
-    /// Entries after the last sweep of dropped sets; the next sweep comes
-    /// when the map has doubled, so sweeping costs O(1) per insertion.
-    swept_len: usize,
-}
-
-impl NameSets {
-    fn intern(&self, names: BTreeSet<String>) -> Arc<BTreeSet<String>> {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        names.hash(&mut hasher);
-        let key = hasher.finish();
-        let mut interned = self.lock();
-        if let Some(set) = interned.sets.get(&key).and_then(Weak::upgrade)
-            && *set == names
-        {
-            return set;
-        }
-        if interned.sets.len() >= 2 * interned.swept_len.max(64) {
-            interned.sets.retain(|_, w| w.strong_count() > 0);
-            interned.by_fingerprint.retain(|_, w| w.strong_count() > 0);
-            interned.swept_len = interned.sets.len();
-        }
-        let set = Arc::new(names);
-        interned.sets.insert(key, Arc::downgrade(&set));
-        set
-    }
-
-    /// The set of a name list known by its fingerprint; `names` builds it
-    /// when no stream holds it.
-    fn intern_list(
-        &self,
-        fingerprint: sotw::Fingerprint,
-        names: impl FnOnce() -> Result<BTreeSet<String>, Status>,
-    ) -> Result<Arc<BTreeSet<String>>, Status> {
-        let known = self
-            .lock()
-            .by_fingerprint
-            .get(&fingerprint)
-            .and_then(Weak::upgrade);
-        if let Some(set) = known {
-            return Ok(set);
-        }
-        let set = self.intern(names()?);
-        self.lock()
-            .by_fingerprint
-            .insert(fingerprint, Arc::downgrade(&set));
-        Ok(set)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Interned> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -180,7 +117,7 @@ impl<G: ResourceGenerator> AdsServer<G> {
 
     /// Runs one stream of either flavour until the proxy leaves, the
     /// stream fails or Pilot shuts down.
-    fn serve<F: Flavor<G>>(&self, mut requests: Requests<F::Request>) -> BoxStream<Response> {
+    fn serve<F: Flavor<G>>(&self, mut requests: Requests<F::Decoder>) -> BoxStream<Response> {
         // At most one response per type is unanswered (see `Watch`), so a
         // few slots hold a stream's whole backlog.
         let (tx, rx) = mpsc::channel(PUSH_ORDER.len());
@@ -252,11 +189,14 @@ impl<G: ResourceGenerator> AdsServer<G> {
 /// sends.
 trait Flavor<G: ResourceGenerator>: Send + 'static {
     const NAME: &'static str;
-    type Request: Message + Default + Send + 'static;
+    type Decoder: Decode + Unpin;
+
+    /// A stream's request decoder.
+    fn decoder(server: &AdsServer<G>) -> Self::Decoder;
 
     fn on_request(
         conn: &mut Connection<G>,
-        request: Self::Request,
+        request: <Self::Decoder as Decode>::Request,
     ) -> Result<Vec<Response>, Status>;
 
     /// The response for `type_url`; `None` when it would repeat what the
@@ -304,10 +244,10 @@ trait Flavor<G: ResourceGenerator>: Send + 'static {
 struct Watch {
     /// Subscribed names; empty with `wildcard` for every resource.
     names: Arc<BTreeSet<String>>,
-    /// SotW: a fingerprint of `names`, so that the ACKs that repeat them
-    /// (Envoy's, with thousands of names) are recognised without building
-    /// a set.
-    names_fingerprint: sotw::Fingerprint,
+    /// SotW: the list that subscribed `names`, so that the ACKs that
+    /// repeat it (Envoy's, with thousands of names) are known as one
+    /// pointer.
+    list: Option<Arc<NameList>>,
     wildcard: bool,
     /// Nonce, version and content hash of the last response.
     sent: Option<Sent>,

@@ -1,237 +1,151 @@
 //! State of the world: every response carries all of a type's resources
 //! the proxy subscribed to; an empty name list subscribes to all.
 
-use std::collections::BTreeSet;
+use std::sync::Arc;
 
-use bytes::Buf;
 use envoy_types::pb::{
     envoy::{config::core::v3::Node, service::discovery::v3::DiscoveryResponse},
     google::rpc,
 };
-use prost::{
-    DecodeError,
-    encoding::{DecodeContext, WireType},
-};
+use prost::Message;
 use tonic::Status;
 
-use super::{Connection, Flavor, Held, Response, Sent};
+use super::{
+    AdsServer, Connection, Flavor, Held, Response, Sent,
+    fields::{FieldReader, Fields, malformed, text},
+    framing::Decode,
+    names::{Matching, NameList, NameSets},
+};
 use crate::xds::{CLUSTER, LISTENER, ResourceGenerator};
 
 pub struct Sotw;
 
-/// A `DiscoveryRequest` as Pilot reads it. Envoy's every ACK repeats the
-/// thousands of names it subscribes to; here they are read into one buffer
-/// and a fingerprint as the request is decoded, and become strings only
-/// when they differ from what the stream subscribed to. Fields Pilot does
-/// not read are skipped.
+/// A `DiscoveryRequest` as Pilot reads it; fields Pilot does not read are
+/// skipped.
 #[derive(Debug, Default)]
 pub struct SotwRequest {
     pub version_info: String,
     pub node: Option<Node>,
-    /// Each name, its length (a varint) then its bytes.
-    names: Vec<u8>,
-    /// The name being read.
-    name: Vec<u8>,
-    fingerprint: Fingerprint,
+    pub names: Arc<NameList>,
     pub type_url: String,
     pub response_nonce: String,
     pub error_detail: Option<rpc::Status>,
 }
 
-/// An order-independent fingerprint of a list of names: their number and
-/// the sum of their hashes.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash)]
-pub(super) struct Fingerprint {
-    count: usize,
-    sum: u64,
+/// Reads a stream's requests field by field as their bytes arrive. Envoy's
+/// every ACK repeats the thousands of names it subscribes to, in the order
+/// it last listed them: each name is compared with that list (or, on a
+/// stream's first request, with the lists other streams sent last) and
+/// kept only once it differs from every one, so an ACK costs neither a
+/// buffer of its size nor a string per name.
+pub(super) struct Reader {
+    interned: NameSets,
+    /// The names this stream last sent, by type.
+    lists: Vec<(String, Arc<NameList>)>,
+    fields: FieldReader,
+    request: RequestFields,
 }
 
-impl Fingerprint {
-    /// The fingerprint of a list of names.
-    pub(super) fn of<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
-        let mut fingerprint = Self::default();
-        for name in names {
-            fingerprint.add(name.as_bytes());
-        }
-        fingerprint
-    }
-
-    fn add(&mut self, name: &[u8]) {
-        self.count += 1;
-        self.sum = self.sum.wrapping_add(name_hash(name));
-    }
+/// The fields of the request being read.
+#[derive(Default)]
+struct RequestFields {
+    request: SotwRequest,
+    names: Matching,
 }
 
-/// A quick hash of a name, eight bytes at a time. Not keyed: a proxy that
-/// made its own names collide would only confuse its own subscription.
-fn name_hash(name: &[u8]) -> u64 {
-    const K: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut words = name.chunks_exact(8);
-    let mut h = (name.len() as u64).wrapping_mul(K);
-    for w in &mut words {
-        let w = u64::from_le_bytes(w.try_into().expect("eight bytes"));
-        h = (h.rotate_left(5) ^ w).wrapping_mul(K);
-    }
-    let mut tail = [0u8; 8];
-    tail[..words.remainder().len()].copy_from_slice(words.remainder());
-    h = (h.rotate_left(5) ^ u64::from_le_bytes(tail)).wrapping_mul(K);
-    h ^ (h >> 29)
-}
-
-impl SotwRequest {
-    /// The names, as strings.
-    fn names(&self) -> Result<BTreeSet<String>, Status> {
-        self.name_slices()
-            .map(|name| {
-                std::str::from_utf8(name)
-                    .map(str::to_string)
-                    .map_err(|_| Status::invalid_argument("a resource name is not valid UTF-8"))
-            })
-            .collect()
+impl Fields for RequestFields {
+    fn reads(tag: u32) -> bool {
+        (1..=6).contains(&tag)
     }
 
-    /// The names' bytes, in the order they came.
-    fn name_slices(&self) -> impl Iterator<Item = &[u8]> {
-        let mut buf = &self.names[..];
-        std::iter::from_fn(move || {
-            if buf.is_empty() {
-                return None;
-            }
-            // Each length was written by `merge_field` before its name.
-            let len = prost::encoding::decode_varint(&mut buf).ok()? as usize;
-            let (name, rest) = buf.split_at(len);
-            buf = rest;
-            Some(name)
-        })
-    }
-}
-
-impl prost::Message for SotwRequest {
-    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
-        use prost::encoding::{bytes, message, string};
-        if !self.version_info.is_empty() {
-            string::encode(1, &self.version_info, buf);
-        }
-        if let Some(node) = &self.node {
-            message::encode(2, node, buf);
-        }
-        for name in self.name_slices() {
-            bytes::encode(3, &name.to_vec(), buf);
-        }
-        if !self.type_url.is_empty() {
-            string::encode(4, &self.type_url, buf);
-        }
-        if !self.response_nonce.is_empty() {
-            string::encode(5, &self.response_nonce, buf);
-        }
-        if let Some(error) = &self.error_detail {
-            message::encode(6, error, buf);
-        }
-    }
-
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: WireType,
-        buf: &mut impl Buf,
-        ctx: DecodeContext,
-    ) -> Result<(), DecodeError> {
-        use prost::encoding::{encode_varint, message, string};
+    fn field(&mut self, tag: u32, value: &[u8]) -> Result<(), Status> {
+        let request = &mut self.request;
         match tag {
-            1 => string::merge(wire_type, &mut self.version_info, buf, ctx),
-            2 => message::merge(
-                wire_type,
-                self.node.get_or_insert_with(Node::default),
-                buf,
-                ctx,
-            ),
-            3 => {
-                // Read in place when the name is whole in the buffer's
-                // first chunk (the request's own buffer is one), else
-                // through a buffer reused from name to name, which also
-                // tells a short read.
-                let mut peek = buf.chunk();
-                let whole = wire_type == WireType::LengthDelimited
-                    && prost::encoding::decode_varint(&mut peek)
-                        .is_ok_and(|len| len as usize <= peek.len());
-                if whole {
-                    let len = prost::encoding::decode_varint(buf)? as usize;
-                    let name = &buf.chunk()[..len];
-                    encode_varint(len as u64, &mut self.names);
-                    self.names.extend_from_slice(name);
-                    self.fingerprint.add(name);
-                    buf.advance(len);
-                    return Ok(());
-                }
-                prost::encoding::bytes::merge(wire_type, &mut self.name, buf, ctx)?;
-                encode_varint(self.name.len() as u64, &mut self.names);
-                self.names.extend_from_slice(&self.name);
-                self.fingerprint.add(&self.name);
-                Ok(())
-            }
-            4 => string::merge(wire_type, &mut self.type_url, buf, ctx),
-            5 => string::merge(wire_type, &mut self.response_nonce, buf, ctx),
-            6 => message::merge(
-                wire_type,
-                self.error_detail.get_or_insert_with(Default::default),
-                buf,
-                ctx,
-            ),
-            _ => prost::encoding::skip_field(wire_type, tag, buf, ctx),
+            1 => request.version_info = text(value)?,
+            2 => request
+                .node
+                .get_or_insert_with(Node::default)
+                .merge(value)
+                .map_err(|e| malformed(&format!("the node: {e}")))?,
+            3 => self.names.push(value),
+            4 => request.type_url = text(value)?,
+            5 => request.response_nonce = text(value)?,
+            _ => request
+                .error_detail
+                .get_or_insert_with(Default::default)
+                .merge(value)
+                .map_err(|e| malformed(&format!("the error detail: {e}")))?,
+        }
+        Ok(())
+    }
+}
+
+impl Reader {
+    pub(super) fn new(interned: NameSets) -> Self {
+        Self {
+            interned,
+            lists: Vec::new(),
+            fields: FieldReader::default(),
+            request: RequestFields::default(),
         }
     }
+}
 
-    fn encoded_len(&self) -> usize {
-        use prost::encoding::{encoded_len_varint, key_len, message, string};
-        let names: usize = self
-            .name_slices()
-            .map(|n| key_len(3) + encoded_len_varint(n.len() as u64) + n.len())
-            .sum();
-        let string = |tag, s: &String| {
-            if s.is_empty() {
-                0
-            } else {
-                string::encoded_len(tag, s)
-            }
+impl Decode for Reader {
+    type Request = SotwRequest;
+
+    fn begin(&mut self) {
+        self.fields.begin();
+        let own = self.lists.iter().map(|(_, list)| list.clone());
+        self.request = RequestFields {
+            request: SotwRequest::default(),
+            names: Matching::new(own.chain(self.interned.recent())),
         };
-        string(1, &self.version_info)
-            + self.node.as_ref().map_or(0, |n| message::encoded_len(2, n))
-            + names
-            + string(4, &self.type_url)
-            + string(5, &self.response_nonce)
-            + self
-                .error_detail
-                .as_ref()
-                .map_or(0, |e| message::encoded_len(6, e))
     }
 
-    fn clear(&mut self) {
-        *self = Self::default();
+    fn take(&mut self, bytes: &[u8]) -> Result<(), Status> {
+        self.fields.take(&mut self.request, bytes)
+    }
+
+    fn finish(&mut self) -> Result<SotwRequest, Status> {
+        self.fields.finish()?;
+        let RequestFields { mut request, names } = std::mem::take(&mut self.request);
+        request.names = names.finish(&self.interned)?;
+        match self.lists.iter_mut().find(|(t, _)| *t == request.type_url) {
+            Some((_, list)) => *list = request.names.clone(),
+            None => self
+                .lists
+                .push((request.type_url.clone(), request.names.clone())),
+        }
+        Ok(request)
     }
 }
 
 impl<G: ResourceGenerator> Flavor<G> for Sotw {
     const NAME: &'static str = "sotw";
-    type Request = SotwRequest;
+    type Decoder = Reader;
+
+    fn decoder(server: &AdsServer<G>) -> Reader {
+        Reader::new(server.names.clone())
+    }
 
     fn on_request(conn: &mut Connection<G>, request: SotwRequest) -> Result<Vec<Response>, Status> {
         if request.type_url.is_empty() {
             return Err(Status::invalid_argument("an ADS request needs a type_url"));
         }
         conn.identify(request.node.as_ref())?;
-        let type_url = request.type_url.clone();
-        let fingerprint = request.fingerprint;
-        let known = conn
-            .watches
-            .get(&type_url)
-            .is_some_and(|w| w.names_fingerprint == fingerprint);
+        let type_url = request.type_url;
+        let watch = conn.watches.entry(type_url.clone()).or_default();
+        let known = watch
+            .list
+            .as_ref()
+            .is_some_and(|l| Arc::ptr_eq(l, &request.names));
         let names_changed = !known && {
-            let names = conn.names.intern_list(fingerprint, || request.names())?;
-            let watch = conn.watches.entry(type_url.clone()).or_default();
-            let changed = *watch.names != *names;
+            let names = request.names.set().clone();
+            let changed = !Arc::ptr_eq(&watch.names, &names) && *watch.names != *names;
             watch.wildcard = names.is_empty();
             watch.names = names;
-            watch.names_fingerprint = fingerprint;
+            watch.list = Some(request.names);
             changed
         };
         // A (re)subscription or a change of names is always answered.
@@ -305,7 +219,6 @@ fn generate<G: ResourceGenerator>(
 #[cfg(test)]
 mod tests {
     use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
-    use prost::Message;
 
     use super::*;
 
@@ -328,57 +241,120 @@ mod tests {
         }
     }
 
-    fn read(request: &DiscoveryRequest) -> SotwRequest {
-        SotwRequest::decode(request.encode_to_vec().as_slice()).unwrap()
+    /// Reads `bytes` as one request, given to the reader `chunk` bytes at
+    /// a time.
+    fn read_in(reader: &mut Reader, bytes: &[u8], chunk: usize) -> Result<SotwRequest, Status> {
+        reader.begin();
+        for piece in bytes.chunks(chunk) {
+            reader.take(piece)?;
+        }
+        reader.finish()
+    }
+
+    fn read(reader: &mut Reader, request: &DiscoveryRequest) -> SotwRequest {
+        read_in(reader, &request.encode_to_vec(), usize::MAX).unwrap()
+    }
+
+    fn names(request: &SotwRequest) -> Vec<&str> {
+        request.names.set().iter().map(String::as_str).collect()
     }
 
     #[test]
-    fn the_request_decodes_as_envoys_message() {
+    fn the_request_reads_as_envoys_message_however_its_bytes_are_cut() {
         let sent = request(&["outbound|80||b", "outbound|80||a", ""]);
-        let read = read(&sent);
-        assert_eq!(read.version_info, "3");
-        assert_eq!(read.node, sent.node);
-        assert_eq!(read.type_url, sent.type_url);
-        assert_eq!(read.response_nonce, "3");
-        assert_eq!(read.error_detail.as_ref().unwrap().message, "bad");
-        let names: Vec<String> = read.names().unwrap().into_iter().collect();
-        assert_eq!(names, ["", "outbound|80||a", "outbound|80||b"]);
+        let mut bytes = sent.encode_to_vec();
+        // Fields Pilot skips, of each wire type, the last one long.
+        prost::encoding::uint64::encode(20, &7, &mut bytes);
+        prost::encoding::fixed64::encode(21, &7, &mut bytes);
+        prost::encoding::fixed32::encode(22, &7, &mut bytes);
+        prost::encoding::bytes::encode(23, &vec![0xff; 300], &mut bytes);
+        for chunk in [1, 2, 3, 5, 16, 64, usize::MAX] {
+            let mut reader = Reader::new(NameSets::default());
+            let read = read_in(&mut reader, &bytes, chunk).unwrap();
+            assert_eq!(read.version_info, "3");
+            assert_eq!(read.node, sent.node);
+            assert_eq!(read.type_url, sent.type_url);
+            assert_eq!(read.response_nonce, "3");
+            assert_eq!(read.error_detail.as_ref().unwrap().message, "bad");
+            assert_eq!(names(&read), ["", "outbound|80||a", "outbound|80||b"]);
+            // Held only while a field is cut: nothing once the request ends.
+            assert!(reader.fields.is_empty(), "chunks of {chunk}");
+        }
     }
 
     #[test]
-    fn the_request_encodes_back_to_the_fields_it_read() {
-        let sent = request(&["outbound|80||b", "outbound|80||a"]);
-        let read = read(&sent);
-        let bytes = read.encode_to_vec();
-        assert_eq!(bytes.len(), read.encoded_len());
-        assert_eq!(DiscoveryRequest::decode(bytes.as_slice()).unwrap(), sent);
+    fn a_repeated_list_is_the_list_already_held_on_this_stream_and_others() {
+        let interned = NameSets::default();
+        let mut first = Reader::new(interned.clone());
+        let list = read(&mut first, &request(&["c", "a", "b"])).names;
+        for chunk in [1, 4, usize::MAX] {
+            let again = read_in(
+                &mut first,
+                &request(&["c", "a", "b"]).encode_to_vec(),
+                chunk,
+            );
+            assert!(Arc::ptr_eq(&list, &again.unwrap().names));
+        }
+        let mut second = Reader::new(interned);
+        assert!(Arc::ptr_eq(
+            &list,
+            &read(&mut second, &request(&["c", "a", "b"])).names
+        ));
     }
 
     #[test]
-    fn the_fingerprint_ignores_order_and_tells_lists_apart() {
-        let fingerprint = |names: &[&str]| read(&request(names)).fingerprint;
-        assert_eq!(fingerprint(&["a", "b"]), fingerprint(&["b", "a"]));
-        assert_ne!(fingerprint(&["a", "b"]), fingerprint(&["a", "c"]));
-        assert_ne!(fingerprint(&["a"]), fingerprint(&["a", "a"]));
-        let long = "outbound|9080|v1|svc-1.bench-1.svc.cluster.local";
-        let other = "outbound|9080|v2|svc-1.bench-1.svc.cluster.local";
-        assert_ne!(fingerprint(&[long]), fingerprint(&[other]));
+    fn a_list_that_departs_from_the_last_reads_as_itself() {
+        let mut reader = Reader::new(NameSets::default());
+        read(&mut reader, &request(&["a", "b", "c"]));
+        for (sent, want) in [
+            (&["a", "b"][..], &["a", "b"][..]),
+            (&["a", "b", "c", "d"], &["a", "b", "c", "d"]),
+            (&["a", "x", "c"], &["a", "c", "x"]),
+            (&["b"], &["b"]),
+            (&[], &[]),
+        ] {
+            let read = read(&mut reader, &request(sent));
+            assert_eq!(names(&read), want);
+            let mut bytes = Vec::new();
+            for name in sent {
+                NameList::push(&mut bytes, name.as_bytes());
+            }
+            assert_eq!(read.names.bytes(), bytes);
+        }
     }
 
     #[test]
-    fn a_name_cut_short_is_a_decode_error() {
+    fn a_request_cut_inside_a_field_is_refused() {
         // Field 3, length 10, three bytes.
         const CUT: [u8; 5] = [0x1a, 10, b'a', b'b', b'c'];
-        assert!(SotwRequest::decode(&CUT[..]).is_err());
-        assert!(SotwRequest::decode(bytes::Bytes::from_static(&CUT)).is_err());
+        let mut reader = Reader::new(NameSets::default());
+        let status = read_in(&mut reader, &CUT, 2).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("inside a field"), "{status:?}");
+        // The next request reads whole.
+        let read = read(&mut reader, &request(&["a"]));
+        assert_eq!(names(&read), ["a"]);
     }
 
     #[test]
-    fn a_name_that_is_not_utf8_is_refused() {
-        let mut bytes = Vec::new();
-        prost::encoding::bytes::encode(3, &vec![0xff, 0xfe], &mut bytes);
-        let read = SotwRequest::decode(bytes.as_slice()).unwrap();
-        let status = read.names().unwrap_err();
-        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    fn malformed_fields_are_refused_with_what_was_wrong() {
+        let mut not_utf8 = Vec::new();
+        prost::encoding::bytes::encode(3, &vec![0xff, 0xfe], &mut not_utf8);
+        let mut varint_name = Vec::new();
+        prost::encoding::uint64::encode(3, &1, &mut varint_name);
+        let group = [0x0b];
+        let long_varint = [
+            0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        ];
+        for (bytes, want) in [
+            (&not_utf8[..], "not valid UTF-8"),
+            (&varint_name, "wrong wire type"),
+            (&group, "groups"),
+            (&long_varint, "too long"),
+        ] {
+            let status = read_in(&mut Reader::new(NameSets::default()), bytes, 1).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(status.message().contains(want), "{status:?}");
+        }
     }
 }
