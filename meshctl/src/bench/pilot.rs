@@ -350,6 +350,13 @@ impl Shared {
     }
 }
 
+/// The phases whose traffic is reported, by name.
+const PHASES: [(usize, &str); 3] = [
+    (0, "initial_config"),
+    (ROUTES_PHASE as usize, "virtual_service_change"),
+    (ENDPOINTS_PHASE as usize, "endpoint_change"),
+];
+
 /// The phase in which the VirtualService change is made, and the one in
 /// which the endpoint change is.
 const ROUTES_PHASE: u8 = 1;
@@ -750,16 +757,25 @@ async fn phase(
         (responses, requests)
     };
     let megabytes = |b: u64| (b as f64 / 1e3).round() / 1e3;
-    // The floor each change's traffic sets: its bytes, both ways, moved
-    // over one loopback connection with nothing else to do.
+    // The floor each phase's traffic sets: its bytes, both ways, moved
+    // over one loopback connection with nothing else to do (the best of
+    // three, as a floor is).
     let mut floor = serde_json::Map::new();
-    for (phase, name) in [(1, "virtual_service_change"), (2, "endpoint_change")] {
+    for (phase, name) in PHASES {
         let (responses, requests) = bytes(phase);
-        floor.insert(
-            name.into(),
-            ms(loopback_floor(responses + requests).await?).into(),
-        );
+        let mut best = Duration::MAX;
+        for _ in 0..3 {
+            best = best.min(loopback_floor(responses + requests).await?);
+        }
+        floor.insert(name.into(), ms(best).into());
     }
+    let by_phase = |value: &dyn Fn(usize) -> f64| -> serde_json::Value {
+        PHASES
+            .iter()
+            .map(|(phase, name)| (name.to_string(), value(*phase).into()))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
     Ok(json!({
         "protocol": if delta { "delta" } else { "sotw" },
         "proxies": proxies,
@@ -778,16 +794,8 @@ async fn phase(
         "responses_initial": responses(0),
         "responses_after_virtual_service_change": responses(1),
         "responses_after_endpoint_change": responses(2),
-        "megabytes_of_responses": {
-            "initial_config": megabytes(bytes(0).0),
-            "virtual_service_change": megabytes(bytes(1).0),
-            "endpoint_change": megabytes(bytes(2).0),
-        },
-        "megabytes_of_requests": {
-            "initial_config": megabytes(bytes(0).1),
-            "virtual_service_change": megabytes(bytes(1).1),
-            "endpoint_change": megabytes(bytes(2).1),
-        },
+        "megabytes_of_responses": by_phase(&|p| megabytes(bytes(p).0)),
+        "megabytes_of_requests": by_phase(&|p| megabytes(bytes(p).1)),
         "ms_to_move_those_bytes_over_one_loopback_connection": floor,
     }))
 }
