@@ -16,7 +16,7 @@ use tonic::Status;
 
 use super::{
     AdsServer, Changes, Connection, Flavor, Held, Response, Sent,
-    fields::{FieldReader, Fields, malformed, text},
+    fields::{FieldReader, Fields, malformed, merge, text},
     framing::Decode,
     names::{Matching, NameList, NameSets},
 };
@@ -74,11 +74,7 @@ impl Fields for RequestFields {
     fn field(&mut self, tag: u32, value: &[u8]) -> Result<(), Status> {
         let request = &mut self.request;
         match tag {
-            1 => request
-                .node
-                .get_or_insert_with(Node::default)
-                .merge(value)
-                .map_err(|e| malformed(&format!("the node: {e}")))?,
+            1 => merge(&mut request.node, value, "the node")?,
             2 => request.type_url = text(value)?,
             3 => self.subscribe.push(value),
             4 => request.unsubscribe.push(text(value)?),
@@ -90,11 +86,7 @@ impl Fields for RequestFields {
                     .push((entry.name, entry.version));
             }
             6 => request.response_nonce = text(value)?,
-            _ => request
-                .error_detail
-                .get_or_insert_with(Default::default)
-                .merge(value)
-                .map_err(|e| malformed(&format!("the error detail: {e}")))?,
+            _ => merge(&mut request.error_detail, value, "the error detail")?,
         }
         Ok(())
     }

@@ -112,6 +112,18 @@ pub(super) fn malformed(what: &str) -> Status {
     Status::invalid_argument(format!("malformed request: {what}"))
 }
 
+/// Merges a message field's value into `into`, as protobuf merges a
+/// message field that comes more than once.
+pub(super) fn merge<M: prost::Message + Default>(
+    into: &mut Option<M>,
+    value: &[u8],
+    what: &str,
+) -> Result<(), Status> {
+    into.get_or_insert_with(M::default)
+        .merge(value)
+        .map_err(|e| malformed(&format!("{what}: {e}")))
+}
+
 /// A field's value as a string.
 pub(super) fn text(value: &[u8]) -> Result<String, Status> {
     std::str::from_utf8(value)

@@ -7,12 +7,11 @@ use envoy_types::pb::{
     envoy::{config::core::v3::Node, service::discovery::v3::DiscoveryResponse},
     google::rpc,
 };
-use prost::Message;
 use tonic::Status;
 
 use super::{
     AdsServer, Connection, Flavor, Held, Response, Sent,
-    fields::{FieldReader, Fields, malformed, text},
+    fields::{FieldReader, Fields, merge, text},
     framing::Decode,
     names::{Matching, NameList, NameSets},
 };
@@ -62,19 +61,11 @@ impl Fields for RequestFields {
         let request = &mut self.request;
         match tag {
             1 => request.version_info = text(value)?,
-            2 => request
-                .node
-                .get_or_insert_with(Node::default)
-                .merge(value)
-                .map_err(|e| malformed(&format!("the node: {e}")))?,
+            2 => merge(&mut request.node, value, "the node")?,
             3 => self.names.push(value),
             4 => request.type_url = text(value)?,
             5 => request.response_nonce = text(value)?,
-            _ => request
-                .error_detail
-                .get_or_insert_with(Default::default)
-                .merge(value)
-                .map_err(|e| malformed(&format!("the error detail: {e}")))?,
+            _ => merge(&mut request.error_detail, value, "the error detail")?,
         }
         Ok(())
     }
@@ -219,6 +210,7 @@ fn generate<G: ResourceGenerator>(
 #[cfg(test)]
 mod tests {
     use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use prost::Message;
 
     use super::*;
 
