@@ -13,6 +13,7 @@ pub mod dir;
 mod kube_core;
 pub mod kube_source;
 pub mod mesh_config;
+pub mod relay;
 pub mod service_discovery;
 mod status;
 pub mod validation;
@@ -58,6 +59,16 @@ pub struct GalleyArgs {
     /// An MCP `ResourceSink` to dial and serve as well (repeatable).
     #[arg(long = "sink-address")]
     pub sink_addresses: Vec<String>,
+    /// Relay: follow the primary Galley whose `ResourceSource` is at this
+    /// address, and serve its config merged with this cluster's own (see
+    /// `/debug/relay` for the rules).
+    #[arg(long, conflicts_with = "follow_listen")]
+    pub follow: Option<String>,
+    /// Relay: serve `ResourceSink` at this address for a primary that
+    /// dials out (its `--sink-address`), and serve its config merged with
+    /// this cluster's own.
+    #[arg(long)]
+    pub follow_listen: Option<SocketAddr>,
     /// Address of the validating admission webhook (HTTPS), served when a
     /// certificate and key are given.
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], component::ports::GALLEY_WEBHOOK)))]
@@ -93,10 +104,22 @@ pub async fn run(
         .iter()
         .map(|a| mcp::parse_endpoint(a).map_err(|e| anyhow::anyhow!("--sink-address: {e}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let store = new_store();
+    let served = new_store();
+    let primary = match (&args.follow, args.follow_listen) {
+        (Some(address), _) => Some(relay::Primary::Dial(address.clone())),
+        (None, Some(address)) => Some(relay::Primary::Listen(address.to_string())),
+        (None, None) => None,
+    };
+    // A relay's own sources feed a store of their own, merged into the
+    // served one; otherwise they feed the served store directly.
+    let store = match primary {
+        Some(_) => new_store(),
+        None => served.clone(),
+    };
     let metrics = McpMetrics::source(&mut admin.registry());
     let loaded = admin.readiness().condition("config-loaded");
-    let status = status::ConfigStatus::register(&admin, store.clone());
+    let status = status::ConfigStatus::register(&admin, served.clone());
+    let relay_status = status.clone();
     let mesh_status = status.clone();
     let follow_config = match &args.config_dir {
         Some(dir) => {
@@ -135,12 +158,55 @@ pub async fn run(
         mesh_status,
         shutdown.clone(),
     )?;
+    if let Some(primary) = primary {
+        let relay = relay::Relay::new(
+            &primary,
+            store.clone(),
+            served.clone(),
+            &admin,
+            relay_status,
+        );
+        let sink = relay.sink.clone();
+        match primary {
+            relay::Primary::Dial(address) => {
+                let endpoint =
+                    mcp::parse_endpoint(&address).map_err(|e| anyhow::anyhow!("--follow: {e}"))?;
+                tracing::info!(primary = %address, "galley relaying the primary's MCP source");
+                tokio::spawn(mcp::run_sink_client(sink, endpoint, shutdown.clone()));
+            }
+            relay::Primary::Listen(address) => {
+                let listener = tokio::net::TcpListener::bind(&address)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot bind --follow-listen {address}: {e}"))?;
+                tracing::info!(%address, "galley relaying a primary that dials its MCP sink");
+                let service = mcp::SinkServer::new(sink, shutdown.clone()).into_service();
+                let stop = shutdown.clone();
+                tokio::spawn(
+                    mcp::grpc_server()
+                        .add_service(service)
+                        .serve_with_incoming_shutdown(
+                            mcp::incoming(listener),
+                            stop.cancelled_owned(),
+                        ),
+                );
+            }
+        }
+        let (ready_tx, mut ready) = tokio::sync::watch::channel(false);
+        tokio::spawn(relay.run(ready_tx, shutdown.clone()));
+        // Serve only the primary's state: an empty one would tell every
+        // sink that the mesh's config is gone.
+        tracing::info!("waiting for the primary's first full state");
+        tokio::select! {
+            result = ready.wait_for(|r| *r) => { result?; }
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
     loaded.set(true);
 
     for sink in sinks {
         tracing::info!(sink = %sink.uri(), "galley dialing MCP sink");
         let dial = mcp::run_source_client(
-            store.clone(),
+            served.clone(),
             IncrementalPolicy::All,
             metrics.clone(),
             sink,
@@ -149,7 +215,7 @@ pub async fn run(
         tokio::spawn(dial);
     }
     let service =
-        SourceServer::new(store, IncrementalPolicy::All, metrics, shutdown.clone()).into_service();
+        SourceServer::new(served, IncrementalPolicy::All, metrics, shutdown.clone()).into_service();
     tracing::info!(addr = %args.mcp_addr, source = ?args.config_dir.as_deref().unwrap_or("kubernetes".as_ref()), "galley serving MCP");
     let server = mcp::grpc_server()
         .add_service(service)

@@ -17,6 +17,8 @@ pub struct ConfigStatus {
     last: Arc<Mutex<LoadReport>>,
     /// The mesh config file's warnings, kept apart: it loads on its own.
     mesh_config: Arc<Mutex<Vec<String>>>,
+    /// A relay's objects shadowed by the primary's (see `relay`).
+    relay: Arc<Mutex<Vec<String>>>,
     loads: Counter,
     problems: Gauge,
     warnings: Gauge,
@@ -29,6 +31,7 @@ impl ConfigStatus {
         let status = Self {
             last: Arc::default(),
             mesh_config: Arc::default(),
+            relay: Arc::default(),
             loads: Counter::default(),
             problems: Gauge::default(),
             warnings: Gauge::default(),
@@ -57,13 +60,18 @@ impl ConfigStatus {
                 status.rejected.clone(),
             );
         }
-        let (last, mesh_config) = (status.last.clone(), status.mesh_config.clone());
+        let (last, mesh_config, relay) = (
+            status.last.clone(),
+            status.mesh_config.clone(),
+            status.relay.clone(),
+        );
         admin.debug_page("config", move || {
             let report = last.lock().unwrap_or_else(|e| e.into_inner()).clone();
             let mesh_config = mesh_config
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
+            let relay = relay.lock().unwrap_or_else(|e| e.into_inner()).clone();
             let served: serde_json::Map<_, _> = kinds::KINDS
                 .iter()
                 .filter(|k| store.len(k.collection) > 0)
@@ -71,7 +79,7 @@ impl ConfigStatus {
                 .collect();
             json!({
                 "problems": report.errors,
-                "warnings": report.warnings.iter().chain(&mesh_config).collect::<Vec<_>>(),
+                "warnings": report.warnings.iter().chain(&mesh_config).chain(&relay).collect::<Vec<_>>(),
                 "rejected_objects": report.rejected,
                 "served": served,
             })
@@ -93,6 +101,12 @@ impl ConfigStatus {
         self.count_warnings();
     }
 
+    /// Records a relay's objects that the primary's shadow.
+    pub fn record_relay(&self, warnings: Vec<String>) {
+        *self.relay.lock().unwrap_or_else(|e| e.into_inner()) = warnings;
+        self.count_warnings();
+    }
+
     fn count_warnings(&self) {
         let config = self
             .last
@@ -100,11 +114,8 @@ impl ConfigStatus {
             .unwrap_or_else(|e| e.into_inner())
             .warnings
             .len();
-        let mesh = self
-            .mesh_config
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len();
-        self.warnings.set((config + mesh) as i64);
+        let len = |w: &Mutex<Vec<String>>| w.lock().unwrap_or_else(|e| e.into_inner()).len();
+        self.warnings
+            .set((config + len(&self.mesh_config) + len(&self.relay)) as i64);
     }
 }

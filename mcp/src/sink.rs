@@ -60,15 +60,18 @@ impl SinkOptions {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SinkResource {
     pub metadata: Metadata,
+    /// The body as it came, byte for byte: what a relay serves on, fields
+    /// this project has no name for included.
+    pub body: pbjson_types::Any,
     pub payload: Payload,
 }
 
-/// A body decoded to its collection's type, or kept as it came for a
-/// collection this project has no type for.
+/// A body decoded to its collection's type, or not decoded: a collection
+/// this project has no type for.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
     Decoded(Body),
-    Opaque(pbjson_types::Any),
+    Opaque,
 }
 
 /// One collection as held by the sink.
@@ -122,11 +125,13 @@ impl SinkSnapshot {
         let held = self.collections.entry(collection.to_string()).or_default();
         held.synced = true;
         let name = object.mcp_name();
+        let body = object.to_resource().body.unwrap_or_default();
         let resource = SinkResource {
             metadata: Metadata {
                 name: name.clone(),
                 ..Metadata::default()
             },
+            body,
             payload: Payload::Decoded(object.body),
         };
         held.resources.insert(name, Arc::new(resource));
@@ -179,7 +184,7 @@ impl SinkSnapshot {
                     };
                     Some((ns, name, body))
                 }
-                Payload::Opaque(_) => None,
+                Payload::Opaque => None,
             })
     }
 }
@@ -417,9 +422,13 @@ fn apply_to(held: &mut SinkSnapshot, msg: Resources) -> Result<(), Status> {
                 })?;
                 Payload::Decoded(decoded)
             }
-            None => Payload::Opaque(body),
+            None => Payload::Opaque,
         };
-        decoded.push(Arc::new(SinkResource { metadata, payload }));
+        decoded.push(Arc::new(SinkResource {
+            metadata,
+            body,
+            payload,
+        }));
     }
 
     let mut next = if msg.incremental {

@@ -170,7 +170,7 @@ pub async fn run(args: GalleyBenchArgs) -> anyhow::Result<()> {
                 .get(&name)
                 .is_some_and(|r| match &r.payload {
                     Payload::Decoded(body) => body.to_json()["http"][1]["timeout"] == want.as_str(),
-                    Payload::Opaque(_) => false,
+                    Payload::Opaque => false,
                 })
         })
         .await?;

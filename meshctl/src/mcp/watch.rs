@@ -101,9 +101,9 @@ fn print_update(collection: &str, held: &HeldCollection, output: Output) -> anyh
         .map(|r| {
             let body = match &r.payload {
                 Payload::Decoded(body) => body.to_json(),
-                Payload::Opaque(any) => json!({
-                    "typeUrl": any.type_url,
-                    "value": base64::engine::general_purpose::STANDARD.encode(&any.value),
+                Payload::Opaque => json!({
+                    "typeUrl": r.body.type_url,
+                    "value": base64::engine::general_purpose::STANDARD.encode(&r.body.value),
                 }),
             };
             json!({

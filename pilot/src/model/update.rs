@@ -124,7 +124,7 @@ fn changed<'a>(
     let held = |s: &'a SinkSnapshot| s.collections.get(collection).unwrap_or(&NONE);
     let body = |r: &'a mcp::SinkResource| match &r.payload {
         Payload::Decoded(body) => Some(body),
-        Payload::Opaque(_) => None,
+        Payload::Opaque => None,
     };
     held(old)
         .resources

@@ -1,0 +1,274 @@
+//! A Galley that relays another (the primary): the primary's config reaches
+//! the relay's sinks merged with the relay's own, the relay keeps serving
+//! while the primary is away and catches up when it is back, in both
+//! directions of MCP.
+
+use serde_json::Value;
+use testkit::*;
+
+const SERVICE_ENTRIES: &str = "istio/networking/v1alpha3/serviceentries";
+const VIRTUAL_SERVICES: &str = "istio/networking/v1alpha3/virtualservices";
+
+/// A `meshctl mcp watch` printing JSON lines, asking for incremental
+/// updates.
+fn watcher(server: &str) -> Proc {
+    let collections = format!("{SERVICE_ENTRIES},{VIRTUAL_SERVICES}");
+    Proc::start(
+        "meshctl",
+        &[
+            "mcp",
+            "watch",
+            "--server",
+            server,
+            "--output",
+            "json",
+            "--collections",
+            &collections,
+        ],
+    )
+}
+
+/// The next update the watcher prints for `collection`.
+async fn next_update(watch: &mut Proc, collection: &str) -> Value {
+    loop {
+        let line = watch.stdout_until("\"collection\"").await.pop().unwrap();
+        let update: Value = serde_json::from_str(&line).unwrap();
+        if update["collection"] == collection {
+            return update;
+        }
+    }
+}
+
+fn names(update: &Value) -> Vec<&str> {
+    update["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect()
+}
+
+fn body<'a>(update: &'a Value, name: &str) -> &'a Value {
+    let resources = update["resources"].as_array().unwrap();
+    &resources.iter().find(|r| r["name"] == name).unwrap()["body"]
+}
+
+fn entry(name: &str, host: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  hosts: [{host}]
+  resolution: STATIC
+  ports: [{{number: 9080, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1}}]
+"
+    )
+}
+
+fn route(timeout: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {{name: reviews, namespace: shop}}
+spec:
+  hosts: [reviews.shop.svc.cluster.local]
+  http:
+  - timeout: {timeout}
+    route:
+    - destination: {{host: reviews.shop.svc.cluster.local}}
+"
+    )
+}
+
+fn write(dir: &std::path::Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+/// The primary's two entries and route, and the relay's own entries: one
+/// only it has, one whose name the primary's shadows.
+fn config() -> (tempfile::TempDir, tempfile::TempDir) {
+    let primary = config_dir(&[
+        (
+            "reviews.yaml",
+            &entry("reviews", "reviews.shop.svc.cluster.local"),
+        ),
+        (
+            "ratings.yaml",
+            &entry("ratings", "ratings.shop.svc.cluster.local"),
+        ),
+        ("routes.yaml", &route("2s")),
+    ]);
+    let relay = config_dir(&[
+        (
+            "local.yaml",
+            &entry("local-only", "local-only.shop.svc.cluster.local"),
+        ),
+        ("clash.yaml", &entry("reviews", "reviews.elsewhere.example")),
+    ]);
+    (primary, relay)
+}
+
+/// What a sink of the relay holds at first: the merge.
+async fn assert_merged(sink: &mut Proc) {
+    let entries = next_update(sink, SERVICE_ENTRIES).await;
+    assert_eq!(
+        names(&entries),
+        ["shop/local-only", "shop/ratings", "shop/reviews"]
+    );
+    assert_eq!(
+        body(&entries, "shop/reviews")["hosts"][0],
+        "reviews.shop.svc.cluster.local",
+        "the primary wins a name clash"
+    );
+}
+
+#[tokio::test]
+async fn a_relay_dialling_its_primary_serves_the_merge_through_an_outage() {
+    let (primary_dir, relay_dir) = config();
+    let primary_mcp = free_addr();
+    let primary = Galley::start_at(primary_dir.path(), primary_mcp, &[]).await;
+    let follow = primary_mcp.to_string();
+    let relay = Galley::start(relay_dir.path(), &["--follow", &follow]).await;
+    let mut sink = watcher(&relay.mcp.to_string());
+    assert_merged(&mut sink).await;
+    let routes = next_update(&mut sink, VIRTUAL_SERVICES).await;
+    assert_eq!(body(&routes, "shop/reviews")["http"][0]["timeout"], "2s");
+
+    // The clash is reported where users look.
+    let (_, page) = wait_for_http(relay.admin, "/debug/relay", |_, b| b.contains("serving")).await;
+    let page: Value = serde_json::from_str(&page).unwrap();
+    assert_eq!(page["serving"], true, "{page}");
+    assert_eq!(
+        page["collections"][SERVICE_ENTRIES]["shadowed"][0], "shop/reviews",
+        "{page}"
+    );
+    assert_eq!(
+        page["collections"]["k8s/core/v1/services"]["from"], "this cluster",
+        "{page}"
+    );
+    let (_, config) = get(relay.admin, "/debug/config").await.unwrap();
+    assert!(config.contains("shadowed by the primary"), "{config}");
+
+    // An edit at the primary reaches the relay's sink as one update.
+    write(primary_dir.path(), "routes.yaml", &route("3s"));
+    let routes = next_update(&mut sink, VIRTUAL_SERVICES).await;
+    assert_eq!(body(&routes, "shop/reviews")["http"][0]["timeout"], "3s");
+
+    // The primary goes away: the relay keeps serving its last state, to
+    // sinks already connected and to new ones alike.
+    primary.proc.kill().await;
+    let mut late = watcher(&relay.mcp.to_string());
+    assert_merged(&mut late).await;
+    let routes = next_update(&mut late, VIRTUAL_SERVICES).await;
+    assert_eq!(body(&routes, "shop/reviews")["http"][0]["timeout"], "3s");
+    let (status, ready) = get(relay.admin, "/ready").await.unwrap();
+    assert_eq!(status, 200, "{ready}");
+
+    // Edited while away, the primary comes back on its address: the relay
+    // catches up.
+    write(primary_dir.path(), "routes.yaml", &route("4s"));
+    let primary = Galley::start_at(primary_dir.path(), primary_mcp, &[]).await;
+    for sink in [&mut sink, &mut late] {
+        let routes = next_update(sink, VIRTUAL_SERVICES).await;
+        assert_eq!(body(&routes, "shop/reviews")["http"][0]["timeout"], "4s");
+    }
+
+    for proc in [sink, late, relay.proc, primary.proc] {
+        assert!(proc.terminate().await.success());
+    }
+}
+
+#[tokio::test]
+async fn a_relay_serves_a_primary_that_dials_out() {
+    let (primary_dir, relay_dir) = config();
+    let (listen, relay_mcp, relay_admin) = (free_addr(), free_addr(), free_addr());
+    let (listen, mcp, admin) = (
+        listen.to_string(),
+        relay_mcp.to_string(),
+        relay_admin.to_string(),
+    );
+    let mut relay = Proc::start(
+        "galley",
+        &[
+            "--config-dir",
+            relay_dir.path().to_str().unwrap(),
+            "--mcp-addr",
+            &mcp,
+            "--admin-addr",
+            &admin,
+            "--follow-listen",
+            &listen,
+        ],
+    );
+    // Not ready, and serving nothing, until the primary has sent its state.
+    wait_for_http(relay_admin, "/ready", |status, _| status == 503).await;
+    let primary = Galley::start(primary_dir.path(), &["--sink-address", &listen]).await;
+    relay.ready(relay_admin).await;
+    let mut sink = watcher(&mcp);
+    assert_merged(&mut sink).await;
+    write(primary_dir.path(), "routes.yaml", &route("5s"));
+    loop {
+        let routes = next_update(&mut sink, VIRTUAL_SERVICES).await;
+        if body(&routes, "shop/reviews")["http"][0]["timeout"] == "5s" {
+            break;
+        }
+    }
+    for proc in [sink, relay, primary.proc] {
+        assert!(proc.terminate().await.success());
+    }
+}
+
+#[tokio::test]
+async fn the_relay_passes_mcp_conformance_as_a_source_and_as_a_sink() {
+    // The relay adds nothing of its own, so that what it serves is the
+    // primary's directory, as the checks expect of a source.
+    let (primary_dir, _) = config();
+    let relay_dir = config_dir(&[]);
+    let primary = Galley::start(primary_dir.path(), &[]).await;
+    let follow = primary.mcp.to_string();
+    let relay = Galley::start(relay_dir.path(), &["--follow", &follow]).await;
+    // As a source: the checks edit the primary's directory and watch the
+    // edits come out of the relay.
+    let source = relay.mcp.to_string();
+    let dir = primary_dir.path().to_str().unwrap();
+    let report = run_ok(
+        "meshctl",
+        &["mcp", "conformance", "--source", &source, "--dir", dir],
+    );
+    assert!(!report.contains("FAIL"), "{report}");
+
+    // As a sink, for a primary that dials out.
+    let (listen, admin) = (free_addr().to_string(), free_addr().to_string());
+    let dir = relay_dir.path().to_str().unwrap();
+    let mcp = free_addr().to_string();
+    let sink = Proc::start(
+        "galley",
+        &[
+            "--config-dir",
+            dir,
+            "--mcp-addr",
+            &mcp,
+            "--admin-addr",
+            &admin,
+            "--follow-listen",
+            &listen,
+        ],
+    );
+    let listening = async {
+        while tokio::net::TcpStream::connect(&listen).await.is_err() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), listening)
+        .await
+        .expect("the relay listens for its primary");
+    let report = run_ok("meshctl", &["mcp", "conformance", "--sink", &listen]);
+    assert!(!report.contains("FAIL"), "{report}");
+    for proc in [sink, relay.proc, primary.proc] {
+        assert!(proc.terminate().await.success());
+    }
+}
