@@ -2,61 +2,17 @@
 //! gRPC to sinks asking for full state and for incremental updates, with
 //! invalid config refused and the last valid config kept.
 
-use std::{path::Path, time::Instant};
+use std::time::Instant;
 
 use serde_json::Value;
-use testkit::*;
+use testkit::{
+    mcp_watch::{self, body, names, next_update, write},
+    *,
+};
 
 const SERVICE_ENTRIES: &str = "istio/networking/v1alpha3/serviceentries";
 const VIRTUAL_SERVICES: &str = "istio/networking/v1alpha3/virtualservices";
-
-/// A `meshctl mcp watch` printing JSON lines.
-async fn watcher(server: &str, full_state: bool) -> Proc {
-    let collections = format!("{SERVICE_ENTRIES},{VIRTUAL_SERVICES}");
-    let mut args = vec![
-        "mcp",
-        "watch",
-        "--server",
-        server,
-        "--output",
-        "json",
-        "--collections",
-        &collections,
-    ];
-    if full_state {
-        args.push("--full-state");
-    }
-    Proc::start("meshctl", &args)
-}
-
-/// The next update the watcher prints for `collection`.
-async fn next_update(watch: &mut Proc, collection: &str) -> Value {
-    loop {
-        let line = watch.stdout_until("\"collection\"").await.pop().unwrap();
-        let update: Value = serde_json::from_str(&line).unwrap();
-        if update["collection"] == collection {
-            return update;
-        }
-    }
-}
-
-fn names(update: &Value) -> Vec<String> {
-    update["resources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
-fn body<'a>(update: &'a Value, name: &str) -> &'a Value {
-    &update["resources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == name)
-        .unwrap()["body"]
-}
+const WATCHED: &[&str] = &[SERVICE_ENTRIES, VIRTUAL_SERVICES];
 
 const EXTRA: &str = "apiVersion: networking.istio.io/v1alpha3
 kind: ServiceEntry
@@ -85,13 +41,6 @@ spec:
     )
 }
 
-fn write(dir: &Path, name: &str, text: &str) {
-    // Write and rename, as editors do.
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, dir.join(name)).unwrap();
-}
-
 #[tokio::test]
 async fn directory_edits_reach_full_state_and_incremental_sinks() {
     let services: String = SAMPLE_CONFIG
@@ -109,8 +58,8 @@ async fn directory_edits_reach_full_state_and_incremental_sinks() {
         admin,
     } = Galley::start(dir.path(), &[]).await;
     let mut sinks = [
-        watcher(&mcp.to_string(), true).await,
-        watcher(&mcp.to_string(), false).await,
+        mcp_watch::start(&mcp.to_string(), WATCHED, true),
+        mcp_watch::start(&mcp.to_string(), WATCHED, false),
     ];
     for sink in &mut sinks {
         assert_eq!(

@@ -286,3 +286,46 @@ async fn run_to_end(proc: Proc) -> String {
     assert!(child.wait().await.unwrap().success());
     out
 }
+
+/// A relay Galley following a primary on another stack that, as Istio
+/// 1.1's Galley does, sends no headers before its first response and
+/// refuses the mesh config: the relay serves the primary's config, its own
+/// mesh config in place of the refused one, and nothing of the primary's
+/// cluster registry.
+#[tokio::test]
+async fn a_relay_galley_follows_a_grpcio_source_that_refuses_collections() {
+    let (mut source, addr) = Peer::serve(&["mcp-source", "--refuse", MESH_CONFIG]).await;
+    let dir = config_dir(&[]);
+    let follow = addr.to_string();
+    let relay = Galley::start(dir.path(), &["--follow", &follow]).await;
+    source.until(&format!("refused {MESH_CONFIG}")).await;
+    let collections = format!("{GATEWAYS},{MESH_CONFIG},k8s/core/v1/services");
+    let watch = Proc::start(
+        "meshctl",
+        &[
+            "mcp",
+            "watch",
+            "--server",
+            &relay.mcp.to_string(),
+            "--collections",
+            &collections,
+            "--output",
+            "json",
+            "--once",
+        ],
+    );
+    let output = run_to_end(watch).await;
+    let served = |collection: &str| -> Vec<String> {
+        let line = output
+            .lines()
+            .find(|l| l.contains(&format!("\"collection\":\"{collection}\"")))
+            .unwrap_or_else(|| panic!("no {collection} in {output}"));
+        let update: serde_json::Value = serde_json::from_str(line).unwrap();
+        let names = testkit::mcp_watch::names(&update);
+        names.into_iter().map(str::to_string).collect()
+    };
+    assert_eq!(served(GATEWAYS), ["istio-system/ingress"]);
+    assert_eq!(served(MESH_CONFIG).len(), 1, "the relay's own: {output}");
+    assert!(served("k8s/core/v1/services").is_empty(), "{output}");
+    assert!(relay.proc.terminate().await.success());
+}

@@ -4,54 +4,14 @@
 //! directions of MCP.
 
 use serde_json::Value;
-use testkit::*;
+use testkit::{
+    mcp_watch::{self, body, names, next_update, write},
+    *,
+};
 
 const SERVICE_ENTRIES: &str = "istio/networking/v1alpha3/serviceentries";
 const VIRTUAL_SERVICES: &str = "istio/networking/v1alpha3/virtualservices";
-
-/// A `meshctl mcp watch` printing JSON lines, asking for incremental
-/// updates.
-fn watcher(server: &str) -> Proc {
-    let collections = format!("{SERVICE_ENTRIES},{VIRTUAL_SERVICES}");
-    Proc::start(
-        "meshctl",
-        &[
-            "mcp",
-            "watch",
-            "--server",
-            server,
-            "--output",
-            "json",
-            "--collections",
-            &collections,
-        ],
-    )
-}
-
-/// The next update the watcher prints for `collection`.
-async fn next_update(watch: &mut Proc, collection: &str) -> Value {
-    loop {
-        let line = watch.stdout_until("\"collection\"").await.pop().unwrap();
-        let update: Value = serde_json::from_str(&line).unwrap();
-        if update["collection"] == collection {
-            return update;
-        }
-    }
-}
-
-fn names(update: &Value) -> Vec<&str> {
-    update["resources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["name"].as_str().unwrap())
-        .collect()
-}
-
-fn body<'a>(update: &'a Value, name: &str) -> &'a Value {
-    let resources = update["resources"].as_array().unwrap();
-    &resources.iter().find(|r| r["name"] == name).unwrap()["body"]
-}
+const WATCHED: &[&str] = &[SERVICE_ENTRIES, VIRTUAL_SERVICES];
 
 fn entry(name: &str, host: &str) -> String {
     format!(
@@ -80,12 +40,6 @@ spec:
     - destination: {{host: reviews.shop.svc.cluster.local}}
 "
     )
-}
-
-fn write(dir: &std::path::Path, name: &str, text: &str) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, dir.join(name)).unwrap();
 }
 
 /// The primary's two entries and route, and the relay's own entries: one
@@ -133,7 +87,7 @@ async fn a_relay_dialling_its_primary_serves_the_merge_through_an_outage() {
     let primary = Galley::start_at(primary_dir.path(), primary_mcp, &[]).await;
     let follow = primary_mcp.to_string();
     let relay = Galley::start(relay_dir.path(), &["--follow", &follow]).await;
-    let mut sink = watcher(&relay.mcp.to_string());
+    let mut sink = mcp_watch::start(&relay.mcp.to_string(), WATCHED, false);
     assert_merged(&mut sink).await;
     let routes = next_update(&mut sink, VIRTUAL_SERVICES).await;
     assert_eq!(body(&routes, "shop/reviews")["http"][0]["timeout"], "2s");
@@ -161,7 +115,7 @@ async fn a_relay_dialling_its_primary_serves_the_merge_through_an_outage() {
     // The primary goes away: the relay keeps serving its last state, to
     // sinks already connected and to new ones alike.
     primary.proc.kill().await;
-    let mut late = watcher(&relay.mcp.to_string());
+    let mut late = mcp_watch::start(&relay.mcp.to_string(), WATCHED, false);
     assert_merged(&mut late).await;
     let routes = next_update(&mut late, VIRTUAL_SERVICES).await;
     assert_eq!(body(&routes, "shop/reviews")["http"][0]["timeout"], "3s");
@@ -185,30 +139,13 @@ async fn a_relay_dialling_its_primary_serves_the_merge_through_an_outage() {
 #[tokio::test]
 async fn a_relay_serves_a_primary_that_dials_out() {
     let (primary_dir, relay_dir) = config();
-    let (listen, relay_mcp, relay_admin) = (free_addr(), free_addr(), free_addr());
-    let (listen, mcp, admin) = (
-        listen.to_string(),
-        relay_mcp.to_string(),
-        relay_admin.to_string(),
-    );
-    let mut relay = Proc::start(
-        "galley",
-        &[
-            "--config-dir",
-            relay_dir.path().to_str().unwrap(),
-            "--mcp-addr",
-            &mcp,
-            "--admin-addr",
-            &admin,
-            "--follow-listen",
-            &listen,
-        ],
-    );
+    let listen = free_addr().to_string();
+    let mut relay = Galley::spawn(relay_dir.path(), free_addr(), &["--follow-listen", &listen]);
     // Not ready, and serving nothing, until the primary has sent its state.
-    wait_for_http(relay_admin, "/ready", |status, _| status == 503).await;
+    wait_for_http(relay.admin, "/ready", |status, _| status == 503).await;
     let primary = Galley::start(primary_dir.path(), &["--sink-address", &listen]).await;
-    relay.ready(relay_admin).await;
-    let mut sink = watcher(&mcp);
+    relay.proc.ready(relay.admin).await;
+    let mut sink = mcp_watch::start(&relay.mcp.to_string(), WATCHED, false);
     assert_merged(&mut sink).await;
     write(primary_dir.path(), "routes.yaml", &route("5s"));
     loop {
@@ -217,7 +154,7 @@ async fn a_relay_serves_a_primary_that_dials_out() {
             break;
         }
     }
-    for proc in [sink, relay, primary.proc] {
+    for proc in [sink, relay.proc, primary.proc] {
         assert!(proc.terminate().await.success());
     }
 }
@@ -242,22 +179,8 @@ async fn the_relay_passes_mcp_conformance_as_a_source_and_as_a_sink() {
     assert!(!report.contains("FAIL"), "{report}");
 
     // As a sink, for a primary that dials out.
-    let (listen, admin) = (free_addr().to_string(), free_addr().to_string());
-    let dir = relay_dir.path().to_str().unwrap();
-    let mcp = free_addr().to_string();
-    let sink = Proc::start(
-        "galley",
-        &[
-            "--config-dir",
-            dir,
-            "--mcp-addr",
-            &mcp,
-            "--admin-addr",
-            &admin,
-            "--follow-listen",
-            &listen,
-        ],
-    );
+    let listen = free_addr().to_string();
+    let sink = Galley::spawn(relay_dir.path(), free_addr(), &["--follow-listen", &listen]);
     let listening = async {
         while tokio::net::TcpStream::connect(&listen).await.is_err() {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -268,7 +191,7 @@ async fn the_relay_passes_mcp_conformance_as_a_source_and_as_a_sink() {
         .expect("the relay listens for its primary");
     let report = run_ok("meshctl", &["mcp", "conformance", "--sink", &listen]);
     assert!(!report.contains("FAIL"), "{report}");
-    for proc in [sink, relay.proc, primary.proc] {
+    for proc in [sink.proc, relay.proc, primary.proc] {
         assert!(proc.terminate().await.success());
     }
 }

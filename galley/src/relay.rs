@@ -122,11 +122,36 @@ pub struct Relay {
     status: ConfigStatus,
 }
 
-/// What `/debug/relay` shows.
+/// Each collection as last merged: what `/debug/relay` shows.
 #[derive(Default)]
 struct View {
-    collections: BTreeMap<String, serde_json::Value>,
+    collections: BTreeMap<&'static str, CollectionView>,
     serving: bool,
+}
+
+/// One collection as last merged.
+struct CollectionView {
+    /// What it was merged from: the primary's version and whether the
+    /// primary refuses it, and the local store's sequence number.
+    inputs: (String, bool, u64),
+    served: usize,
+    shadowed: Vec<String>,
+}
+
+impl CollectionView {
+    fn to_json(&self, collection: &str) -> serde_json::Value {
+        let (version, refused, _) = &self.inputs;
+        json!({
+            "from": match (origin(collection), refused) {
+                (Origin::Local, _) => "this cluster",
+                (Origin::Primary, true) => "this relay (the primary refuses it)",
+                (Origin::Primary, false) => "the primary, then this relay",
+            },
+            "primary_version": version,
+            "served": self.served,
+            "shadowed": self.shadowed,
+        })
+    }
 }
 
 impl Relay {
@@ -162,7 +187,11 @@ impl Relay {
                     "a collection the primary refuses: this relay's own",
                     "before the primary's first full state nothing is served; while it is away, its last state is",
                 ],
-                "collections": view.collections,
+                "collections": view
+                    .collections
+                    .iter()
+                    .map(|(c, v)| (c.to_string(), v.to_json(c)))
+                    .collect::<serde_json::Map<_, _>>(),
             })
         });
         Self {
@@ -179,13 +208,11 @@ impl Relay {
     pub async fn run(self, ready: watch::Sender<bool>, shutdown: CancellationToken) {
         let mut primary = self.sink.subscribe();
         let mut local = self.local.subscribe();
-        // Per collection, the inputs of its last merge.
-        let mut merged: BTreeMap<&str, (String, bool, u64)> = BTreeMap::new();
         loop {
             let snapshot = primary.borrow_and_update().clone();
             local.borrow_and_update();
             if snapshot.synced() {
-                self.merge_changed(&snapshot, &mut merged);
+                self.merge_changed(&snapshot);
                 ready.send_replace(true);
             }
             tokio::select! {
@@ -196,13 +223,9 @@ impl Relay {
         }
     }
 
-    fn merge_changed(
-        &self,
-        snapshot: &SinkSnapshot,
-        merged: &mut BTreeMap<&'static str, (String, bool, u64)>,
-    ) {
+    /// Merges again each collection whose inputs moved.
+    fn merge_changed(&self, snapshot: &SinkSnapshot) {
         let mut view = self.view.lock().unwrap_or_else(|e| e.into_inner());
-        let mut shadowed = Vec::new();
         for kind in kinds::KINDS {
             let c = kind.collection;
             let held = snapshot.collections.get(c);
@@ -211,36 +234,34 @@ impl Relay {
                 held.is_some_and(|h| h.refused.is_some()),
                 self.local.seq(c).unwrap_or_default(),
             );
-            if merged.get(c) != Some(&inputs) {
-                let local = self.local.full(c).map(|(_, r)| r).unwrap_or_default();
-                let result = merge(c, held, local);
-                let entry = json!({
-                    "from": match (origin(c), inputs.1) {
-                        (Origin::Local, _) => "this cluster",
-                        (Origin::Primary, true) => "this relay (the primary refuses it)",
-                        (Origin::Primary, false) => "the primary, then this relay",
-                    },
-                    "primary_version": inputs.0,
-                    "served": result.resources.len(),
-                    "shadowed": result.shadowed,
-                });
-                if let Err(e) = self.served.replace(c, result.resources) {
-                    tracing::error!(collection = c, error = %e, "cannot serve a relayed collection");
-                }
-                view.collections.insert(c.to_string(), entry);
-                merged.insert(c, inputs);
+            if view.collections.get(c).is_some_and(|v| v.inputs == inputs) {
+                continue;
             }
-            let names = view.collections.get(c).map(|e| e["shadowed"].clone());
-            if let Some(serde_json::Value::Array(names)) = names {
-                shadowed.extend(names.iter().map(|n| {
-                    format!(
-                        "{c} {n}: this relay's object is shadowed by the primary's of the same name"
-                    )
-                }));
+            let local = self.local.full(c).map(|(_, r)| r).unwrap_or_default();
+            let Merged {
+                resources,
+                shadowed,
+            } = merge(c, held, local);
+            let served = resources.len();
+            if let Err(e) = self.served.replace(c, resources) {
+                tracing::error!(collection = c, error = %e, "cannot serve a relayed collection");
             }
+            let merged = CollectionView {
+                inputs,
+                served,
+                shadowed,
+            };
+            view.collections.insert(c, merged);
         }
         view.serving = true;
-        self.status.record_relay(shadowed);
+        let shadowed = view.collections.iter().flat_map(|(c, v)| {
+            v.shadowed.iter().map(move |n| {
+                format!(
+                    "{c} {n:?}: this relay's object is shadowed by the primary's of the same name"
+                )
+            })
+        });
+        self.status.record_relay(shadowed.collect());
     }
 }
 

@@ -3,6 +3,7 @@
 //! processes on 127.0.0.1, wait on readiness, and stop them.
 
 pub mod fake_kube;
+pub mod mcp_watch;
 pub mod netns;
 
 use std::{
@@ -302,6 +303,14 @@ impl Galley {
 
     /// The same, serving MCP on `mcp` (a restarted Galley keeps its address).
     pub async fn start_at(dir: &std::path::Path, mcp: SocketAddr, extra: &[&str]) -> Self {
+        let mut galley = Self::spawn(dir, mcp, extra);
+        galley.proc.ready(galley.admin).await;
+        galley
+    }
+
+    /// Starts Galley without waiting for it: one that is ready only once
+    /// another process has done its part (a relay's primary, say).
+    pub fn spawn(dir: &std::path::Path, mcp: SocketAddr, extra: &[&str]) -> Self {
         let admin = free_addr();
         let (mcp_arg, admin_arg) = (mcp.to_string(), admin.to_string());
         let args = [
@@ -316,8 +325,7 @@ impl Galley {
             extra,
         ]
         .concat();
-        let mut proc = Proc::start("galley", &args);
-        proc.ready(admin).await;
+        let proc = Proc::start("galley", &args);
         Self { proc, mcp, admin }
     }
 }

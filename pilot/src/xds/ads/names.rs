@@ -173,9 +173,16 @@ impl Matching {
         self.entry.clear();
         NameList::push(&mut self.entry, name);
         let (matched, entry) = (self.matched, &self.entry);
-        let diverged = self.candidates.first().cloned();
-        self.candidates
-            .retain(|c| c.bytes[matched..].starts_with(entry));
+        // A list that parts here holds the names so far, should it be the
+        // last to go.
+        let mut diverged = None;
+        self.candidates.retain(|c| {
+            let keep = c.bytes[matched..].starts_with(entry);
+            if !keep && diverged.is_none() {
+                diverged = Some(c.clone());
+            }
+            keep
+        });
         if !self.candidates.is_empty() {
             self.matched += entry.len();
             return;
