@@ -248,9 +248,13 @@ async fn destination_rule_policies_shape_clusters_by_port_and_subset() {
             .value,
         30.0
     );
-    // ISTIO_MUTUAL: the workload certificate and root by SDS, the mesh ALPN,
-    // the service's identities as the accepted peers.
-    let mesh = tls_of(all).expect("mesh TLS").common_tls_context.unwrap();
+    // ISTIO_MUTUAL: the cluster named in SNI as Istio 1.1 names it (what a
+    // gateway's AUTO_PASSTHROUGH routes by), the workload certificate and
+    // root by SDS, the mesh ALPN, the service's identities as the accepted
+    // peers.
+    let mesh = tls_of(all).expect("mesh TLS");
+    assert_eq!(mesh.sni, "outbound_.9080_._.reviews.shop.svc.cluster.local");
+    let mesh = mesh.common_tls_context.unwrap();
     assert_eq!(mesh.tls_certificate_sds_secret_configs[0].name, "default");
     assert_eq!(mesh.alpn_protocols, ["istio"]);
     let Some(ValidationContextType::CombinedValidationContext(combined)) =
@@ -339,5 +343,81 @@ spec:
         Some(ClusterDiscoveryType::Type(
             DiscoveryType::OriginalDst as i32
         ))
+    );
+}
+
+#[tokio::test]
+async fn a_multi_cluster_gateway_answers_for_global_names_and_never_loops() {
+    // Istio 1.1's multi-cluster gateway: other clusters call this one's
+    // services as `<name>.<ns>.global` on 15443, naming the cluster in SNI.
+    // This cluster also knows `ratings.shop.global`, a service of another
+    // cluster behind that cluster's gateway.
+    let config = format!(
+        "{REVIEWS}---
+apiVersion: networking.istio.io/v1alpha3
+kind: Gateway
+metadata: {{name: cross-cluster, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 15443, name: tls, protocol: TLS}}
+    hosts: ['*.global']
+    tls: {{mode: AUTO_PASSTHROUGH}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: ratings-global, namespace: shop}}
+spec:
+  hosts: [ratings.shop.global]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 9080, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 10.1.0.1, ports: {{http: 15443}}}}]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {{name: global, namespace: istio-system}}
+spec:
+  host: '*.global'
+  trafficPolicy: {{tls: {{mode: ISTIO_MUTUAL}}}}
+"
+    );
+    let cp = ControlPlane::start(&config).await;
+    let id = "router~10.0.8.1~gw-1.istio-system~istio-system.svc.cluster.local";
+    let mut gateway = cp
+        .proxy(support::node(id, &[("istio", "ingressgateway")], &[]))
+        .await;
+    let clusters: Vec<Cluster> = gateway.fetch(CLUSTER, &[]).await;
+    let names: Vec<&str> = clusters.iter().map(|c| c.name.as_str()).collect();
+    // The local service under both names, with the outbound cluster's
+    // endpoints and no TLS of its own (the caller's passes through).
+    for name in [
+        "outbound_.9080_._.reviews.shop.svc.cluster.local",
+        "outbound_.9080_._.reviews.shop.global",
+    ] {
+        let c = find(&clusters, name);
+        assert_eq!(
+            c.eds_cluster_config.as_ref().unwrap().service_name,
+            "outbound|9080||reviews.shop.svc.cluster.local"
+        );
+        assert!(c.transport_socket.is_none(), "{name} passes TLS through");
+    }
+    // The other cluster's service is not offered on: it would send the
+    // connection back out to a gateway.
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.starts_with("outbound_.") && n.contains("ratings")),
+        "{names:?}"
+    );
+
+    // A sidecar calls the remote service through that gateway, naming the
+    // cluster the far gateway knows in SNI, over mesh mTLS.
+    let mut sidecar = cp.sidecar("10.0.0.9", "shop", &[]).await;
+    let clusters: Vec<Cluster> = sidecar.fetch(CLUSTER, &[]).await;
+    let remote = find(&clusters, "outbound|9080||ratings.shop.global");
+    assert_eq!(
+        tls_of(remote).map(|t| t.sni).as_deref(),
+        Some("outbound_.9080_._.ratings.shop.global")
     );
 }

@@ -14,6 +14,19 @@ pub fn resolve(host: &str, namespace: &str) -> String {
     }
 }
 
+/// The suffix of Istio 1.1's names for services in other clusters
+/// (`<name>.<namespace>.global`), reached through their cluster's gateway.
+pub const GLOBAL_SUFFIX: &str = ".global";
+
+/// The name other clusters know a Kubernetes service of this cluster by:
+/// `reviews.shop.svc.cluster.local` -> `reviews.shop.global`; `None` for
+/// any other host.
+pub fn global_name(host: &str) -> Option<String> {
+    let name_ns = host.strip_suffix(&format!(".svc.{DOMAIN_SUFFIX}"))?;
+    let (name, ns) = name_ns.split_once('.')?;
+    (!ns.contains('.')).then(|| format!("{name}.{ns}{GLOBAL_SUFFIX}"))
+}
+
 /// Whether `pattern` (a host or a `*`/`*.suffix` wildcard) covers `host`.
 /// A wildcard host is covered by an equal or wider wildcard.
 pub fn covers(pattern: &str, host: &str) -> bool {
@@ -68,6 +81,17 @@ mod tests {
         assert_eq!(resolve("reviews", "shop"), "reviews.shop.svc.cluster.local");
         assert_eq!(resolve("api.example.com", "shop"), "api.example.com");
         assert_eq!(resolve("*.example.com", "shop"), "*.example.com");
+    }
+
+    #[test]
+    fn a_kubernetes_service_has_a_global_name() {
+        assert_eq!(
+            global_name("reviews.shop.svc.cluster.local").as_deref(),
+            Some("reviews.shop.global")
+        );
+        assert_eq!(global_name("api.example.com"), None);
+        assert_eq!(global_name("reviews.shop.global"), None);
+        assert_eq!(global_name("a.b.c.svc.cluster.local"), None);
     }
 
     #[test]

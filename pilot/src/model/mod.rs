@@ -373,6 +373,13 @@ pub fn cluster_name(port: u32, subset: &str, host: &str) -> String {
     format!("outbound|{port}|{subset}|{host}")
 }
 
+/// The same cluster as Istio 1.1 names it in SNI, where `|` cannot go
+/// (`outbound_.<port>_.<subset>_.<host>`): what a mesh client sends, and
+/// what a gateway's AUTO_PASSTHROUGH routes by.
+pub fn sni_cluster_name(port: u32, subset: &str, host: &str) -> String {
+    format!("outbound_.{port}_.{subset}_.{host}")
+}
+
 /// The cluster of a workload's own port: `inbound|<port>|<port name>|<host>`.
 pub fn inbound_cluster_name(port: u32, port_name: &str, host: &str) -> String {
     format!("inbound|{port}|{port_name}|{host}")

@@ -41,7 +41,7 @@ use prost::Name;
 use std::sync::Arc;
 
 use super::{Scope, any, duration, endpoint, tls};
-use crate::model::{self, Model, Port, Resolution, Service};
+use crate::model::{self, Model, Port, Resolution, Service, host};
 use crate::xds::Resource;
 
 /// Drops traffic: the target of routes to nowhere.
@@ -152,19 +152,33 @@ pub fn of_service(scope: &Scope, service: &Service) -> Vec<Arc<Resource>> {
 
 /// A gateway's AUTO_PASSTHROUGH clusters: each visible service port and
 /// subset again under the name Istio 1.1 puts in SNI
-/// (`outbound_.<port>_.<subset>_.<host>`), with the same endpoints and no
-/// TLS of its own: the caller's mesh TLS passes through to the workload.
+/// ([`model::sni_cluster_name`]), with the same endpoints and no TLS of its
+/// own: the caller's mesh TLS passes through to the workload. A Kubernetes
+/// service also answers to its `.global` name, as other clusters call it
+/// (what Istio 1.1's multi-cluster install did with an EnvoyFilter that
+/// rewrote `.global` to `.svc.cluster.local`). Services that are
+/// themselves `.global` names lead to other clusters' gateways, never back
+/// out of this one.
 pub fn sni_dnat(scope: &Scope) -> Vec<Cluster> {
     let mut out = Vec::new();
     for service in scope.services() {
+        if service.host.ends_with(host::GLOBAL_SUFFIX) {
+            continue;
+        }
+        let global = host::global_name(&service.host);
         for port in &service.ports {
             for subset in scope.subsets(service) {
                 let mut c = outbound(scope, service, port, &subset);
                 if let Some(eds) = c.eds_cluster_config.as_mut() {
                     eds.service_name = c.name.clone();
                 }
-                c.name = format!("outbound_.{}_.{subset}_.{}", port.number, service.host);
                 c.transport_socket = None;
+                if let Some(global) = &global {
+                    let mut alias = c.clone();
+                    alias.name = model::sni_cluster_name(port.number, &subset, global);
+                    out.push(alias);
+                }
+                c.name = model::sni_cluster_name(port.number, &subset, &service.host);
                 out.push(c);
             }
         }
@@ -277,7 +291,7 @@ pub fn outbound(scope: &Scope, service: &Service, port: &Port, subset: &str) -> 
         })
     });
     if let Some(t) = tls {
-        cluster.transport_socket = upstream_tls(&t, service, port);
+        cluster.transport_socket = upstream_tls(&t, service, port, subset);
     }
     cluster
 }
@@ -395,6 +409,7 @@ fn upstream_tls(
     settings: &TlsSettings,
     service: &Service,
     port: &Port,
+    subset: &str,
 ) -> Option<envoy_types::pb::envoy::config::core::v3::TransportSocket> {
     let identities = if settings.subject_alt_names.is_empty() {
         &service.subject_alt_names
@@ -407,11 +422,15 @@ fn upstream_tls(
         &[tls::MESH_ALPN]
     };
     let mode = TlSmode::try_from(settings.mode).unwrap_or(TlSmode::Disable);
-    // TLS to a server outside the mesh names it by SNI: the
-    // DestinationRule's `sni`, else the service's host.
+    // TLS names its destination by SNI unless the DestinationRule says
+    // otherwise: a server outside the mesh by the service's host; a mesh
+    // peer by the cluster, as Istio 1.1 does, so that a gateway's
+    // AUTO_PASSTHROUGH can route the connection without decrypting it.
     let sni = match mode {
-        TlSmode::Simple | TlSmode::Mutual if settings.sni.is_empty() => service.host.as_str(),
-        _ => settings.sni.as_str(),
+        _ if !settings.sni.is_empty() => settings.sni.clone(),
+        TlSmode::Simple | TlSmode::Mutual => service.host.clone(),
+        TlSmode::IstioMutual => model::sni_cluster_name(port.number, subset, &service.host),
+        TlSmode::Disable => String::new(),
     };
     let context = match mode {
         TlSmode::Disable => return None,
@@ -424,5 +443,5 @@ fn upstream_tls(
         ),
         TlSmode::IstioMutual => tls::mesh_context(alpn, identities),
     };
-    Some(tls::upstream(context, sni))
+    Some(tls::upstream(context, &sni))
 }
