@@ -278,6 +278,43 @@ impl Ca {
         Ok(chain)
     }
 
+    /// Makes `dir` a CA under this one, in the plugged-in layout: a new
+    /// intermediate named `name`, its key, its chain and this CA's root.
+    /// Clusters whose Citadels sign with intermediates of one root trust
+    /// each other's workloads. It lives `ttl`, or until the root expires.
+    pub fn create_intermediate(&self, dir: &Path, name: &str, ttl: Duration) -> anyhow::Result<()> {
+        let key = KeyAlgorithm::EcdsaP256.generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, self.trust_domain.as_str());
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.serial_number = Some(serial());
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - backdate(ttl);
+        params.not_after = (now + ttl).min(OffsetDateTime::from(self.root_not_after));
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?.pem();
+        fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+        // The key first, as for a self-signed CA.
+        write_file(&dir.join(CA_KEY), &key.serialize_pem(), 0o600)?;
+        write_file(&dir.join(CA_CERT), &cert, 0o644)?;
+        let chain: String = [cert]
+            .iter()
+            .chain(&self.chain)
+            .map(String::as_str)
+            .collect();
+        write_file(&dir.join(CERT_CHAIN), &chain, 0o644)?;
+        write_file(&dir.join(ROOT_CERT), &self.root, 0o644)
+    }
+
     /// The identity a client certificate proves: it must chain to this
     /// CA's root, be valid now, and carry a SPIFFE identity of this trust
     /// domain. The error says which of these failed.

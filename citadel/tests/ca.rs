@@ -175,6 +175,60 @@ async fn issued_certificates_carry_the_caller_identity_and_complete_mutual_tls()
 }
 
 #[tokio::test]
+async fn citadels_on_intermediates_of_one_root_trust_each_others_workloads() {
+    // Two clusters: each Citadel signs with its own intermediate, made
+    // under one shared root (generated on first use).
+    let shared = tempfile::tempdir().unwrap();
+    let options = |dir: &Path| citadel::ca::CaOptions {
+        dir: dir.to_path_buf(),
+        self_signed: true,
+        key_algorithm: Default::default(),
+        trust_domain: "cluster.local".into(),
+        root_ttl: Duration::from_secs(86400 * 365),
+        default_ttl: Duration::from_secs(3600),
+        max_ttl: Duration::from_secs(3600),
+    };
+    let root_ca = citadel::ca::Ca::load_or_create(&options(shared.path())).unwrap();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for (dir, name) in [(&a, "cluster a"), (&b, "cluster b")] {
+        root_ca
+            .create_intermediate(&dir.path().join("ca"), name, Duration::from_secs(86400))
+            .unwrap();
+    }
+    let (mut args_a, mut args_b) = (args(a.path()), args(b.path()));
+    args_a.self_signed_ca = false;
+    args_b.self_signed_ca = false;
+    let (citadel_a, citadel_b) = (start(args_a).await, start(args_b).await);
+    let root = root_ca.root_pem().to_string();
+    assert_eq!(root_of(a.path()), root);
+
+    let (reviews_key, reviews_csr) = csr(None);
+    let reviews = create(&citadel_a, "reviews-token", &reviews_csr, 0)
+        .await
+        .unwrap();
+    let (ratings_key, ratings_csr) = csr(None);
+    let ratings = create(&citadel_b, "ratings-token", &ratings_csr, 0)
+        .await
+        .unwrap();
+    assert_eq!(reviews.len(), 3, "leaf, intermediate, root");
+    assert_ne!(der(&reviews[1]), der(&ratings[1]), "an intermediate each");
+    assert_eq!(der(&reviews[2]), der(&ratings[2]), "one root");
+    validate(&reviews, &root);
+    validate(&ratings, &root);
+
+    // A workload of B connects to one of A; each checks the other's
+    // identity through the other's intermediate.
+    let peer = mutual_tls(
+        (&reviews, &reviews_key),
+        (&ratings, &ratings_key),
+        &root,
+        "spiffe://cluster.local/ns/shop/sa/reviews",
+    )
+    .await;
+    assert_eq!(peer, "spiffe://cluster.local/ns/shop/sa/ratings");
+}
+
+#[tokio::test]
 async fn refusals_carry_their_status_and_reason() {
     let dir = tempfile::tempdir().unwrap();
     let citadel = start(args(dir.path())).await;

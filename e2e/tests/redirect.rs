@@ -11,12 +11,10 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    time::{Duration, Instant},
 };
 
-use std::os::unix::process::CommandExt;
 use testkit::{
-    Proc, WAIT, bin, config_dir,
+    bin, config_dir,
     netns::{Netns, ensure_iptables},
 };
 
@@ -95,63 +93,6 @@ fn serve_echo(listener: TcpListener) {
     });
 }
 
-/// `GET path` with `host`, from inside `ns`: the status and body, or
-/// `None` if nothing answers. Blocking I/O on the namespace's thread.
-fn get(ns: &Netns, addr: &str, host: &str, path: &str) -> Option<(u16, String)> {
-    ns.run(|| {
-        let addr: SocketAddr = addr.parse().unwrap();
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).ok()?;
-        let (head, body) = answer.split_once("\r\n\r\n")?;
-        let status = head.split(' ').nth(1)?.parse().ok()?;
-        Some((status, body.to_string()))
-    })
-}
-
-/// Polls [`get`] until `accept` holds.
-async fn wait_for(
-    ns: &Netns,
-    addr: &str,
-    host: &str,
-    path: &str,
-    accept: impl Fn(u16, &str) -> bool,
-) -> (u16, String) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let answer = get(ns, addr, host, path);
-        if let Some((status, body)) = &answer
-            && accept(*status, body)
-        {
-            return (*status, body.clone());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{addr}{path} in {}: last answer {answer:?}",
-            ns.name
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Starts a workspace binary inside `ns`, as `uid` when given.
-fn start_in(ns: &Netns, name: &str, args: &[&str], uid: Option<u32>) -> Proc {
-    ns.run(|| {
-        let mut command = tokio::process::Command::new(bin(name));
-        command.args(args).env("RUST_LOG", "info");
-        if let Some(uid) = uid {
-            command.as_std_mut().uid(uid).gid(uid);
-        }
-        Proc::spawn(name, command)
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirected_traffic_crosses_the_proxy_both_ways() {
     ensure_iptables();
@@ -184,8 +125,7 @@ async fn redirected_traffic_crosses_the_proxy_both_ways() {
         String::from_utf8_lossy(&init.stderr)
     );
 
-    let _galley = start_in(
-        &pod,
+    let _galley = pod.start(
         "galley",
         &[
             "--config-dir",
@@ -197,8 +137,7 @@ async fn redirected_traffic_crosses_the_proxy_both_ways() {
         ],
         None,
     );
-    let _pilot = start_in(
-        &pod,
+    let _pilot = pod.start(
         "pilot",
         &[
             "--mcp-server",
@@ -210,8 +149,7 @@ async fn redirected_traffic_crosses_the_proxy_both_ways() {
         ],
         None,
     );
-    let _proxy = start_in(
-        &pod,
+    let _proxy = pod.start(
         "proxy",
         &[
             "--pilot",
@@ -235,13 +173,9 @@ async fn redirected_traffic_crosses_the_proxy_both_ways() {
         ],
         Some(1337),
     );
-    wait_for(
-        &pod,
-        "127.0.0.1:15020",
-        "proxy",
-        "/healthz/ready",
-        |s, _| s == 200,
-    )
+    pod.wait_for("127.0.0.1:15020", "proxy", "/healthz/ready", &[], |s, _| {
+        s == 200
+    })
     .await;
 
     // Outbound: the application calls the service address; the proxy
@@ -249,9 +183,11 @@ async fn redirected_traffic_crosses_the_proxy_both_ways() {
     // was the one answering.
     let ratings = format!("{RATINGS_VIP}:9080");
     let host = "ratings.shop.svc.cluster.local";
-    let (_, body) = wait_for(&pod, &ratings, host, "/stars", |s, _| s == 200).await;
+    let (_, body) = pod
+        .wait_for(&ratings, host, "/stars", &[], |s, _| s == 200)
+        .await;
     assert_eq!(body, format!("ratings saw {POD_IP} /stars"));
-    let (status, _) = get(&pod, &ratings, host, "/teapot").unwrap();
+    let (status, _) = pod.get(&ratings, host, "/teapot", &[]).unwrap();
     assert_eq!(status, 418, "the route's abort fault applies");
 
     // Outbound to an address no service has: passed through unchanged.
@@ -266,14 +202,18 @@ async fn redirected_traffic_crosses_the_proxy_both_ways() {
 
     // Inbound: a call from outside the pod reaches the application from
     // the proxy, on the pod's loopback.
-    let (status, body) = get(&peer, &format!("{POD_IP}:9080"), "reviews", "/hello").unwrap();
+    let (status, body) = peer
+        .get(&format!("{POD_IP}:9080"), "reviews", "/hello", &[])
+        .unwrap();
     assert_eq!(
         (status, body.as_str()),
         (200, "reviews saw 127.0.0.1 /hello")
     );
 
     // The proxy counted both directions.
-    let (_, stats) = get(&pod, "127.0.0.1:15090", "proxy", "/stats/prometheus").unwrap();
+    let (_, stats) = pod
+        .get("127.0.0.1:15090", "proxy", "/stats/prometheus", &[])
+        .unwrap();
     for cluster in [
         "outbound|9080||ratings.shop.svc.cluster.local",
         "inbound|9080|http|reviews.shop.svc.cluster.local",

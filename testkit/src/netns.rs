@@ -2,9 +2,18 @@
 //! its own interfaces, routes and iptables, so that traffic redirection is
 //! tested for real without touching the machine's network. Needs root.
 
-use std::{fs::File, process::Command};
+use std::{
+    fs::File,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    os::unix::process::CommandExt,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use nix::sched::{CloneFlags, setns};
+
+use crate::{Proc, WAIT, bin};
 
 /// A named network namespace, deleted when dropped.
 pub struct Netns {
@@ -46,6 +55,73 @@ impl Netns {
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
+    }
+
+    /// Starts a workspace binary inside the namespace, as `uid` when given.
+    pub fn start(&self, name: &str, args: &[&str], uid: Option<u32>) -> Proc {
+        self.run(|| {
+            let mut command = tokio::process::Command::new(bin(name));
+            command.args(args).env("RUST_LOG", "info");
+            if let Some(uid) = uid {
+                command.as_std_mut().uid(uid).gid(uid);
+            }
+            Proc::spawn(name, command)
+        })
+    }
+
+    /// `GET path` to `addr` with `host` and `headers`, from inside the
+    /// namespace: the status and body, or `None` if nothing answers.
+    /// Blocking I/O on the namespace's thread; `path` may be absolute, for
+    /// a proxy.
+    pub fn get(
+        &self,
+        addr: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Option<(u16, String)> {
+        self.run(|| {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+            stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            let mut head = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n");
+            for (name, value) in headers {
+                head.push_str(&format!("{name}: {value}\r\n"));
+            }
+            head.push_str("\r\n");
+            stream.write_all(head.as_bytes()).ok()?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).ok()?;
+            let (head, body) = answer.split_once("\r\n\r\n")?;
+            let status = head.split(' ').nth(1)?.parse().ok()?;
+            Some((status, body.to_string()))
+        })
+    }
+
+    /// Polls [`Netns::get`] until `accept` holds, for up to [`WAIT`].
+    pub async fn wait_for(
+        &self,
+        addr: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        accept: impl Fn(u16, &str) -> bool,
+    ) -> (u16, String) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let answer = self.get(addr, host, path, headers);
+            if let Some((status, body)) = &answer
+                && accept(*status, body)
+            {
+                return (*status, body.clone());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{addr}{path} in {}: last answer {answer:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 

@@ -546,16 +546,7 @@ fn added((mut figures, quantiles): Figures, base: &[Duration; 3]) -> serde_json:
 /// Mixer check (cached) and a report, and RBAC; against the details app
 /// called directly. The two proxies' CPU is charged to the path.
 async fn bookinfo(args: &ProxyBenchArgs) -> anyhow::Result<(Figures, Figures)> {
-    let up = crate::up::UpArgs {
-        config_dir: None,
-        state_dir: None,
-        ephemeral_ports: true,
-        bin_dir: args.bin_dir.clone(),
-        ready_timeout_secs: 120,
-        topology: crate::up::Topology::Split,
-        no_sample: false,
-        control_addr: "127.0.0.1:0".parse()?,
-    };
+    let up = crate::up::UpArgs::ephemeral(args.bin_dir.clone(), crate::up::Topology::Split);
     let shutdown = component::CancellationToken::new();
     let mesh = crate::up::Mesh::start(&up, &shutdown, false).await?;
     let rows = mesh.rows();

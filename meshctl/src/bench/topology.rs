@@ -169,16 +169,7 @@ async fn measure(
     args: &TopologyBenchArgs,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Value> {
-    let up = UpArgs {
-        config_dir: None,
-        state_dir: None,
-        ephemeral_ports: true,
-        bin_dir: args.bin_dir.clone(),
-        ready_timeout_secs: 120,
-        topology,
-        no_sample: false,
-        control_addr: "127.0.0.1:0".parse()?,
-    };
+    let up = UpArgs::ephemeral(args.bin_dir.clone(), topology);
     let started = Instant::now();
     let mesh = Mesh::start(&up, shutdown, false).await?;
     let ready = started.elapsed();

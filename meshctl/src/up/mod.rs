@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod cluster;
 pub mod control;
 mod sample;
 mod supervisor;
@@ -55,9 +56,35 @@ pub struct UpArgs {
     /// Leave out the sample application (Bookinfo and its proxies).
     #[arg(long)]
     pub no_sample: bool,
+    /// Run only these of Bookinfo's workloads (`productpage-v1`,
+    /// `details-v1`, `reviews-v1`..`reviews-v3`, `ratings-v1`), as a
+    /// cluster that holds part of the application does.
+    #[arg(long, value_delimiter = ',', conflicts_with = "no_sample")]
+    pub workloads: Vec<String>,
+    #[command(flatten)]
+    pub cluster: cluster::ClusterArgs,
     /// Where `meshctl status` and `meshctl restart` reach this mesh.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub control_addr: SocketAddr,
+}
+
+impl UpArgs {
+    /// A whole mesh on OS-chosen ports in a temporary directory, as the
+    /// benchmarks run it.
+    pub fn ephemeral(bin_dir: Option<PathBuf>, topology: Topology) -> Self {
+        Self {
+            config_dir: None,
+            state_dir: None,
+            ephemeral_ports: true,
+            bin_dir,
+            ready_timeout_secs: 120,
+            topology,
+            no_sample: false,
+            workloads: Vec::new(),
+            cluster: Default::default(),
+            control_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -182,8 +209,9 @@ fn plans(
     tokens: &Path,
     ports: &Ports,
     topology: Topology,
+    cluster: &cluster::ClusterArgs,
 ) -> anyhow::Result<(Vec<Plan>, ControlPlane)> {
-    let mcp = ports.pick(ports::GALLEY_MCP)?;
+    let mcp = cluster.mcp_addr(ports.pick(ports::GALLEY_MCP)?);
     let xds = ports.pick(ports::PILOT_XDS)?;
     let ca = ports.pick(ports::CITADEL_CA)?;
     // Galley's webhook is not served locally, so the injector keeps 9443.
@@ -203,14 +231,18 @@ fn plans(
     // host they get 15014, 15015, ...
     let admin = |i: u16| ports.pick(ports::CONTROL_PLANE_ADMIN + i);
     let ca_dir = state_dir.join("ca");
+    let mut galley = flags!(Cli<galley::GalleyArgs> {
+        args.config_dir: config_dir.display(),
+        args.mcp_addr: &mcp_arg,
+    });
+    if let Some(primary) = cluster.follow {
+        galley = galley.extend(flags!(Cli<galley::GalleyArgs> { args.follow: primary }));
+    }
     let plans = vec![
         Plan::component(
             "galley",
             "galley",
-            flags!(Cli<galley::GalleyArgs> {
-                args.config_dir: config_dir.display(),
-                args.mcp_addr: &mcp_arg,
-            }),
+            galley,
             admin(0)?,
             vec![("mcp", mcp_arg.clone())],
         )?,
@@ -326,18 +358,27 @@ impl Mesh {
             (None, Some(temp)) => temp.path().to_path_buf(),
             (None, None) => unreachable!("a temporary directory when none is given"),
         };
+        anyhow::ensure!(
+            args.cluster.cluster_address.is_none() || args.topology == Topology::Split,
+            "--cluster-address: the monolith serves MCP in memory only; run a primary split"
+        );
         let logs = state_dir.join("logs");
         std::fs::create_dir_all(&logs)?;
         let ports = Ports::new(args.ephemeral_ports);
         let sample = (!args.no_sample)
-            .then(|| sample::Sample::new(&ports))
+            .then(|| sample::Sample::new(&ports, &args.workloads))
             .transpose()?;
         let config_dir = match &args.config_dir {
             Some(dir) => dir.clone(),
             None => {
                 let dir = state_dir.join("config");
                 std::fs::create_dir_all(&dir)?;
-                for (name, text) in sample::config(sample.as_ref()) {
+                // A cluster that follows another serves that one's config.
+                let files = match args.cluster.follow {
+                    Some(_) => Vec::new(),
+                    None => sample::config(sample.as_ref()),
+                };
+                for (name, text) in files.into_iter().chain(args.cluster.config()) {
                     std::fs::write(dir.join(name), text)?;
                 }
                 dir
@@ -345,10 +386,22 @@ impl Mesh {
         };
         let tokens = state_dir.join("tokens");
         let bins = crate::binaries::dir(args.bin_dir.as_deref())?;
-        let (plans, control_plane) =
-            plans(&config_dir, &state_dir, &tokens, &ports, args.topology)?;
+        let ca_dir = state_dir.join("ca");
+        let intermediate = format!("meshctl up in {}", state_dir.display());
+        args.cluster.plug_ca(&ca_dir, &intermediate)?;
+        let (plans, control_plane) = plans(
+            &config_dir,
+            &state_dir,
+            &tokens,
+            &ports,
+            args.topology,
+            &args.cluster,
+        )?;
         let workloads = match &sample {
-            Some(sample) => sample.plans(&control_plane, &tokens, &ports)?,
+            Some(sample) => {
+                let cross_cluster = args.cluster.multi_cluster();
+                sample.plans(&control_plane, &tokens, &ports, cross_cluster)?
+            }
             None => {
                 std::fs::write(&tokens, "")?;
                 Vec::new()
@@ -643,14 +696,22 @@ mod tests {
     fn every_command_line_parses_as_its_binary_parses_it() {
         let dir = tempfile::tempdir().unwrap();
         let tokens = dir.path().join("tokens");
-        for topology in [Topology::Split, Topology::Monolith] {
+        let following = cluster::ClusterArgs {
+            follow: Some("10.0.0.1:9901".parse().unwrap()),
+            ..Default::default()
+        };
+        for (topology, cluster) in [
+            (Topology::Split, Default::default()),
+            (Topology::Monolith, Default::default()),
+            (Topology::Split, following),
+        ] {
             let ports = Ports::new(true);
             let (plans, control_plane) =
-                plans(dir.path(), dir.path(), &tokens, &ports, topology).unwrap();
+                plans(dir.path(), dir.path(), &tokens, &ports, topology, &cluster).unwrap();
             assert_eq!(plans.len(), 6);
-            let workloads = sample::Sample::new(&ports)
+            let workloads = sample::Sample::new(&ports, &[])
                 .unwrap()
-                .plans(&control_plane, &tokens, &ports)
+                .plans(&control_plane, &tokens, &ports, cluster.multi_cluster())
                 .unwrap();
             // Six apps, their sidecars, and the ingress gateway.
             assert_eq!(workloads.len(), 13);

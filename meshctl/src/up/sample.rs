@@ -55,6 +55,7 @@ const FILES: &[(&str, &str)] = &[
 ];
 
 /// One workload, with the ports `examples/bookinfo` gives it.
+#[derive(Debug)]
 struct Workload {
     app: &'static str,
     version: &'static str,
@@ -118,13 +119,42 @@ fn account(app: &str) -> String {
     format!("bookinfo-{app}")
 }
 
-/// The ports chosen for this run, by the port the example files use.
+/// The workloads to run, and the ports chosen for this run by the port
+/// the example files use.
 pub struct Sample {
+    workloads: Vec<&'static Workload>,
     ports: BTreeMap<u16, u16>,
 }
 
+impl Workload {
+    /// `app-version`, as `meshctl up` lists it.
+    fn name(&self) -> String {
+        format!("{}-{}", self.app, self.version)
+    }
+}
+
+/// The workloads named in `names` (`reviews-v2`), or all when it is empty.
+fn chosen(names: &[String]) -> anyhow::Result<Vec<&'static Workload>> {
+    if names.is_empty() {
+        return Ok(WORKLOADS.iter().collect());
+    }
+    names
+        .iter()
+        .map(|name| {
+            WORKLOADS.iter().find(|w| w.name() == *name).ok_or_else(|| {
+                let known: Vec<String> = WORKLOADS.iter().map(Workload::name).collect();
+                anyhow::anyhow!(
+                    "--workloads: no workload {name:?} in Bookinfo (it has {})",
+                    known.join(", ")
+                )
+            })
+        })
+        .collect()
+}
+
 impl Sample {
-    pub fn new(ports: &Ports) -> anyhow::Result<Self> {
+    pub fn new(ports: &Ports, workloads: &[String]) -> anyhow::Result<Self> {
+        let workloads = chosen(workloads)?;
         let mut chosen = BTreeMap::new();
         let gateway = [GATEWAY_HTTP, GATEWAY_HTTPS];
         for port in WORKLOADS
@@ -134,26 +164,32 @@ impl Sample {
         {
             chosen.insert(port, ports.pick(port)?.port());
         }
-        Ok(Self { ports: chosen })
+        Ok(Self {
+            workloads,
+            ports: chosen,
+        })
     }
 
     fn port(&self, example: u16) -> u16 {
         self.ports[&example]
     }
 
-    /// Each workload's app and proxy; writes the Citadel bootstrap tokens
-    /// to `tokens` (and each account's own token beside it).
+    /// Each chosen workload's app and proxy, and the gateway (which takes
+    /// other clusters' calls when `cross_cluster`); writes the Citadel
+    /// bootstrap tokens to `tokens` (and each account's own token beside
+    /// it).
     pub fn plans(
         &self,
         cp: &ControlPlane,
         tokens: &Path,
         ports: &Ports,
+        cross_cluster: bool,
     ) -> anyhow::Result<Vec<Plan>> {
         let dir = tokens.with_extension("d");
         std::fs::create_dir_all(&dir)?;
         let mut lines = String::new();
         let mut plans = Vec::new();
-        for w in WORKLOADS {
+        for w in &self.workloads {
             let account = account(w.app);
             let token = format!("{account}-token");
             let token_file = dir.join(format!("{account}.token"));
@@ -161,7 +197,7 @@ impl Sample {
                 lines.push_str(&format!("bookinfo/{account} {token}\n"));
                 std::fs::write(&token_file, &token)?;
             }
-            let name = format!("{}-{}", w.app, w.version);
+            let name = w.name();
             let app = super::loopback(self.port(w.port));
             let inbound = super::loopback(self.port(w.inbound));
             let egress = super::loopback(self.port(w.egress));
@@ -226,7 +262,14 @@ impl Sample {
         std::fs::write(&gateway_token, format!("{GATEWAY_ACCOUNT}-token"))?;
         std::fs::write(tokens, lines)?;
         let credentials = tokens.with_file_name(CREDENTIALS);
-        plans.push(self.gateway(cp, &gateway_token, &credentials, ports)?);
+        let mut gateway = self.gateway(cp, &gateway_token, &credentials, ports)?;
+        if cross_cluster {
+            let port = super::cluster::CROSS_CLUSTER_PORT;
+            gateway
+                .ports
+                .push(("cross-cluster", format!("0.0.0.0:{port}")));
+        }
+        plans.push(gateway);
         Ok(plans)
     }
 
@@ -328,6 +371,19 @@ mod tests {
         assert_eq!(
             moved,
             "ports: {http: 40001}\n  number: 9080\n  defaultEndpoint: 127.0.0.1:40002\n"
+        );
+    }
+
+    #[test]
+    fn workloads_are_chosen_by_name_and_an_unknown_one_is_named() {
+        let names = |w: Vec<&Workload>| w.iter().map(|w| w.name()).collect::<Vec<_>>();
+        assert_eq!(chosen(&[]).unwrap().len(), WORKLOADS.len());
+        let some = chosen(&["ratings-v1".into(), "reviews-v2".into()]).unwrap();
+        assert_eq!(names(some), ["ratings-v1", "reviews-v2"]);
+        let error = chosen(&["ratings-v2".into()]).unwrap_err().to_string();
+        assert!(
+            error.contains("\"ratings-v2\"") && error.contains("reviews-v3, ratings-v1"),
+            "{error}"
         );
     }
 
