@@ -234,3 +234,40 @@ async fn pilot_bench_reaches_every_proxy_in_each_flavour_and_mode() {
     assert_eq!(seen, expected);
     assert_eq!(figures["rss_per_proxy"].as_array().unwrap().len(), 4);
 }
+
+#[tokio::test]
+async fn clusters_bench_times_an_edit_to_both_clusters_last_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("clusters.json");
+    let bench = Proc::start(
+        "meshctl",
+        &[
+            "bench",
+            "clusters",
+            "--proxies",
+            "6",
+            "--edits",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    bench.exit_ok().await;
+    let figures: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let times = &figures["edit_to_last_ack_ms"];
+    let ms = |path: &str, key: &str| times[path][key].as_f64().unwrap();
+    for cluster in ["within_the_primary_cluster", "in_the_cluster_that_follows"] {
+        // Every edit went through Galley's and Pilot's debounces.
+        assert!(ms(cluster, "p50") > 0.0, "{figures}");
+        assert!(ms(cluster, "max") >= ms(cluster, "p50"), "{figures}");
+    }
+    let relay = "follower_minus_primary";
+    assert!(ms(relay, "max") >= ms(relay, "p50"), "{figures}");
+    for galley in ["primary_galley", "relay_galley"] {
+        assert!(
+            figures[galley]["rss_bytes"].as_u64().unwrap() > 0,
+            "{figures}"
+        );
+    }
+}

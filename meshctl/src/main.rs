@@ -93,6 +93,9 @@ enum BenchCommand {
     /// The split topology against the monolith: start, memory, config
     /// delivery, and a component's death under traffic.
     Topology(bench::topology::TopologyBenchArgs),
+    /// A config edit reaching the proxies of a cluster that follows the
+    /// primary, against the same edit within the primary.
+    Clusters(bench::clusters::ClustersBenchArgs),
 }
 
 #[tokio::main]
@@ -119,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Mixer(args)) => bench::mixer::run(args).await,
         Command::Bench(BenchCommand::Proxy(args)) => bench::proxy::run(args).await,
         Command::Bench(BenchCommand::Topology(args)) => bench::topology::run(args).await,
+        Command::Bench(BenchCommand::Clusters(args)) => bench::clusters::run(args).await,
         Command::Version => {
             println!("meshctl {}", env!("CARGO_PKG_VERSION"));
             Ok(())

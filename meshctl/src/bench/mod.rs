@@ -2,6 +2,7 @@
 //! same run and print their figures as JSON.
 
 pub mod citadel;
+pub mod clusters;
 pub mod galley;
 pub mod mcp;
 pub mod mixer;
@@ -9,7 +10,11 @@ pub mod pilot;
 pub mod proxy;
 pub mod topology;
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use component::cli::{Cli, Flags};
 
@@ -148,5 +153,59 @@ impl Component {
 
     fn pid(&self) -> u32 {
         self.child.id().unwrap_or_default()
+    }
+}
+
+/// Each sidecar's acknowledged version of `type_url`, from Pilot's
+/// `/debug/syncz`; `None` while a sent version waits for its ACK.
+async fn acked(
+    client: &reqwest::Client,
+    pilot: SocketAddr,
+    type_url: &str,
+) -> anyhow::Result<Vec<Option<String>>> {
+    let text = client
+        .get(format!("http://{pilot}/debug/syncz"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let proxies: Vec<serde_json::Value> = serde_json::from_str(&text)?;
+    Ok(proxies
+        .iter()
+        .filter(|p| {
+            p["node"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("sidecar~"))
+        })
+        .map(|p| {
+            let t = &p["types"][type_url];
+            let (sent, acked) = (t["sent_version"].as_str(), t["acked_version"].as_str());
+            (sent == acked).then(|| acked.map(str::to_string)).flatten()
+        })
+        .collect())
+}
+
+/// Waits until all `proxies` sidecars have ACKed a version of `type_url`
+/// other than those in `before`.
+async fn delivered(
+    client: &reqwest::Client,
+    pilot: SocketAddr,
+    type_url: &str,
+    before: &[Option<String>],
+    proxies: usize,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(now) = acked(client, pilot, type_url).await
+            && now.len() == proxies
+            && now.iter().all(|v| v.is_some() && !before.contains(v))
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the edit did not reach every proxy in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

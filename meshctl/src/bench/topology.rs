@@ -26,8 +26,9 @@ use clap::Args;
 use component::CancellationToken;
 use serde_json::{Value, json};
 
-use super::{addr, ms, rss_bytes};
+use super::{acked, addr, delivered, ms, rss_bytes};
 use crate::up::{Mesh, Topology, UpArgs, control::Row};
+use mesh_api::xds::ROUTE;
 
 #[derive(Debug, Args)]
 pub struct TopologyBenchArgs {
@@ -40,36 +41,6 @@ pub struct TopologyBenchArgs {
     /// Also write the JSON figures to this file.
     #[arg(long)]
     pub out: Option<PathBuf>,
-}
-
-/// Each sidecar's acknowledged route version, from Pilot's `/debug/syncz`.
-async fn acked_routes(
-    client: &reqwest::Client,
-    pilot: SocketAddr,
-) -> anyhow::Result<Vec<Option<String>>> {
-    let text = client
-        .get(format!("http://{pilot}/debug/syncz"))
-        .send()
-        .await?
-        .text()
-        .await?;
-    let proxies: Vec<Value> = serde_json::from_str(&text)?;
-    Ok(proxies
-        .iter()
-        .filter(|p| {
-            p["node"]
-                .as_str()
-                .is_some_and(|n| n.starts_with("sidecar~"))
-        })
-        .map(|p| {
-            let routes = &p["types"][mesh_api::xds::ROUTE];
-            let (sent, acked) = (
-                routes["sent_version"].as_str(),
-                routes["acked_version"].as_str(),
-            );
-            (sent == acked).then(|| acked.map(str::to_string)).flatten()
-        })
-        .collect())
 }
 
 /// The mesh's table, readiness asked live, from its control port.
@@ -103,29 +74,6 @@ fn edit(config_dir: &std::path::Path, round: usize) -> anyhow::Result<()> {
     }
     std::fs::write(&file, lines.join("\n") + "\n")?;
     Ok(())
-}
-
-/// Waits until all `proxies` proxies have ACKed routes other than `before`.
-async fn delivered(
-    client: &reqwest::Client,
-    pilot: SocketAddr,
-    before: &[Option<String>],
-    proxies: usize,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(now) = acked_routes(client, pilot).await
-            && now.len() == proxies
-            && now.iter().all(|v| v.is_some() && !before.contains(v))
-        {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the edit did not reach every proxy in 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// Productpage's requests, failed ones counted, until `stop`.
@@ -193,10 +141,10 @@ async fn measure(
 
     let mut edits = Vec::new();
     for round in 0..args.edits {
-        let before = acked_routes(&client, pilot).await?;
+        let before = acked(&client, pilot, ROUTE).await?;
         let t = Instant::now();
         edit(&config_dir, round)?;
-        delivered(&client, pilot, &before, proxies).await?;
+        delivered(&client, pilot, ROUTE, &before, proxies).await?;
         edits.push(t.elapsed());
     }
     edits.sort();
@@ -208,7 +156,7 @@ async fn measure(
     let galley = |rows: Vec<Row>| rows.into_iter().find(|r| r.name == "galley");
     let victim =
         galley(status(&client, control_addr).await?).ok_or_else(|| anyhow::anyhow!("no galley"))?;
-    let before = acked_routes(&client, pilot).await?;
+    let before = acked(&client, pilot, ROUTE).await?;
     let killed = Instant::now();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(victim.pid as i32),
@@ -226,7 +174,7 @@ async fn measure(
             ready_again = Some(killed.elapsed());
         }
         if edit_delivered.is_none()
-            && let Ok(now) = acked_routes(&client, pilot).await
+            && let Ok(now) = acked(&client, pilot, ROUTE).await
             && now.len() == proxies
             && now.iter().all(|v| v.is_some() && !before.contains(v))
         {

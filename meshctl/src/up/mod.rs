@@ -93,6 +93,12 @@ pub enum Topology {
     Monolith,
 }
 
+/// The embedded config at the example files' own ports: Bookinfo and the
+/// standard telemetry.
+pub fn bookinfo_config() -> Vec<(String, String)> {
+    sample::config(None)
+}
+
 /// Where Galley serves MCP inside the monolith.
 const MEMORY_MCP: &str = "mem://galley";
 
