@@ -364,7 +364,7 @@ fn every_deployment_runs_a_workspace_binary_with_flags_it_accepts() {
                     );
                     let port_name = port["name"].as_str().unwrap();
                     assert!(
-                        ["grpc-", "http-", "https-", "tcp-"]
+                        ["grpc-", "http-", "https-", "tcp-", "tls"]
                             .iter()
                             .any(|p| port_name.starts_with(p)),
                         "{name}: Service port name {port_name} says no protocol"

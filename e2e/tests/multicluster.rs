@@ -199,3 +199,45 @@ fn signal(pid: u32, name: &str) {
         .unwrap();
     assert!(status.success(), "kill -{name} {pid}");
 }
+
+/// What a cluster's Citadel needs to join others: `meshctl ca
+/// intermediate` makes the root once and an intermediate per cluster.
+#[test]
+fn meshctl_makes_one_root_and_an_intermediate_per_cluster() {
+    let root = tempfile::tempdir().unwrap();
+    let clusters = tempfile::tempdir().unwrap();
+    let read = |dir: &std::path::Path, file: &str| std::fs::read_to_string(dir.join(file)).unwrap();
+    let mut cas = Vec::new();
+    for name in ["cluster-a", "cluster-b"] {
+        let out = clusters.path().join(name);
+        testkit::run_ok(
+            "meshctl",
+            &[
+                "ca",
+                "intermediate",
+                "--root-ca",
+                root.path().to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--name",
+                name,
+            ],
+        );
+        let chain = read(&out, "cert-chain.pem");
+        let ca = read(&out, "ca-cert.pem");
+        assert!(
+            chain.starts_with(&ca),
+            "the chain starts at the intermediate"
+        );
+        assert!(
+            chain.ends_with(&read(&out, "root-cert.pem")),
+            "and ends at the root"
+        );
+        assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 2);
+        assert!(read(&out, "ca-key.pem").contains("PRIVATE KEY"));
+        cas.push((ca, read(&out, "root-cert.pem")));
+    }
+    assert_ne!(cas[0].0, cas[1].0, "an intermediate each");
+    assert_eq!(cas[0].1, cas[1].1, "one root");
+    assert_eq!(cas[0].1, read(root.path(), "root-cert.pem"));
+}

@@ -2,6 +2,7 @@
 
 mod bench;
 mod binaries;
+mod ca;
 mod kube_inject;
 mod mcp;
 mod proxy_status;
@@ -42,6 +43,9 @@ enum Command {
     /// Benchmarks; figures are printed as JSON.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Certificate authorities for Citadel.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Print the version.
     Version,
 }
@@ -74,6 +78,13 @@ enum McpCommand {
     Serve(mcp::serve::ServeArgs),
     /// Check a source or a sink against the MCP rules.
     Conformance(mcp::conformance::ConformanceArgs),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// An intermediate CA under a root several clusters share, in
+    /// Citadel's plugged-in layout.
+    Intermediate(ca::IntermediateArgs),
 }
 
 #[derive(Subcommand)]
@@ -115,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Mcp(McpCommand::Watch(args)) => mcp::watch::run(args, shutdown).await,
         Command::Mcp(McpCommand::Serve(args)) => mcp::serve::run(args, shutdown).await,
         Command::Mcp(McpCommand::Conformance(args)) => mcp::conformance::run(args).await,
+        Command::Ca(CaCommand::Intermediate(args)) => ca::run(args),
         Command::Bench(BenchCommand::Mcp(args)) => bench::mcp::run(args).await,
         Command::Bench(BenchCommand::Galley(args)) => bench::galley::run(args).await,
         Command::Bench(BenchCommand::Pilot(args)) => bench::pilot::run(args).await,

@@ -70,16 +70,6 @@ impl ClusterArgs {
             return Ok(());
         };
         let year = Duration::from_secs(365 * 86400);
-        let root = citadel::ca::Ca::load_or_create(&citadel::ca::CaOptions {
-            dir: root_dir.clone(),
-            self_signed: true,
-            key_algorithm: Default::default(),
-            trust_domain: "cluster.local".into(),
-            root_ttl: 10 * year,
-            default_ttl: year,
-            max_ttl: year,
-        })
-        .map_err(|e| anyhow::anyhow!("--root-ca: {e:#}"))?;
-        root.create_intermediate(ca_dir, name, year)
+        crate::ca::intermediate(root_dir, ca_dir, name, year)
     }
 }
