@@ -195,3 +195,82 @@ async fn the_relay_passes_mcp_conformance_as_a_source_and_as_a_sink() {
         assert!(proc.terminate().await.success());
     }
 }
+
+/// A counter of a Galley's `/metrics`, for `collection`.
+async fn counter(galley: &Galley, metric: &str, collection: &str) -> u64 {
+    let (_, text) = get(galley.admin, "/metrics").await.unwrap();
+    let series = format!("galley_{metric}_total{{collection=\"{collection}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .unwrap_or_else(|| panic!("no {series} in {text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn one_change_at_the_primary_is_one_small_update_at_the_relays_sinks() {
+    // Fifty entries at the primary, one of which changes.
+    let files: Vec<(String, String)> = (0..50)
+        .map(|i| {
+            let name = format!("svc-{i}");
+            let host = format!("{name}.shop.svc.cluster.local");
+            (format!("{name}.yaml"), entry(&name, &host))
+        })
+        .collect();
+    let files: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.as_str()))
+        .collect();
+    let primary_dir = config_dir(&files);
+    let relay_dir = config_dir(&[]);
+    let primary = Galley::start(primary_dir.path(), &[]).await;
+    let follow = primary.mcp.to_string();
+    let relay = Galley::start(relay_dir.path(), &["--follow", &follow]).await;
+    let mut sink = mcp_watch::start(&relay.mcp.to_string(), &[SERVICE_ENTRIES], false);
+    assert_eq!(
+        names(&next_update(&mut sink, SERVICE_ENTRIES).await).len(),
+        50
+    );
+    let metrics = [
+        "mcp_sink_responses_received",
+        "mcp_sink_bytes_received",
+        "mcp_source_responses_sent",
+        "mcp_source_bytes_sent",
+    ];
+    let mut before = Vec::new();
+    for metric in metrics {
+        before.push(counter(&relay, metric, SERVICE_ENTRIES).await);
+    }
+
+    write(
+        primary_dir.path(),
+        "svc-7.yaml",
+        &entry("svc-7", "moved.shop.svc.cluster.local"),
+    );
+    let update = next_update(&mut sink, SERVICE_ENTRIES).await;
+    assert_eq!(
+        body(&update, "shop/svc-7")["hosts"][0],
+        "moved.shop.svc.cluster.local"
+    );
+    let mut after = Vec::new();
+    for metric in metrics {
+        after.push(counter(&relay, metric, SERVICE_ENTRIES).await);
+    }
+    // One response in from the primary, one out to the sink, each about
+    // one entry's size: a fiftieth of the whole collection, with headroom.
+    assert_eq!(after[0] - before[0], 1, "{before:?} -> {after:?}");
+    assert_eq!(after[2] - before[2], 1, "{before:?} -> {after:?}");
+    for (delta, whole) in [
+        (after[1] - before[1], before[1]),
+        (after[3] - before[3], before[3]),
+    ] {
+        assert!(
+            delta * 10 < whole,
+            "{delta} bytes of {whole}: not incremental"
+        );
+    }
+    for proc in [sink, relay.proc, primary.proc] {
+        assert!(proc.terminate().await.success());
+    }
+}
