@@ -329,3 +329,35 @@ async fn a_relay_galley_follows_a_grpcio_source_that_refuses_collections() {
     assert!(served("k8s/core/v1/services").is_empty(), "{output}");
     assert!(relay.proc.terminate().await.success());
 }
+
+/// A primary on grpcio that dials the relay as Istio 1.1's Galley does with
+/// `--sinkAddress`: it keeps a stream only if the sink NACKs its opening
+/// trigger first, and ends one that asks for a collection it does not
+/// serve, naming none. The relay answers the trigger, asks only for what
+/// Istio 1.1's Galley serves, and serves the primary's config.
+#[tokio::test]
+async fn a_relay_galley_takes_a_grpcio_primary_that_dials_as_istio_does() {
+    let dir = config_dir(&[]);
+    let listen = free_addr().to_string();
+    let relay = Galley::spawn(dir.path(), free_addr(), &["--follow-listen", &listen]);
+    let mut source = Peer::start(&[
+        "mcp-dialing-source",
+        &listen,
+        "--refuse",
+        MESH_CONFIG,
+        "--refuse",
+        "istio/networking/v1alpha3/synthetic/serviceentries",
+        "--refuse",
+        "k8s/core/v1/namespaces",
+    ]);
+    source.until("trigger nacked").await;
+    source.until(&format!("ack {GATEWAYS}")).await;
+    let (status, _) = wait_for_http(relay.admin, "/ready", |s, _| s == 200).await;
+    assert_eq!(status, 200);
+    let mut watch = mcp_watch::start(&relay.mcp.to_string(), &[GATEWAYS], false);
+    let update = mcp_watch::next_update(&mut watch, GATEWAYS).await;
+    assert_eq!(mcp_watch::names(&update), ["istio-system/ingress"]);
+    for proc in [watch, relay.proc] {
+        assert!(proc.terminate().await.success());
+    }
+}

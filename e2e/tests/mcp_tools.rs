@@ -157,6 +157,14 @@ async fn pilot_passes_sink_conformance_when_it_dials() {
 async fn meshctl_mcp_watch_passes_sink_conformance() {
     let (watch, addr) = start_listening_sink(&[]).await;
     assert_conforms(&["--sink", &addr]).await;
+    // Including Istio 1.1's dial-out trigger, answered first.
+    let (_, report) = conformance(&["--sink", &addr]).await;
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("PASS  rule 8") && l.contains("trigger")),
+        "{report}"
+    );
     assert!(watch.terminate().await.success());
 }
 

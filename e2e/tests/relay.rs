@@ -274,3 +274,17 @@ async fn one_change_at_the_primary_is_one_small_update_at_the_relays_sinks() {
         assert!(proc.terminate().await.success());
     }
 }
+
+#[tokio::test]
+async fn a_relay_still_waiting_for_its_primary_stops_cleanly() {
+    let dir = config_dir(&[]);
+    for mode in ["--follow", "--follow-listen"] {
+        let nowhere = free_addr().to_string();
+        let relay = Galley::spawn(dir.path(), free_addr(), &[mode, &nowhere]);
+        // Up, and not ready: no primary has sent anything.
+        let (status, _) = wait_for_http(relay.admin, "/ready", |_, _| true).await;
+        assert_eq!(status, 503);
+        let status = relay.proc.terminate().await;
+        assert!(status.success(), "{mode}: {status}");
+    }
+}

@@ -197,7 +197,13 @@ pub async fn run(
         // sink that the mesh's config is gone.
         tracing::info!("waiting for the primary's first full state");
         tokio::select! {
-            result = ready.wait_for(|r| *r) => { result?; }
+            result = ready.wait_for(|r| *r) => {
+                // The relay stops only on shutdown, which may win this race.
+                if result.is_err() {
+                    anyhow::ensure!(shutdown.is_cancelled(), "the relay stopped before the primary's first full state");
+                    return Ok(());
+                }
+            }
             _ = shutdown.cancelled() => return Ok(()),
         }
     }

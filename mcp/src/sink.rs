@@ -291,8 +291,23 @@ impl Sink {
     }
 
     /// Applies one `Resources` message whole or not at all, and returns the
-    /// ACK or NACK to send back.
+    /// ACK or NACK to send back. A collection this sink did not ask for is
+    /// NACKed `UNIMPLEMENTED`, as Istio 1.1's sinks do; quietly for no
+    /// collection at all, Istio 1.1's dial-out trigger ([`is_trigger`]).
     pub fn apply(&self, resources: Resources) -> RequestResources {
+        if is_trigger(&resources) {
+            tracing::debug!("answering a dialling source's trigger");
+            return RequestResources {
+                sink_node: Some(self.node()),
+                response_nonce: resources.nonce,
+                error_detail: Some(rpc::Status {
+                    code: Code::Unimplemented as i32,
+                    message: "no collection named: a trigger, answered".into(),
+                    details: Vec::new(),
+                }),
+                ..RequestResources::default()
+            };
+        }
         let collection = resources.collection.clone();
         let nonce = resources.nonce.clone();
         let result = {
@@ -379,7 +394,7 @@ impl Sink {
 
 fn apply_to(held: &mut SinkSnapshot, msg: Resources) -> Result<(), Status> {
     let Some(current) = held.collections.get(&msg.collection) else {
-        return Err(Status::invalid_argument(format!(
+        return Err(Status::unimplemented(format!(
             "collection {:?} was not requested by this sink",
             msg.collection
         )));
@@ -517,21 +532,50 @@ where
     (result, received)
 }
 
+/// Istio 1.1's Galley opens a stream it dials (`--sinkAddress`) with a
+/// `Resources` of no collection, and takes the stream only if the sink's
+/// first message is a NACK of it with code `UNIMPLEMENTED`; otherwise it
+/// dials again a second later, forever.
+pub fn is_trigger(resources: &Resources) -> bool {
+    resources.collection.is_empty()
+}
+
 /// Why a stream whose request half closed ended: the status the source
-/// sent (a refused collection, say), which may arrive just after.
+/// sent (a refused collection, say). Responses already on their way come
+/// first and cannot be answered; Istio 1.1's Galley sends the collections it
+/// serves before it refuses one.
 async fn ended<S>(responses: &mut S) -> Status
 where
     S: Stream<Item = Result<Resources, Status>> + Unpin,
 {
-    match responses.next().await {
-        Some(Err(status)) => status,
-        _ => Status::cancelled("stream closed"),
+    while let Some(message) = responses.next().await {
+        if let Err(status) = message {
+            return status;
+        }
     }
+    Status::cancelled("stream closed")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_refusal_after_responses_already_sent_is_still_read() {
+        let refusal = Status::invalid_argument("unsupported collection \"k8s/core/v1/namespaces\"");
+        let mut responses = tokio_stream::iter([
+            Ok(Resources::default()),
+            Ok(Resources::default()),
+            Err(refusal.clone()),
+        ]);
+        let status = ended(&mut responses).await;
+        assert_eq!(
+            (status.code(), status.message()),
+            (refusal.code(), refusal.message())
+        );
+        let mut closed = tokio_stream::iter([Ok::<_, Status>(Resources::default())]);
+        assert_eq!(ended(&mut closed).await.code(), Code::Cancelled);
+    }
 
     const PRIMARY: &str = "istio/networking/v1alpha3/synthetic/serviceentries";
     const STANDIN: &str = "k8s/core/v1/services";

@@ -23,7 +23,7 @@ use tonic::{
 
 use crate::{
     McpMetrics,
-    sink::{Sink, run_stream},
+    sink::{Sink, is_trigger, run_stream},
     source::{IncrementalPolicy, serve_stream},
     store::Store,
 };
@@ -183,10 +183,25 @@ impl ResourceSink for SinkServer {
         let inbound = request.into_inner();
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
-            tokio::select! {
+            let serve = async {
+                let (inbound, istio_1_1) = answer_trigger(&sink, inbound, &tx).await?;
                 // A source that dials cannot say which collection it
-                // refuses (it has no status to send), so every one is asked.
-                (result, _) = run_stream(&sink, std::future::ready(Ok(inbound)), tx.clone(), true) => {
+                // refuses (it has no status to send), so every one is
+                // asked; but Istio 1.1's Galley, which ends the stream on
+                // the first it does not serve, only for what it serves.
+                if istio_1_1 {
+                    for collection in mesh_api::kinds::NOT_IN_ISTIO_1_1 {
+                        sink.refusal(&Status::invalid_argument(format!(
+                            "{collection:?}: Istio 1.1's Galley, which dialled with its trigger, does not serve it"
+                        )));
+                    }
+                }
+                let inbound = std::future::ready(Ok(inbound));
+                let (result, _) = run_stream(&sink, inbound, tx.clone(), !istio_1_1).await;
+                result
+            };
+            tokio::select! {
+                result = serve => {
                     if let Err(status) = result {
                         tracing::debug!(%status, "MCP source stream ended");
                     }
@@ -198,6 +213,38 @@ impl ResourceSink for SinkServer {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// How long a dialled sink waits for a source's trigger ([`is_trigger`])
+/// before it sends its requests anyway: Istio 1.1's Galley sends one at
+/// once, and a source that sends none waits this long once per stream.
+const TRIGGER_WAIT: Duration = Duration::from_millis(200);
+
+/// The stream of a source that dialled, its opening handled: a trigger is
+/// answered before anything else is sent, as Istio 1.1's Galley requires;
+/// any other first message is kept for the stream. Also says whether the
+/// source sent the trigger; `Err` when the stream ends first.
+async fn answer_trigger(
+    sink: &Sink,
+    mut inbound: Streaming<Resources>,
+    requests: &mpsc::Sender<Result<RequestResources, Status>>,
+) -> Result<(impl Stream<Item = Result<Resources, Status>> + Unpin, bool), Status> {
+    use futures::StreamExt;
+    let (kept, triggered) = match tokio::time::timeout(TRIGGER_WAIT, inbound.next()).await {
+        Err(_elapsed) => (None, false),
+        Ok(None) => return Err(Status::cancelled("the source closed the stream")),
+        Ok(Some(Err(status))) => return Err(status),
+        Ok(Some(Ok(first))) if is_trigger(&first) => {
+            let answer = sink.apply(first);
+            requests
+                .send(Ok(answer))
+                .await
+                .map_err(|_| Status::cancelled("the source closed the stream"))?;
+            (None, true)
+        }
+        Ok(Some(Ok(first))) => (Some(Ok(first)), false),
+    };
+    Ok((futures::stream::iter(kept).chain(inbound), triggered))
 }
 
 /// What a dialled stream's end calls for.

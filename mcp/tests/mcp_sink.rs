@@ -11,7 +11,10 @@ use mcp::{
     IncrementalPolicy, McpMetrics, Payload, Sink, SinkOptions, SinkServer, SinkSnapshot, Store,
     run_sink_client, run_source_client,
 };
-use mesh_api::{kinds::Body, pb::istio::mcp::v1alpha1::Resources};
+use mesh_api::{
+    kinds::{self, Body},
+    pb::istio::mcp::v1alpha1::Resources,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -202,17 +205,13 @@ async fn bad_updates_are_nacked_and_the_last_good_state_kept() {
             detail.message
         );
     }
+    // A collection not asked for is NACKed UNIMPLEMENTED, as Istio 1.1's
+    // sinks do.
     let unknown = resources("istio/unrequested", "unrequested", false, vec![]);
     stream.send(unknown).await;
-    assert!(
-        stream
-            .next()
-            .await
-            .error_detail
-            .unwrap()
-            .message
-            .contains("was not requested")
-    );
+    let detail = stream.next().await.error_detail.unwrap();
+    assert_eq!(detail.code, Code::Unimplemented as i32);
+    assert!(detail.message.contains("was not requested"), "{detail:?}");
 
     let s = snapshots.borrow_and_update().clone();
     assert_eq!(s.collections[GATEWAYS].version, "good");
@@ -489,4 +488,54 @@ async fn a_response_that_does_not_decode_gets_a_grpc_status() {
     })
     .await;
     assert_eq!(held_names(&s, GATEWAYS), ["ns/a"]);
+}
+
+#[tokio::test]
+async fn a_source_dialling_with_istios_trigger_gets_its_nack_first() {
+    // What Istio 1.1's Galley does with `--sinkAddress`: it opens with a
+    // Resources of no collection and drops the stream unless the sink's
+    // first message NACKs it UNIMPLEMENTED. It also ends a stream that
+    // asks for a collection it does not serve, without saying which.
+    let mut options = SinkOptions::new("relay", [GATEWAYS, kinds::MESH_CONFIG]);
+    options.incremental = false;
+    let sink = Arc::new(Sink::new(options, McpMetrics::default()));
+    let addr = serve_sink(sink.clone()).await;
+    let (tx, mut requests) = dial_sink(addr).await;
+    tx.send(Resources {
+        nonce: "trigger".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let first = within("the trigger's NACK", requests.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.response_nonce, "trigger");
+    assert_eq!(first.error_detail.unwrap().code, Code::Unimplemented as i32);
+    // Then its requests, for what Istio 1.1's Galley serves only.
+    let asked = within("a request", requests.next()).await.unwrap().unwrap();
+    assert_eq!(asked.collection, GATEWAYS);
+    assert!(sink.subscribe().borrow().absent(kinds::MESH_CONFIG));
+    tx.send(resources(GATEWAYS, "n1", false, vec![gateway("ns/a", 1)]))
+        .await
+        .unwrap();
+    let ack = within("the ACK", requests.next()).await.unwrap().unwrap();
+    assert_eq!(
+        (ack.collection.as_str(), ack.response_nonce.as_str()),
+        (GATEWAYS, "n1")
+    );
+    assert!(ack.error_detail.is_none());
+    assert!(sink.subscribe().borrow().synced());
+
+    // A source that sends no trigger is asked for everything, after a
+    // short wait for one.
+    let (_tx, mut requests) = dial_sink(addr).await;
+    let mut asked = Vec::new();
+    for _ in 0..2 {
+        let r = within("a request", requests.next()).await.unwrap().unwrap();
+        asked.push(r.collection);
+    }
+    asked.sort();
+    assert_eq!(asked, [kinds::MESH_CONFIG, GATEWAYS]);
 }

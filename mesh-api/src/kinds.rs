@@ -194,6 +194,9 @@ pub const K8S_PODS: &str = "k8s/core/v1/pods";
 pub const K8S_NODES: &str = "k8s/core/v1/nodes";
 pub const K8S_NAMESPACES: &str = "k8s/core/v1/namespaces";
 
+/// The collections of [`KINDS`] that Istio 1.1's Galley does not serve.
+pub const NOT_IN_ISTIO_1_1: [&str; 3] = [MESH_CONFIG, SYNTHETIC_SERVICE_ENTRIES, K8S_NAMESPACES];
+
 const NETWORKING: &str = "networking.istio.io/v1alpha3";
 const AUTHENTICATION: &str = "authentication.istio.io/v1alpha1";
 const RBAC: &str = "rbac.istio.io/v1alpha1";
@@ -206,7 +209,8 @@ const fn legacy(collection: &'static str, kind_name: &'static str) -> Kind {
 }
 
 /// Every collection this project knows: those of Istio 1.1's Galley, plus
-/// the mesh config, the synthetic service entries and the namespaces.
+/// [`NOT_IN_ISTIO_1_1`]: the mesh config, the synthetic service entries and
+/// the namespaces.
 pub const KINDS: &[Kind] = &[
     kind(
         VIRTUAL_SERVICES,

@@ -164,6 +164,50 @@ def mcp_source(refuse):
     serve(lambda s: mcp_pb2_grpc.add_ResourceSourceServicer_to_server(Source(), s))
 
 
+def mcp_dialing_source(address, refuse):
+    """Dials a ResourceSink and serves `served()` as Istio 1.1's Galley does
+    with `--sinkAddress`: it opens with a Resources of no collection and
+    keeps the stream only if the sink's first message NACKs it with
+    UNIMPLEMENTED; a request for a collection in `refuse` ends the stream,
+    which names nothing (a client has no status to send). Dials again a
+    second later when a stream ends."""
+    import queue
+    import time
+    from istio.mcp.v1alpha1 import mcp_pb2, mcp_pb2_grpc
+
+    resources = served()
+    nonces = itertools.count(1)
+    stub = mcp_pb2_grpc.ResourceSinkStub(grpc.insecure_channel(address))
+    while True:
+        outbox = queue.Queue()
+        outbox.put(mcp_pb2.Resources(nonce="trigger"))
+        call = stub.EstablishResourceStream(iter(outbox.get, None))
+        try:
+            first = next(call)
+            if first.error_detail.code != grpc.StatusCode.UNIMPLEMENTED.value[0]:
+                say(f"trigger not nacked: {first}")
+                call.cancel()
+                time.sleep(1)
+                continue
+            say("trigger nacked")
+            for request in call:
+                collection = request.collection
+                if collection in refuse:
+                    say(f"asked for {collection}, which it does not serve")
+                    call.cancel()
+                    break
+                if request.response_nonce:
+                    verdict = "nack" if request.HasField("error_detail") else "ack"
+                    say(f"{verdict} {collection}")
+                    continue
+                outbox.put(mcp_pb2.Resources(
+                    system_version_info="1", collection=collection,
+                    resources=resources.get(collection, []), nonce=str(next(nonces))))
+        except grpc.RpcError as e:
+            say(f"stream ended {e.code()}")
+        time.sleep(1)
+
+
 def xds_server():
     """An ADS server answering every first request for a type with no
     resources, and reporting the ACKs."""
@@ -264,6 +308,9 @@ def main():
     roles = parser.add_subparsers(dest="role", required=True)
     source = roles.add_parser("mcp-source")
     source.add_argument("--refuse", action="append", default=[])
+    dialing = roles.add_parser("mcp-dialing-source")
+    dialing.add_argument("address")
+    dialing.add_argument("--refuse", action="append", default=[])
     roles.add_parser("xds-server")
     client = roles.add_parser("xds-client")
     client.add_argument("address")
@@ -276,6 +323,8 @@ def main():
     generate(args.proto_dir, args.out_dir)
     if args.role == "mcp-source":
         mcp_source(set(args.refuse))
+    elif args.role == "mcp-dialing-source":
+        mcp_dialing_source(args.address, set(args.refuse))
     elif args.role == "xds-server":
         xds_server()
     elif args.role == "xds-client":

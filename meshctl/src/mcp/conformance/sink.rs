@@ -72,6 +72,37 @@ pub async fn check_dialing(address: &str, timing: Timing) -> anyhow::Result<Repo
             Err(e),
         ),
     }
+    // Rule 8, the dialling direction: Istio 1.1's Galley (`--sinkAddress`)
+    // opens with a trigger and drops a stream whose first answer is not
+    // its NACK with UNIMPLEMENTED.
+    let answered = async {
+        let mut p = SourceProbe::to_sink(address, timing).await?;
+        let trigger = Resources {
+            nonce: "conformance-trigger".into(),
+            ..Default::default()
+        };
+        p.send(trigger).await?;
+        let first = p.recv().await?;
+        match first.error_detail {
+            Some(e) if e.code == tonic::Code::Unimplemented as i32 && first.response_nonce == "conformance-trigger" => {
+                Ok(format!("reason: {:?}", e.message))
+            }
+            Some(e) => Err(format!(
+                "first answer NACKs nonce {:?} with code {}, want the trigger's with UNIMPLEMENTED (12)",
+                first.response_nonce, e.code
+            )),
+            None => Err(format!(
+                "first message is not the trigger's NACK: a request for {:?}",
+                first.collection
+            )),
+        }
+    }
+    .await;
+    report.record(
+        "8",
+        "a sink answers Istio 1.1's dial-out trigger first, UNIMPLEMENTED",
+        answered,
+    );
     Ok(report)
 }
 
