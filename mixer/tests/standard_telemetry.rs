@@ -191,3 +191,79 @@ fn parse(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
         })
         .collect()
 }
+
+#[test]
+fn times_no_clock_can_hold_become_labels_not_panics() {
+    // A Report carries whatever a client put in it: request.time at the
+    // end of i64, a negative duration. Both reach a label as text.
+    let yaml = "
+apiVersion: config.istio.io/v1alpha2
+kind: instance
+metadata: {name: timed, namespace: istio-system}
+spec:
+  compiledTemplate: metric
+  params:
+    value: '1'
+    dimensions:
+      at: request.time
+      took: response.duration
+---
+apiVersion: config.istio.io/v1alpha2
+kind: handler
+metadata: {name: prometheus, namespace: istio-system}
+spec:
+  compiledAdapter: prometheus
+  params:
+    metrics:
+    - name: timed_total
+      instance_name: timed.instance.istio-system
+      kind: COUNTER
+      label_names: [at, took]
+---
+apiVersion: config.istio.io/v1alpha2
+kind: rule
+metadata: {name: timed, namespace: istio-system}
+spec:
+  actions:
+  - handler: prometheus
+    instances: [timed]
+";
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/mixer");
+    let mut objects = ConfigObject::parse_yaml(
+        &std::fs::read_to_string(dir.join("attributes.yaml")).unwrap(),
+        "a",
+    )
+    .unwrap();
+    objects.extend(ConfigObject::parse_yaml(yaml, "timed.yaml").unwrap());
+    let config = Config::from_snapshot(&SinkSnapshot::from_objects(objects), &Config::default());
+    assert!(config.problems.is_empty(), "{:#?}", config.problems);
+    let outputs = Outputs::default();
+    let bag = Bag::from([
+        (
+            "request.time".into(),
+            Value::Timestamp(pbjson_types::Timestamp {
+                seconds: i64::MAX,
+                nanos: i32::MAX,
+            }),
+        ),
+        (
+            "response.duration".into(),
+            Value::Duration(pbjson_types::Duration {
+                seconds: i64::MIN,
+                nanos: i32::MIN,
+            }),
+        ),
+    ]);
+    report(&config, &bag, &outputs);
+    let text = outputs.metrics.render();
+    let (_, labels, count) = parse(&text)
+        .into_iter()
+        .find(|(name, _, _)| name == "istio_timed_total")
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(count, 1.0);
+    assert_eq!(
+        labels["at"],
+        format!("{}s+{}ns since 1970", i64::MAX, i32::MAX)
+    );
+    assert!(labels["took"].starts_with('-'), "{labels:?}");
+}

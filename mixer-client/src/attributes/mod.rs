@@ -34,19 +34,20 @@ impl std::fmt::Display for Value {
             Value::Int64(n) => write!(f, "{n}"),
             Value::Double(n) => write!(f, "{n}"),
             Value::Bool(b) => write!(f, "{b}"),
-            Value::Timestamp(t) => {
-                let time = std::time::UNIX_EPOCH
-                    + std::time::Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32);
-                write!(f, "{}", humantime::format_rfc3339_nanos(time))
+            Value::Timestamp(t) => match rfc3339(t) {
+                Some(text) => f.write_str(&text),
+                // Any value can come in a Report: text, never a panic.
+                None => write!(f, "{}s+{}ns since 1970", t.seconds, t.nanos),
+            },
+            Value::Duration(d) => {
+                let negative = d.seconds < 0 || d.nanos < 0;
+                let length = std::time::Duration::new(
+                    d.seconds.unsigned_abs(),
+                    d.nanos.unsigned_abs().min(999_999_999),
+                );
+                let sign = if negative { "-" } else { "" };
+                write!(f, "{sign}{}", humantime::format_duration(length))
             }
-            Value::Duration(d) => write!(
-                f,
-                "{}",
-                humantime::format_duration(std::time::Duration::new(
-                    d.seconds.max(0) as u64,
-                    d.nanos.max(0) as u32
-                ))
-            ),
             Value::Bytes(b) => match b.len() {
                 4 => write!(
                     f,
@@ -66,6 +67,21 @@ impl std::fmt::Display for Value {
             }
         }
     }
+}
+
+/// Latest instant RFC 3339 writes: 9999-12-31T23:59:59.999999999Z.
+const MAX_RFC3339_SECONDS: i64 = 253_402_300_799;
+
+/// A timestamp in RFC 3339, or `None` outside 1970 to 9999 (or with
+/// nanoseconds out of range), which the formatter cannot write.
+fn rfc3339(t: &Timestamp) -> Option<String> {
+    let seconds = u64::try_from(t.seconds).ok()?;
+    let nanos = u32::try_from(t.nanos).ok().filter(|n| *n < 1_000_000_000)?;
+    if t.seconds > MAX_RFC3339_SECONDS {
+        return None;
+    }
+    let time = std::time::UNIX_EPOCH + std::time::Duration::new(seconds, nanos);
+    Some(humantime::format_rfc3339_nanos(time).to_string())
 }
 
 /// Attributes by name.
@@ -308,6 +324,37 @@ impl Compressor {
 mod tests {
     use super::*;
     use mesh_api::pb::istio::mixer::v1::report_request::RepeatedAttributesSemantics;
+
+    #[test]
+    fn any_timestamp_or_duration_reads_as_text() {
+        let at = |seconds, nanos| Value::Timestamp(Timestamp { seconds, nanos }).to_string();
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(
+            at(253_402_300_799, 999_999_999),
+            "9999-12-31T23:59:59.999999999Z"
+        );
+        // What a Report may carry and no clock can: named, not formatted.
+        for (seconds, nanos) in [
+            (i64::MAX, 0),
+            (i64::MIN, 0),
+            (-1, 0),
+            (0, -1),
+            (0, i32::MAX),
+            (253_402_300_800, 0),
+        ] {
+            assert_eq!(
+                at(seconds, nanos),
+                format!("{seconds}s+{nanos}ns since 1970")
+            );
+        }
+        let lasting = |seconds, nanos| Value::Duration(Duration { seconds, nanos }).to_string();
+        assert_eq!(lasting(90, 0), "1m 30s");
+        assert_eq!(lasting(-90, 0), "-1m 30s");
+        assert_eq!(lasting(0, -5), "-5ns");
+        for (seconds, nanos) in [(i64::MAX, i32::MAX), (i64::MIN, i32::MIN)] {
+            assert!(!lasting(seconds, nanos).is_empty());
+        }
+    }
 
     fn bag() -> Bag {
         Bag::from([
