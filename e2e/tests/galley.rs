@@ -226,3 +226,59 @@ async fn ignored_fields_are_served_with_warnings_where_users_look() {
     assert!(metrics.contains("galley_config_warnings 2"), "{metrics}");
     assert!(galley.proc.terminate().await.success());
 }
+
+/// `n` ServiceEntries, each its own document, with names from `prefix`.
+fn entries(prefix: &str, n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "apiVersion: networking.istio.io/v1alpha3\nkind: ServiceEntry\nmetadata: {{name: {prefix}{i}, namespace: shop}}\nspec:\n  hosts: [{prefix}{i}.example.com]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// A gauge of Galley's `/metrics`.
+async fn files_over_limit(galley: &Galley, limit: &str) -> String {
+    let (_, text) = get(galley.admin, "/metrics").await.unwrap();
+    let series = format!("galley_config_files_over_limit{{limit=\"{limit}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .unwrap_or_else(|| panic!("no {series} in {text}"))
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_generated_file_of_thousands_is_served_and_a_file_over_a_bound_is_named() {
+    // 1,000 services with a DestinationRule each is 2,000 documents in
+    // one file: served, as Istio's Galley serves it.
+    let dir = config_dir(&[("generated.yaml", &entries("gen", 2_000))]);
+    let galley = Galley::start(dir.path(), &["--max-file-documents", "2000"]).await;
+    let mut sink = mcp_watch::start(&galley.mcp.to_string(), &[SERVICE_ENTRIES], false);
+    assert_eq!(
+        names(&next_update(&mut sink, SERVICE_ENTRIES).await).len(),
+        2_000
+    );
+    assert_eq!(files_over_limit(&galley, "documents").await, "0");
+
+    // One document more than the bound: the file is refused whole, named
+    // where users look, and its last good objects stay served.
+    write(dir.path(), "generated.yaml", &entries("gen", 2_001));
+    write(dir.path(), "other.yaml", &entries("other", 1));
+    let update = next_update(&mut sink, SERVICE_ENTRIES).await;
+    assert_eq!(
+        names(&update).len(),
+        2_001,
+        "the last good 2,000 and the other file's one"
+    );
+    let (_, page) = wait_for_http(galley.admin, "/debug/config", |_, b| {
+        b.contains("more than 2000 YAML documents")
+    })
+    .await;
+    assert!(page.contains("generated.yaml"), "{page}");
+    assert_eq!(files_over_limit(&galley, "documents").await, "1");
+    for proc in [sink, galley.proc] {
+        assert!(proc.terminate().await.success());
+    }
+}

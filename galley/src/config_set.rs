@@ -49,6 +49,9 @@ pub struct LoadReport {
     /// Objects not served as they now are (invalid, or shadowed by a
     /// duplicate).
     pub rejected: usize,
+    /// The bound of [`YamlLimits`](mesh_api::object::YamlLimits) each file
+    /// this read refused whole broke.
+    pub exceeded: Vec<mesh_api::object::Limit>,
 }
 
 /// What a source serves: each valid object, or the last valid version of

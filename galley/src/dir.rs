@@ -17,7 +17,7 @@ use std::{
 
 use component::{CancellationToken, watch::Changes};
 use mcp::Store;
-use mesh_api::object::ConfigObject;
+use mesh_api::object::{ConfigObject, Limit, YamlLimits};
 
 use crate::config_set::{ConfigSet, LoadReport, Parsed};
 
@@ -40,6 +40,8 @@ struct FileState {
     objects: Vec<Arc<Parsed>>,
     /// Why its current content does not parse, if it does not.
     error: Option<String>,
+    /// The bound it broke, if that is why.
+    exceeded: Option<Limit>,
 }
 
 /// What the directory held at its last read, file by file, and what of it
@@ -47,6 +49,7 @@ struct FileState {
 #[derive(Default)]
 pub struct DirSource {
     dir: PathBuf,
+    limits: YamlLimits,
     files: BTreeMap<PathBuf, FileState>,
     served: ConfigSet,
 }
@@ -59,11 +62,27 @@ impl DirSource {
         }
     }
 
+    /// Refuses files beyond `limits` (by default, [`YamlLimits::default`]).
+    pub fn limits(mut self, limits: YamlLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
     /// Reads what changed in the directory and brings `store` in step.
     pub fn reload(&mut self, store: &Store) -> LoadReport {
         let mut report = LoadReport::default();
         let mut files = BTreeMap::new();
         for path in config_files_in(std::slice::from_ref(&self.dir), &mut report.errors) {
+            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            if let Err(e) = self.limits.check_bytes(size, &path.display().to_string()) {
+                // Refused unread; its objects as last read stay served.
+                report.errors.push(e.to_string());
+                report.exceeded.extend(e.exceeded);
+                if let Some(state) = self.files.remove(&path) {
+                    files.insert(path, state);
+                }
+                continue;
+            }
             let text = match std::fs::read_to_string(&path) {
                 Ok(text) => text,
                 Err(e) => {
@@ -75,20 +94,26 @@ impl DirSource {
             let fingerprint = fingerprint(&text);
             let state = match self.files.remove(&path) {
                 Some(state) if state.fingerprint == fingerprint => state,
-                previous => match ConfigObject::parse_yaml(&text, &path.display().to_string()) {
-                    Ok(objects) => FileState {
-                        fingerprint,
-                        objects: objects.into_iter().map(Parsed::new).collect(),
-                        error: None,
-                    },
-                    Err(e) => FileState {
-                        fingerprint,
-                        objects: previous.map(|p| p.objects).unwrap_or_default(),
-                        error: Some(e.to_string()),
-                    },
-                },
+                previous => {
+                    let source = path.display().to_string();
+                    match ConfigObject::parse_yaml_within(&text, &source, &self.limits) {
+                        Ok(objects) => FileState {
+                            fingerprint,
+                            objects: objects.into_iter().map(Parsed::new).collect(),
+                            error: None,
+                            exceeded: None,
+                        },
+                        Err(e) => FileState {
+                            fingerprint,
+                            objects: previous.map(|p| p.objects).unwrap_or_default(),
+                            error: Some(e.to_string()),
+                            exceeded: e.exceeded,
+                        },
+                    }
+                }
             };
             report.errors.extend(state.error.clone());
+            report.exceeded.extend(state.exceeded);
             files.insert(path, state);
         }
         self.files = files;
@@ -234,6 +259,30 @@ mod tests {
             0,
             "a deleted file removes its objects"
         );
+    }
+
+    #[test]
+    fn a_file_over_the_byte_bound_is_refused_unread_and_its_last_objects_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.yaml");
+        std::fs::write(&path, GW).unwrap();
+        let store = store();
+        let limits = YamlLimits {
+            bytes: GW.len() + 10,
+            ..YamlLimits::default()
+        };
+        let mut source = DirSource::new(dir.path()).limits(limits);
+        assert!(source.reload(&store).errors.is_empty());
+        std::fs::write(&path, format!("{GW}# {}\n", "x".repeat(20))).unwrap();
+        let report = source.reload(&store);
+        assert_eq!(report.exceeded, [Limit::Bytes]);
+        assert!(
+            report.errors[0].contains("gw.yaml") && report.errors[0].contains("over the limit"),
+            "{report:?}"
+        );
+        assert_eq!(store.len(kinds::GATEWAYS), 1, "last good object kept");
+        // Still too big on the next read: still said.
+        assert_eq!(source.reload(&store).exceeded, [Limit::Bytes]);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use clap::Args;
 use component::{Admin, CancellationToken};
 use mcp::memory::ListenAddr;
 use mcp::{self, IncrementalPolicy, McpMetrics, SourceServer, Store};
-use mesh_api::kinds;
+use mesh_api::{kinds, object::YamlLimits};
 
 pub use dir::DirSource;
 
@@ -59,6 +59,16 @@ pub struct GalleyArgs {
     /// An MCP `ResourceSink` to dial and serve as well (repeatable).
     #[arg(long = "sink-address")]
     pub sink_addresses: Vec<String>,
+    /// Most YAML documents one config file may hold; a file with more is
+    /// refused whole (`galley_config_files_over_limit`).
+    #[arg(long, default_value_t = YamlLimits::default().documents)]
+    pub max_file_documents: usize,
+    /// Largest config file read, in bytes; a larger one is refused unread.
+    #[arg(long, default_value_t = YamlLimits::default().bytes)]
+    pub max_file_bytes: usize,
+    /// Deepest nesting of mappings and sequences in a config file.
+    #[arg(long, default_value_t = YamlLimits::default().depth)]
+    pub max_yaml_depth: usize,
     /// Relay: follow the primary Galley whose `ResourceSource` is at this
     /// address, and serve its config merged with this cluster's own (see
     /// `/debug/relay` for the rules).
@@ -123,9 +133,16 @@ pub async fn run(
     let mesh_status = status.clone();
     let follow_config = match &args.config_dir {
         Some(dir) => {
-            let (_, follow) =
-                DirSource::new(dir)
-                    .start(store.clone(), shutdown.clone(), move |r| status.record(r))?;
+            let limits = YamlLimits {
+                documents: args.max_file_documents,
+                bytes: args.max_file_bytes,
+                depth: args.max_yaml_depth,
+            };
+            let (_, follow) = DirSource::new(dir).limits(limits).start(
+                store.clone(),
+                shutdown.clone(),
+                move |r| status.record(r),
+            )?;
             tokio::spawn(follow)
         }
         None => {

@@ -6,7 +6,11 @@ use std::sync::{Arc, Mutex};
 use component::Admin;
 use mcp::Store;
 use mesh_api::kinds;
-use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use mesh_api::object::Limit;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+};
 use serde_json::json;
 
 use crate::config_set::LoadReport;
@@ -23,6 +27,12 @@ pub struct ConfigStatus {
     problems: Gauge,
     warnings: Gauge,
     rejected: Gauge,
+    over_limit: Family<LimitLabel, Gauge>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabel {
+    limit: &'static str,
 }
 
 impl ConfigStatus {
@@ -36,6 +46,7 @@ impl ConfigStatus {
             problems: Gauge::default(),
             warnings: Gauge::default(),
             rejected: Gauge::default(),
+            over_limit: Family::default(),
         };
         {
             let mut registry = admin.registry();
@@ -53,6 +64,11 @@ impl ConfigStatus {
                 "config_warnings",
                 "Things served but not honoured after the last read (ignored fields, kinds only Istio's own components run)",
                 status.warnings.clone(),
+            );
+            registry.register(
+                "config_files_over_limit",
+                "Files the last read refused whole for breaking a bound (--max-file-documents, --max-file-bytes, --max-yaml-depth)",
+                status.over_limit.clone(),
             );
             registry.register(
                 "config_rejected_objects",
@@ -91,6 +107,14 @@ impl ConfigStatus {
         self.loads.inc();
         self.problems.set(report.errors.len() as i64);
         self.rejected.set(report.rejected as i64);
+        for limit in [Limit::Documents, Limit::Bytes, Limit::Depth] {
+            let files = report.exceeded.iter().filter(|l| **l == limit).count();
+            self.over_limit
+                .get_or_create(&LimitLabel {
+                    limit: limit.name(),
+                })
+                .set(files as i64);
+        }
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = report.clone();
         self.count_warnings();
     }

@@ -35,6 +35,98 @@ pub struct ObjectError {
     /// Where: document number and, once known, kind and name.
     pub location: String,
     pub message: String,
+    /// The bound of [`YamlLimits`] the text broke, if that is what is wrong.
+    pub exceeded: Option<Limit>,
+}
+
+/// Bounds on one YAML text, so that a file too big to hold is refused whole,
+/// naming the bound, rather than parsed into memory. The defaults take a
+/// YAML dump of a large cluster (a hundred thousand objects).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct YamlLimits {
+    pub documents: usize,
+    pub bytes: usize,
+    /// Nesting of mappings and sequences.
+    pub depth: usize,
+}
+
+impl Default for YamlLimits {
+    fn default() -> Self {
+        Self {
+            documents: 100_000,
+            bytes: 64 << 20,
+            depth: 64,
+        }
+    }
+}
+
+/// One of the bounds of [`YamlLimits`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Documents,
+    Bytes,
+    Depth,
+}
+
+impl Limit {
+    pub fn name(self) -> &'static str {
+        match self {
+            Limit::Documents => "documents",
+            Limit::Bytes => "bytes",
+            Limit::Depth => "depth",
+        }
+    }
+}
+
+impl YamlLimits {
+    /// The parser's budget: documents and depth as given; its other counts
+    /// (nodes, events, scalar bytes) no tighter than the byte bound, so that
+    /// they never refuse a file the bounds here allow.
+    fn budget(&self) -> serde_saphyr::Budget {
+        let mut budget = serde_saphyr::Budget::default();
+        budget.max_documents = self.documents;
+        budget.max_depth = self.depth;
+        budget.max_nodes = budget.max_nodes.max(self.bytes);
+        budget.max_events = budget.max_events.max(2 * self.bytes);
+        budget.max_total_scalar_bytes = budget.max_total_scalar_bytes.max(self.bytes);
+        budget
+    }
+
+    /// Refuses a text of `len` bytes over the bound; callers that read
+    /// files check their length first, so that none is read whole only to
+    /// be refused.
+    pub fn check_bytes(&self, len: u64, source: &str) -> Result<(), ObjectError> {
+        if len <= self.bytes as u64 {
+            return Ok(());
+        }
+        Err(ObjectError {
+            location: source.to_string(),
+            message: format!(
+                "{len} bytes, over the limit of {} bytes per file",
+                self.bytes
+            ),
+            exceeded: Some(Limit::Bytes),
+        })
+    }
+
+    /// Why `error` broke a bound, if it did.
+    fn breach(&self, error: &serde_saphyr::Error) -> Option<(Limit, String)> {
+        use serde_saphyr::budget::BudgetBreach;
+        let serde_saphyr::Error::Budget { breach, .. } = error.without_snippet() else {
+            return None;
+        };
+        match breach {
+            BudgetBreach::Documents { .. } => Some((
+                Limit::Documents,
+                format!("more than {} YAML documents in one file", self.documents),
+            )),
+            BudgetBreach::Depth { depth } => Some((
+                Limit::Depth,
+                format!("nested {depth} deep, over the limit of {}", self.depth),
+            )),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -61,7 +153,11 @@ struct ObjectMeta {
 impl ConfigObject {
     /// Parses one object from its JSON value. `location` prefixes errors.
     pub fn from_json(value: Value, location: &str) -> Result<Self, ObjectError> {
-        let err = |location: String, message: String| ObjectError { location, message };
+        let err = |location: String, message: String| ObjectError {
+            location,
+            message,
+            exceeded: None,
+        };
         let envelope: Envelope = serde_json::from_value(value)
             .map_err(|e| err(location.to_string(), format!("not a config object: {e}")))?;
         let api_version = envelope.api_version.unwrap_or_default();
@@ -115,13 +211,34 @@ impl ConfigObject {
         })
     }
 
-    /// Parses every object of a (multi-document) YAML text. Empty documents
-    /// are skipped. `source` (a file name) prefixes errors.
+    /// Parses every object of a (multi-document) YAML text within the
+    /// default [`YamlLimits`]. Empty documents are skipped. `source` (a file
+    /// name) prefixes errors.
     pub fn parse_yaml(text: &str, source: &str) -> Result<Vec<Self>, ObjectError> {
-        let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| ObjectError {
-            location: source.to_string(),
-            message: format!("invalid YAML: {e}"),
-        })?;
+        Self::parse_yaml_within(text, source, &YamlLimits::default())
+    }
+
+    /// [`ConfigObject::parse_yaml`] within `limits`.
+    pub fn parse_yaml_within(
+        text: &str,
+        source: &str,
+        limits: &YamlLimits,
+    ) -> Result<Vec<Self>, ObjectError> {
+        limits.check_bytes(text.len() as u64, source)?;
+        let mut options = serde_saphyr::Options::default();
+        options.budget = Some(limits.budget());
+        let docs: Vec<Value> =
+            serde_saphyr::from_multiple_with_options(text, options).map_err(|e| {
+                let (exceeded, message) = match limits.breach(&e) {
+                    Some((limit, message)) => (Some(limit), message),
+                    None => (None, format!("invalid YAML: {e}")),
+                };
+                ObjectError {
+                    location: source.to_string(),
+                    message,
+                    exceeded,
+                }
+            })?;
         docs.into_iter()
             .enumerate()
             .filter(|(_, doc)| !doc.is_null())

@@ -253,3 +253,61 @@ fn the_same_document_always_gets_the_same_version() {
         assert_eq!(versions(), first);
     }
 }
+
+/// `n` ServiceEntries, each its own document.
+fn entries(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "apiVersion: networking.istio.io/v1alpha3\nkind: ServiceEntry\nmetadata: {{name: s{i}, namespace: shop}}\nspec:\n  hosts: [s{i}.example.com]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+#[test]
+fn a_file_of_thousands_of_objects_parses_within_the_default_limits() {
+    // 1,000 services with a DestinationRule each is 2,000 documents: more
+    // than the YAML parser's own default of 1,024.
+    assert_eq!(
+        ConfigObject::parse_yaml(&entries(2_000), "big.yaml")
+            .unwrap()
+            .len(),
+        2_000
+    );
+}
+
+#[test]
+fn each_limit_is_named_when_a_file_breaks_it() {
+    use mesh_api::object::{Limit, YamlLimits};
+    let limits = YamlLimits {
+        documents: 10,
+        bytes: 4_096,
+        depth: 8,
+    };
+    let parse = |text: &str| ConfigObject::parse_yaml_within(text, "f.yaml", &limits);
+    assert_eq!(parse(&entries(10)).unwrap().len(), 10);
+
+    let e = parse(&entries(11)).unwrap_err();
+    assert_eq!(e.exceeded, Some(Limit::Documents));
+    assert_eq!(
+        e.to_string(),
+        "f.yaml: more than 10 YAML documents in one file"
+    );
+
+    let big = format!("# {}\n{}", "x".repeat(4_096), entries(1));
+    let e = parse(&big).unwrap_err();
+    assert_eq!(e.exceeded, Some(Limit::Bytes));
+    assert!(e.message.contains("over the limit of 4096 bytes"), "{e}");
+
+    let deep = format!("a: {}1{}\n", "[".repeat(9), "]".repeat(9));
+    let e = parse(&deep).unwrap_err();
+    assert_eq!(e.exceeded, Some(Limit::Depth));
+    assert!(e.message.contains("over the limit of 8"), "{e}");
+
+    // Not a bound: plain bad YAML says so, and names no limit.
+    let e = parse("a: [").unwrap_err();
+    assert_eq!(e.exceeded, None);
+    assert!(e.message.starts_with("invalid YAML"), "{e}");
+}
