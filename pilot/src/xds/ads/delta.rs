@@ -253,6 +253,56 @@ mod tests {
         reader.finish().unwrap()
     }
 
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The reader agrees with prost on every request, however its bytes
+        /// are cut.
+        #[test]
+        fn any_request_reads_as_prost_decodes_it(
+            subscribe in proptest::collection::vec(any::<String>(), 0..6),
+            unsubscribe in proptest::collection::vec(any::<String>(), 0..3),
+            versions in proptest::collection::hash_map(any::<String>(), any::<String>(), 0..3),
+            type_url in any::<String>(),
+            nonce in any::<String>(),
+            chunk in 1usize..40,
+        ) {
+            let sent = DeltaDiscoveryRequest {
+                type_url,
+                resource_names_subscribe: subscribe,
+                resource_names_unsubscribe: unsubscribe,
+                initial_resource_versions: versions,
+                response_nonce: nonce,
+                ..Default::default()
+            };
+            let read = read_in(&mut reader(&NameSets::default()), &sent.encode_to_vec(), chunk);
+            prop_assert_eq!(&read.type_url, &sent.type_url);
+            prop_assert_eq!(&read.response_nonce, &sent.response_nonce);
+            prop_assert_eq!(&read.unsubscribe, &sent.resource_names_unsubscribe);
+            let subscribed: std::collections::BTreeSet<&String> = sent.resource_names_subscribe.iter().collect();
+            prop_assert_eq!(read.subscribe.set().iter().collect::<std::collections::BTreeSet<_>>(), subscribed);
+            let mut versions = read.initial_resource_versions.clone();
+            versions.sort();
+            let mut expected: Vec<(String, String)> = sent.initial_resource_versions.into_iter().collect();
+            expected.sort();
+            prop_assert_eq!(versions, expected);
+        }
+
+        /// Any bytes are a request or a refusal, never a panic.
+        #[test]
+        fn any_bytes_read_or_are_refused(
+            bytes in proptest::collection::vec(any::<u8>(), 0..256),
+            chunk in 1usize..40,
+        ) {
+            let mut reader = reader(&NameSets::default());
+            reader.begin();
+            let taken = bytes.chunks(chunk).try_for_each(|piece| reader.take(piece));
+            if taken.is_ok() {
+                let _ = reader.finish();
+            }
+        }
+    }
+
     #[test]
     fn the_request_reads_as_envoys_message_however_its_bytes_are_cut() {
         let sent = DeltaDiscoveryRequest {

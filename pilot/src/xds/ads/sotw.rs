@@ -251,6 +251,75 @@ mod tests {
         request.names.set().iter().map(String::as_str).collect()
     }
 
+    use proptest::prelude::*;
+
+    /// Requests as Envoy could send them, names reused across requests so
+    /// that the lists the reader matches against come into play.
+    fn any_request() -> impl Strategy<Value = DiscoveryRequest> {
+        let name = prop_oneof![
+            prop::sample::select(vec!["", "a", "b", "outbound|80||a", "é"])
+                .prop_map(str::to_string),
+            any::<String>(),
+        ];
+        (
+            any::<String>(),
+            proptest::collection::vec(name, 0..8),
+            any::<String>(),
+            any::<String>(),
+            proptest::option::of((any::<i32>(), any::<String>())),
+        )
+            .prop_map(|(version_info, names, type_url, response_nonce, error)| {
+                DiscoveryRequest {
+                    version_info,
+                    resource_names: names,
+                    type_url,
+                    response_nonce,
+                    error_detail: error.map(|(code, message)| rpc::Status {
+                        code,
+                        message,
+                        details: vec![],
+                    }),
+                    ..Default::default()
+                }
+            })
+    }
+
+    proptest! {
+        /// The reader agrees with prost on every request, however its bytes
+        /// are cut, one request after another on one stream.
+        #[test]
+        fn any_request_reads_as_prost_decodes_it(
+            requests in proptest::collection::vec(any_request(), 1..4),
+            chunk in 1usize..40,
+        ) {
+            let mut reader = Reader::new(NameSets::default());
+            for sent in requests {
+                let read = read_in(&mut reader, &sent.encode_to_vec(), chunk).unwrap();
+                prop_assert_eq!(&read.version_info, &sent.version_info);
+                prop_assert_eq!(&read.type_url, &sent.type_url);
+                prop_assert_eq!(&read.response_nonce, &sent.response_nonce);
+                prop_assert_eq!(&read.error_detail, &sent.error_detail);
+                let mut expected: Vec<&str> = sent.resource_names.iter().map(String::as_str).collect();
+                expected.sort();
+                expected.dedup();
+                prop_assert_eq!(names(&read), expected);
+            }
+        }
+
+        /// Any bytes are a request or a refusal, never a panic, and the
+        /// reader is fit for the next request either way.
+        #[test]
+        fn any_bytes_read_or_are_refused(
+            bytes in proptest::collection::vec(any::<u8>(), 0..256),
+            chunk in 1usize..40,
+        ) {
+            let mut reader = Reader::new(NameSets::default());
+            let _ = read_in(&mut reader, &bytes, chunk);
+            let next = read(&mut reader, &request(&["a"]));
+            prop_assert_eq!(names(&next), ["a"]);
+        }
+    }
+
     #[test]
     fn the_request_reads_as_envoys_message_however_its_bytes_are_cut() {
         let sent = request(&["outbound|80||b", "outbound|80||a", ""]);
