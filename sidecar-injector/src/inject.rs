@@ -76,6 +76,13 @@ impl Injector {
         if let Some(reason) = self.skip_reason(pod, namespace) {
             return Ok(Outcome::Skipped(reason));
         }
+        // A patch must apply to the pod as it is: refused, never a patch
+        // that the API server cannot apply.
+        anyhow::ensure!(
+            pod["spec"].is_object(),
+            "the pod has no spec to add the proxy to (spec: {})",
+            pod["spec"]
+        );
         let spec = self.render(pod, namespace)?;
         Ok(Outcome::Injected(self.patch(pod, spec)?))
     }
@@ -200,9 +207,13 @@ fn append(
     if items.is_empty() {
         return Ok(());
     }
-    let Some(existing) = pod["spec"][field].as_array() else {
-        ops.push(add(&["spec", field], Value::Array(items)));
-        return Ok(());
+    let existing = match &pod["spec"][field] {
+        Value::Array(existing) => existing,
+        Value::Null => {
+            ops.push(add(&["spec", field], Value::Array(items)));
+            return Ok(());
+        }
+        other => anyhow::bail!("the pod's spec.{field} is not a list: {other}"),
     };
     for item in items {
         if let Some(name) = item["name"].as_str()
@@ -281,6 +292,112 @@ mod tests {
         let mut out = pod.clone();
         json_patch::patch(&mut out, &patch).unwrap();
         out
+    }
+
+    mod fuzz {
+        use proptest::prelude::*;
+        use serde_json::{Map, Value, json};
+
+        use super::injector;
+        use crate::inject::Outcome;
+
+        /// The words a pod and the injector's annotations are made of, and
+        /// any other.
+        fn key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                prop::sample::select(vec![
+                    "metadata",
+                    "labels",
+                    "annotations",
+                    "name",
+                    "namespace",
+                    "spec",
+                    "containers",
+                    "initContainers",
+                    "ports",
+                    "containerPort",
+                    "protocol",
+                    "image",
+                    "volumes",
+                    "hostNetwork",
+                    "serviceAccountName",
+                    "status",
+                    "sidecar.istio.io/inject",
+                    "sidecar.istio.io/status",
+                    "traffic.sidecar.istio.io/includeInboundPorts",
+                    "traffic.sidecar.istio.io/excludeInboundPorts",
+                    "traffic.sidecar.istio.io/includeOutboundIPRanges",
+                    "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+                    "status.sidecar.istio.io/port",
+                    "readiness.status.sidecar.istio.io/initialDelaySeconds",
+                    "inject.istio.io/templates",
+                    "app",
+                    "version",
+                    "~",
+                    "/",
+                ])
+                .prop_map(str::to_string),
+                any::<String>(),
+            ]
+        }
+
+        fn json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(|n| json!(n)),
+                any::<f64>().prop_map(|n| json!(n)),
+                prop_oneof![
+                    prop::sample::select(vec![
+                        "true",
+                        "false",
+                        "9080",
+                        "*",
+                        "10.0.0.0/8",
+                        "-1",
+                        "a,b",
+                        ""
+                    ])
+                    .prop_map(str::to_string),
+                    any::<String>(),
+                ]
+                .prop_map(Value::String),
+            ];
+            leaf.prop_recursive(5, 64, 6, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    proptest::collection::vec((key(), inner), 0..6)
+                        .prop_map(|pairs| Value::Object(pairs.into_iter().collect::<Map<_, _>>())),
+                ]
+            })
+        }
+
+        proptest! {
+            /// Whatever a pod holds, the injector answers, and the patch it
+            /// returns applies to that pod.
+            #[test]
+            fn any_pod_is_answered_with_a_patch_that_applies(pod in json(), namespace in any::<String>()) {
+                let injector = injector("policy: enabled");
+                if let Ok(Outcome::Injected(patch)) = injector.inject(&pod, &namespace) {
+                    let mut out = pod.clone();
+                    prop_assert!(json_patch::patch(&mut out, &patch).is_ok(), "{pod}: {patch:?}");
+                }
+            }
+        }
+    }
+
+    /// Found by fuzzing: a pod whose spec is not an object got a patch the
+    /// API server could not apply.
+    #[test]
+    fn a_pod_without_a_spec_or_with_a_list_that_is_not_one_is_refused() {
+        let i = injector("policy: enabled");
+        let no_spec = json!({"spec": null});
+        let e = i.inject(&no_spec, "shop").err().unwrap().to_string();
+        assert!(e.contains("no spec"), "{e}");
+        let mut odd = pod(json!({}), json!({}));
+        odd["spec"]["volumes"] = json!("not a list");
+        let e = i.inject(&odd, "shop").err().unwrap().to_string();
+        assert!(e.contains("spec.volumes is not a list"), "{e}");
     }
 
     #[test]
