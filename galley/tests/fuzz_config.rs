@@ -1,0 +1,275 @@
+//! Config fuzzed: any text as a YAML file, and objects of every kind Galley
+//! serves with any spec, parse to objects or an error naming where, and
+//! every parsed object validates to problems or none, alone and with its
+//! references. Never a panic: config comes from users and from the
+//! Kubernetes API.
+
+use galley::validation::{validate, validate_all, validate_references};
+use mesh_api::{kinds::KINDS, object::ConfigObject};
+use proptest::prelude::*;
+use serde_json::{Map, Value, json};
+
+/// Field names of Istio's config, and any other.
+fn key() -> impl Strategy<Value = String> {
+    prop_oneof![
+        prop::sample::select(vec![
+            "hosts",
+            "gateways",
+            "http",
+            "tcp",
+            "tls",
+            "match",
+            "route",
+            "destination",
+            "host",
+            "subset",
+            "port",
+            "number",
+            "name",
+            "protocol",
+            "weight",
+            "timeout",
+            "retries",
+            "attempts",
+            "perTryTimeout",
+            "fault",
+            "abort",
+            "delay",
+            "percentage",
+            "value",
+            "httpStatus",
+            "uri",
+            "prefix",
+            "exact",
+            "regex",
+            "headers",
+            "servers",
+            "selector",
+            "bind",
+            "mode",
+            "credentialName",
+            "subsets",
+            "labels",
+            "trafficPolicy",
+            "loadBalancer",
+            "simple",
+            "consistentHash",
+            "connectionPool",
+            "outlierDetection",
+            "portLevelSettings",
+            "endpoints",
+            "address",
+            "ports",
+            "resolution",
+            "location",
+            "addresses",
+            "exportTo",
+            "workloadSelector",
+            "ingress",
+            "egress",
+            "defaultEndpoint",
+            "peers",
+            "mtls",
+            "origins",
+            "jwt",
+            "issuer",
+            "jwksUri",
+            "principalBinding",
+            "targets",
+            "rules",
+            "services",
+            "methods",
+            "paths",
+            "subjects",
+            "user",
+            "properties",
+            "roleRef",
+            "kind",
+            "actions",
+            "handler",
+            "instances",
+            "compiledTemplate",
+            "compiledAdapter",
+            "params",
+            "dimensions",
+            "attributes",
+            "valueType",
+            "corsPolicy",
+            "allowOrigin",
+            "mirror",
+            "rewrite",
+            "redirect",
+            "sniHosts",
+            "sourceLabels",
+        ])
+        .prop_map(str::to_string),
+        any::<String>(),
+    ]
+}
+
+fn json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        any::<f64>().prop_map(|n| json!(n)),
+        prop_oneof![
+            prop::sample::select(vec![
+                "*",
+                "*.example.com",
+                "reviews",
+                "reviews.shop.svc.cluster.local",
+                "mesh",
+                "HTTP",
+                "TCP",
+                "TLS",
+                "GRPC",
+                "ISTIO_MUTUAL",
+                "SIMPLE",
+                "MUTUAL",
+                "STRICT",
+                "PERMISSIVE",
+                "AUTO_PASSTHROUGH",
+                "STATIC",
+                "DNS",
+                "NONE",
+                "1s",
+                "-1s",
+                "1.5s",
+                "10ms",
+                "0",
+                "80",
+                "10.0.0.0/8",
+                "./*",
+                "~/*",
+                "a.b/c",
+                "",
+            ])
+            .prop_map(str::to_string),
+            any::<String>(),
+        ]
+        .prop_map(Value::String),
+    ];
+    leaf.prop_recursive(5, 64, 6, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            proptest::collection::vec((key(), inner), 0..6)
+                .prop_map(|pairs| Value::Object(pairs.into_iter().collect::<Map<_, _>>())),
+        ]
+    })
+}
+
+/// An object of any kind Galley serves, its spec anything.
+fn object() -> impl Strategy<Value = Value> {
+    (prop::sample::select(KINDS), json(), any::<String>()).prop_map(|(kind, spec, name)| {
+        json!({
+            "apiVersion": kind.api_version,
+            "kind": kind.kind,
+            "metadata": {"name": if name.is_empty() { "x".into() } else { name }, "namespace": "shop"},
+            "spec": spec,
+        })
+    })
+}
+
+/// Every object the examples hold, as JSON: valid config to mutate, so
+/// that mutants get past parsing into validation.
+fn examples() -> Vec<Value> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut out = Vec::new();
+    for dir in ["bookinfo", "mixer", "multicluster"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let objects = ConfigObject::parse_yaml(&text, &path.display().to_string()).unwrap();
+                out.extend(objects.iter().map(ConfigObject::to_json));
+            }
+        }
+    }
+    out
+}
+
+/// The JSON pointers of every node of `value`.
+fn pointers(value: &Value, at: String, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => map.iter().for_each(|(k, v)| {
+            let at = format!("{at}/{}", k.replace('~', "~0").replace('/', "~1"));
+            out.push(at.clone());
+            pointers(v, at, out);
+        }),
+        Value::Array(items) => items.iter().enumerate().for_each(|(i, v)| {
+            let at = format!("{at}/{i}");
+            out.push(at.clone());
+            pointers(v, at, out);
+        }),
+        _ => {}
+    }
+}
+
+/// An example with a few of its nodes replaced by anything.
+fn mutant() -> impl Strategy<Value = Value> {
+    let examples = examples();
+    let count = examples.len();
+    (
+        0..count,
+        proptest::collection::vec((any::<prop::sample::Index>(), json()), 1..4),
+    )
+        .prop_map(move |(i, edits)| {
+            let mut object = examples[i].clone();
+            for (at, replacement) in edits {
+                let mut all = Vec::new();
+                pointers(&object, String::new(), &mut all);
+                if all.is_empty() {
+                    break;
+                }
+                if let Some(node) = object.pointer_mut(&all[at.index(all.len())]) {
+                    *node = replacement;
+                }
+            }
+            object
+        })
+}
+
+proptest! {
+    #[test]
+    fn any_mutant_of_the_examples_parses_and_validates_or_is_refused(
+        objects in proptest::collection::vec(mutant(), 1..6),
+    ) {
+        let parsed: Vec<ConfigObject> = objects
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, o)| ConfigObject::from_json(o, &format!("document {i}")).ok())
+            .collect();
+        for object in &parsed {
+            let _ = validate(object);
+            let _ = object.to_json();
+        }
+        let all: Vec<&ConfigObject> = parsed.iter().collect();
+        let _ = validate_all(&all);
+        let _ = validate_references(&all);
+    }
+
+    #[test]
+    fn any_text_parses_or_is_refused(text in any::<String>()) {
+        let _ = ConfigObject::parse_yaml(&text, "any.yaml");
+    }
+
+    #[test]
+    fn any_spec_of_any_kind_parses_and_validates_or_is_refused(
+        objects in proptest::collection::vec(object(), 1..4),
+    ) {
+        let parsed: Vec<ConfigObject> = objects
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, o)| ConfigObject::from_json(o, &format!("document {i}")).ok())
+            .collect();
+        for object in &parsed {
+            let _ = validate(object);
+            // What is served goes out as JSON and YAML again.
+            let _ = object.to_json();
+        }
+        let all: Vec<&ConfigObject> = parsed.iter().collect();
+        let _ = validate_all(&all);
+        let _ = validate_references(&all);
+    }
+}
