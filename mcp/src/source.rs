@@ -42,7 +42,12 @@ impl IncrementalPolicy {
 
 /// What the sink holds of a collection, as far as this stream knows.
 enum Holds {
-    /// What it declared in `initial_resource_versions`.
+    /// Nothing known: the watch asked for the whole state, so declared
+    /// nothing, and has ACKed nothing since. A diff needs a base, so the
+    /// next response is whole even if the sink then asks for increments.
+    Unknown,
+    /// What it declared in `initial_resource_versions` with an
+    /// incremental watch.
     Versions(BTreeMap<String, String>),
     /// The store state at this sequence, which it ACKed.
     Seq(u64),
@@ -134,7 +139,11 @@ impl SourceStream {
             // A new watch, or the sink starting over on this stream.
             let fresh = Watch {
                 incremental: req.incremental,
-                holds: Holds::Versions(req.initial_resource_versions),
+                holds: if req.incremental {
+                    Holds::Versions(req.initial_resource_versions)
+                } else {
+                    Holds::Unknown
+                },
                 pending: None,
                 answered: None,
             };
@@ -185,7 +194,7 @@ impl SourceStream {
             let diff = match (&watch.holds, incremental) {
                 (Holds::Versions(v), true) => self.store.diff_against(collection, v),
                 (Holds::Seq(base), true) => self.store.diff_since(collection, *base),
-                (_, false) => None,
+                (Holds::Unknown, _) | (_, false) => None,
             };
             let (sent_seq, mut response) = match diff {
                 Some(d) => (

@@ -8,7 +8,10 @@ use std::{collections::HashMap, sync::Arc};
 use common::*;
 use component::CancellationToken;
 use mcp::{IncrementalPolicy, Store};
-use mesh_api::pb::istio::mcp::v1alpha1::Resources;
+use mesh_api::pb::{
+    google::rpc,
+    istio::mcp::v1alpha1::{RequestResources, Resources},
+};
 use tonic::Code;
 
 fn store_with(n: u32) -> Arc<Store> {
@@ -122,6 +125,41 @@ async fn after_a_nack_nothing_is_resent_until_a_change() {
     let r = sink.next().await.unwrap();
     assert_eq!(r.collection, GATEWAYS);
     assert_eq!(names(&r), ["ns/g0", "ns/g1"]);
+}
+
+/// Found by `fuzz_mcp`: a watch that asked for the whole state declared
+/// nothing about what the sink holds, so if the sink NACKs that state and
+/// then asks for increments, there is no base to diff against and the
+/// next response must be whole (a diff against "nothing" would leave the
+/// sink holding what the store has since removed).
+#[tokio::test]
+async fn increments_asked_after_a_nacked_whole_state_start_whole() {
+    let store = store_with(1);
+    let (mut sink, first, _stop) = watching_both(&store).await;
+    sink.ack(&first[GATEWAYS], false).await;
+    store.remove(GATEWAYS, "ns/g0").unwrap();
+    let emptied = sink.next().await.unwrap();
+    sink.nack(&emptied).await;
+    // The sink still holds ns/g0; it starts the watch over, asking for the
+    // whole state, NACKs that too, and asks for increments from now on.
+    sink.watch(GATEWAYS, false).await;
+    let whole = sink.next().await.unwrap();
+    sink.send(RequestResources {
+        collection: GATEWAYS.into(),
+        response_nonce: whole.nonce.clone(),
+        incremental: true,
+        error_detail: Some(rpc::Status {
+            code: 3,
+            message: "cannot apply".into(),
+            details: vec![],
+        }),
+        ..Default::default()
+    })
+    .await;
+    store.upsert(GATEWAYS, gateway("ns/g1", 1)).unwrap();
+    let next = sink.next().await.unwrap();
+    assert!(!next.incremental, "no base to diff against: {next:?}");
+    assert_eq!(names(&next), ["ns/g1"]);
 }
 
 #[tokio::test]
