@@ -1343,3 +1343,140 @@ spec:
     wait_for_http(admin, "/ready", |s, _| s == 200).await;
     assert!(tokio::net::TcpStream::connect(egress).await.is_ok());
 }
+
+/// Any HTTP/1 head sent to the proxy (well-formed, broken, smuggling-shaped
+/// or random bytes) is answered or the connection closed, within a bound,
+/// and the proxy keeps serving: a fuzz property over a running proxy.
+#[tokio::test]
+async fn any_http1_head_is_answered_or_closed_and_the_proxy_keeps_serving() {
+    use proptest::{
+        strategy::{Strategy, ValueTree},
+        test_runner::TestRunner,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = start().await;
+    let mut runner = TestRunner::default();
+    let heads = http1_heads();
+    for case in 0..300 {
+        let head = heads.new_tree(&mut runner).unwrap().current();
+        let mut stream = tokio::net::TcpStream::connect(mesh.egress).await.unwrap();
+        stream.write_all(&head).await.unwrap();
+        // No more is coming: a head the proxy is still reading ends here.
+        let _ = stream.shutdown().await;
+        let mut answer = Vec::new();
+        let ended =
+            tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+        assert!(
+            ended.is_ok(),
+            "case {case}: neither answered nor closed: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        if !answer.is_empty() {
+            assert!(
+                answer.starts_with(b"HTTP/1."),
+                "case {case}: not an HTTP answer to {:?}: {:?}",
+                String::from_utf8_lossy(&head),
+                String::from_utf8_lossy(&answer)
+            );
+        }
+    }
+    let (status, ..) = ratings_get(&mesh.client(), "/ratings/0").await;
+    assert_eq!(status, 200, "the proxy serves on after the fuzzing");
+}
+
+/// HTTP/1 heads: request lines and headers from the mesh's own vocabulary
+/// and beyond it, bare-LF lines, conflicting lengths, bodies, and random
+/// bytes.
+fn http1_heads() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    use proptest::{collection::vec, prelude::*, sample::select};
+    let token = || "[!-~]{0,12}";
+    let method = prop_oneof![
+        5 => select(vec!["GET", "POST", "PUT", "HEAD", "OPTIONS", "CONNECT", "DELETE", "PRI"])
+            .prop_map(str::to_string),
+        1 => token().prop_map(String::from),
+    ];
+    let target = prop_oneof![
+        5 => select(vec![
+            "http://ratings.shop.svc.cluster.local:9080/ratings/1",
+            "http://reviews.shop.svc.cluster.local:9080/",
+            "ratings.shop.svc.cluster.local:9080",
+            "/",
+            "*",
+            "http://[::1]:9080/",
+            "http://ratings.shop.svc.cluster.local:99999/",
+            "http://ratings.shop.svc.cluster.local:9080/%zz/../..//",
+        ])
+        .prop_map(str::to_string),
+        1 => "[ -~]{0,40}".prop_map(String::from),
+    ];
+    let version = prop_oneof![
+        8 => Just("HTTP/1.1".to_string()),
+        2 => select(vec!["HTTP/1.0", "HTTP/2.0", "HTTP/9.9", "http/1.1", ""])
+            .prop_map(str::to_string),
+        1 => token().prop_map(String::from),
+    ];
+    let name = prop_oneof![
+        8 => select(vec![
+            "host",
+            "content-length",
+            "transfer-encoding",
+            "connection",
+            "upgrade",
+            "expect",
+            "te",
+            "authorization",
+            "end-user",
+            "x-request-id",
+            "traceparent",
+            "x-b3-traceid",
+            "x-forwarded-for",
+            "x-envoy-upstream-rq-timeout-ms",
+            "cookie",
+        ])
+        .prop_map(str::to_string),
+        1 => token().prop_map(String::from),
+    ];
+    let value = prop_oneof![
+        8 => select(vec![
+            "0",
+            "5",
+            "-1",
+            "18446744073709551616",
+            "chunked",
+            "gzip, chunked",
+            "close",
+            "100-continue",
+            "h2c",
+            "Bearer a.b.c",
+            "ratings.shop.svc.cluster.local:9080",
+            "jason",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ])
+        .prop_map(str::to_string),
+        2 => "[ -~]{0,64}".prop_map(String::from),
+        1 => "[ -~]{4096,9000}".prop_map(String::from),
+    ];
+    let eol = prop_oneof![6 => Just("\r\n"), 1 => Just("\n")];
+    let structured = (
+        method,
+        target,
+        version,
+        vec((name, value), 0..5),
+        eol,
+        vec(any::<u8>(), 0..64),
+    )
+        .prop_map(|(method, target, version, headers, eol, body)| {
+            let mut head = format!("{method} {target} {version}{eol}");
+            for (name, value) in headers {
+                head.push_str(&format!("{name}: {value}{eol}"));
+            }
+            head.push_str(eol);
+            let mut bytes = head.into_bytes();
+            bytes.extend(body);
+            bytes
+        });
+    prop_oneof![
+        6 => structured,
+        1 => vec(any::<u8>(), 0..512),
+    ]
+}

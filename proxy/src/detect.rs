@@ -129,6 +129,11 @@ mod tests {
     }
 
     fn client_hello(alpn: &[&str]) -> Vec<u8> {
+        client_hello_to("Ratings.Shop", alpn)
+    }
+
+    /// A ClientHello as rustls sends it, for `name`, offering `alpn`.
+    fn client_hello_to(name: &str, alpn: &[&str]) -> Vec<u8> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -136,7 +141,7 @@ mod tests {
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth();
         config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-        let name = "Ratings.Shop".try_into().unwrap();
+        let name = name.to_string().try_into().unwrap();
         let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
         let mut hello = Vec::new();
         client.write_tls(&mut hello).unwrap();
@@ -170,5 +175,47 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_client_that_closes_first_is_not_served() {
         assert_eq!(detect(b"", true).await, None);
+    }
+
+    mod fuzz {
+        use proptest::prelude::*;
+        use testkit::mutate;
+
+        use super::*;
+        use crate::tls::{HelloRead, read_hello};
+
+        proptest! {
+            #[test]
+            fn any_first_bytes_read_as_a_hello_or_not(
+                bytes in proptest::collection::vec(any::<u8>(), 0..2048),
+            ) {
+                let _ = read_hello(&bytes);
+            }
+
+            /// A hello's name and ALPN are read whole, and a hello cut
+            /// anywhere (it came in several segments) is waited for,
+            /// never taken for plaintext.
+            #[test]
+            fn a_hello_is_read_whole_and_waited_for_when_cut(
+                name in "[a-zA-Z0-9]{1,10}(\\.[a-zA-Z0-9]{1,10}){0,3}\\.[a-zA-Z]{1,6}",
+                alpn in proptest::collection::vec("[a-z0-9/.-]{1,20}", 0..4),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let alpn_refs: Vec<&str> = alpn.iter().map(String::as_str).collect();
+                let hello = client_hello_to(&name, &alpn_refs);
+                let read = read_hello(&hello);
+                let whole = HelloRead::Complete(tls::Hello {
+                    sni: Some(name.to_ascii_lowercase()),
+                    alpn,
+                });
+                prop_assert_eq!(read, whole);
+                prop_assert_eq!(read_hello(&hello[..cut.index(hello.len())]), HelloRead::Partial);
+            }
+
+            #[test]
+            fn a_mutated_hello_reads_as_a_hello_or_not(edits in mutate::edits()) {
+                let _ = read_hello(&mutate::mutated(&client_hello(&["h2", "http/1.1"]), &edits));
+            }
+        }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod fake_kube;
 pub mod mcp_watch;
+pub mod mutate;
 pub mod netns;
 
 use std::{

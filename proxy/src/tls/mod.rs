@@ -378,7 +378,7 @@ pub struct Hello {
 
 /// The client's ClientHello; `None` when none arrives.
 pub async fn peek_hello(stream: &TcpStream) -> Option<Hello> {
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = vec![0u8; MAX_HELLO];
     // A peek does not take what it reads, so the socket stays readable:
     // more of the hello is waited for with a growing pause, and parsed
     // again only once more has come. The caller bounds the wait.
@@ -394,27 +394,50 @@ pub async fn peek_hello(stream: &TcpStream) -> Option<Hello> {
             continue;
         }
         seen = n;
-        let mut acceptor = rustls::server::Acceptor::default();
-        let mut input = &buf[..n];
-        acceptor.read_tls(&mut input).ok()?;
-        match acceptor.accept() {
-            Ok(Some(accepted)) => {
-                let hello = accepted.client_hello();
-                let alpn = hello
-                    .alpn()
-                    .map(|protocols| {
-                        protocols
-                            .map(|p| String::from_utf8_lossy(p).into_owned())
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let sni = hello.server_name().map(str::to_ascii_lowercase);
-                return Some(Hello { sni, alpn });
-            }
-            // More of the hello is on its way.
-            Ok(None) if n < buf.len() => {}
-            _ => return None,
+        match read_hello(&buf[..n]) {
+            HelloRead::Complete(hello) => return Some(hello),
+            HelloRead::Partial => {}
+            HelloRead::NotHello => return None,
         }
+    }
+}
+
+/// Most bytes of a ClientHello read; a longer one is not the mesh's.
+pub const MAX_HELLO: usize = 16 * 1024;
+
+/// What the bytes a client has sent so far make of a ClientHello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HelloRead {
+    Complete(Hello),
+    /// A hello, as far as it goes: more is needed.
+    Partial,
+    /// Not a ClientHello, or one over [`MAX_HELLO`].
+    NotHello,
+}
+
+/// Reads a ClientHello from the first bytes of a connection.
+pub fn read_hello(bytes: &[u8]) -> HelloRead {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut input = bytes;
+    if acceptor.read_tls(&mut input).is_err() {
+        return HelloRead::NotHello;
+    }
+    match acceptor.accept() {
+        Ok(Some(accepted)) => {
+            let hello = accepted.client_hello();
+            let alpn = hello
+                .alpn()
+                .map(|protocols| {
+                    protocols
+                        .map(|p| String::from_utf8_lossy(p).into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let sni = hello.server_name().map(str::to_ascii_lowercase);
+            HelloRead::Complete(Hello { sni, alpn })
+        }
+        Ok(None) if bytes.len() < MAX_HELLO => HelloRead::Partial,
+        _ => HelloRead::NotHello,
     }
 }
 
