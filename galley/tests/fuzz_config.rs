@@ -1,8 +1,9 @@
 //! Config fuzzed: any text as a YAML file, and objects of every kind Galley
 //! serves with any spec, parse to objects or an error naming where, and
 //! every parsed object validates to problems or none, alone and with its
-//! references. Never a panic: config comes from users and from the
-//! Kubernetes API.
+//! references. The validating webhook answers any AdmissionReview with a
+//! verdict for its uid, and anything else with a client error. Never a
+//! panic: config comes from users and from the Kubernetes API.
 
 use galley::validation::{validate, validate_all, validate_references};
 use mesh_api::{kinds::KINDS, object::ConfigObject};
@@ -230,7 +231,71 @@ fn mutant() -> impl Strategy<Value = Value> {
         })
 }
 
+/// What the validating webhook answers to `body`: status and JSON.
+fn review(body: Vec<u8>) -> (u16, Option<Value>) {
+    use tower::ServiceExt;
+    let request = axum::http::Request::post("/validate")
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body))
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let response = galley::webhook::router().oneshot(request).await.unwrap();
+        let status = response.status().as_u16();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&body).ok())
+    })
+}
+
+/// An AdmissionReview of `object`, as the API server sends it.
+fn admission_review(uid: &str, operation: &str, object: Value) -> Value {
+    let (group, version) = object["apiVersion"]
+        .as_str()
+        .and_then(|v| v.split_once('/'))
+        .unwrap_or(("", "v1"));
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": group, "version": version, "kind": object["kind"]},
+            "resource": {"group": group, "version": version, "resource": "things"},
+            "operation": operation,
+            "userInfo": {},
+            "object": object,
+        }
+    })
+}
+
 proptest! {
+    #[test]
+    fn the_webhook_answers_any_review_for_its_uid(
+        object in prop_oneof![mutant(), object(), json()],
+        operation in prop::sample::select(vec!["CREATE", "UPDATE", "DELETE", "CONNECT"]),
+        uid in "[a-f0-9-]{1,36}",
+    ) {
+        let body = serde_json::to_vec(&admission_review(&uid, operation, object)).unwrap();
+        let (status, answer) = review(body);
+        prop_assert!(status == 200 || (400..500).contains(&status), "status {status}");
+        if status == 200 {
+            let answer = answer.expect("a JSON review");
+            prop_assert_eq!(&answer["response"]["uid"], &json!(uid));
+            prop_assert!(answer["response"]["allowed"].is_boolean());
+        }
+    }
+
+    #[test]
+    fn the_webhook_refuses_any_bytes_with_a_client_error(
+        body in proptest::collection::vec(any::<u8>(), 0..256),
+    ) {
+        let (status, _) = review(body);
+        prop_assert!(status == 200 || (400..500).contains(&status), "status {status}");
+    }
+
     #[test]
     fn any_mutant_of_the_examples_parses_and_validates_or_is_refused(
         objects in proptest::collection::vec(mutant(), 1..6),
