@@ -16,7 +16,10 @@ mod tls;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use clap::Args;
-use component::{Admin, CancellationToken};
+use component::{
+    Admin, CancellationToken,
+    limits::{GRPC_MESSAGE_BYTES, Limits, ServerLimits},
+};
 use serde_json::json;
 
 use crate::{
@@ -98,6 +101,9 @@ pub struct CitadelArgs {
     /// after a root is generated. Empty for none.
     #[arg(long, default_value = "istio-ca-secret")]
     pub ca_secret: String,
+    /// Bounds of the CA API (`citadel_ca_limit_reached_total`).
+    #[command(flatten)]
+    pub server_limits: ServerLimits,
 }
 
 /// Loads (or creates) the CA and serves its API until `shutdown`.
@@ -158,6 +164,7 @@ pub async fn run_on(
 /// A loaded CA, ready to serve.
 pub struct Citadel {
     ca: Arc<Ca>,
+    limits: Limits,
     service: CaService,
     ca_dir: PathBuf,
     hostnames: Vec<String>,
@@ -213,7 +220,9 @@ impl Citadel {
                 "trust_domain": root.trust_domain(),
             })
         });
+        let limits = Limits::new(&args.server_limits, "ca", &mut admin.registry());
         Ok(Self {
+            limits,
             service: CaService::new(ca.clone(), tokens, admin),
             ca,
             ca_dir: args.ca_dir.clone(),
@@ -240,11 +249,18 @@ impl Citadel {
             self.hostnames,
             self.serving_lifetime,
             shutdown.clone(),
-        )?;
+        )?
+        .with_limits(self.limits.clone());
         admin.readiness().condition("serving").set(true);
-        tonic::transport::Server::builder()
-            .add_service(self.service.certificate_service())
-            .add_service(self.service.ca_service())
+        let max = self.limits.max_message_bytes(GRPC_MESSAGE_BYTES);
+        self.limits
+            .grpc(tonic::transport::Server::builder())
+            .add_service(
+                self.service
+                    .certificate_service()
+                    .max_decoding_message_size(max),
+            )
+            .add_service(self.service.ca_service().max_decoding_message_size(max))
             .serve_with_incoming_shutdown(tls.into_incoming(), shutdown.cancelled_owned())
             .await?;
         Ok(())

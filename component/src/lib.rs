@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod backoff;
 pub mod cli;
+pub mod limits;
 pub mod logging;
 mod main_of;
 pub mod ports;

@@ -23,7 +23,12 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::watch::Changes;
+use futures::{StreamExt, future::BoxFuture, stream::FuturesUnordered};
+
+use crate::{
+    limits::{Limits, Tracked},
+    watch::Changes,
+};
 
 /// The files of a TLS server, and the protocols it offers.
 #[derive(Debug, Clone)]
@@ -116,12 +121,18 @@ pub fn server_config(files: &TlsFiles) -> anyhow::Result<Arc<ServerConfig>> {
 /// Handshakes run one at a time: a peer that stalls one is cut off.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// A handshake under way: the connection, or `None` when it failed.
+type Handshake = BoxFuture<'static, Option<(TlsStream<Tracked<TcpStream>>, SocketAddr)>>;
+
 /// A TCP listener that completes a TLS handshake before handing a
 /// connection to axum, with the certificate reloaded whenever its files
-/// change.
+/// change. Handshakes run side by side, each bounded in time, so a client
+/// that stalls in its handshake holds up no one else.
 pub struct TlsListener {
     tcp: TcpListener,
     config: watch::Receiver<Arc<ServerConfig>>,
+    limits: Option<Limits>,
+    handshakes: FuturesUnordered<Handshake>,
 }
 
 impl TlsListener {
@@ -151,47 +162,87 @@ impl TlsListener {
                 }
             }
         });
-        Ok(Self { tcp, config })
+        Ok(Self::from_configs(tcp, config))
     }
 
     /// Listens on `tcp` with whatever server config `config` holds at each
     /// handshake, for a server that makes its own (Citadel signs its own
     /// serving certificate).
     pub fn from_configs(tcp: TcpListener, config: watch::Receiver<Arc<ServerConfig>>) -> Self {
-        Self { tcp, config }
+        Self {
+            tcp,
+            config,
+            limits: None,
+            handshakes: FuturesUnordered::new(),
+        }
+    }
+
+    /// Admits connections against `limits`' peer limit.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = Some(limits);
+        self
     }
 }
 
 impl TlsListener {
     /// The next connection whose handshake completes; failed handshakes
     /// are logged and skipped.
-    async fn next_connection(&mut self) -> (TlsStream<TcpStream>, SocketAddr) {
+    async fn next_connection(&mut self) -> (TlsStream<Tracked<TcpStream>>, SocketAddr) {
         loop {
-            let (stream, peer) = match self.tcp.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait, then retry.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
+            tokio::select! {
+                accepted = self.tcp.accept() => match accepted {
+                    Ok((stream, peer)) => self.handshake(stream, peer),
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait, then retry.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                },
+                Some(done) = self.handshakes.next(), if !self.handshakes.is_empty() => {
+                    if let Some(connection) = done {
+                        return connection;
+                    }
                 }
-            };
-            // Requests and responses are small and latency-bound: Nagle's
-            // algorithm with delayed ACKs would add 40 ms to each.
-            if let Err(e) = stream.set_nodelay(true) {
-                tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
-            }
-            let acceptor = TlsAcceptor::from(self.config.borrow().clone());
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => return (tls, peer),
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         }
     }
 
+    /// Starts the handshake of a connection from `peer`, if the peer may
+    /// open one more.
+    fn handshake(&mut self, stream: TcpStream, peer: SocketAddr) {
+        let guard = match &self.limits {
+            Some(limits) => match limits.admit(peer.ip()) {
+                Some(guard) => Some(guard),
+                None => return,
+            },
+            None => None,
+        };
+        // Requests and responses are small and latency-bound: Nagle's
+        // algorithm with delayed ACKs would add 40 ms to each.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
+        }
+        let acceptor = TlsAcceptor::from(self.config.borrow().clone());
+        let stream = Tracked::new(stream, guard);
+        self.handshakes.push(Box::pin(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => Some((tls, peer)),
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    None
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    None
+                }
+            }
+        }));
+    }
+
     /// The connections as a stream, for `tonic`'s `serve_with_incoming`.
-    pub fn into_incoming(self) -> impl futures::Stream<Item = io::Result<TlsStream<TcpStream>>> {
+    pub fn into_incoming(
+        self,
+    ) -> impl futures::Stream<Item = io::Result<TlsStream<Tracked<TcpStream>>>> {
         futures::stream::unfold(self, |mut listener| async move {
             let (tls, _) = listener.next_connection().await;
             Some((Ok(tls), listener))
@@ -200,7 +251,7 @@ impl TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = TlsStream<Tracked<TcpStream>>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -258,12 +309,14 @@ mod tests {
                 .map(drop)
                 .map_err(|e| e.to_string())
         };
-        // The listener completes only successful handshakes; the client
-        // reports either outcome.
+        // The listener completes only successful handshakes, and only
+        // while it is accepting; the client reports either outcome.
         tokio::pin!(client);
-        tokio::select! {
-            result = &mut client => result,
-            _ = listener.accept() => client.await,
+        loop {
+            tokio::select! {
+                result = &mut client => return result,
+                _ = listener.accept() => {}
+            }
         }
     }
 
@@ -290,6 +343,50 @@ mod tests {
             handshake(&mut listener, &first).await.is_err(),
             "the old certificate is gone"
         );
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_client_silent_in_its_handshake_holds_up_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = write_certificate(dir.path(), "only");
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let files = TlsFiles::https(dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let mut listener = TlsListener::new(tcp, files, shutdown.clone()).unwrap();
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        // Well within the handshake timeout that would free a listener
+        // that took handshakes one at a time.
+        let bound = HANDSHAKE_TIMEOUT / 2;
+        tokio::time::timeout(bound, handshake(&mut listener, &cert))
+            .await
+            .expect("the second client waited on the first one's handshake")
+            .unwrap();
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_peer_over_its_connection_limit_gets_no_handshake() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = write_certificate(dir.path(), "only");
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let files = TlsFiles::https(dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let limits = Limits::unregistered(&crate::limits::ServerLimits {
+            max_connections_per_peer: 1,
+            ..Default::default()
+        });
+        let mut listener = TlsListener::new(tcp, files, shutdown.clone())
+            .unwrap()
+            .with_limits(limits.clone());
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        // The silent connection holds the peer's one place, so this
+        // handshake is refused; the listener is accepting meanwhile.
+        let refused = handshake(&mut listener, &cert).await;
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(limits.reached("connections_per_peer"), 1);
         shutdown.cancel();
     }
 

@@ -1382,6 +1382,31 @@ async fn any_http1_head_is_answered_or_closed_and_the_proxy_keeps_serving() {
     }
     let (status, ..) = ratings_get(&mesh.client(), "/ratings/0").await;
     assert_eq!(status, 200, "the proxy serves on after the fuzzing");
+
+    // A header block over --max-request-headers-kb (60 by default) is
+    // answered 431 and counted where users look.
+    let counted = r#"proxy_limit_reached_total{limit="request_headers"} "#;
+    let count = |stats: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(counted))
+            .map_or(0, |n| n.trim().parse().unwrap())
+    };
+    let (_, before) = get(mesh.client_ports.stats, "/stats/prometheus")
+        .await
+        .unwrap();
+    let response = mesh
+        .client()
+        .get("http://ratings.shop.svc.cluster.local:9080/ratings/0")
+        .header("x-big", "b".repeat(70 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 431);
+    let (_, after) = get(mesh.client_ports.stats, "/stats/prometheus")
+        .await
+        .unwrap();
+    assert_eq!(count(&after), count(&before) + 1, "{after}");
 }
 
 /// HTTP/1 heads: request lines and headers from the mesh's own vocabulary

@@ -22,7 +22,10 @@ pub mod webhook;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use clap::Args;
-use component::{Admin, CancellationToken};
+use component::{
+    Admin, CancellationToken,
+    limits::{Limits, ServerLimits},
+};
 use mcp::memory::ListenAddr;
 use mcp::{self, IncrementalPolicy, McpMetrics, SourceServer, Store};
 use mesh_api::{kinds, object::YamlLimits};
@@ -91,6 +94,8 @@ pub struct GalleyArgs {
     pub webhook_key: Option<PathBuf>,
     #[command(flatten)]
     pub webhook_ca: mesh_kube::webhook_ca::WebhookCaArgs,
+    #[command(flatten)]
+    pub server_limits: ServerLimits,
 }
 
 /// A store for every collection this project knows.
@@ -104,9 +109,10 @@ pub async fn run(
     admin: Admin,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let limits = Limits::new(&args.server_limits, "mcp", &mut admin.registry());
     let mcp = args
         .mcp_addr
-        .bind()
+        .bind(&limits)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind --mcp-addr {}: {e}", args.mcp_addr))?;
     let sinks = args
@@ -196,13 +202,16 @@ pub async fn run(
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot bind --follow-listen {address}: {e}"))?;
                 tracing::info!(%address, "galley relaying a primary that dials its MCP sink");
-                let service = mcp::SinkServer::new(sink, shutdown.clone()).into_service();
+                let service = mcp::SinkServer::new(sink, shutdown.clone())
+                    .into_service()
+                    .max_decoding_message_size(limits.max_message_bytes(mcp::MAX_MESSAGE_BYTES));
                 let stop = shutdown.clone();
                 tokio::spawn(
-                    mcp::grpc_server()
+                    limits
+                        .grpc(mcp::grpc_server())
                         .add_service(service)
                         .serve_with_incoming_shutdown(
-                            mcp::incoming(listener),
+                            limits.incoming(listener),
                             stop.cancelled_owned(),
                         ),
                 );
@@ -237,10 +246,12 @@ pub async fn run(
         );
         tokio::spawn(dial);
     }
-    let service =
-        SourceServer::new(served, IncrementalPolicy::All, metrics, shutdown.clone()).into_service();
+    let service = SourceServer::new(served, IncrementalPolicy::All, metrics, shutdown.clone())
+        .into_service()
+        .max_decoding_message_size(limits.max_message_bytes(mcp::MAX_MESSAGE_BYTES));
     tracing::info!(addr = %args.mcp_addr, source = ?args.config_dir.as_deref().unwrap_or("kubernetes".as_ref()), "galley serving MCP");
-    let server = mcp::grpc_server()
+    let server = limits
+        .grpc(mcp::grpc_server())
         .add_service(service)
         .serve_with_incoming_shutdown(mcp, shutdown.clone().cancelled_owned());
     anyhow::ensure!(

@@ -20,5 +20,6 @@ pub use sink::{HeldCollection, Payload, Sink, SinkOptions, SinkResource, SinkSna
 pub use source::IncrementalPolicy;
 pub use store::Store;
 pub use transport::{
-    SinkServer, SourceServer, connect, grpc_server, incoming, run_sink_client, run_source_client,
+    MAX_MESSAGE_BYTES, SinkServer, SourceServer, connect, grpc_server, incoming, run_sink_client,
+    run_source_client,
 };

@@ -14,13 +14,14 @@ use std::{
     task::{Context, Poll},
 };
 
+use component::limits::{Limits, Tracked};
 use futures::Stream;
 use tokio::{
     io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf},
     net::TcpStream,
     sync::mpsc,
 };
-use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
+use tonic::transport::server::{Connected, TcpConnectInfo};
 
 /// The URI scheme of in-process addresses.
 pub const SCHEME: &str = "mem";
@@ -66,13 +67,14 @@ impl fmt::Display for ListenAddr {
 }
 
 impl ListenAddr {
-    /// Starts listening: binds the socket, or takes the name (refused
-    /// while another server of this process holds it).
-    pub async fn bind(&self) -> io::Result<Incoming> {
+    /// Starts listening: binds the socket, its connections admitted
+    /// against `limits`, or takes the name (refused while another server
+    /// of this process holds it).
+    pub async fn bind(&self, limits: &Limits) -> io::Result<Incoming> {
         match self {
             Self::Tcp(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr).await?;
-                Ok(Incoming::Tcp(crate::incoming(listener)))
+                Ok(Incoming::Tcp(Box::pin(limits.incoming(listener))))
             }
             Self::Memory(name) => {
                 let mut listeners = LISTENERS.lock().unwrap_or_else(|e| e.into_inner());
@@ -107,7 +109,7 @@ pub fn connect(name: &str) -> io::Result<DuplexStream> {
 
 /// The connections a server accepts.
 pub enum Incoming {
-    Tcp(TcpIncoming),
+    Tcp(Pin<Box<dyn Stream<Item = io::Result<Tracked<TcpStream>>> + Send>>),
     Memory(mpsc::UnboundedReceiver<DuplexStream>),
 }
 
@@ -116,7 +118,8 @@ impl Stream for Incoming {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         match self.get_mut() {
-            Self::Tcp(incoming) => Pin::new(incoming)
+            Self::Tcp(incoming) => incoming
+                .as_mut()
                 .poll_next(cx)
                 .map(|c| c.map(|c| c.map(Conn::Tcp))),
             Self::Memory(rx) => rx.poll_recv(cx).map(|c| c.map(|c| Ok(Conn::Memory(c)))),
@@ -126,7 +129,7 @@ impl Stream for Incoming {
 
 /// One accepted connection.
 pub enum Conn {
-    Tcp(TcpStream),
+    Tcp(Tracked<TcpStream>),
     Memory(DuplexStream),
 }
 
@@ -225,13 +228,13 @@ mod tests {
             io::ErrorKind::ConnectionRefused
         );
         let addr = ListenAddr::Memory("once".into());
-        let incoming = addr.bind().await.unwrap();
+        let incoming = addr.bind(&Limits::default()).await.unwrap();
         assert_eq!(
-            addr.bind().await.err().unwrap().kind(),
+            addr.bind(&Limits::default()).await.err().unwrap().kind(),
             io::ErrorKind::AddrInUse
         );
         drop(incoming);
         // Free again once the server is gone.
-        let _again = addr.bind().await.unwrap();
+        let _again = addr.bind(&Limits::default()).await.unwrap();
     }
 }

@@ -17,7 +17,10 @@ pub mod telemetry;
 use std::{net::SocketAddr, sync::Arc};
 
 use clap::{Args, ValueEnum};
-use component::{Admin, CancellationToken};
+use component::{
+    Admin, CancellationToken,
+    limits::{GRPC_MESSAGE_BYTES, Limits, ServerLimits},
+};
 use mesh_api::kinds;
 use serde_json::json;
 use tokio::sync::watch;
@@ -67,6 +70,9 @@ pub struct MixerArgs {
     pub prometheus_addr: SocketAddr,
     #[command(flatten)]
     pub limits: shed::Limits,
+    /// Bounds of the gRPC API (`mixer_grpc_limit_reached_total`).
+    #[command(flatten)]
+    pub server_limits: ServerLimits,
 }
 
 /// Runs Mixer in its role until `shutdown`.
@@ -137,9 +143,17 @@ pub async fn run_on(
         _ = first_config.wait_for(|c| *c) => {}
     }
     tracing::info!(addr = %listener.local_addr()?, role = id, "mixer serving Check and Report");
-    let grpc = mcp::grpc_server()
-        .add_service(shedder.wrap(service.into_server()))
-        .serve_with_incoming_shutdown(mcp::incoming(listener), shutdown.clone().cancelled_owned());
+    let limits = Limits::new(&args.server_limits, "grpc", &mut admin.registry());
+    let server = service
+        .into_server()
+        .max_decoding_message_size(limits.max_message_bytes(GRPC_MESSAGE_BYTES));
+    let grpc = limits
+        .grpc(mcp::grpc_server())
+        .add_service(shedder.wrap(server))
+        .serve_with_incoming_shutdown(
+            limits.incoming(listener),
+            shutdown.clone().cancelled_owned(),
+        );
     let metrics = async {
         if args.role != Role::Telemetry {
             return anyhow::Ok(());

@@ -15,6 +15,7 @@ pub mod xds;
 use clap::Args;
 use component::{
     Admin, CancellationToken,
+    limits::{Limits, ServerLimits},
     tls::{TlsFiles, TlsListener},
 };
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
@@ -86,6 +87,9 @@ pub struct PilotArgs {
     /// defaults otherwise. A mesh config the source serves wins.
     #[arg(long, env = "PILOT_MESH_CONFIG")]
     pub mesh_config: Option<PathBuf>,
+    /// Bounds of both ADS ports (`pilot_xds_limit_reached_total`).
+    #[command(flatten)]
+    pub server_limits: ServerLimits,
 }
 
 /// Runs Pilot until `shutdown`: follows Galley, keeps the model, serves ADS.
@@ -175,7 +179,8 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
         }
     });
 
-    let ads = AdsServer::new(generator.clone(), shutdown.clone());
+    let limits = Limits::new(&args.server_limits, "xds", &mut admin.registry());
+    let ads = AdsServer::new(generator.clone(), shutdown.clone(), limits.clone());
     let status = ads.status();
     admin.debug_page("syncz", move || debug::syncz(&status));
     let model = generator.clone();
@@ -189,7 +194,7 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
         _ = built.wait_for(|b| *b) => {}
     }
     tracing::info!(addr = %xds.local_addr()?, "pilot serving ADS");
-    let plaintext = ads.clone().serve_connections(mcp::incoming(xds));
+    let plaintext = ads.clone().serve_connections(limits.incoming(xds));
     let plaintext = async {
         plaintext.await;
         anyhow::Ok(())
@@ -199,7 +204,7 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
             return Ok(());
         };
         tracing::info!(addr = %tcp.local_addr()?, "pilot serving ADS over mTLS");
-        let listener = TlsListener::new(tcp, files, shutdown.clone())?;
+        let listener = TlsListener::new(tcp, files, shutdown.clone())?.with_limits(limits);
         ads.serve_connections(listener.into_incoming()).await;
         anyhow::Ok(())
     };

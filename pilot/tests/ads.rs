@@ -8,7 +8,10 @@ use std::{
     time::Duration,
 };
 
-use component::CancellationToken;
+use component::{
+    CancellationToken,
+    limits::{Limits, ServerLimits},
+};
 use envoy_types::pb::{
     envoy::{
         config::{cluster::v3::Cluster, core::v3::Node},
@@ -236,7 +239,7 @@ async fn serve() -> (
     generator.set(CLUSTER, "b", 1);
     generator.set(ENDPOINT, "a", 1);
     generator.set(ENDPOINT, "b", 1);
-    let (addr, status) = serve_with(&generator).await;
+    let (addr, status) = serve_with(&generator, Limits::default()).await;
     (generator, addr, status)
 }
 
@@ -245,13 +248,17 @@ async fn start_with_status() -> (Arc<Fixed>, Proxy, pilot::xds::ads::SyncStatus)
     (generator, Proxy::connect(addr).await, status)
 }
 
-/// An ADS server on 127.0.0.1 for `generator`: its address and status.
-async fn serve_with(generator: &Arc<Fixed>) -> (std::net::SocketAddr, pilot::xds::ads::SyncStatus) {
+/// An ADS server on 127.0.0.1 for `generator`, bounded by `limits`: its
+/// address and status.
+async fn serve_with(
+    generator: &Arc<Fixed>,
+    limits: Limits,
+) -> (std::net::SocketAddr, pilot::xds::ads::SyncStatus) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = AdsServer::new(generator.clone(), CancellationToken::new());
+    let server = AdsServer::new(generator.clone(), CancellationToken::new(), limits.clone());
     let status = server.status();
-    tokio::spawn(server.serve_connections(mcp::incoming(listener)));
+    tokio::spawn(server.serve_connections(limits.incoming(listener)));
     (addr, status)
 }
 
@@ -452,7 +459,7 @@ async fn a_reconnecting_proxy_gets_the_full_state_again() {
 
 /// A new server on the same generator, and a proxy connected to it.
 async fn reconnect(generator: &Arc<Fixed>) -> Proxy {
-    let (addr, _) = serve_with(generator).await;
+    let (addr, _) = serve_with(generator, Limits::default()).await;
     Proxy::connect(addr).await
 }
 
@@ -665,4 +672,33 @@ async fn large_responses_arrive_whole_in_one_message() {
     let received = clusters(bodies.map(|r| r.resource.as_ref().unwrap()).collect());
     assert_eq!(received, expected);
     assert!(names.iter().zip(&received).all(|(n, c)| *n == c.name));
+}
+
+/// ADS served with the limits `pilot` takes as flags: a request over
+/// `--max-message-bytes` ends its stream with OUT_OF_RANGE, and a
+/// connection at `--max-streams-per-connection` is counted.
+#[tokio::test]
+async fn requests_over_the_size_limit_and_connections_at_the_stream_limit_are_counted() {
+    let (generator, _, _) = serve().await;
+    let limits = Limits::unregistered(&ServerLimits {
+        max_message_bytes: Some(512),
+        max_streams_per_connection: 1,
+        ..Default::default()
+    });
+    let (addr, _) = serve_with(&generator, limits.clone()).await;
+
+    let mut proxy = Proxy::connect(addr).await;
+    proxy.send(CLUSTER, &[], None, None).await;
+    proxy.next().await;
+    assert_eq!(limits.reached("streams_per_connection"), 1);
+    let names: Vec<String> = (0..100).map(|i| format!("cluster-{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    proxy.send(ENDPOINT, &names, None, None).await;
+    let status = tokio::time::timeout(Duration::from_secs(10), proxy.responses.next())
+        .await
+        .expect("the stream's end in time")
+        .expect("a status")
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert_eq!(limits.reached("message_bytes"), 1);
 }

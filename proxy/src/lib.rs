@@ -68,6 +68,8 @@ pub struct ProxyArgs {
     #[command(flatten)]
     pub timeouts: listeners::Timeouts,
     #[command(flatten)]
+    pub http_limits: http::HttpLimits,
+    #[command(flatten)]
     pub secrets: secrets::SecretsArgs,
 }
 
@@ -140,6 +142,7 @@ pub async fn run(args: ProxyArgs, admin: Admin, shutdown: CancellationToken) -> 
         access_log: args.access_log,
         tracing: traces.clone(),
         timeouts: args.timeouts,
+        http_limits: args.http_limits,
     };
     tokio::spawn(listeners::follow(
         shared,

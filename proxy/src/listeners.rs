@@ -55,6 +55,7 @@ pub struct Shared {
     pub access_log: bool,
     pub tracing: Arc<crate::trace::Tracing>,
     pub timeouts: Timeouts,
+    pub http_limits: crate::http::HttpLimits,
 }
 
 /// Applies each config as it comes, until `shutdown`: clusters and
@@ -310,10 +311,11 @@ impl Accepted {
                 match &app.direction {
                     Direction::Inbound(service) => {
                         let stack = inbound::stack(app, service, shared, connection);
-                        http::serve(io, stack).await
+                        http::serve(io, stack, shared.http_limits, &shared.upstreams.stats).await
                     }
                     Direction::Outbound => {
-                        http::serve(io, outbound::stack(app, shared, connection)).await
+                        let stack = outbound::stack(app, shared, connection);
+                        http::serve(io, stack, shared.http_limits, &shared.upstreams.stats).await
                     }
                 }
             }

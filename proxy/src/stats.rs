@@ -42,6 +42,12 @@ pub struct Stats {
     pub ejections: Family<ClusterLabels, Counter>,
     pub connections_active: Family<ListenerLabels, Gauge>,
     pub connections: Family<ListenerLabels, Counter>,
+    limits: Family<LimitLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: &'static str,
 }
 
 impl Stats {
@@ -53,6 +59,7 @@ impl Stats {
             ejections: Family::default(),
             connections_active: Family::default(),
             connections: Family::default(),
+            limits: Family::default(),
         };
         registry.register(
             "requests",
@@ -84,7 +91,22 @@ impl Stats {
             "Downstream connections accepted, per listener",
             stats.connections.clone(),
         );
+        registry.register(
+            "limit_reached",
+            "Times a bound on what a downstream client may send was reached",
+            stats.limits.clone(),
+        );
         stats
+    }
+
+    /// Counts one time `limit` was reached.
+    pub fn limit_reached(&self, limit: &'static str) {
+        self.limits.get_or_create(&LimitLabels { limit }).inc();
+    }
+
+    /// How often `limit` was reached.
+    pub fn limit_reached_count(&self, limit: &'static str) -> u64 {
+        self.limits.get_or_create(&LimitLabels { limit }).get()
     }
 
     pub fn cluster(name: &str) -> ClusterLabels {

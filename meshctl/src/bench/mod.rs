@@ -107,6 +107,10 @@ fn raise_open_files_limit() -> anyhow::Result<()> {
 /// How long a component may take to be ready under a benchmark's load.
 const READY_LIMIT: Duration = Duration::from_secs(120);
 
+/// Connections a bench's Pilot takes from one address: every simulated
+/// proxy is on loopback.
+const SIMULATED_PROXIES_MAX: usize = 1_000_000;
+
 /// A component started for a benchmark, logging warnings only; killed
 /// when dropped.
 struct Component {
@@ -148,6 +152,9 @@ impl Component {
             let _names_the_field = |a: &::pilot::PilotArgs| a.debounce;
             flags = flags.push("debounce", humantime::format_duration(debounce));
         }
+        // Every simulated proxy connects from 127.0.0.1: one peer address.
+        let _names_the_field = |a: &::pilot::PilotArgs| a.server_limits.max_connections_per_peer;
+        flags = flags.push("max-connections-per-peer", SIMULATED_PROXIES_MAX);
         Self::start(bins, "pilot", flags).await
     }
 

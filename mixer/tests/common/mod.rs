@@ -67,6 +67,7 @@ pub async fn start_limited(yaml: &str, role: mixer::Role, limits: mixer::shed::L
         grpc_addr: grpc,
         prometheus_addr: prometheus,
         limits,
+        server_limits: Default::default(),
     };
     let admin = Admin::new("mixer");
     let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -69,6 +69,7 @@ impl ControlPlane {
             tls_root: None,
             debounce: Duration::from_millis(10),
             mesh_config: None,
+            server_limits: Default::default(),
         };
         configure(&mut args);
         let admin = Admin::new("pilot");

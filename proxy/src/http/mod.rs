@@ -48,6 +48,7 @@ pub mod timeout;
 use crate::{
     config::listener::HttpApp,
     listeners::Shared,
+    stats::Stats,
     upstream::{Body, BoxError},
 };
 
@@ -160,8 +161,27 @@ pub fn local_reply(status: StatusCode, why: &str) -> Response {
     response
 }
 
+/// Bounds on what one downstream HTTP connection may send.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct HttpLimits {
+    /// Largest request header block, in KiB (Envoy's
+    /// `max_request_headers_kb`, and its default). An HTTP/1 request over
+    /// it is answered 431 and counted
+    /// (`proxy_limit_reached_total{limit="request_headers"}`); an HTTP/2
+    /// one has its stream reset.
+    #[arg(long, default_value_t = 60)]
+    pub max_request_headers_kb: u32,
+    /// Most concurrent HTTP/2 streams on one downstream connection,
+    /// advertised to the client (SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, default_value_t = 1024)]
+    pub max_concurrent_streams: u32,
+}
+
+/// hyper reads HTTP/1 heads into a buffer no smaller than this.
+const MIN_HTTP1_BUFFER: usize = 8 << 10;
+
 /// Serves one connection with `stack` until it closes.
-pub async fn serve<IO, S>(io: IO, stack: S)
+pub async fn serve<IO, S>(io: IO, stack: S, limits: HttpLimits, stats: &Stats)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Stage<Infallible>,
@@ -170,11 +190,24 @@ where
         let request = request.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
         stack.clone().call(request)
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let header_bytes = limits.max_request_headers_kb as usize * 1024;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .max_buf_size(header_bytes.max(MIN_HTTP1_BUFFER));
+    builder
+        .http2()
+        .max_header_list_size(limits.max_request_headers_kb.saturating_mul(1024))
+        .max_concurrent_streams(limits.max_concurrent_streams);
     if let Err(e) = builder
         .serve_connection_with_upgrades(TokioIo::new(io), service)
         .await
     {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse_too_large)
+        {
+            stats.limit_reached("request_headers");
+        }
         tracing::debug!("connection ended: {e}");
     }
 }

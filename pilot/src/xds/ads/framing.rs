@@ -31,8 +31,9 @@ use super::{
 use crate::xds::ResourceGenerator;
 
 const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
-/// The largest request accepted: Envoy's ACKs repeat every name subscribed.
-const MAX_REQUEST_BYTES: usize = 64 << 20;
+/// The largest request accepted unless `--max-message-bytes` says
+/// otherwise: Envoy's ACKs repeat every name subscribed.
+pub(crate) const MAX_REQUEST_BYTES: usize = 64 << 20;
 
 /// The ADS gRPC service.
 pub(super) struct AdsService<G>(pub(super) AdsServer<G>);
@@ -65,7 +66,8 @@ impl<G: ResourceGenerator> Service<http::Request<Body>> for AdsService<G> {
 
 impl<G: ResourceGenerator> AdsService<G> {
     fn respond<F: Flavor<G>>(&self, body: Body) -> http::Response<Body> {
-        let requests = Requests::new(body, F::decoder(&self.0));
+        let max = self.0.limits.max_message_bytes(MAX_REQUEST_BYTES);
+        let requests = Requests::new(body, F::decoder(&self.0), max);
         let framed = Framed {
             responses: self.0.serve::<F>(requests),
             chunks: None,
@@ -109,11 +111,13 @@ pub(super) struct Requests<D> {
     data: Bytes,
     ended: bool,
     failed: bool,
+    max_bytes: usize,
 }
 
 impl<D: Decode> Requests<D> {
-    pub(super) fn new(body: Body, decoder: D) -> Self {
+    pub(super) fn new(body: Body, decoder: D, max_bytes: usize) -> Self {
         Self {
+            max_bytes,
             body,
             decoder,
             prefix: Vec::new(),
@@ -135,7 +139,7 @@ impl<D: Decode> Requests<D> {
                     return Ok(None);
                 };
                 self.prefix.clear();
-                let len = request_len(prefix)?;
+                let len = request_len(prefix, self.max_bytes)?;
                 self.decoder.begin();
                 len
             }
@@ -157,16 +161,17 @@ impl<D: Decode> Requests<D> {
 }
 
 /// The length of a request from its gRPC prefix.
-fn request_len(prefix: [u8; 5]) -> Result<usize, Status> {
+fn request_len(prefix: [u8; 5], max: usize) -> Result<usize, Status> {
     if prefix[0] != 0 {
         return Err(Status::unimplemented(
             "compressed requests are not supported: send uncompressed messages",
         ));
     }
     let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
-    if len > MAX_REQUEST_BYTES {
-        return Err(Status::resource_exhausted(format!(
-            "a request of {len} bytes is over the limit of {MAX_REQUEST_BYTES}"
+    if len > max {
+        // Worded as tonic words it, so that the server's limits count it.
+        return Err(Status::out_of_range(format!(
+            "a request of {len} bytes is too large: the limit is {max} bytes (--max-message-bytes)"
         )));
     }
     Ok(len)
@@ -318,7 +323,7 @@ mod tests {
 
     fn requests(bytes: &[u8], chunk: usize) -> Vec<Result<Vec<u8>, Status>> {
         let frames = bytes.chunks(chunk).map(Bytes::copy_from_slice).collect();
-        let requests = Requests::new(Body::new(Frames(frames)), Raw::default());
+        let requests = Requests::new(Body::new(Frames(frames)), Raw::default(), MAX_REQUEST_BYTES);
         let collected = futures::FutureExt::now_or_never(requests.collect());
         collected.expect("the body is always ready")
     }
@@ -355,6 +360,6 @@ mod tests {
         let mut oversized = vec![0];
         oversized.extend_from_slice(&(MAX_REQUEST_BYTES as u32 + 1).to_be_bytes());
         let status = requests(&oversized, 5).remove(0).unwrap_err();
-        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(status.code(), tonic::Code::OutOfRange);
     }
 }

@@ -21,6 +21,7 @@ use tonic::{
 
 use super::AdsServer;
 use crate::xds::ResourceGenerator;
+use component::limits::PeerAddr;
 
 /// Unsent response data buffered per stream, beyond which hyper stops
 /// pulling from the response body until the peer reads.
@@ -35,7 +36,7 @@ impl<G: ResourceGenerator> AdsServer<G> {
     /// closes each connection once its streams have ended.
     pub async fn serve_connections<IO>(self, incoming: impl Stream<Item = io::Result<IO>>)
     where
-        IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        IO: AsyncRead + AsyncWrite + PeerAddr + Send + Unpin + 'static,
     {
         let mut incoming = pin!(incoming);
         let mut connections = JoinSet::new();
@@ -61,19 +62,21 @@ impl<G: ResourceGenerator> AdsServer<G> {
 
     async fn serve_connection<IO>(self, io: IO)
     where
-        IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        IO: AsyncRead + AsyncWrite + PeerAddr + Send + Unpin + 'static,
     {
         let shutdown = self.shutdown.clone();
+        let limits = self.limits.clone();
+        let peer = io.peer_addr();
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder.adaptive_window(true).max_send_buf_size(SEND_BUFFER);
+        limits.http2(&mut builder);
         let service = super::framing::AdsService(self);
         let service = service_fn(move |request: http::Request<Incoming>| {
-            service.clone().call(request.map(Body::new))
+            let limits = limits.clone();
+            let call = service.clone().call(request.map(Body::new));
+            async move { call.await.map(|response| limits.counted(peer, response)) }
         });
-        let mut connection = pin!(
-            http2::Builder::new(TokioExecutor::new())
-                .adaptive_window(true)
-                .max_send_buf_size(SEND_BUFFER)
-                .serve_connection(TokioIo::new(io), service)
-        );
+        let mut connection = pin!(builder.serve_connection(TokioIo::new(io), service));
         let ended = tokio::select! {
             ended = connection.as_mut() => ended,
             _ = shutdown.cancelled() => {

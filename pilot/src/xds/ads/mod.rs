@@ -27,7 +27,7 @@ use std::{
     time::SystemTime,
 };
 
-use component::CancellationToken;
+use component::{CancellationToken, limits::Limits};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -48,6 +48,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 pub struct AdsServer<G> {
     generator: Arc<G>,
     shutdown: CancellationToken,
+    limits: Limits,
     status: SyncStatus,
     names: NameSets,
 }
@@ -57,6 +58,7 @@ impl<G> Clone for AdsServer<G> {
         Self {
             generator: self.generator.clone(),
             shutdown: self.shutdown.clone(),
+            limits: self.limits.clone(),
             status: self.status.clone(),
             names: self.names.clone(),
         }
@@ -101,10 +103,13 @@ impl SyncStatus {
 }
 
 impl<G: ResourceGenerator> AdsServer<G> {
-    pub fn new(generator: Arc<G>, shutdown: CancellationToken) -> Self {
+    /// Serves what `generator` makes, bounded by `limits` on every
+    /// listener it serves.
+    pub fn new(generator: Arc<G>, shutdown: CancellationToken, limits: Limits) -> Self {
         Self {
             generator,
             shutdown,
+            limits,
             status: SyncStatus::default(),
             names: NameSets::default(),
         }
