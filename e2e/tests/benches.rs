@@ -271,3 +271,59 @@ async fn clusters_bench_times_an_edit_to_both_clusters_last_ack() {
         );
     }
 }
+
+/// The chaos benchmark, short and slow: every control-plane process of the
+/// split topology killed in turn, Citadel's CA rotated, config edited ten
+/// times a second, certificates renewing every few seconds and a proxy
+/// restarted; no request fails but those to the restarted proxy's app.
+#[tokio::test]
+async fn chaos_bench_holds_the_load_through_every_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("chaos.json");
+    let _ports = MESH_STARTING.lock().await;
+    let bench = Proc::start(
+        "meshctl",
+        &[
+            "bench",
+            "chaos",
+            "--topology",
+            "split",
+            "--duration",
+            "20s",
+            "--rate",
+            "40",
+            "--cert-ttl",
+            "6s",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    bench.exit_ok().await;
+    let figures: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let f = &figures["split"];
+    assert_eq!(f["failed_otherwise"], 0, "{f}");
+    assert!(f["requests_sent"].as_u64().unwrap() > 500, "{f}");
+    let faults = f["faults"].as_array().unwrap();
+    // Six control-plane processes and the proxy, each back and ready.
+    assert_eq!(faults.len(), 7, "{f}");
+    assert!(
+        faults
+            .iter()
+            .all(|x| x["ready_again_ms"].as_f64().unwrap() > 0.0),
+        "{f}"
+    );
+    assert!(
+        faults
+            .iter()
+            .any(|x| x["what"].as_str().unwrap().contains("CA rotated")),
+        "{f}"
+    );
+    assert!(f["config_edits"].as_u64().unwrap() >= 100, "{f}");
+    // Seven proxies, each renewing at half of a 6 s life over 20 s.
+    assert!(
+        f["certificates_issued_during_run"].as_u64().unwrap() >= 14,
+        "{f}"
+    );
+    assert!(f["rss"]["pilot"]["end_bytes"].as_u64().unwrap() > 0, "{f}");
+}

@@ -107,6 +107,9 @@ enum BenchCommand {
     /// A config edit reaching the proxies of a cluster that follows the
     /// primary, against the same edit within the primary.
     Clusters(bench::clusters::ClustersBenchArgs),
+    /// Bookinfo at a fixed rate while every control-plane process is
+    /// killed, config edited, Citadel's CA rotated and a proxy restarted.
+    Chaos(bench::chaos::ChaosBenchArgs),
 }
 
 #[tokio::main]
@@ -134,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Mixer(args)) => bench::mixer::run(args).await,
         Command::Bench(BenchCommand::Proxy(args)) => bench::proxy::run(args).await,
         Command::Bench(BenchCommand::Topology(args)) => bench::topology::run(args).await,
+        Command::Bench(BenchCommand::Chaos(args)) => bench::chaos::run(args).await,
         Command::Bench(BenchCommand::Clusters(args)) => bench::clusters::run(args).await,
         Command::Version => {
             println!("meshctl {}", env!("CARGO_PKG_VERSION"));

@@ -19,6 +19,10 @@ use component::{Backoff, CancellationToken, readiness::Condition, spiffe::Identi
 use mesh_api::pb::istio::v1::auth::{
     IstioCertificateRequest, istio_certificate_service_client::IstioCertificateServiceClient,
 };
+use prometheus_client::{
+    metrics::{counter::Counter, gauge::Gauge},
+    registry::Registry,
+};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject};
 use tokio::sync::watch;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity as TlsIdentity};
@@ -106,6 +110,8 @@ pub struct Agent {
     identity: Identity,
     credentials: watch::Sender<Option<Arc<Credentials>>>,
     ready: Condition,
+    issued: Counter,
+    expiry: Gauge,
 }
 
 impl Agent {
@@ -114,8 +120,20 @@ impl Agent {
         namespace: &str,
         service_account: &str,
         ready: Condition,
+        registry: &mut Registry,
     ) -> (Self, CredentialsWatch) {
         let identity = Identity::new(&args.trust_domain, namespace, service_account);
+        let (issued, expiry) = (Counter::default(), Gauge::default());
+        registry.register(
+            "certificates_issued",
+            "Certificates taken from Citadel: the first, and each renewal",
+            issued.clone(),
+        );
+        registry.register(
+            "certificate_expiry_seconds",
+            "When the certificate held expires, in seconds since 1970",
+            expiry.clone(),
+        );
         let (credentials, watch) = watch::channel(None);
         // Without Citadel there is nothing to wait for.
         ready.set(args.citadel.is_none());
@@ -125,6 +143,8 @@ impl Agent {
                 identity,
                 credentials,
                 ready,
+                issued,
+                expiry,
             },
             watch,
         )
@@ -148,6 +168,9 @@ impl Agent {
                 Ok(credentials) => {
                     tracing::info!(identity = %credentials.identity, expires = %humantime::format_rfc3339_seconds(credentials.not_after), "certificate from Citadel");
                     due = half_life(credentials.not_after);
+                    self.issued.inc();
+                    let expiry = credentials.not_after.duration_since(SystemTime::UNIX_EPOCH);
+                    self.expiry.set(expiry.map_or(0, |d| d.as_secs() as i64));
                     if let Some(dir) = &self.args.certs_dir
                         && let Err(e) = credentials.write(dir)
                     {
@@ -215,9 +238,23 @@ impl Agent {
             .create_certificate(request)
             .await?
             .into_inner();
-        let chain_pem = response.cert_chain.concat();
-        let ders: Vec<CertificateDer<'static>> = response
-            .cert_chain
+        let credentials = Credentials::issued(&response.cert_chain, &key)?;
+        anyhow::ensure!(
+            credentials.identity == self.identity,
+            "Citadel issued {}, not {}",
+            credentials.identity,
+            self.identity
+        );
+        Ok(credentials)
+    }
+}
+
+impl Credentials {
+    /// The credentials of a chain Citadel issued (PEM, leaf first, root
+    /// last) for `key`.
+    pub fn issued(cert_chain: &[String], key: &rcgen::KeyPair) -> anyhow::Result<Self> {
+        let chain_pem = cert_chain.concat();
+        let ders: Vec<CertificateDer<'static>> = cert_chain
             .iter()
             .flat_map(|pem| CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Vec<_>>())
             .collect::<Result<_, _>>()
@@ -226,11 +263,6 @@ impl Agent {
             .split_last()
             .ok_or_else(|| anyhow::anyhow!("Citadel answered with an empty chain"))?;
         let identity = component::spiffe::identity_of(&chain[0]).map_err(anyhow::Error::msg)?;
-        anyhow::ensure!(
-            identity == self.identity,
-            "Citadel issued {identity}, not {}",
-            self.identity
-        );
         let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0])
             .map_err(|e| anyhow::anyhow!("the issued certificate does not parse: {e}"))?;
         let not_after = SystemTime::UNIX_EPOCH

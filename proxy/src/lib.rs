@@ -91,6 +91,7 @@ pub async fn run(args: ProxyArgs, admin: Admin, shutdown: CancellationToken) -> 
         &args.node.namespace,
         &args.node.service_account,
         admin.readiness().condition("certificate"),
+        &mut admin.registry(),
     );
     // Registered before the first await, so `/ready` never answers
     // before it knows every condition.

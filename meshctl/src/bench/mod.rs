@@ -1,6 +1,7 @@
 //! `meshctl bench`: benchmarks that measure ours against a baseline in the
 //! same run and print their figures as JSON.
 
+pub mod chaos;
 pub mod citadel;
 pub mod clusters;
 pub mod galley;
@@ -154,7 +155,7 @@ impl Component {
         }
         // Every simulated proxy connects from 127.0.0.1: one peer address.
         let _names_the_field = |a: &::pilot::PilotArgs| a.server_limits.max_connections_per_peer;
-        flags = flags.push("max-connections-per-peer", SIMULATED_PROXIES_MAX);
+        flags = flags.push("max_connections_per_peer", SIMULATED_PROXIES_MAX);
         Self::start(bins, "pilot", flags).await
     }
 

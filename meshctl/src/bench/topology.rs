@@ -44,7 +44,10 @@ pub struct TopologyBenchArgs {
 }
 
 /// The mesh's table, readiness asked live, from its control port.
-async fn status(client: &reqwest::Client, control: SocketAddr) -> anyhow::Result<Vec<Row>> {
+pub(super) async fn status(
+    client: &reqwest::Client,
+    control: SocketAddr,
+) -> anyhow::Result<Vec<Row>> {
     let text = client
         .get(format!("http://{control}/status"))
         .send()
@@ -55,7 +58,7 @@ async fn status(client: &reqwest::Client, control: SocketAddr) -> anyhow::Result
 }
 
 /// Flips reviews' weights in the served config.
-fn edit(config_dir: &std::path::Path, round: usize) -> anyhow::Result<()> {
+pub(super) fn edit(config_dir: &std::path::Path, round: usize) -> anyhow::Result<()> {
     let file = config_dir.join("virtual-services.yaml");
     let text = std::fs::read_to_string(&file)?;
     let (v1, v3) = if round.is_multiple_of(2) {
@@ -85,30 +88,36 @@ fn traffic(productpage: SocketAddr, stop: Arc<AtomicBool>) -> tokio::task::JoinH
             .build()
             .expect("an HTTP client");
         while !stop.load(Ordering::Relaxed) {
-            let page = async {
-                let text = client
-                    .get(format!("http://{productpage}/productpage"))
-                    .send()
-                    .await
-                    .ok()?
-                    .text()
-                    .await
-                    .ok()?;
-                serde_json::from_str::<Value>(&text).ok()
-            }
-            .await;
+            let ok = page_ok(&client, productpage).await;
             sent.fetch_add(1, Ordering::Relaxed);
-            let ok = page.is_some_and(|p| {
-                !p["details"]["author"].is_null()
-                    && !p["reviews"]["version"].is_null()
-                    && p["reviews"]["reviews"][0]["rating"]["error"].is_null()
-            });
             if !ok {
                 failed.fetch_add(1, Ordering::Relaxed);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
+    })
+}
+
+/// Whether one request of productpage came back whole: details, a
+/// version of reviews, and a rating where that version shows one.
+pub(super) async fn page_ok(client: &reqwest::Client, productpage: SocketAddr) -> bool {
+    let page = async {
+        let text = client
+            .get(format!("http://{productpage}/productpage"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        serde_json::from_str::<Value>(&text).ok()
+    }
+    .await;
+    page.is_some_and(|p| {
+        !p["details"]["author"].is_null()
+            && !p["reviews"]["version"].is_null()
+            && p["reviews"]["reviews"][0]["rating"]["error"].is_null()
     })
 }
 

@@ -66,6 +66,10 @@ pub struct UpArgs {
     /// Where `meshctl status` and `meshctl restart` reach this mesh.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub control_addr: SocketAddr,
+    /// Lifetime of the certificates the sidecars and the gateway ask
+    /// Citadel for; each is renewed at half its life.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+    pub workload_cert_ttl: Duration,
 }
 
 impl UpArgs {
@@ -83,6 +87,7 @@ impl UpArgs {
             workloads: Vec::new(),
             cluster: Default::default(),
             control_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            workload_cert_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -148,6 +153,8 @@ struct ControlPlane {
     ca: SocketAddr,
     /// Citadel's root, once it has generated it.
     ca_root: PathBuf,
+    /// The lifetime of the certificates proxies ask for.
+    cert_ttl: Duration,
     policy: SocketAddr,
     telemetry: SocketAddr,
 }
@@ -216,6 +223,7 @@ fn plans(
     ports: &Ports,
     topology: Topology,
     cluster: &cluster::ClusterArgs,
+    cert_ttl: Duration,
 ) -> anyhow::Result<(Vec<Plan>, ControlPlane)> {
     let mcp = cluster.mcp_addr(ports.pick(ports::GALLEY_MCP)?);
     let xds = ports.pick(ports::PILOT_XDS)?;
@@ -315,6 +323,7 @@ fn plans(
         xds,
         ca,
         ca_root: ca_dir.join("root-cert.pem"),
+        cert_ttl,
         policy,
         telemetry,
     };
@@ -402,6 +411,7 @@ impl Mesh {
             &ports,
             args.topology,
             &args.cluster,
+            args.workload_cert_ttl,
         )?;
         let workloads = match &sample {
             Some(sample) => {
@@ -468,6 +478,11 @@ impl Mesh {
     /// The table of what runs where.
     pub fn rows(&self) -> Vec<Row> {
         self.running.rows(None)
+    }
+
+    /// Citadel's directory of CA files.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.state_dir.join("ca")
     }
 
     /// The pids of the control plane's processes (not the sample's).
@@ -712,8 +727,16 @@ mod tests {
             (Topology::Split, following),
         ] {
             let ports = Ports::new(true);
-            let (plans, control_plane) =
-                plans(dir.path(), dir.path(), &tokens, &ports, topology, &cluster).unwrap();
+            let (plans, control_plane) = plans(
+                dir.path(),
+                dir.path(),
+                &tokens,
+                &ports,
+                topology,
+                &cluster,
+                Duration::from_secs(3600),
+            )
+            .unwrap();
             assert_eq!(plans.len(), 6);
             let workloads = sample::Sample::new(&ports, &[])
                 .unwrap()

@@ -58,7 +58,12 @@ pub struct TlsContext {
 /// Configs by settings, for one version of the credentials and of the
 /// files the settings name.
 struct Cache<T> {
-    credentials: Option<usize>,
+    /// The credentials the configs were built with, held: compared by
+    /// address, and an address is not reused while it is held (a renewal's
+    /// credentials in the address of a freed earlier one would otherwise
+    /// pass for the credentials already built with, and the expired
+    /// certificate would go on being presented).
+    credentials: Option<Arc<Credentials>>,
     configs: HashMap<Tls, (Files, Arc<T>)>,
 }
 
@@ -108,10 +113,14 @@ impl<T> Cache<T> {
         files: Files,
         build: impl FnOnce() -> Result<T, String>,
     ) -> Result<Arc<T>, String> {
-        let version = credentials.as_ref().map(|c| Arc::as_ptr(c) as usize);
-        if self.credentials != version {
+        let same = match (&self.credentials, credentials) {
+            (Some(built), Some(current)) => Arc::ptr_eq(built, current),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
             self.configs.clear();
-            self.credentials = version;
+            self.credentials = credentials.clone();
         }
         let cached = self.configs.get(tls);
         if let Some((read, c)) = cached
@@ -573,5 +582,57 @@ mod tests {
         let key = rcgen::KeyPair::generate().unwrap();
         std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
         assert!(Arc::ptr_eq(&rotated, &context.server(&tls).unwrap()));
+    }
+
+    /// A chain as Citadel issues it (leaf for `identity`, then `root`),
+    /// and the leaf's key.
+    fn issue(root: &rcgen::Issuer<'_, rcgen::KeyPair>, root_pem: &str) -> Credentials {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            "spiffe://cluster.local/ns/shop/sa/a".try_into().unwrap(),
+        )];
+        let leaf = params.signed_by(&key, root).unwrap();
+        Credentials::issued(&[leaf.pem(), root_pem.to_string()], &key).unwrap()
+    }
+
+    /// Found by `meshctl bench chaos`: renewed credentials allocated where
+    /// freed ones had been passed for those the cached configs were built
+    /// with, and the proxy went on presenting an expired certificate.
+    #[test]
+    fn every_renewal_is_presented_however_the_credentials_are_allocated() {
+        let root_key = rcgen::KeyPair::generate().unwrap();
+        let mut root_params = rcgen::CertificateParams::default();
+        root_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let root_pem = root_params.self_signed(&root_key).unwrap().pem();
+        let root = rcgen::Issuer::new(root_params, root_key);
+        let mesh = Tls {
+            certificate: Some((Source::Mesh, Source::Mesh)),
+            roots: Some(Source::Mesh),
+            peer_identities: Vec::new(),
+            alpn: vec!["istio".into()],
+            sni: String::new(),
+            require_client_certificate: false,
+        };
+        let (tx, credentials) = tokio::sync::watch::channel(None);
+        let context = TlsContext::new(credentials, Arc::default());
+        let presented = |config: &ClientConfig| {
+            let key = config
+                .client_auth_cert_resolver
+                .resolve(&[], &[rustls::SignatureScheme::ECDSA_NISTP256_SHA256])
+                .expect("a client certificate");
+            key.cert[0].clone()
+        };
+        for _ in 0..50 {
+            tx.send_replace(Some(Arc::new(issue(&root, &root_pem))));
+            context.client(&mesh).unwrap();
+            // Two renewals between handshakes: the second may be allocated
+            // where the first built with was.
+            tx.send_replace(Some(Arc::new(issue(&root, &root_pem))));
+            let current = issue(&root, &root_pem);
+            let leaf = current.chain[0].clone();
+            tx.send_replace(Some(Arc::new(current)));
+            assert_eq!(presented(&context.client(&mesh).unwrap()), leaf);
+        }
     }
 }
