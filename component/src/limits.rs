@@ -12,9 +12,10 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
-use futures::{Stream, StreamExt, future::BoxFuture};
+use futures::{Stream, StreamExt, future::BoxFuture, stream::FuturesUnordered};
 use http_body::{Body, Frame, SizeHint};
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -52,6 +53,11 @@ pub struct ServerLimits {
     /// Mixer and the CA API).
     #[arg(long)]
     pub max_message_bytes: Option<usize>,
+    /// How long a client may take to open a connection: to send its first
+    /// bytes on a plaintext port, to finish its TLS handshake on a TLS
+    /// one. A client that takes longer is closed and counted.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ServerLimits {
@@ -61,6 +67,7 @@ impl Default for ServerLimits {
             max_streams_per_connection: 128,
             max_header_list_bytes: 16 * 1024,
             max_message_bytes: None,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -77,6 +84,7 @@ struct LimitLabel {
 const CONNECTIONS_PER_PEER: &str = "connections_per_peer";
 const STREAMS_PER_CONNECTION: &str = "streams_per_connection";
 const MESSAGE_BYTES: &str = "message_bytes";
+const HANDSHAKE_TIMEOUT: &str = "handshake_timeout";
 
 /// One server's limits and what it holds against them. Cloning shares.
 #[derive(Clone)]
@@ -178,33 +186,71 @@ impl Limits {
     }
 
     /// Accepted connections of `listener`, each admitted against the peer
-    /// limit, with Nagle's algorithm off (requests and responses are small
-    /// and latency-bound: Nagle with delayed ACKs costs 40 ms a round
-    /// trip).
+    /// limit and handed on once its client has said something (a client
+    /// silent for `--handshake-timeout` is closed and counted), with
+    /// Nagle's algorithm off (requests and responses are small and
+    /// latency-bound: Nagle with delayed ACKs costs 40 ms a round trip).
+    /// Clients are waited on side by side: a silent one holds up no other.
     pub fn incoming(
         &self,
         listener: TcpListener,
     ) -> impl Stream<Item = io::Result<Tracked<TcpStream>>> + Send + 'static {
         let limits = self.clone();
-        futures::stream::unfold(listener, move |listener| {
+        let waiting: FuturesUnordered<BoxFuture<'static, Option<Tracked<TcpStream>>>> =
+            FuturesUnordered::new();
+        futures::stream::unfold((listener, waiting), move |(listener, mut waiting)| {
             let limits = limits.clone();
             async move {
                 loop {
-                    match listener.accept().await {
-                        Ok((stream, peer)) => {
-                            if let Some(guard) = limits.admit(peer.ip()) {
-                                let _ = stream.set_nodelay(true);
-                                return Some((Ok(Tracked::new(stream, Some(guard))), listener));
+                    tokio::select! {
+                        accepted = listener.accept() => match accepted {
+                            Ok((stream, peer)) => {
+                                if let Some(guard) = limits.admit(peer.ip()) {
+                                    let _ = stream.set_nodelay(true);
+                                    let stream = Tracked::new(stream, Some(guard));
+                                    waiting.push(Box::pin(limits.clone().first_bytes(stream)));
+                                }
+                            }
+                            // Out of file descriptors and the like: say so,
+                            // and let the server pause before it accepts again.
+                            Err(e) => return Some((Err(e), (listener, waiting))),
+                        },
+                        Some(spoke) = waiting.next(), if !waiting.is_empty() => {
+                            if let Some(stream) = spoke {
+                                return Some((Ok(stream), (listener, waiting)));
                             }
                         }
-                        // Out of file descriptors and the like: say so, and
-                        // let the server pause before it accepts again.
-                        Err(e) => return Some((Err(e), listener)),
                     }
                 }
             }
         })
         .boxed()
+    }
+
+    /// `stream`, once its client has sent something within the handshake
+    /// timeout; `None` when it closed first or said nothing in time.
+    async fn first_bytes(self, stream: Tracked<TcpStream>) -> Option<Tracked<TcpStream>> {
+        let timeout = self.inner.args.handshake_timeout;
+        match tokio::time::timeout(timeout, stream.io.peek(&mut [0u8; 1])).await {
+            Ok(Ok(n)) if n > 0 => Some(stream),
+            Ok(_) => None,
+            Err(_) => {
+                self.count(HANDSHAKE_TIMEOUT);
+                tracing::debug!(peer = ?stream.io.peer_addr().ok(), "closed a client silent for --handshake-timeout");
+                None
+            }
+        }
+    }
+
+    /// How long a client may take to open a connection: its first bytes on
+    /// a plaintext port, its TLS handshake on a TLS one.
+    pub fn handshake_timeout(&self) -> Duration {
+        self.inner.args.handshake_timeout
+    }
+
+    /// Counts a client closed for taking longer than the handshake timeout.
+    pub(crate) fn handshake_timed_out(&self) {
+        self.count(HANDSHAKE_TIMEOUT);
     }
 
     /// A stream opened on the connection from `connection`; counted when

@@ -118,7 +118,8 @@ pub fn server_config(files: &TlsFiles) -> anyhow::Result<Arc<ServerConfig>> {
     Ok(Arc::new(config))
 }
 
-/// Handshakes run one at a time: a peer that stalls one is cut off.
+/// How long a handshake may take where no limits say (the webhooks): a
+/// peer that stalls one is cut off.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A handshake under way: the connection, or `None` when it failed.
@@ -224,8 +225,12 @@ impl TlsListener {
         }
         let acceptor = TlsAcceptor::from(self.config.borrow().clone());
         let stream = Tracked::new(stream, guard);
+        let limits = self.limits.clone();
+        let timeout = limits
+            .as_ref()
+            .map_or(HANDSHAKE_TIMEOUT, Limits::handshake_timeout);
         self.handshakes.push(Box::pin(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => Some((tls, peer)),
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -233,6 +238,9 @@ impl TlsListener {
                 }
                 Err(_) => {
                     tracing::debug!(%peer, "TLS handshake timed out");
+                    if let Some(limits) = limits {
+                        limits.handshake_timed_out();
+                    }
                     None
                 }
             }

@@ -186,3 +186,25 @@ async fn a_message_over_the_size_limit_ends_its_stream_and_is_counted() {
     // The connection serves on.
     open_stream(&mut client, watch()).await;
 }
+
+#[tokio::test]
+async fn a_silent_client_is_closed_and_holds_up_no_other() {
+    let (addr, limits, _stop) = start(ServerLimits {
+        handshake_timeout: std::time::Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // Another client is served while the silent one is waited on.
+    let mut client = ResourceSourceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    open_stream(&mut client, watch()).await;
+    let read = within(
+        "the silent client to be closed",
+        silent.read(&mut [0u8; 16]),
+    )
+    .await;
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert_eq!(limits.reached("handshake_timeout"), 1);
+}
