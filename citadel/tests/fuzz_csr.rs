@@ -13,7 +13,7 @@ use citadel::{
     identity::Identity,
 };
 use proptest::prelude::*;
-use testkit::mutate;
+use testkit::fuzz;
 
 fn ca() -> &'static Ca {
     static CA: OnceLock<(tempfile::TempDir, Ca)> = OnceLock::new();
@@ -89,8 +89,8 @@ proptest! {
     }
 
     #[test]
-    fn a_mutated_csr_is_signed_for_the_caller_or_refused(edits in mutate::edits()) {
-        sign_and_check(&pem(&mutate::mutated(valid_der(), &edits)))?;
+    fn a_mutated_csr_is_signed_for_the_caller_or_refused(edits in fuzz::edits()) {
+        sign_and_check(&pem(&fuzz::mutated(valid_der(), &edits)))?;
     }
 }
 

@@ -8,156 +8,136 @@
 use galley::validation::{validate, validate_all, validate_references};
 use mesh_api::{kinds::KINDS, object::ConfigObject};
 use proptest::prelude::*;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
+use testkit::fuzz;
 
-/// Field names of Istio's config, and any other.
-fn key() -> impl Strategy<Value = String> {
-    prop_oneof![
-        prop::sample::select(vec![
-            "hosts",
-            "gateways",
-            "http",
-            "tcp",
-            "tls",
-            "match",
-            "route",
-            "destination",
-            "host",
-            "subset",
-            "port",
-            "number",
-            "name",
-            "protocol",
-            "weight",
-            "timeout",
-            "retries",
-            "attempts",
-            "perTryTimeout",
-            "fault",
-            "abort",
-            "delay",
-            "percentage",
-            "value",
-            "httpStatus",
-            "uri",
-            "prefix",
-            "exact",
-            "regex",
-            "headers",
-            "servers",
-            "selector",
-            "bind",
-            "mode",
-            "credentialName",
-            "subsets",
-            "labels",
-            "trafficPolicy",
-            "loadBalancer",
-            "simple",
-            "consistentHash",
-            "connectionPool",
-            "outlierDetection",
-            "portLevelSettings",
-            "endpoints",
-            "address",
-            "ports",
-            "resolution",
-            "location",
-            "addresses",
-            "exportTo",
-            "workloadSelector",
-            "ingress",
-            "egress",
-            "defaultEndpoint",
-            "peers",
-            "mtls",
-            "origins",
-            "jwt",
-            "issuer",
-            "jwksUri",
-            "principalBinding",
-            "targets",
-            "rules",
-            "services",
-            "methods",
-            "paths",
-            "subjects",
-            "user",
-            "properties",
-            "roleRef",
-            "kind",
-            "actions",
-            "handler",
-            "instances",
-            "compiledTemplate",
-            "compiledAdapter",
-            "params",
-            "dimensions",
-            "attributes",
-            "valueType",
-            "corsPolicy",
-            "allowOrigin",
-            "mirror",
-            "rewrite",
-            "redirect",
-            "sniHosts",
-            "sourceLabels",
-        ])
-        .prop_map(str::to_string),
-        any::<String>(),
-    ]
-}
+/// Field names of Istio's config.
+const KEYS: &[&str] = &[
+    "hosts",
+    "gateways",
+    "http",
+    "tcp",
+    "tls",
+    "match",
+    "route",
+    "destination",
+    "host",
+    "subset",
+    "port",
+    "number",
+    "name",
+    "protocol",
+    "weight",
+    "timeout",
+    "retries",
+    "attempts",
+    "perTryTimeout",
+    "fault",
+    "abort",
+    "delay",
+    "percentage",
+    "value",
+    "httpStatus",
+    "uri",
+    "prefix",
+    "exact",
+    "regex",
+    "headers",
+    "servers",
+    "selector",
+    "bind",
+    "mode",
+    "credentialName",
+    "subsets",
+    "labels",
+    "trafficPolicy",
+    "loadBalancer",
+    "simple",
+    "consistentHash",
+    "connectionPool",
+    "outlierDetection",
+    "portLevelSettings",
+    "endpoints",
+    "address",
+    "ports",
+    "resolution",
+    "location",
+    "addresses",
+    "exportTo",
+    "workloadSelector",
+    "ingress",
+    "egress",
+    "defaultEndpoint",
+    "peers",
+    "mtls",
+    "origins",
+    "jwt",
+    "issuer",
+    "jwksUri",
+    "principalBinding",
+    "targets",
+    "rules",
+    "services",
+    "methods",
+    "paths",
+    "subjects",
+    "user",
+    "properties",
+    "roleRef",
+    "kind",
+    "actions",
+    "handler",
+    "instances",
+    "compiledTemplate",
+    "compiledAdapter",
+    "params",
+    "dimensions",
+    "attributes",
+    "valueType",
+    "corsPolicy",
+    "allowOrigin",
+    "mirror",
+    "rewrite",
+    "redirect",
+    "sniHosts",
+    "sourceLabels",
+];
+
+/// Values Istio's config holds: hosts, modes, durations, ports.
+const STRINGS: &[&str] = &[
+    "*",
+    "*.example.com",
+    "reviews",
+    "reviews.shop.svc.cluster.local",
+    "mesh",
+    "HTTP",
+    "TCP",
+    "TLS",
+    "GRPC",
+    "ISTIO_MUTUAL",
+    "SIMPLE",
+    "MUTUAL",
+    "STRICT",
+    "PERMISSIVE",
+    "AUTO_PASSTHROUGH",
+    "STATIC",
+    "DNS",
+    "NONE",
+    "1s",
+    "-1s",
+    "1.5s",
+    "10ms",
+    "0",
+    "80",
+    "10.0.0.0/8",
+    "./*",
+    "~/*",
+    "a.b/c",
+    "",
+];
 
 fn json() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::Bool),
-        any::<i64>().prop_map(|n| json!(n)),
-        any::<f64>().prop_map(|n| json!(n)),
-        prop_oneof![
-            prop::sample::select(vec![
-                "*",
-                "*.example.com",
-                "reviews",
-                "reviews.shop.svc.cluster.local",
-                "mesh",
-                "HTTP",
-                "TCP",
-                "TLS",
-                "GRPC",
-                "ISTIO_MUTUAL",
-                "SIMPLE",
-                "MUTUAL",
-                "STRICT",
-                "PERMISSIVE",
-                "AUTO_PASSTHROUGH",
-                "STATIC",
-                "DNS",
-                "NONE",
-                "1s",
-                "-1s",
-                "1.5s",
-                "10ms",
-                "0",
-                "80",
-                "10.0.0.0/8",
-                "./*",
-                "~/*",
-                "a.b/c",
-                "",
-            ])
-            .prop_map(str::to_string),
-            any::<String>(),
-        ]
-        .prop_map(Value::String),
-    ];
-    leaf.prop_recursive(5, 64, 6, |inner| {
-        prop_oneof![
-            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-            proptest::collection::vec((key(), inner), 0..6)
-                .prop_map(|pairs| Value::Object(pairs.into_iter().collect::<Map<_, _>>())),
-        ]
-    })
+    fuzz::json(KEYS, STRINGS)
 }
 
 /// An object of any kind Galley serves, its spec anything.
@@ -231,6 +211,23 @@ fn mutant() -> impl Strategy<Value = Value> {
         })
 }
 
+/// Parses `objects` as Galley does, and validates what parses: alone,
+/// together, and their references; then writes each out as it is served.
+fn parse_and_validate(objects: Vec<Value>) {
+    let parsed: Vec<ConfigObject> = objects
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, o)| ConfigObject::from_json(o, &format!("document {i}")).ok())
+        .collect();
+    for object in &parsed {
+        let _ = validate(object);
+        let _ = object.to_json();
+    }
+    let all: Vec<&ConfigObject> = parsed.iter().collect();
+    let _ = validate_all(&all);
+    let _ = validate_references(&all);
+}
+
 /// What the validating webhook answers to `body`: status and JSON.
 fn review(body: Vec<u8>) -> (u16, Option<Value>) {
     use tower::ServiceExt;
@@ -300,18 +297,7 @@ proptest! {
     fn any_mutant_of_the_examples_parses_and_validates_or_is_refused(
         objects in proptest::collection::vec(mutant(), 1..6),
     ) {
-        let parsed: Vec<ConfigObject> = objects
-            .into_iter()
-            .enumerate()
-            .filter_map(|(i, o)| ConfigObject::from_json(o, &format!("document {i}")).ok())
-            .collect();
-        for object in &parsed {
-            let _ = validate(object);
-            let _ = object.to_json();
-        }
-        let all: Vec<&ConfigObject> = parsed.iter().collect();
-        let _ = validate_all(&all);
-        let _ = validate_references(&all);
+        parse_and_validate(objects);
     }
 
     #[test]
@@ -323,18 +309,6 @@ proptest! {
     fn any_spec_of_any_kind_parses_and_validates_or_is_refused(
         objects in proptest::collection::vec(object(), 1..4),
     ) {
-        let parsed: Vec<ConfigObject> = objects
-            .into_iter()
-            .enumerate()
-            .filter_map(|(i, o)| ConfigObject::from_json(o, &format!("document {i}")).ok())
-            .collect();
-        for object in &parsed {
-            let _ = validate(object);
-            // What is served goes out as JSON and YAML again.
-            let _ = object.to_json();
-        }
-        let all: Vec<&ConfigObject> = parsed.iter().collect();
-        let _ = validate_all(&all);
-        let _ = validate_references(&all);
+        parse_and_validate(objects);
     }
 }

@@ -179,7 +179,7 @@ mod tests {
 
     mod fuzz {
         use proptest::prelude::*;
-        use testkit::mutate;
+        use testkit::fuzz;
 
         use super::*;
         use crate::tls::{HelloRead, read_hello};
@@ -213,8 +213,8 @@ mod tests {
             }
 
             #[test]
-            fn a_mutated_hello_reads_as_a_hello_or_not(edits in mutate::edits()) {
-                let _ = read_hello(&mutate::mutated(&client_hello(&["h2", "http/1.1"]), &edits));
+            fn a_mutated_hello_reads_as_a_hello_or_not(edits in fuzz::edits()) {
+                let _ = read_hello(&fuzz::mutated(&client_hello(&["h2", "http/1.1"]), &edits));
             }
         }
     }

@@ -25,7 +25,7 @@ use pilot::{
 use proptest::prelude::*;
 use prost::Message;
 use proxy::config;
-use testkit::mutate;
+use testkit::fuzz;
 
 /// A proxy's node as its agent announces it: id and labels.
 fn node(id: &str, labels: &[(&str, &str)]) -> Node {
@@ -144,11 +144,11 @@ proptest! {
     #[test]
     fn any_mutant_of_what_pilot_sends_compiles_or_is_refused(
         seed in any::<prop::sample::Index>(),
-        edits in mutate::edits(),
+        edits in fuzz::edits(),
     ) {
         let seeds = seeds();
         let seed = &seeds[seed.index(seeds.len())];
-        let _ = compile(&seed.type_url, &mutate::mutated(&seed.value, &edits));
+        let _ = compile(&seed.type_url, &fuzz::mutated(&seed.value, &edits));
     }
 
     #[test]

@@ -296,80 +296,60 @@ mod tests {
 
     mod fuzz {
         use proptest::prelude::*;
-        use serde_json::{Map, Value, json};
+        use serde_json::Value;
+        use testkit::fuzz;
 
         use super::injector;
         use crate::inject::Outcome;
 
-        /// The words a pod and the injector's annotations are made of, and
-        /// any other.
-        fn key() -> impl Strategy<Value = String> {
-            prop_oneof![
-                prop::sample::select(vec![
-                    "metadata",
-                    "labels",
-                    "annotations",
-                    "name",
-                    "namespace",
-                    "spec",
-                    "containers",
-                    "initContainers",
-                    "ports",
-                    "containerPort",
-                    "protocol",
-                    "image",
-                    "volumes",
-                    "hostNetwork",
-                    "serviceAccountName",
-                    "status",
-                    "sidecar.istio.io/inject",
-                    "sidecar.istio.io/status",
-                    "traffic.sidecar.istio.io/includeInboundPorts",
-                    "traffic.sidecar.istio.io/excludeInboundPorts",
-                    "traffic.sidecar.istio.io/includeOutboundIPRanges",
-                    "traffic.sidecar.istio.io/excludeOutboundIPRanges",
-                    "status.sidecar.istio.io/port",
-                    "readiness.status.sidecar.istio.io/initialDelaySeconds",
-                    "inject.istio.io/templates",
-                    "app",
-                    "version",
-                    "~",
-                    "/",
-                ])
-                .prop_map(str::to_string),
-                any::<String>(),
-            ]
-        }
+        /// The words a pod and the injector's annotations are made of.
+        const KEYS: &[&str] = &[
+            "metadata",
+            "labels",
+            "annotations",
+            "name",
+            "namespace",
+            "spec",
+            "containers",
+            "initContainers",
+            "ports",
+            "containerPort",
+            "protocol",
+            "image",
+            "volumes",
+            "hostNetwork",
+            "serviceAccountName",
+            "status",
+            "sidecar.istio.io/inject",
+            "sidecar.istio.io/status",
+            "traffic.sidecar.istio.io/includeInboundPorts",
+            "traffic.sidecar.istio.io/excludeInboundPorts",
+            "traffic.sidecar.istio.io/includeOutboundIPRanges",
+            "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+            "status.sidecar.istio.io/port",
+            "readiness.status.sidecar.istio.io/initialDelaySeconds",
+            "inject.istio.io/templates",
+            "app",
+            "version",
+            "~",
+            "/",
+        ];
+
+        /// Values of those annotations and fields.
+        const STRINGS: &[&str] = &[
+            "true",
+            "false",
+            "9080",
+            "*",
+            "10.0.0.0/8",
+            "-1",
+            "a,
+            b",
+            "",
+        ];
 
         fn json() -> impl Strategy<Value = Value> {
-            let leaf = prop_oneof![
-                Just(Value::Null),
-                any::<bool>().prop_map(Value::Bool),
-                any::<i64>().prop_map(|n| json!(n)),
-                any::<f64>().prop_map(|n| json!(n)),
-                prop_oneof![
-                    prop::sample::select(vec![
-                        "true",
-                        "false",
-                        "9080",
-                        "*",
-                        "10.0.0.0/8",
-                        "-1",
-                        "a,b",
-                        ""
-                    ])
-                    .prop_map(str::to_string),
-                    any::<String>(),
-                ]
-                .prop_map(Value::String),
-            ];
-            leaf.prop_recursive(5, 64, 6, |inner| {
-                prop_oneof![
-                    proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-                    proptest::collection::vec((key(), inner), 0..6)
-                        .prop_map(|pairs| Value::Object(pairs.into_iter().collect::<Map<_, _>>())),
-                ]
-            })
+            fuzz::json(KEYS, STRINGS)
         }
 
         proptest! {

@@ -3,8 +3,8 @@
 //! processes on 127.0.0.1, wait on readiness, and stop them.
 
 pub mod fake_kube;
+pub mod fuzz;
 pub mod mcp_watch;
-pub mod mutate;
 pub mod netns;
 
 use std::{

@@ -231,6 +231,32 @@ fn rss(rows: &[Row]) -> BTreeMap<String, (u32, u64)> {
         .collect()
 }
 
+/// Every process's RSS in MB, by name, each `every` until `until`: a leak
+/// climbs, a high-water mark steps up and stays.
+async fn rss_over_time(
+    client: reqwest::Client,
+    control: SocketAddr,
+    every: Duration,
+    started: Instant,
+    until: Instant,
+) -> Vec<Value> {
+    let mut samples = Vec::new();
+    let mut ticker = tokio::time::interval(every);
+    while Instant::now() < until {
+        ticker.tick().await;
+        let Ok(rows) = status(&client, control).await else {
+            continue;
+        };
+        let mut sample: BTreeMap<String, Value> = rss(&rows)
+            .into_iter()
+            .map(|(name, (_, bytes))| (name, json!(bytes / (1 << 20))))
+            .collect();
+        sample.insert("at_s".into(), json!(started.elapsed().as_secs()));
+        samples.push(json!(sample));
+    }
+    samples
+}
+
 /// A metric's value summed over the proxies' admin ports.
 async fn proxies_metric(client: &reqwest::Client, rows: &[Row], metric: &str) -> u64 {
     let mut total = 0;
@@ -306,6 +332,13 @@ async fn measure(
     let stop_edits = CancellationToken::new();
     let editing = tokio::spawn(edits(config_dir, args.edits_per_second, stop_edits.clone()));
     let renewals_before = proxies_metric(&client, &rows, "proxy_certificates_issued_total ").await;
+    let sampling = tokio::spawn(rss_over_time(
+        client.clone(),
+        control_addr,
+        args.window,
+        started,
+        at(1.0),
+    ));
 
     tokio::time::sleep_until(at(QUIET).into()).await;
     let rss_start = rss(&status(&client, control_addr).await?);
@@ -339,6 +372,7 @@ async fn measure(
     });
 
     let (samples, not_sent) = traffic.await??;
+    let rss_samples = sampling.await?;
     stop_edits.cancel();
     let edited = editing.await?;
     let rows_end = status(&client, control_addr).await?;
@@ -402,6 +436,7 @@ async fn measure(
             "ready_again_ms": f.recovered_after.map(ms),
         })).collect::<Vec<_>>(),
         "rss": memory,
+        "rss_mb_over_time": rss_samples,
         "max_rss_growth_pct_of_processes_not_restarted": not_restarted_growth,
         "windows": windows(&samples, args.window),
     }))
