@@ -354,15 +354,21 @@ mod tests {
         shutdown.cancel();
     }
 
+    /// A listener on 127.0.0.1 serving a certificate written to `dir`.
+    async fn serving(dir: &Path) -> (TlsListener, rcgen::Certificate, CancellationToken) {
+        let cert = write_certificate(dir, "only");
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let shutdown = CancellationToken::new();
+        let files = TlsFiles::https(dir.join("cert.pem"), dir.join("key.pem"));
+        let listener = TlsListener::new(tcp, files, shutdown.clone()).unwrap();
+        (listener, cert, shutdown)
+    }
+
     #[tokio::test]
     async fn a_client_silent_in_its_handshake_holds_up_no_other() {
         let dir = tempfile::tempdir().unwrap();
-        let cert = write_certificate(dir.path(), "only");
-        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = tcp.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let files = TlsFiles::https(dir.path().join("cert.pem"), dir.path().join("key.pem"));
-        let mut listener = TlsListener::new(tcp, files, shutdown.clone()).unwrap();
+        let (mut listener, cert, shutdown) = serving(dir.path()).await;
+        let addr = listener.local_addr().unwrap();
         let _silent = TcpStream::connect(addr).await.unwrap();
         // Well within the handshake timeout that would free a listener
         // that took handshakes one at a time.
@@ -377,18 +383,13 @@ mod tests {
     #[tokio::test]
     async fn a_peer_over_its_connection_limit_gets_no_handshake() {
         let dir = tempfile::tempdir().unwrap();
-        let cert = write_certificate(dir.path(), "only");
-        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = tcp.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let files = TlsFiles::https(dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let (listener, cert, shutdown) = serving(dir.path()).await;
+        let addr = listener.local_addr().unwrap();
         let limits = Limits::unregistered(&crate::limits::ServerLimits {
             max_connections_per_peer: 1,
             ..Default::default()
         });
-        let mut listener = TlsListener::new(tcp, files, shutdown.clone())
-            .unwrap()
-            .with_limits(limits.clone());
+        let mut listener = listener.with_limits(limits.clone());
         let _silent = TcpStream::connect(addr).await.unwrap();
         // The silent connection holds the peer's one place, so this
         // handshake is refused; the listener is accepting meanwhile.

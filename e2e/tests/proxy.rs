@@ -944,11 +944,19 @@ async fn silent_and_stalled_clients_are_closed() {
         .unwrap();
     stalled.write_all(&client_hello()).await.unwrap();
     closed_after(stalled).await;
-    // Plaintext HTTP (the client's HTTP_PROXY port): nothing said, closed.
+    // Plaintext HTTP (the client's HTTP_PROXY port): nothing said, closed,
+    // and counted where users look.
     let silent = tokio::net::TcpStream::connect(mesh.ports.egress)
         .await
         .unwrap();
     closed_after(silent).await;
+    let (_, stats) = get(mesh.client_ports.stats, "/stats/prometheus")
+        .await
+        .unwrap();
+    assert!(
+        stats.contains(r#"proxy_limit_reached_total{limit="protocol_detection_timeout"} 1"#),
+        "{stats}"
+    );
 }
 
 /// The first flight of a TLS client, as bytes.

@@ -8,14 +8,18 @@ use mixer::expr::{Referenced, eval, parse};
 use mixer_client::attributes::{Bag, Value};
 use proptest::prelude::*;
 
-/// Pieces of Istio's expression syntax, with edge values.
-const TOKENS: &[&str] = &[
+/// Attribute names, both in expressions and in the bags they meet.
+const NAMES: &[&str] = &[
     "a",
     "b.c",
     "request.headers",
     "source.ip",
     "request.time",
     "response.duration",
+];
+
+/// The rest of Istio's expression syntax, with edge values.
+const TOKENS: &[&str] = &[
     "\"s\"",
     "\"\"",
     "'x'",
@@ -81,19 +85,13 @@ fn bag() -> impl Strategy<Value = Bag> {
         proptest::collection::btree_map(any::<String>(), any::<String>(), 0..4)
             .prop_map(Value::StringMap),
     ];
-    let name = prop::sample::select(vec![
-        "a",
-        "b.c",
-        "request.headers",
-        "source.ip",
-        "request.time",
-        "response.duration",
-    ]);
-    proptest::collection::btree_map(name.prop_map(str::to_string), value, 0..6)
+    let name = prop::sample::select(NAMES).prop_map(str::to_string);
+    proptest::collection::btree_map(name, value, 0..6)
 }
 
 fn soup() -> impl Strategy<Value = String> {
-    proptest::collection::vec(prop::sample::select(TOKENS), 0..24).prop_map(|t| t.join(" "))
+    let token = prop_oneof![prop::sample::select(NAMES), prop::sample::select(TOKENS)];
+    proptest::collection::vec(token, 0..24).prop_map(|t| t.join(" "))
 }
 
 /// Expressions built by the grammar, so that most parse and evaluation is

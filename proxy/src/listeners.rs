@@ -37,10 +37,11 @@ pub struct Timeouts {
     /// TLS from plaintext (Envoy's `listener_filters_timeout`); after it,
     /// the connection goes on as plaintext, as a server-first protocol's
     /// would. A plaintext HTTP connection that says nothing in this time
-    /// is closed.
+    /// is closed (`proxy_limit_reached_total{limit="protocol_detection_timeout"}`).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
     pub protocol_detection_timeout: Duration,
-    /// How long a TLS handshake may take.
+    /// How long a TLS handshake may take
+    /// (`proxy_limit_reached_total{limit="tls_handshake_timeout"}`).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     pub tls_handshake_timeout: Duration,
 }
@@ -254,6 +255,10 @@ impl Accepted {
             };
             if http && silent {
                 tracing::debug!(listener = %name, %peer, "nothing said in time; closed");
+                self.shared
+                    .upstreams
+                    .stats
+                    .limit_reached("protocol_detection_timeout");
                 return;
             }
             return self.serve_chain(stream, None, chain, arrival.sni).await;
@@ -273,7 +278,13 @@ impl Accepted {
                 self.serve_chain(stream, identity, chain, arrival.sni).await;
             }
             Ok(Err(e)) => tracing::info!(listener = %name, %peer, "TLS handshake failed: {e}"),
-            Err(_) => tracing::info!(listener = %name, %peer, "TLS handshake timed out; closed"),
+            Err(_) => {
+                tracing::info!(listener = %name, %peer, "TLS handshake timed out; closed");
+                self.shared
+                    .upstreams
+                    .stats
+                    .limit_reached("tls_handshake_timeout");
+            }
         }
     }
 
