@@ -158,6 +158,14 @@ pub struct Client {
     batch: Mutex<Vec<Bag>>,
 }
 
+/// Whether a call failed for want of Mixer: it could not be reached
+/// (UNAVAILABLE), or its connection broke with the call in flight (a
+/// Mixer killed mid-call: tonic says UNKNOWN, from the transport).
+fn unreachable(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable
+        || std::error::Error::source(status).is_some_and(|e| e.is::<tonic::transport::Error>())
+}
+
 impl Client {
     pub fn new(channel: Channel, options: ClientOptions) -> Self {
         Self {
@@ -168,12 +176,14 @@ impl Client {
         }
     }
 
-    /// Sends a check, trying again while Mixer cannot be reached.
+    /// Sends a check, trying again while Mixer cannot be reached. The
+    /// request goes again as it was, deduplication id and all: a Mixer that
+    /// granted its quota already grants the same again, not twice.
     async fn send_check(&self, request: CheckRequest) -> Result<CheckResponse, tonic::Status> {
         let mut wait = RETRY_WAIT.0;
         for _ in 0..self.options.retries {
             match self.grpc.clone().check(request.clone()).await {
-                Err(status) if status.code() == tonic::Code::Unavailable => {
+                Err(status) if unreachable(&status) => {
                     tracing::debug!(%status, ?wait, "mixer check failed; trying again");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(RETRY_WAIT.1);

@@ -313,3 +313,41 @@ spec: {actions: [{handler: quotahandler, instances: [rq]}]}
     // Another user has a quota of their own.
     assert_eq!(client.check(&request("ann", "curl")).await, Verdict::Allow);
 }
+
+/// A Mixer that dies with a Check in flight (`kill -9`: the connection
+/// closes under the call) is waited out like one that is down.
+#[tokio::test]
+async fn a_check_whose_mixer_dies_mid_call_is_tried_again() {
+    use tokio::io::AsyncReadExt;
+    let mixer = start().await;
+    let addr = testkit::free_addr();
+    let target = mixer.running.grpc;
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        // The first connection is read from, then closed with the call in
+        // flight; later ones reach Mixer.
+        let (mut first, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let _ = first.read(&mut buf).await;
+        drop(first);
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut outbound = tokio::net::TcpStream::connect(target).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    let client = Client::new(
+        channel,
+        ClientOptions {
+            fail_open: false,
+            retries: 10,
+            ..Default::default()
+        },
+    );
+    let verdict = client.check(&request("mary", "wget")).await;
+    assert_eq!(verdict, Verdict::Allow, "{verdict:?}");
+}
