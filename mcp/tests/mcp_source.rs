@@ -8,10 +8,7 @@ use std::{collections::HashMap, sync::Arc};
 use common::*;
 use component::CancellationToken;
 use mcp::{IncrementalPolicy, Store};
-use mesh_api::pb::{
-    google::rpc,
-    istio::mcp::v1alpha1::{RequestResources, Resources},
-};
+use mesh_api::pb::istio::mcp::v1alpha1::Resources;
 use tonic::Code;
 
 fn store_with(n: u32) -> Arc<Store> {
@@ -144,18 +141,7 @@ async fn increments_asked_after_a_nacked_whole_state_start_whole() {
     // whole state, NACKs that too, and asks for increments from now on.
     sink.watch(GATEWAYS, false).await;
     let whole = sink.next().await.unwrap();
-    sink.send(RequestResources {
-        collection: GATEWAYS.into(),
-        response_nonce: whole.nonce.clone(),
-        incremental: true,
-        error_detail: Some(rpc::Status {
-            code: 3,
-            message: "cannot apply".into(),
-            details: vec![],
-        }),
-        ..Default::default()
-    })
-    .await;
+    sink.nack_asking(&whole, true).await;
     store.upsert(GATEWAYS, gateway("ns/g1", 1)).unwrap();
     let next = sink.next().await.unwrap();
     assert!(!next.incremental, "no base to diff against: {next:?}");

@@ -183,6 +183,17 @@ async fn without_mixer_checks_fail_open_or_closed() {
     assert!(message.contains("mixer check failed"), "{message}");
 }
 
+/// Passes every connection `listener` accepts on to `target`, as a Mixer
+/// at `listener`'s address would answer.
+async fn forward(listener: tokio::net::TcpListener, target: std::net::SocketAddr) {
+    while let Ok((mut inbound, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let mut outbound = tokio::net::TcpStream::connect(target).await.unwrap();
+            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+        });
+    }
+}
+
 #[tokio::test]
 async fn a_check_tried_again_waits_out_a_mixer_restart() {
     let mixer = start().await;
@@ -192,12 +203,7 @@ async fn a_check_tried_again_waits_out_a_mixer_restart() {
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut outbound = tokio::net::TcpStream::connect(target).await.unwrap();
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-            });
-        }
+        forward(listener, target).await;
     });
     let client = |retries| {
         let channel = Channel::from_shared(format!("http://{addr}"))
@@ -330,12 +336,7 @@ async fn a_check_whose_mixer_dies_mid_call_is_tried_again() {
         let mut buf = vec![0u8; 64 * 1024];
         let _ = first.read(&mut buf).await;
         drop(first);
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut outbound = tokio::net::TcpStream::connect(target).await.unwrap();
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-            });
-        }
+        forward(listener, target).await;
     });
     let channel = Channel::from_shared(format!("http://{addr}"))
         .unwrap()

@@ -160,9 +160,15 @@ impl RawSink {
     }
 
     pub async fn nack(&self, r: &Resources) {
+        self.nack_asking(r, false).await;
+    }
+
+    /// NACKs `r`, asking for increments from now on or not.
+    pub async fn nack_asking(&self, r: &Resources, incremental: bool) {
         self.send(RequestResources {
             collection: r.collection.clone(),
             response_nonce: r.nonce.clone(),
+            incremental,
             error_detail: Some(rpc::Status {
                 code: 3,
                 message: "cannot apply".into(),
