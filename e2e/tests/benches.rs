@@ -294,6 +294,9 @@ async fn chaos_bench_holds_the_load_through_every_fault() {
             "40",
             "--cert-ttl",
             "6s",
+            // Each second apart, so that a failure says when it came.
+            "--window",
+            "1s",
             "--out",
             out.to_str().unwrap(),
         ],

@@ -33,7 +33,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use super::{
     addr, ms, rss_bytes,
-    topology::{edit, page_ok, status},
+    topology::{edit, page, status},
 };
 use crate::up::{Mesh, Topology, UpArgs, control::Row};
 
@@ -81,6 +81,8 @@ struct Sample {
     at: Duration,
     latency: Duration,
     ok: bool,
+    /// Why it failed, when it did.
+    failure: Option<String>,
 }
 
 /// What was done to the mesh, and when it was whole again.
@@ -118,11 +120,12 @@ async fn load(
         let (client, tx) = (client.clone(), tx.clone());
         tokio::spawn(async move {
             let sent = Instant::now();
-            let ok = page_ok(&client, productpage).await;
+            let outcome = page(&client, productpage).await;
             let _ = tx.send(Sample {
                 at: sent - started,
                 latency: sent.elapsed(),
-                ok,
+                ok: outcome.is_ok(),
+                failure: outcome.err(),
             });
             drop(slot);
         });
@@ -277,6 +280,23 @@ async fn proxies_metric(client: &reqwest::Client, rows: &[Row], metric: &str) ->
     total
 }
 
+/// How many requests failed for each reason, the reason's first 160
+/// characters (the rest names addresses and times that differ each time).
+fn reasons(failed: &[&Sample]) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for s in failed {
+        let reason: String = s
+            .failure
+            .as_deref()
+            .unwrap_or_default()
+            .chars()
+            .take(160)
+            .collect();
+        *out.entry(reason).or_default() += 1;
+    }
+    out
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -426,6 +446,7 @@ async fn measure(
         "failed": failed.len(),
         "failed_to_the_restarted_proxy": failed_restarted,
         "failed_otherwise": failed.len() - failed_restarted,
+        "failures_by_reason": reasons(&failed),
         "latency_quiet_ms": {"p50": percentile(&quiet, 0.5), "p99": percentile(&quiet, 0.99), "max": percentile(&quiet, 1.0)},
         "latency_under_faults_ms": {"p50": percentile(&faulted, 0.5), "p99": percentile(&faulted, 0.99), "max": percentile(&faulted, 1.0)},
         "config_edits": edited,

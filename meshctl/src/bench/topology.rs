@@ -88,7 +88,7 @@ fn traffic(productpage: SocketAddr, stop: Arc<AtomicBool>) -> tokio::task::JoinH
             .build()
             .expect("an HTTP client");
         while !stop.load(Ordering::Relaxed) {
-            let ok = page_ok(&client, productpage).await;
+            let ok = page(&client, productpage).await.is_ok();
             sent.fetch_add(1, Ordering::Relaxed);
             if !ok {
                 failed.fetch_add(1, Ordering::Relaxed);
@@ -99,26 +99,33 @@ fn traffic(productpage: SocketAddr, stop: Arc<AtomicBool>) -> tokio::task::JoinH
     })
 }
 
-/// Whether one request of productpage came back whole: details, a
-/// version of reviews, and a rating where that version shows one.
-pub(super) async fn page_ok(client: &reqwest::Client, productpage: SocketAddr) -> bool {
-    let page = async {
-        let text = client
-            .get(format!("http://{productpage}/productpage"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        serde_json::from_str::<Value>(&text).ok()
+/// One request of productpage: whole (details, a version of reviews, and a
+/// rating where that version shows one), or what was missing and why.
+pub(super) async fn page(client: &reqwest::Client, productpage: SocketAddr) -> Result<(), String> {
+    let response = client
+        .get(format!("http://{productpage}/productpage"))
+        .send()
+        .await
+        .map_err(|e| format!("productpage: {e}"))?;
+    let status = response.status();
+    let text = response
+        .text()
+        .await
+        .map_err(|e| format!("productpage's body: {e}"))?;
+    let p: Value =
+        serde_json::from_str(&text).map_err(|_| format!("productpage: {status}: {text}"))?;
+    let error = |part: &Value| part["error"].as_str().unwrap_or("missing").to_string();
+    if p["details"]["author"].is_null() {
+        return Err(format!("details: {}", error(&p["details"])));
     }
-    .await;
-    page.is_some_and(|p| {
-        !p["details"]["author"].is_null()
-            && !p["reviews"]["version"].is_null()
-            && p["reviews"]["reviews"][0]["rating"]["error"].is_null()
-    })
+    if p["reviews"]["version"].is_null() {
+        return Err(format!("reviews: {}", error(&p["reviews"])));
+    }
+    let rating = &p["reviews"]["reviews"][0]["rating"];
+    match rating["error"].as_str() {
+        Some(e) => Err(format!("ratings: {e}")),
+        None => Ok(()),
+    }
 }
 
 async fn measure(
