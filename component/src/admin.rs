@@ -1,7 +1,8 @@
 //! The admin HTTP server every component runs: `/healthz` (the process is
 //! alive), `/ready` (every readiness condition holds), `/metrics`
 //! (Prometheus/OpenMetrics text) and the JSON pages under `/debug/` that the
-//! component registers (`/debug` lists them), POST `/logging?level=...`
+//! component registers (`/debug` lists them), `/version` (what runs, for
+//! `meshctl version --remote`), POST `/logging?level=...`
 //! (the log level, changed while running), and any routes of the
 //! component's own (the proxy's Envoy-style endpoints).
 
@@ -31,6 +32,8 @@ type DebugPage = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 /// every component and serve them all on one port.
 #[derive(Clone)]
 pub struct Admin {
+    /// The component's name: its metrics' prefix.
+    name: Arc<str>,
     registry: Arc<Mutex<Registry>>,
     readiness: Readiness,
     debug_pages: Arc<Mutex<BTreeMap<String, DebugPage>>>,
@@ -41,6 +44,7 @@ impl Admin {
     /// A new admin whose metric names all start with `prefix`.
     pub fn new(prefix: &str) -> Self {
         Self {
+            name: prefix.into(),
             registry: Arc::new(Mutex::new(Registry::with_prefix(prefix))),
             readiness: Readiness::new(),
             debug_pages: Arc::default(),
@@ -82,6 +86,7 @@ impl Admin {
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/ready", get(ready))
             .route("/metrics", get(metrics))
+            .route("/version", get(version))
             .route("/debug", get(debug_index))
             .route("/debug/{name}", get(debug_page))
             .route("/logging", axum::routing::post(logging))
@@ -120,6 +125,20 @@ async fn ready(State(admin): State<Admin>) -> impl IntoResponse {
         text.push_str(&format!("note: {note}\n"));
     }
     (status, text)
+}
+
+/// The component, its version and the binary it runs in (the monolith
+/// hosts several): upgraded one at a time, a mesh can run several versions.
+async fn version(State(admin): State<Admin>) -> Json<serde_json::Value> {
+    let binary = std::env::current_exe()
+        .ok()
+        .and_then(|p| Some(p.file_name()?.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    Json(serde_json::json!({
+        "component": &*admin.name,
+        "version": env!("CARGO_PKG_VERSION"),
+        "binary": binary,
+    }))
 }
 
 async fn debug_index(State(admin): State<Admin>) -> Json<Vec<String>> {

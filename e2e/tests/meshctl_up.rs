@@ -19,6 +19,11 @@ async fn monolith_runs_every_component_in_one_process_and_stops_it_on_sigterm() 
     assert!(pids.iter().all(|&p| p == pids[0]), "one process: {pids:?}");
 }
 
+/// The binary of a component in the split topology.
+fn name_binary(name: &str) -> &str {
+    name.strip_prefix("mixer-").map_or(name, |_| "mixer")
+}
+
 /// Brings the mesh up in `topology`, checks every component's row and
 /// readiness, stops it, and returns the components' pids.
 async fn up_and_down(topology: &str) -> Vec<u32> {
@@ -49,6 +54,31 @@ async fn up_and_down(topology: &str) -> Vec<u32> {
         );
     }
     assert!(pids.iter().all(|&p| alive(p)));
+
+    // Every component says its version on its admin port, and in the
+    // monolith, which binary hosts it.
+    let control = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("control: "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("the control address");
+    let out = std::process::Command::new(bin("meshctl"))
+        .args(["version", "--remote", "--control", control, "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let versions: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mesh = versions["mesh"].as_array().unwrap();
+    assert_eq!(mesh.len(), names.len(), "{versions}");
+    for (c, name) in mesh.iter().zip(&names) {
+        let binary = match topology {
+            "monolith" => "monolith",
+            _ => name_binary(name),
+        };
+        assert_eq!(c["name"], *name, "{versions}");
+        assert_eq!(c["version"], versions["client"], "{versions}");
+        assert_eq!(c["binary"], binary, "{versions}");
+    }
 
     let status = up.terminate().await;
     assert!(

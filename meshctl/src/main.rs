@@ -8,6 +8,7 @@ mod mcp;
 mod proxy_status;
 mod up;
 mod validate;
+mod version;
 
 use clap::{Parser, Subcommand};
 use component::logging::{self, LogFormat};
@@ -46,8 +47,8 @@ enum Command {
     /// Certificate authorities for Citadel.
     #[command(subcommand)]
     Ca(CaCommand),
-    /// Print the version.
-    Version,
+    /// Print the version; with `--remote`, every running component's too.
+    Version(version::VersionArgs),
 }
 
 #[derive(clap::Args)]
@@ -139,10 +140,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Topology(args)) => bench::topology::run(args).await,
         Command::Bench(BenchCommand::Chaos(args)) => bench::chaos::run(args).await,
         Command::Bench(BenchCommand::Clusters(args)) => bench::clusters::run(args).await,
-        Command::Version => {
-            println!("meshctl {}", env!("CARGO_PKG_VERSION"));
-            Ok(())
-        }
+        Command::Version(args) => version::run(args).await,
     }
 }
 
