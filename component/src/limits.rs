@@ -141,10 +141,6 @@ impl Limits {
         Self::new(args, "unregistered", &mut Registry::default())
     }
 
-    pub fn args(&self) -> &ServerLimits {
-        &self.inner.args
-    }
-
     /// The largest message received: the flag, or `default`.
     pub fn max_message_bytes(&self, default: usize) -> usize {
         self.inner.args.max_message_bytes.unwrap_or(default)
@@ -167,7 +163,7 @@ impl Limits {
 
     /// Takes a connection from `peer`, or refuses it when the peer holds
     /// as many as it may.
-    pub(crate) fn admit(&self, peer: IpAddr) -> Option<PeerGuard> {
+    fn admit(&self, peer: IpAddr) -> Option<PeerGuard> {
         let mut peers = lock(&self.inner.peers);
         let open = peers.entry(peer).or_default();
         if *open >= self.inner.args.max_connections_per_peer {
@@ -185,12 +181,10 @@ impl Limits {
         })
     }
 
-    /// Accepted connections of `listener`, each admitted against the peer
-    /// limit and handed on once its client has said something (a client
-    /// silent for `--handshake-timeout` is closed and counted), with
-    /// Nagle's algorithm off (requests and responses are small and
-    /// latency-bound: Nagle with delayed ACKs costs 40 ms a round trip).
-    /// Clients are waited on side by side: a silent one holds up no other.
+    /// Accepted connections of `listener`, each [`admitted`] and handed on
+    /// once its client has said something (a client silent for
+    /// `--handshake-timeout` is closed and counted). Clients are waited on
+    /// side by side: a silent one holds up no other.
     pub fn incoming(
         &self,
         listener: TcpListener,
@@ -205,9 +199,7 @@ impl Limits {
                     tokio::select! {
                         accepted = listener.accept() => match accepted {
                             Ok((stream, peer)) => {
-                                if let Some(guard) = limits.admit(peer.ip()) {
-                                    let _ = stream.set_nodelay(true);
-                                    let stream = Tracked::new(stream, Some(guard));
+                                if let Some(stream) = admitted(Some(&limits), stream, peer) {
                                     waiting.push(Box::pin(limits.clone().first_bytes(stream)));
                                 }
                             }
@@ -244,7 +236,7 @@ impl Limits {
 
     /// How long a client may take to open a connection: its first bytes on
     /// a plaintext port, its TLS handshake on a TLS one.
-    pub fn handshake_timeout(&self) -> Duration {
+    pub(crate) fn handshake_timeout(&self) -> Duration {
         self.inner.args.handshake_timeout
     }
 
@@ -330,8 +322,30 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A connection accepted from `peer`, admitted against the peer limit of
+/// `limits` when there are limits (`None` when refused), with Nagle's
+/// algorithm off: requests and responses are small and latency-bound, and
+/// Nagle with delayed ACKs costs 40 ms a round trip.
+pub(crate) fn admitted(
+    limits: Option<&Limits>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<Tracked<TcpStream>> {
+    let guard = match limits {
+        Some(limits) => Some(limits.admit(peer.ip())?),
+        None => None,
+    };
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
+    }
+    Some(Tracked {
+        io: stream,
+        _guard: guard,
+    })
+}
+
 /// A connection's place in its peer's count.
-pub(crate) struct PeerGuard {
+struct PeerGuard {
     limits: Limits,
     peer: IpAddr,
 }
@@ -371,16 +385,6 @@ impl Drop for StreamGuard {
 pub struct Tracked<IO> {
     io: IO,
     _guard: Option<PeerGuard>,
-}
-
-impl<IO> Tracked<IO> {
-    pub(crate) fn new(io: IO, guard: Option<PeerGuard>) -> Self {
-        Self { io, _guard: guard }
-    }
-
-    pub fn get_ref(&self) -> &IO {
-        &self.io
-    }
 }
 
 impl<IO: Connected> Connected for Tracked<IO> {

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use futures::{StreamExt, future::BoxFuture, stream::FuturesUnordered};
 
 use crate::{
-    limits::{Limits, Tracked},
+    limits::{Limits, ServerLimits, Tracked, admitted},
     watch::Changes,
 };
 
@@ -118,10 +118,6 @@ pub fn server_config(files: &TlsFiles) -> anyhow::Result<Arc<ServerConfig>> {
     Ok(Arc::new(config))
 }
 
-/// How long a handshake may take where no limits say (the webhooks): a
-/// peer that stalls one is cut off.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// A handshake under way: the connection, or `None` when it failed.
 type Handshake = BoxFuture<'static, Option<(TlsStream<Tracked<TcpStream>>, SocketAddr)>>;
 
@@ -211,24 +207,15 @@ impl TlsListener {
     /// Starts the handshake of a connection from `peer`, if the peer may
     /// open one more.
     fn handshake(&mut self, stream: TcpStream, peer: SocketAddr) {
-        let guard = match &self.limits {
-            Some(limits) => match limits.admit(peer.ip()) {
-                Some(guard) => Some(guard),
-                None => return,
-            },
-            None => None,
+        let Some(stream) = admitted(self.limits.as_ref(), stream, peer) else {
+            return;
         };
-        // Requests and responses are small and latency-bound: Nagle's
-        // algorithm with delayed ACKs would add 40 ms to each.
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
-        }
         let acceptor = TlsAcceptor::from(self.config.borrow().clone());
-        let stream = Tracked::new(stream, guard);
         let limits = self.limits.clone();
-        let timeout = limits
-            .as_ref()
-            .map_or(HANDSHAKE_TIMEOUT, Limits::handshake_timeout);
+        let timeout = limits.as_ref().map_or_else(
+            || ServerLimits::default().handshake_timeout,
+            Limits::handshake_timeout,
+        );
         self.handshakes.push(Box::pin(async move {
             match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => Some((tls, peer)),
@@ -372,7 +359,7 @@ mod tests {
         let _silent = TcpStream::connect(addr).await.unwrap();
         // Well within the handshake timeout that would free a listener
         // that took handshakes one at a time.
-        let bound = HANDSHAKE_TIMEOUT / 2;
+        let bound = ServerLimits::default().handshake_timeout / 2;
         tokio::time::timeout(bound, handshake(&mut listener, &cert))
             .await
             .expect("the second client waited on the first one's handshake")
@@ -385,7 +372,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (listener, cert, shutdown) = serving(dir.path()).await;
         let addr = listener.local_addr().unwrap();
-        let limits = Limits::unregistered(&crate::limits::ServerLimits {
+        let limits = Limits::unregistered(&ServerLimits {
             max_connections_per_peer: 1,
             ..Default::default()
         });

@@ -146,14 +146,7 @@ async fn main() -> anyhow::Result<()> {
 
 async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let addr = up::control::address(args.control)?;
-    let text = control_client()?
-        .get(format!("http://{addr}/status"))
-        .send()
-        .await
-        .map_err(|e| anyhow::anyhow!("the mesh at {addr} does not answer: {e}"))?
-        .text()
-        .await?;
-    let rows: Vec<up::control::Row> = serde_json::from_str(&text)?;
+    let rows = up::control::rows(&control_client()?, addr).await?;
     up::control::print(&rows);
     Ok(())
 }

@@ -49,15 +49,7 @@ pub async fn run(args: VersionArgs) -> anyhow::Result<()> {
     if args.remote {
         let control = crate::up::control::address(args.control)?;
         let http = reqwest::Client::builder().no_proxy().build()?;
-        let text = http
-            .get(format!("http://{control}/status"))
-            .send()
-            .await
-            .map_err(|e| anyhow::anyhow!("no mesh answers at {control}: {e}"))?
-            .text()
-            .await?;
-        let rows: Vec<Row> = serde_json::from_str(&text)?;
-        for row in &rows {
+        for row in &crate::up::control::rows(&http, control).await? {
             remote.extend(ask(&http, row).await);
         }
     }

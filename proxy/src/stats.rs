@@ -104,11 +104,6 @@ impl Stats {
         self.limits.get_or_create(&LimitLabels { limit }).inc();
     }
 
-    /// How often `limit` was reached.
-    pub fn limit_reached_count(&self, limit: &'static str) -> u64 {
-        self.limits.get_or_create(&LimitLabels { limit }).get()
-    }
-
     pub fn cluster(name: &str) -> ClusterLabels {
         ClusterLabels {
             cluster: name.to_string(),

@@ -32,10 +32,13 @@ use serde_json::{Value, json};
 use tokio::sync::{Semaphore, mpsc};
 
 use super::{
-    addr, ms, rss_bytes,
-    topology::{edit, page, status},
+    addr, ms, percentile, rss_bytes,
+    topology::{edit, page},
 };
-use crate::up::{Mesh, Topology, UpArgs, control::Row};
+use crate::up::{
+    Mesh, Topology, UpArgs,
+    control::{self, Row},
+};
 
 #[derive(Debug, Args)]
 pub struct ChaosBenchArgs {
@@ -80,7 +83,6 @@ const QUIET: f64 = 0.15;
 struct Sample {
     at: Duration,
     latency: Duration,
-    ok: bool,
     /// Why it failed, when it did.
     failure: Option<String>,
 }
@@ -90,7 +92,7 @@ struct Sample {
 struct Fault {
     what: String,
     at: Duration,
-    recovered_after: Option<Duration>,
+    recovered_after: Duration,
 }
 
 /// Sends a request every `1/rate` until `until`; the outcomes, and how
@@ -124,7 +126,6 @@ async fn load(
             let _ = tx.send(Sample {
                 at: sent - started,
                 latency: sent.elapsed(),
-                ok: outcome.is_ok(),
                 failure: outcome.err(),
             });
             drop(slot);
@@ -193,7 +194,7 @@ async fn kill_and_wait(
     name: &str,
 ) -> anyhow::Result<Duration> {
     let row = |rows: Vec<Row>| rows.into_iter().find(|r| r.name == name);
-    let victim = row(status(client, control).await?)
+    let victim = row(control::rows(client, control).await?)
         .ok_or_else(|| anyhow::anyhow!("no {name} in the mesh"))?;
     let killed = Instant::now();
     nix::sys::signal::kill(
@@ -203,7 +204,7 @@ async fn kill_and_wait(
     let deadline = killed + Duration::from_secs(120);
     loop {
         anyhow::ensure!(Instant::now() < deadline, "{name} not back within 120 s");
-        if let Ok(rows) = status(client, control).await
+        if let Ok(rows) = control::rows(client, control).await
             && row(rows).is_some_and(|r| r.pid != victim.pid && r.ready)
         {
             return Ok(killed.elapsed());
@@ -247,7 +248,7 @@ async fn rss_over_time(
     let mut ticker = tokio::time::interval(every);
     while Instant::now() < until {
         ticker.tick().await;
-        let Ok(rows) = status(&client, control).await else {
+        let Ok(rows) = control::rows(&client, control).await else {
             continue;
         };
         let mut sample: BTreeMap<String, Value> = rss(&rows)
@@ -297,14 +298,6 @@ fn reasons(failed: &[&Sample]) -> BTreeMap<String, usize> {
     out
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    ms(sorted[i])
-}
-
 /// Latency and failures of `samples`, per window of `width`.
 fn windows(samples: &[Sample], width: Duration) -> Vec<Value> {
     let mut out: BTreeMap<u64, Vec<&Sample>> = BTreeMap::new();
@@ -319,7 +312,7 @@ fn windows(samples: &[Sample], width: Duration) -> Vec<Value> {
             json!({
                 "from_s": w as f64 * width.as_secs_f64(),
                 "requests": ss.len(),
-                "failed": ss.iter().filter(|s| !s.ok).count(),
+                "failed": ss.iter().filter(|s| s.failure.is_some()).count(),
                 "p50_ms": percentile(&latencies, 0.5),
                 "p99_ms": percentile(&latencies, 0.99),
                 "max_ms": percentile(&latencies, 1.0),
@@ -361,7 +354,7 @@ async fn measure(
     ));
 
     tokio::time::sleep_until(at(QUIET).into()).await;
-    let rss_start = rss(&status(&client, control_addr).await?);
+    let rss_start = rss(&control::rows(&client, control_addr).await?);
     let mut faults = Vec::new();
     // The control plane, one process at a time, then the proxy.
     let step = (0.8 - QUIET) / (victims.len() + 1) as f64;
@@ -379,7 +372,7 @@ async fn measure(
         faults.push(Fault {
             what,
             at: fault_at,
-            recovered_after: Some(recovered),
+            recovered_after: recovered,
         });
     }
     tokio::time::sleep_until(at(0.85).into()).await;
@@ -388,14 +381,14 @@ async fn measure(
     faults.push(Fault {
         what: format!("kill -9 {RESTARTED_PROXY} (restarted)"),
         at: proxy_at,
-        recovered_after: Some(proxy_back),
+        recovered_after: proxy_back,
     });
 
     let (samples, not_sent) = traffic.await??;
     let rss_samples = sampling.await?;
     stop_edits.cancel();
     let edited = editing.await?;
-    let rows_end = status(&client, control_addr).await?;
+    let rows_end = control::rows(&client, control_addr).await?;
     let rss_end = rss(&rows_end);
     let renewals = proxies_metric(&client, &rows_end, "proxy_certificates_issued_total ").await;
     stop_mesh.cancel();
@@ -404,7 +397,7 @@ async fn measure(
     // Failures while the restarted proxy was away (and a second after, as
     // its callers' connections to it close) are its app's.
     let away = proxy_at..proxy_at + proxy_back + Duration::from_secs(1);
-    let failed: Vec<&Sample> = samples.iter().filter(|s| !s.ok).collect();
+    let failed: Vec<&Sample> = samples.iter().filter(|s| s.failure.is_some()).collect();
     let failed_restarted = failed.iter().filter(|s| away.contains(&s.at)).count();
     let quiet_end = args.duration.mul_f64(QUIET);
     let mut quiet: Vec<Duration> = samples
@@ -454,7 +447,7 @@ async fn measure(
         "faults": faults.iter().map(|f| json!({
             "what": f.what,
             "at_s": (f.at.as_secs_f64() * 10.0).round() / 10.0,
-            "ready_again_ms": f.recovered_after.map(ms),
+            "ready_again_ms": ms(f.recovered_after),
         })).collect::<Vec<_>>(),
         "rss": memory,
         "rss_mb_over_time": rss_samples,

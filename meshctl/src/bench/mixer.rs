@@ -36,7 +36,7 @@ use mixer_client::attributes::{Bag, Compressor, Value, dictionary::GLOBAL_WORDS}
 use serde_json::json;
 use tonic::transport::Channel;
 
-use super::{Component, cpu_seconds, ms, rss_bytes};
+use super::{Component, cpu_seconds, ms, percentile, rss_bytes};
 
 #[derive(Debug, Args)]
 pub struct MixerBenchArgs {
@@ -297,10 +297,6 @@ impl Running {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum())
     }
-}
-
-fn percentile(sorted: &[Duration], q: f64) -> f64 {
-    ms(sorted[((sorted.len() - 1) as f64 * q).round() as usize])
 }
 
 /// Checks sent on schedule at `rate`, whatever the answers' pace.

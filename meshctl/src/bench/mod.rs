@@ -24,6 +24,14 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e5).round() / 1e2
 }
 
+/// The `q` quantile of `sorted`, in milliseconds; 0 when it is empty.
+fn percentile(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    ms(sorted[((sorted.len() - 1) as f64 * q).round() as usize])
+}
+
 /// Prints the figures, and writes them to `out` too when given.
 fn report(figures: &serde_json::Value, out: Option<&Path>) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(figures)?;

@@ -27,7 +27,10 @@ use component::CancellationToken;
 use serde_json::{Value, json};
 
 use super::{acked, addr, delivered, ms, rss_bytes};
-use crate::up::{Mesh, Topology, UpArgs, control::Row};
+use crate::up::{
+    Mesh, Topology, UpArgs,
+    control::{self, Row},
+};
 use mesh_api::xds::ROUTE;
 
 #[derive(Debug, Args)]
@@ -41,20 +44,6 @@ pub struct TopologyBenchArgs {
     /// Also write the JSON figures to this file.
     #[arg(long)]
     pub out: Option<PathBuf>,
-}
-
-/// The mesh's table, readiness asked live, from its control port.
-pub(super) async fn status(
-    client: &reqwest::Client,
-    control: SocketAddr,
-) -> anyhow::Result<Vec<Row>> {
-    let text = client
-        .get(format!("http://{control}/status"))
-        .send()
-        .await?
-        .text()
-        .await?;
-    Ok(serde_json::from_str(&text)?)
 }
 
 /// Flips reviews' weights in the served config.
@@ -170,8 +159,8 @@ async fn measure(
     let flowing = traffic(productpage, stop.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
     let galley = |rows: Vec<Row>| rows.into_iter().find(|r| r.name == "galley");
-    let victim =
-        galley(status(&client, control_addr).await?).ok_or_else(|| anyhow::anyhow!("no galley"))?;
+    let victim = galley(control::rows(&client, control_addr).await?)
+        .ok_or_else(|| anyhow::anyhow!("no galley"))?;
     let before = acked(&client, pilot, ROUTE).await?;
     let killed = Instant::now();
     nix::sys::signal::kill(
@@ -184,7 +173,7 @@ async fn measure(
     while ready_again.is_none() || edit_delivered.is_none() {
         anyhow::ensure!(Instant::now() < deadline, "no recovery within 60 s");
         if ready_again.is_none()
-            && let Ok(rows) = status(&client, control_addr).await
+            && let Ok(rows) = control::rows(&client, control_addr).await
             && galley(rows).is_some_and(|g| g.pid != victim.pid && g.ready)
         {
             ready_again = Some(killed.elapsed());

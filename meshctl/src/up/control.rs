@@ -60,6 +60,19 @@ pub fn address(given: Option<SocketAddr>) -> anyhow::Result<SocketAddr> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+/// The running mesh's table, readiness asked live, from its control port
+/// at `control`.
+pub async fn rows(client: &reqwest::Client, control: SocketAddr) -> anyhow::Result<Vec<Row>> {
+    let text = client
+        .get(format!("http://{control}/status"))
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("the mesh at {control} does not answer: {e}"))?
+        .text()
+        .await?;
+    Ok(serde_json::from_str(&text)?)
+}
+
 /// Whether each row's component answers 200 on its ready URL.
 pub async fn probe(mut rows: Vec<Row>) -> Vec<Row> {
     for row in &mut rows {

@@ -190,14 +190,14 @@ where
         let request = request.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
         stack.clone().call(request)
     });
-    let header_bytes = limits.max_request_headers_kb as usize * 1024;
+    let header_bytes = limits.max_request_headers_kb.saturating_mul(1024);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .max_buf_size(header_bytes.max(MIN_HTTP1_BUFFER));
+        .max_buf_size((header_bytes as usize).max(MIN_HTTP1_BUFFER));
     builder
         .http2()
-        .max_header_list_size(limits.max_request_headers_kb.saturating_mul(1024))
+        .max_header_list_size(header_bytes)
         .max_concurrent_streams(limits.max_concurrent_streams);
     if let Err(e) = builder
         .serve_connection_with_upgrades(TokioIo::new(io), service)
