@@ -13,7 +13,7 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{Path, State},
+    extract::{Path, Query, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
@@ -24,8 +24,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Readiness;
 
-/// A `/debug/{name}` page: a snapshot of some state, as JSON.
-type DebugPage = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+/// A `/debug/{name}` page: a snapshot of some state, as JSON, shaped by
+/// the query; an error is the client's (400).
+type DebugPage =
+    Arc<dyn Fn(&BTreeMap<String, String>) -> Result<serde_json::Value, String> + Send + Sync>;
 
 /// What a component exposes on its admin port: its metrics, readiness and
 /// debug pages. Cloning shares them, so the monolith can hand one `Admin` to
@@ -64,6 +66,19 @@ impl Admin {
         &self,
         name: &str,
         page: impl Fn() -> serde_json::Value + Send + Sync + 'static,
+    ) {
+        self.debug_query_page(name, move |_| Ok(page()));
+    }
+
+    /// Serves `page(query)` as JSON at `/debug/{name}?query`; its error
+    /// is answered 400, as the query's fault.
+    pub fn debug_query_page(
+        &self,
+        name: &str,
+        page: impl Fn(&BTreeMap<String, String>) -> Result<serde_json::Value, String>
+        + Send
+        + Sync
+        + 'static,
     ) {
         self.debug_pages
             .lock()
@@ -153,15 +168,20 @@ async fn debug_index(State(admin): State<Admin>) -> Json<Vec<String>> {
     )
 }
 
-async fn debug_page(State(admin): State<Admin>, Path(name): Path<String>) -> Response {
+async fn debug_page(
+    State(admin): State<Admin>,
+    Path(name): Path<String>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Response {
     let page = admin
         .debug_pages
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .get(&name)
         .cloned();
-    match page {
-        Some(page) => Json(page()).into_response(),
+    match page.map(|page| page(&query)) {
+        Some(Ok(json)) => Json(json).into_response(),
+        Some(Err(e)) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
         None => (
             StatusCode::NOT_FOUND,
             format!("no debug page {name:?}; see /debug\n"),

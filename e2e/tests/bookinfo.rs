@@ -242,7 +242,142 @@ async fn walkthrough(topology: &str) {
         edited_at.elapsed()
     );
 
+    debugging_verbs(&up).await;
     assert!(up.proc.terminate().await.success());
+}
+
+/// `meshctl proxy-config`, `authn tls-check` and `describe` against the
+/// running mesh, as istioctl 1.1 prints them where it has them.
+async fn debugging_verbs(up: &Up) {
+    let reviews = "reviews.bookinfo.svc.cluster.local";
+    // productpage's sidecar: its clusters of reviews, by subset.
+    let clusters = up.meshctl(&[
+        "proxy-config",
+        "clusters",
+        "productpage-v1",
+        "--fqdn",
+        reviews,
+    ]);
+    let rows: Vec<Vec<&str>> = clusters
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows[0],
+        ["SERVICE", "FQDN", "PORT", "SUBSET", "DIRECTION", "TYPE"],
+        "{clusters}"
+    );
+    for subset in ["-", "v1", "v2", "v3"] {
+        assert!(
+            rows.contains(&vec![reviews, "9080", subset, "outbound", "EDS"]),
+            "{subset}: {clusters}"
+        );
+    }
+    let inbound = up.addr("productpage-v1-proxy", "inbound");
+    let listeners = up.meshctl(&["pc", "listeners", "productpage-v1-proxy"]);
+    let inbound_row = format!("{}     {}     HTTP", inbound.ip(), inbound.port());
+    assert!(
+        listeners.lines().any(|l| l.starts_with(&inbound_row)),
+        "{listeners}"
+    );
+    let routes = up.meshctl(&["pc", "routes", "productpage-v1"]);
+    assert!(
+        routes.starts_with("NOTE: This output only contains routes loaded via RDS.\nNAME "),
+        "{routes}"
+    );
+    // reviews-v2's address, as an endpoint of the v2 subset, healthy.
+    let v2 = up.addr("reviews-v2-proxy", "inbound");
+    let cluster = format!("outbound|9080|v2|{reviews}");
+    let endpoints = up.meshctl(&["pc", "endpoints", "productpage-v1", "--cluster", &cluster]);
+    let rows: Vec<Vec<&str>> = endpoints
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows,
+        [vec![v2.to_string().as_str(), "HEALTHY", &cluster]],
+        "{endpoints}"
+    );
+    let secret = up.meshctl(&["pc", "secret", "productpage-v1"]);
+    let default = secret
+        .lines()
+        .find(|l| l.starts_with("default "))
+        .unwrap_or_default();
+    assert!(
+        default.contains(" Cert Chain ") && default.contains(" true "),
+        "{secret}"
+    );
+    let json: Value =
+        serde_json::from_str(&up.meshctl(&["pc", "secret", "productpage-v1", "-o", "json"]))
+            .unwrap();
+    assert_eq!(
+        json["identity"],
+        "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage"
+    );
+    let json: Value =
+        serde_json::from_str(&up.meshctl(&["pc", "clusters", "productpage-v1", "-o", "json"]))
+            .unwrap();
+    assert!(
+        json.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == cluster),
+        "{json}"
+    );
+
+    // Every service's port: STRICT servers, ISTIO_MUTUAL clients.
+    let checks = up.meshctl(&["authn", "tls-check"]);
+    let row = |checks: &str, service: &str| {
+        checks
+            .lines()
+            .find(|l| l.starts_with(&format!("{service}.bookinfo.svc.cluster.local:9080 ")))
+            .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>())
+            .unwrap_or_else(|| panic!("{service} in {checks}"))
+    };
+    assert_eq!(
+        row(&checks, "reviews")[1..],
+        ["OK", "mTLS", "mTLS", "default/", "reviews/bookinfo"]
+    );
+    // productpage's own policy lets the gateway's plaintext in.
+    assert_eq!(
+        row(&checks, "productpage")[1..4],
+        ["OK", "HTTP/mTLS", "mTLS"]
+    );
+
+    // Why reviews routes as it does, and which subset reviews-v2's pod is.
+    let service = up.meshctl(&["describe", "service", "reviews"]);
+    assert!(
+        service.contains("VirtualService: reviews.bookinfo (gateways mesh)"),
+        "{service}"
+    );
+    assert!(
+        service.contains("DestinationRule: reviews.bookinfo"),
+        "{service}"
+    );
+    assert!(
+        service.contains("Traffic policy TLS mode: ISTIO_MUTUAL"),
+        "{service}"
+    );
+    let pod = up.meshctl(&["describe", "pod", "reviews-v2-0"]);
+    assert!(pod.contains("Subsets: v1, v2 (this pod), v3"), "{pod}");
+    assert!(pod.contains(&format!("(pod port {})", v2.port())), "{pod}");
+
+    // Clients told to send ratings plaintext, while ratings is STRICT: the
+    // conflict is named.
+    let file = up.config.join("destination-rules.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let edited = text.replace(
+        "host: ratings.bookinfo.svc.cluster.local\n  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}",
+        "host: ratings.bookinfo.svc.cluster.local\n  trafficPolicy: {tls: {mode: DISABLE}}",
+    );
+    assert_ne!(edited, text);
+    std::fs::write(&file, edited).unwrap();
+    eventually("ratings' conflict", async || {
+        let checks = up.meshctl(&["authn", "tls-check", "ratings"]);
+        row(&checks, "ratings")[1..4] == ["CONFLICT", "mTLS", "HTTP"]
+    })
+    .await;
 }
 
 /// Kills each of `victims` in turn (`kill -9`), then replaces each of

@@ -1,11 +1,16 @@
 //! `meshctl`: the mesh's command line.
 
+mod admin;
+mod authn;
 mod bench;
 mod binaries;
 mod ca;
+mod describe;
 mod kube_inject;
 mod mcp;
+mod proxy_config;
 mod proxy_status;
+mod table;
 mod up;
 mod validate;
 mod version;
@@ -34,6 +39,16 @@ enum Command {
     Restart(RestartArgs),
     /// What Pilot sent each proxy, and whether the proxy took it.
     ProxyStatus(proxy_status::ProxyStatusArgs),
+    /// What one proxy holds: clusters, listeners, routes, endpoints, its
+    /// certificate.
+    #[command(subcommand, alias = "pc")]
+    ProxyConfig(proxy_config::ProxyConfig),
+    /// Server and client mTLS of each service, and their conflicts.
+    #[command(subcommand)]
+    Authn(authn::Authn),
+    /// What applies to a service or a pod, and why.
+    #[command(subcommand)]
+    Describe(describe::Describe),
     /// Check config files as Galley would, offline.
     Validate(validate::ValidateArgs),
     /// Add the sidecar to the pods and workloads in a file, as the injector would.
@@ -127,6 +142,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Validate(args) => validate::run(args),
         Command::KubeInject(args) => kube_inject::run(args),
         Command::ProxyStatus(args) => proxy_status::run(args).await,
+        Command::ProxyConfig(command) => proxy_config::run(command).await,
+        Command::Authn(command) => authn::run(command).await,
+        Command::Describe(command) => describe::run(command).await,
         Command::Mcp(McpCommand::Watch(args)) => mcp::watch::run(args, shutdown).await,
         Command::Mcp(McpCommand::Serve(args)) => mcp::serve::run(args, shutdown).await,
         Command::Mcp(McpCommand::Conformance(args)) => mcp::conformance::run(args).await,

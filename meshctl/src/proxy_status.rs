@@ -8,27 +8,8 @@ use serde_json::Value;
 
 #[derive(Debug, Args)]
 pub struct ProxyStatusArgs {
-    /// Pilot's admin address; the running `meshctl up`'s Pilot when absent.
-    #[arg(long)]
-    pub pilot: Option<String>,
-}
-
-/// The admin address of the running `meshctl up`'s Pilot.
-async fn running_pilot() -> anyhow::Result<String> {
-    let control = crate::up::control::address(None)?;
-    let url = format!("http://{control}/status");
-    let rows: Vec<crate::up::control::Row> = serde_json::from_str(
-        &reqwest::get(&url)
-            .await
-            .map_err(|e| anyhow::anyhow!("no mesh answers at {control}: {e}; give --pilot"))?
-            .text()
-            .await?,
-    )?;
-    rows.iter()
-        .find(|r| r.name == "pilot")
-        .and_then(|r| r.ports.iter().find(|(what, _)| what == "admin"))
-        .map(|(_, addr)| addr.clone())
-        .ok_or_else(|| anyhow::anyhow!("the mesh at {control} runs no Pilot; give --pilot"))
+    #[command(flatten)]
+    pub pilot: crate::admin::PilotArgs,
 }
 
 /// The xDS types shown, with the column titles istioctl uses.
@@ -56,20 +37,9 @@ pub fn state(status: Option<&Value>) -> String {
 }
 
 pub async fn run(args: ProxyStatusArgs) -> anyhow::Result<()> {
-    let pilot = match args.pilot {
-        Some(pilot) => pilot,
-        None => running_pilot().await?,
-    };
-    let url = format!("http://{pilot}/debug/syncz");
-    let response = reqwest::get(&url)
-        .await
-        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
-    anyhow::ensure!(
-        response.status().is_success(),
-        "{url}: {}",
-        response.status()
-    );
-    let proxies: Vec<Value> = serde_json::from_str(&response.text().await?)?;
+    let pilot = args.pilot.admin().await?;
+    let syncz = crate::admin::page(&format!("http://{pilot}/debug/syncz")).await?;
+    let proxies: Vec<Value> = serde_json::from_str(&syncz)?;
     // As wide as the longest node id.
     let width = proxies
         .iter()

@@ -7,41 +7,39 @@ use serde_json::{Value, json};
 
 use crate::{
     model::{Model, Named},
-    xds::ads::SyncStatus,
+    xds::ads::{ProxyStatus, SyncStatus},
 };
 
 /// `/debug/syncz`: per connected proxy, per type, what was sent and answered.
-pub fn syncz(status: &SyncStatus) -> serde_json::Value {
-    let proxies: Vec<serde_json::Value> = status
-        .proxies()
+pub fn syncz(status: &SyncStatus) -> Value {
+    status.proxies().iter().map(sync_of).collect()
+}
+
+/// One proxy's entry of `/debug/syncz`.
+pub fn sync_of(p: &ProxyStatus) -> Value {
+    let types: serde_json::Map<String, Value> = p
+        .types
         .iter()
-        .map(|p| {
-            let types: serde_json::Map<String, serde_json::Value> = p
-                .types
-                .iter()
-                .map(|(t, s)| {
-                    let status = serde_json::json!({
-                        "sent_version": s.sent_version,
-                        "sent_nonce": s.sent_nonce,
-                        "acked_version": s.acked_version,
-                        "last_nack": s.last_nack,
-                    });
-                    (t.clone(), status)
-                })
-                .collect();
-            let since = p
-                .connected_since
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_secs());
-            serde_json::json!({
-                "node": p.node_id,
-                "protocol": p.protocol,
-                "connected_since_unix": since,
-                "types": types,
-            })
+        .map(|(t, s)| {
+            let status = json!({
+                "sent_version": s.sent_version,
+                "sent_nonce": s.sent_nonce,
+                "acked_version": s.acked_version,
+                "last_nack": s.last_nack,
+            });
+            (t.clone(), status)
         })
         .collect();
-    serde_json::Value::Array(proxies)
+    let since = p
+        .connected_since
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs());
+    json!({
+        "node": p.node_id,
+        "protocol": p.protocol,
+        "connected_since_unix": since,
+        "types": types,
+    })
 }
 
 fn objects<T: Serialize>(

@@ -7,6 +7,7 @@
 //! proxyless gRPC clients.
 
 mod debug;
+mod describe;
 mod jwks;
 pub mod model;
 pub mod proxy;
@@ -182,9 +183,18 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
     let limits = Limits::new(&args.server_limits, "xds", &mut admin.registry());
     let ads = AdsServer::new(generator.clone(), shutdown.clone(), limits.clone());
     let status = ads.status();
-    admin.debug_page("syncz", move || debug::syncz(&status));
+    let proxies = status.clone();
+    admin.debug_page("syncz", move || debug::syncz(&proxies));
     let model = generator.clone();
     admin.debug_page("configz", move || debug::configz(&model.model()));
+    let model = generator.clone();
+    admin.debug_query_page("authenticationz", move |q| {
+        Ok(describe::authenticationz(&model.model(), q))
+    });
+    let (model, proxies) = (generator.clone(), status.clone());
+    admin.debug_query_page("describe", move |q| {
+        describe::describe(&model.model(), &proxies, q)
+    });
     admin.debug_page("endpointz", move || debug::endpointz(&generator.model()));
     // No proxy is answered before the first whole model: an empty config
     // pushed by a Pilot that has not heard from Galley yet would take every

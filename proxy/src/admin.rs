@@ -139,10 +139,10 @@ async fn config_dump(State(v): State<Views>) -> impl IntoResponse {
         })
         .collect();
     let certificate = v.credentials.borrow().as_ref().map(|c| {
-        json!({
-            "identity": c.identity.to_string(),
-            "not_after": humantime::format_rfc3339_seconds(c.not_after).to_string(),
-        })
+        let mut leaf = c.chain.first().map(|der| validity(der)).unwrap_or_default();
+        leaf["identity"] = json!(c.identity.to_string());
+        leaf["root"] = validity(&c.root);
+        leaf
     });
     let flavour = *v.xds.mode.lock().unwrap_or_else(|e| e.into_inner());
     axum::Json(json!({
@@ -154,6 +154,24 @@ async fn config_dump(State(v): State<Views>) -> impl IntoResponse {
         "routes": routes,
         "clusters": clusters,
     }))
+}
+
+/// A certificate's serial number and validity, as `proxy-config secret`
+/// shows them.
+fn validity(der: &[u8]) -> Value {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return json!({"error": "the certificate does not parse"});
+    };
+    let time = |t: x509_parser::time::ASN1Time| {
+        let at =
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.timestamp().max(0) as u64);
+        humantime::format_rfc3339_seconds(at).to_string()
+    };
+    json!({
+        "serial_number": cert.raw_serial_as_string().replace(':', ""),
+        "not_before": time(cert.validity().not_before),
+        "not_after": time(cert.validity().not_after),
+    })
 }
 
 async fn clusters(State(v): State<Views>) -> String {

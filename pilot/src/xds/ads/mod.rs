@@ -76,6 +76,8 @@ pub struct SyncStatus {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProxyStatus {
     pub node_id: String,
+    /// Who the proxy is, when its node parses as a workload's.
+    pub workload: Option<Arc<crate::proxy::Proxy>>,
     pub connected_since: Option<SystemTime>,
     /// `sotw` or `delta`.
     pub protocol: &'static str,
@@ -133,6 +135,7 @@ impl<G: ResourceGenerator> AdsServer<G> {
         let mut conn = Connection {
             generator: self.generator.clone(),
             node_id: String::new(),
+            workload: None,
             client: None,
             watches: BTreeMap::new(),
             responses: 0,
@@ -381,6 +384,7 @@ impl Watch {
 struct Connection<G: ResourceGenerator> {
     generator: Arc<G>,
     node_id: String,
+    workload: Option<Arc<crate::proxy::Proxy>>,
     client: Option<G::Client>,
     watches: BTreeMap<String, Watch>,
     /// Responses sent on the stream; each one's number is both its nonce
@@ -406,6 +410,7 @@ impl<G: ResourceGenerator> Connection<G> {
             .client(node)
             .map_err(Status::invalid_argument)?;
         self.node_id = node.id.clone();
+        self.workload = crate::proxy::Proxy::from_node(node).ok().map(Arc::new);
         self.client = Some(client);
         Ok(())
     }
@@ -516,6 +521,7 @@ impl<G: ResourceGenerator> Connection<G> {
     fn status(&self, protocol: &'static str) -> ProxyStatus {
         ProxyStatus {
             node_id: self.node_id.clone(),
+            workload: self.workload.clone(),
             connected_since: Some(self.connected_since),
             protocol,
             types: self

@@ -280,20 +280,25 @@ pub fn outbound(scope: &Scope, service: &Service, port: &Port, subset: &str) -> 
     if let Some(o) = settings.outlier_detection {
         outlier_detection(&mut cluster, o);
     }
-    let tls = settings.tls.cloned().or_else(|| {
-        // Istio 1.1's mesh-wide `authPolicy: MUTUAL_TLS` makes mesh mTLS the
-        // default towards services inside the mesh.
+    if let Some(t) = client_tls(scope.model, settings, service) {
+        cluster.transport_socket = upstream_tls(&t, service, port, subset);
+    }
+    cluster
+}
+
+/// The TLS a client's cluster speaks to `service`: its DestinationRule's
+/// (layered into `settings`), else mesh mTLS where Istio 1.1's mesh-wide
+/// `authPolicy: MUTUAL_TLS` makes it the default towards services inside
+/// the mesh, else none.
+pub fn client_tls(model: &Model, settings: Settings<'_>, service: &Service) -> Option<TlsSettings> {
+    settings.tls.cloned().or_else(|| {
         #[allow(deprecated)]
-        let mesh_mtls = scope.model.mesh.auth_policy == 1 && !service.mesh_external;
+        let mesh_mtls = model.mesh.auth_policy == 1 && !service.mesh_external;
         mesh_mtls.then(|| TlsSettings {
             mode: TlSmode::IstioMutual as i32,
             ..Default::default()
         })
-    });
-    if let Some(t) = tls {
-        cluster.transport_socket = upstream_tls(&t, service, port, subset);
-    }
-    cluster
+    })
 }
 
 fn load_balancer(cluster: &mut Cluster, lb: Option<&LoadBalancerSettings>) {

@@ -28,10 +28,13 @@ use mesh_api::pb::istio::{
     authentication::v1alpha1::{
         self as authn, Policy, mutual_tls, peer_authentication_method, port_selector,
     },
-    rbac::v1alpha1::{AccessRule, EnforcementMode, RbacConfig, Subject, rbac_config},
+    rbac::v1alpha1::{
+        AccessRule, EnforcementMode, RbacConfig, ServiceRole, ServiceRoleBinding, Subject,
+        rbac_config,
+    },
 };
 
-use crate::model::{Model, Port, Service};
+use crate::model::{Model, Named, Port, Service};
 
 pub const RBAC_HTTP_FILTER: &str = "envoy.filters.http.rbac";
 pub const RBAC_NETWORK_FILTER: &str = "envoy.filters.network.rbac";
@@ -57,8 +60,14 @@ fn short_name(host: &str) -> &str {
     }
 }
 
-/// The policy that applies to `port` of `service`.
-fn policy_for<'a>(model: &'a Model, service: &Service, port: &Port) -> Option<&'a Policy> {
+/// The policy that applies to `port` of `service`, with its name as Istio
+/// 1.1's debug pages give it (`name/namespace`; the MeshPolicy's is
+/// `default/`).
+pub fn policy_for<'a>(
+    model: &'a Model,
+    service: &Service,
+    port: &Port,
+) -> Option<(String, &'a Policy)> {
     let name = short_name(&service.host);
     let in_namespace = || {
         model
@@ -90,13 +99,13 @@ fn policy_for<'a>(model: &'a Model, service: &Service, port: &Port) -> Option<&'
     targeted(true)
         .or_else(|| targeted(false))
         .or_else(|| in_namespace().find(|p| p.name == "default" && p.spec.targets.is_empty()))
-        .map(|p| &p.spec)
-        .or(model.config.mesh_policy.as_ref())
+        .map(|p| (format!("{}/{}", p.name, p.namespace), &p.spec))
+        .or_else(|| Some(("default/".into(), model.config.mesh_policy.as_ref()?)))
 }
 
 /// The mTLS mode of an inbound port.
 pub fn inbound_mtls(model: &Model, service: &Service, port: &Port) -> Mtls {
-    let Some(policy) = policy_for(model, service, port) else {
+    let Some((_, policy)) = policy_for(model, service, port) else {
         return Mtls::Off;
     };
     let mtls = policy.peers.iter().find_map(|p| match &p.params {
@@ -111,7 +120,7 @@ pub fn inbound_mtls(model: &Model, service: &Service, port: &Port) -> Mtls {
 }
 
 /// Whether the RbacConfig turns RBAC on for `service`.
-fn rbac_enabled(config: &RbacConfig, service: &Service) -> bool {
+pub fn rbac_enabled(config: &RbacConfig, service: &Service) -> bool {
     let listed = |target: Option<&rbac_config::Target>| {
         target.is_some_and(|t| {
             t.namespaces.contains(&service.namespace)
@@ -432,7 +441,7 @@ fn rules_for(model: &Model, service: &Service, http: bool) -> Option<(Rbac, bool
         .ports
         .first()
         .and_then(|port| policy_for(model, service, port))
-        .is_some_and(|p| p.principal_binding == authn::PrincipalBinding::UseOrigin as i32);
+        .is_some_and(|(_, p)| p.principal_binding == authn::PrincipalBinding::UseOrigin as i32);
     let mut rbac = Rbac {
         action: rbac::Action::Allow as i32,
         ..Default::default()
@@ -442,25 +451,13 @@ fn rules_for(model: &Model, service: &Service, http: bool) -> Option<(Rbac, bool
         if *ns != service.namespace {
             continue;
         }
-        let permissions: Vec<Permission> = spec
-            .rules
-            .iter()
-            .filter(|r| {
-                glob_matches(&service.host, &r.services)
-                    || glob_matches(short_name(&service.host), &r.services)
-            })
+        let permissions: Vec<Permission> = rules_naming(spec, service)
             .filter_map(|r| permission_of(r, http))
             .collect();
         if permissions.is_empty() {
             continue;
         }
-        let principals: Vec<Principal> = model
-            .config
-            .service_role_bindings
-            .iter()
-            .filter(|b| {
-                b.namespace == *ns && b.spec.role_ref.as_ref().is_some_and(|r| r.name == *role)
-            })
+        let principals: Vec<Principal> = bindings_of(model, ns, role)
             .flat_map(|b| b.spec.subjects.iter())
             .filter_map(|s| principal_of(s, http, origin))
             .collect();
@@ -477,6 +474,29 @@ fn rules_for(model: &Model, service: &Service, http: bool) -> Option<(Rbac, bool
         );
     }
     Some((rbac, shadow))
+}
+
+/// The rules of a ServiceRole that name `service` (by host or short
+/// name, globs allowed).
+pub fn rules_naming<'a>(
+    role: &'a ServiceRole,
+    service: &'a Service,
+) -> impl Iterator<Item = &'a AccessRule> {
+    role.rules.iter().filter(|r| {
+        glob_matches(&service.host, &r.services)
+            || glob_matches(short_name(&service.host), &r.services)
+    })
+}
+
+/// The ServiceRoleBindings of `namespace` that bind the role `role`.
+pub fn bindings_of<'a>(
+    model: &'a Model,
+    namespace: &'a str,
+    role: &'a str,
+) -> impl Iterator<Item = &'a Named<ServiceRoleBinding>> {
+    model.config.service_role_bindings.iter().filter(move |b| {
+        b.namespace == namespace && b.spec.role_ref.as_ref().is_some_and(|r| r.name == role)
+    })
 }
 
 /// The RBAC HTTP filter of an inbound HTTP port.
@@ -529,7 +549,7 @@ pub fn jwt_authn(model: &Model, service: &Service, port: &Port) -> Option<JwtAut
             requirement_rule::RequirementType,
         },
     };
-    let policy = policy_for(model, service, port)?;
+    let (_, policy) = policy_for(model, service, port)?;
     let jwts: Vec<&authn::Jwt> = policy
         .origins
         .iter()
