@@ -112,6 +112,7 @@ pub async fn run(
     admin: Admin,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    component::trace::init("citadel")?;
     let listener = component::cli::bind("grpc-addr", args.grpc_addr).await?;
     run_on(listener, args, admin, shutdown).await
 }

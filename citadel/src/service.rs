@@ -179,6 +179,20 @@ impl CaService {
     }
 }
 
+/// The span of one signing, in the caller's trace when it names one.
+fn signing_span<T>(request: &Request<T>, caller: &Identity) -> opentelemetry::Context {
+    component::trace::span(
+        "citadel",
+        "citadel sign",
+        component::trace::of_metadata(request.metadata()).as_ref(),
+        None,
+        vec![opentelemetry::KeyValue::new(
+            "citadel.identity",
+            caller.to_string(),
+        )],
+    )
+}
+
 #[tonic::async_trait]
 impl IstioCertificateService for CaService {
     async fn create_certificate(
@@ -186,6 +200,7 @@ impl IstioCertificateService for CaService {
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let caller = self.authenticate(&request).await?;
+        let span = signing_span(&request, &caller);
         let request = request.into_inner();
         if !request.subject_id.is_empty() && request.subject_id != caller.to_string() {
             return Err(self.metrics.refused(
@@ -201,8 +216,14 @@ impl IstioCertificateService for CaService {
             Duration::from_secs(1),
             "validity_duration",
         )?;
-        let cert_chain = self.sign(&request.csr, &caller, ttl)?;
-        Ok(Response::new(IstioCertificateResponse { cert_chain }))
+        let signed = self.sign(&request.csr, &caller, ttl);
+        component::trace::end(
+            &span,
+            signed.as_ref().err().map(|e| e.message().to_string()),
+        );
+        Ok(Response::new(IstioCertificateResponse {
+            cert_chain: signed?,
+        }))
     }
 }
 
@@ -213,6 +234,7 @@ impl IstioCaService for CaService {
         request: Request<CsrRequest>,
     ) -> Result<Response<CsrResponse>, Status> {
         let caller = self.authenticate(&request).await?;
+        let span = signing_span(&request, &caller);
         let request = request.into_inner();
         let csr = String::from_utf8(request.csr_pem).map_err(|_| {
             self.metrics.refused(
@@ -225,7 +247,12 @@ impl IstioCaService for CaService {
             Duration::from_secs(60),
             "requested_ttl_minutes",
         )?;
-        let mut chain = self.sign(&csr, &caller, ttl)?.into_iter();
+        let signed = self.sign(&csr, &caller, ttl);
+        component::trace::end(
+            &span,
+            signed.as_ref().err().map(|e| e.message().to_string()),
+        );
+        let mut chain = signed?.into_iter();
         let signed_cert = chain.next().unwrap_or_default();
         Ok(Response::new(CsrResponse {
             is_approved: true,

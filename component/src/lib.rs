@@ -14,6 +14,7 @@ pub mod readiness;
 pub mod shutdown;
 pub mod spiffe;
 pub mod tls;
+pub mod trace;
 pub mod watch;
 
 pub use admin::Admin;

@@ -30,7 +30,9 @@ where
     };
     common.init_logging();
     let shutdown = crate::shutdown::on_signal();
-    serve_component(name, default_admin_port, common, args, run, shutdown).await
+    let served = serve_component(name, default_admin_port, common, args, run, shutdown).await;
+    crate::trace::flush();
+    served
 }
 
 /// A component's flags, parsed from `argv` (its first item is the

@@ -15,10 +15,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-    trace_service_server::{TraceService, TraceServiceServer},
-};
 use testkit::*;
 
 /// Serves `app` on a port of its own.
@@ -99,7 +95,7 @@ static MESHES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(3);
 struct Mesh {
     _turn: tokio::sync::SemaphorePermit<'static>,
     dir: tempfile::TempDir,
-    collector: Collector,
+    collector: testkit::otlp::Receiver,
     ports: Ports,
     galley: Galley,
     mixers: Mixers,
@@ -358,60 +354,6 @@ spec:
     )
 }
 
-/// An OTLP trace collector: the spans proxies export, as (trace id,
-/// span id, parent span id, service), hex.
-#[derive(Clone, Default)]
-struct Collector(Arc<std::sync::Mutex<Vec<[String; 4]>>>);
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-        let mut spans = self.0.lock().unwrap();
-        for rs in request.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|a| a.key == "service.name")
-                .and_then(|a| a.value.as_ref())
-                .map(|v| format!("{:?}", v.value))
-                .unwrap_or_default();
-            for span in rs.scope_spans.iter().flat_map(|s| &s.spans) {
-                spans.push([
-                    hex(&span.trace_id),
-                    hex(&span.span_id),
-                    hex(&span.parent_span_id),
-                    service.clone(),
-                ]);
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-impl Collector {
-    async fn start() -> (Self, SocketAddr) {
-        let collector = Collector::default();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let service = TraceServiceServer::new(collector.clone());
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        (collector, addr)
-    }
-
-    fn spans(&self) -> Vec<[String; 4]> {
-        self.0.lock().unwrap().clone()
-    }
-}
-
 /// Where a proxy serves its admin endpoints, stats and health.
 #[derive(Clone, Copy)]
 struct ProxyPorts {
@@ -657,7 +599,7 @@ async fn start() -> Mesh {
     let mixers = start_mixers(galley.mcp, ports.mixer_policy).await;
     let pilot_xds = free_addr();
     let pilot = start_pilot(galley.mcp, pilot_xds).await;
-    let (collector, collector_addr) = Collector::start().await;
+    let (collector, collector_addr) = testkit::otlp::Receiver::start().await;
     let control_plane = ControlPlane {
         xds: pilot_xds,
         ca: &ca,
@@ -1270,7 +1212,7 @@ async fn trace_context_is_carried_and_spans_are_exported() {
                 .collector
                 .spans()
                 .into_iter()
-                .filter(|s| s[0] == trace)
+                .filter(|s| s.trace_id == trace)
                 .collect();
             if spans.len() >= 2 {
                 return spans;
@@ -1282,18 +1224,18 @@ async fn trace_context_is_carried_and_spans_are_exported() {
     .expect("both spans exported");
     let client = spans
         .iter()
-        .find(|s| s[2] == caller_span)
+        .find(|s| s.parent_span_id == caller_span)
         .expect("the client proxy's span");
     let server = spans
         .iter()
-        .find(|s| s[2] == client[1])
+        .find(|s| s.parent_span_id == client.span_id)
         .expect("the server proxy's span");
     assert_eq!(
-        server[1], parts[2],
+        server.span_id, parts[2],
         "the application's parent is the server proxy's span"
     );
-    assert!(client[3].contains("productpage-1.shop"), "{client:?}");
-    assert!(server[3].contains("reviews-v2-1.shop"), "{server:?}");
+    assert!(client.service.contains("productpage-1.shop"), "{client:?}");
+    assert!(server.service.contains("reviews-v2-1.shop"), "{server:?}");
 }
 
 #[tokio::test]

@@ -68,8 +68,32 @@ impl DirSource {
         self
     }
 
-    /// Reads what changed in the directory and brings `store` in step.
+    /// Reads what changed in the directory and brings `store` in step,
+    /// in a span: the root of the trace of every change it makes.
     pub fn reload(&mut self, store: &Store) -> LoadReport {
+        let span = component::trace::span(
+            "galley",
+            "galley reload",
+            None,
+            None,
+            vec![opentelemetry::KeyValue::new(
+                "galley.dir",
+                self.dir.display().to_string(),
+            )],
+        );
+        let report = {
+            let _in_span = span.clone().attach();
+            self.read(store)
+        };
+        let problems = report.errors.len();
+        component::trace::end(
+            &span,
+            (problems > 0).then(|| format!("{problems} problems")),
+        );
+        report
+    }
+
+    fn read(&mut self, store: &Store) -> LoadReport {
         let mut report = LoadReport::default();
         let mut files = BTreeMap::new();
         for path in config_files_in(std::slice::from_ref(&self.dir), &mut report.errors) {

@@ -109,6 +109,7 @@ pub async fn run(
     admin: Admin,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    component::trace::init("galley")?;
     let limits = Limits::new(&args.server_limits, "mcp", &mut admin.registry());
     let mcp = args
         .mcp_addr

@@ -104,6 +104,10 @@ impl HeldCollection {
 #[derive(Debug, Clone, Default)]
 pub struct SinkSnapshot {
     pub collections: BTreeMap<String, HeldCollection>,
+    /// The span the last update was applied in, when its source traced it
+    /// (see [`component::trace::nonce`]): the trace what the sink makes of
+    /// it continues.
+    pub trace: Option<opentelemetry::trace::SpanContext>,
 }
 
 impl SinkSnapshot {
@@ -215,6 +219,7 @@ impl Sink {
                 .map(|c| (c.clone(), HeldCollection::default()))
                 .chain(fallbacks)
                 .collect(),
+            trace: None,
         };
         let (snapshots, _) = watch::channel(Arc::new(held.clone()));
         Self {
@@ -310,10 +315,26 @@ impl Sink {
         }
         let collection = resources.collection.clone();
         let nonce = resources.nonce.clone();
+        let span = match component::trace::of_nonce(&nonce) {
+            Some(push) => component::trace::span(
+                "mcp",
+                format!("mcp apply {collection}"),
+                Some(&push),
+                None,
+                vec![opentelemetry::KeyValue::new(
+                    "mcp.resources",
+                    resources.resources.len() as i64,
+                )],
+            ),
+            None => opentelemetry::Context::new(),
+        };
         let result = {
             let mut held = self.lock();
             let applied = apply_to(&mut held, resources);
             if applied.is_ok() {
+                if let Some(applied) = component::trace::context_of(&span) {
+                    held.trace = Some(applied);
+                }
                 let snapshot = Arc::new(held.clone());
                 if let Some(c) = held.collections.get(&collection) {
                     self.metrics.resources_held(&collection, c.resources.len());
@@ -325,10 +346,12 @@ impl Sink {
         };
         let error_detail = match result {
             Ok(()) => {
+                component::trace::end(&span, None);
                 self.metrics.ack(&collection);
                 None
             }
             Err(status) => {
+                component::trace::end(&span, Some(status.message().to_string()));
                 tracing::warn!(%collection, %nonce, error = %status.message(), "NACKing MCP update");
                 self.metrics.nack(&collection);
                 Some(rpc::Status {

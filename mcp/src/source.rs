@@ -56,10 +56,20 @@ enum Holds {
 struct Watch {
     incremental: bool,
     holds: Holds,
-    /// Nonce and store sequence of the response awaiting an answer.
-    pending: Option<(String, u64)>,
+    /// The response awaiting an answer.
+    pending: Option<Pending>,
     /// Store sequence of the last answered response; `None` before the first.
     answered: Option<u64>,
+}
+
+/// A response sent and not yet answered.
+struct Pending {
+    nonce: String,
+    /// The store sequence it brings the sink to.
+    seq: u64,
+    /// Its span, from sending to answer, when the change it carries was
+    /// traced.
+    span: opentelemetry::Context,
 }
 
 /// Serves one stream until the sink goes away, breaks the protocol or
@@ -156,26 +166,35 @@ impl SourceStream {
             self.metrics.stale_nonce(&collection);
             return Ok(());
         };
-        let Some((nonce, seq)) = watch.pending.take_if(|(n, _)| *n == req.response_nonce) else {
+        let Some(Pending { nonce, seq, span }) =
+            watch.pending.take_if(|p| p.nonce == req.response_nonce)
+        else {
             tracing::debug!(%collection, nonce = %req.response_nonce, "ignoring stale nonce");
             self.metrics.stale_nonce(&collection);
             return Ok(());
         };
         watch.incremental = req.incremental;
         watch.answered = Some(seq);
-        match req.error_detail {
+        let sink = req.sink_node.map(|n| n.id).unwrap_or_default();
+        let error = match req.error_detail {
             None => {
                 watch.holds = Holds::Seq(seq);
                 self.metrics.ack(&collection);
+                None
             }
             Some(error) => {
                 // The sink kept its last good state, which is what `holds`
                 // still describes; nothing more is sent until a change.
                 tracing::warn!(%collection, %nonce, code = error.code, message = %error.message,
-                    sink = ?req.sink_node.map(|n| n.id), "MCP sink NACKed");
+                    %sink, "MCP sink NACKed");
                 self.metrics.nack(&collection);
+                Some(format!("NACK: {}", error.message))
             }
-        }
+        };
+        use opentelemetry::trace::TraceContextExt;
+        span.span()
+            .set_attribute(opentelemetry::KeyValue::new("mcp.sink", sink));
+        component::trace::end(&span, error);
         Ok(())
     }
 
@@ -223,8 +242,32 @@ impl SourceStream {
             };
             self.nonces += 1;
             response.collection = collection.clone();
-            response.nonce = self.nonces.to_string();
-            watch.pending = Some((response.nonce.clone(), sent_seq));
+            // A change made in a span (a Galley reload) is pushed in a
+            // span of its trace, which the nonce carries to the sink.
+            let span = match self.store.trace(collection) {
+                Some(change) => component::trace::span(
+                    "mcp",
+                    format!("mcp push {collection}"),
+                    Some(&change),
+                    None,
+                    vec![
+                        opentelemetry::KeyValue::new("mcp.collection", collection.clone()),
+                        opentelemetry::KeyValue::new("mcp.incremental", response.incremental),
+                        opentelemetry::KeyValue::new(
+                            "mcp.resources",
+                            response.resources.len() as i64,
+                        ),
+                    ],
+                ),
+                None => opentelemetry::Context::new(),
+            };
+            let traced = component::trace::context_of(&span);
+            response.nonce = component::trace::nonce(self.nonces, traced.as_ref());
+            watch.pending = Some(Pending {
+                nonce: response.nonce.clone(),
+                seq: sent_seq,
+                span,
+            });
             self.metrics.response(collection, response.encoded_len());
             self.metrics
                 .resources_held(collection, self.store.len(collection));

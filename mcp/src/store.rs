@@ -11,6 +11,7 @@ use std::{
     sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
 };
 
+use opentelemetry::trace::SpanContext;
 use tokio::sync::watch;
 
 use mesh_api::pb::istio::mcp::v1alpha1::Resource;
@@ -53,6 +54,9 @@ struct Collection {
     log: BTreeMap<u64, String>,
     /// Diffs from a base older than this cannot be computed any more.
     floor: u64,
+    /// The span the last change was made in (a Galley reload, say), which
+    /// the responses that carry it continue.
+    trace: Option<SpanContext>,
 }
 
 struct Entry {
@@ -181,6 +185,11 @@ impl Store {
     /// The collection's current sequence number.
     pub fn seq(&self, collection: &str) -> Option<u64> {
         self.read().get(collection).map(|c| c.seq)
+    }
+
+    /// The span the collection's last change was made in, if traced.
+    pub fn trace(&self, collection: &str) -> Option<SpanContext> {
+        self.read().get(collection)?.trace.clone()
     }
 
     /// Number of resources held in `collection`.
@@ -318,6 +327,7 @@ impl Collection {
         }
         self.seq += 1;
         self.log.insert(self.seq, name.to_string());
+        self.trace = component::trace::current();
         self.seq
     }
 

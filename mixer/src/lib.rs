@@ -77,6 +77,7 @@ pub struct MixerArgs {
 
 /// Runs Mixer in its role until `shutdown`.
 pub async fn run(args: MixerArgs, admin: Admin, shutdown: CancellationToken) -> anyhow::Result<()> {
+    component::trace::init("mixer")?;
     let listener = component::cli::bind("grpc-addr", args.grpc_addr).await?;
     run_on(listener, args, admin, shutdown).await
 }

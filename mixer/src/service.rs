@@ -125,6 +125,13 @@ impl Mixer for MixerService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
+        let span = component::trace::span(
+            "mixer",
+            "mixer check",
+            component::trace::of_metadata(request.metadata()).as_ref(),
+            None,
+            Vec::new(),
+        );
         let request = request.into_inner();
         let global_word_count = request.global_word_count;
         let compressed = request.attributes.unwrap_or_default();
@@ -133,6 +140,11 @@ impl Mixer for MixerService {
         let config = self.config.borrow().clone();
         let decision = check::check(&config, &bag);
         let (code, message) = decision.denied.clone().unwrap_or((0, String::new()));
+        {
+            use opentelemetry::trace::TraceContextExt;
+            span.span()
+                .set_attribute(opentelemetry::KeyValue::new("mixer.code", i64::from(code)));
+        }
         self.checks
             .get_or_create(&CheckLabels {
                 result: if code == 0 {
@@ -162,6 +174,7 @@ impl Mixer for MixerService {
                 (name, result)
             })
             .collect();
+        component::trace::end(&span, (code != 0).then(|| message.clone()));
         Ok(Response::new(CheckResponse {
             precondition: Some(PreconditionResult {
                 status: Some(rpc::Status {

@@ -60,6 +60,9 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let shutdown = component::shutdown::on_signal();
+    // One process, one service in the traces: its components are told
+    // apart by their spans' scope.
+    component::trace::init("monolith")?;
     let mut parts = Vec::new();
     for part in argv.split(|a| a == "--") {
         parts.push(component(part, &shutdown)?);
@@ -83,5 +86,6 @@ async fn main() -> anyhow::Result<()> {
             outcome = Err(e.context(format!("{name} failed")));
         }
     }
+    component::trace::flush();
     outcome
 }

@@ -95,6 +95,7 @@ pub struct PilotArgs {
 
 /// Runs Pilot until `shutdown`: follows Galley, keeps the model, serves ADS.
 pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> anyhow::Result<()> {
+    component::trace::init("pilot")?;
     let xds = component::cli::bind("xds-addr", args.xds_addr).await?;
     let mtls = match (&args.tls_cert, &args.tls_key, &args.tls_root) {
         (Some(cert), Some(key), Some(root)) => {
@@ -143,23 +144,43 @@ pub async fn run(args: PilotArgs, admin: Admin, shutdown: CancellationToken) -> 
         let mut last = Arc::new(mcp::SinkSnapshot::default());
         loop {
             let snapshot = snapshots.borrow_and_update().clone();
-            let mut model = (*publisher.model()).clone();
-            let mut change = model.update(&last, &snapshot, &fallback_mesh);
+            // A rebuild for a traced MCP update is a span of its trace,
+            // and the model is published in it (see `publish`).
+            let traced = snapshot
+                .trace
+                .as_ref()
+                .filter(|t| last.trace.as_ref() != Some(*t));
+            let rebuild = match traced {
+                Some(update) => component::trace::span(
+                    "pilot",
+                    "pilot model rebuild",
+                    Some(update),
+                    None,
+                    vec![],
+                ),
+                None => opentelemetry::Context::new(),
+            };
+            {
+                let _in_rebuild = rebuild.clone().attach();
+                let mut model = (*publisher.model()).clone();
+                let mut change = model.update(&last, &snapshot, &fallback_mesh);
+                jwks_uris.send_if_modified(|current| {
+                    let uris = jwks::uris(&model.config);
+                    let changed = *current != uris;
+                    *current = uris;
+                    changed
+                });
+                let jwks = keys.borrow_and_update().clone();
+                if model.jwks != *jwks {
+                    model.jwks = (*jwks).clone();
+                    change.jwks = true;
+                }
+                if !change.is_empty() {
+                    publisher.publish(Arc::new(model), &change);
+                }
+            }
+            component::trace::end(&rebuild, None);
             last = snapshot;
-            jwks_uris.send_if_modified(|current| {
-                let uris = jwks::uris(&model.config);
-                let changed = *current != uris;
-                *current = uris;
-                changed
-            });
-            let jwks = keys.borrow_and_update().clone();
-            if model.jwks != *jwks {
-                model.jwks = (*jwks).clone();
-                change.jwks = true;
-            }
-            if !change.is_empty() {
-                publisher.publish(Arc::new(model), &change);
-            }
             if last.synced() {
                 model_built.set(true);
                 built_tx.send_replace(true);

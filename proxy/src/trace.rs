@@ -18,13 +18,9 @@ use opentelemetry::{
     },
 };
 use opentelemetry_sdk::{
-    Resource,
     propagation::TraceContextPropagator,
     trace::{Sampler, SdkTracer, SdkTracerProvider},
 };
-
-/// The OTLP endpoint variable, as OpenTelemetry names it.
-const ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 
 /// Span making and export; inert without an endpoint (and by default).
 #[derive(Default)]
@@ -36,30 +32,13 @@ impl Tracing {
     /// From the environment; `sampling` is the percentage of new traces
     /// kept.
     pub fn from_env(service: &str, sampling: f64) -> anyhow::Result<Self> {
-        let Some(endpoint) = std::env::var(ENDPOINT).ok().filter(|e| !e.is_empty()) else {
+        let ratio = (sampling / 100.0).clamp(0.0, 1.0);
+        let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)));
+        let Some(provider) = component::trace::provider(service, Some(sampler))? else {
             return Ok(Tracing::default());
         };
-        use opentelemetry_otlp::WithExportConfig;
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint.clone())
-            .build()
-            .map_err(|e| anyhow::anyhow!("{ENDPOINT} {endpoint}: {e}"))?;
-        let ratio = (sampling / 100.0).clamp(0.0, 1.0);
-        let provider = SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                ratio,
-            ))))
-            .with_resource(
-                Resource::builder()
-                    .with_service_name(service.to_string())
-                    .build(),
-            )
-            .build();
         use opentelemetry::trace::TracerProvider as _;
         let tracer = provider.tracer("proxy");
-        tracing::info!(%endpoint, sampling, "exporting spans over OTLP");
         Ok(Tracing {
             exporting: Some((provider, tracer)),
         })

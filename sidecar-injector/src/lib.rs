@@ -65,6 +65,7 @@ pub async fn run(
     admin: Admin,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    component::trace::init("sidecar-injector")?;
     let (injector_tx, injector) = watch::channel(Arc::new(load(args.config.as_deref())?));
     let metrics = webhook::Metrics::new(&mut admin.registry());
     let status = Arc::new(std::sync::Mutex::new(None::<String>));

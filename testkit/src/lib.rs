@@ -6,6 +6,7 @@ pub mod fake_kube;
 pub mod fuzz;
 pub mod mcp_watch;
 pub mod netns;
+pub mod otlp;
 
 use std::{
     net::SocketAddr,
@@ -56,10 +57,15 @@ pub static MESH_STARTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new
 /// `meshctl up --ephemeral-ports ARGS`, waited for until it says the mesh
 /// is ready (one such start at a time): the process and what it printed.
 pub async fn meshctl_up(args: &[&str]) -> (Proc, Vec<String>) {
+    meshctl_up_with_env(args, &[]).await
+}
+
+/// [`meshctl_up`] with `env` set for it and every process it starts.
+pub async fn meshctl_up_with_env(args: &[&str], env: &[(&str, &str)]) -> (Proc, Vec<String>) {
     let bin_dir = bin("meshctl").parent().unwrap().display().to_string();
     let starting = MESH_STARTING.lock().await;
     let argv = [&["up", "--ephemeral-ports", "--bin-dir", &bin_dir], args].concat();
-    let mut up = Proc::start("meshctl", &argv);
+    let mut up = Proc::start_with_env("meshctl", &argv, env);
     let lines = up.stdout_until("mesh ready").await;
     drop(starting);
     (up, lines)

@@ -100,4 +100,9 @@ pub trait ResourceGenerator: Send + Sync + 'static {
     ) -> Generated;
 
     fn changes(&self) -> watch::Receiver<TypeVersions>;
+
+    /// The trace of the latest change, which responses sent now carry.
+    fn trace(&self) -> Option<opentelemetry::trace::SpanContext> {
+        None
+    }
 }

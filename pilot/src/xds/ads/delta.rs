@@ -214,11 +214,7 @@ fn changes<G: ResourceGenerator>(
     let nonce = conn.next_nonce();
     let watch = conn.watches.get_mut(type_url)?;
     watch.pending = true;
-    watch.sent = Some(Sent {
-        nonce: nonce.clone(),
-        version: nonce.clone(),
-        hash,
-    });
+    watch.sent = Some(Sent::new(&nonce, hash, &*conn.generator));
     Some(Response::delta(
         DeltaDiscoveryResponse {
             system_version_info: nonce.clone(),

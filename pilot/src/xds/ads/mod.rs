@@ -40,6 +40,7 @@ use self::{
     response::Response,
 };
 use super::{Generated, PUSH_ORDER, Resource, ResourceGenerator, ResourceSet, TypeVersions};
+use opentelemetry::{KeyValue, trace::SpanContext};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -361,6 +362,24 @@ struct Sent {
     nonce: String,
     version: String,
     hash: u64,
+    /// When it was sent, and the trace of the change it carries: its
+    /// answer is a span of that trace, from sending to answer.
+    at: SystemTime,
+    trace: Option<SpanContext>,
+}
+
+impl Sent {
+    /// The response numbered `nonce` (its version too), with content
+    /// `hash`, carrying the generator's latest change.
+    fn new<G: ResourceGenerator>(nonce: &str, hash: u64, generator: &G) -> Self {
+        Sent {
+            nonce: nonce.to_string(),
+            version: nonce.to_string(),
+            hash,
+            at: SystemTime::now(),
+            trace: generator.trace(),
+        }
+    }
 }
 
 impl Watch {
@@ -487,10 +506,27 @@ impl<G: ResourceGenerator> Connection<G> {
         let Some(watch) = self.watches.get_mut(type_url) else {
             return;
         };
-        if watch.answer(nonce, error.clone())
-            && let Some(reason) = error
-        {
+        if !watch.answer(nonce, error.clone()) {
+            return;
+        }
+        if let Some(reason) = &error {
             tracing::warn!(%type_url, node = %self.node_id, %reason, "proxy NACKed");
+        }
+        if let Some(sent) = watch.sent.as_ref().filter(|s| s.trace.is_some()) {
+            let kind = type_url.rsplit('.').next().unwrap_or(type_url);
+            let span = component::trace::span(
+                "pilot",
+                format!("xds {kind} to ACK"),
+                sent.trace.as_ref(),
+                Some(sent.at),
+                vec![
+                    KeyValue::new("xds.node", self.node_id.clone()),
+                    KeyValue::new("xds.type_url", type_url.to_string()),
+                    KeyValue::new("xds.version", sent.version.clone()),
+                    KeyValue::new("xds.acked", error.is_none()),
+                ],
+            );
+            component::trace::end(&span, error.map(|e| format!("NACK: {e}")));
         }
     }
 

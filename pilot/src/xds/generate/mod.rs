@@ -358,6 +358,8 @@ struct SharedCache {
     /// One entry per key: the first stream to need it builds it, the others
     /// wait for that instead of building it again.
     entries: HashMap<ScopeKey, Arc<ScopeEntry>>,
+    /// The span the model was published in, if traced.
+    trace: Option<opentelemetry::trace::SpanContext>,
 }
 
 /// A scope's resources of one type, and the selections proxies of the scope
@@ -509,6 +511,7 @@ impl ModelGenerator {
                 model,
                 log: Arc::default(),
                 entries: HashMap::new(),
+                trace: None,
             }),
         })
     }
@@ -516,7 +519,8 @@ impl ModelGenerator {
     /// Makes `model`, which differs from the current one by `change`, the
     /// one generation reads. Scopes keep what they built of the types the
     /// change leaves alone, and build again only the hosts it touches of
-    /// the others; the types it touches move.
+    /// the others; the types it touches move. The span it is published in
+    /// (see [`component::trace::current`]) is the trace responses carry.
     pub fn publish(&self, model: Arc<Model>, change: &Change) {
         let moved = {
             let mut cache = self.lock();
@@ -530,6 +534,7 @@ impl ModelGenerator {
             log.push(change.clone());
             cache.log = Arc::new(log);
             cache.model = model;
+            cache.trace = component::trace::current();
             moved
         };
         if !moved.is_empty() {
@@ -676,6 +681,10 @@ impl ResourceGenerator for ModelGenerator {
 
     fn changes(&self) -> watch::Receiver<TypeVersions> {
         self.changes.subscribe()
+    }
+
+    fn trace(&self) -> Option<opentelemetry::trace::SpanContext> {
+        self.lock().trace.clone()
     }
 }
 

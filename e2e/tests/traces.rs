@@ -1,0 +1,164 @@
+//! Traces from the control plane, received by an OTLP receiver: one edit
+//! of a config file is one trace, from Galley's reload through its MCP
+//! push (the nonce carries the trace across) and Pilot's apply and model
+//! rebuild to every proxy's ACK; Citadel's signings and Mixer's Checks
+//! are spans too. In both topologies: processes apart, and one process.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use testkit::{otlp::ReceivedSpan, *};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_edit_is_one_trace_from_galleys_reload_to_the_proxies_acks_split() {
+    edit_traced("split").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_edit_is_one_trace_from_galleys_reload_to_the_proxies_acks_monolith() {
+    edit_traced("monolith").await;
+}
+
+/// The one span in `spans` named `name` (or starting with it, for `prefix`
+/// names) whose parent is `parent`.
+fn child<'a>(
+    spans: &'a [ReceivedSpan],
+    parent: &ReceivedSpan,
+    name: &str,
+) -> Option<&'a ReceivedSpan> {
+    spans
+        .iter()
+        .find(|s| s.parent_span_id == parent.span_id && s.name.starts_with(name))
+}
+
+async fn edit_traced(topology: &str) {
+    let (receiver, addr) = otlp::Receiver::start().await;
+    let endpoint = format!("http://{addr}");
+    let (up, lines) = meshctl_up_with_env(
+        &["--topology", topology],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            // Batches every 100 ms, not 5 s: the test waits on them.
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await;
+    let config: std::path::PathBuf = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("config: "))
+        .expect("the config directory")
+        .trim()
+        .into();
+    let (galley, pilot) = match topology {
+        "monolith" => ("monolith", "monolith"),
+        _ => ("galley", "pilot"),
+    };
+    // Every sidecar asked Citadel for its certificate.
+    receiver
+        .wait_for("Citadel's signings", Duration::from_secs(20), |spans| {
+            let signed = spans.iter().filter(|s| s.name == "citadel sign").count();
+            (signed >= 7).then_some(())
+        })
+        .await;
+
+    let edited_at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let file = config.join("virtual-services.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let edited = text
+        .replace("subset: v1}, weight: 50", "subset: v1}, weight: 100")
+        .replace("subset: v3}, weight: 50", "subset: v3}, weight: 0");
+    assert_ne!(edited, text);
+    std::fs::write(&file, edited).unwrap();
+
+    // The reload that read the edit, and the chain under it.
+    let (reload, push, apply, rebuild, acks) = receiver
+        .wait_for("the edit's trace, to a proxy's ACK", WAIT, |spans| {
+            let reload = spans.iter().find(|s| {
+                s.name == "galley reload"
+                    && s.start_unix_nano >= edited_at
+                    && child(spans, s, "mcp push").is_some()
+            })?;
+            let push = child(
+                spans,
+                reload,
+                "mcp push istio/networking/v1alpha3/virtualservices",
+            )?;
+            let apply = child(spans, push, "mcp apply")?;
+            let rebuild = child(spans, apply, "pilot model rebuild")?;
+            let acks: Vec<ReceivedSpan> = spans
+                .iter()
+                .filter(|s| s.parent_span_id == rebuild.span_id && s.name.starts_with("xds "))
+                .cloned()
+                .collect();
+            // productpage's sidecar routes to reviews: its RDS answer.
+            let productpage = acks.iter().any(|a| {
+                a.name == "xds RouteConfiguration to ACK"
+                    && a.attribute("xds.node")
+                        .is_some_and(|n| n.contains("productpage-v1-0"))
+            });
+            productpage.then(|| {
+                (
+                    reload.clone(),
+                    push.clone(),
+                    apply.clone(),
+                    rebuild.clone(),
+                    acks,
+                )
+            })
+        })
+        .await;
+    // One trace, across the processes that did each part.
+    for span in [&push, &apply, &rebuild] {
+        assert_eq!(span.trace_id, reload.trace_id, "{span:?}");
+    }
+    assert!(
+        reload.parent_span_id.is_empty(),
+        "the reload starts the trace"
+    );
+    assert_eq!(
+        (reload.service.as_str(), reload.scope.as_str()),
+        (galley, "galley")
+    );
+    assert_eq!(push.service, galley, "{push:?}");
+    assert_eq!(apply.service, pilot, "{apply:?}");
+    assert_eq!(
+        (rebuild.service.as_str(), rebuild.scope.as_str()),
+        (pilot, "pilot")
+    );
+    for ack in &acks {
+        assert_eq!(ack.trace_id, reload.trace_id);
+        assert_eq!(ack.attribute("xds.acked"), Some("true"), "{ack:?}");
+        assert!(!ack.failed, "{ack:?}");
+        // From the push to its answer.
+        assert!(ack.start_unix_nano >= rebuild.start_unix_nano, "{ack:?}");
+        assert!(ack.end_unix_nano >= ack.start_unix_nano, "{ack:?}");
+    }
+    assert_eq!(
+        push.attribute("mcp.collection"),
+        Some("istio/networking/v1alpha3/virtualservices")
+    );
+    // The push lasted until Pilot's ACK: its end is after Pilot applied it.
+    assert!(
+        push.end_unix_nano >= apply.end_unix_nano,
+        "{push:?} {apply:?}"
+    );
+
+    // Mixer's Checks are spans too (Bookinfo's sidecars check every
+    // request): one request through productpage makes some.
+    let productpage = up_table(&lines)
+        .iter()
+        .find(|r| r[0] == "productpage-v1-proxy")
+        .and_then(|r| r.iter().find_map(|f| f.strip_prefix("inbound=")))
+        .map(|a| a.parse::<std::net::SocketAddr>().unwrap())
+        .unwrap();
+    let (status, _) = get(productpage, "/productpage").await.unwrap();
+    assert_eq!(status, 200);
+    receiver
+        .wait_for("Mixer's Check spans", Duration::from_secs(20), |spans| {
+            spans.iter().any(|s| s.name == "mixer check").then_some(())
+        })
+        .await;
+    assert!(up.terminate().await.success());
+}
