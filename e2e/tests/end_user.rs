@@ -111,7 +111,7 @@ spec:
   hosts: [web.shop.svc.cluster.local]
   location: MESH_INTERNAL
   resolution: STATIC
-  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  ports: [{{number: {service_port}, name: http, protocol: HTTP}}]
   endpoints: [{{address: 127.0.0.1, ports: {{http: {inbound_port}}}, labels: {{app: web}}}}]
 ---
 apiVersion: networking.istio.io/v1alpha3
@@ -173,6 +173,9 @@ spec:
 ",
         inbound_port = inbound.port(),
         app_port = app.port(),
+        // The sidecar binds its outbound listener on the service port:
+        // one free on this machine.
+        service_port = free_addr().port(),
         keys_port = keys.port(),
     );
     let config_dir = config_dir(&[("end-user.yaml", &config)]);

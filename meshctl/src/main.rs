@@ -5,6 +5,7 @@ mod authn;
 mod bench;
 mod binaries;
 mod ca;
+mod dashboard;
 mod describe;
 mod kube_inject;
 mod mcp;
@@ -37,6 +38,9 @@ enum Command {
     /// Replace one component's process in a running `meshctl up` (with
     /// another build, say), and wait until it is ready again.
     Restart(RestartArgs),
+    /// A live page of the running mesh: its service graph, golden signals,
+    /// proxies' sync, config problems, certificates and health.
+    Dashboard(dashboard::DashboardArgs),
     /// What Pilot sent each proxy, and whether the proxy took it.
     ProxyStatus(proxy_status::ProxyStatusArgs),
     /// What one proxy holds: clusters, listeners, routes, endpoints, its
@@ -143,6 +147,7 @@ async fn main() -> anyhow::Result<()> {
         Command::KubeInject(args) => kube_inject::run(args),
         Command::ProxyStatus(args) => proxy_status::run(args).await,
         Command::ProxyConfig(command) => proxy_config::run(command).await,
+        Command::Dashboard(args) => dashboard::run(args, shutdown).await,
         Command::Authn(command) => authn::run(command).await,
         Command::Describe(command) => describe::run(command).await,
         Command::Mcp(McpCommand::Watch(args)) => mcp::watch::run(args, shutdown).await,

@@ -34,6 +34,8 @@ use crate::{
 /// What the admin endpoints show.
 #[derive(Clone)]
 pub struct Views {
+    /// The node id the proxy gives Pilot.
+    pub node: String,
     pub admin: Admin,
     pub xds: Arc<XdsState>,
     pub config: watch::Receiver<Arc<Snapshot>>,
@@ -146,6 +148,7 @@ async fn config_dump(State(v): State<Views>) -> impl IntoResponse {
     });
     let flavour = *v.xds.mode.lock().unwrap_or_else(|e| e.into_inner());
     axum::Json(json!({
+        "node": v.node,
         "xds": xds,
         "xds_flavour": flavour,
         "certificate": certificate,

@@ -112,6 +112,7 @@ pub async fn run(args: ProxyArgs, admin: Admin, shutdown: CancellationToken) -> 
     let workers = workers::Workers::start(concurrency, &shutdown)?;
     let upstreams = Arc::new(upstream::Upstreams::new(tls.clone(), stats, concurrency));
     admin.add_routes(admin::routes(admin::Views {
+        node: args.node.id(),
         admin: admin.clone(),
         xds: state.clone(),
         config: config.clone(),

@@ -2,6 +2,7 @@
 //! before the tests and shared by all of them), start them as real
 //! processes on 127.0.0.1, wait on readiness, and stop them.
 
+pub mod browser;
 pub mod fake_kube;
 pub mod fuzz;
 pub mod mcp_watch;

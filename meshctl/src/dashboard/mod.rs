@@ -1,0 +1,322 @@
+//! `meshctl dashboard`: one page, served from this binary (no CDN, no
+//! Grafana or Kiali), showing a running mesh live: the service graph and
+//! each service's golden signals from the telemetry Mixer's metrics
+//! ([`telemetry`]), every proxy's sync state per xDS type with its NACK
+//! (Pilot's `/debug/syncz`), Galley's config problems, the proxies'
+//! certificates and each component's readiness; a proxy's listeners,
+//! routes, clusters and endpoints on a click. Everything is read from the
+//! components' own ports, found in `meshctl up`'s table.
+
+mod telemetry;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use clap::Args;
+use serde_json::{Value, json};
+
+use crate::up::control::{self, Row};
+
+#[derive(Debug, Args)]
+pub struct DashboardArgs {
+    /// Where to serve the page.
+    #[arg(long, default_value = "127.0.0.1:15080")]
+    pub listen: SocketAddr,
+    /// The mesh's control address; the latest `meshctl up`'s when absent.
+    #[arg(long)]
+    pub control: Option<SocketAddr>,
+    /// How often the telemetry Mixer's metrics are read.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub scrape_interval: Duration,
+    /// The window rates, error rates and latencies are taken over.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub rate_window: Duration,
+    /// How far back the golden signals' plots go.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub history: Duration,
+}
+
+/// What the page's requests share.
+#[derive(Clone)]
+struct Dashboard {
+    control: SocketAddr,
+    client: reqwest::Client,
+    history: Arc<Mutex<telemetry::History>>,
+    rate_window: Duration,
+    /// Why the last scrape failed, if it did.
+    scrape_error: Arc<Mutex<Option<String>>>,
+}
+
+const PAGE: &str = include_str!("page.html");
+
+pub async fn run(
+    args: DashboardArgs,
+    shutdown: component::CancellationToken,
+) -> anyhow::Result<()> {
+    let control = control::address(args.control)?;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    // Fails early when no mesh answers.
+    control::rows(&client, control).await?;
+    let dashboard = Dashboard {
+        control,
+        client,
+        history: Arc::new(Mutex::new(telemetry::History::new(args.history))),
+        rate_window: args.rate_window,
+        scrape_error: Arc::default(),
+    };
+    tokio::spawn(scrape(
+        dashboard.clone(),
+        args.scrape_interval,
+        shutdown.clone(),
+    ));
+    let app = Router::new()
+        .route("/", get(page))
+        .route("/api/state", get(state))
+        .route("/api/proxy/{name}", get(proxy))
+        .with_state(dashboard);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("--listen {}: {e}", args.listen))?;
+    println!("dashboard: http://{}/", listener.local_addr()?);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+async fn page() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE).into_response()
+}
+
+/// A component's port of purpose `what`.
+fn port<'a>(row: &'a Row, what: &str) -> Option<&'a str> {
+    row.ports
+        .iter()
+        .find(|(w, _)| w == what)
+        .map(|(_, a)| a.as_str())
+}
+
+impl Dashboard {
+    async fn json(&self, url: &str) -> anyhow::Result<Value> {
+        let response = self.client.get(url).send().await?.error_for_status()?;
+        Ok(serde_json::from_str(&response.text().await?)?)
+    }
+
+    /// The mesh's table; each row with an admin port says what it is
+    /// (`/version`'s component).
+    async fn rows(&self) -> anyhow::Result<Vec<(Row, Option<String>)>> {
+        let rows = control::rows(&self.client, self.control).await?;
+        let kinds = futures::future::join_all(rows.iter().map(|row| async {
+            let admin = port(row, "admin")?;
+            let version = self.json(&format!("http://{admin}/version")).await.ok()?;
+            version["component"].as_str().map(String::from)
+        }))
+        .await;
+        Ok(rows.into_iter().zip(kinds).collect())
+    }
+
+    /// One scrape of the telemetry Mixer's metrics into the history.
+    async fn scrape_once(&self) -> anyhow::Result<()> {
+        let rows = control::rows(&self.client, self.control).await?;
+        let metrics = rows
+            .iter()
+            .find_map(|r| {
+                (r.name == "mixer-telemetry")
+                    .then(|| port(r, "metrics"))
+                    .flatten()
+            })
+            .ok_or_else(|| {
+                anyhow::anyhow!("the mesh runs no telemetry Mixer with a metrics port")
+            })?;
+        let text = self
+            .client
+            .get(format!("http://{metrics}/metrics"))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        let sample = telemetry::parse(&text, SystemTime::now())?;
+        self.history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(sample);
+        Ok(())
+    }
+}
+
+async fn scrape(dashboard: Dashboard, every: Duration, shutdown: component::CancellationToken) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let failed = dashboard
+            .scrape_once()
+            .await
+            .err()
+            .map(|e| format!("{e:#}"));
+        *dashboard
+            .scrape_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = failed;
+    }
+}
+
+type Failure = (StatusCode, String);
+
+fn unavailable(e: anyhow::Error) -> Failure {
+    (StatusCode::BAD_GATEWAY, format!("{e:#}\n"))
+}
+
+/// Everything the page shows but a proxy's config.
+async fn state(State(d): State<Dashboard>) -> Result<Json<Value>, Failure> {
+    let rows = d.rows().await.map_err(unavailable)?;
+    let admin_of = |component: &str| {
+        rows.iter()
+            .find(|(_, kind)| kind.as_deref() == Some(component))
+            .and_then(|(row, _)| port(row, "admin"))
+    };
+    let syncz = match admin_of("pilot") {
+        Some(admin) => d.json(&format!("http://{admin}/debug/syncz")).await.ok(),
+        None => None,
+    };
+    let config = match admin_of("galley") {
+        Some(admin) => d.json(&format!("http://{admin}/debug/config")).await.ok(),
+        None => None,
+    };
+    let components: Vec<Value> = rows
+        .iter()
+        .filter(|(_, kind)| kind.as_deref().is_some_and(|k| k != "proxy"))
+        .map(|(row, kind)| {
+            json!({"name": row.name, "component": kind, "ready": row.ready, "pid": row.pid})
+        })
+        .collect();
+    let d = &d;
+    let dumps = futures::future::join_all(
+        rows.iter()
+            .filter(|(_, kind)| kind.as_deref() == Some("proxy"))
+            .map(|(row, _)| async move {
+                let admin = port(row, "admin").unwrap_or_default();
+                (
+                    row,
+                    d.json(&format!("http://{admin}/config_dump")).await.ok(),
+                )
+            }),
+    )
+    .await;
+    let proxies = proxy_rows(&dumps, syncz.as_ref());
+    let (graph, signals) = {
+        let history = d.history.lock().unwrap_or_else(|e| e.into_inner());
+        (history.graph(d.rate_window), history.signals(d.rate_window))
+    };
+    let scrape_error = d
+        .scrape_error
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    Ok(Json(json!({
+        "components": components,
+        "proxies": proxies,
+        "problems": config.as_ref().map(|c| c["problems"].clone()),
+        "warnings": config.as_ref().map(|c| c["warnings"].clone()),
+        "graph": graph,
+        "signals": signals,
+        "rate_window_seconds": d.rate_window.as_secs_f64(),
+        "telemetry_error": scrape_error,
+    })))
+}
+
+/// Every proxy Pilot serves or the mesh runs, by name: its sync state per
+/// xDS type (from Pilot, by the node id its own config dump gives) and
+/// its certificate. A client of Pilot the mesh does not run is named by
+/// its pod; a proxy of the mesh Pilot does not know is NOT CONNECTED.
+fn proxy_rows(dumps: &[(&Row, Option<Value>)], syncz: Option<&Value>) -> Vec<Value> {
+    let connected = syncz
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let node_of = |dump: &Option<Value>| {
+        dump.as_ref()
+            .and_then(|d| d["node"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let types = |sync: Option<&Value>| -> serde_json::Map<String, Value> {
+        [
+            ("CDS", mesh_api::xds::CLUSTER),
+            ("LDS", mesh_api::xds::LISTENER),
+            ("EDS", mesh_api::xds::ENDPOINT),
+            ("RDS", mesh_api::xds::ROUTE),
+        ]
+        .into_iter()
+        .map(|(short, url)| {
+            let state = match sync {
+                Some(s) => crate::proxy_status::state(s["types"].get(url)),
+                None => "NOT CONNECTED".into(),
+            };
+            (short.to_string(), json!(state))
+        })
+        .collect()
+    };
+    let mut out: Vec<Value> = connected
+        .iter()
+        .map(|sync| {
+            let node = sync["node"].as_str().unwrap_or_default();
+            let ours = dumps.iter().find(|(_, dump)| node_of(dump) == node);
+            let pod = node.split('~').nth(2).unwrap_or(node);
+            json!({
+                "name": ours.map_or(pod, |(row, _)| row.name.as_str()),
+                "node": node,
+                "protocol": sync["protocol"],
+                "sync": types(Some(sync)),
+                "certificate": ours.and_then(|(_, dump)| Some(dump.as_ref()?["certificate"].clone())),
+                "admin": ours.is_some(),
+            })
+        })
+        .collect();
+    for (row, dump) in dumps {
+        let node = node_of(dump);
+        if !connected.iter().any(|s| s["node"] == node.as_str()) {
+            out.push(json!({
+                "name": row.name,
+                "node": node,
+                "sync": types(None),
+                "certificate": dump.as_ref().map(|d| d["certificate"].clone()),
+                "admin": true,
+            }));
+        }
+    }
+    out.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    out
+}
+
+/// A proxy's listeners, routes, clusters and endpoints: its config dump.
+async fn proxy(
+    State(d): State<Dashboard>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, Failure> {
+    let admin = crate::admin::admin_of(Some(d.control), &name)
+        .await
+        .map_err(|e| (StatusCode::NOT_FOUND, format!("{e:#}\n")))?;
+    let dump = d
+        .json(&format!("http://{admin}/config_dump"))
+        .await
+        .map_err(unavailable)?;
+    Ok(Json(dump))
+}
