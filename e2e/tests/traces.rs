@@ -1,7 +1,8 @@
 //! Traces from the control plane, received by an OTLP receiver: one edit
 //! of a config file is one trace, from Galley's reload through its MCP
 //! push (the nonce carries the trace across) and Pilot's apply and model
-//! rebuild to every proxy's ACK; Citadel's signings and Mixer's Checks
+//! rebuild to every proxy's ACK, and the proxies' own spans of taking it
+//! (the xDS nonce carries it on); Citadel's signings and Mixer's Checks
 //! are spans too. In both topologies: processes apart, and one process.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -73,7 +74,7 @@ async fn edit_traced(topology: &str) {
     std::fs::write(&file, edited).unwrap();
 
     // The reload that read the edit, and the chain under it.
-    let (reload, push, apply, rebuild, acks) = receiver
+    let (reload, push, apply, rebuild, acks, taken) = receiver
         .wait_for("the edit's trace, to a proxy's ACK", WAIT, |spans| {
             let reload = spans.iter().find(|s| {
                 s.name == "galley reload"
@@ -92,12 +93,19 @@ async fn edit_traced(topology: &str) {
                 .filter(|s| s.parent_span_id == rebuild.span_id && s.name.starts_with("xds "))
                 .cloned()
                 .collect();
-            // productpage's sidecar routes to reviews: its RDS answer.
+            // productpage's sidecar routes to reviews: its RDS answer, and
+            // its own span of taking the routes (the xDS nonce carried the
+            // trace to it).
             let productpage = acks.iter().any(|a| {
                 a.name == "xds RouteConfiguration to ACK"
                     && a.attribute("xds.node")
                         .is_some_and(|n| n.contains("productpage-v1-0"))
             });
+            let taken = spans.iter().find(|s| {
+                s.parent_span_id == rebuild.span_id
+                    && s.name == "proxy xds apply RouteConfiguration"
+                    && s.service == "productpage-v1-0.bookinfo"
+            })?;
             productpage.then(|| {
                 (
                     reload.clone(),
@@ -105,6 +113,7 @@ async fn edit_traced(topology: &str) {
                     apply.clone(),
                     rebuild.clone(),
                     acks,
+                    taken.clone(),
                 )
             })
         })
@@ -135,6 +144,8 @@ async fn edit_traced(topology: &str) {
         assert!(ack.start_unix_nano >= rebuild.start_unix_nano, "{ack:?}");
         assert!(ack.end_unix_nano >= ack.start_unix_nano, "{ack:?}");
     }
+    assert_eq!(taken.trace_id, reload.trace_id, "{taken:?}");
+    assert!(!taken.failed, "{taken:?}");
     assert_eq!(
         push.attribute("mcp.collection"),
         Some("istio/networking/v1alpha3/virtualservices")

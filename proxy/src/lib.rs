@@ -79,13 +79,18 @@ pub async fn run(args: ProxyArgs, admin: Admin, shutdown: CancellationToken) -> 
     tracing::info!(node = %node.id, pilot = %args.pilot, "proxy starting");
     let (config_tx, config) = watch::channel(Arc::new(config::Snapshot::default()));
     let state = Arc::new(xds::XdsState::default());
+    let traces = Arc::new(trace::Tracing::from_env(
+        &format!("{}.{}", args.node.pod, args.node.namespace),
+        args.trace_sampling,
+    )?);
     let client = xds::XdsClient::new(
         node,
         args.pilot.clone(),
         args.xds_mode,
         state.clone(),
         config_tx,
-    );
+    )
+    .traced(traces.clone());
     let (agent, credentials) = agent::Agent::new(
         args.agent.clone(),
         &args.node.namespace,
@@ -131,10 +136,6 @@ pub async fn run(args: ProxyArgs, admin: Admin, shutdown: CancellationToken) -> 
         ),
     };
     let mixer = Arc::new(mixer::MixerFilter::new(&args.mixer, workload)?);
-    let traces = Arc::new(trace::Tracing::from_env(
-        &format!("{}.{}", args.node.pod, args.node.namespace),
-        args.trace_sampling,
-    )?);
     tokio::spawn(mixer.clone().flush_reports(shutdown.clone()));
     let shared = listeners::Shared {
         config,

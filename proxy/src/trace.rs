@@ -81,6 +81,20 @@ impl Tracing {
         Some(RequestSpan { cx })
     }
 
+    /// A span of the proxy's own work in `parent`'s trace (a config
+    /// update Pilot traced); `None` when not exporting.
+    pub fn child(&self, name: String, parent: &SpanContext) -> Option<WorkSpan> {
+        let (_, tracer) = self.exporting.as_ref()?;
+        let parent = Context::new().with_remote_span_context(parent.clone());
+        let span = tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Internal)
+            .start_with_context(tracer, &parent);
+        Some(WorkSpan {
+            cx: parent.with_span(span),
+        })
+    }
+
     /// Sends what is batched (at shutdown).
     pub fn flush(&self) {
         if let Some((provider, _)) = &self.exporting
@@ -88,6 +102,23 @@ impl Tracing {
         {
             tracing::warn!("spans not flushed: {e}");
         }
+    }
+}
+
+/// A span of the proxy's own work.
+pub struct WorkSpan {
+    cx: Context,
+}
+
+impl WorkSpan {
+    /// Ends it, having taken config `version` or refused it for `error`.
+    pub fn end(self, version: &str, error: Option<String>) {
+        let span = self.cx.span();
+        span.set_attribute(KeyValue::new("xds.version", version.to_string()));
+        if let Some(e) = error {
+            span.set_status(Status::error(format!("NACK: {e}")));
+        }
+        span.end();
     }
 }
 

@@ -110,6 +110,8 @@ pub struct XdsClient {
     held: Held,
     state: Arc<XdsState>,
     config: watch::Sender<Arc<Snapshot>>,
+    /// Spans of updates Pilot traced (their nonce carries the trace).
+    tracing: Arc<crate::trace::Tracing>,
 }
 
 const TYPES: [&str; 4] = [CLUSTER, ENDPOINT, LISTENER, ROUTE];
@@ -129,7 +131,14 @@ impl XdsClient {
             held: Held::default(),
             state,
             config,
+            tracing: Arc::default(),
         }
+    }
+
+    /// Makes a span of each update whose nonce carries a trace.
+    pub fn traced(mut self, tracing: Arc<crate::trace::Tracing>) -> Self {
+        self.tracing = tracing;
+        self
     }
 
     /// Streams until `shutdown`, reconnecting with backoff.
@@ -205,8 +214,17 @@ impl XdsClient {
             tracing::debug!(type_url, "ignoring a type not asked for");
             return Vec::new();
         };
+        let span = component::trace::of_nonce(&nonce).and_then(|pilot| {
+            let kind = type_url.rsplit('.').next().unwrap_or(type_url);
+            self.tracing
+                .child(format!("proxy xds apply {kind}"), &pilot)
+        });
         self.set_status(type_url, |s| s.nonce = nonce);
-        match self.take(type_url, update) {
+        let taken = self.take(type_url, update);
+        if let Some(span) = span {
+            span.end(&version, taken.as_ref().err().map(|p| p.0.clone()));
+        }
+        match taken {
             Ok(()) => {
                 self.set_status(type_url, |s| {
                     s.version = version.clone();

@@ -15,7 +15,7 @@ use prost::Message;
 use tonic::Status;
 
 use super::{
-    AdsServer, Changes, Connection, Flavor, Held, Response, Sent,
+    AdsServer, Changes, Connection, Flavor, Held, Response,
     fields::{FieldReader, Fields, malformed, merge, text},
     framing::Decode,
     names::{Matching, NameList, NameSets},
@@ -211,13 +211,14 @@ fn changes<G: ResourceGenerator>(
     }
     let hash = now.hash();
     watch.held = Held::Sent(now);
-    let nonce = conn.next_nonce();
+    let sent = conn.next_sent(hash);
+    let (nonce, version) = (sent.nonce.clone(), sent.version.clone());
     let watch = conn.watches.get_mut(type_url)?;
     watch.pending = true;
-    watch.sent = Some(Sent::new(&nonce, hash, &*conn.generator));
+    watch.sent = Some(sent);
     Some(Response::delta(
         DeltaDiscoveryResponse {
-            system_version_info: nonce.clone(),
+            system_version_info: version,
             removed_resources: removed,
             type_url: type_url.to_string(),
             nonce,

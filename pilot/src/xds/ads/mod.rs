@@ -369,15 +369,18 @@ struct Sent {
 }
 
 impl Sent {
-    /// The response numbered `nonce` (its version too), with content
-    /// `hash`, carrying the generator's latest change.
-    fn new<G: ResourceGenerator>(nonce: &str, hash: u64, generator: &G) -> Self {
+    /// The `n`th response of a stream, with content `hash`, carrying the
+    /// generator's latest change: `n` is its version, and its nonce, with
+    /// the change's trace when traced (see [`component::trace::nonce`]),
+    /// so that a proxy that knows continues the trace.
+    fn new<G: ResourceGenerator>(n: u64, hash: u64, generator: &G) -> Self {
+        let trace = generator.trace();
         Sent {
-            nonce: nonce.to_string(),
-            version: nonce.to_string(),
+            nonce: component::trace::nonce(n, trace.as_ref()),
+            version: n.to_string(),
             hash,
             at: SystemTime::now(),
-            trace: generator.trace(),
+            trace,
         }
     }
 }
@@ -406,8 +409,9 @@ struct Connection<G: ResourceGenerator> {
     workload: Option<Arc<crate::proxy::Proxy>>,
     client: Option<G::Client>,
     watches: BTreeMap<String, Watch>,
-    /// Responses sent on the stream; each one's number is both its nonce
-    /// and its version, unique on the stream and increasing.
+    /// Responses sent on the stream; each one's number is its version and
+    /// starts its nonce (see [`Sent::new`]), unique on the stream and
+    /// increasing.
     responses: u64,
     /// The generator's versions as of the last push.
     seen: TypeVersions,
@@ -434,9 +438,11 @@ impl<G: ResourceGenerator> Connection<G> {
         Ok(())
     }
 
-    fn next_nonce(&mut self) -> String {
+    /// The next response on the stream, carrying the generator's latest
+    /// change.
+    fn next_sent(&mut self, hash: u64) -> Sent {
         self.responses += 1;
-        self.responses.to_string()
+        Sent::new(self.responses, hash, &*self.generator)
     }
 
     /// The resources of a type for the watch's names; `None` before the

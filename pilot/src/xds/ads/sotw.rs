@@ -10,7 +10,7 @@ use envoy_types::pb::{
 use tonic::Status;
 
 use super::{
-    AdsServer, Connection, Flavor, Held, Response, Sent,
+    AdsServer, Connection, Flavor, Held, Response,
     fields::{FieldReader, Fields, merge, text},
     framing::Decode,
     names::{Matching, NameList, NameSets},
@@ -188,13 +188,14 @@ fn generate<G: ResourceGenerator>(
         // Only removals: a client drops those when it unsubscribes.
         return None;
     }
-    let nonce = conn.next_nonce();
+    let sent = conn.next_sent(hash);
+    let (nonce, version) = (sent.nonce.clone(), sent.version.clone());
     let watch = conn.watches.get_mut(type_url)?;
     watch.pending = true;
-    watch.sent = Some(Sent::new(&nonce, hash, &*conn.generator));
+    watch.sent = Some(sent);
     Some(Response::sotw(
         DiscoveryResponse {
-            version_info: nonce.clone(),
+            version_info: version,
             type_url: type_url.to_string(),
             nonce,
             ..Default::default()
