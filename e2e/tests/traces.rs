@@ -146,6 +146,13 @@ async fn edit_traced(topology: &str) {
     }
     assert_eq!(taken.trace_id, reload.trace_id, "{taken:?}");
     assert!(!taken.failed, "{taken:?}");
+    let last_ack = acks.iter().map(|a| a.end_unix_nano).max().unwrap();
+    eprintln!(
+        "{topology}: the edit's trace: reload to Pilot's apply {:.1} ms, to the last of {} ACKs {:.1} ms",
+        (apply.end_unix_nano - reload.start_unix_nano) as f64 / 1e6,
+        acks.len(),
+        (last_ack - reload.start_unix_nano) as f64 / 1e6,
+    );
     assert_eq!(
         push.attribute("mcp.collection"),
         Some("istio/networking/v1alpha3/virtualservices")

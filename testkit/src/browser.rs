@@ -61,7 +61,8 @@ pub struct Browser {
 impl Browser {
     pub async fn start() -> Self {
         crate::install_crypto();
-        ensure_chromium();
+        // apt-get may take a while: off the runtime's threads.
+        tokio::task::spawn_blocking(ensure_chromium).await.unwrap();
         let port = crate::free_addr().port();
         let driver = tokio::process::Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))

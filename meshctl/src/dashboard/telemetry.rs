@@ -28,6 +28,20 @@ pub struct Counts {
     pub buckets: Vec<(f64, f64)>,
 }
 
+impl Counts {
+    /// Adds `n` observations at or under `le` (series of one edge add up),
+    /// keeping the buckets in order.
+    fn add_bucket(&mut self, le: f64, n: f64) {
+        match self.buckets.iter_mut().find(|(b, _)| *b == le) {
+            Some((_, count)) => *count += n,
+            None => {
+                self.buckets.push((le, n));
+                self.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+            }
+        }
+    }
+}
+
 /// One scrape.
 #[derive(Debug, Clone)]
 pub struct Sample {
@@ -102,12 +116,8 @@ pub fn parse(text: &str, at: SystemTime) -> anyhow::Result<Sample> {
             ("istio_request_duration_seconds", Value::Histogram(buckets)) => {
                 let c = edges.entry(edge_of(&sample.labels)).or_default();
                 for b in buckets {
-                    match c.buckets.iter_mut().find(|(le, _)| *le == b.less_than) {
-                        Some((_, count)) => *count += b.count,
-                        None => c.buckets.push((b.less_than, b.count)),
-                    }
+                    c.add_bucket(b.less_than, b.count);
                 }
-                c.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
             }
             _ => {}
         }
@@ -272,18 +282,14 @@ impl History {
                 total.requests += d.requests;
                 total.errors += d.errors;
                 for (le, n) in d.buckets {
-                    match total.buckets.iter_mut().find(|(b, _)| *b == le) {
-                        Some((_, count)) => *count += n,
-                        None => total.buckets.push((le, n)),
-                    }
+                    total.add_bucket(le, n);
                 }
             }
             let unix_ms = sample
                 .at
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
-            for (service, mut c) in by_service {
-                c.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+            for (service, c) in by_service {
                 out.entry(service.to_string()).or_default().push(Point {
                     unix_ms,
                     rps: if seconds > 0.0 {
