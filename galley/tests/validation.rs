@@ -115,6 +115,16 @@ fn virtual_services() {
             ),
         ],
     );
+    // Rust's regex takes the x flag, RE2 (Envoy, and the proxy's whole-
+    // value match) does not: refused here, not NACKed by every proxy.
+    assert_refused(
+        VS,
+        "  hosts: [a]\n  http:\n  - match: [{headers: {x-user: {regex: '(?x)admin # or root'}}}]\n    route: [{destination: {host: a}}]\n",
+        &[(
+            "spec.http[0].match[0].headers[\"x-user\"].regex",
+            "the x flag is not RE2 syntax",
+        )],
+    );
     assert_refused(
         VS,
         "  hosts: [a]\n  http:\n  - redirect: {}\n    route: [{destination: {host: a}}]\n  - route: [{destination: {host: '*'}}]\n    fault: {abort: {httpStatus: 700, percentage: {value: 101}}}\n",

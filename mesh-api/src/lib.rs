@@ -21,6 +21,7 @@ pub mod networking;
 pub mod object;
 pub mod pb;
 pub mod policy;
+pub mod safe_regex;
 pub mod synthetic;
 pub mod xds;
 

@@ -71,7 +71,7 @@ pub(super) fn string_match(c: &mut Check, field: &Field, m: &Option<net::StringM
     use net::string_match::MatchType;
     match m.as_ref().and_then(|m| m.match_type.as_ref()) {
         Some(MatchType::Regex(re)) => {
-            if let Err(e) = regex::Regex::new(re) {
+            if let Err(e) = mesh_api::safe_regex::whole_value(re) {
                 c.fail(field.at("regex"), format!("invalid regex: {e}"));
             }
         }

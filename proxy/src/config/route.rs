@@ -618,9 +618,11 @@ impl StringMatch {
     }
 }
 
-/// An RE2 pattern matched against the whole value, as Envoy's safe regex.
+/// An RE2 pattern matched against the whole value, as Envoy's safe regex
+/// (compiled as Galley checked it).
 fn regex(pattern: &str) -> Result<Regex, Problem> {
-    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| Problem(format!("regex {pattern:?}: {e}")))
+    mesh_api::safe_regex::whole_value(pattern)
+        .map_err(|e| Problem(format!("regex {pattern:?}: {e}")))
 }
 
 impl Route {
