@@ -163,20 +163,45 @@ async fn edit_traced(topology: &str) {
         "{push:?} {apply:?}"
     );
 
-    // Mixer's Checks are spans too (Bookinfo's sidecars check every
-    // request): one request through productpage makes some.
+    // Mixer's Checks are spans too, in the trace of the request they
+    // check: a sampled request through productpage's sidecar, whose span
+    // is the parent of the Check its sidecar makes.
     let productpage = up_table(&lines)
         .iter()
         .find(|r| r[0] == "productpage-v1-proxy")
         .and_then(|r| r.iter().find_map(|f| f.strip_prefix("inbound=")))
         .map(|a| a.parse::<std::net::SocketAddr>().unwrap())
         .unwrap();
-    let (status, _) = get(productpage, "/productpage").await.unwrap();
-    assert_eq!(status, 200);
-    receiver
-        .wait_for("Mixer's Check spans", Duration::from_secs(20), |spans| {
-            spans.iter().any(|s| s.name == "mixer check").then_some(())
-        })
+    let trace = "5b8efff798038103d269b633813fc60c";
+    install_crypto();
+    let response = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("http://{productpage}/productpage"))
+        .header("traceparent", format!("00-{trace}-eee19b7ec3c1b174-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (request, check) = receiver
+        .wait_for(
+            "the request's Check, in its trace",
+            Duration::from_secs(20),
+            |spans| {
+                let request = spans.iter().find(|s| {
+                    s.trace_id == trace
+                        && s.service == "productpage-v1-0.bookinfo"
+                        && s.parent_span_id == "eee19b7ec3c1b174"
+                })?;
+                let check = spans
+                    .iter()
+                    .find(|s| s.name == "mixer check" && s.parent_span_id == request.span_id)?;
+                Some((request.clone(), check.clone()))
+            },
+        )
         .await;
+    assert_eq!(check.trace_id, request.trace_id);
+    assert_eq!(check.scope, "mixer", "{check:?}");
     assert!(up.terminate().await.success());
 }

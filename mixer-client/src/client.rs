@@ -15,7 +15,10 @@ use mesh_api::pb::istio::mixer::v1::{
     mixer_client::MixerClient, referenced_attributes::Condition,
     report_request::RepeatedAttributesSemantics,
 };
-use tonic::transport::Channel;
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    transport::Channel,
+};
 
 use crate::attributes::{Bag, Compressor, Value, dictionary::GLOBAL_WORDS};
 
@@ -179,10 +182,24 @@ impl Client {
     /// Sends a check, trying again while Mixer cannot be reached. The
     /// request goes again as it was, deduplication id and all: a Mixer that
     /// granted its quota already grants the same again, not twice.
-    async fn send_check(&self, request: CheckRequest) -> Result<CheckResponse, tonic::Status> {
+    async fn send_check(
+        &self,
+        request: CheckRequest,
+        trace: Option<&str>,
+    ) -> Result<CheckResponse, tonic::Status> {
+        // The caller's trace context goes as W3C `traceparent` metadata:
+        // Mixer's span of the Check joins the request's trace.
+        let traceparent = trace.and_then(|t| t.parse::<MetadataValue<Ascii>>().ok());
+        let call = |request: CheckRequest| {
+            let mut call = tonic::Request::new(request);
+            if let Some(t) = &traceparent {
+                call.metadata_mut().insert("traceparent", t.clone());
+            }
+            call
+        };
         let mut wait = RETRY_WAIT.0;
         for _ in 0..self.options.retries {
-            match self.grpc.clone().check(request.clone()).await {
+            match self.grpc.clone().check(call(request.clone())).await {
                 Err(status) if unreachable(&status) => {
                     tracing::debug!(%status, ?wait, "mixer check failed; trying again");
                     tokio::time::sleep(wait).await;
@@ -193,13 +210,19 @@ impl Client {
         }
         self.grpc
             .clone()
-            .check(request)
+            .check(call(request))
             .await
             .map(tonic::Response::into_inner)
     }
 
     /// Whether the request described by `bag` may proceed.
     pub async fn check(&self, bag: &Bag) -> Verdict {
+        self.check_in(bag, None).await
+    }
+
+    /// [`Client::check`] for a request in the trace `traceparent` (W3C)
+    /// names.
+    pub async fn check_in(&self, bag: &Bag, traceparent: Option<&str>) -> Verdict {
         let now = Instant::now();
         let counts_quota = !self.options.quotas.is_empty();
         if !counts_quota && let Some(verdict) = self.lock_cache().lookup(bag, now) {
@@ -225,7 +248,7 @@ impl Client {
                 })
                 .collect(),
         };
-        let response = match self.send_check(request).await {
+        let response = match self.send_check(request, traceparent).await {
             Ok(response) => response,
             Err(status) if self.options.fail_open => {
                 tracing::debug!(%status, "mixer check failed; failing open");

@@ -161,6 +161,8 @@ fn forwarded(headers: &HeaderMap, namespace: &str) -> Bag {
 pub struct Inbound {
     bag: Bag,
     started: SystemTime,
+    /// The request's W3C trace context, which its Check carries.
+    traceparent: Option<String>,
 }
 
 impl MixerFilter {
@@ -355,13 +357,25 @@ impl MixerFilter {
                 Value::StringMap(user.claims.clone()),
             );
         }
-        Inbound { bag, started: now }
+        let traceparent = parts
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        Inbound {
+            bag,
+            started: now,
+            traceparent,
+        }
     }
 
     /// `Some(response)` when Mixer refuses the request.
     pub async fn check(&self, inbound: &Inbound) -> Option<(StatusCode, String)> {
         let policy = self.policy.as_ref()?;
-        match policy.check(&inbound.bag).await {
+        match policy
+            .check_in(&inbound.bag, inbound.traceparent.as_deref())
+            .await
+        {
             Verdict::Allow => None,
             Verdict::Deny { code, message } => {
                 let (status, name) = http_status(code);
