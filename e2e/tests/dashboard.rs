@@ -239,14 +239,21 @@ async fn the_dashboard_shows_the_mesh_live_in_headless_chromium() {
             json!([]),
         )
         .await;
-    assert_eq!(certificates.as_array().unwrap().len(), 7, "{certificates}");
+    // Citadel's root first, then the seven proxies'.
+    let certificates = certificates.as_array().unwrap();
+    assert_eq!(certificates.len(), 8, "{certificates:?}");
     assert!(
-        certificates
-            .as_array()
+        certificates[0]
+            .as_str()
             .unwrap()
+            .contains("root CA of cluster.local"),
+        "{certificates:?}"
+    );
+    assert!(
+        certificates[1..]
             .iter()
             .all(|c| c.as_str().unwrap().contains("spiffe://cluster.local/ns/")),
-        "{certificates}"
+        "{certificates:?}"
     );
 
     // An edit the old proxy refuses: its row says so, with its reason;

@@ -200,6 +200,10 @@ async fn state(State(d): State<Dashboard>) -> Result<Json<Value>, Failure> {
         Some(admin) => d.json(&format!("http://{admin}/debug/config")).await.ok(),
         None => None,
     };
+    let ca = match admin_of("citadel") {
+        Some(admin) => d.json(&format!("http://{admin}/debug/root")).await.ok(),
+        None => None,
+    };
     let components: Vec<Value> = rows
         .iter()
         .filter(|(_, kind)| kind.as_deref().is_some_and(|k| k != "proxy"))
@@ -233,6 +237,7 @@ async fn state(State(d): State<Dashboard>) -> Result<Json<Value>, Failure> {
     Ok(Json(json!({
         "components": components,
         "proxies": proxies,
+        "ca": ca.map(|ca| json!({"trust_domain": ca["trust_domain"], "not_after": ca["not_after"]})),
         "problems": config.as_ref().map(|c| c["problems"].clone()),
         "warnings": config.as_ref().map(|c| c["warnings"].clone()),
         "graph": graph,
