@@ -205,3 +205,77 @@ async fn edit_traced(topology: &str) {
     assert_eq!(check.scope, "mixer", "{check:?}");
     assert!(up.terminate().await.success());
 }
+
+/// A cluster that follows another: an edit at the primary's Galley is one
+/// trace through the relay Galley (its apply, its merge, its push) to the
+/// follower's Pilot.
+#[tokio::test]
+async fn an_edit_at_the_primary_is_one_trace_through_the_relay() {
+    let (receiver, addr) = otlp::Receiver::start().await;
+    let endpoint = format!("http://{addr}");
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let route = |timeout: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1alpha3\nkind: VirtualService\nmetadata: {{name: reviews, namespace: shop}}\nspec:\n  hosts: [reviews.shop.svc.cluster.local]\n  http: [{{route: [{{destination: {{host: reviews.shop.svc.cluster.local}}}}], timeout: {timeout}}}]\n"
+        )
+    };
+    let primary_dir = config_dir(&[("routes.yaml", &route("2s"))]);
+    let relay_dir = config_dir(&[]);
+    let mut primary = Galley::spawn_with_env(primary_dir.path(), free_addr(), &[], &env);
+    primary.proc.ready(primary.admin).await;
+    let follow = primary.mcp.to_string();
+    let mut relay =
+        Galley::spawn_with_env(relay_dir.path(), free_addr(), &["--follow", &follow], &env);
+    relay.proc.ready(relay.admin).await;
+    let (mut pilot, pilot_admin) = start_pilot_with_env(relay.mcp, free_addr(), &[], &env);
+    pilot.ready(pilot_admin).await;
+
+    let edited_at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    std::fs::write(primary_dir.path().join("routes.yaml"), route("3s")).unwrap();
+    let chain = receiver
+        .wait_for(
+            "the edit's trace, through the relay to Pilot",
+            WAIT,
+            |spans| {
+                let reload = spans.iter().find(|s| {
+                    s.name == "galley reload"
+                        && s.start_unix_nano >= edited_at
+                        && child(spans, s, "mcp push").is_some()
+                })?;
+                let push = child(
+                    spans,
+                    reload,
+                    "mcp push istio/networking/v1alpha3/virtualservices",
+                )?;
+                let at_relay = child(spans, push, "mcp apply")?;
+                let merge = child(spans, at_relay, "galley relay merge")?;
+                let relayed = child(
+                    spans,
+                    merge,
+                    "mcp push istio/networking/v1alpha3/virtualservices",
+                )?;
+                let at_pilot = child(spans, relayed, "mcp apply")?;
+                let rebuild = child(spans, at_pilot, "pilot model rebuild")?;
+                Some([reload, push, at_relay, merge, relayed, at_pilot, rebuild].map(Clone::clone))
+            },
+        )
+        .await;
+    assert!(chain.iter().all(|s| s.trace_id == chain[0].trace_id));
+    let services: Vec<&str> = chain.iter().map(|s| s.service.as_str()).collect();
+    assert_eq!(
+        services,
+        [
+            "galley", "galley", "galley", "galley", "galley", "pilot", "pilot"
+        ],
+        "primary, relay, Pilot"
+    );
+    for proc in [pilot, relay.proc, primary.proc] {
+        assert!(proc.terminate().await.success());
+    }
+}

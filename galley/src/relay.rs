@@ -208,11 +208,34 @@ impl Relay {
     pub async fn run(self, ready: watch::Sender<bool>, shutdown: CancellationToken) {
         let mut primary = self.sink.subscribe();
         let mut local = self.local.subscribe();
+        let mut last_trace = None;
         loop {
             let snapshot = primary.borrow_and_update().clone();
             local.borrow_and_update();
             if snapshot.synced() {
-                self.merge_changed(&snapshot);
+                // A traced update of the primary's is merged in a span of
+                // its trace, which the pushes of what it changed continue:
+                // one edit is one trace across clusters.
+                let traced = snapshot
+                    .trace
+                    .as_ref()
+                    .filter(|t| last_trace.as_ref() != Some(*t));
+                let span = match traced {
+                    Some(update) => component::trace::span(
+                        "galley",
+                        "galley relay merge",
+                        Some(update),
+                        None,
+                        Vec::new(),
+                    ),
+                    None => opentelemetry::Context::new(),
+                };
+                {
+                    let _in_span = span.clone().attach();
+                    self.merge_changed(&snapshot);
+                }
+                component::trace::end(&span, None);
+                last_trace = snapshot.trace.clone();
                 ready.send_replace(true);
             }
             tokio::select! {

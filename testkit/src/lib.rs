@@ -319,6 +319,16 @@ impl Galley {
     /// Starts Galley without waiting for it: one that is ready only once
     /// another process has done its part (a relay's primary, say).
     pub fn spawn(dir: &std::path::Path, mcp: SocketAddr, extra: &[&str]) -> Self {
+        Self::spawn_with_env(dir, mcp, extra, &[])
+    }
+
+    /// [`Galley::spawn`] with `env` set for it.
+    pub fn spawn_with_env(
+        dir: &std::path::Path,
+        mcp: SocketAddr,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let admin = free_addr();
         let (mcp_arg, admin_arg) = (mcp.to_string(), admin.to_string());
         let args = [
@@ -333,7 +343,7 @@ impl Galley {
             extra,
         ]
         .concat();
-        let proc = Proc::start("galley", &args);
+        let proc = Proc::start_with_env("galley", &args, env);
         Self { proc, mcp, admin }
     }
 }
