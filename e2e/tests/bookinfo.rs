@@ -312,8 +312,19 @@ async fn debugging_verbs(up: &Up) {
         serde_json::from_str(&up.meshctl(&["pc", "secret", "productpage-v1", "-o", "json"]))
             .unwrap();
     assert_eq!(
-        json["identity"],
+        json["certificate"]["identity"],
         "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage"
+    );
+    // The ingress gateway presents the credential its Gateway names,
+    // which `meshctl up` made for 127.0.0.1.
+    let secret = up.meshctl(&["pc", "secret", "istio-ingressgateway"]);
+    let credential = secret
+        .lines()
+        .find(|l| l.starts_with("bookinfo-credential "))
+        .unwrap_or_default();
+    assert!(
+        credential.contains(" ACTIVE ") && credential.contains(" true "),
+        "{secret}"
     );
     let json: Value =
         serde_json::from_str(&up.meshctl(&["pc", "clusters", "productpage-v1", "-o", "json"]))

@@ -588,6 +588,20 @@ spec:
     let url = |host: &str| format!("https://{host}:{}/", https.port());
     let (status, _) = get_when_served(&from_dir, &url("d.example"), &mut gateway).await;
     assert_eq!(status, 200);
+    // What the gateway presents, as `meshctl proxy-config secret` reads
+    // it: the mounted credential, and the Secret not there yet.
+    let credentials = |dump: &str| -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(dump).unwrap()["gateway_credentials"].clone()
+    };
+    let (_, dump) = get(gateway.1, "/config_dump").await.unwrap();
+    let held = credentials(&dump);
+    assert_eq!(held[0]["name"], "d-credential", "{held}");
+    assert!(held[0]["not_after"].is_string(), "{held}");
+    assert_eq!(held[1]["name"], "k-credential", "{held}");
+    assert!(
+        held[1]["error"].as_str().unwrap().contains("no credential"),
+        "{held}"
+    );
 
     let secrets = "/api/v1/namespaces/shop/secrets";
     for _ in 0..100 {
@@ -605,6 +619,9 @@ spec:
     let from_secret = client(&[&k1], &hosts, None);
     let (status, _) = get_when_served(&from_secret, &url("k.example"), &mut gateway).await;
     assert_eq!(status, 200);
+    let (_, dump) = get(gateway.1, "/config_dump").await.unwrap();
+    let held = credentials(&dump);
+    assert!(held[1]["serial_number"].is_string(), "{held}");
 
     // The Secret rotated: the next handshake serves the new certificate.
     let (k2, k2_key) = certificate(kdir.path(), "k.example");

@@ -1,8 +1,9 @@
 //! `meshctl proxy-config`: what one proxy holds, read from its admin port
 //! (`/config_dump`, `/clusters`), as `istioctl proxy-config` prints it:
 //! the same columns, order and filters, or the proxy's own JSON with
-//! `-o json`. `secret` shows the workload certificate and its root, which
-//! istioctl 1.1 did not have; its columns are later istioctl's.
+//! `-o json`. `secret` shows the workload certificate, its root and the
+//! Gateways' credentials the proxy presents, which istioctl 1.1 did not
+//! have; its columns are later istioctl's.
 
 use std::net::SocketAddr;
 
@@ -256,25 +257,44 @@ async fn render(command: ProxyConfig) -> anyhow::Result<String> {
         ProxyConfig::Secret { proxy } => {
             let dump = proxy.config_dump().await?;
             let certificate = &dump["certificate"];
+            let gateway = array(&dump["gateway_credentials"]);
             if proxy.json() {
-                return Ok(format!("{}\n", serde_json::to_string_pretty(certificate)?));
+                let secrets = json!({"certificate": certificate, "gateway_credentials": gateway});
+                return Ok(format!("{}\n", serde_json::to_string_pretty(&secrets)?));
             }
             anyhow::ensure!(
-                !certificate.is_null(),
+                !certificate.is_null() || !gateway.is_empty(),
                 "{} holds no certificate (yet)",
                 proxy.proxy
             );
+            // A credential a Gateway names and the proxy cannot find is
+            // MISSING: the listener has nothing to present.
             let row = |name: &str, kind: &str, c: &Value| {
+                let status = if c.get("error").is_some() {
+                    "MISSING"
+                } else {
+                    "ACTIVE"
+                };
                 vec![
                     name.to_string(),
                     kind.to_string(),
-                    "ACTIVE".to_string(),
+                    status.to_string(),
                     valid_now(c).to_string(),
                     str(&c["serial_number"]).to_string(),
                     str(&c["not_after"]).to_string(),
                     str(&c["not_before"]).to_string(),
                 ]
             };
+            let mut rows = Vec::new();
+            if !certificate.is_null() {
+                rows.push(row("default", "Cert Chain", certificate));
+                rows.push(row("ROOTCA", "CA", &certificate["root"]));
+            }
+            rows.extend(
+                gateway
+                    .iter()
+                    .map(|c| row(str(&c["name"]), "Cert Chain", c)),
+            );
             table::render(
                 &[
                     "RESOURCE NAME",
@@ -285,10 +305,7 @@ async fn render(command: ProxyConfig) -> anyhow::Result<String> {
                     "NOT AFTER",
                     "NOT BEFORE",
                 ],
-                &[
-                    row("default", "Cert Chain", certificate),
-                    row("ROOTCA", "CA", &certificate["root"]),
-                ],
+                &rows,
             )
         }
     })

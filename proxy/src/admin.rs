@@ -19,6 +19,8 @@ use component::{Admin, CancellationToken};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use rustls::pki_types::{CertificateDer, pem::PemObject};
+
 use crate::{
     agent::CredentialsWatch,
     config::{
@@ -26,7 +28,9 @@ use crate::{
         cluster::Discovery,
         listener::{App, Routes},
         route::Action,
+        tls::Source,
     },
+    secrets::Secrets,
     upstream::Upstreams,
     xds::XdsState,
 };
@@ -41,6 +45,8 @@ pub struct Views {
     pub config: watch::Receiver<Arc<Snapshot>>,
     pub upstreams: Arc<Upstreams>,
     pub credentials: CredentialsWatch,
+    /// The Gateways' credentials (SDS).
+    pub secrets: Arc<Secrets>,
     pub shutdown: CancellationToken,
 }
 
@@ -146,12 +152,37 @@ async fn config_dump(State(v): State<Views>) -> impl IntoResponse {
         leaf["root"] = validity(&c.root);
         leaf
     });
+    // The Gateways' credentials the listeners present, as found now.
+    let named: std::collections::BTreeSet<&str> = snapshot
+        .listeners
+        .values()
+        .flat_map(|l| &l.chains)
+        .filter_map(|c| match c.tls.as_ref()?.certificate.as_ref()? {
+            (Source::Credential(name), _) => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
+    let gateway_credentials: Vec<Value> = named
+        .into_iter()
+        .map(|name| {
+            let mut found = match v.secrets.certificate(name) {
+                Ok((pem, _)) => match CertificateDer::pem_slice_iter(&pem).next() {
+                    Some(Ok(der)) => validity(&der),
+                    _ => json!({"error": "its certificate is not PEM"}),
+                },
+                Err(e) => json!({"error": e}),
+            };
+            found["name"] = json!(name);
+            found
+        })
+        .collect();
     let flavour = *v.xds.mode.lock().unwrap_or_else(|e| e.into_inner());
     axum::Json(json!({
         "node": v.node,
         "xds": xds,
         "xds_flavour": flavour,
         "certificate": certificate,
+        "gateway_credentials": gateway_credentials,
         "synced": snapshot.synced,
         "listeners": listeners,
         "routes": routes,

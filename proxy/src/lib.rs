@@ -108,7 +108,7 @@ pub async fn run(args: ProxyArgs, admin: Admin, shutdown: CancellationToken) -> 
         let namespace = args.node.namespace.clone();
         tokio::spawn(secrets.clone().watch(client, namespace, shutdown.clone()));
     }
-    let tls = Arc::new(tls::TlsContext::new(credentials.clone(), secrets));
+    let tls = Arc::new(tls::TlsContext::new(credentials.clone(), secrets.clone()));
     let stats = stats::Stats::new(&mut admin.registry());
     let concurrency = match args.concurrency {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -123,6 +123,7 @@ pub async fn run(args: ProxyArgs, admin: Admin, shutdown: CancellationToken) -> 
         config: config.clone(),
         upstreams: upstreams.clone(),
         credentials: credentials.clone(),
+        secrets,
         shutdown: shutdown.clone(),
     }));
     admin::serve_ports(&admin, args.stats_addr, args.health_addr, &shutdown).await?;
