@@ -31,6 +31,22 @@ fn child<'a>(
         .find(|s| s.parent_span_id == parent.span_id && s.name.starts_with(name))
 }
 
+/// Galley's reload of an edit made at `edited_at` (Unix nanoseconds), and
+/// its push of the edited VirtualServices.
+fn edit_push(spans: &[ReceivedSpan], edited_at: u64) -> Option<(&ReceivedSpan, &ReceivedSpan)> {
+    let reload = spans.iter().find(|s| {
+        s.name == "galley reload"
+            && s.start_unix_nano >= edited_at
+            && child(spans, s, "mcp push").is_some()
+    })?;
+    let push = child(
+        spans,
+        reload,
+        "mcp push istio/networking/v1alpha3/virtualservices",
+    )?;
+    Some((reload, push))
+}
+
 async fn edit_traced(topology: &str) {
     let (receiver, addr) = otlp::Receiver::start().await;
     let endpoint = format!("http://{addr}");
@@ -76,16 +92,7 @@ async fn edit_traced(topology: &str) {
     // The reload that read the edit, and the chain under it.
     let (reload, push, apply, rebuild, acks, taken) = receiver
         .wait_for("the edit's trace, to a proxy's ACK", WAIT, |spans| {
-            let reload = spans.iter().find(|s| {
-                s.name == "galley reload"
-                    && s.start_unix_nano >= edited_at
-                    && child(spans, s, "mcp push").is_some()
-            })?;
-            let push = child(
-                spans,
-                reload,
-                "mcp push istio/networking/v1alpha3/virtualservices",
-            )?;
+            let (reload, push) = edit_push(spans, edited_at)?;
             let apply = child(spans, push, "mcp apply")?;
             let rebuild = child(spans, apply, "pilot model rebuild")?;
             let acks: Vec<ReceivedSpan> = spans
@@ -243,16 +250,7 @@ async fn an_edit_at_the_primary_is_one_trace_through_the_relay() {
             "the edit's trace, through the relay to Pilot",
             WAIT,
             |spans| {
-                let reload = spans.iter().find(|s| {
-                    s.name == "galley reload"
-                        && s.start_unix_nano >= edited_at
-                        && child(spans, s, "mcp push").is_some()
-                })?;
-                let push = child(
-                    spans,
-                    reload,
-                    "mcp push istio/networking/v1alpha3/virtualservices",
-                )?;
+                let (reload, push) = edit_push(spans, edited_at)?;
                 let at_relay = child(spans, push, "mcp apply")?;
                 let merge = child(spans, at_relay, "galley relay merge")?;
                 let relayed = child(
