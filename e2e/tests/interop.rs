@@ -361,3 +361,70 @@ async fn a_relay_galley_takes_a_grpcio_primary_that_dials_as_istio_does() {
         assert!(proc.terminate().await.success());
     }
 }
+
+/// Galley's bounds as a sink on gRPC's C core meets them: it honours the
+/// advertised stream limit (a stream over it waits for one to end, while
+/// another connection is served), and a request with headers or a message
+/// over the limits ends alone, with a status, the connection serving on.
+#[tokio::test]
+async fn a_grpcio_sink_meets_galleys_limits_and_its_connection_serves_on() {
+    let dir = config_dir(&[]);
+    let galley = Galley::start(
+        dir.path(),
+        &[
+            "--max-streams-per-connection",
+            "2",
+            "--max-header-list-bytes",
+            "4096",
+            "--max-message-bytes",
+            "65536",
+        ],
+    )
+    .await;
+    let lines = Peer::start(&[
+        "mcp-limits",
+        &galley.mcp.to_string(),
+        "--streams",
+        "2",
+        "--header-bytes",
+        "4096",
+        "--message-bytes",
+        "65536",
+    ])
+    .rest()
+    .await;
+    let finding = |prefix: &str| -> &str {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} in {lines:?}"))
+    };
+    assert_eq!(finding("extra stream "), "waits", "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l == "extra stream served"),
+        "{lines:?}"
+    );
+    assert_eq!(finding("headers within "), "served");
+    // h2 answers 431 and resets the stream; grpc-core reports the reset.
+    assert!(
+        finding("oversized headers ").starts_with("INTERNAL: Stream removed"),
+        "{lines:?}"
+    );
+    let message = finding("oversized message ");
+    assert!(
+        message.starts_with("OUT_OF_RANGE") && message.contains("65536"),
+        "{message}"
+    );
+    assert_eq!(finding("after "), "served");
+
+    let (_, metrics) = get(galley.admin, "/metrics").await.unwrap();
+    let reached = |limit: &str| -> u64 {
+        let series = format!("galley_mcp_limit_reached_total{{limit=\"{limit}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    assert!(reached("streams_per_connection") >= 1, "{metrics}");
+    assert_eq!(reached("message_bytes"), 1, "{metrics}");
+}

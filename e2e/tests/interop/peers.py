@@ -6,6 +6,7 @@ its first message, so a client that waits for headers before it sends its
 first request waits forever. That is how Istio 1.1's Galley behaves.
 
     peers.py PROTO_DIR OUT_DIR mcp-source [--refuse COLLECTION ...]
+    peers.py PROTO_DIR OUT_DIR mcp-limits ADDRESS --streams N --header-bytes N --message-bytes N
     peers.py PROTO_DIR OUT_DIR xds-server
     peers.py PROTO_DIR OUT_DIR xds-client ADDRESS NODE_ID ROUTE_NAME
     peers.py PROTO_DIR OUT_DIR mixer-check ADDRESS USER
@@ -208,6 +209,74 @@ def mcp_dialing_source(address, refuse):
         time.sleep(1)
 
 
+def mcp_limits(address, streams, header_bytes, message_bytes):
+    """A sink testing a ResourceSource's limits as grpcio meets them, a
+    line per finding: on one channel, `streams` open watches and one more,
+    which must wait until one ends (`extra stream waits`, then `extra stream
+    served`); requests whose metadata is within `header_bytes` and over it;
+    a request over `message_bytes`; then a watch that must still be
+    served."""
+    import queue
+    import threading
+    from istio.mcp.v1alpha1 import mcp_pb2, mcp_pb2_grpc
+
+    gateways = NETWORKING + "gateways"
+    channel = grpc.insecure_channel(address)
+    stub = mcp_pb2_grpc.ResourceSourceStub(channel)
+
+    opened = []
+
+    def close(watches):
+        # Each request stream's reader waits on its outbox until told it
+        # ended.
+        for outbox, call in watches:
+            call.cancel()
+            outbox.put(None)
+        watches.clear()
+
+    def watch(request=None, on=stub, **kwargs):
+        outbox = queue.Queue()
+        outbox.put(request or mcp_pb2.RequestResources(collection=gateways))
+        call = on.EstablishResourceStream(iter(outbox.get, None), timeout=30, **kwargs)
+        opened.append((outbox, call))
+        return call
+
+    def ended(call):
+        try:
+            next(call)
+            return "served"
+        except grpc.RpcError as e:
+            return f"{e.code().name}: {e.details()}"
+
+    held = [watch() for _ in range(streams)]
+    for call in held:
+        next(call)
+    extra = watch()
+    answered = threading.Event()
+    threading.Thread(target=lambda: (next(extra), answered.set()), daemon=True).start()
+    # A whole watch on another connection meanwhile (grpcio shares one
+    # connection among channels to one address unless told not to): the
+    # extra one, on the full connection, still has no answer.
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    with grpc.insecure_channel(address, options=own) as other:
+        next(watch(on=mcp_pb2_grpc.ResourceSourceStub(other)))
+    say("extra stream served over the limit" if answered.is_set() else "extra stream waits")
+    held.pop().cancel()
+    say("extra stream served" if answered.wait(20) else "extra stream never served")
+    close(opened)
+
+    for name, size in (("headers within", header_bytes // 2), ("oversized headers", 2 * header_bytes)):
+        say(f"{name} {ended(watch(metadata=[('x-padding', 'x' * size)]))}")
+
+    big = mcp_pb2.RequestResources(collection=gateways, incremental=True)
+    for i in range(message_bytes // 16 + 1):
+        big.initial_resource_versions[f"ns/gateway-{i}"] = "v1"
+    say(f"oversized message {ended(watch(big))}")
+
+    say(f"after {ended(watch())}")
+    close(opened)
+
+
 def xds_server():
     """An ADS server answering every first request for a type with no
     resources, and reporting the ACKs."""
@@ -311,6 +380,11 @@ def main():
     dialing = roles.add_parser("mcp-dialing-source")
     dialing.add_argument("address")
     dialing.add_argument("--refuse", action="append", default=[])
+    limits = roles.add_parser("mcp-limits")
+    limits.add_argument("address")
+    limits.add_argument("--streams", type=int, required=True)
+    limits.add_argument("--header-bytes", type=int, required=True)
+    limits.add_argument("--message-bytes", type=int, required=True)
     roles.add_parser("xds-server")
     client = roles.add_parser("xds-client")
     client.add_argument("address")
@@ -325,6 +399,8 @@ def main():
         mcp_source(set(args.refuse))
     elif args.role == "mcp-dialing-source":
         mcp_dialing_source(args.address, set(args.refuse))
+    elif args.role == "mcp-limits":
+        mcp_limits(args.address, args.streams, args.header_bytes, args.message_bytes)
     elif args.role == "xds-server":
         xds_server()
     elif args.role == "xds-client":
