@@ -85,22 +85,44 @@ fn edge<'a>(edges: &'a Value, source: &str, destination: &str) -> Option<&'a Val
         .find(|e| e["source"] == source && e["destination"] == destination)
 }
 
+/// The address of `name`'s port of purpose `purpose` in `meshctl up`'s
+/// table.
+fn table_addr(table: &[Vec<&str>], name: &str, purpose: &str) -> String {
+    table
+        .iter()
+        .find(|r| r[0] == name)
+        .and_then(|r| {
+            r.iter()
+                .find_map(|f| f.strip_prefix(&format!("{purpose}=")))
+        })
+        .unwrap_or_else(|| panic!("{name} {purpose}"))
+        .to_string()
+}
+
+/// Bookinfo's traffic at productpage's sidecar until `stop`: everyone,
+/// and, a third of the time, mallory, whom the denier refuses details.
+fn bookinfo_traffic(productpage: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let mut n = 0u32;
+        while !stop.load(Ordering::Relaxed) {
+            let mut request = client.get(format!("http://{productpage}/productpage"));
+            if n.is_multiple_of(3) {
+                request = request.header("end-user", "mallory");
+            }
+            let _ = request.send().await;
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_mesh_live_in_headless_chromium() {
     let (browser, (up, lines)) =
         tokio::join!(Browser::start(), meshctl_up(&["--topology", "split"]));
     let table = up_table(&lines);
-    let addr = |name: &str, purpose: &str| -> String {
-        table
-            .iter()
-            .find(|r| r[0] == name)
-            .and_then(|r| {
-                r.iter()
-                    .find_map(|f| f.strip_prefix(&format!("{purpose}=")))
-            })
-            .unwrap_or_else(|| panic!("{name} {purpose}"))
-            .to_string()
-    };
+    let addr = |name: &str, purpose: &str| table_addr(&table, name, purpose);
     let control = lines
         .iter()
         .find_map(|l| l.strip_prefix("control: "))
@@ -136,26 +158,8 @@ async fn the_dashboard_shows_the_mesh_live_in_headless_chromium() {
         .to_string();
     tokio::spawn(old_proxy(addr("pilot", "xds")));
 
-    // Bookinfo's traffic: everyone, and mallory, whom the denier refuses
-    // details.
     let stop = Arc::new(AtomicBool::new(false));
-    let traffic = {
-        let stop = stop.clone();
-        let productpage = addr("productpage-v1-proxy", "inbound");
-        tokio::spawn(async move {
-            let client = reqwest::Client::builder().no_proxy().build().unwrap();
-            let mut n = 0u32;
-            while !stop.load(Ordering::Relaxed) {
-                let mut request = client.get(format!("http://{productpage}/productpage"));
-                if n.is_multiple_of(3) {
-                    request = request.header("end-user", "mallory");
-                }
-                let _ = request.send().await;
-                n += 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
+    let traffic = bookinfo_traffic(addr("productpage-v1-proxy", "inbound"), stop.clone());
 
     browser.goto(&url).await;
     let edges = browser
@@ -322,6 +326,135 @@ async fn the_dashboard_shows_the_mesh_live_in_headless_chromium() {
     stop.store(true, Ordering::Relaxed);
     traffic.await.unwrap();
     drop(browser);
+    assert!(dashboard.terminate().await.success());
+    assert!(up.terminate().await.success());
+}
+
+/// A mesh the dashboard is given by address, as on Kubernetes through
+/// `kubectl port-forward`, not by `meshctl up`'s table: each component is
+/// told by its `/version`, one that does not answer is listed NOT READY,
+/// the graph comes from the telemetry Mixer's Prometheus port, Pilot's
+/// proxies are listed whether or not their admin port was given, and only
+/// a given one's config can be opened.
+#[tokio::test]
+async fn a_mesh_given_by_address_is_shown_as_on_kubernetes() {
+    let (up, lines) = meshctl_up(&["--topology", "split"]).await;
+    let table = up_table(&lines);
+    let addr = |name: &str, purpose: &str| table_addr(&table, name, purpose);
+    let gone = free_addr().to_string();
+    let mut args = vec![
+        "dashboard".to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--scrape-interval".into(),
+        "500ms".into(),
+        "--rate-window".into(),
+        "10s".into(),
+        "--telemetry-metrics".into(),
+        addr("mixer-telemetry", "metrics"),
+        "--component".into(),
+        format!("istio-ingressgateway={gone}"),
+    ];
+    for (name, row) in [
+        ("istio-galley", "galley"),
+        ("istio-pilot", "pilot"),
+        ("istio-citadel", "citadel"),
+        ("istio-policy", "mixer-policy"),
+        ("istio-telemetry", "mixer-telemetry"),
+        ("productpage-v1", "productpage-v1-proxy"),
+    ] {
+        args.push("--component".into());
+        args.push(format!("{name}={}", addr(row, "admin")));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut dashboard = Proc::start("meshctl", &args);
+    let url = dashboard
+        .stdout_until("dashboard: ")
+        .await
+        .iter()
+        .find_map(|l| l.strip_prefix("dashboard: "))
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    let at: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = bookinfo_traffic(addr("productpage-v1-proxy", "inbound"), stop.clone());
+
+    let (_, body) = wait_for_http(at, "/api/state", |status, body| {
+        let Ok(state) = serde_json::from_str::<Value>(body) else {
+            return false;
+        };
+        let edge = |s: &str, d: &str| {
+            state["graph"].as_array().is_some_and(|edges| {
+                edges.iter().any(|e| {
+                    e["source"] == s && e["destination"] == d && e["rps"].as_f64() > Some(0.0)
+                })
+            })
+        };
+        status == 200 && edge("productpage", "reviews") && edge("reviews", "ratings")
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    traffic.await.unwrap();
+    let state: Value = serde_json::from_str(&body).unwrap();
+
+    let components = state["components"].as_array().unwrap();
+    let component = |name: &str| {
+        components
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {components:?}"))
+    };
+    for (name, kind) in [
+        ("istio-galley", "galley"),
+        ("istio-pilot", "pilot"),
+        ("istio-citadel", "citadel"),
+        ("istio-policy", "mixer"),
+        ("istio-telemetry", "mixer"),
+    ] {
+        assert_eq!(component(name)["component"], kind, "{components:?}");
+        assert_eq!(component(name)["ready"], true, "{components:?}");
+    }
+    assert_eq!(component("istio-ingressgateway")["ready"], false);
+    assert_eq!(
+        components.len(),
+        6,
+        "the proxy is not a component: {components:?}"
+    );
+
+    // Every proxy Pilot serves; only the given one's config and
+    // certificate can be read.
+    let proxies = state["proxies"].as_array().unwrap();
+    assert_eq!(proxies.len(), 7, "{proxies:?}");
+    let given: Vec<&Value> = proxies.iter().filter(|p| p["admin"] == true).collect();
+    assert_eq!(given.len(), 1, "{proxies:?}");
+    assert_eq!(given[0]["name"], "productpage-v1");
+    assert!(
+        given[0]["sync"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|s| s == "SYNCED"),
+        "{given:?}"
+    );
+    assert!(given[0]["certificate"].is_object(), "{given:?}");
+    let reviews = proxies
+        .iter()
+        .find(|p| {
+            p["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("reviews-v1"))
+        })
+        .unwrap_or_else(|| panic!("reviews-v1 by its pod in {proxies:?}"));
+    assert_eq!(reviews["admin"], false);
+
+    let (status, dump) = get(at, "/api/proxy/productpage-v1").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(dump.contains("outbound|9080|v1|reviews.bookinfo.svc.cluster.local"));
+    let (status, why) = get(at, "/api/proxy/reviews-v1").await.unwrap();
+    assert_eq!(status, 404, "{why}");
+    assert!(why.contains("runs no \"reviews-v1\""), "{why}");
+
     assert!(dashboard.terminate().await.success());
     assert!(up.terminate().await.success());
 }

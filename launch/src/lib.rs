@@ -42,7 +42,7 @@ pub fn command<S: AsRef<OsStr>>(binary: &Path, args: impl IntoIterator<Item = S>
 }
 
 /// The URL where a component's admin server at `admin` says it is ready.
-pub fn ready_url(admin: SocketAddr) -> String {
+pub fn ready_url(admin: impl std::fmt::Display) -> String {
     format!("http://{admin}/ready")
 }
 

@@ -33,6 +33,12 @@ pub async fn admin_of(control: Option<SocketAddr>, name: &str) -> anyhow::Result
     let control = control::address(control)?;
     let client = reqwest::Client::builder().no_proxy().build()?;
     let rows = control::rows(&client, control).await?;
+    find_admin(&rows, name).map_err(|e| anyhow::anyhow!("the mesh at {control} {e}"))
+}
+
+/// The admin address of the row named `name`, or `name-proxy`: an app's
+/// row has no admin port, so `reviews-v1` means its proxy.
+pub fn find_admin(rows: &[Row], name: &str) -> anyhow::Result<String> {
     let proxy = format!("{name}-proxy");
     let admin = |row: &Row| {
         row.ports
@@ -40,7 +46,6 @@ pub async fn admin_of(control: Option<SocketAddr>, name: &str) -> anyhow::Result
             .find(|(what, _)| what == "admin")
             .map(|(_, addr)| addr.clone())
     };
-    // An app's row has no admin port: `reviews-v1` means its proxy.
     [name, proxy.as_str()]
         .iter()
         .find_map(|n| rows.iter().filter(|r| r.name == *n).find_map(admin))
@@ -51,7 +56,7 @@ pub async fn admin_of(control: Option<SocketAddr>, name: &str) -> anyhow::Result
                 .map(|r| r.name.as_str())
                 .collect();
             anyhow::anyhow!(
-                "the mesh at {control} runs no {name:?} with an admin port; it runs {}",
+                "runs no {name:?} with an admin port; it runs {}",
                 names.join(", ")
             )
         })

@@ -5,7 +5,8 @@
 //! (Pilot's `/debug/syncz`), Galley's config problems, the proxies'
 //! certificates and each component's readiness; a proxy's listeners,
 //! routes, clusters and endpoints on a click. Everything is read from the
-//! components' own ports, found in `meshctl up`'s table.
+//! components' own ports, found in `meshctl up`'s table or given by
+//! address ([`Mesh`]).
 
 mod telemetry;
 
@@ -35,6 +36,16 @@ pub struct DashboardArgs {
     /// The mesh's control address; the latest `meshctl up`'s when absent.
     #[arg(long)]
     pub control: Option<SocketAddr>,
+    /// A component of a mesh not started by `meshctl up` (on Kubernetes,
+    /// reached through `kubectl port-forward`): `NAME=HOST:PORT`, its admin
+    /// address; what it is is read from its `/version`. Repeatable.
+    #[arg(long = "component", value_name = "NAME=ADMIN", value_parser = named_address, conflicts_with = "control")]
+    pub components: Vec<(String, String)>,
+    /// The telemetry Mixer's Prometheus address (its `--prometheus-addr`;
+    /// Istio's 42422), for the graph and the golden signals, with
+    /// `--component`.
+    #[arg(long, value_name = "HOST:PORT", requires = "components")]
+    pub telemetry_metrics: Option<String>,
     /// How often the telemetry Mixer's metrics are read.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub scrape_interval: Duration,
@@ -46,10 +57,74 @@ pub struct DashboardArgs {
     pub history: Duration,
 }
 
+/// `NAME=HOST:PORT`.
+fn named_address(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, addr)) if !name.is_empty() && addr.contains(':') => {
+            Ok((name.to_string(), addr.to_string()))
+        }
+        _ => Err(format!("{text:?} is not NAME=HOST:PORT")),
+    }
+}
+
+/// Where the dashboard finds the mesh's components.
+#[derive(Clone)]
+enum Mesh {
+    /// A `meshctl up` mesh: its control port's table.
+    Up(SocketAddr),
+    /// Components given by admin address, and the telemetry Mixer's
+    /// Prometheus address.
+    Given {
+        components: Arc<[(String, String)]>,
+        telemetry: Option<String>,
+    },
+}
+
+impl Mesh {
+    /// Its components as `meshctl up`'s table has them, readiness probed.
+    async fn rows(&self, client: &reqwest::Client) -> anyhow::Result<Vec<Row>> {
+        match self {
+            Self::Up(control) => control::rows(client, *control).await,
+            Self::Given { components, .. } => {
+                let rows = components
+                    .iter()
+                    .map(|(name, admin)| Row {
+                        name: name.clone(),
+                        pid: 0,
+                        ready: false,
+                        ready_url: launch::ready_url(admin),
+                        ports: vec![("admin".into(), admin.clone())],
+                    })
+                    .collect();
+                Ok(control::probe(rows).await)
+            }
+        }
+    }
+
+    /// Where the telemetry Mixer's metrics are, of the mesh's `rows`.
+    fn telemetry(&self, rows: &[Row]) -> anyhow::Result<String> {
+        match self {
+            Self::Up(_) => rows
+                .iter()
+                .filter(|r| r.name == "mixer-telemetry")
+                .find_map(|r| port(r, "metrics"))
+                .map(String::from)
+                .ok_or_else(|| {
+                    anyhow::anyhow!("the mesh runs no telemetry Mixer with a metrics port")
+                }),
+            Self::Given { telemetry, .. } => telemetry.clone().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no --telemetry-metrics, the telemetry Mixer's Prometheus address, was given"
+                )
+            }),
+        }
+    }
+}
+
 /// What the page's requests share.
 #[derive(Clone)]
 struct Dashboard {
-    control: SocketAddr,
+    mesh: Mesh,
     client: reqwest::Client,
     history: Arc<Mutex<telemetry::History>>,
     rate_window: Duration,
@@ -63,15 +138,21 @@ pub async fn run(
     args: DashboardArgs,
     shutdown: component::CancellationToken,
 ) -> anyhow::Result<()> {
-    let control = control::address(args.control)?;
+    let mesh = match args.components.is_empty() {
+        true => Mesh::Up(control::address(args.control)?),
+        false => Mesh::Given {
+            components: args.components.into(),
+            telemetry: args.telemetry_metrics,
+        },
+    };
     let client = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(5))
         .build()?;
     // Fails early when no mesh answers.
-    control::rows(&client, control).await?;
+    mesh.rows(&client).await?;
     let dashboard = Dashboard {
-        control,
+        mesh,
         client,
         history: Arc::new(Mutex::new(telemetry::History::new(args.history))),
         rate_window: args.rate_window,
@@ -118,7 +199,7 @@ impl Dashboard {
     /// The mesh's table; each row with an admin port says what it is
     /// (`/version`'s component).
     async fn rows(&self) -> anyhow::Result<Vec<(Row, Option<String>)>> {
-        let rows = control::rows(&self.client, self.control).await?;
+        let rows = self.mesh.rows(&self.client).await?;
         let kinds = futures::future::join_all(rows.iter().map(|row| async {
             let admin = port(row, "admin")?;
             let version = self.json(&format!("http://{admin}/version")).await.ok()?;
@@ -130,17 +211,8 @@ impl Dashboard {
 
     /// One scrape of the telemetry Mixer's metrics into the history.
     async fn scrape_once(&self) -> anyhow::Result<()> {
-        let rows = control::rows(&self.client, self.control).await?;
-        let metrics = rows
-            .iter()
-            .find_map(|r| {
-                (r.name == "mixer-telemetry")
-                    .then(|| port(r, "metrics"))
-                    .flatten()
-            })
-            .ok_or_else(|| {
-                anyhow::anyhow!("the mesh runs no telemetry Mixer with a metrics port")
-            })?;
+        let rows = self.mesh.rows(&self.client).await?;
+        let metrics = self.mesh.telemetry(&rows)?;
         let text = self
             .client
             .get(format!("http://{metrics}/metrics"))
@@ -204,11 +276,13 @@ async fn state(State(d): State<Dashboard>) -> Result<Json<Value>, Failure> {
         Some(admin) => d.json(&format!("http://{admin}/debug/root")).await.ok(),
         None => None,
     };
+    // One that does not answer is listed too, not ready.
     let components: Vec<Value> = rows
         .iter()
-        .filter(|(_, kind)| kind.as_deref().is_some_and(|k| k != "proxy"))
+        .filter(|(row, kind)| port(row, "admin").is_some() && kind.as_deref() != Some("proxy"))
         .map(|(row, kind)| {
-            json!({"name": row.name, "component": kind, "ready": row.ready, "pid": row.pid})
+            let pid = (row.pid != 0).then_some(row.pid);
+            json!({"name": row.name, "component": kind, "ready": row.ready, "pid": pid})
         })
         .collect();
     let d = &d;
@@ -316,9 +390,9 @@ async fn proxy(
     State(d): State<Dashboard>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, Failure> {
-    let admin = crate::admin::admin_of(Some(d.control), &name)
-        .await
-        .map_err(|e| (StatusCode::NOT_FOUND, format!("{e:#}\n")))?;
+    let rows = d.mesh.rows(&d.client).await.map_err(unavailable)?;
+    let admin = crate::admin::find_admin(&rows, &name)
+        .map_err(|e| (StatusCode::NOT_FOUND, format!("the mesh {e:#}\n")))?;
     let dump = d
         .json(&format!("http://{admin}/config_dump"))
         .await
