@@ -272,6 +272,42 @@ async fn clusters_bench_times_an_edit_to_both_clusters_last_ack() {
     }
 }
 
+/// Tracing's cost, timed against a cluster without it: every edit of the
+/// traced cluster is a trace from Galley's reload (reload, MCP push, apply,
+/// Pilot's rebuild) to each sidecar's ACK, all received.
+#[tokio::test]
+async fn traces_bench_compares_a_traced_cluster_with_an_untraced_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("traces.json");
+    let (proxies, edits) = (5u64, 2u64);
+    let bench = Proc::start(
+        "meshctl",
+        &[
+            "bench",
+            "traces",
+            "--proxies",
+            &proxies.to_string(),
+            "--edits",
+            &edits.to_string(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    bench.exit_ok().await;
+    let figures: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    for cluster in ["untraced", "traced"] {
+        let times = &figures[cluster]["edit_to_last_ack_ms"];
+        assert!(times["p50"].as_f64().unwrap() > 0.0, "{figures}");
+        assert!(
+            figures[cluster]["pilot_rss_bytes"].as_u64().unwrap() > 0,
+            "{figures}"
+        );
+    }
+    let spans = figures["spans_exported_over_the_edits"].as_u64().unwrap();
+    assert!(spans >= edits * (4 + proxies), "{figures}");
+}
+
 /// The chaos benchmark, short and slow: every control-plane process of the
 /// split topology killed in turn, Citadel's CA rotated, config edited ten
 /// times a second, certificates renewing every few seconds and a proxy

@@ -130,6 +130,9 @@ enum BenchCommand {
     /// Bookinfo at a fixed rate while every control-plane process is
     /// killed, config edited, Citadel's CA rotated and a proxy restarted.
     Chaos(bench::chaos::ChaosBenchArgs),
+    /// What tracing the control plane costs: a config edit to the last
+    /// ACK, and CPU, with spans exported over OTLP against without.
+    Traces(bench::traces::TracesBenchArgs),
 }
 
 #[tokio::main]
@@ -162,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Proxy(args)) => bench::proxy::run(args).await,
         Command::Bench(BenchCommand::Topology(args)) => bench::topology::run(args).await,
         Command::Bench(BenchCommand::Chaos(args)) => bench::chaos::run(args).await,
+        Command::Bench(BenchCommand::Traces(args)) => bench::traces::run(args).await,
         Command::Bench(BenchCommand::Clusters(args)) => bench::clusters::run(args).await,
         Command::Version(args) => version::run(args).await,
     }

@@ -149,18 +149,20 @@ async fn sidecar(
 
 /// One cluster: its Galley (following `primary` when given), its Pilot,
 /// and the sidecars connected to it.
-struct Cluster {
-    galley: Component,
+pub(super) struct Cluster {
+    pub(super) galley: Component,
     mcp: SocketAddr,
-    pilot: Component,
+    pub(super) pilot: Component,
     xds: SocketAddr,
 }
 
 impl Cluster {
-    async fn start(
+    /// Its Galley serving `config_dir` and its Pilot, each with `env` set.
+    pub(super) async fn start(
         bins: &Path,
         config_dir: &Path,
         primary: Option<SocketAddr>,
+        env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         let mcp = launch::free_addr()?;
         let mut galley = flags!(Cli<galley::GalleyArgs> {
@@ -170,9 +172,11 @@ impl Cluster {
         if let Some(primary) = primary {
             galley = galley.extend(flags!(Cli<galley::GalleyArgs> { args.follow: primary }));
         }
-        let galley = Component::start(bins, "galley", galley).await?;
+        let galley = Component::start_with_env(bins, "galley", galley, env).await?;
         let xds = launch::free_addr()?;
-        let pilot = Component::pilot(bins, mcp, xds, None).await?;
+        let pilot =
+            Component::start_with_env(bins, "pilot", Component::pilot_flags(mcp, xds, None), env)
+                .await?;
         Ok(Self {
             galley,
             mcp,
@@ -183,7 +187,7 @@ impl Cluster {
 
     /// Connects `count` sidecars as cluster `id`'s, and waits until each
     /// has ACKed its clusters.
-    async fn connect(
+    pub(super) async fn connect(
         &self,
         id: usize,
         count: usize,
@@ -207,7 +211,7 @@ impl Cluster {
 
 /// The edit: a ServiceEntry that every Bookinfo sidecar sees, new each
 /// round, so that every sidecar gets new clusters.
-fn edit(config_dir: &Path, round: usize) -> anyhow::Result<()> {
+pub(super) fn edit(config_dir: &Path, round: usize) -> anyhow::Result<()> {
     let text = format!(
         "apiVersion: networking.istio.io/v1alpha3
 kind: ServiceEntry
@@ -225,7 +229,7 @@ spec:
 }
 
 /// p50 and max of `times`, in milliseconds.
-fn spread(mut times: Vec<Duration>) -> serde_json::Value {
+pub(super) fn spread(mut times: Vec<Duration>) -> serde_json::Value {
     times.sort();
     json!({"p50": ms(times[times.len() / 2]), "max": ms(times[times.len() - 1])})
 }
@@ -240,8 +244,8 @@ pub async fn run(args: ClustersBenchArgs) -> anyhow::Result<()> {
     }
     edit(primary_dir.path(), 0)?;
     let follower_dir = tempfile::tempdir()?;
-    let primary = Cluster::start(&bins, primary_dir.path(), None).await?;
-    let follower = Cluster::start(&bins, follower_dir.path(), Some(primary.mcp)).await?;
+    let primary = Cluster::start(&bins, primary_dir.path(), None, &[]).await?;
+    let follower = Cluster::start(&bins, follower_dir.path(), Some(primary.mcp), &[]).await?;
 
     let stop = CancellationToken::new();
     let (acked, mut acks) = mpsc::unbounded_channel();

@@ -10,6 +10,7 @@ pub mod mixer;
 pub mod pilot;
 pub mod proxy;
 pub mod topology;
+pub mod traces;
 
 use std::{
     net::SocketAddr,
@@ -135,9 +136,20 @@ impl Component {
         binary: &str,
         flags: Flags<Cli<A>>,
     ) -> anyhow::Result<Self> {
+        Self::start_with_env(bins, binary, flags, &[]).await
+    }
+
+    /// [`Component::start`] with `env` set for it.
+    async fn start_with_env<A: clap::Args>(
+        bins: &Path,
+        binary: &str,
+        flags: Flags<Cli<A>>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let admin = launch::free_addr()?;
         let args = flags.admin_addr(admin).log_level("warn").build()?;
         let mut child = launch::command(&crate::binaries::path(bins, binary)?, args)
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .spawn()
             .map_err(|e| anyhow::anyhow!("starting {binary}: {e}"))?;
@@ -153,6 +165,15 @@ impl Component {
         xds: SocketAddr,
         debounce: Option<Duration>,
     ) -> anyhow::Result<Self> {
+        Self::start(bins, "pilot", Self::pilot_flags(mcp, xds, debounce)).await
+    }
+
+    /// The flags of [`Component::pilot`].
+    fn pilot_flags(
+        mcp: SocketAddr,
+        xds: SocketAddr,
+        debounce: Option<Duration>,
+    ) -> Flags<Cli<::pilot::PilotArgs>> {
         let mut flags = component::flags!(Cli<::pilot::PilotArgs> {
             args.mcp_server: mcp,
             args.xds_addr: xds,
@@ -163,8 +184,7 @@ impl Component {
         }
         // Every simulated proxy connects from 127.0.0.1: one peer address.
         let _names_the_field = |a: &::pilot::PilotArgs| a.server_limits.max_connections_per_peer;
-        flags = flags.push("max_connections_per_peer", SIMULATED_PROXIES_MAX);
-        Self::start(bins, "pilot", flags).await
+        flags.push("max_connections_per_peer", SIMULATED_PROXIES_MAX)
     }
 
     fn pid(&self) -> u32 {
