@@ -117,6 +117,26 @@ fn bookinfo_traffic(productpage: String, stop: Arc<AtomicBool>) -> tokio::task::
     })
 }
 
+/// `meshctl dashboard` with `mesh` (where the mesh is) on an OS-chosen
+/// port, scraping every 500 ms over a 10 s window; its URL.
+async fn start_dashboard(mesh: &[&str]) -> (Proc, String) {
+    let args = [
+        &["dashboard", "--listen", "127.0.0.1:0"][..],
+        &["--scrape-interval", "500ms", "--rate-window", "10s"],
+        mesh,
+    ]
+    .concat();
+    let mut dashboard = Proc::start("meshctl", &args);
+    let url = dashboard
+        .stdout_until("dashboard: ")
+        .await
+        .iter()
+        .find_map(|l| l.strip_prefix("dashboard: "))
+        .unwrap()
+        .to_string();
+    (dashboard, url)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_mesh_live_in_headless_chromium() {
     let (browser, (up, lines)) =
@@ -135,27 +155,7 @@ async fn the_dashboard_shows_the_mesh_live_in_headless_chromium() {
         .unwrap()
         .trim()
         .into();
-    let mut dashboard = Proc::start(
-        "meshctl",
-        &[
-            "dashboard",
-            "--control",
-            &control,
-            "--listen",
-            "127.0.0.1:0",
-            "--scrape-interval",
-            "500ms",
-            "--rate-window",
-            "10s",
-        ],
-    );
-    let url = dashboard
-        .stdout_until("dashboard: ")
-        .await
-        .iter()
-        .find_map(|l| l.strip_prefix("dashboard: "))
-        .unwrap()
-        .to_string();
+    let (dashboard, url) = start_dashboard(&["--control", &control]).await;
     tokio::spawn(old_proxy(addr("pilot", "xds")));
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -343,14 +343,7 @@ async fn a_mesh_given_by_address_is_shown_as_on_kubernetes() {
     let addr = |name: &str, purpose: &str| table_addr(&table, name, purpose);
     let gone = free_addr().to_string();
     let mut args = vec![
-        "dashboard".to_string(),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--scrape-interval".into(),
-        "500ms".into(),
-        "--rate-window".into(),
-        "10s".into(),
-        "--telemetry-metrics".into(),
+        "--telemetry-metrics".to_string(),
         addr("mixer-telemetry", "metrics"),
         "--component".into(),
         format!("istio-ingressgateway={gone}"),
@@ -367,16 +360,12 @@ async fn a_mesh_given_by_address_is_shown_as_on_kubernetes() {
         args.push(format!("{name}={}", addr(row, "admin")));
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut dashboard = Proc::start("meshctl", &args);
-    let url = dashboard
-        .stdout_until("dashboard: ")
-        .await
-        .iter()
-        .find_map(|l| l.strip_prefix("dashboard: "))
-        .unwrap()
+    let (dashboard, url) = start_dashboard(&args).await;
+    let at: std::net::SocketAddr = url
+        .trim_start_matches("http://")
         .trim_end_matches('/')
-        .to_string();
-    let at: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+        .parse()
+        .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = bookinfo_traffic(addr("productpage-v1-proxy", "inbound"), stop.clone());
 

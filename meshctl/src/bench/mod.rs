@@ -190,6 +190,22 @@ impl Component {
     fn pid(&self) -> u32 {
         self.child.id().unwrap_or_default()
     }
+
+    /// Stops it as a deployment does, with SIGTERM (it closes its streams
+    /// and flushes its spans), and waits; one still running 10 s later is
+    /// killed, and that is an error.
+    async fn terminate(&mut self) -> anyhow::Result<()> {
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.start_kill();
+            anyhow::bail!("process {pid} did not stop within 10 s of SIGTERM");
+        }
+        Ok(())
+    }
 }
 
 /// Each sidecar's acknowledged version of `type_url`, from Pilot's

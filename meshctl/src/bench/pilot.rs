@@ -726,16 +726,8 @@ async fn phase(
 
     let peak_rss = super::rss_bytes(pid, "VmHWM:")?;
     stop.cancel();
-    // SIGTERM, as a deployment stops it; SIGKILL if it does not stop.
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    if tokio::time::timeout(Duration::from_secs(10), pilot.child.wait())
-        .await
-        .is_err()
-    {
-        let _ = pilot.child.start_kill();
+    if let Err(e) = pilot.terminate().await {
+        eprintln!("bench pilot: {e:#}");
     }
     let responses = |phase: usize| -> serde_json::Value {
         let counts: serde_json::Map<String, serde_json::Value> = ["CDS", "EDS", "LDS", "RDS"]

@@ -104,17 +104,6 @@ impl SpanCounter {
     }
 }
 
-/// Stops `pid` as a deployment does (SIGTERM), which flushes its spans,
-/// and waits for it.
-async fn stop_gracefully(component: &mut super::Component) -> anyhow::Result<()> {
-    let pid = nix::unistd::Pid::from_raw(component.pid() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
-    tokio::time::timeout(Duration::from_secs(10), component.child.wait())
-        .await
-        .map_err(|_| anyhow::anyhow!("a component did not stop in 10 s of SIGTERM"))??;
-    Ok(())
-}
-
 pub async fn run(args: TracesBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.edits > 0 && args.proxies > 0,
@@ -180,8 +169,8 @@ pub async fn run(args: TracesBenchArgs) -> anyhow::Result<()> {
     // span batched so far reaches the receiver as they exit.
     stop.cancel();
     for cluster in &mut clusters {
-        stop_gracefully(&mut cluster.pilot).await?;
-        stop_gracefully(&mut cluster.galley).await?;
+        cluster.pilot.terminate().await?;
+        cluster.galley.terminate().await?;
     }
     let spans = received.spans();
 
