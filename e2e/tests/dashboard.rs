@@ -230,6 +230,14 @@ async fn the_dashboard_shows_the_mesh_live_in_headless_chromium() {
             .iter()
             .all(|c| c.as_str().unwrap().contains("ready"))
     );
+    // `meshctl up`'s names say what each is: no kind beside them.
+    let named = browser
+        .execute(
+            "return [...document.querySelectorAll('#components tr.component')].every(r => r.cells[0].innerText === r.dataset.name)",
+            json!([]),
+        )
+        .await;
+    assert_eq!(named, json!(true), "{components}");
     let problems = browser
         .execute(
             "return document.querySelector('#problems').innerText",
