@@ -341,20 +341,27 @@ async fn the_dashboard_shows_the_mesh_live_in_headless_chromium() {
 /// A mesh the dashboard is given by address, as on Kubernetes through
 /// `kubectl port-forward`, not by `meshctl up`'s table: each component is
 /// told by its `/version`, one that does not answer is listed NOT READY,
-/// the graph comes from the telemetry Mixer's Prometheus port, Pilot's
-/// proxies are listed whether or not their admin port was given, and only
-/// a given one's config can be opened.
+/// the graph comes from the telemetry Mixer's Prometheus port, every Pilot
+/// replica's proxies are listed (with their Pilot) whether or not their
+/// admin port was given, and only a given one's config can be opened.
 #[tokio::test]
 async fn a_mesh_given_by_address_is_shown_as_on_kubernetes() {
     let (up, lines) = meshctl_up(&["--topology", "split"]).await;
     let table = up_table(&lines);
     let addr = |name: &str, purpose: &str| table_addr(&table, name, purpose);
+    // A second Pilot replica, with a proxy of its own.
+    let xds = free_addr();
+    let (mut replica, replica_admin) = start_pilot(addr("galley", "mcp"), xds, &[]);
+    replica.ready(replica_admin).await;
+    let (_replicas_proxy, _) = local_proxy(xds, &[]).await;
     let gone = free_addr().to_string();
     let mut args = vec![
         "--telemetry-metrics".to_string(),
         addr("mixer-telemetry", "metrics"),
         "--component".into(),
         format!("istio-ingressgateway={gone}"),
+        "--component".into(),
+        format!("istio-pilot-b={replica_admin}"),
     ];
     for (name, row) in [
         ("istio-galley", "galley"),
@@ -405,6 +412,7 @@ async fn a_mesh_given_by_address_is_shown_as_on_kubernetes() {
     for (name, kind) in [
         ("istio-galley", "galley"),
         ("istio-pilot", "pilot"),
+        ("istio-pilot-b", "pilot"),
         ("istio-citadel", "citadel"),
         ("istio-policy", "mixer"),
         ("istio-telemetry", "mixer"),
@@ -415,14 +423,19 @@ async fn a_mesh_given_by_address_is_shown_as_on_kubernetes() {
     assert_eq!(component("istio-ingressgateway")["ready"], false);
     assert_eq!(
         components.len(),
-        6,
+        7,
         "the proxy is not a component: {components:?}"
     );
 
-    // Every proxy Pilot serves; only the given one's config and
+    // Every proxy each Pilot serves; only the given one's config and
     // certificate can be read.
     let proxies = state["proxies"].as_array().unwrap();
-    assert_eq!(proxies.len(), 7, "{proxies:?}");
+    let on = |pilot: &str| proxies.iter().filter(|p| p["pilot"] == pilot).count();
+    assert_eq!(
+        (on("istio-pilot"), on("istio-pilot-b")),
+        (7, 1),
+        "{proxies:?}"
+    );
     let given: Vec<&Value> = proxies.iter().filter(|p| p["admin"] == true).collect();
     assert_eq!(given.len(), 1, "{proxies:?}");
     assert_eq!(given[0]["name"], "productpage-v1");

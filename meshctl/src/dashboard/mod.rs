@@ -259,15 +259,31 @@ fn unavailable(e: anyhow::Error) -> Failure {
 /// Everything the page shows but a proxy's config.
 async fn state(State(d): State<Dashboard>) -> Result<Json<Value>, Failure> {
     let rows = d.rows().await.map_err(unavailable)?;
+    let d = &d;
     let admin_of = |component: &str| {
         rows.iter()
             .find(|(_, kind)| kind.as_deref() == Some(component))
             .and_then(|(row, _)| port(row, "admin"))
     };
-    let syncz = match admin_of("pilot") {
-        Some(admin) => d.json(&format!("http://{admin}/debug/syncz")).await.ok(),
-        None => None,
-    };
+    // Each Pilot replica serves proxies of its own: every one's, each
+    // named with the Pilot it is on.
+    let syncz: Vec<Value> = futures::future::join_all(
+        rows.iter()
+            .filter(|(_, kind)| kind.as_deref() == Some("pilot"))
+            .filter_map(|(row, _)| Some((row, port(row, "admin")?)))
+            .map(|(row, admin)| async move {
+                let syncz = d.json(&format!("http://{admin}/debug/syncz")).await.ok();
+                let proxies = syncz.as_ref().and_then(Value::as_array).cloned();
+                proxies.unwrap_or_default().into_iter().map(|mut sync| {
+                    sync["pilot"] = json!(row.name);
+                    sync
+                })
+            }),
+    )
+    .await
+    .into_iter()
+    .flatten()
+    .collect();
     let config = match admin_of("galley") {
         Some(admin) => d.json(&format!("http://{admin}/debug/config")).await.ok(),
         None => None,
@@ -285,7 +301,6 @@ async fn state(State(d): State<Dashboard>) -> Result<Json<Value>, Failure> {
             json!({"name": row.name, "component": kind, "ready": row.ready, "pid": pid})
         })
         .collect();
-    let d = &d;
     let dumps = futures::future::join_all(
         rows.iter()
             .filter(|(_, kind)| kind.as_deref() == Some("proxy"))
@@ -298,7 +313,7 @@ async fn state(State(d): State<Dashboard>) -> Result<Json<Value>, Failure> {
             }),
     )
     .await;
-    let proxies = proxy_rows(&dumps, syncz.as_ref());
+    let proxies = proxy_rows(&dumps, &syncz);
     let (graph, signals) = {
         let history = d.history.lock().unwrap_or_else(|e| e.into_inner());
         (history.graph(d.rate_window), history.signals(d.rate_window))
@@ -321,15 +336,12 @@ async fn state(State(d): State<Dashboard>) -> Result<Json<Value>, Failure> {
     })))
 }
 
-/// Every proxy Pilot serves or the mesh runs, by name: its sync state per
-/// xDS type (from Pilot, by the node id its own config dump gives) and
-/// its certificate. A client of Pilot the mesh does not run is named by
-/// its pod; a proxy of the mesh Pilot does not know is NOT CONNECTED.
-fn proxy_rows(dumps: &[(&Row, Option<Value>)], syncz: Option<&Value>) -> Vec<Value> {
-    let connected = syncz
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
+/// Every proxy a Pilot serves or the mesh runs, by name: its Pilot, its
+/// sync state per xDS type (from that Pilot, by the node id its own config
+/// dump gives) and its certificate. A client of Pilot the mesh does not run
+/// is named by its pod; a proxy of the mesh no Pilot knows is NOT
+/// CONNECTED.
+fn proxy_rows(dumps: &[(&Row, Option<Value>)], connected: &[Value]) -> Vec<Value> {
     let node_of = |dump: &Option<Value>| {
         dump.as_ref()
             .and_then(|d| d["node"].as_str())
@@ -362,6 +374,7 @@ fn proxy_rows(dumps: &[(&Row, Option<Value>)], syncz: Option<&Value>) -> Vec<Val
             json!({
                 "name": ours.map_or(pod, |(row, _)| row.name.as_str()),
                 "node": node,
+                "pilot": sync["pilot"],
                 "protocol": sync["protocol"],
                 "sync": types(Some(sync)),
                 "certificate": ours.and_then(|(_, dump)| Some(dump.as_ref()?["certificate"].clone())),
