@@ -475,8 +475,12 @@ async fn failures(topology: &str, victims: &[&str], upgraded: &[(&str, &str)]) {
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         let rows: Vec<&str> = text.lines().skip(1).collect();
-        // Six sidecars and the ingress gateway.
-        rows.len() == 7 && rows.iter().all(|r| r.matches("SYNCED").count() == 4)
+        // Six sidecars and the ingress gateway, each saying what it is.
+        let ours = concat!("mesh-proxy/", env!("CARGO_PKG_VERSION"));
+        rows.len() == 7
+            && rows
+                .iter()
+                .all(|r| r.matches("SYNCED").count() == 4 && r.ends_with(ours))
     })
     .await;
 

@@ -448,6 +448,8 @@ async fn a_mesh_given_by_address_is_shown_as_on_kubernetes() {
         "{given:?}"
     );
     assert!(given[0]["certificate"].is_object(), "{given:?}");
+    let ours = concat!("mesh-proxy/", env!("CARGO_PKG_VERSION"));
+    assert_eq!(given[0]["version"], ours, "{given:?}");
     let reviews = proxies
         .iter()
         .find(|p| {

@@ -13,4 +13,10 @@ pub mod metadata {
     pub const LABELS: &str = "LABELS";
     pub const INTERCEPTION_MODE: &str = "INTERCEPTION_MODE";
     pub const SERVICE_ACCOUNT: &str = "SERVICE_ACCOUNT";
+    /// The proxy's version, as Istio's agent sends it; xDS v3 clients say
+    /// it in the node's user agent instead.
+    pub const PROXY_VERSION: &str = "ISTIO_PROXY_VERSION";
 }
+
+/// The node's user agent name of our proxy.
+pub const PROXY_USER_AGENT: &str = "mesh-proxy";

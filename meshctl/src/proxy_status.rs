@@ -2,14 +2,24 @@
 //! the proxy took it, per xDS type, like `istioctl proxy-status`. It reads
 //! Pilot's `/debug/syncz`.
 
+use std::net::SocketAddr;
+
 use clap::Args;
 use mesh_api::xds;
 use serde_json::Value;
 
 #[derive(Debug, Args)]
 pub struct ProxyStatusArgs {
-    #[command(flatten)]
-    pub pilot: crate::admin::PilotArgs,
+    /// Only the proxies whose name contains this, as `istioctl
+    /// proxy-status <proxy>`.
+    pub proxy: Option<String>,
+    /// A Pilot's admin address; repeatable, as each Pilot replica serves
+    /// proxies of its own. The running mesh's Pilot when absent.
+    #[arg(long)]
+    pub pilot: Vec<String>,
+    /// The mesh's control address; the latest `meshctl up`'s when absent.
+    #[arg(long, conflicts_with = "pilot")]
+    pub control: Option<SocketAddr>,
 }
 
 /// The xDS types shown, with the column titles istioctl uses.
@@ -37,35 +47,33 @@ pub fn state(status: Option<&Value>) -> String {
 }
 
 pub async fn run(args: ProxyStatusArgs) -> anyhow::Result<()> {
-    let pilot = args.pilot.admin().await?;
-    let syncz = crate::admin::page(&format!("http://{pilot}/debug/syncz")).await?;
-    let proxies: Vec<Value> = serde_json::from_str(&syncz)?;
-    // As wide as the longest node id.
-    let width = proxies
-        .iter()
-        .filter_map(|p| p["node"].as_str())
-        .map(str::len)
-        .max()
-        .unwrap_or(0)
-        .max(4);
-    println!(
-        "{:<width$}  {:<10} {:<10} {:<10} {:<10}",
-        "NAME", TYPES[0].0, TYPES[1].0, TYPES[2].0, TYPES[3].0
-    );
-    for proxy in &proxies {
-        let states: Vec<String> = TYPES
-            .iter()
-            .map(|(_, t)| state(proxy["types"].get(*t)))
-            .collect();
-        println!(
-            "{:<width$}  {:<10} {:<10} {:<10} {:<10}",
-            proxy["node"].as_str().unwrap_or_default(),
-            states[0],
-            states[1],
-            states[2],
-            states[3]
-        );
+    // Each Pilot by the name its PILOT column shows.
+    let pilots: Vec<(String, String)> = match args.pilot.is_empty() {
+        true => {
+            let admin = crate::admin::admin_of(args.control, "pilot").await?;
+            vec![("pilot".into(), admin)]
+        }
+        false => args.pilot.iter().map(|a| (a.clone(), a.clone())).collect(),
+    };
+    let mut rows = Vec::new();
+    for (name, admin) in &pilots {
+        let syncz = crate::admin::page(&format!("http://{admin}/debug/syncz")).await?;
+        let proxies: Vec<Value> = serde_json::from_str(&syncz)?;
+        for proxy in &proxies {
+            let node = proxy["node"].as_str().unwrap_or_default();
+            if args.proxy.as_deref().is_some_and(|p| !node.contains(p)) {
+                continue;
+            }
+            let mut row = vec![node.to_string()];
+            row.extend(TYPES.iter().map(|(_, t)| state(proxy["types"].get(*t))));
+            row.push(name.clone());
+            row.push(proxy["version"].as_str().unwrap_or_default().to_string());
+            rows.push(row);
+        }
     }
+    rows.sort();
+    let headers = ["NAME", "CDS", "LDS", "EDS", "RDS", "PILOT", "VERSION"];
+    print!("{}", crate::table::render(&headers, &rows));
     Ok(())
 }
 

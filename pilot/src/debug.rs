@@ -36,6 +36,7 @@ pub fn sync_of(p: &ProxyStatus) -> Value {
         .map(|d| d.as_secs());
     json!({
         "node": p.node_id,
+        "version": p.version,
         "protocol": p.protocol,
         "connected_since_unix": since,
         "types": types,

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use clap::{Args, ValueEnum};
 use envoy_types::pb::{
-    envoy::config::core::v3::Node,
+    envoy::config::core::v3::{Node, node::UserAgentVersionType},
     google::protobuf::{Struct, Value, value::Kind},
 };
 use mesh_api::xds::metadata;
@@ -119,6 +119,10 @@ impl NodeArgs {
                 .cloned()
                 .unwrap_or_else(|| self.pod.clone()),
             metadata: Some(Struct { fields }),
+            user_agent_name: mesh_api::xds::PROXY_USER_AGENT.into(),
+            user_agent_version_type: Some(UserAgentVersionType::UserAgentVersion(
+                env!("CARGO_PKG_VERSION").into(),
+            )),
             ..Default::default()
         }
     }

@@ -375,6 +375,7 @@ fn proxy_rows(dumps: &[(&Row, Option<Value>)], connected: &[Value]) -> Vec<Value
                 "name": ours.map_or(pod, |(row, _)| row.name.as_str()),
                 "node": node,
                 "pilot": sync["pilot"],
+                "version": sync["version"],
                 "protocol": sync["protocol"],
                 "sync": types(Some(sync)),
                 "certificate": ours.and_then(|(_, dump)| Some(dump.as_ref()?["certificate"].clone())),

@@ -77,6 +77,8 @@ pub struct SyncStatus {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProxyStatus {
     pub node_id: String,
+    /// What the proxy says it is (see [`proxy_version`]).
+    pub version: Option<String>,
     /// Who the proxy is, when its node parses as a workload's.
     pub workload: Option<Arc<crate::proxy::Proxy>>,
     pub connected_since: Option<SystemTime>,
@@ -136,6 +138,7 @@ impl<G: ResourceGenerator> AdsServer<G> {
         let mut conn = Connection {
             generator: self.generator.clone(),
             node_id: String::new(),
+            version: None,
             workload: None,
             client: None,
             watches: BTreeMap::new(),
@@ -402,10 +405,38 @@ impl Watch {
     }
 }
 
+/// What a proxy says it is: the `ISTIO_PROXY_VERSION` Istio's agent puts in
+/// the node metadata, else the node's user agent (`mesh-proxy/0.1.0`,
+/// `envoy/1.28.0`), as `istioctl proxy-status` shows it.
+fn proxy_version(node: &Node) -> Option<String> {
+    use envoy_types::pb::{
+        envoy::config::core::v3::node::UserAgentVersionType, google::protobuf::value::Kind,
+    };
+    let istio = node
+        .metadata
+        .as_ref()
+        .and_then(|m| m.fields.get(mesh_api::xds::metadata::PROXY_VERSION));
+    if let Some(Kind::StringValue(version)) = istio.and_then(|v| v.kind.as_ref()) {
+        return Some(version.clone());
+    }
+    let agent = match node.user_agent_version_type.as_ref()? {
+        UserAgentVersionType::UserAgentVersion(v) => v.clone(),
+        UserAgentVersionType::UserAgentBuildVersion(b) => {
+            let v = b.version.unwrap_or_default();
+            format!("{}.{}.{}", v.major_number, v.minor_number, v.patch)
+        }
+    };
+    Some(match node.user_agent_name.as_str() {
+        "" => agent,
+        name => format!("{name}/{agent}"),
+    })
+}
+
 /// A stream's state, shared by both flavours.
 struct Connection<G: ResourceGenerator> {
     generator: Arc<G>,
     node_id: String,
+    version: Option<String>,
     workload: Option<Arc<crate::proxy::Proxy>>,
     client: Option<G::Client>,
     watches: BTreeMap<String, Watch>,
@@ -433,6 +464,7 @@ impl<G: ResourceGenerator> Connection<G> {
             .client(node)
             .map_err(Status::invalid_argument)?;
         self.node_id = node.id.clone();
+        self.version = proxy_version(node);
         self.workload = crate::proxy::Proxy::from_node(node).ok().map(Arc::new);
         self.client = Some(client);
         Ok(())
@@ -563,6 +595,7 @@ impl<G: ResourceGenerator> Connection<G> {
     fn status(&self, protocol: &'static str) -> ProxyStatus {
         ProxyStatus {
             node_id: self.node_id.clone(),
+            version: self.version.clone(),
             workload: self.workload.clone(),
             connected_since: Some(self.connected_since),
             protocol,
