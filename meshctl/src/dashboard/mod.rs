@@ -41,11 +41,11 @@ pub struct DashboardArgs {
     /// address; what it is is read from its `/version`. Repeatable.
     #[arg(long = "component", value_name = "NAME=ADMIN", value_parser = named_address, conflicts_with = "control")]
     pub components: Vec<(String, String)>,
-    /// The telemetry Mixer's Prometheus address (its `--prometheus-addr`;
+    /// A telemetry Mixer's Prometheus address (its `--prometheus-addr`;
     /// Istio's 42422), for the graph and the golden signals, with
-    /// `--component`.
+    /// `--component`; repeatable, one per replica, whose counts add up.
     #[arg(long, value_name = "HOST:PORT", requires = "components")]
-    pub telemetry_metrics: Option<String>,
+    pub telemetry_metrics: Vec<String>,
     /// How often the telemetry Mixer's metrics are read.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub scrape_interval: Duration,
@@ -72,11 +72,11 @@ fn named_address(text: &str) -> Result<(String, String), String> {
 enum Mesh {
     /// A `meshctl up` mesh: its control port's table.
     Up(SocketAddr),
-    /// Components given by admin address, and the telemetry Mixer's
-    /// Prometheus address.
+    /// Components given by admin address, and the telemetry Mixers'
+    /// Prometheus addresses.
     Given {
         components: Arc<[(String, String)]>,
-        telemetry: Option<String>,
+        telemetry: Arc<[String]>,
     },
 }
 
@@ -101,23 +101,26 @@ impl Mesh {
         }
     }
 
-    /// Where the telemetry Mixer's metrics are, of the mesh's `rows`.
-    fn telemetry(&self, rows: &[Row]) -> anyhow::Result<String> {
-        match self {
+    /// Where the telemetry Mixers' metrics are, of the mesh's `rows`.
+    fn telemetry(&self, rows: &[Row]) -> anyhow::Result<Vec<String>> {
+        let found: Vec<String> = match self {
             Self::Up(_) => rows
                 .iter()
                 .filter(|r| r.name == "mixer-telemetry")
-                .find_map(|r| port(r, "metrics"))
+                .filter_map(|r| port(r, "metrics"))
                 .map(String::from)
-                .ok_or_else(|| {
-                    anyhow::anyhow!("the mesh runs no telemetry Mixer with a metrics port")
-                }),
-            Self::Given { telemetry, .. } => telemetry.clone().ok_or_else(|| {
-                anyhow::anyhow!(
-                    "no --telemetry-metrics, the telemetry Mixer's Prometheus address, was given"
-                )
-            }),
-        }
+                .collect(),
+            Self::Given { telemetry, .. } => telemetry.to_vec(),
+        };
+        anyhow::ensure!(
+            !found.is_empty(),
+            match self {
+                Self::Up(_) => "the mesh runs no telemetry Mixer with a metrics port",
+                Self::Given { .. } =>
+                    "no --telemetry-metrics, a telemetry Mixer's Prometheus address, was given",
+            }
+        );
+        Ok(found)
     }
 }
 
@@ -142,7 +145,7 @@ pub async fn run(
         true => Mesh::Up(control::address(args.control)?),
         false => Mesh::Given {
             components: args.components.into(),
-            telemetry: args.telemetry_metrics,
+            telemetry: args.telemetry_metrics.into(),
         },
     };
     let client = reqwest::Client::builder()
@@ -209,19 +212,20 @@ impl Dashboard {
         Ok(rows.into_iter().zip(kinds).collect())
     }
 
-    /// One scrape of the telemetry Mixer's metrics into the history.
+    /// One scrape of the telemetry Mixers' metrics into the history: of
+    /// every replica, or none (a sum short of one replica would read as a
+    /// drop, then a burst).
     async fn scrape_once(&self) -> anyhow::Result<()> {
         let rows = self.mesh.rows(&self.client).await?;
-        let metrics = self.mesh.telemetry(&rows)?;
-        let text = self
-            .client
-            .get(format!("http://{metrics}/metrics"))
-            .send()
-            .await?
-            .error_for_status()?
-            .text()
-            .await?;
-        let sample = telemetry::parse(&text, SystemTime::now())?;
+        let replicas = self.mesh.telemetry(&rows)?;
+        let texts = futures::future::try_join_all(replicas.iter().map(|metrics| async move {
+            let url = format!("http://{metrics}/metrics");
+            let response = self.client.get(&url).send().await;
+            let text = async { response?.error_for_status()?.text().await };
+            text.await.map_err(|e| anyhow::anyhow!("{url}: {e}"))
+        }))
+        .await?;
+        let sample = telemetry::parse(texts.iter().map(String::as_str), SystemTime::now())?;
         self.history
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -96,10 +96,23 @@ fn edge_of(labels: &prometheus_parse::Labels) -> EdgeKey {
     (source.to_string(), destination.to_string())
 }
 
-/// The edges' counts in one scrape of the Mixer's metrics text.
-pub fn parse(text: &str, at: SystemTime) -> anyhow::Result<Sample> {
-    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string())))?;
+/// The edges' counts in one scrape of the telemetry Mixers' metrics texts,
+/// one per replica: each replica counts the Reports it was sent, so the
+/// mesh's counts are their sum.
+pub fn parse<'a>(
+    texts: impl IntoIterator<Item = &'a str>,
+    at: SystemTime,
+) -> anyhow::Result<Sample> {
     let mut edges: BTreeMap<EdgeKey, Counts> = BTreeMap::new();
+    for text in texts {
+        add(&mut edges, text)?;
+    }
+    Ok(Sample { at, edges })
+}
+
+/// Adds one Mixer's counts, from its metrics text, to `edges`.
+fn add(edges: &mut BTreeMap<EdgeKey, Counts>, text: &str) -> anyhow::Result<()> {
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string())))?;
     for sample in &scrape.samples {
         match (sample.metric.as_str(), &sample.value) {
             ("istio_requests_total", Value::Counter(n) | Value::Untyped(n)) => {
@@ -122,7 +135,7 @@ pub fn parse(text: &str, at: SystemTime) -> anyhow::Result<Sample> {
             _ => {}
         }
     }
-    Ok(Sample { at, edges })
+    Ok(())
 }
 
 /// What happened between `old` and `new`; a counter that went down (the
@@ -346,11 +359,11 @@ mod tests {
     #[test]
     fn an_edge_has_its_rate_errors_latency_and_security_over_the_window() {
         let mut history = History::new(Duration::from_secs(600));
-        history.push(parse(&text(100, 0, 50, 50), at(0)).unwrap());
-        history.push(parse(&text(110, 5, 50, 50), at(5)).unwrap());
+        history.push(parse([text(100, 0, 50, 50).as_str()], at(0)).unwrap());
+        history.push(parse([text(110, 5, 50, 50).as_str()], at(5)).unwrap());
         // 20 ok and 5 denied in the 10 s since the first scrape; the 20
         // all took 5-10 ms.
-        history.push(parse(&text(120, 5, 50, 70), at(10)).unwrap());
+        history.push(parse([text(120, 5, 50, 70).as_str()], at(10)).unwrap());
         let edges = history.graph(Duration::from_secs(10));
         assert_eq!(edges.len(), 1, "{edges:?}");
         let e = &edges[0];
@@ -379,11 +392,26 @@ mod tests {
     #[test]
     fn a_restarted_mixer_counts_from_zero_and_quiet_edges_are_left_out() {
         let mut history = History::new(Duration::from_secs(600));
-        history.push(parse(&text(100, 0, 10, 0), at(0)).unwrap());
-        history.push(parse(&text(4, 0, 4, 0), at(10)).unwrap());
+        history.push(parse([text(100, 0, 10, 0).as_str()], at(0)).unwrap());
+        history.push(parse([text(4, 0, 4, 0).as_str()], at(10)).unwrap());
         assert_eq!(history.graph(Duration::from_secs(10))[0].requests, 4.0);
-        history.push(parse(&text(4, 0, 4, 0), at(20)).unwrap());
+        history.push(parse([text(4, 0, 4, 0).as_str()], at(20)).unwrap());
         assert!(history.graph(Duration::from_secs(10)).is_empty());
+    }
+
+    #[test]
+    fn the_replicas_counts_add_up() {
+        let mut history = History::new(Duration::from_secs(600));
+        let (a0, b0) = (text(100, 0, 50, 50), text(10, 0, 10, 0));
+        history.push(parse([a0.as_str(), b0.as_str()], at(0)).unwrap());
+        // 10 more at one replica, 20 (5 denied) at the other.
+        let (a1, b1) = (text(110, 0, 60, 50), text(25, 5, 25, 0));
+        history.push(parse([a1.as_str(), b1.as_str()], at(10)).unwrap());
+        let e = &history.graph(Duration::from_secs(10))[0];
+        assert_eq!(e.requests, 30.0);
+        assert!((e.error_rate - 5.0 / 30.0).abs() < 1e-9, "{e:?}");
+        // All 25 ok ones in the first bucket.
+        assert!(e.p99_ms.unwrap() <= 5.0, "{e:?}");
     }
 
     #[test]
@@ -400,7 +428,7 @@ mod tests {
     fn history_keeps_what_is_young_enough() {
         let mut history = History::new(Duration::from_secs(60));
         for s in [0, 30, 61, 95] {
-            history.push(parse("", at(s)).unwrap());
+            history.push(parse([""], at(s)).unwrap());
         }
         assert_eq!(
             history.samples.len(),
