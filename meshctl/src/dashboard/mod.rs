@@ -101,10 +101,13 @@ impl Mesh {
         }
     }
 
-    /// Where the telemetry Mixers' metrics are, of the mesh's `rows`.
-    fn telemetry(&self, rows: &[Row]) -> anyhow::Result<Vec<String>> {
+    /// Where the telemetry Mixers' metrics are: given, or in `meshctl up`'s
+    /// table.
+    async fn telemetry(&self, client: &reqwest::Client) -> anyhow::Result<Vec<String>> {
         let found: Vec<String> = match self {
-            Self::Up(_) => rows
+            Self::Up(_) => self
+                .rows(client)
+                .await?
                 .iter()
                 .filter(|r| r.name == "mixer-telemetry")
                 .filter_map(|r| port(r, "metrics"))
@@ -216,8 +219,7 @@ impl Dashboard {
     /// every replica, or none (a sum short of one replica would read as a
     /// drop, then a burst).
     async fn scrape_once(&self) -> anyhow::Result<()> {
-        let rows = self.mesh.rows(&self.client).await?;
-        let replicas = self.mesh.telemetry(&rows)?;
+        let replicas = self.mesh.telemetry(&self.client).await?;
         let texts = futures::future::try_join_all(replicas.iter().map(|metrics| async move {
             let url = format!("http://{metrics}/metrics");
             let response = self.client.get(&url).send().await;

@@ -73,10 +73,13 @@ pub async fn rows(client: &reqwest::Client, control: SocketAddr) -> anyhow::Resu
     Ok(serde_json::from_str(&text)?)
 }
 
-/// Whether each row's component answers 200 on its ready URL.
+/// Whether each row's component answers 200 on its ready URL, asked of
+/// all at once: one that does not answer holds up no other.
 pub async fn probe(mut rows: Vec<Row>) -> Vec<Row> {
-    for row in &mut rows {
-        row.ready = launch::is_ready(&row.ready_url).await;
+    let ready =
+        futures::future::join_all(rows.iter().map(|row| launch::is_ready(&row.ready_url))).await;
+    for (row, ready) in rows.iter_mut().zip(ready) {
+        row.ready = ready;
     }
     rows
 }
